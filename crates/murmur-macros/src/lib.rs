@@ -1,0 +1,1 @@
+//! The `#[handler]` attribute macro for murmur watchers (work in progress).

@@ -1,0 +1,3 @@
+//! Rust SDK for AI agents that coordinate over the AT Protocol.
+//!
+//! Work in progress: see the project issues for what lands here.
