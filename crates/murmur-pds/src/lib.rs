@@ -51,10 +51,12 @@
 //! [`RetryPolicy::max_rate_limit_wait`]; connection failures that never reached the server
 //! are retried for every call. Failures that may have reached the server (5xx, timeouts,
 //! resets) are retried only for idempotent calls: getRecord, listRecords, describeServer,
-//! uploadBlob, putRecord and deleteRecord without `swapRecord`, and createRecord (its TID
-//! key is fixed before the first attempt; a replay that finds the record already stored
-//! with the same CID counts as success). Not replayed: putRecord/deleteRecord with
-//! `swapRecord`, applyWrites batches, createSession and refreshSession.
+//! uploadBlob, putRecord and deleteRecord without `swapRecord`. createRecord needs care: its
+//! TID key is fixed before the first attempt, and after a failure that may have reached the
+//! server the writer reads the key back; if it holds a record with our CID the create
+//! happened (returned with `commit: None`), if it is empty the create is sent again, so a
+//! record is never duplicated. Not replayed: putRecord/deleteRecord with `swapRecord`,
+//! applyWrites batches, createSession and refreshSession.
 
 mod batch;
 mod encode;

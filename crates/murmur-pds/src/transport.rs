@@ -134,8 +134,8 @@ fn parse_http_date(v: &str) -> Option<SystemTime> {
 ///
 /// Which calls are retried after a failure that may have reached the server (5xx, timeout,
 /// connection reset) is decided per call, by idempotency: reads, putRecord and deleteRecord
-/// without a swap, uploadBlob, and createRecord (its record key is a TID fixed before the
-/// first attempt, so a replay cannot duplicate the record). Calls that never reached the
+/// without a swap, and uploadBlob are replayed; createRecord reads its (fixed, TID) key back
+/// before sending again, so it never duplicates a record. Calls that never reached the
 /// server (connection refused) and 429 answers are retried for every call.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {

@@ -644,33 +644,47 @@ impl Writer {
             validate: None,
         }
         .into();
-        let attempts = std::sync::atomic::AtomicU32::new(0);
-        let result = self
-            .call(repo::create_record::NSID, Replay::Idempotent, |call| {
-                attempts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let input = input.clone();
-                async move {
-                    AtpServiceClient::new(call)
-                        .service
-                        .com
-                        .atproto
-                        .repo
-                        .create_record(input)
-                        .await
-                }
-            })
-            .await;
-        let out = match result {
-            Ok(out) => out,
-            Err(err) => {
-                // A replay after a lost answer can find the record already stored: that is
-                // our own write if it has our CID.
-                let replayed = attempts.load(std::sync::atomic::Ordering::Relaxed) > 1;
-                if replayed
-                    && matches!(&err, Error::Xrpc { message, .. } if message.contains("already exist"))
-                    && let Some((cid, uri)) = self.get_raw(encoded.nsid, &rkey).await?
-                    && cid == encoded.cid
-                {
+        // The reference PDS answers a create on an existing key with a 500, so a blind replay
+        // cannot tell "our earlier attempt landed" from a real failure. Instead, after a
+        // failure that may have reached the server, look: if the key holds our record (same
+        // CID), the create happened; if it holds nothing, create again.
+        let policy = &self.inner.client.policy;
+        let mut tries = 0;
+        let out = loop {
+            tries += 1;
+            let result = self
+                .call(repo::create_record::NSID, Replay::NotIdempotent, |call| {
+                    let input = input.clone();
+                    async move {
+                        AtpServiceClient::new(call)
+                            .service
+                            .com
+                            .atproto
+                            .repo
+                            .create_record(input)
+                            .await
+                    }
+                })
+                .await;
+            let err = match result {
+                Ok(out) => break out,
+                Err(err) => err,
+            };
+            let may_have_landed = matches!(
+                err,
+                Error::Unreachable { sent: true, .. }
+                    | Error::Xrpc {
+                        status: 500 | 502 | 503 | 504,
+                        ..
+                    }
+            );
+            if !may_have_landed || tries >= policy.max_attempts {
+                return Err(err);
+            }
+            tokio::time::sleep(policy.backoff(tries)).await;
+            match self.get_raw(encoded.nsid, &rkey).await? {
+                Some((cid, uri)) if cid == encoded.cid => {
+                    tracing::debug!(%uri, "create had landed before its answer was lost");
                     return Ok(Written {
                         uri,
                         cid,
@@ -678,7 +692,8 @@ impl Writer {
                         commit: None,
                     });
                 }
-                return Err(err);
+                Some(_) => return Err(err),
+                None => continue,
             }
         };
         let cid = *out.cid.as_ref();
