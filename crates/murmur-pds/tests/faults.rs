@@ -21,10 +21,11 @@ fn note(text: &str) -> Note {
     }
 }
 
+/// A scripted answer: status, extra headers, JSON body.
+type Canned = (u16, Vec<(&'static str, String)>, String);
+
 /// Serves `responses` in order (status, extra headers, JSON body), one per request; then 500.
-async fn stub(
-    responses: Vec<(u16, Vec<(&'static str, String)>, String)>,
-) -> (String, Arc<AtomicUsize>) {
+async fn stub(responses: Vec<Canned>) -> (String, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let hits = Arc::new(AtomicUsize::new(0));
