@@ -1,6 +1,7 @@
 //! The `murmur` command-line tool.
 
 mod devnet;
+mod send;
 
 use std::process::ExitCode;
 
@@ -21,12 +22,15 @@ enum Command {
         #[command(subcommand)]
         command: devnet::DevnetCommand,
     },
+    /// Validate a JSON record against its lexicon and write it; prints its at-uri and cid.
+    Send(send::SendArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Devnet { command } => devnet::run(command),
+        Command::Send(args) => send::run(args),
     };
     match result {
         Ok(code) => code,

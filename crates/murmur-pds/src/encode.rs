@@ -22,7 +22,7 @@ const SHA2_256: u64 = 0x12;
 /// A record ready to send.
 #[derive(Debug, Clone)]
 pub(crate) struct Encoded {
-    pub nsid: &'static str,
+    pub nsid: String,
     pub value: Unknown,
     /// The CID the PDS will give this record (CIDv1, dag-cbor, sha2-256).
     pub cid: Cid,
@@ -43,13 +43,22 @@ where
         path: e.path,
         message: e.message,
     })?;
+    let ipld = ipld_core::serde::to_ipld(record).map_err(|e| Error::InvalidRecord {
+        nsid: nsid.to_string(),
+        path: "$".into(),
+        message: format!("cannot be encoded: {e}"),
+    })?;
+    encode_value(nsid, ipld)
+}
+
+/// The checks after validation, for a record already in data-model form: adds `$type`,
+/// refuses floats, checks sizes and computes the CID.
+pub(crate) fn encode_value(nsid: &str, mut ipld: Ipld) -> Result<Encoded> {
     let invalid = |path: String, message: String| Error::InvalidRecord {
         nsid: nsid.to_string(),
         path,
         message,
     };
-    let mut ipld = ipld_core::serde::to_ipld(record)
-        .map_err(|e| invalid("$".into(), format!("cannot be encoded: {e}")))?;
     let Ipld::Map(map) = &mut ipld else {
         return Err(invalid(
             "$".into(),
@@ -95,7 +104,7 @@ where
     let value =
         Unknown::Other(DataModel::try_from(ipld).map_err(|e| invalid("$".into(), e.to_string()))?);
     Ok(Encoded {
-        nsid,
+        nsid: nsid.to_string(),
         value,
         cid,
         json_len,

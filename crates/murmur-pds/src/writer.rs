@@ -634,9 +634,35 @@ impl Writer {
         self.create_encoded(encoded, rkey.to_string()).await
     }
 
+    /// Creates a record given in data-model form, for tools that only know the collection
+    /// at run time (`murmur send`). `validate` checks it against its lexicon (e.g. with
+    /// `murmur_lexicon::LexiconSet::validate_record`); the writer then applies the same
+    /// `$type`, data-model and size checks as [`Writer::create`], all before any HTTP call.
+    pub async fn create_untyped<F>(
+        &self,
+        collection: &str,
+        value: ipld_core::ipld::Ipld,
+        validate: F,
+    ) -> Result<Written>
+    where
+        F: FnOnce(
+            &ipld_core::ipld::Ipld,
+        ) -> std::result::Result<(), murmur_lexicon::ValidationError>,
+    {
+        nsid(collection)?;
+        validate(&value).map_err(|e| Error::InvalidRecord {
+            nsid: collection.to_string(),
+            path: e.path,
+            message: e.message,
+        })?;
+        let encoded = encode::encode_value(collection, value)?;
+        let rkey = self.next_rkey();
+        self.create_encoded(encoded, rkey).await
+    }
+
     async fn create_encoded(&self, encoded: Encoded, rkey: String) -> Result<Written> {
         let input: repo::create_record::Input = repo::create_record::InputData {
-            collection: nsid(encoded.nsid)?,
+            collection: nsid(&encoded.nsid)?,
             record: encoded.value.clone(),
             repo: self.repo(),
             rkey: Some(record_key(&rkey)?),
@@ -682,7 +708,7 @@ impl Writer {
                 return Err(err);
             }
             tokio::time::sleep(policy.backoff(tries)).await;
-            match self.get_raw(encoded.nsid, &rkey).await? {
+            match self.get_raw(&encoded.nsid, &rkey).await? {
                 Some((cid, uri)) if cid == encoded.cid => {
                     tracing::debug!(%uri, "create had landed before its answer was lost");
                     return Ok(Written {
@@ -723,7 +749,7 @@ impl Writer {
     {
         let encoded = encode::encode::<C>(record)?;
         let input: repo::put_record::Input = repo::put_record::InputData {
-            collection: nsid(encoded.nsid)?,
+            collection: nsid(&encoded.nsid)?,
             record: encoded.value,
             repo: self.repo(),
             rkey: record_key(rkey)?,
