@@ -1,3 +1,78 @@
-//! The atproto event-stream wire and its trust: frames, hash-checked CAR slices, commit verification, identity.
+//! The atproto event-stream wire and its trust: frames, hash-checked CAR slices, commit
+//! verification, identity. It knows nothing of sockets: it takes bytes.
 //!
-//! Work in progress: see the project issues for what lands here.
+//! The path of one `com.atproto.sync.subscribeRepos` message:
+//!
+//! 1. [`Frame::decode`] splits header `{op, t}` from the DAG-CBOR body and returns a typed
+//!    event ([`CommitEvent`], [`SyncEvent`], [`IdentityEvent`], [`AccountEvent`],
+//!    [`InfoEvent`], or `Unknown`). Error frames (op -1) are `Err(SyncError::Stream(..))`.
+//!    [`Limits`] (frame 5 MB, blocks 2 MB, 200 ops, record 1 MB, nesting 32) are enforced.
+//! 2. Pre-filter for free: `commit.repo` and `commit.ops` (`action`, `path`) are decoded,
+//!    the CAR slice in `commit.blocks` is not. For a commit nobody wants, call
+//!    [`Verifier::observe_commit`] so the DID's rev chain still moves on.
+//! 3. [`Verifier::verify_commit`] parses the CAR slice ([`CarSlice`], every block re-hashed),
+//!    checks the signed commit against the event (did, rev), the signature with the DID's key
+//!    ([`IdentityResolver`], cached, refreshed once on failure), inverts the ops on the partial
+//!    MST to reach `prevData` (sync 1.1), and checks `since`/`prevData` against the last commit
+//!    of that DID. It returns [`VerifiedCommit`] with each record's CID and DAG-CBOR bytes.
+//! 4. `#sync` goes to [`Verifier::verify_sync`] (resets the chain), `#identity` to
+//!    [`Verifier::on_identity`] (drops the cached key).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use murmur_sync::{Frame, IdentityResolver, SyncError, Verifier};
+//!
+//! # async fn handle(bytes: &[u8], verifier: &Verifier) -> Result<(), SyncError> {
+//! match Frame::decode(bytes)? {
+//!     Frame::Commit(commit) => {
+//!         if commit.any_op(|op| op.collection() == "agent.comms.task") {
+//!             match verifier.verify_commit(&commit).await {
+//!                 Ok(verified) => {
+//!                     for op in &verified.ops {
+//!                         let record: Option<serde_json::Value> = op.decode()?;
+//!                         println!("{} {} {:?}", op.action.as_str(), op.path, record);
+//!                     }
+//!                 }
+//!                 // A gap: report it and re-fetch the repo (com.atproto.sync.getRepo).
+//!                 Err(e) if e.is_desync() => eprintln!("{e}"),
+//!                 Err(e) => eprintln!("rejected: {e}"),
+//!             }
+//!         } else {
+//!             verifier.observe_commit(&commit).ok();
+//!         }
+//!     }
+//!     Frame::Sync(sync) => {
+//!         verifier.verify_sync(&sync).await?;
+//!     }
+//!     Frame::Identity(identity) => verifier.on_identity(&identity.did),
+//!     _ => {}
+//! }
+//! # Ok(()) }
+//! # fn main() {
+//! let resolver = IdentityResolver::new().with_plc_url("http://localhost:2582");
+//! let verifier = Verifier::new(Arc::new(resolver));
+//! # }
+//! ```
+
+mod car;
+mod cbor;
+mod crypto;
+mod error;
+mod frame;
+mod identity;
+mod mst;
+mod verify;
+
+pub use car::{CarSlice, DAG_CBOR, RAW, check_block, cid_for};
+pub use cid::Cid;
+pub use crypto::{PublicKey, SignatureFault};
+pub use error::{StreamError, SyncError};
+pub use frame::{
+    AccountEvent, Action, CommitEvent, Frame, IdentityEvent, InfoEvent, Limits, RepoOp, SyncEvent,
+};
+pub use identity::{DEFAULT_PLC_URL, Identity, IdentityResolver};
+pub use mst::key_height;
+pub use verify::{
+    ChainHead, SignedCommit, VerifiedCommit, VerifiedOp, VerifiedSync, Verifier, VerifyLevel,
+    decode_record, tid_micros,
+};

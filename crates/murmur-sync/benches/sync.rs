@@ -1,0 +1,3 @@
+//! Benchmark placeholder: replaced by the recorded-corpus benchmark.
+
+fn main() {}

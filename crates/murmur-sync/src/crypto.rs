@@ -1,0 +1,167 @@
+//! atproto signing keys: did:key / multikey decoding and low-S ECDSA verification (k256, p256).
+
+use crate::SyncError;
+
+/// A repo signing public key (the `#atproto` verification method of a DID document).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublicKey {
+    /// secp256k1 (ES256K), the default on the reference PDS.
+    K256(k256::ecdsa::VerifyingKey),
+    /// NIST P-256 (ES256).
+    P256(p256::ecdsa::VerifyingKey),
+}
+
+/// Why a signature did not verify.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignatureFault {
+    /// Not 64 bytes of r || s, or r/s out of range.
+    Malformed,
+    /// Valid ECDSA but with a high S value, which atproto forbids (malleability).
+    HighS,
+    /// Does not verify with this key.
+    Mismatch,
+}
+
+impl SignatureFault {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            SignatureFault::Malformed => "signature is malformed",
+            SignatureFault::HighS => "signature has a high S value (atproto requires low-S)",
+            SignatureFault::Mismatch => "signature does not verify with the DID's signing key",
+        }
+    }
+}
+
+const K256_MULTICODEC: [u8; 2] = [0xe7, 0x01];
+const P256_MULTICODEC: [u8; 2] = [0x80, 0x24];
+
+fn invalid(key: &str, reason: impl Into<String>) -> SyncError {
+    SyncError::InvalidKey {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+impl PublicKey {
+    /// Decodes a `did:key:z...` (multicodec secp256k1-pub or p256-pub, compressed point).
+    pub fn from_did_key(did_key: &str) -> Result<Self, SyncError> {
+        let mb = did_key
+            .strip_prefix("did:key:")
+            .ok_or_else(|| invalid(did_key, "does not start with did:key:"))?;
+        PublicKey::from_multikey(mb)
+    }
+
+    /// Decodes a `publicKeyMultibase` of type `Multikey`: base58btc, multicodec-prefixed.
+    pub fn from_multikey(multibase: &str) -> Result<Self, SyncError> {
+        let bytes = decode_base58btc(multibase)?;
+        if let Some(point) = bytes.strip_prefix(&K256_MULTICODEC) {
+            k256::ecdsa::VerifyingKey::from_sec1_bytes(point)
+                .map(PublicKey::K256)
+                .map_err(|_| invalid(multibase, "not a valid secp256k1 point"))
+        } else if let Some(point) = bytes.strip_prefix(&P256_MULTICODEC) {
+            p256::ecdsa::VerifyingKey::from_sec1_bytes(point)
+                .map(PublicKey::P256)
+                .map_err(|_| invalid(multibase, "not a valid P-256 point"))
+        } else {
+            Err(invalid(
+                multibase,
+                "multicodec is neither secp256k1-pub nor p256-pub",
+            ))
+        }
+    }
+
+    /// Decodes a legacy `publicKeyMultibase` of the given DID document suite
+    /// (`EcdsaSecp256k1VerificationKey2019` / `EcdsaSecp256r1VerificationKey2019`): raw SEC1 bytes.
+    pub fn from_legacy_multibase(suite: &str, multibase: &str) -> Result<Self, SyncError> {
+        let bytes = decode_base58btc(multibase)?;
+        match suite {
+            "EcdsaSecp256k1VerificationKey2019" => {
+                k256::ecdsa::VerifyingKey::from_sec1_bytes(&bytes)
+                    .map(PublicKey::K256)
+                    .map_err(|_| invalid(multibase, "not a valid secp256k1 point"))
+            }
+            "EcdsaSecp256r1VerificationKey2019" => {
+                p256::ecdsa::VerifyingKey::from_sec1_bytes(&bytes)
+                    .map(PublicKey::P256)
+                    .map_err(|_| invalid(multibase, "not a valid P-256 point"))
+            }
+            other => Err(invalid(multibase, format!("unsupported key type {other}"))),
+        }
+    }
+
+    /// The `did:key:` form (compressed point).
+    pub fn to_did_key(&self) -> String {
+        let mut bytes = Vec::with_capacity(35);
+        match self {
+            PublicKey::K256(k) => {
+                bytes.extend_from_slice(&K256_MULTICODEC);
+                bytes.extend_from_slice(k.to_encoded_point(true).as_bytes());
+            }
+            PublicKey::P256(k) => {
+                bytes.extend_from_slice(&P256_MULTICODEC);
+                bytes.extend_from_slice(k.to_encoded_point(true).as_bytes());
+            }
+        }
+        format!(
+            "did:key:{}",
+            multibase::encode(multibase::Base::Base58Btc, bytes)
+        )
+    }
+
+    /// Verifies a 64-byte compact (r || s) signature over `message` (hashed with SHA-256).
+    /// High-S signatures are rejected, as atproto requires.
+    pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), SignatureFault> {
+        use k256::ecdsa::signature::Verifier;
+        match self {
+            PublicKey::K256(key) => {
+                let sig = k256::ecdsa::Signature::from_slice(signature)
+                    .map_err(|_| SignatureFault::Malformed)?;
+                if sig.normalize_s().is_some() {
+                    return Err(SignatureFault::HighS);
+                }
+                key.verify(message, &sig)
+                    .map_err(|_| SignatureFault::Mismatch)
+            }
+            PublicKey::P256(key) => {
+                let sig = p256::ecdsa::Signature::from_slice(signature)
+                    .map_err(|_| SignatureFault::Malformed)?;
+                if sig.normalize_s().is_some() {
+                    return Err(SignatureFault::HighS);
+                }
+                key.verify(message, &sig)
+                    .map_err(|_| SignatureFault::Mismatch)
+            }
+        }
+    }
+}
+
+fn decode_base58btc(multibase: &str) -> Result<Vec<u8>, SyncError> {
+    if !multibase.starts_with('z') {
+        return Err(invalid(multibase, "multibase is not base58btc ('z')"));
+    }
+    let (_, bytes) = multibase::decode(multibase).map_err(|e| invalid(multibase, e.to_string()))?;
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn did_key_round_trips_for_both_curves() {
+        for k in [
+            "did:key:zQ3shqwJEJyMBsBXCWyCBpUBMqxcon9oHB7mCvx4sSpMdLJwc",
+            "did:key:zDnaembgSGUhZULN2Caob4HLJPaxBh92N7rtH21TErzqf8HQo",
+        ] {
+            assert_eq!(PublicKey::from_did_key(k).unwrap().to_did_key(), k);
+        }
+    }
+
+    #[test]
+    fn bad_keys_are_errors() {
+        assert!(PublicKey::from_did_key("did:web:x").is_err());
+        assert!(PublicKey::from_did_key("did:key:zzzz").is_err());
+        assert!(PublicKey::from_did_key("did:key:mAAAA").is_err());
+        assert!(PublicKey::from_multikey("z").is_err());
+    }
+}

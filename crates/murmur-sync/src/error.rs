@@ -1,0 +1,245 @@
+//! The crate's one error type: every way bytes from the wire can be wrong or untrusted.
+
+/// An error frame (op -1) sent by the server; the server closes the stream after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamError {
+    /// The requested cursor is ahead of the server's sequence: ask again without a cursor.
+    FutureCursor {
+        /// The server's message, if any.
+        message: Option<String>,
+    },
+    /// The consumer read too slowly and the server dropped it: reconnect from the last cursor.
+    ConsumerTooSlow {
+        /// The server's message, if any.
+        message: Option<String>,
+    },
+    /// The cursor is older than the server's replay window: events were missed (a gap).
+    ///
+    /// The lexicon sends this as an `#info` message; some servers send it as an error frame.
+    OutdatedCursor {
+        /// The server's message, if any.
+        message: Option<String>,
+    },
+    /// Any other error name.
+    Other {
+        /// The error name from the frame body.
+        error: String,
+        /// The server's message, if any.
+        message: Option<String>,
+    },
+}
+
+impl std::fmt::Display for StreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (name, message) = match self {
+            StreamError::FutureCursor { message } => ("FutureCursor", message),
+            StreamError::ConsumerTooSlow { message } => ("ConsumerTooSlow", message),
+            StreamError::OutdatedCursor { message } => ("OutdatedCursor", message),
+            StreamError::Other { error, message } => (error.as_str(), message),
+        };
+        match message {
+            Some(m) => write!(f, "{name}: {m}"),
+            None => write!(f, "{name}"),
+        }
+    }
+}
+
+/// Everything that can go wrong decoding or verifying event-stream data.
+///
+/// Variants fall in four groups: malformed input (`Cbor`, `Frame`, `Car`, `Mst`, ...), limits
+/// (`TooLarge`, `TooManyOps`, `TooDeep`), untrusted input (`BadSignature`, `CidMismatch`,
+/// `MstInversion`, `CommitMismatch`, ...) and chain state (`RepoDesynchronized`, `RevNotNewer`,
+/// `FutureRev`). [`SyncError::is_desync`] tells the watcher when to emit a gap and re-fetch.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The server sent an error frame (op -1).
+    #[error("the server sent an error frame: {0}")]
+    Stream(StreamError),
+    /// Bytes are not well-formed DAG-CBOR.
+    #[error("malformed DAG-CBOR in {context} at byte {offset}: {reason}")]
+    Cbor {
+        /// What was being decoded (`frame header`, `commit block`, ...).
+        context: &'static str,
+        /// Byte offset into that input.
+        offset: usize,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// A DAG-CBOR value did not have the expected shape.
+    #[error("{context} does not match its schema: {reason}")]
+    Decode {
+        /// What was being decoded.
+        context: &'static str,
+        /// The decoder's explanation.
+        reason: String,
+    },
+    /// The frame header is invalid (wrong `op`, missing `t`).
+    #[error("invalid frame header: {0}")]
+    Frame(String),
+    /// An input is over its size limit.
+    #[error("{what} is {size} bytes, over the limit of {limit} bytes")]
+    TooLarge {
+        /// Which input (`frame`, `blocks`, `record`).
+        what: &'static str,
+        /// Its size.
+        size: usize,
+        /// The limit in force ([`crate::Limits`]).
+        limit: usize,
+    },
+    /// A commit carries more ops than allowed.
+    #[error("commit has {count} ops, over the limit of {limit}")]
+    TooManyOps {
+        /// Ops in the commit.
+        count: usize,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// DAG-CBOR nested deeper than allowed.
+    #[error("{context} nests deeper than {limit} levels")]
+    TooDeep {
+        /// What was being decoded.
+        context: &'static str,
+        /// The limit in force.
+        limit: usize,
+    },
+    /// A CAR slice is malformed.
+    #[error("malformed CAR slice at byte {offset}: {reason}")]
+    Car {
+        /// Byte offset into the CAR bytes.
+        offset: usize,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A CID uses a codec or hash this crate does not accept (atproto: CIDv1, dag-cbor or raw, sha2-256).
+    #[error("unsupported CID {cid}: {reason}")]
+    UnsupportedCid {
+        /// The CID.
+        cid: String,
+        /// Why it is not accepted.
+        reason: &'static str,
+    },
+    /// A block's bytes do not hash to its CID: the data was altered.
+    #[error("block {cid} does not hash to its CID (got {actual})")]
+    CidMismatch {
+        /// The CID the block claims.
+        cid: String,
+        /// The CID of its bytes.
+        actual: String,
+    },
+    /// A block the verification needs is not in the CAR slice.
+    #[error("block {cid} ({what}) is missing from the CAR slice")]
+    MissingBlock {
+        /// The missing CID.
+        cid: String,
+        /// What the block is (`commit`, `record`, `MST node`).
+        what: &'static str,
+    },
+    /// The signed commit does not match the event that carried it.
+    #[error(
+        "signed commit does not match the event: {field} is {signed:?} in the commit but {event:?} in the event"
+    )]
+    CommitMismatch {
+        /// The field that differs (`did`, `rev`, `commit`, `version`).
+        field: &'static str,
+        /// The value inside the signed commit.
+        signed: String,
+        /// The value in the event.
+        event: String,
+    },
+    /// The commit signature does not verify with the DID's current signing key.
+    #[error("commit {commit} of {did} has a bad signature: {reason}")]
+    BadSignature {
+        /// The repo DID.
+        did: String,
+        /// The commit CID.
+        commit: String,
+        /// Why it failed (`does not verify`, `high-S`, `malformed`).
+        reason: &'static str,
+    },
+    /// A public key or did:key is malformed or of an unsupported curve.
+    #[error("invalid public key {key:?}: {reason}")]
+    InvalidKey {
+        /// The key as given.
+        key: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The DID could not be resolved to a document with an `#atproto` signing key.
+    #[error("cannot resolve {did}: {reason}")]
+    Resolve {
+        /// The DID.
+        did: String,
+        /// What failed.
+        reason: String,
+    },
+    /// The MST in the CAR slice is malformed (bad layer, unsorted keys, bad prefix).
+    #[error("malformed MST node {node}: {reason}")]
+    Mst {
+        /// The node's CID.
+        node: String,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The ops do not match the MST, or undoing them does not give `prevData`.
+    #[error("MST inversion failed for {did} rev {rev}: {reason}")]
+    MstInversion {
+        /// The repo DID.
+        did: String,
+        /// The commit rev.
+        rev: String,
+        /// Which check failed.
+        reason: String,
+    },
+    /// `since`/`prevData` do not follow the last commit seen for this DID: events were missed.
+    ///
+    /// The commit itself verified and is now the DID's chain head; the watcher should report a
+    /// gap and re-fetch the repo (`com.atproto.sync.getRepo`).
+    #[error("repo {did} desynchronized at rev {rev}: {reason}")]
+    RepoDesynchronized {
+        /// The repo DID.
+        did: String,
+        /// The rev of the commit that broke the chain.
+        rev: String,
+        /// What did not chain (`since` or `prevData` vs. the last commit).
+        reason: String,
+    },
+    /// The rev is not newer than the last rev seen for this DID (a replay or reorder).
+    #[error("rev {rev} of {did} is not newer than the last seen rev {last}")]
+    RevNotNewer {
+        /// The repo DID.
+        did: String,
+        /// The rejected rev.
+        rev: String,
+        /// The last rev seen.
+        last: String,
+    },
+    /// The rev is a timestamp too far in the future.
+    #[error("rev {rev} of {did} is {ahead_secs} s in the future (allowed: {allowed_secs} s)")]
+    FutureRev {
+        /// The repo DID.
+        did: String,
+        /// The rev.
+        rev: String,
+        /// How far ahead of now.
+        ahead_secs: u64,
+        /// The allowed clock skew.
+        allowed_secs: u64,
+    },
+    /// A rev is not a valid TID.
+    #[error("invalid rev {0:?}: not a TID")]
+    InvalidRev(String),
+}
+
+impl SyncError {
+    /// True when the repo lost continuity and should be re-fetched (emit a gap).
+    pub fn is_desync(&self) -> bool {
+        matches!(self, SyncError::RepoDesynchronized { .. })
+    }
+
+    pub(crate) fn decode(context: &'static str, e: impl std::fmt::Display) -> Self {
+        SyncError::Decode {
+            context,
+            reason: e.to_string(),
+        }
+    }
+}

@@ -1,0 +1,596 @@
+//! Commit verification: signed commit vs. event, signature, MST inversion, per-DID rev chain.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cid::Cid;
+use serde::Deserialize;
+
+use crate::car::CarSlice;
+use crate::frame::{Action, CommitEvent, Limits, SyncEvent};
+use crate::mst::PartialTree;
+use crate::{IdentityResolver, SyncError, cbor};
+
+/// How much of a commit is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VerifyLevel {
+    /// Everything: block hashes, signed commit vs. event, signature, MST inversion, rev chain.
+    #[default]
+    Full,
+    /// Block hashes, signed commit vs. event and signature; no MST inversion.
+    SignatureOnly,
+    /// Block hashes and rev chain only: trust the source. For replays of already-verified data.
+    None,
+}
+
+/// The signed commit object inside a CAR slice (repo format v3).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedCommit {
+    /// The repo DID.
+    pub did: String,
+    /// Repo format version (3).
+    pub version: u64,
+    /// The MST root after this commit.
+    pub data: Cid,
+    /// The commit's rev.
+    pub rev: String,
+    /// The previous commit's CID (usually null in v3).
+    pub prev: Option<Cid>,
+    /// The signature over the commit without `sig`.
+    pub sig: Vec<u8>,
+    /// The DAG-CBOR bytes the signature covers (the commit minus its `sig` entry).
+    pub unsigned: Vec<u8>,
+}
+
+#[derive(Deserialize)]
+struct CommitData {
+    did: String,
+    version: u64,
+    data: Cid,
+    rev: String,
+    prev: Option<Cid>,
+    #[serde(with = "serde_bytes")]
+    sig: Vec<u8>,
+}
+
+impl SignedCommit {
+    /// Decodes a commit block and computes the bytes its signature covers.
+    pub fn decode(block: &[u8]) -> Result<SignedCommit, SyncError> {
+        let spans = cbor::map_spans(block, 8, "commit block")?;
+        let c: CommitData = serde_ipld_dagcbor::from_slice(block)
+            .map_err(|e| SyncError::decode("commit block", e))?;
+        // Canonical DAG-CBOR minus one entry is the canonical encoding of the rest: drop `sig`
+        // and decrement the map length (the head stays one byte for the few commit fields).
+        let mut unsigned = Vec::with_capacity(block.len());
+        let n = spans.entries.len() as u64 - 1;
+        cbor::write_head(&mut unsigned, 5, n);
+        for (key, start, end) in &spans.entries {
+            if *key != "sig" {
+                unsigned.extend_from_slice(&block[*start..*end]);
+            }
+        }
+        Ok(SignedCommit {
+            did: c.did,
+            version: c.version,
+            data: c.data,
+            rev: c.rev,
+            prev: c.prev,
+            sig: c.sig,
+            unsigned,
+        })
+    }
+}
+
+/// A commit that passed verification at [`VerifiedCommit::level`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedCommit {
+    /// Stream sequence number.
+    pub seq: i64,
+    /// The repo DID.
+    pub repo: String,
+    /// The commit's rev.
+    pub rev: String,
+    /// The previous rev.
+    pub since: Option<String>,
+    /// The commit CID.
+    pub commit: Cid,
+    /// The MST root after the commit (unknown at [`VerifyLevel::None`]).
+    pub data: Option<Cid>,
+    /// When the server emitted the event.
+    pub time: String,
+    /// The ops with their record bytes.
+    pub ops: Vec<VerifiedOp>,
+    /// The level it was verified at.
+    pub level: VerifyLevel,
+}
+
+/// One op of a verified commit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedOp {
+    /// What happened.
+    pub action: Action,
+    /// `collection/rkey`.
+    pub path: String,
+    /// The record CID (`None` for deletes).
+    pub cid: Option<Cid>,
+    /// The previous record CID (updates and deletes, sync 1.1).
+    pub prev: Option<Cid>,
+    /// The record's DAG-CBOR bytes, hash-checked against `cid` (`None` for deletes, or when
+    /// the event was `tooBig`).
+    pub record: Option<Vec<u8>>,
+}
+
+impl VerifiedOp {
+    /// The collection NSID.
+    pub fn collection(&self) -> &str {
+        self.path.split_once('/').map_or(&self.path, |(c, _)| c)
+    }
+
+    /// The record key.
+    pub fn rkey(&self) -> &str {
+        self.path.split_once('/').map_or("", |(_, r)| r)
+    }
+
+    /// Decodes the record into `T` (with the default [`Limits`]); `Ok(None)` when there is no record.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>, SyncError> {
+        self.record
+            .as_deref()
+            .map(|r| decode_record(r, &Limits::default()))
+            .transpose()
+    }
+}
+
+/// Decodes a record's DAG-CBOR bytes into `T`, enforcing the record size and nesting limits.
+pub fn decode_record<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<T, SyncError> {
+    if bytes.len() > limits.max_record_bytes {
+        return Err(SyncError::TooLarge {
+            what: "record",
+            size: bytes.len(),
+            limit: limits.max_record_bytes,
+        });
+    }
+    let end = cbor::item_end(bytes, 0, limits.max_depth, "record")?;
+    if end != bytes.len() {
+        return Err(SyncError::Cbor {
+            context: "record",
+            offset: end,
+            reason: "trailing bytes after the record",
+        });
+    }
+    serde_ipld_dagcbor::from_slice(bytes).map_err(|e| SyncError::decode("record", e))
+}
+
+/// A `#sync` event that passed verification: the DID's chain now starts here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedSync {
+    /// Stream sequence number.
+    pub seq: i64,
+    /// The repo DID.
+    pub did: String,
+    /// The commit rev.
+    pub rev: String,
+    /// The MST root.
+    pub data: Cid,
+    /// The commit CID.
+    pub commit: Cid,
+}
+
+/// The last commit seen for a DID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainHead {
+    /// Its rev.
+    pub rev: String,
+    /// Its MST root, when it was parsed.
+    pub data: Option<Cid>,
+}
+
+/// Verifies commits and keeps each DID's rev chain. Share it (`Arc`) across tasks; methods
+/// take `&self`. Events of one DID must be fed in stream order.
+#[derive(Debug)]
+pub struct Verifier {
+    level: VerifyLevel,
+    limits: Limits,
+    max_clock_skew: Duration,
+    resolver: Arc<IdentityResolver>,
+    chains: Mutex<HashMap<String, ChainHead>>,
+}
+
+/// Decodes a 13-character TID into microseconds since the Unix epoch.
+pub fn tid_micros(tid: &str) -> Option<u64> {
+    const ALPHABET: &[u8; 32] = b"234567abcdefghijklmnopqrstuvwxyz";
+    if tid.len() != 13 {
+        return None;
+    }
+    let mut v: u64 = 0;
+    for (i, b) in tid.bytes().enumerate() {
+        let d = ALPHABET.iter().position(|&a| a == b)? as u64;
+        if i == 0 && d >= 16 {
+            return None; // the top bit of a TID is 0
+        }
+        v = (v << 5) | d;
+    }
+    Some(v >> 10)
+}
+
+impl Verifier {
+    /// A verifier at [`VerifyLevel::Full`] with default [`Limits`] and 5 minutes of clock skew.
+    pub fn new(resolver: Arc<IdentityResolver>) -> Self {
+        Verifier {
+            level: VerifyLevel::Full,
+            limits: Limits::default(),
+            max_clock_skew: Duration::from_secs(300),
+            resolver,
+            chains: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Sets the verification level.
+    pub fn with_level(mut self, level: VerifyLevel) -> Self {
+        self.level = level;
+        self
+    }
+
+    /// Sets the limits (record size, nesting) applied to commit contents.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// How far in the future a rev may be before it is rejected.
+    pub fn with_max_clock_skew(mut self, skew: Duration) -> Self {
+        self.max_clock_skew = skew;
+        self
+    }
+
+    /// The verification level.
+    pub fn level(&self) -> VerifyLevel {
+        self.level
+    }
+
+    /// The identity resolver.
+    pub fn resolver(&self) -> &Arc<IdentityResolver> {
+        &self.resolver
+    }
+
+    /// The last commit seen for `did`.
+    pub fn chain_head(&self, did: &str) -> Option<ChainHead> {
+        self.chains().get(did).cloned()
+    }
+
+    /// Sets the chain head of `did`, e.g. after re-fetching the repo with `getRepo`.
+    pub fn resync(&self, did: &str, rev: &str, data: Option<Cid>) {
+        self.chains().insert(
+            did.to_string(),
+            ChainHead {
+                rev: rev.to_string(),
+                data,
+            },
+        );
+    }
+
+    /// Forgets everything about `did` (an account deleted).
+    pub fn forget(&self, did: &str) {
+        self.chains().remove(did);
+        self.resolver.invalidate(did);
+    }
+
+    /// Handles an `#identity` event: the cached signing key of `did` is dropped.
+    pub fn on_identity(&self, did: &str) {
+        self.resolver.invalidate(did);
+    }
+
+    fn chains(&self) -> std::sync::MutexGuard<'_, HashMap<String, ChainHead>> {
+        self.chains.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Checks rev syntax, future revs and rev order; returns why the chain broke, if it did.
+    fn check_chain(&self, ev: &CommitEvent) -> Result<Option<String>, SyncError> {
+        let micros = tid_micros(&ev.rev).ok_or_else(|| SyncError::InvalidRev(ev.rev.clone()))?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_micros() as u64;
+        let allowed = self.max_clock_skew.as_micros() as u64;
+        if micros > now + allowed {
+            return Err(SyncError::FutureRev {
+                did: ev.repo.clone(),
+                rev: ev.rev.clone(),
+                ahead_secs: (micros - now) / 1_000_000,
+                allowed_secs: self.max_clock_skew.as_secs(),
+            });
+        }
+        let chains = self.chains();
+        let Some(head) = chains.get(&ev.repo) else {
+            return Ok(None);
+        };
+        if ev.rev <= head.rev {
+            return Err(SyncError::RevNotNewer {
+                did: ev.repo.clone(),
+                rev: ev.rev.clone(),
+                last: head.rev.clone(),
+            });
+        }
+        if ev.since.as_deref() != Some(head.rev.as_str()) {
+            return Ok(Some(format!(
+                "since is {:?} but the last rev seen is {:?}",
+                ev.since, head.rev
+            )));
+        }
+        if let (Some(last), Some(prev)) = (head.data, ev.prev_data)
+            && last != prev
+        {
+            return Ok(Some(format!(
+                "prevData is {prev} but the last commit's data is {last}"
+            )));
+        }
+        Ok(None)
+    }
+
+    fn advance(
+        &self,
+        did: &str,
+        rev: &str,
+        data: Option<Cid>,
+        broke: Option<String>,
+    ) -> Result<(), SyncError> {
+        self.resync(did, rev, data);
+        match broke {
+            Some(reason) => Err(SyncError::RepoDesynchronized {
+                did: did.to_string(),
+                rev: rev.to_string(),
+                reason,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Chain bookkeeping only, for a commit the pre-filter skipped: rev checks and the DID's
+    /// chain head move on without parsing the CAR slice. Reports a break like [`Verifier::verify_commit`].
+    pub fn observe_commit(&self, ev: &CommitEvent) -> Result<(), SyncError> {
+        let broke = self.check_chain(ev)?;
+        self.advance(&ev.repo, &ev.rev, None, broke)
+    }
+
+    /// Verifies a `#commit` at the configured level and returns its ops with record bytes.
+    ///
+    /// On [`SyncError::RepoDesynchronized`] the commit itself verified and became the DID's
+    /// chain head; the events before it were missed. Every other error leaves the chain as it was.
+    pub async fn verify_commit(&self, ev: &CommitEvent) -> Result<VerifiedCommit, SyncError> {
+        if ev.ops.len() > self.limits.max_ops {
+            return Err(SyncError::TooManyOps {
+                count: ev.ops.len(),
+                limit: self.limits.max_ops,
+            });
+        }
+        let broke = self.check_chain(ev)?;
+        let car = CarSlice::parse(&ev.blocks)?;
+        let mut data = None;
+        if self.level != VerifyLevel::None {
+            let commit = self
+                .check_signed(&car, &ev.commit, &ev.repo, &ev.rev)
+                .await?;
+            if self.level == VerifyLevel::Full && !ev.too_big {
+                check_inversion(&car, &commit, ev)?;
+            }
+            data = Some(commit.data);
+        }
+        let mut ops = Vec::with_capacity(ev.ops.len());
+        for op in &ev.ops {
+            let record = match (op.action, op.cid) {
+                (Action::Delete, _) => None,
+                (_, None) => {
+                    return Err(SyncError::Decode {
+                        context: "#commit op",
+                        reason: format!("{} of {} has no cid", op.action.as_str(), op.path),
+                    });
+                }
+                (_, Some(cid)) => match car.get(&cid) {
+                    Some(bytes) if bytes.len() > self.limits.max_record_bytes => {
+                        return Err(SyncError::TooLarge {
+                            what: "record",
+                            size: bytes.len(),
+                            limit: self.limits.max_record_bytes,
+                        });
+                    }
+                    Some(bytes) => Some(bytes.to_vec()),
+                    None if ev.too_big => None,
+                    None => {
+                        return Err(SyncError::MissingBlock {
+                            cid: cid.to_string(),
+                            what: "record",
+                        });
+                    }
+                },
+            };
+            ops.push(VerifiedOp {
+                action: op.action,
+                path: op.path.clone(),
+                cid: op.cid,
+                prev: op.prev,
+                record,
+            });
+        }
+        self.advance(&ev.repo, &ev.rev, data, broke)?;
+        Ok(VerifiedCommit {
+            seq: ev.seq,
+            repo: ev.repo.clone(),
+            rev: ev.rev.clone(),
+            since: ev.since.clone(),
+            commit: ev.commit,
+            data,
+            time: ev.time.clone(),
+            ops,
+            level: self.level,
+        })
+    }
+
+    /// Verifies a `#sync` event (signature unless the level is `None`) and resets the DID's
+    /// chain to it.
+    pub async fn verify_sync(&self, ev: &SyncEvent) -> Result<VerifiedSync, SyncError> {
+        tid_micros(&ev.rev).ok_or_else(|| SyncError::InvalidRev(ev.rev.clone()))?;
+        let car = CarSlice::parse(&ev.blocks)?;
+        let root = *car.roots().first().ok_or(SyncError::Car {
+            offset: 0,
+            reason: "#sync CAR slice has no root".into(),
+        })?;
+        let commit = if self.level == VerifyLevel::None {
+            let block = car.get(&root).ok_or_else(|| SyncError::MissingBlock {
+                cid: root.to_string(),
+                what: "commit",
+            })?;
+            SignedCommit::decode(block)?
+        } else {
+            self.check_signed(&car, &root, &ev.did, &ev.rev).await?
+        };
+        self.resync(&ev.did, &commit.rev, Some(commit.data));
+        Ok(VerifiedSync {
+            seq: ev.seq,
+            did: ev.did.clone(),
+            rev: commit.rev,
+            data: commit.data,
+            commit: root,
+        })
+    }
+
+    /// The commit block matches the event and carries a valid signature of the DID's key
+    /// (refreshing the key once if the cached one fails).
+    async fn check_signed(
+        &self,
+        car: &CarSlice<'_>,
+        commit_cid: &Cid,
+        did: &str,
+        rev: &str,
+    ) -> Result<SignedCommit, SyncError> {
+        if car.roots() != [*commit_cid] {
+            return Err(SyncError::CommitMismatch {
+                field: "commit",
+                signed: format!("{:?}", car.roots()),
+                event: commit_cid.to_string(),
+            });
+        }
+        let block = car.get(commit_cid).ok_or_else(|| SyncError::MissingBlock {
+            cid: commit_cid.to_string(),
+            what: "commit",
+        })?;
+        let commit = SignedCommit::decode(block)?;
+        for (field, signed, event) in [("did", &commit.did, did), ("rev", &commit.rev, rev)] {
+            if signed != event {
+                return Err(SyncError::CommitMismatch {
+                    field,
+                    signed: signed.clone(),
+                    event: event.to_string(),
+                });
+            }
+        }
+        if commit.version != 3 {
+            return Err(SyncError::CommitMismatch {
+                field: "version",
+                signed: commit.version.to_string(),
+                event: "3".into(),
+            });
+        }
+        let identity = self.resolver.resolve(did).await?;
+        if let Err(fault) = identity.signing_key.verify(&commit.unsigned, &commit.sig) {
+            let bad = |fault: crate::SignatureFault| SyncError::BadSignature {
+                did: did.to_string(),
+                commit: commit_cid.to_string(),
+                reason: fault.as_str(),
+            };
+            if fault != crate::SignatureFault::Mismatch {
+                return Err(bad(fault));
+            }
+            // The key may have rotated since it was cached: fetch once more.
+            let fresh = self.resolver.refresh(did).await?;
+            fresh
+                .signing_key
+                .verify(&commit.unsigned, &commit.sig)
+                .map_err(bad)?;
+        }
+        Ok(commit)
+    }
+}
+
+/// The ops match the tree at `commit.data`, and undoing them gives `prevData`.
+fn check_inversion(
+    car: &CarSlice<'_>,
+    commit: &SignedCommit,
+    ev: &CommitEvent,
+) -> Result<(), SyncError> {
+    let fail = |reason: String| SyncError::MstInversion {
+        did: ev.repo.clone(),
+        rev: ev.rev.clone(),
+        reason,
+    };
+    let mut tree = PartialTree::load(car, commit.data)?;
+    if tree.root() != Ok(commit.data) {
+        return Err(fail(
+            "the MST nodes do not rebuild to the commit's data root".into(),
+        ));
+    }
+    for op in ev.ops.iter().rev() {
+        let key = op.path.as_bytes();
+        let current = tree
+            .get(key)
+            .map_err(|()| fail(format!("{} is hidden by a missing MST node", op.path)))?;
+        let expected = match op.action {
+            Action::Delete => None,
+            Action::Create | Action::Update => op.cid,
+        };
+        if current != expected {
+            return Err(fail(format!(
+                "{} {} says {:?} but the MST has {:?}",
+                op.action.as_str(),
+                op.path,
+                expected,
+                current
+            )));
+        }
+        let undone = match (op.action, op.prev) {
+            (Action::Create, None) => tree.remove(key),
+            (Action::Create, Some(_)) => {
+                return Err(fail(format!("create {} has a prev", op.path)));
+            }
+            (Action::Update | Action::Delete, Some(prev)) => tree.set(key, prev),
+            (Action::Update | Action::Delete, None) => {
+                return Err(fail(format!(
+                    "{} {} has no prev (not a sync 1.1 event)",
+                    op.action.as_str(),
+                    op.path
+                )));
+            }
+        };
+        undone.map_err(|()| fail(format!("undoing {} needs a missing MST node", op.path)))?;
+    }
+    let Some(prev_data) = ev.prev_data else {
+        return Err(fail(
+            "the event has no prevData (not a sync 1.1 event)".into(),
+        ));
+    };
+    match tree.root() {
+        Ok(root) if root == prev_data => Ok(()),
+        Ok(root) => Err(fail(format!(
+            "undoing the ops gives {root}, but prevData is {prev_data}"
+        ))),
+        Err(()) => Err(fail(
+            "rebuilding the previous root needs a missing MST node".into(),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tids_decode() {
+        assert_eq!(tid_micros("2222222222222"), Some(0));
+        assert!(tid_micros("3jzfcijpj2z2a").is_some());
+        assert_eq!(tid_micros("zzzzzzzzzzzzz"), None);
+        assert_eq!(tid_micros("short"), None);
+        assert_eq!(tid_micros("3jzfcijpj2z2!"), None);
+    }
+}
