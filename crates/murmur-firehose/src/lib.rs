@@ -1,3 +1,81 @@
-//! The murmur watcher: repo event-stream sources, cursors, filters and typed handler dispatch.
+//! The murmur watcher: repo event streams in, typed async handlers called.
 //!
-//! Work in progress: see the project issues for what lands here.
+//! A [`Watcher`] reads `com.atproto.sync.subscribeRepos` from one relay or several PDS hosts
+//! (one cursor each), verifies every commit it cares about (murmur-sync: hashes, signature,
+//! MST, rev chain), and routes each matching record op to the handlers registered for its
+//! collection. The delivery contract:
+//!
+//! - at-least-once delivery, in repo order per DID; different DIDs run concurrently;
+//! - the stored cursor never passes an event whose handlers have not finished;
+//! - every op has the idempotency key (did, rev, path); the dedup store uses it so a restart
+//!   does not re-run finished handlers;
+//! - nothing is dropped silently: missed events surface as a [`Gap`], failed handlers as
+//!   [`DeadLetter`]s, rejected records through [`WatcherBuilder::on_rejected`];
+//! - a record that fails verification or lexicon validation never reaches a typed handler.
+//!
+//! ```no_run
+//! use murmur_firehose::{Author, HandlerError, Record, Watcher, handler};
+//! # use atrium_api::types::Collection;
+//! # #[derive(Debug)] struct Task;
+//! # #[derive(Debug, serde::Serialize, serde::Deserialize)] struct TaskRecord;
+//! # impl Collection for Task { const NSID: &'static str = "agent.comms.task"; type Record = TaskRecord; }
+//! # impl murmur_lexicon::Validate for TaskRecord { fn validate(&self) -> Result<(), murmur_lexicon::ValidationError> { Ok(()) } }
+//!
+//! #[handler]
+//! async fn on_task(task: Record<Task>, from: Author) -> Result<(), HandlerError> {
+//!     println!("{} posted {}", from.0, task.uri);
+//!     Ok(())
+//! }
+//!
+//! # async fn run() -> Result<(), murmur_firehose::FirehoseError> {
+//! Watcher::builder()
+//!     .pds("http://localhost:2583")
+//!     .collections(["agent.comms.*"])
+//!     .state_dir(".murmur")
+//!     .handler(on_task)
+//!     .build()?
+//!     .run()
+//!     .await
+//! # }
+//! ```
+
+mod backoff;
+mod cursor;
+mod dead_letter;
+mod dedup;
+mod dispatch;
+mod error;
+mod extract;
+mod filter;
+mod gap;
+mod handler;
+mod metrics;
+mod op;
+mod pipeline;
+mod progress;
+mod source;
+mod watcher;
+
+pub use backoff::Backoff;
+pub use cursor::{CursorStore, FileCursorStore};
+pub use dead_letter::{DeadLetter, DeadLetterStore, FileDeadLetterStore};
+pub use dedup::{DedupStore, FileDedupStore, OpKey};
+pub use dispatch::RejectedHook;
+pub use error::{FirehoseError, HandlerError, Rejection};
+pub use extract::{Author, CommitInfo, Deleted, FromOp, Record, RecordRef, State};
+pub use filter::{CollectionPattern, DidAllowlist, Filter};
+pub use gap::{Gap, GapKind};
+pub use handler::{
+    BoxFuture, CallError, FnHandler, Handler, Route, delete_handler, record_handler,
+};
+pub use metrics::{Metrics, MetricsSnapshot};
+pub use murmur_macros::handler;
+pub use op::{Action, OpData, OpEvent};
+pub use source::{MessageStream, Source, SourceError, SourceMessage, SubscribeRepos};
+pub use watcher::{GapHook, ShutdownHandle, Watcher, WatcherBuilder};
+
+/// Items the `#[handler]` macro expands to; not part of the public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use atrium_api::types::Collection;
+}

@@ -1,0 +1,301 @@
+//! Per-DID ordered, cross-DID concurrent dispatch with bounded queues, retries and dead letters.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
+use tracing::{Instrument, debug, error, warn};
+
+use crate::handler::{BoxFuture, CallError};
+use crate::progress::Progress;
+use crate::{
+    Backoff, DeadLetter, DeadLetterStore, DedupStore, Handler, HandlerError, Metrics, OpEvent,
+    Rejection,
+};
+
+/// Called with every op that failed verification or lexicon checks.
+pub type RejectedHook = Arc<dyn Fn(&OpEvent, &Rejection) + Send + Sync>;
+
+/// One op and the handlers it goes to.
+pub(crate) struct Job {
+    pub op: OpEvent,
+    pub handlers: Vec<Arc<HandlerEntry>>,
+    pub source: usize,
+    pub _permit: OwnedSemaphorePermit,
+}
+
+/// A registered handler and its per-handler limits.
+pub(crate) struct HandlerEntry {
+    pub handler: Box<dyn Handler>,
+    pub concurrency: Option<Arc<Semaphore>>,
+}
+
+/// What the dispatcher needs to run jobs.
+pub(crate) struct Runtime {
+    pub metrics: Arc<Metrics>,
+    pub dedup: Option<Arc<dyn DedupStore>>,
+    pub dead_letters: Arc<dyn DeadLetterStore>,
+    pub progress: Vec<Mutex<Progress>>,
+    pub on_rejected: Option<RejectedHook>,
+    pub retry: Backoff,
+    pub timeout: Option<Duration>,
+}
+
+/// Runs jobs: one DID's ops strictly in order, different DIDs concurrently.
+pub(crate) struct Dispatcher {
+    queue: Arc<Semaphore>,
+    queue_capacity: u32,
+    concurrency: Arc<Semaphore>,
+    lanes: Mutex<HashMap<String, VecDeque<Job>>>,
+    runtime: Arc<Runtime>,
+}
+
+impl Dispatcher {
+    pub(crate) fn new(runtime: Arc<Runtime>, queue_capacity: usize, concurrency: usize) -> Self {
+        let queue_capacity = queue_capacity.clamp(1, Semaphore::MAX_PERMITS) as u32;
+        Dispatcher {
+            queue: Arc::new(Semaphore::new(queue_capacity as usize)),
+            queue_capacity,
+            concurrency: Arc::new(Semaphore::new(concurrency.max(1))),
+            lanes: Mutex::new(HashMap::new()),
+            runtime,
+        }
+    }
+
+    pub(crate) fn runtime(&self) -> &Arc<Runtime> {
+        &self.runtime
+    }
+
+    /// Waits for room in the bounded queue: this is how a slow handler slows the socket read.
+    pub(crate) async fn reserve(&self) -> OwnedSemaphorePermit {
+        self.queue
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the queue semaphore is never closed")
+    }
+
+    /// Queues a job behind the earlier jobs of the same DID.
+    pub(crate) fn submit(self: &Arc<Self>, job: Job) {
+        self.runtime
+            .metrics
+            .queue_depth
+            .fetch_add(1, Ordering::Relaxed);
+        let did = job.op.data().did.clone();
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lane) = lanes.get_mut(&did) {
+            lane.push_back(job);
+            return;
+        }
+        lanes.insert(did.clone(), VecDeque::from([job]));
+        drop(lanes);
+        let this = Arc::clone(self);
+        tokio::spawn(async move { this.drive_lane(did).await });
+    }
+
+    /// Waits until every queued and running job has finished.
+    pub(crate) async fn drain(&self) {
+        let all = self
+            .queue
+            .acquire_many(self.queue_capacity)
+            .await
+            .expect("the queue semaphore is never closed");
+        drop(all);
+    }
+
+    async fn drive_lane(self: Arc<Self>, did: String) {
+        loop {
+            let job = {
+                let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+                match lanes.get_mut(&did).and_then(VecDeque::pop_front) {
+                    Some(job) => job,
+                    None => {
+                        lanes.remove(&did);
+                        return;
+                    }
+                }
+            };
+            let _running = self
+                .concurrency
+                .acquire()
+                .await
+                .expect("the concurrency semaphore is never closed");
+            let span = tracing::info_span!(
+                "op",
+                did = %job.op.data().did,
+                seq = job.op.data().seq,
+                path = %job.op.data().path,
+                action = job.op.data().action.as_str(),
+            );
+            run_job(&self.runtime, job).instrument(span).await;
+            self.runtime
+                .metrics
+                .queue_depth
+                .fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+async fn run_job(rt: &Runtime, job: Job) {
+    let op = job.op;
+    let key = op.key();
+    let seen = match &rt.dedup {
+        Some(dedup) => persist("dedup lookup", || dedup.contains(&key)).await,
+        None => false,
+    };
+    if seen {
+        debug!("already handled before a restart; skipped");
+        Metrics::inc(&rt.metrics.skipped_duplicates);
+    } else {
+        for entry in &job.handlers {
+            run_handler(rt, entry, &op).await;
+        }
+        if let Some(dedup) = &rt.dedup {
+            persist("dedup insert", || dedup.insert(key.clone())).await;
+        }
+    }
+    let mut progress = rt.progress[job.source]
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    progress.finish(op.data().seq);
+}
+
+async fn run_handler(rt: &Runtime, entry: &Arc<HandlerEntry>, op: &OpEvent) {
+    let name = entry.handler.name();
+    let service = ServiceBuilder::new()
+        .retry(RetryPolicy {
+            backoff: rt.retry.clone(),
+            attempt: 0,
+            metrics: Arc::clone(&rt.metrics),
+        })
+        .option_layer(rt.timeout.map(tower::timeout::TimeoutLayer::new))
+        .option_layer(
+            entry
+                .concurrency
+                .clone()
+                .map(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore),
+        )
+        .service(HandlerService(Arc::clone(entry)));
+    let result = service.oneshot(op.clone()).await;
+    let error = match result {
+        Ok(()) => {
+            Metrics::inc(&rt.metrics.handled);
+            record_time_lag(rt, op);
+            return;
+        }
+        Err(e) => e,
+    };
+    if let Some(CallError::Rejected(rejection)) = error.downcast_ref::<CallError>() {
+        Metrics::inc(&rt.metrics.rejected);
+        warn!(handler = name, reason = %rejection, "op rejected; it never reached the handler");
+        if let Some(hook) = &rt.on_rejected {
+            hook(op, rejection);
+        }
+        return;
+    }
+    error!(handler = name, attempts = op.attempts(), error = %error, "handler failed for good; op goes to the dead-letter store");
+    let data = op.data();
+    let letter = DeadLetter {
+        uri: op.uri(),
+        did: data.did.clone(),
+        rev: data.rev.clone(),
+        seq: data.seq,
+        action: data.action.as_str().to_string(),
+        cid: data.cid.clone(),
+        handler: name.to_string(),
+        error: error.to_string(),
+        attempts: op.attempts(),
+        failed_at: chrono::Utc::now().to_rfc3339(),
+    };
+    persist("dead-letter write", || rt.dead_letters.put(letter.clone())).await;
+    Metrics::inc(&rt.metrics.dead_lettered);
+}
+
+fn record_time_lag(rt: &Runtime, op: &OpEvent) {
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(&op.data().time) {
+        let lag = chrono::Utc::now()
+            .signed_duration_since(t)
+            .num_milliseconds();
+        rt.metrics.time_lag_ms.store(lag, Ordering::Relaxed);
+    }
+}
+
+/// Retries a state-store call until it succeeds: losing a dead letter or a dedup mark would
+/// break the delivery contract, so the lane waits (and backpressure builds) instead.
+async fn persist<T, F, Fut>(what: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, crate::FirehoseError>>,
+{
+    let backoff = Backoff::default();
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Ok(v) => return v,
+            Err(e) => {
+                let delay = backoff.delay(attempt).unwrap_or(backoff.max);
+                error!(error = %e, retry_in = ?delay, "{what} failed; retrying");
+                tokio::time::sleep(delay).await;
+                attempt = attempt.saturating_add(1);
+            }
+        }
+    }
+}
+
+/// A handler as a tower service, so timeout, concurrency and retry are ordinary layers.
+#[derive(Clone)]
+struct HandlerService(Arc<HandlerEntry>);
+
+impl Service<OpEvent> for HandlerService {
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, op: OpEvent) -> Self::Future {
+        op.attempts.fetch_add(1, Ordering::Relaxed);
+        let fut = self.0.handler.call(op);
+        Box::pin(async move { fut.await.map_err(BoxError::from) })
+    }
+}
+
+/// Retries handler errors marked retryable (and timeouts) with the watcher's backoff.
+#[derive(Clone)]
+struct RetryPolicy {
+    backoff: Backoff,
+    attempt: u32,
+    metrics: Arc<Metrics>,
+}
+
+impl tower::retry::Policy<OpEvent, (), BoxError> for RetryPolicy {
+    type Future = tokio::time::Sleep;
+
+    fn retry(
+        &mut self,
+        _op: &mut OpEvent,
+        result: &mut Result<(), BoxError>,
+    ) -> Option<Self::Future> {
+        let error = result.as_ref().err()?;
+        let after = match error.downcast_ref::<CallError>() {
+            Some(CallError::Handler(HandlerError::Retry { after, .. })) => *after,
+            Some(_) => return None,
+            None if error.is::<tower::timeout::error::Elapsed>() => None,
+            None => return None,
+        };
+        let delay = self.backoff.delay(self.attempt)?;
+        self.attempt += 1;
+        Metrics::inc(&self.metrics.retries);
+        Some(tokio::time::sleep(after.map_or(delay, |a| a.max(delay))))
+    }
+
+    fn clone_request(&mut self, op: &OpEvent) -> Option<OpEvent> {
+        Some(op.clone())
+    }
+}

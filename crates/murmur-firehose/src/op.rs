@@ -1,0 +1,123 @@
+//! One verified record op as handlers see it.
+
+use std::any::{Any, TypeId};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+pub use murmur_sync::Action;
+
+/// Shared application state, looked up by type by the [`State`](crate::State) extractor.
+#[derive(Default, Clone)]
+pub(crate) struct StateMap(HashMap<TypeId, Arc<dyn Any + Send + Sync>>);
+
+impl StateMap {
+    pub(crate) fn insert<S: Send + Sync + 'static>(&mut self, value: S) {
+        self.0.insert(TypeId::of::<S>(), Arc::new(value));
+    }
+
+    pub(crate) fn get<S: Send + Sync + 'static>(&self) -> Option<&S> {
+        self.0
+            .get(&TypeId::of::<S>())
+            .and_then(|v| v.downcast_ref())
+    }
+
+    pub(crate) fn contains(&self, id: TypeId) -> bool {
+        self.0.contains_key(&id)
+    }
+}
+
+/// A verified record op: one entry of a commit's `ops`, with its record.
+///
+/// Cheap to clone (shared). Its idempotency key is [`OpEvent::key`]: (did, rev, path).
+#[derive(Clone)]
+pub struct OpEvent {
+    pub(crate) inner: Arc<OpData>,
+    pub(crate) state: Arc<StateMap>,
+    pub(crate) attempts: Arc<AtomicU32>,
+}
+
+/// The data of an [`OpEvent`].
+#[derive(Debug, Clone)]
+pub struct OpData {
+    /// The source (PDS or relay URL) the event came from.
+    pub source: Arc<str>,
+    /// Repo DID (the author).
+    pub did: String,
+    /// Commit revision (a TID).
+    pub rev: String,
+    /// Sequence number on its source.
+    pub seq: i64,
+    /// Commit time as the source reported it (RFC 3339).
+    pub time: String,
+    /// What happened.
+    pub action: Action,
+    /// `collection/rkey`.
+    pub path: String,
+    /// CID of the new record (absent for deletes).
+    pub cid: Option<String>,
+    /// CID of the record before this op (updates and deletes, sync 1.1).
+    pub prev: Option<String>,
+    /// The record, DAG-CBOR encoded, hash-checked against `cid` (absent for deletes).
+    pub record: Option<Vec<u8>>,
+}
+
+impl OpEvent {
+    pub(crate) fn new(data: OpData, state: Arc<StateMap>) -> Self {
+        OpEvent {
+            inner: Arc::new(data),
+            state,
+            attempts: Arc::new(AtomicU32::new(0)),
+        }
+    }
+
+    /// The op's data.
+    pub fn data(&self) -> &OpData {
+        &self.inner
+    }
+
+    /// The collection NSID.
+    pub fn collection(&self) -> &str {
+        self.inner
+            .path
+            .split_once('/')
+            .map_or(&self.inner.path, |(c, _)| c)
+    }
+
+    /// The record key.
+    pub fn rkey(&self) -> &str {
+        self.inner.path.split_once('/').map_or("", |(_, r)| r)
+    }
+
+    /// `at://did/collection/rkey`.
+    pub fn uri(&self) -> String {
+        format!("at://{}/{}", self.inner.did, self.inner.path)
+    }
+
+    /// The idempotency key (did, rev, path).
+    pub fn key(&self) -> crate::OpKey {
+        crate::OpKey {
+            did: self.inner.did.clone(),
+            rev: self.inner.rev.clone(),
+            path: self.inner.path.clone(),
+        }
+    }
+
+    /// How many times a handler has started on this op so far.
+    pub fn attempts(&self) -> u32 {
+        self.attempts.load(Ordering::Relaxed)
+    }
+}
+
+impl fmt::Debug for OpEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OpEvent")
+            .field("did", &self.inner.did)
+            .field("rev", &self.inner.rev)
+            .field("seq", &self.inner.seq)
+            .field("action", &self.inner.action)
+            .field("path", &self.inner.path)
+            .finish_non_exhaustive()
+    }
+}

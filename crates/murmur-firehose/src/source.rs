@@ -1,0 +1,234 @@
+//! Where events come from: `com.atproto.sync.subscribeRepos` on a PDS or relay.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::{SinkExt, Stream, StreamExt};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+/// One message read from a source.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum SourceMessage {
+    /// A binary event-stream frame (DAG-CBOR header + body), as subscribeRepos sends.
+    Frame(Vec<u8>),
+}
+
+/// Why a source could not connect or stopped reading.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SourceError {
+    /// HTTP 429: wait before reconnecting.
+    #[error("rate limited (HTTP 429); retry after {retry_after:?}")]
+    RateLimited {
+        /// From `Retry-After` (or `ratelimit-reset`), when the server sent it.
+        retry_after: Option<Duration>,
+    },
+    /// The server does not offer this endpoint (HTTP 501 and friends): retrying will not help.
+    #[error("the server refuses the stream (HTTP {status}): {reason}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// Response body or reason phrase.
+        reason: String,
+    },
+    /// Transport failure (connect, TLS, reset, protocol error): reconnect with backoff.
+    #[error("connection failed: {0}")]
+    Transport(String),
+    /// Nothing arrived within the idle timeout, pings included.
+    #[error("no data for {0:?}; the connection looks dead")]
+    Idle(Duration),
+    /// The server closed the stream.
+    #[error("the server closed the stream{}", .0.as_deref().map(|r| format!(": {r}")).unwrap_or_default())]
+    Closed(Option<String>),
+}
+
+/// A stream of messages from one connection.
+pub type MessageStream = Pin<Box<dyn Stream<Item = Result<SourceMessage, SourceError>> + Send>>;
+
+/// A place events come from. The watcher owns reconnects, backoff and cursors; a source only
+/// opens one connection at a time, starting after `cursor`.
+#[async_trait]
+pub trait Source: Send + Sync + 'static {
+    /// A stable identifier (its URL): the key of its stored cursor.
+    fn url(&self) -> &str;
+    /// Opens a connection that delivers events after `cursor` (live-only when `None`).
+    async fn connect(&self, cursor: Option<i64>) -> Result<MessageStream, SourceError>;
+}
+
+/// `com.atproto.sync.subscribeRepos` over WebSocket, from a PDS or a relay.
+#[derive(Debug, Clone)]
+pub struct SubscribeRepos {
+    url: String,
+    ping_interval: Duration,
+    idle_timeout: Duration,
+}
+
+impl SubscribeRepos {
+    /// A source for the host at `base` (`http(s)://` or `ws(s)://`, with or without the
+    /// `/xrpc/...` path).
+    pub fn new(base: &str) -> Self {
+        let base = base.trim_end_matches('/');
+        let base = base
+            .strip_suffix("/xrpc/com.atproto.sync.subscribeRepos")
+            .unwrap_or(base);
+        let ws = if let Some(rest) = base.strip_prefix("http://") {
+            format!("ws://{rest}")
+        } else if let Some(rest) = base.strip_prefix("https://") {
+            format!("wss://{rest}")
+        } else {
+            base.to_string()
+        };
+        SubscribeRepos {
+            url: format!("{ws}/xrpc/com.atproto.sync.subscribeRepos"),
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// Sends a ping this often and treats `idle_timeout` of silence as a dead connection.
+    pub fn with_keepalive(mut self, ping_interval: Duration, idle_timeout: Duration) -> Self {
+        self.ping_interval = ping_interval;
+        self.idle_timeout = idle_timeout;
+        self
+    }
+}
+
+#[async_trait]
+impl Source for SubscribeRepos {
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    async fn connect(&self, cursor: Option<i64>) -> Result<MessageStream, SourceError> {
+        let url = match cursor {
+            Some(c) => format!("{}?cursor={c}", self.url),
+            None => self.url.clone(),
+        };
+        let (socket, _) = tokio_tungstenite::connect_async(url)
+            .await
+            .map_err(handshake_error)?;
+        let (mut sink, mut read) = socket.split();
+        let (ping_interval, idle) = (self.ping_interval, self.idle_timeout);
+        let stream = async_stream(move |tx| async move {
+            let mut ping = tokio::time::interval(ping_interval);
+            ping.tick().await;
+            loop {
+                tokio::select! {
+                    _ = ping.tick() => {
+                        if let Err(e) = sink.send(Message::Ping(Vec::new().into())).await {
+                            let _ = tx.send(Err(SourceError::Transport(e.to_string()))).await;
+                            return;
+                        }
+                    }
+                    next = tokio::time::timeout(idle, read.next()) => {
+                        let item = match next {
+                            Err(_) => Err(SourceError::Idle(idle)),
+                            Ok(None) => Err(SourceError::Closed(None)),
+                            Ok(Some(Err(e))) => Err(SourceError::Transport(e.to_string())),
+                            Ok(Some(Ok(Message::Binary(bytes)))) => Ok(SourceMessage::Frame(bytes.into())),
+                            Ok(Some(Ok(Message::Close(frame)))) => {
+                                Err(SourceError::Closed(frame.map(|f| f.reason.to_string())))
+                            }
+                            Ok(Some(Ok(_))) => continue,
+                        };
+                        let stop = item.is_err();
+                        if tx.send(item).await.is_err() || stop {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+        Ok(stream)
+    }
+}
+
+/// A stream fed by a task through a small channel (the channel's bound keeps reads paced).
+fn async_stream<F, Fut>(f: F) -> MessageStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<SourceMessage, SourceError>>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let task = tokio::spawn(f(tx));
+    let stream =
+        futures_util::stream::unfold((rx, AbortOnDrop(task)), |(mut rx, task)| async move {
+            rx.recv().await.map(|item| (item, (rx, task)))
+        });
+    Box::pin(stream)
+}
+
+/// Stops the reader task when the stream is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn handshake_error(e: tungstenite::Error) -> SourceError {
+    match e {
+        tungstenite::Error::Http(response) => {
+            let status = response.status().as_u16();
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            if status == 429 {
+                let retry_after = header("retry-after")
+                    .map(Duration::from_secs)
+                    .or_else(|| header("ratelimit-reset").map(reset_to_delay));
+                return SourceError::RateLimited { retry_after };
+            }
+            let reason = response
+                .body()
+                .as_ref()
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_else(|| response.status().to_string());
+            if matches!(status, 400..=499 | 501) {
+                SourceError::Refused { status, reason }
+            } else {
+                SourceError::Transport(format!("HTTP {status}: {reason}"))
+            }
+        }
+        other => SourceError::Transport(other.to_string()),
+    }
+}
+
+/// `ratelimit-reset` is a unix time in seconds on atproto servers.
+fn reset_to_delay(reset: u64) -> Duration {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    Duration::from_secs(reset.saturating_sub(now).min(3600))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_normalise_to_the_subscribe_repos_endpoint() {
+        for base in [
+            "http://localhost:2583",
+            "http://localhost:2583/",
+            "ws://localhost:2583",
+            "http://localhost:2583/xrpc/com.atproto.sync.subscribeRepos",
+        ] {
+            assert_eq!(
+                SubscribeRepos::new(base).url(),
+                "ws://localhost:2583/xrpc/com.atproto.sync.subscribeRepos"
+            );
+        }
+        assert_eq!(
+            SubscribeRepos::new("https://bsky.network").url(),
+            "wss://bsky.network/xrpc/com.atproto.sync.subscribeRepos"
+        );
+    }
+}

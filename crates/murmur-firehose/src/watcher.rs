@@ -1,0 +1,625 @@
+//! The watcher: sources in, verified ops out to handlers, cursor persisted behind them.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use atrium_api::types::Collection;
+use futures_util::StreamExt;
+use murmur_lexicon::Validate;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::dispatch::{Dispatcher, HandlerEntry, RejectedHook, Runtime};
+use crate::extract::{Deleted, Record};
+use crate::filter::CollectionPattern;
+use crate::handler::{delete_handler, record_handler};
+use crate::op::StateMap;
+use crate::pipeline::Pipeline;
+use crate::progress::Progress;
+use crate::{
+    Action, Backoff, CursorStore, DeadLetterStore, DedupStore, DidAllowlist, FileCursorStore,
+    FileDeadLetterStore, FileDedupStore, Filter, FirehoseError, Gap, Handler, HandlerError,
+    Metrics, OpEvent, Source, SourceError, SubscribeRepos,
+};
+
+/// Called with every gap: events the application may have missed.
+pub type GapHook = Arc<dyn Fn(&Gap) + Send + Sync>;
+
+/// Configures a [`Watcher`]. Start with [`Watcher::builder`].
+pub struct WatcherBuilder {
+    sources: Vec<Arc<dyn Source>>,
+    filter: Filter,
+    handlers: Vec<Box<dyn Handler>>,
+    state: StateMap,
+    cursor_store: Option<Arc<dyn CursorStore>>,
+    dedup: Option<Arc<dyn DedupStore>>,
+    dead_letters: Option<Arc<dyn DeadLetterStore>>,
+    state_dir: Option<PathBuf>,
+    verifier: Option<murmur_sync::Verifier>,
+    verification: murmur_sync::VerifyLevel,
+    plc_url: Option<String>,
+    reconnect: Backoff,
+    healthy_after: Duration,
+    retry: Backoff,
+    timeout: Option<Duration>,
+    queue_capacity: usize,
+    concurrency: usize,
+    handler_concurrency: Option<usize>,
+    start_cursor: Option<i64>,
+    on_rejected: Option<RejectedHook>,
+    on_gap: Option<GapHook>,
+    tail: Option<Box<dyn Handler>>,
+}
+
+impl Default for WatcherBuilder {
+    fn default() -> Self {
+        WatcherBuilder {
+            sources: Vec::new(),
+            filter: Filter::default(),
+            handlers: Vec::new(),
+            state: StateMap::default(),
+            cursor_store: None,
+            dedup: None,
+            dead_letters: None,
+            state_dir: None,
+            verifier: None,
+            verification: murmur_sync::VerifyLevel::Full,
+            plc_url: None,
+            reconnect: Backoff::default(),
+            healthy_after: Duration::from_secs(30),
+            retry: Backoff::retries(5),
+            timeout: None,
+            queue_capacity: 1024,
+            concurrency: 64,
+            handler_concurrency: None,
+            start_cursor: None,
+            on_rejected: None,
+            on_gap: None,
+            tail: None,
+        }
+    }
+}
+
+impl WatcherBuilder {
+    /// Watches a PDS's own `subscribeRepos` (call once per host: each keeps its own cursor).
+    pub fn pds(self, url: &str) -> Self {
+        self.source(SubscribeRepos::new(url))
+    }
+
+    /// Watches a relay's `subscribeRepos`.
+    pub fn relay(self, url: &str) -> Self {
+        self.source(SubscribeRepos::new(url))
+    }
+
+    /// Adds any [`Source`].
+    pub fn source(mut self, source: impl Source) -> Self {
+        self.sources.push(Arc::new(source));
+        self
+    }
+
+    /// Only ops of these repos (changeable later through [`Watcher::dids`]).
+    pub fn dids(self, dids: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.filter.dids.set(dids);
+        self
+    }
+
+    /// Only these collections: exact NSIDs or prefixes like `agent.comms.*`.
+    pub fn collections(mut self, patterns: impl IntoIterator<Item = impl AsRef<str>>) -> Self {
+        self.filter.collections.extend(
+            patterns
+                .into_iter()
+                .map(|p| CollectionPattern::parse(p.as_ref())),
+        );
+        self
+    }
+
+    /// Only these actions.
+    pub fn actions(mut self, actions: impl IntoIterator<Item = Action>) -> Self {
+        self.filter.actions.extend(actions);
+        self
+    }
+
+    /// Also report `#identity` and `#account` events to the gap/tail hooks (off by default).
+    pub fn identity_events(mut self, on: bool) -> Self {
+        self.filter.identity_events = on;
+        self.filter.account_events = on;
+        self
+    }
+
+    /// Adds a handler (an async fn with `#[handler]`, or any [`Handler`]).
+    pub fn handler(mut self, handler: impl Handler) -> Self {
+        self.handlers.push(Box::new(handler));
+        self
+    }
+
+    /// Handles creates of `C` with a closure.
+    pub fn on_create<C, F, Fut>(self, f: F) -> Self
+    where
+        C: Collection + Send + 'static,
+        C::Record: Validate + Send,
+        F: Fn(Record<C>, OpEvent) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.handler(record_handler::<C, F, Fut>(&[Action::Create], f))
+    }
+
+    /// Handles updates of `C` with a closure.
+    pub fn on_update<C, F, Fut>(self, f: F) -> Self
+    where
+        C: Collection + Send + 'static,
+        C::Record: Validate + Send,
+        F: Fn(Record<C>, OpEvent) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.handler(record_handler::<C, F, Fut>(&[Action::Update], f))
+    }
+
+    /// Handles deletes of `C` with a closure.
+    pub fn on_delete<C, F, Fut>(self, f: F) -> Self
+    where
+        C: Collection + Send + 'static,
+        F: Fn(Deleted<C>, OpEvent) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.handler(delete_handler::<C, F, Fut>(f))
+    }
+
+    /// Sees every verified op that passes the filter, whatever its collection (e.g. to tail a
+    /// stream). Runs under the same ordering, retry and dead-letter rules as handlers.
+    pub fn tail(mut self, handler: impl Handler) -> Self {
+        self.tail = Some(Box::new(handler));
+        self
+    }
+
+    /// Shared state for `State<S>` arguments.
+    pub fn state<S: Clone + Send + Sync + 'static>(mut self, state: S) -> Self {
+        self.state.insert(state);
+        self
+    }
+
+    /// Keeps cursors, the dedup log and dead letters as files under `dir` (unless a store was
+    /// set explicitly).
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// Where cursors are stored (default: none, or files under [`state_dir`](Self::state_dir)).
+    pub fn cursor_store(mut self, store: impl CursorStore) -> Self {
+        self.cursor_store = Some(Arc::new(store));
+        self
+    }
+
+    /// Where finished ops are remembered across restarts.
+    pub fn dedup_store(mut self, store: impl DedupStore) -> Self {
+        self.dedup = Some(Arc::new(store));
+        self
+    }
+
+    /// Where failed ops go.
+    pub fn dead_letter_store(mut self, store: impl DeadLetterStore) -> Self {
+        self.dead_letters = Some(Arc::new(store));
+        self
+    }
+
+    /// How much of each commit to verify (default [`VerifyLevel::Full`](murmur_sync::VerifyLevel::Full)).
+    pub fn verification(mut self, level: murmur_sync::VerifyLevel) -> Self {
+        self.verification = level;
+        self
+    }
+
+    /// The PLC directory used to resolve `did:plc` identities (default: the public one).
+    pub fn plc_url(mut self, url: impl Into<String>) -> Self {
+        self.plc_url = Some(url.into());
+        self
+    }
+
+    /// A fully configured verifier (overrides [`verification`](Self::verification) and
+    /// [`plc_url`](Self::plc_url)).
+    pub fn verifier(mut self, verifier: murmur_sync::Verifier) -> Self {
+        self.verifier = Some(verifier);
+        self
+    }
+
+    /// The reconnect policy (default: 200 ms doubling to 30 s, jittered, never giving up).
+    pub fn reconnect(mut self, backoff: Backoff) -> Self {
+        self.reconnect = backoff;
+        self
+    }
+
+    /// The handler retry policy (default: 5 retries, 50 ms doubling to 5 s).
+    pub fn retry(mut self, backoff: Backoff) -> Self {
+        self.retry = backoff;
+        self
+    }
+
+    /// A time limit per handler attempt (a timeout counts as retryable).
+    pub fn handler_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    /// Most ops queued or running at once; when full, reading the socket waits (default 1024).
+    pub fn queue_capacity(mut self, ops: usize) -> Self {
+        self.queue_capacity = ops;
+        self
+    }
+
+    /// Most DIDs handled at the same time (default 64).
+    pub fn concurrency(mut self, dids: usize) -> Self {
+        self.concurrency = dids;
+        self
+    }
+
+    /// Most concurrent calls of each handler (default: no limit of its own).
+    pub fn handler_concurrency(mut self, calls: usize) -> Self {
+        self.handler_concurrency = Some(calls);
+        self
+    }
+
+    /// The cursor to start from when no cursor is stored (default: live events only).
+    pub fn start_cursor(mut self, seq: i64) -> Self {
+        self.start_cursor = Some(seq);
+        self
+    }
+
+    /// Called with every op that failed verification or lexicon checks.
+    pub fn on_rejected(
+        mut self,
+        hook: impl Fn(&OpEvent, &crate::Rejection) + Send + Sync + 'static,
+    ) -> Self {
+        self.on_rejected = Some(Arc::new(hook));
+        self
+    }
+
+    /// Called with every gap (missed events the application should reconcile from the repo).
+    pub fn on_gap(mut self, hook: impl Fn(&Gap) + Send + Sync + 'static) -> Self {
+        self.on_gap = Some(Arc::new(hook));
+        self
+    }
+
+    /// Checks the configuration and builds the watcher.
+    pub fn build(self) -> Result<Watcher, FirehoseError> {
+        if self.sources.is_empty() {
+            return Err(FirehoseError::Config(
+                "no source: add .pds(url) or .relay(url)".into(),
+            ));
+        }
+        if self.handlers.is_empty() && self.tail.is_none() {
+            return Err(FirehoseError::Config(
+                "no handler: add .handler(..), .on_create::<T>(..) or .tail(..)".into(),
+            ));
+        }
+        let mut missing: Vec<&str> = Vec::new();
+        for h in self.handlers.iter().chain(&self.tail) {
+            for (id, name) in h.required_state() {
+                if !self.state.contains(id) && !missing.contains(&name) {
+                    missing.push(name);
+                }
+            }
+        }
+        if !missing.is_empty() {
+            return Err(FirehoseError::Config(format!(
+                "handlers read State<{}> but the watcher has none: add .state(value)",
+                missing.join(">, State<")
+            )));
+        }
+        let cursor_store = self.cursor_store.or_else(|| {
+            self.state_dir
+                .as_ref()
+                .map(|d| Arc::new(FileCursorStore::new(d.join("cursors"))) as Arc<dyn CursorStore>)
+        });
+        let dedup = match (self.dedup, &self.state_dir) {
+            (Some(d), _) => Some(d),
+            (None, Some(dir)) => {
+                Some(Arc::new(FileDedupStore::open(dir.join("dedup.log"))?) as Arc<dyn DedupStore>)
+            }
+            (None, None) => None,
+        };
+        let dead_letters = self.dead_letters.unwrap_or_else(|| {
+            let path = self.state_dir.as_ref().map_or_else(
+                || PathBuf::from("murmur-dead-letters.jsonl"),
+                |d| d.join("dead-letters.jsonl"),
+            );
+            Arc::new(FileDeadLetterStore::new(path))
+        });
+        let metrics = Arc::new(Metrics::default());
+        let runtime = Arc::new(Runtime {
+            metrics: Arc::clone(&metrics),
+            dedup,
+            dead_letters,
+            progress: self
+                .sources
+                .iter()
+                .map(|_| Mutex::new(Progress::default()))
+                .collect(),
+            on_rejected: self.on_rejected,
+            retry: self.retry,
+            timeout: self.timeout,
+        });
+        let entry = |handler: Box<dyn Handler>| {
+            Arc::new(HandlerEntry {
+                handler,
+                concurrency: self
+                    .handler_concurrency
+                    .map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
+            })
+        };
+        let (shutdown, _) = watch::channel(false);
+        Ok(Watcher {
+            sources: self.sources,
+            pipeline: Arc::new(Pipeline {
+                filter: self.filter,
+                handlers: self.handlers.into_iter().map(&entry).collect(),
+                tail: self.tail.map(&entry),
+                state: Arc::new(self.state),
+                verifier: self.verifier.unwrap_or_else(|| {
+                    let mut resolver = murmur_sync::IdentityResolver::new();
+                    if let Some(url) = self.plc_url {
+                        resolver = resolver.with_plc_url(url);
+                    }
+                    murmur_sync::Verifier::new(Arc::new(resolver)).with_level(self.verification)
+                }),
+                dispatcher: Arc::new(Dispatcher::new(
+                    Arc::clone(&runtime),
+                    self.queue_capacity,
+                    self.concurrency,
+                )),
+                on_gap: self.on_gap,
+                metrics,
+            }),
+            cursor_store,
+            start_cursor: self.start_cursor,
+            reconnect: self.reconnect,
+            healthy_after: self.healthy_after,
+            shutdown: Arc::new(shutdown),
+        })
+    }
+}
+
+/// A running or ready-to-run watcher. See the crate docs for an example.
+pub struct Watcher {
+    sources: Vec<Arc<dyn Source>>,
+    pipeline: Arc<Pipeline>,
+    cursor_store: Option<Arc<dyn CursorStore>>,
+    start_cursor: Option<i64>,
+    reconnect: Backoff,
+    healthy_after: Duration,
+    shutdown: Arc<watch::Sender<bool>>,
+}
+
+/// Stops a running watcher gracefully: stop reading, drain handlers, persist cursors.
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<watch::Sender<bool>>);
+
+impl ShutdownHandle {
+    /// Asks the watcher to stop; [`Watcher::run`] returns once it has drained.
+    pub fn shutdown(&self) {
+        self.0.send_replace(true);
+    }
+}
+
+impl Watcher {
+    /// Starts configuring a watcher.
+    pub fn builder() -> WatcherBuilder {
+        WatcherBuilder::default()
+    }
+
+    /// The live metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.pipeline.metrics)
+    }
+
+    /// The DID allowlist; changes apply to the next event.
+    pub fn dids(&self) -> DidAllowlist {
+        self.pipeline.filter.dids.clone()
+    }
+
+    /// A handle that stops [`run`](Self::run) gracefully.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(Arc::clone(&self.shutdown))
+    }
+
+    /// Runs until shut down (or until a source fails for good): reads every source, dispatches,
+    /// and persists each source's cursor (the low-water mark of fully handled events).
+    pub async fn run(self) -> Result<(), FirehoseError> {
+        let rt = Arc::clone(self.pipeline.dispatcher.runtime());
+        let mut starts = Vec::new();
+        for (i, source) in self.sources.iter().enumerate() {
+            let stored = match &self.cursor_store {
+                Some(store) => store.load(source.url()).await?,
+                None => None,
+            };
+            let start = stored.or(self.start_cursor);
+            *rt.progress[i].lock().unwrap_or_else(|e| e.into_inner()) =
+                Progress::resume_from(start);
+            info!(source = source.url(), cursor = ?start, "starting");
+            starts.push(start);
+        }
+
+        let mut readers = tokio::task::JoinSet::new();
+        for (i, (source, start)) in self.sources.iter().zip(starts).enumerate() {
+            let reader = SourceReader {
+                index: i,
+                source: Arc::clone(source),
+                pipeline: Arc::clone(&self.pipeline),
+                reconnect: self.reconnect.clone(),
+                healthy_after: self.healthy_after,
+                shutdown: self.shutdown.subscribe(),
+            };
+            readers.spawn(reader.run(start));
+        }
+        let flusher = CursorFlusher {
+            sources: self.sources.iter().map(|s| s.url().to_string()).collect(),
+            store: self.cursor_store.clone(),
+            runtime: Arc::clone(&rt),
+            stored: vec![None; self.sources.len()],
+        };
+        let mut flusher_shutdown = self.shutdown.subscribe();
+        let flush_task = tokio::spawn(async move {
+            let mut flusher = flusher;
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => flusher.flush().await,
+                    _ = stopped(&mut flusher_shutdown) => return flusher,
+                }
+            }
+        });
+
+        let mut result = Ok(());
+        while let Some(joined) = readers.join_next().await {
+            match joined {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
+                    self.shutdown.send_replace(true);
+                }
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(_) => {}
+            }
+        }
+        self.shutdown.send_replace(true);
+        self.pipeline.dispatcher.drain().await;
+        let mut flusher = flush_task
+            .await
+            .map_err(|e| FirehoseError::Config(format!("cursor task failed: {e}")))?;
+        flusher.flush().await;
+        info!("stopped; cursors persisted");
+        result
+    }
+}
+
+/// Persists each source's low-water mark when it moved.
+struct CursorFlusher {
+    sources: Vec<String>,
+    store: Option<Arc<dyn CursorStore>>,
+    runtime: Arc<Runtime>,
+    stored: Vec<Option<i64>>,
+}
+
+impl CursorFlusher {
+    async fn flush(&mut self) {
+        for (i, url) in self.sources.iter().enumerate() {
+            let low = self.runtime.progress[i]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .low_water();
+            if let Some(seq) = low {
+                self.runtime
+                    .metrics
+                    .last_seq_done
+                    .store(seq, Ordering::Relaxed);
+            }
+            if low == self.stored[i] {
+                continue;
+            }
+            let (Some(store), Some(seq)) = (&self.store, low) else {
+                continue;
+            };
+            match store.store(url, seq).await {
+                Ok(()) => self.stored[i] = low,
+                Err(e) => warn!(source = %url, error = %e, "cursor not persisted; will retry"),
+            }
+        }
+    }
+}
+
+/// Reads one source: connect, read, reconnect with backoff from where it got to.
+struct SourceReader {
+    index: usize,
+    source: Arc<dyn Source>,
+    pipeline: Arc<Pipeline>,
+    reconnect: Backoff,
+    healthy_after: Duration,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl SourceReader {
+    async fn run(mut self, start: Option<i64>) -> Result<(), FirehoseError> {
+        let url = self.source.url().to_string();
+        // Reconnects continue after the last event read, not from the start-up cursor:
+        // events read but not yet handled are still queued in this process.
+        let mut cursor = start;
+        let mut attempt = 0u32;
+        loop {
+            if *self.shutdown.borrow() {
+                return Ok(());
+            }
+            let connected = tokio::select! {
+                r = self.source.connect(cursor) => r,
+                _ = stopped(&mut self.shutdown) => return Ok(()),
+            };
+            let wait = match connected {
+                Ok(mut stream) => {
+                    info!(source = %url, cursor = ?cursor, "connected");
+                    let since = Instant::now();
+                    let ended = loop {
+                        let next = tokio::select! {
+                            n = stream.next() => n,
+                            _ = stopped(&mut self.shutdown) => return Ok(()),
+                        };
+                        match next {
+                            Some(Ok(crate::SourceMessage::Frame(bytes))) => {
+                                match self
+                                    .pipeline
+                                    .process(self.index, &url, &bytes, &mut cursor)
+                                    .await
+                                {
+                                    Ok(()) => {}
+                                    Err(reconnect) => break reconnect,
+                                }
+                            }
+                            Some(Err(e)) => break e,
+                            None => break SourceError::Closed(None),
+                        }
+                    };
+                    if since.elapsed() >= self.healthy_after {
+                        attempt = 0;
+                    }
+                    warn!(source = %url, reason = %ended, "disconnected");
+                    match ended {
+                        SourceError::RateLimited { retry_after } => retry_after,
+                        _ => None,
+                    }
+                }
+                Err(SourceError::Refused { status, reason }) => {
+                    return Err(FirehoseError::Source {
+                        url,
+                        reason: format!("HTTP {status}: {reason}"),
+                    });
+                }
+                Err(SourceError::RateLimited { retry_after }) => {
+                    warn!(source = %url, ?retry_after, "rate limited");
+                    retry_after
+                }
+                Err(e) => {
+                    warn!(source = %url, error = %e, "connect failed");
+                    None
+                }
+            };
+            let Some(delay) = self.reconnect.delay(attempt) else {
+                return Err(FirehoseError::Source {
+                    url,
+                    reason: format!("gave up after {attempt} reconnect attempts"),
+                });
+            };
+            attempt = attempt.saturating_add(1);
+            Metrics::inc(&self.pipeline.metrics.reconnects);
+            let delay = wait.map_or(delay, |w| w.max(delay));
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = stopped(&mut self.shutdown) => return Ok(()),
+            }
+        }
+    }
+}
+
+/// Resolves once shutdown was requested (the watch value is not held across the await).
+async fn stopped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

@@ -1,0 +1,535 @@
+//! The watcher against the real local network: delivery, ordering, restarts, faults, retries,
+//! dead letters, rejections, backpressure.
+//!
+//! Records use a small fixture collection (`test.murmur.note`) so these tests exercise the
+//! watcher alone; the agent.comms types are exercised by the agent tests.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use atrium_api::types::Collection;
+use murmur_devnet::{Account, Devnet, DevnetConfig};
+use murmur_firehose::{
+    Author, CommitInfo, DeadLetterStore, FileDeadLetterStore, HandlerError, OpEvent, Record, State,
+    Watcher, handler,
+};
+use murmur_lexicon::{Validate, ValidationError};
+use murmur_pds::Writer;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug)]
+struct Note;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NoteRecord {
+    text: String,
+    n: u64,
+    created_at: String,
+}
+
+impl Collection for Note {
+    const NSID: &'static str = "test.murmur.note";
+    type Record = NoteRecord;
+}
+
+impl Validate for NoteRecord {
+    fn validate(&self) -> Result<(), ValidationError> {
+        if self.text.starts_with("INVALID") {
+            return Err(ValidationError {
+                path: "$.text".into(),
+                message: "must not start with INVALID".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Other;
+
+impl Collection for Other {
+    const NSID: &'static str = "test.murmur.other";
+    type Record = NoteRecord;
+}
+
+fn note(n: u64) -> NoteRecord {
+    NoteRecord {
+        text: format!("note {n}"),
+        n,
+        created_at: "2026-11-23T12:00:00.000Z".into(),
+    }
+}
+
+async fn shared() -> &'static Devnet {
+    tokio::task::spawn_blocking(|| Devnet::shared().unwrap_or_else(|e| panic!("{e}")))
+        .await
+        .unwrap()
+}
+
+async fn account(net: &Devnet, pds: usize, name: &str) -> (Account, Writer) {
+    let account = net
+        .create_account(pds, &net.unique_handle(name), "password-1")
+        .await
+        .unwrap();
+    let writer = Writer::login(&account.pds_url, &account.did, "password-1")
+        .await
+        .unwrap();
+    (account, writer)
+}
+
+/// Writes `count` notes in batches of `batch` (1 = single creates).
+async fn write_notes(writer: &Writer, range: std::ops::Range<u64>, batch: usize) {
+    let ns: Vec<u64> = range.collect();
+    for chunk in ns.chunks(batch) {
+        if batch == 1 {
+            writer.create::<Note>(&note(chunk[0])).await.unwrap();
+        } else {
+            let mut b = writer.batch();
+            for &n in chunk {
+                b.create::<Note>(&note(n)).unwrap();
+            }
+            b.commit().await.unwrap();
+        }
+    }
+}
+
+type Seen = Arc<Mutex<Vec<(String, u64)>>>;
+
+async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn assert_exactly_once_in_order(seen: &[(String, u64)], expected: &HashMap<String, u64>) {
+    let mut per_did: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
+    for (did, n) in seen {
+        per_did.entry(did).or_default().push(*n);
+    }
+    for (did, count) in expected {
+        let got = per_did.get(did.as_str()).cloned().unwrap_or_default();
+        let want: Vec<u64> = (0..*count).collect();
+        assert_eq!(got, want, "records of {did}: exactly once, in order");
+    }
+    assert_eq!(
+        per_did.len(),
+        expected.len(),
+        "records from unexpected repos"
+    );
+}
+
+#[handler]
+async fn record_note(
+    note: Record<Note>,
+    from: Author,
+    _commit: CommitInfo,
+    State(seen): State<Seen>,
+) -> Result<(), HandlerError> {
+    seen.lock().unwrap().push((from.0, note.n));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thousand_records_from_two_pds_reach_handlers_exactly_once_in_order() {
+    let net = shared().await;
+    let mut accounts = Vec::new();
+    for (pds, name) in [(0, "w1a"), (0, "w1b"), (1, "w1c"), (1, "w1d")] {
+        accounts.push(account(net, pds, name).await);
+    }
+    let seen: Seen = Arc::default();
+    let other_seen = Arc::new(Mutex::new(0usize));
+    let other = Arc::clone(&other_seen);
+    let watcher = Watcher::builder()
+        .pds(net.pds(0).unwrap().url())
+        .pds(net.pds(1).unwrap().url())
+        .plc_url(net.plc_url())
+        .start_cursor(0)
+        .dids(accounts.iter().map(|(a, _)| a.did.clone()))
+        .collections(["test.murmur.*"])
+        .state(Arc::clone(&seen))
+        .handler(record_note)
+        .on_create::<Other, _, _>(move |_rec, _op| {
+            let other = Arc::clone(&other);
+            async move {
+                *other.lock().unwrap() += 1;
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap();
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+
+    let started = Instant::now();
+    let mut writes = Vec::new();
+    for (i, (_, writer)) in accounts.iter().enumerate() {
+        let writer = writer.clone();
+        writes.push(tokio::spawn(async move {
+            // Mix single creates and applyWrites batches; 250 notes per repo.
+            write_notes(&writer, 0..50, 1).await;
+            write_notes(&writer, 50..250, if i % 2 == 0 { 50 } else { 25 }).await;
+            // Records of a collection the note handler does not take.
+            writer.create::<Other>(&note(9_999)).await.unwrap();
+        }));
+    }
+    for w in writes {
+        w.await.unwrap();
+    }
+    let expected: HashMap<String, u64> =
+        accounts.iter().map(|(a, _)| (a.did.clone(), 250)).collect();
+    wait_for("1,000 records", Duration::from_secs(60), || {
+        seen.lock().unwrap().len() >= 1000 && *other_seen.lock().unwrap() >= 4
+    })
+    .await;
+    let elapsed = started.elapsed();
+    // Give stragglers a moment to show up as duplicates if there were any.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+    assert_exactly_once_in_order(&seen.lock().unwrap(), &expected);
+    assert_eq!(
+        *other_seen.lock().unwrap(),
+        4,
+        "other collection: its own handler only"
+    );
+    let m = metrics.snapshot();
+    assert_eq!(m.rejected, 0, "{m:?}");
+    assert_eq!(m.handled, 1004, "{m:?}");
+    eprintln!("1,004 records written and handled in {elapsed:?}; metrics {m:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_after_kill_loses_nothing_and_repeats_no_effect() {
+    let net = shared().await;
+    let (alice, writer) = account(net, 0, "restart").await;
+    let state = tempfile::tempdir().unwrap();
+    // Effects are keyed by the op's idempotency key; `runs` counts every handler run.
+    let effects: Arc<Mutex<HashMap<String, u64>>> = Arc::default();
+    let runs = Arc::new(Mutex::new(0usize));
+    let start_watcher = || {
+        let (effects, runs) = (Arc::clone(&effects), Arc::clone(&runs));
+        Watcher::builder()
+            .pds(net.pds(0).unwrap().url())
+            .plc_url(net.plc_url())
+            .start_cursor(0)
+            .dids([alice.did.clone()])
+            .state_dir(state.path())
+            .on_create::<Note, _, _>(move |rec, op: OpEvent| {
+                let (effects, runs) = (Arc::clone(&effects), Arc::clone(&runs));
+                async move {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    *runs.lock().unwrap() += 1;
+                    let key = format!("{:?}", op.key());
+                    effects.lock().unwrap().entry(key).or_insert(rec.n);
+                    Ok(())
+                }
+            })
+            .build()
+            .unwrap()
+    };
+
+    let first = tokio::spawn(start_watcher().run());
+    let writing = {
+        let writer = writer.clone();
+        tokio::spawn(async move { write_notes(&writer, 0..300, 10).await })
+    };
+    wait_for("a third of the records", Duration::from_secs(60), || {
+        effects.lock().unwrap().len() >= 100
+    })
+    .await;
+    // Kill: no graceful shutdown, no final cursor flush.
+    first.abort();
+    let _ = first.await;
+    let handled_before_kill = effects.lock().unwrap().len();
+    writing.await.unwrap();
+
+    let second = start_watcher();
+    let stop = second.shutdown_handle();
+    let metrics = second.metrics();
+    let running = tokio::spawn(second.run());
+    wait_for("all 300 records", Duration::from_secs(60), || {
+        effects.lock().unwrap().len() >= 300
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+
+    let effects = effects.lock().unwrap();
+    let mut ns: Vec<u64> = effects.values().copied().collect();
+    ns.sort_unstable();
+    assert_eq!(
+        ns,
+        (0..300).collect::<Vec<_>>(),
+        "every record handled once"
+    );
+    let runs = *runs.lock().unwrap();
+    let skipped = metrics.snapshot().skipped_duplicates;
+    eprintln!(
+        "killed after {handled_before_kill} records; handler runs {runs} for 300 records; \
+         {skipped} replayed ops skipped by the dedup store"
+    );
+    // A kill between a handler's effect and its dedup mark may re-run that one op (at-least-once);
+    // everything the dedup store recorded is never re-run.
+    assert!(
+        runs <= 300 + 2,
+        "handlers re-ran {} times after the restart",
+        runs - 300
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pds_restart_mid_run_loses_nothing() {
+    let net = tokio::task::spawn_blocking(|| Devnet::start(DevnetConfig::default()))
+        .await
+        .unwrap()
+        .unwrap();
+    let net = Arc::new(net);
+    let (alice, writer) = account(&net, 0, "fault").await;
+    let seen: Seen = Arc::default();
+    let watcher = Watcher::builder()
+        .pds(net.pds(0).unwrap().url())
+        .plc_url(net.plc_url())
+        .start_cursor(0)
+        .dids([alice.did.clone()])
+        .reconnect(murmur_firehose::Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            ..Default::default()
+        })
+        .state(Arc::clone(&seen))
+        .handler(record_note)
+        .build()
+        .unwrap();
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+
+    write_notes(&writer, 0..100, 10).await;
+    wait_for("first 100", Duration::from_secs(30), || {
+        seen.lock().unwrap().len() >= 100
+    })
+    .await;
+    let n = Arc::clone(&net);
+    tokio::task::spawn_blocking(move || n.pds(0).unwrap().stop())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n = Arc::clone(&net);
+    tokio::task::spawn_blocking(move || n.pds(0).unwrap().start())
+        .await
+        .unwrap()
+        .unwrap();
+    let writer = Writer::login(&alice.pds_url, &alice.did, "password-1")
+        .await
+        .unwrap();
+    write_notes(&writer, 100..200, 10).await;
+    wait_for("all 200", Duration::from_secs(60), || {
+        seen.lock().unwrap().len() >= 200
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+    let expected = HashMap::from([(alice.did.clone(), 200)]);
+    assert_exactly_once_in_order(&seen.lock().unwrap(), &expected);
+    assert!(
+        metrics.snapshot().reconnects >= 1,
+        "{:?}",
+        metrics.snapshot()
+    );
+    tokio::task::spawn_blocking(move || drop(net))
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_then_dead_letters_and_goes_on() {
+    let net = shared().await;
+    let (alice, writer) = account(net, 1, "retry").await;
+    let state = tempfile::tempdir().unwrap();
+    let attempts: Arc<Mutex<HashMap<u64, u32>>> = Arc::default();
+    let a = Arc::clone(&attempts);
+    let watcher = Watcher::builder()
+        .pds(net.pds(1).unwrap().url())
+        .plc_url(net.plc_url())
+        .start_cursor(0)
+        .dids([alice.did.clone()])
+        .state_dir(state.path())
+        .retry(murmur_firehose::Backoff {
+            initial: Duration::from_millis(10),
+            max: Duration::from_millis(50),
+            factor: 2.0,
+            max_attempts: Some(3),
+        })
+        .on_create::<Note, _, _>(move |rec, _op| {
+            let a = Arc::clone(&a);
+            async move {
+                let attempt = {
+                    let mut a = a.lock().unwrap();
+                    let e = a.entry(rec.n).or_default();
+                    *e += 1;
+                    *e
+                };
+                match rec.n {
+                    // Fails twice, then succeeds.
+                    1 if attempt <= 2 => Err(HandlerError::retry("flaky dependency")),
+                    // Always fails.
+                    2 => Err(HandlerError::retry("dependency down")),
+                    // Fails permanently at once.
+                    3 => Err(HandlerError::fail("bad payload")),
+                    _ => Ok(()),
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    write_notes(&writer, 0..6, 1).await;
+    wait_for(
+        "all six handled or dead-lettered",
+        Duration::from_secs(30),
+        || {
+            let m = metrics.snapshot();
+            m.handled + m.dead_lettered >= 6
+        },
+    )
+    .await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+
+    let attempts = attempts.lock().unwrap().clone();
+    assert_eq!(attempts[&1], 3, "failed twice, then succeeded");
+    assert_eq!(attempts[&2], 4, "first try + 3 retries");
+    assert_eq!(attempts[&3], 1, "permanent failures are not retried");
+    for n in [0, 4, 5] {
+        assert_eq!(attempts[&n], 1);
+    }
+    let letters = FileDeadLetterStore::new(state.path().join("dead-letters.jsonl"))
+        .list()
+        .await
+        .unwrap();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(letters[0].error.contains("dependency down"), "{letters:?}");
+    assert_eq!(letters[0].attempts, 4);
+    assert!(letters[1].error.contains("bad payload"), "{letters:?}");
+    let m = metrics.snapshot();
+    assert_eq!((m.handled, m.dead_lettered, m.retries), (4, 2, 5), "{m:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_records_never_reach_typed_handlers() {
+    let net = shared().await;
+    let (alice, writer) = account(net, 0, "reject").await;
+    let seen: Seen = Arc::default();
+    let rejected: Arc<Mutex<Vec<String>>> = Arc::default();
+    let r = Arc::clone(&rejected);
+    let watcher = Watcher::builder()
+        .pds(net.pds(0).unwrap().url())
+        .plc_url(net.plc_url())
+        .start_cursor(0)
+        .dids([alice.did.clone()])
+        .state(Arc::clone(&seen))
+        .handler(record_note)
+        .on_rejected(move |op, why| r.lock().unwrap().push(format!("{} {why}", op.data().path)))
+        .build()
+        .unwrap();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+
+    // The writer refuses invalid records, so write them the way a hostile agent would.
+    let http = reqwest::Client::new();
+    for record in [
+        serde_json::json!({"$type": "test.murmur.note", "text": "INVALID text", "n": 1, "createdAt": "x"}),
+        serde_json::json!({"$type": "test.murmur.note", "text": "wrong shape", "n": "one"}),
+    ] {
+        http.post(format!("{}/xrpc/com.atproto.repo.createRecord", alice.pds_url))
+            .bearer_auth(&alice.access_jwt)
+            .json(&serde_json::json!({"repo": alice.did, "collection": "test.murmur.note", "record": record}))
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap();
+    }
+    writer.create::<Note>(&note(0)).await.unwrap();
+    wait_for("the valid record", Duration::from_secs(30), || {
+        !seen.lock().unwrap().is_empty()
+    })
+    .await;
+    wait_for("two rejections", Duration::from_secs(10), || {
+        rejected.lock().unwrap().len() >= 2
+    })
+    .await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+    assert_eq!(seen.lock().unwrap().as_slice(), &[(alice.did.clone(), 0)]);
+    let rejected = rejected.lock().unwrap();
+    assert!(
+        rejected[0].contains("breaks lexicon") && rejected[0].contains("$.text"),
+        "{rejected:?}"
+    );
+    assert!(rejected[1].contains("does not decode"), "{rejected:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_handler_bounds_the_queue() {
+    let net = shared().await;
+    let (alice, writer) = account(net, 1, "slow").await;
+    let done = Arc::new(Mutex::new(0usize));
+    let d = Arc::clone(&done);
+    const CAPACITY: usize = 8;
+    let watcher = Watcher::builder()
+        .pds(net.pds(1).unwrap().url())
+        .plc_url(net.plc_url())
+        .start_cursor(0)
+        .dids([alice.did.clone()])
+        .queue_capacity(CAPACITY)
+        .on_create::<Note, _, _>(move |_rec, _op| {
+            let d = Arc::clone(&d);
+            async move {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                *d.lock().unwrap() += 1;
+                Ok(())
+            }
+        })
+        .build()
+        .unwrap();
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    // A fast writer: 400 records in batches of 100, far faster than 20 ms per record.
+    write_notes(&writer, 0..400, 100).await;
+    let mut max_depth = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while *done.lock().unwrap() < 400 {
+        assert!(Instant::now() < deadline, "slow handler did not finish");
+        max_depth = max_depth.max(metrics.snapshot().queue_depth);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+    assert!(max_depth as usize <= CAPACITY, "queue grew to {max_depth}");
+    assert!(
+        max_depth >= 2,
+        "the queue was never exercised ({max_depth})"
+    );
+    let rss = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM"))
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    eprintln!(
+        "slow handler: max queue depth {max_depth} (capacity {CAPACITY}); peak RSS of the test process: {rss}"
+    );
+}
