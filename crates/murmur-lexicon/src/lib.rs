@@ -30,7 +30,10 @@
 //! build.rs, the way prost-build does for protobuf. Every generated type implements
 //! [`Validate`].
 
+pub mod breaking;
 pub mod check;
+#[cfg(feature = "codegen")]
+mod codegen;
 pub mod data;
 pub mod lint;
 pub mod schema;
@@ -49,6 +52,9 @@ pub mod runtime {
 use std::fmt;
 use std::path::PathBuf;
 
+pub use breaking::{BreakingChange, ChangeKind, breaking_changes};
+#[cfg(feature = "codegen")]
+pub use codegen::{Builder, generate};
 pub use lint::{LintIssue, Rule};
 pub use schema::LexiconDoc;
 pub use set::{LexiconSet, for_each_type};
