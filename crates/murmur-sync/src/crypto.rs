@@ -23,7 +23,8 @@ pub enum SignatureFault {
 }
 
 impl SignatureFault {
-    pub(crate) fn as_str(self) -> &'static str {
+    /// What went wrong, as a sentence fragment (used in [`crate::SyncError::BadSignature`]).
+    pub fn as_str(self) -> &'static str {
         match self {
             SignatureFault::Malformed => "signature is malformed",
             SignatureFault::HighS => "signature has a high S value (atproto requires low-S)",

@@ -68,7 +68,7 @@ enum Position {
 }
 
 /// The in-order sequence of a (partial) tree.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub(crate) struct PartialTree {
     pub items: Vec<Item>,
 }

@@ -565,10 +565,15 @@ fn check_inversion(
         };
         undone.map_err(|()| fail(format!("undoing {} needs a missing MST node", op.path)))?;
     }
-    let Some(prev_data) = ev.prev_data else {
-        return Err(fail(
-            "the event has no prevData (not a sync 1.1 event)".into(),
-        ));
+    let prev_data = match (ev.prev_data, &ev.since) {
+        (Some(prev), _) => prev,
+        // The first commit of a repo starts from the empty tree.
+        (None, None) => PartialTree::default().root().unwrap_or(commit.data),
+        (None, Some(_)) => {
+            return Err(fail(
+                "the event has no prevData (not a sync 1.1 event)".into(),
+            ));
+        }
     };
     match tree.root() {
         Ok(root) if root == prev_data => Ok(()),

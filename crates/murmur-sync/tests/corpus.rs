@@ -1,0 +1,448 @@
+//! Offline tests on frames recorded from the local PDS (tests/fixtures/corpus, see
+//! tests/devnet.rs): the corpus verifies at every level, and forged variants built by mutating
+//! its frames are rejected with the matching error.
+
+use std::sync::Arc;
+
+use murmur_sync::{
+    Action, CarSlice, Cid, CommitEvent, DAG_CBOR, Frame, Identity, IdentityResolver, PublicKey,
+    SignatureFault, SignedCommit, SyncError, Verifier, VerifyLevel, cid_for,
+};
+
+fn corpus() -> Vec<Vec<u8>> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/corpus");
+    let bytes = std::fs::read(format!("{dir}/frames.bin")).unwrap();
+    let mut frames = Vec::new();
+    let mut rest = &bytes[..];
+    while !rest.is_empty() {
+        let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+        frames.push(rest[4..4 + n].to_vec());
+        rest = &rest[4 + n..];
+    }
+    frames
+}
+
+fn keys() -> Vec<(String, String)> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/corpus");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/keys.json")).unwrap())
+            .unwrap();
+    v.as_object()
+        .unwrap()
+        .iter()
+        .map(|(d, k)| (d.clone(), k.as_str().unwrap().to_string()))
+        .collect()
+}
+
+fn pin(resolver: &IdentityResolver, did: &str, key: PublicKey) {
+    resolver.pin(Identity {
+        did: did.to_string(),
+        signing_key: key,
+        handle: None,
+        pds: None,
+    });
+}
+
+fn verifier(level: VerifyLevel) -> Verifier {
+    let resolver = IdentityResolver::new().with_plc_url("http://127.0.0.1:9");
+    for (did, key) in keys() {
+        pin(&resolver, &did, PublicKey::from_did_key(&key).unwrap());
+    }
+    Verifier::new(Arc::new(resolver)).with_level(level)
+}
+
+fn commits() -> Vec<CommitEvent> {
+    corpus()
+        .iter()
+        .filter_map(|f| match Frame::decode(f).unwrap() {
+            Frame::Commit(c) => Some(*c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A commit with several ops, one create, in a repo with history.
+fn batch() -> CommitEvent {
+    commits()
+        .into_iter()
+        .find(|c| c.ops.len() >= 5 && c.ops.iter().any(|o| o.action == Action::Delete))
+        .expect("an applyWrites batch with a delete in the corpus")
+}
+
+fn single_create() -> CommitEvent {
+    commits()
+        .into_iter()
+        .find(|c| c.ops.len() == 1 && c.ops[0].action == Action::Create && c.since.is_some())
+        .unwrap()
+}
+
+fn write_varint(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// Re-encodes a CAR slice with `root` and `blocks`.
+fn car(root: &Cid, blocks: &[(Cid, Vec<u8>)]) -> Vec<u8> {
+    let header =
+        serde_ipld_dagcbor::to_vec(&ipld_core::ipld!({"roots": [*root], "version": 1})).unwrap();
+    let mut out = Vec::new();
+    write_varint(&mut out, header.len());
+    out.extend(header);
+    for (cid, data) in blocks {
+        let c = cid.to_bytes();
+        write_varint(&mut out, c.len() + data.len());
+        out.extend(c);
+        out.extend(data);
+    }
+    out
+}
+
+fn blocks_of(ev: &CommitEvent) -> Vec<(Cid, Vec<u8>)> {
+    CarSlice::parse(&ev.blocks)
+        .unwrap()
+        .blocks()
+        .map(|(c, d)| (*c, d.to_vec()))
+        .collect()
+}
+
+/// Replaces the commit block's signature with one made by `key` over the same commit.
+fn resign(ev: &CommitEvent, sign: impl Fn(&[u8]) -> Vec<u8>) -> CommitEvent {
+    let mut blocks = blocks_of(ev);
+    let i = blocks.iter().position(|(c, _)| *c == ev.commit).unwrap();
+    let commit = SignedCommit::decode(&blocks[i].1).unwrap();
+    let new_sig = sign(&commit.unsigned);
+    let at = blocks[i]
+        .1
+        .windows(64)
+        .position(|w| w == commit.sig.as_slice())
+        .unwrap();
+    blocks[i].1[at..at + 64].copy_from_slice(&new_sig);
+    let new_cid = cid_for(DAG_CBOR, &blocks[i].1);
+    blocks[i].0 = new_cid;
+    let mut out = ev.clone();
+    out.commit = new_cid;
+    out.blocks = car(&new_cid, &blocks);
+    out
+}
+
+async fn verify_all(level: VerifyLevel) -> usize {
+    let v = verifier(level);
+    let mut n = 0;
+    for f in corpus() {
+        match Frame::decode(&f).unwrap() {
+            Frame::Commit(c) => {
+                let verified = v
+                    .verify_commit(&c)
+                    .await
+                    .unwrap_or_else(|e| panic!("{level:?}: {e}"));
+                assert_eq!(verified.ops.len(), c.ops.len());
+                n += 1;
+            }
+            Frame::Sync(s) => {
+                v.verify_sync(&s).await.unwrap();
+            }
+            _ => {}
+        }
+    }
+    n
+}
+
+#[tokio::test]
+async fn recorded_corpus_verifies_at_every_level() {
+    for level in [
+        VerifyLevel::Full,
+        VerifyLevel::SignatureOnly,
+        VerifyLevel::None,
+    ] {
+        assert!(verify_all(level).await >= 20);
+    }
+}
+
+#[tokio::test]
+async fn recorded_records_decode_and_match_their_cids() {
+    let v = verifier(VerifyLevel::Full);
+    let mut records = 0;
+    for c in commits() {
+        for op in v.verify_commit(&c).await.unwrap().ops {
+            if let Some(bytes) = &op.record {
+                assert_eq!(cid_for(DAG_CBOR, bytes), op.cid.unwrap());
+                let value: serde_json::Value = op.decode().unwrap().unwrap();
+                assert!(value["$type"].as_str().unwrap().starts_with("agent.comms."));
+                records += 1;
+            }
+        }
+    }
+    assert!(records > 50);
+}
+
+#[tokio::test]
+async fn commit_resigned_with_another_key_is_a_bad_signature() {
+    let other = k256::ecdsa::SigningKey::from_slice(&[7u8; 32]).unwrap();
+    let forged = resign(&single_create(), |msg| {
+        let sig: k256::ecdsa::Signature = k256::ecdsa::signature::Signer::sign(&other, msg);
+        sig.to_bytes().to_vec()
+    });
+    let err = verifier(VerifyLevel::Full)
+        .verify_commit(&forged)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SyncError::BadSignature { .. }), "{err}");
+    let err = verifier(VerifyLevel::SignatureOnly)
+        .verify_commit(&forged)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SyncError::BadSignature { .. }), "{err}");
+    // Level None trusts the source.
+    verifier(VerifyLevel::None)
+        .verify_commit(&forged)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn high_s_twin_of_a_valid_signature_is_rejected() {
+    let ev = single_create();
+    let blocks = blocks_of(&ev);
+    let commit =
+        SignedCommit::decode(&blocks.iter().find(|(c, _)| *c == ev.commit).unwrap().1).unwrap();
+    let forged = resign(&ev, |_| {
+        let sig = k256::ecdsa::Signature::from_slice(&commit.sig).unwrap();
+        let (r, s) = sig.split_scalars();
+        k256::ecdsa::Signature::from_scalars(r, -*s)
+            .unwrap()
+            .to_bytes()
+            .to_vec()
+    });
+    let err = verifier(VerifyLevel::Full)
+        .verify_commit(&forged)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SyncError::BadSignature { reason, .. } if reason == SignatureFault::HighS.as_str()),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn did_whose_document_has_another_key_is_a_bad_signature() {
+    let ev = single_create();
+    let v = verifier(VerifyLevel::Full);
+    let stranger = k256::ecdsa::SigningKey::from_slice(&[9u8; 32]).unwrap();
+    pin(
+        v.resolver(),
+        &ev.repo,
+        PublicKey::K256(*stranger.verifying_key()),
+    );
+    let err = v.verify_commit(&ev).await.unwrap_err();
+    assert!(matches!(err, SyncError::BadSignature { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn commit_claimed_for_another_did_is_a_mismatch() {
+    let mut ev = single_create();
+    let other = keys().into_iter().find(|(d, _)| *d != ev.repo).unwrap().0;
+    ev.repo = other;
+    let err = verifier(VerifyLevel::Full)
+        .verify_commit(&ev)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, SyncError::CommitMismatch { field: "did", .. }),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn record_block_swapped_under_its_cid_is_a_cid_mismatch() {
+    let mut ev = single_create();
+    let record = ev.ops[0].cid.unwrap();
+    let mut blocks = blocks_of(&ev);
+    let b = blocks.iter_mut().find(|(c, _)| *c == record).unwrap();
+    let text = b.1.windows(9).position(|w| w == b"summarise").unwrap();
+    b.1[text] = b'S';
+    ev.blocks = car(&ev.commit, &blocks);
+    let err = verifier(VerifyLevel::Full)
+        .verify_commit(&ev)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SyncError::CidMismatch { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn record_replaced_with_another_block_does_not_match_the_mst() {
+    let mut ev = single_create();
+    let fake = serde_ipld_dagcbor::to_vec(
+        &ipld_core::ipld!({"$type": "agent.comms.task", "title": "wire money"}),
+    )
+    .unwrap();
+    let fake_cid = cid_for(DAG_CBOR, &fake);
+    let mut blocks = blocks_of(&ev);
+    blocks.push((fake_cid, fake));
+    ev.blocks = car(&ev.commit, &blocks);
+    ev.ops[0].cid = Some(fake_cid);
+    let err = verifier(VerifyLevel::Full)
+        .verify_commit(&ev)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SyncError::MstInversion { .. }), "{err}");
+    // SignatureOnly does not look at the MST: that is what Full is for.
+    verifier(VerifyLevel::SignatureOnly)
+        .verify_commit(&ev)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn ops_that_do_not_match_the_mst_are_rejected() {
+    // An op renamed to another path.
+    let mut ev = batch();
+    ev.ops[0].path = format!("{}/forged", ev.ops[0].collection());
+    let err = verifier(VerifyLevel::Full)
+        .verify_commit(&ev)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SyncError::MstInversion { .. }), "{err}");
+    // An op left out of the batch: undoing the rest does not give prevData.
+    let mut ev = batch();
+    ev.ops.remove(0);
+    let err = verifier(VerifyLevel::Full)
+        .verify_commit(&ev)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SyncError::MstInversion { .. }), "{err}");
+    // A delete turned into an update.
+    let mut ev = batch();
+    let d = ev
+        .ops
+        .iter()
+        .position(|o| o.action == Action::Delete)
+        .unwrap();
+    ev.ops[d].action = Action::Update;
+    ev.ops[d].cid = ev.ops[0].cid;
+    let err = verifier(VerifyLevel::Full)
+        .verify_commit(&ev)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SyncError::MstInversion { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn wrong_prev_data_is_rejected() {
+    let mut ev = single_create();
+    ev.prev_data = Some(cid_for(DAG_CBOR, b"\xa0"));
+    let err = verifier(VerifyLevel::Full)
+        .verify_commit(&ev)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SyncError::MstInversion { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn rev_going_backward_is_rejected_and_the_chain_is_kept() {
+    let all = commits();
+    let v = verifier(VerifyLevel::Full);
+    for c in &all {
+        v.verify_commit(c).await.unwrap();
+    }
+    let last = all.last().unwrap();
+    let head = v.chain_head(&last.repo).unwrap();
+    let replayed = all
+        .iter()
+        .find(|c| c.repo == last.repo && c.ops.len() == 1)
+        .unwrap();
+    let err = v.verify_commit(replayed).await.unwrap_err();
+    assert!(matches!(err, SyncError::RevNotNewer { .. }), "{err}");
+    assert_eq!(v.chain_head(&last.repo).unwrap(), head);
+    // The same commit twice is a replay too.
+    let err = v.verify_commit(last).await.unwrap_err();
+    assert!(matches!(err, SyncError::RevNotNewer { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_missed_commit_desynchronizes_the_repo_and_the_chain_resumes_after() {
+    let all = commits();
+    let did = all
+        .iter()
+        .rev()
+        .find(|c| c.ops.len() == 1)
+        .unwrap()
+        .repo
+        .clone();
+    let mine: Vec<&CommitEvent> = all.iter().filter(|c| c.repo == did).collect();
+    assert!(mine.len() >= 4);
+    let v = verifier(VerifyLevel::Full);
+    v.verify_commit(mine[0]).await.unwrap();
+    v.verify_commit(mine[1]).await.unwrap();
+    // mine[2] is lost.
+    let err = v.verify_commit(mine[3]).await.unwrap_err();
+    assert!(err.is_desync(), "{err}");
+    assert_eq!(v.chain_head(&did).unwrap().rev, mine[3].rev);
+    for c in &mine[4..] {
+        v.verify_commit(c).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn rev_far_in_the_future_is_rejected() {
+    let mut ev = single_create();
+    ev.rev = "7zzzzzzzzzzzz".into();
+    let err = verifier(VerifyLevel::Full)
+        .verify_commit(&ev)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SyncError::FutureRev { .. }), "{err}");
+    ev.rev = "not-a-tid".into();
+    let err = verifier(VerifyLevel::Full)
+        .verify_commit(&ev)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, SyncError::InvalidRev(_)), "{err}");
+}
+
+#[tokio::test]
+async fn observed_commits_keep_the_chain_without_parsing() {
+    let all = commits();
+    let v = verifier(VerifyLevel::Full);
+    for (i, c) in all.iter().enumerate() {
+        if i % 2 == 0 {
+            v.observe_commit(c).unwrap();
+        } else {
+            v.verify_commit(c).await.unwrap();
+        }
+    }
+}
+
+#[test]
+fn every_truncation_of_every_frame_is_an_error_not_a_panic() {
+    for f in corpus() {
+        for cut in 0..f.len() {
+            assert!(
+                Frame::decode(&f[..cut]).is_err(),
+                "cut {cut} of {}",
+                f.len()
+            );
+        }
+    }
+}
+
+#[test]
+fn every_single_byte_flip_in_a_commit_frame_is_handled() {
+    let f = corpus()
+        .into_iter()
+        .find(|f| matches!(Frame::decode(f), Ok(Frame::Commit(c)) if c.ops.len() == 1))
+        .unwrap();
+    for i in 0..f.len() {
+        let mut g = f.clone();
+        g[i] ^= 0x41;
+        if let Ok(Frame::Commit(c)) = Frame::decode(&g) {
+            let _ = CarSlice::parse(&c.blocks);
+        }
+    }
+}
