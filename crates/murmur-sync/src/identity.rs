@@ -193,6 +193,21 @@ impl IdentityResolver {
         Ok(identity)
     }
 
+    /// Like [`IdentityResolver::refresh`], but returns the cached identity if it was fetched
+    /// less than `min_age` ago.
+    pub async fn refresh_unless_recent(
+        &self,
+        did: &str,
+        min_age: Duration,
+    ) -> Result<Arc<Identity>, SyncError> {
+        if let Some(c) = lock(&self.cache).get(did)
+            && c.fetched.elapsed() < min_age
+        {
+            return Ok(c.identity.clone());
+        }
+        self.refresh(did).await
+    }
+
     /// Drops the cached identity of `did` (on an `#identity` event).
     pub fn invalidate(&self, did: &str) {
         lock(&self.cache).remove(did);

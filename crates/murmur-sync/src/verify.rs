@@ -63,8 +63,8 @@ impl SignedCommit {
         // Canonical DAG-CBOR minus one entry is the canonical encoding of the rest: drop `sig`
         // and decrement the map length (the head stays one byte for the few commit fields).
         let mut unsigned = Vec::with_capacity(block.len());
-        let n = spans.entries.len() as u64 - 1;
-        cbor::write_head(&mut unsigned, 5, n);
+        let kept = spans.entries.iter().filter(|(k, _, _)| *k != "sig").count();
+        cbor::write_head(&mut unsigned, 5, kept as u64);
         for (key, start, end) in &spans.entries {
             if *key != "sig" {
                 unsigned.extend_from_slice(&block[*start..*end]);
@@ -503,8 +503,12 @@ impl Verifier {
             if fault != crate::SignatureFault::Mismatch {
                 return Err(bad(fault));
             }
-            // The key may have rotated since it was cached: fetch once more.
-            let fresh = self.resolver.refresh(did).await?;
+            // The key may have rotated since it was cached: fetch once more (at most once a
+            // minute per DID, so forged commits cannot turn into a flood of DID look-ups).
+            let fresh = self
+                .resolver
+                .refresh_unless_recent(did, Duration::from_secs(60))
+                .await?;
             fresh
                 .signing_key
                 .verify(&commit.unsigned, &commit.sig)
