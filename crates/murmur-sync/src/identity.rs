@@ -80,6 +80,8 @@ impl Identity {
 struct Cached {
     identity: Arc<Identity>,
     fetched: Instant,
+    /// Fetched because a signature failed with the previous key.
+    after_failure: bool,
 }
 
 /// Resolves DIDs to [`Identity`] over HTTP (did:plc via a PLC directory, did:web via
@@ -161,6 +163,39 @@ impl IdentityResolver {
 
     /// Fetches the identity of `did` now, replacing the cached one.
     pub async fn refresh(&self, did: &str) -> Result<Arc<Identity>, SyncError> {
+        self.fetch(did, false).await
+    }
+
+    /// Re-fetches after a signature failed with the cached key, at most once per
+    /// `min_interval` per DID, so forged commits cannot turn into a flood of look-ups.
+    pub async fn refresh_after_failure(
+        &self,
+        did: &str,
+        min_interval: Duration,
+    ) -> Result<Arc<Identity>, SyncError> {
+        if let Some(c) = lock(&self.cache).get(did)
+            && c.after_failure
+            && c.fetched.elapsed() < min_interval
+        {
+            return Ok(c.identity.clone());
+        }
+        self.fetch(did, true).await
+    }
+
+    /// Puts an identity in the cache as if it had just been fetched (it expires like one):
+    /// warm-starts a cache saved elsewhere.
+    pub fn insert(&self, identity: Identity) {
+        lock(&self.cache).insert(
+            identity.did.clone(),
+            Cached {
+                identity: Arc::new(identity),
+                fetched: Instant::now(),
+                after_failure: false,
+            },
+        );
+    }
+
+    async fn fetch(&self, did: &str, after_failure: bool) -> Result<Arc<Identity>, SyncError> {
         if let Some(id) = lock(&self.pinned).get(did) {
             return Ok(id.clone());
         }
@@ -188,24 +223,10 @@ impl IdentityResolver {
             Cached {
                 identity: identity.clone(),
                 fetched: Instant::now(),
+                after_failure,
             },
         );
         Ok(identity)
-    }
-
-    /// Like [`IdentityResolver::refresh`], but returns the cached identity if it was fetched
-    /// less than `min_age` ago.
-    pub async fn refresh_unless_recent(
-        &self,
-        did: &str,
-        min_age: Duration,
-    ) -> Result<Arc<Identity>, SyncError> {
-        if let Some(c) = lock(&self.cache).get(did)
-            && c.fetched.elapsed() < min_age
-        {
-            return Ok(c.identity.clone());
-        }
-        self.refresh(did).await
     }
 
     /// Drops the cached identity of `did` (on an `#identity` event).

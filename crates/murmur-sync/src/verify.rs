@@ -507,7 +507,7 @@ impl Verifier {
             // minute per DID, so forged commits cannot turn into a flood of DID look-ups).
             let fresh = self
                 .resolver
-                .refresh_unless_recent(did, Duration::from_secs(60))
+                .refresh_after_failure(did, Duration::from_secs(60))
                 .await?;
             fresh
                 .signing_key

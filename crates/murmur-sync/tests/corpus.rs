@@ -446,3 +446,34 @@ fn every_single_byte_flip_in_a_commit_frame_is_handled() {
         }
     }
 }
+
+#[tokio::test]
+async fn sync_event_resets_the_chain() {
+    let frames: Vec<Frame> = corpus().iter().map(|f| Frame::decode(f).unwrap()).collect();
+    let sync = frames
+        .iter()
+        .find_map(|f| match f {
+            Frame::Sync(s) => Some(s.clone()),
+            _ => None,
+        })
+        .unwrap();
+    let theirs: Vec<&CommitEvent> = frames
+        .iter()
+        .filter_map(|f| match f {
+            Frame::Commit(c) if c.repo == sync.did => Some(&**c),
+            _ => None,
+        })
+        .collect();
+    let next = theirs
+        .iter()
+        .find(|c| c.since.as_deref() == Some(&sync.rev))
+        .unwrap();
+    let v = verifier(VerifyLevel::Full);
+    // The chain is somewhere later...
+    v.verify_commit(theirs.last().unwrap()).await.unwrap();
+    assert!(v.verify_commit(next).await.is_err());
+    // ...until #sync puts it back at the sync's commit; the commit after it then chains.
+    let synced = v.verify_sync(&sync).await.unwrap();
+    assert_eq!(v.chain_head(&sync.did).unwrap().rev, synced.rev);
+    v.verify_commit(next).await.unwrap();
+}

@@ -303,3 +303,50 @@ async fn identity_resolves_through_the_local_plc_and_bad_dids_are_typed_errors()
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn stale_cached_key_is_refreshed_once_from_the_plc() {
+    let net = tokio::task::spawn_blocking(shared).await.unwrap();
+    let pds = net.pds(1).unwrap().url().to_string();
+    let dave = net
+        .create_account(1, &net.unique_handle("dave"), "dave-pass")
+        .await
+        .unwrap();
+    xrpc(
+        &pds,
+        &dave,
+        "com.atproto.repo.createRecord",
+        json!({"repo": dave.did, "collection": "agent.comms.task", "record": task(1)}),
+    )
+    .await;
+    let commit = replay(&pds)
+        .await
+        .iter()
+        .filter_map(|f| match Frame::decode(f) {
+            Ok(Frame::Commit(c)) if c.repo == dave.did && !c.ops.is_empty() => Some(c),
+            _ => None,
+        })
+        .next_back()
+        .unwrap();
+
+    // The cache holds a key the DID no longer uses (as after a rotation nobody announced).
+    let resolver = Arc::new(IdentityResolver::new().with_plc_url(net.plc_url()));
+    let old = murmur_sync::PublicKey::from_did_key(
+        "did:key:zQ3shqwJEJyMBsBXCWyCBpUBMqxcon9oHB7mCvx4sSpMdLJwc",
+    )
+    .unwrap();
+    resolver.insert(murmur_sync::Identity {
+        did: dave.did.clone(),
+        signing_key: old,
+        handle: None,
+        pds: None,
+    });
+    let verifier = Verifier::new(resolver.clone());
+    let verified = verifier.verify_commit(&commit).await.unwrap();
+    assert_eq!(verified.ops.len(), 1);
+    let current = resolver.resolve(&dave.did).await.unwrap();
+    assert_ne!(
+        current.signing_key.to_did_key(),
+        "did:key:zQ3shqwJEJyMBsBXCWyCBpUBMqxcon9oHB7mCvx4sSpMdLJwc"
+    );
+}
