@@ -23,7 +23,9 @@ fn verifier() -> &'static (Verifier, tokio::runtime::Runtime) {
                 pds: None,
             });
         }
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         (Verifier::new(Arc::new(resolver)), runtime)
     })
 }
