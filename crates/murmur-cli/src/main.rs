@@ -2,6 +2,7 @@
 
 mod devnet;
 mod send;
+mod watch;
 
 use std::process::ExitCode;
 
@@ -24,6 +25,8 @@ enum Command {
     },
     /// Validate a JSON record against its lexicon and write it; prints its at-uri and cid.
     Send(send::SendArgs),
+    /// Tail verified record ops from PDS hosts or a relay, one line each (resumable with --state).
+    Watch(watch::WatchArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,6 +34,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Devnet { command } => devnet::run(command),
         Command::Send(args) => send::run(args),
+        Command::Watch(args) => watch::run(args),
     };
     match result {
         Ok(code) => code,

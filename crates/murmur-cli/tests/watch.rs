@@ -1,0 +1,115 @@
+//! `murmur watch` against the real local network: JSON lines of verified ops, resumable.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use murmur_devnet::{Account, Devnet};
+
+fn start_watch(
+    net: &Devnet,
+    did: &str,
+    state: &std::path::Path,
+) -> (Child, mpsc::Receiver<String>) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_murmur"))
+        .args([
+            "watch",
+            "--pds",
+            net.pds(0).unwrap().url(),
+            "--plc",
+            net.plc_url(),
+        ])
+        .args([
+            "--did",
+            did,
+            "--collection",
+            "agent.comms.*",
+            "--cursor",
+            "0",
+            "--json",
+        ])
+        .arg("--state")
+        .arg(state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    (child, rx)
+}
+
+async fn create(account: &Account, collection: &str, text: &str) -> String {
+    let out: serde_json::Value = reqwest::Client::new()
+        .post(format!(
+            "{}/xrpc/com.atproto.repo.createRecord",
+            account.pds_url
+        ))
+        .bearer_auth(&account.access_jwt)
+        .json(&serde_json::json!({
+            "repo": account.did,
+            "collection": collection,
+            "record": {"$type": collection, "text": text, "createdAt": "2026-11-23T12:00:00.000Z"},
+        }))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    out["uri"].as_str().unwrap().to_string()
+}
+
+fn next_line(rx: &mpsc::Receiver<String>) -> serde_json::Value {
+    let line = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("murmur watch printed nothing within 30 s");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
+}
+
+#[tokio::test]
+async fn tails_verified_ops_as_json_and_resumes_from_its_state() {
+    let net = tokio::task::spawn_blocking(|| Devnet::shared().map_err(|e| e.to_string()))
+        .await
+        .unwrap()
+        .unwrap();
+    let alice = net
+        .create_account(0, &net.unique_handle("watchcli"), "pw-1")
+        .await
+        .unwrap();
+    let state = tempfile::tempdir().unwrap();
+
+    let (mut child, rx) = start_watch(net, &alice.did, state.path());
+    create(&alice, "app.example.ignored", "not agent.comms").await;
+    let first = create(&alice, "agent.comms.message", "first").await;
+    let line = next_line(&rx);
+    assert_eq!(line["uri"], first.as_str());
+    assert_eq!(line["action"], "create");
+    assert_eq!(line["did"], alice.did.as_str());
+    assert_eq!(line["record"]["text"], "first");
+    // Let the cursor reach the disk, then kill it without a graceful stop.
+    std::thread::sleep(Duration::from_millis(700));
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let second = create(&alice, "agent.comms.message", "second").await;
+    let (mut child, rx) = start_watch(net, &alice.did, state.path());
+    let line = next_line(&rx);
+    assert_eq!(
+        line["uri"],
+        second.as_str(),
+        "resumed after the first record"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

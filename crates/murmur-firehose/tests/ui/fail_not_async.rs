@@ -1,0 +1,30 @@
+#![allow(unused_imports)] // the macro drops a rejected fn, leaving its imports unused
+use atrium_api::types::Collection;
+use murmur_firehose::{handler, HandlerError, Record};
+
+#[derive(Debug)]
+struct Note;
+
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct NoteRecord {
+    text: String,
+}
+
+impl Collection for Note {
+    const NSID: &'static str = "test.murmur.note";
+    type Record = NoteRecord;
+}
+
+impl murmur_lexicon::Validate for NoteRecord {
+    fn validate(&self) -> Result<(), murmur_lexicon::ValidationError> {
+        Ok(())
+    }
+}
+
+#[handler]
+fn on_note(note: Record<Note>) -> Result<(), HandlerError> {
+    let _ = note;
+    Ok(())
+}
+
+fn main() {}
