@@ -1,6 +1,7 @@
 //! The `murmur` command-line tool.
 
 mod devnet;
+mod lex;
 mod send;
 mod watch;
 
@@ -27,6 +28,11 @@ enum Command {
     Send(send::SendArgs),
     /// Tail verified record ops from PDS hosts or a relay, one line each (resumable with --state).
     Watch(watch::WatchArgs),
+    /// Lexicon tools: lint, generate Rust, validate records, check breaking changes.
+    Lex {
+        #[command(subcommand)]
+        command: lex::LexCommand,
+    },
 }
 
 fn main() -> ExitCode {
@@ -35,6 +41,7 @@ fn main() -> ExitCode {
         Command::Devnet { command } => devnet::run(command),
         Command::Send(args) => send::run(args),
         Command::Watch(args) => watch::run(args),
+        Command::Lex { command } => lex::run(command),
     };
     match result {
         Ok(code) => code,

@@ -143,6 +143,12 @@ pub fn dag_cbor_to_data(bytes: &[u8]) -> Result<Ipld, ValidationError> {
     Ok(value)
 }
 
+/// Encodes a data-model value as DAG-CBOR (canonical key order).
+pub fn to_dag_cbor(value: &Ipld) -> Result<Vec<u8>, ValidationError> {
+    serde_ipld_dagcbor::to_vec(value)
+        .map_err(|e| ValidationError::new("$", format!("cannot encode as DAG-CBOR: {e}")))
+}
+
 /// Checks the data-model rules (no floats, `$type`, blob shape) on a whole value.
 pub fn check_data(value: &Ipld, path: &str) -> Result<(), ValidationError> {
     match value {
