@@ -1,3 +1,88 @@
 //! Rust SDK for AI agents that coordinate over the AT Protocol.
 //!
-//! Work in progress: see the project issues for what lands here.
+//! An [`Agent`] is one identity: a [`Writer`](pds::Writer) for its own repo and a
+//! [`Watcher`](firehose::Watcher) over the event streams of every PDS host of the swarm.
+//! Agents talk through `agent.comms.*` records ([`comms`]): messages ([`Agent::send`]),
+//! profiles and presence (the [`Registry`]), and the task protocol:
+//!
+//! 1. the requester posts a `task` ([`Agent::request`]);
+//! 2. workers with a free slot post a `claim` ([`Worker`]);
+//! 3. the requester creates one `assignment` at the task's record key for the first claim
+//!    of each attempt — one record per key, so exactly one winner; other claimants see it
+//!    and stand down;
+//! 4. the assigned worker renews its lease with `status` records and writes one `result` at
+//!    the task's record key;
+//! 5. if the lease lapses the requester withdraws the assignment (delete with swapRecord),
+//!    which reopens the task for a new claim; after `maxAttempts` lapses it gives up;
+//! 6. the first result matching the task's strongRef completes
+//!    [`TaskHandle::await_result`]; any later one is counted as a duplicate.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use murmur::{Agent, Job, TaskSpec, Worker};
+//!
+//! # async fn demo(alice: murmur::pds::Writer, bob: murmur::pds::Writer, hosts: [&str; 2])
+//! # -> Result<(), murmur::AgentError> {
+//! let _bob = Agent::builder(bob)
+//!     .watch_all(hosts)
+//!     .requester(false)
+//!     .worker(Worker::new(|job: Job| async move { Ok(job.payload_json()) }).capabilities(["echo"]))
+//!     .start()
+//!     .await?;
+//! let alice = Agent::builder(alice).watch_all(hosts).start().await?;
+//! let result = alice
+//!     .request(TaskSpec::new("echo").payload(serde_json::json!({"hello": "world"})))
+//!     .await?
+//!     .await_result(Duration::from_secs(30))
+//!     .await?;
+//! assert_eq!(result.output_json()["hello"], "world");
+//! # Ok(()) }
+//! ```
+
+mod agent;
+mod error;
+mod registry;
+mod requester;
+mod task;
+mod worker;
+
+pub use agent::{Agent, AgentBuilder};
+pub use error::AgentError;
+pub use registry::{AgentInfo, Registry};
+pub use task::{TaskEvent, TaskHandle, TaskResult, TaskSpec, TaskStats};
+pub use worker::{Job, Worker};
+
+/// The record types of the agent.comms vocabulary (re-export of `murmur-comms`).
+pub use murmur_comms as comms;
+/// The watcher: event streams in, typed handlers called (re-export of `murmur-firehose`).
+pub use murmur_firehose as firehose;
+/// Lexicon parsing, validation and codegen (re-export of `murmur-lexicon`).
+pub use murmur_lexicon as lexicon;
+/// The writer: typed record writes to a PDS (re-export of `murmur-pds`).
+pub use murmur_pds as pds;
+/// Event-stream frames and commit verification (re-export of `murmur-sync`).
+pub use murmur_sync as sync;
+
+pub use murmur_firehose::{Author, HandlerError, OpEvent, Record, State, handler};
+
+/// A strong reference to a record: its at-uri and CID.
+pub type StrongRef = atrium_api::com::atproto::repo::strong_ref::Main;
+
+/// The current time as an atproto datetime (RFC 3339, milliseconds, UTC).
+pub fn now() -> String {
+    datetime(chrono::Utc::now())
+}
+
+pub(crate) fn datetime(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// JSON to the lexicon `unknown` type: objects as they are, other values as `{"value": ..}`.
+pub(crate) fn to_unknown(value: serde_json::Value) -> Option<atrium_api::types::Unknown> {
+    let object = match value {
+        serde_json::Value::Null => return None,
+        serde_json::Value::Object(_) => value,
+        other => serde_json::json!({ "value": other }),
+    };
+    serde_json::from_value(object).ok()
+}

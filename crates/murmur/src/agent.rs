@@ -1,0 +1,592 @@
+//! The Agent: one identity's writer plus a watcher over every PDS host of the swarm, with
+//! the task protocol, the registry and user handlers wired in.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use murmur_comms::agent::comms::{message, presence, profile};
+use murmur_comms::{
+    Assignment, Claim, Handoff, Message, Presence, Profile, Result as ResultC, Status, Task,
+};
+use murmur_firehose::{
+    Handler, HandlerError, Metrics, OpEvent, Record, ShutdownHandle, Watcher, WatcherBuilder,
+};
+use murmur_lexicon::Validate;
+use murmur_pds::{Collection, Writer, Written};
+use tokio::sync::broadcast;
+use tokio::task::JoinHandle;
+
+use crate::AgentError;
+use crate::registry::Registry;
+use crate::requester::Requester;
+use crate::task::{TaskEvent, TaskHandle, TaskSpec, TaskStats};
+use crate::worker::{Worker, WorkerRuntime};
+
+/// Configures an [`Agent`]. Start with [`Agent::builder`].
+pub struct AgentBuilder {
+    writer: Writer,
+    hosts: Vec<String>,
+    plc_url: Option<String>,
+    state_dir: Option<PathBuf>,
+    start_cursor: Option<i64>,
+    peers: Option<Vec<String>>,
+    watcher: WatcherBuilder,
+    collections: BTreeSet<&'static str>,
+    requester: bool,
+    worker: Option<Worker>,
+    profile: Option<profile::RecordData>,
+    presence_every: Option<Duration>,
+    lease_check: Duration,
+}
+
+impl std::fmt::Debug for AgentBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentBuilder")
+            .field("did", &self.writer.did())
+            .field("hosts", &self.hosts)
+            .field("requester", &self.requester)
+            .field("worker", &self.worker)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentBuilder {
+    /// Watches this PDS host (call once per host of the swarm). Default: the agent's own PDS.
+    pub fn watch(mut self, pds_url: impl Into<String>) -> Self {
+        let url = pds_url.into();
+        if !self.hosts.contains(&url) {
+            self.hosts.push(url);
+        }
+        self
+    }
+
+    /// Watches every one of these PDS hosts.
+    pub fn watch_all(mut self, urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        for url in urls {
+            self = self.watch(url);
+        }
+        self
+    }
+
+    /// The PLC directory for resolving `did:plc` identities (default: the public one).
+    pub fn plc_url(mut self, url: impl Into<String>) -> Self {
+        self.plc_url = Some(url.into());
+        self
+    }
+
+    /// Keeps the watcher's cursors, dedup log and dead letters under `dir`, so a restarted
+    /// agent resumes where it stopped (default: a temporary directory).
+    pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.state_dir = Some(dir.into());
+        self
+    }
+
+    /// Replays each host's stream from this sequence number when no cursor is stored
+    /// (default: live events only). `0` replays everything the hosts still hold.
+    pub fn start_cursor(mut self, seq: i64) -> Self {
+        self.start_cursor = Some(seq);
+        self
+    }
+
+    /// Only hears these agents (DIDs); the agent's own DID is always added. Default: every
+    /// repo on the watched hosts.
+    pub fn peers(mut self, dids: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.peers = Some(dids.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Follows the agent's own tasks: claims, assignments, leases, results (default on).
+    /// Turn it off for a pure worker, so its watcher skips other workers' claims and results.
+    pub fn requester(mut self, on: bool) -> Self {
+        self.requester = on;
+        self
+    }
+
+    /// Works on tasks posted by others, as `worker` describes.
+    pub fn worker(mut self, worker: Worker) -> Self {
+        self.worker = Some(worker);
+        self
+    }
+
+    /// Publishes this profile (`agent.comms.profile/self`) when the agent starts.
+    pub fn profile(mut self, profile: profile::RecordData) -> Self {
+        self.profile = Some(profile);
+        self
+    }
+
+    /// Rewrites the agent's presence every `period` (TTL three periods) while it runs.
+    pub fn presence_every(mut self, period: Duration) -> Self {
+        self.presence_every = Some(period);
+        self
+    }
+
+    /// How often lapsed leases are checked (default 250 ms).
+    pub fn lease_check(mut self, every: Duration) -> Self {
+        self.lease_check = every;
+        self
+    }
+
+    /// Runs `f` for every created record of `C` on the watched hosts.
+    pub fn on<C, F, Fut>(mut self, f: F) -> Self
+    where
+        C: Collection + Send + 'static,
+        C::Record: Validate + Send,
+        F: Fn(Record<C>, OpEvent) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.collections.insert(C::NSID);
+        self.watcher = self.watcher.on_create::<C, F, Fut>(f);
+        self
+    }
+
+    /// Adds a handler made with `#[handler]` (or any [`Handler`]).
+    pub fn handler(mut self, handler: impl Handler) -> Self {
+        self.collections.insert(handler.route().collection);
+        self.watcher = self.watcher.handler(handler);
+        self
+    }
+
+    /// Shared state for `State<S>` handler arguments.
+    pub fn state<S: Clone + Send + Sync + 'static>(mut self, state: S) -> Self {
+        self.watcher = self.watcher.state(state);
+        self
+    }
+
+    /// Starts the agent: its watcher, the task protocol roles, presence, and publishes its
+    /// profile. Must be called inside a tokio runtime.
+    pub async fn start(self) -> Result<Agent, AgentError> {
+        let AgentBuilder {
+            writer,
+            mut hosts,
+            plc_url,
+            state_dir,
+            start_cursor,
+            peers,
+            mut watcher,
+            mut collections,
+            requester,
+            worker,
+            profile,
+            presence_every,
+            lease_check,
+        } = self;
+        let did = writer.did().to_string();
+        if hosts.is_empty() {
+            hosts.push(writer.pds_url().to_string());
+        }
+        let (events, _) = broadcast::channel(4096);
+        let registry = Registry::new();
+
+        collections.insert(Profile::NSID);
+        collections.insert(Presence::NSID);
+        {
+            let r = registry.clone();
+            watcher = watcher.on_create::<Profile, _, _>(move |rec, op| {
+                r.observe_profile(&op.data().did, rec.into_inner());
+                async { Ok(()) }
+            });
+            let r = registry.clone();
+            watcher = watcher.on_update::<Profile, _, _>(move |rec, op| {
+                r.observe_profile(&op.data().did, rec.into_inner());
+                async { Ok(()) }
+            });
+            let r = registry.clone();
+            watcher = watcher.on_create::<Presence, _, _>(move |rec, op| {
+                r.observe_presence(&op.data().did, rec.into_inner());
+                async { Ok(()) }
+            });
+            let r = registry.clone();
+            watcher = watcher.on_update::<Presence, _, _>(move |rec, op| {
+                r.observe_presence(&op.data().did, rec.into_inner());
+                async { Ok(()) }
+            });
+            let r = registry.clone();
+            watcher = watcher.on_delete::<Presence, _, _>(move |_gone, op| {
+                r.forget_presence(&op.data().did);
+                async { Ok(()) }
+            });
+        }
+
+        let requester = requester.then(|| Requester::new(writer.clone(), events.clone()));
+        if let Some(req) = &requester {
+            collections.extend([Claim::NSID, Status::NSID, ResultC::NSID]);
+            let r = Arc::clone(req);
+            watcher =
+                watcher.on_create::<Claim, _, _>(move |rec, op| Arc::clone(&r).on_claim(rec, op));
+            for actions in [true, false] {
+                let r = Arc::clone(req);
+                watcher = if actions {
+                    watcher
+                        .on_create::<Status, _, _>(move |rec, op| Arc::clone(&r).on_status(rec, op))
+                } else {
+                    watcher
+                        .on_update::<Status, _, _>(move |rec, op| Arc::clone(&r).on_status(rec, op))
+                };
+            }
+            let r = Arc::clone(req);
+            watcher = watcher
+                .on_create::<ResultC, _, _>(move |rec, op| Arc::clone(&r).on_result(rec, op));
+            collections.insert(Handoff::NSID);
+            let r = Arc::clone(req);
+            watcher = watcher
+                .on_create::<Handoff, _, _>(move |rec, op| Arc::clone(&r).on_handoff(rec, op));
+        }
+        let worker = worker.map(|w| WorkerRuntime::new(writer.clone(), w, events.clone()));
+        if let Some(wk) = &worker {
+            collections.extend([Task::NSID, Assignment::NSID]);
+            let w = Arc::clone(wk);
+            watcher =
+                watcher.on_create::<Task, _, _>(move |rec, op| Arc::clone(&w).on_task(rec, op));
+            let w = Arc::clone(wk);
+            watcher = watcher.on_create::<Assignment, _, _>(move |rec, op| {
+                Arc::clone(&w).on_assignment(rec, op)
+            });
+            let w = Arc::clone(wk);
+            watcher = watcher.on_update::<Assignment, _, _>(move |rec, op| {
+                Arc::clone(&w).on_assignment(rec, op)
+            });
+            collections.insert(Handoff::NSID);
+            let w = Arc::clone(wk);
+            watcher = watcher
+                .on_create::<Handoff, _, _>(move |rec, op| Arc::clone(&w).on_handoff(rec, op));
+            let w = Arc::clone(wk);
+            watcher = watcher.on_delete::<Assignment, _, _>(move |gone, op| {
+                Arc::clone(&w).on_assignment_deleted(gone, op)
+            });
+        }
+
+        for host in &hosts {
+            watcher = watcher.pds(host);
+        }
+        if let Some(plc) = plc_url {
+            watcher = watcher.plc_url(plc);
+        }
+        if let Some(seq) = start_cursor {
+            watcher = watcher.start_cursor(seq);
+        }
+        if let Some(mut peers) = peers {
+            peers.push(did.clone());
+            watcher = watcher.dids(peers);
+        }
+        let temp_dir = match &state_dir {
+            Some(_) => None,
+            None => Some(
+                tempfile::tempdir().map_err(|e| AgentError::InvalidArgument {
+                    what: "state directory",
+                    message: format!("cannot create a temporary directory: {e}"),
+                })?,
+            ),
+        };
+        let dir = state_dir.unwrap_or_else(|| {
+            temp_dir
+                .as_ref()
+                .map(|t| t.path().to_path_buf())
+                .unwrap_or_default()
+        });
+        let watcher = watcher
+            .collections(collections.iter().copied())
+            .state_dir(dir)
+            .build()?;
+        let metrics = watcher.metrics();
+        let shutdown = watcher.shutdown_handle();
+
+        let mut background = Vec::new();
+        background.push(tokio::spawn(async move {
+            if let Err(err) = watcher.run().await {
+                tracing::error!(error = %err, "agent watcher stopped");
+            }
+        }));
+        if let Some(req) = &requester {
+            let req = Arc::clone(req);
+            background.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(lease_check);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    tick.tick().await;
+                    req.check_leases().await;
+                }
+            }));
+        }
+        if let Some(wk) = &worker {
+            // Frees slots held by unanswered claims.
+            let wk = Arc::clone(wk);
+            background.push(tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    wk.claim_more();
+                }
+            }));
+        }
+
+        let agent = Agent {
+            inner: Arc::new(Inner {
+                did,
+                writer,
+                registry,
+                requester,
+                worker,
+                events,
+                metrics,
+                shutdown,
+                background: Mutex::new(background),
+                _temp_dir: temp_dir,
+            }),
+        };
+        if let Some(profile) = profile {
+            agent.publish_profile(profile).await?;
+        }
+        if let Some(period) = presence_every {
+            agent.publish_presence("online", period * 3).await?;
+            let me = agent.clone();
+            let handle = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(period).await;
+                    let state = if me.active_tasks() > 0 {
+                        "busy"
+                    } else {
+                        "online"
+                    };
+                    if let Err(err) = me.publish_presence(state, period * 3).await {
+                        tracing::warn!(error = %err, "presence not written");
+                    }
+                }
+            });
+            agent
+                .inner
+                .background
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(handle);
+        }
+        Ok(agent)
+    }
+}
+
+struct Inner {
+    did: String,
+    writer: Writer,
+    registry: Registry,
+    requester: Option<Arc<Requester>>,
+    worker: Option<Arc<WorkerRuntime>>,
+    events: broadcast::Sender<TaskEvent>,
+    metrics: Arc<Metrics>,
+    shutdown: ShutdownHandle,
+    background: Mutex<Vec<JoinHandle<()>>>,
+    _temp_dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for h in self
+            .background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            h.abort();
+        }
+        if let Some(w) = &self.worker {
+            w.stop();
+        }
+    }
+}
+
+/// One agent: an identity that writes coordination records to its own repo and hears
+/// everyone's on the stream. Cheap to clone (shared).
+///
+/// ```no_run
+/// # async fn demo(writer: murmur::pds::Writer, other: &str) -> Result<(), murmur::AgentError> {
+/// use std::time::Duration;
+/// use murmur::{Agent, TaskSpec};
+///
+/// let agent = Agent::builder(writer)
+///     .watch("http://localhost:2583")
+///     .watch("http://localhost:2584")
+///     .start()
+///     .await?;
+/// agent.send(other, "hello").await?;
+/// let result = agent
+///     .request(TaskSpec::new("echo").payload(serde_json::json!({"n": 1})))
+///     .await?
+///     .await_result(Duration::from_secs(30))
+///     .await?;
+/// println!("{} answered {}", result.worker, result.output_json());
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("did", &self.inner.did)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Agent {
+    /// Starts configuring an agent acting as `writer`'s account.
+    pub fn builder(writer: Writer) -> AgentBuilder {
+        AgentBuilder {
+            writer,
+            hosts: Vec::new(),
+            plc_url: None,
+            state_dir: None,
+            start_cursor: None,
+            peers: None,
+            watcher: Watcher::builder(),
+            collections: BTreeSet::new(),
+            requester: true,
+            worker: None,
+            profile: None,
+            presence_every: None,
+            lease_check: Duration::from_millis(250),
+        }
+    }
+
+    /// The agent's DID.
+    pub fn did(&self) -> &str {
+        &self.inner.did
+    }
+
+    /// The agent's writer (its own repo).
+    pub fn writer(&self) -> &Writer {
+        &self.inner.writer
+    }
+
+    /// The agents seen on the stream (profiles and presence).
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// Task protocol events from now on.
+    pub fn events(&self) -> broadcast::Receiver<TaskEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Counters of this agent's own tasks (empty without the requester role).
+    pub fn task_stats(&self) -> TaskStats {
+        self.inner
+            .requester
+            .as_ref()
+            .map(|r| r.stats())
+            .unwrap_or_default()
+    }
+
+    /// The watcher's live metrics.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.inner.metrics)
+    }
+
+    /// Tasks this agent is running as a worker now.
+    pub fn active_tasks(&self) -> usize {
+        self.inner.worker.as_ref().map_or(0, |w| w.active())
+    }
+
+    /// Sends a text message to one agent (`agent.comms.message` with `to = [did]`).
+    pub async fn send(&self, to: &str, text: impl Into<String>) -> Result<Written, AgentError> {
+        self.send_message(message::RecordData {
+            to: Some(vec![to.to_string()]),
+            thread: None,
+            reply_to: None,
+            text: Some(text.into()),
+            payload_type: None,
+            payload: None,
+            created_at: crate::now(),
+        })
+        .await
+    }
+
+    /// Writes any message record (threads, replies, structured payloads).
+    pub async fn send_message(&self, message: message::RecordData) -> Result<Written, AgentError> {
+        Ok(self
+            .inner
+            .writer
+            .create::<Message>(&message.into_record())
+            .await?)
+    }
+
+    /// Posts a task and returns its handle; wait for the result with
+    /// [`TaskHandle::await_result`].
+    pub async fn request(&self, task: impl Into<TaskSpec>) -> Result<TaskHandle, AgentError> {
+        let req = self
+            .inner
+            .requester
+            .as_ref()
+            .ok_or(AgentError::NotARequester)?;
+        req.post(task.into()).await
+    }
+
+    /// Writes the agent's profile (`agent.comms.profile/self`).
+    pub async fn publish_profile(
+        &self,
+        profile: profile::RecordData,
+    ) -> Result<Written, AgentError> {
+        Ok(self
+            .inner
+            .writer
+            .put::<Profile>("self", &profile.into_record(), None)
+            .await?)
+    }
+
+    /// Writes the agent's presence (`agent.comms.presence/self`), valid for `ttl`.
+    pub async fn publish_presence(
+        &self,
+        state: &str,
+        ttl: Duration,
+    ) -> Result<Written, AgentError> {
+        let active = i64::try_from(self.active_tasks()).unwrap_or(i64::MAX);
+        let record = presence::RecordData {
+            state: state.into(),
+            load: None,
+            ttl_seconds: i64::try_from(ttl.as_secs().max(1)).unwrap_or(86_400),
+            active_tasks: Some(active),
+            status_text: None,
+            created_at: crate::now(),
+        }
+        .into_record();
+        Ok(self
+            .inner
+            .writer
+            .put::<Presence>("self", &record, None)
+            .await?)
+    }
+
+    /// Stops the agent gracefully: marks it offline, stops running work, drains the watcher.
+    /// Waiting requests fail with [`AgentError::Stopped`].
+    pub async fn shutdown(&self) {
+        let _ = self
+            .publish_presence("offline", Duration::from_secs(1))
+            .await;
+        self.stop_now();
+        self.inner.shutdown.shutdown();
+    }
+
+    /// Stops the agent at once, writing nothing more: as if its process died. For fault tests.
+    pub fn kill(&self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&self) {
+        if let Some(w) = &self.inner.worker {
+            w.stop();
+        }
+        if let Some(r) = &self.inner.requester {
+            r.stop();
+        }
+        for h in self
+            .inner
+            .background
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            h.abort();
+        }
+    }
+}

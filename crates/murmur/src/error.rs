@@ -1,0 +1,66 @@
+//! The one error type of the Agent runtime.
+
+use std::time::Duration;
+
+/// Everything that can go wrong in the Agent runtime.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// A write to the agent's own repo failed.
+    #[error(transparent)]
+    Write(#[from] murmur_pds::Error),
+
+    /// The watcher could not be configured or stopped for good.
+    #[error(transparent)]
+    Watch(#[from] murmur_firehose::FirehoseError),
+
+    /// Nobody answered a request in time. The task stays posted; a late result is still
+    /// written to the worker's repo, but this handle no longer waits for it.
+    #[error(
+        "no result for task {task} after {:.1} s ({state}); start a worker with the task's \
+         capability, or wait longer",
+        waited.as_secs_f64()
+    )]
+    Timeout {
+        /// at-uri of the task.
+        task: String,
+        /// How long the caller waited.
+        waited: Duration,
+        /// Where the task stood when the wait ended (open, assigned to a DID, ...).
+        state: String,
+    },
+
+    /// Every allowed assignment of a task lapsed without a result (`maxAttempts` reached).
+    #[error(
+        "task {task} was given up after {attempts} attempt(s) whose leases lapsed; \
+         raise maxAttempts or leaseSeconds, or check the workers"
+    )]
+    AttemptsExhausted {
+        /// at-uri of the task.
+        task: String,
+        /// Assignments made.
+        attempts: u32,
+    },
+
+    /// The agent was stopped while the caller was waiting.
+    #[error("the agent stopped before the task {task} had a result; restart it and ask again")]
+    Stopped {
+        /// at-uri of the task.
+        task: String,
+    },
+
+    /// The agent was built without the requester role, so it cannot follow its own tasks.
+    #[error(
+        "this agent was built with .requester(false); build it with the requester role to call request()"
+    )]
+    NotARequester,
+
+    /// A value the caller passed is malformed.
+    #[error("invalid {what}: {message}")]
+    InvalidArgument {
+        /// What kind of value.
+        what: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}

@@ -1,0 +1,618 @@
+//! The worker's side of the task protocol: claim open tasks up to a capacity, run assigned
+//! ones while renewing the lease with `status`, write one `result` per task key, and stand
+//! down when another worker wins or the assignment is withdrawn.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use murmur_comms::agent::comms::{
+    assignment, claim, defs, handoff, result as result_rec, status, task,
+};
+use murmur_comms::{Assignment, Claim, Handoff, Result as ResultC, Status, Task};
+use murmur_firehose::{BoxFuture, Deleted, HandlerError, OpEvent, Record};
+use murmur_pds::Writer;
+use tokio::sync::broadcast;
+use tokio::task::AbortHandle;
+
+use crate::task::TaskEvent;
+
+/// One assigned task attempt, as the work function sees it.
+#[derive(Debug, Clone)]
+pub struct Job {
+    /// at-uri of the task.
+    pub task_uri: String,
+    /// A strong reference to the task record.
+    pub task_ref: crate::StrongRef,
+    /// DID of the requester.
+    pub requester: String,
+    /// The task record.
+    pub task: task::Record,
+    /// Attempt number (1 for the first assignment).
+    pub attempt: u32,
+    /// The state handed over with the task, when another agent handed it off to this one.
+    pub context: Option<serde_json::Value>,
+    writer: Writer,
+    handed_off: Arc<AtomicBool>,
+}
+
+impl Job {
+    /// Hands the task to agent `to` with the state needed to continue (`agent.comms.handoff`).
+    /// This worker then writes no result; `to` continues, renews the lease and answers.
+    pub async fn hand_off(
+        &self,
+        to: &str,
+        reason: impl Into<String>,
+        context: serde_json::Value,
+    ) -> Result<murmur_pds::Written, crate::AgentError> {
+        let record = handoff::RecordData {
+            task: self.task_ref.clone(),
+            assignment: None,
+            to: to.to_string(),
+            reason: Some(reason.into()),
+            context: crate::to_unknown(context),
+            created_at: crate::now(),
+        }
+        .into_record();
+        let written = self.writer.create::<Handoff>(&record).await?;
+        self.handed_off.store(true, Ordering::SeqCst);
+        Ok(written)
+    }
+
+    /// The task's payload as JSON (`Null` when absent).
+    pub fn payload_json(&self) -> serde_json::Value {
+        self.task
+            .payload
+            .as_ref()
+            .and_then(|p| serde_json::to_value(p).ok())
+            .unwrap_or(serde_json::Value::Null)
+    }
+}
+
+type WorkFn =
+    Arc<dyn Fn(Job) -> BoxFuture<Result<serde_json::Value, String>> + Send + Sync + 'static>;
+
+/// How an agent works on tasks: which task types, how many at once, and the work itself.
+///
+/// ```
+/// let worker = murmur::Worker::new(|job: murmur::Job| async move {
+///     Ok(serde_json::json!({"echo": job.payload_json()}))
+/// })
+/// .capabilities(["echo"])
+/// .max_concurrent(2);
+/// # let _ = worker;
+/// ```
+#[derive(Clone)]
+pub struct Worker {
+    pub(crate) capabilities: Vec<String>,
+    pub(crate) max_concurrent: usize,
+    pub(crate) claim_timeout: Duration,
+    pub(crate) work: WorkFn,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("capabilities", &self.capabilities)
+            .field("max_concurrent", &self.max_concurrent)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Worker {
+    /// A worker running `work` for each assigned task: `Ok(output)` becomes a `success`
+    /// result, `Err(message)` a `failure` result. Takes every task type, one at a time.
+    pub fn new<F, Fut>(work: F) -> Self
+    where
+        F: Fn(Job) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<serde_json::Value, String>> + Send + 'static,
+    {
+        Worker {
+            capabilities: Vec::new(),
+            max_concurrent: 1,
+            claim_timeout: Duration::from_secs(10),
+            work: Arc::new(move |job| Box::pin(work(job))),
+        }
+    }
+
+    /// Only claim tasks whose `taskType` is one of these (default: every type).
+    pub fn capabilities(mut self, caps: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.capabilities = caps.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Most tasks claimed or running at once (default 1).
+    pub fn max_concurrent(mut self, n: usize) -> Self {
+        self.max_concurrent = n.max(1);
+        self
+    }
+
+    /// How long a claim without an answer holds a slot (default 10 s).
+    pub fn claim_timeout(mut self, timeout: Duration) -> Self {
+        self.claim_timeout = timeout;
+        self
+    }
+
+    fn takes(&self, task_type: &str) -> bool {
+        self.capabilities.is_empty() || self.capabilities.iter().any(|c| c == task_type)
+    }
+}
+
+/// Stops the lease renewals when the attempt ends, however it ends (aborted included).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Known, unassigned, not claimed by us.
+    Open,
+    /// We claimed it at this instant (holds a slot).
+    Claimed(Instant),
+    /// Assigned to someone else (or our claim went unanswered).
+    Taken,
+    /// We run this attempt (holds a slot).
+    Running(u32, AbortHandle),
+    /// We wrote its result.
+    Done,
+}
+
+struct Known {
+    uri: String,
+    requester: String,
+    rkey: String,
+    task_ref: crate::StrongRef,
+    record: task::Record,
+    lease: Duration,
+    phase: Phase,
+}
+
+pub(crate) struct WorkerRuntime {
+    did: String,
+    writer: Writer,
+    config: Worker,
+    tasks: Mutex<HashMap<String, Known>>,
+    events: broadcast::Sender<TaskEvent>,
+    stopped: AtomicBool,
+}
+
+fn slots_used(tasks: &HashMap<String, Known>) -> usize {
+    tasks
+        .values()
+        .filter(|k| matches!(k.phase, Phase::Claimed(_) | Phase::Running(..)))
+        .count()
+}
+
+/// `at://did/agent.comms.assignment/rkey` -> `at://did/agent.comms.task/rkey`.
+fn task_uri_of(did: &str, rkey: &str) -> String {
+    format!(
+        "at://{did}/{}/{rkey}",
+        <Task as murmur_pds::Collection>::NSID
+    )
+}
+
+impl WorkerRuntime {
+    pub(crate) fn new(
+        writer: Writer,
+        config: Worker,
+        events: broadcast::Sender<TaskEvent>,
+    ) -> Arc<Self> {
+        Arc::new(WorkerRuntime {
+            did: writer.did().to_string(),
+            writer,
+            config,
+            tasks: Mutex::new(HashMap::new()),
+            events,
+            stopped: AtomicBool::new(false),
+        })
+    }
+
+    fn emit(&self, event: TaskEvent) {
+        let _ = self.events.send(event);
+    }
+
+    /// Tasks running now.
+    pub(crate) fn active(&self) -> usize {
+        self.tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|k| matches!(k.phase, Phase::Running(..)))
+            .count()
+    }
+
+    pub(crate) async fn on_task(
+        self: Arc<Self>,
+        rec: Record<Task>,
+        op: OpEvent,
+    ) -> Result<(), HandlerError> {
+        let t: &task::Record = &rec;
+        // Tasks this worker will not claim are still remembered: one may be handed to it.
+        let claimable = self.config.takes(&t.task_type)
+            && t.assignee.as_deref().is_none_or(|a| a == self.did)
+            && t.deadline.as_deref().is_none_or(|d| {
+                chrono::DateTime::parse_from_rfc3339(d).is_ok_and(|d| d >= chrono::Utc::now())
+            });
+        {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            tasks.entry(rec.uri.clone()).or_insert_with(|| Known {
+                uri: rec.uri.clone(),
+                requester: op.data().did.clone(),
+                rkey: op.rkey().to_string(),
+                task_ref: rec.strong_ref(),
+                lease: Duration::from_secs(
+                    u64::try_from(t.lease_seconds.unwrap_or(300))
+                        .unwrap_or(300)
+                        .max(1),
+                ),
+                record: rec.value.clone(),
+                phase: if claimable { Phase::Open } else { Phase::Taken },
+            });
+        }
+        self.claim_more();
+        Ok(())
+    }
+
+    /// Claims open tasks while there are free slots. Each worker picks at random among
+    /// the open tasks of the highest priority, so workers rarely claim the same one.
+    pub(crate) fn claim_more(self: &Arc<Self>) {
+        if self.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut picked = Vec::new();
+        {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            for k in tasks.values_mut() {
+                if let Phase::Claimed(at) = k.phase
+                    && now.duration_since(at) > self.config.claim_timeout
+                {
+                    k.phase = Phase::Taken;
+                }
+            }
+            let mut free = self
+                .config
+                .max_concurrent
+                .saturating_sub(slots_used(&tasks));
+            while free > 0 {
+                let open: Vec<(&String, i64)> = tasks
+                    .iter()
+                    .filter(|(_, k)| matches!(k.phase, Phase::Open))
+                    .map(|(u, k)| (u, k.record.priority.unwrap_or(50)))
+                    .collect();
+                let Some(top) = open.iter().map(|(_, p)| *p).max() else {
+                    break;
+                };
+                let best: Vec<&String> = open
+                    .iter()
+                    .filter(|(_, p)| *p == top)
+                    .map(|(u, _)| *u)
+                    .collect();
+                let uri = best[fastrand::usize(..best.len())].clone();
+                if let Some(k) = tasks.get_mut(&uri) {
+                    k.phase = Phase::Claimed(now);
+                    picked.push((k.uri.clone(), k.task_ref.clone(), k.lease));
+                }
+                free -= 1;
+            }
+        }
+        for (uri, task_ref, lease) in picked {
+            let me = Arc::clone(self);
+            tokio::spawn(async move {
+                let record = claim::RecordData {
+                    task: task_ref,
+                    lease_seconds: i64::try_from(lease.as_secs()).ok(),
+                    note: None,
+                    created_at: crate::now(),
+                }
+                .into_record();
+                match me.writer.create::<Claim>(&record).await {
+                    Ok(_) => me.emit(TaskEvent::ClaimSent { task: uri }),
+                    Err(err) => {
+                        tracing::warn!(task = %uri, error = %err, "claim not written");
+                        let mut tasks = me.tasks.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some(k) = tasks.get_mut(&uri)
+                            && matches!(k.phase, Phase::Claimed(_))
+                        {
+                            k.phase = Phase::Open;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
+    pub(crate) async fn on_assignment(
+        self: Arc<Self>,
+        rec: Record<Assignment>,
+        op: OpEvent,
+    ) -> Result<(), HandlerError> {
+        let a: &assignment::Record = &rec;
+        let uri = task_uri_of(&op.data().did, op.rkey());
+        if self.stopped.load(Ordering::SeqCst) || a.task.uri != uri {
+            return Ok(()); // not the protocol's layout: the assignment must sit at the task's key
+        }
+        let attempt = u32::try_from(a.attempt).unwrap_or(1);
+        let mut start = None;
+        {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(k) = tasks.get_mut(&uri) else {
+                return Ok(());
+            };
+            if a.worker == self.did {
+                match &k.phase {
+                    Phase::Running(n, _) if *n >= attempt => {}
+                    Phase::Done => {}
+                    _ => {
+                        if let Phase::Running(_, h) = &k.phase {
+                            h.abort();
+                        }
+                        let job = Job {
+                            task_uri: uri.clone(),
+                            task_ref: k.task_ref.clone(),
+                            requester: k.requester.clone(),
+                            task: k.record.clone(),
+                            attempt,
+                            context: None,
+                            writer: self.writer.clone(),
+                            handed_off: Arc::new(AtomicBool::new(false)),
+                        };
+                        start = Some((job, k.rkey.clone(), k.task_ref.clone(), k.lease));
+                    }
+                }
+            } else {
+                match &k.phase {
+                    Phase::Claimed(_) | Phase::Open => {
+                        k.phase = Phase::Taken;
+                        drop(tasks);
+                        self.emit(TaskEvent::StoodDown {
+                            task: uri,
+                            winner: a.worker.clone(),
+                        });
+                    }
+                    Phase::Running(n, h) => {
+                        h.abort();
+                        let n = *n;
+                        k.phase = Phase::Taken;
+                        drop(tasks);
+                        self.emit(TaskEvent::Abandoned {
+                            task: uri,
+                            attempt: n,
+                        });
+                    }
+                    Phase::Taken | Phase::Done => {}
+                }
+            }
+        }
+        if let Some((job, rkey, task_ref, lease)) = start {
+            let me = Arc::clone(&self);
+            let uri = job.task_uri.clone();
+            let handle = tokio::spawn(me.run(job, rkey, task_ref, lease));
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(k) = tasks.get_mut(&uri) {
+                if matches!(k.phase, Phase::Done) {
+                    handle.abort();
+                } else {
+                    k.phase = Phase::Running(attempt, handle.abort_handle());
+                }
+            }
+            drop(tasks);
+            self.emit(TaskEvent::Started { task: uri, attempt });
+        }
+        self.claim_more();
+        Ok(())
+    }
+
+    /// A task handed to this agent: continue it from the handed-over state.
+    pub(crate) async fn on_handoff(
+        self: Arc<Self>,
+        rec: Record<Handoff>,
+        op: OpEvent,
+    ) -> Result<(), HandlerError> {
+        let h: &handoff::Record = &rec;
+        if self.stopped.load(Ordering::SeqCst) || h.to != self.did {
+            return Ok(());
+        }
+        let start = {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(k) = tasks.get_mut(&h.task.uri) else {
+                return Err(HandlerError::retry("handed a task not seen yet"));
+            };
+            if matches!(k.phase, Phase::Running(..) | Phase::Done) {
+                return Ok(());
+            }
+            k.phase = Phase::Taken;
+            Job {
+                task_uri: k.uri.clone(),
+                task_ref: k.task_ref.clone(),
+                requester: k.requester.clone(),
+                task: k.record.clone(),
+                attempt: 1,
+                context: h
+                    .context
+                    .as_ref()
+                    .and_then(|c| serde_json::to_value(c).ok()),
+                writer: self.writer.clone(),
+                handed_off: Arc::new(AtomicBool::new(false)),
+            }
+        };
+        tracing::debug!(from = %op.data().did, task = %start.task_uri, "task handed to us");
+        let (rkey, task_ref, lease, uri) = {
+            let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(k) = tasks.get(&start.task_uri) else {
+                return Ok(());
+            };
+            (k.rkey.clone(), k.task_ref.clone(), k.lease, k.uri.clone())
+        };
+        let handle = tokio::spawn(Arc::clone(&self).run(start, rkey, task_ref, lease));
+        if let Some(k) = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&uri)
+            && !matches!(k.phase, Phase::Done)
+        {
+            k.phase = Phase::Running(1, handle.abort_handle());
+        }
+        self.emit(TaskEvent::Started {
+            task: uri,
+            attempt: 1,
+        });
+        Ok(())
+    }
+
+    /// The assignment was withdrawn (its lease lapsed): stop if we ran it, and treat the
+    /// task as open again.
+    pub(crate) async fn on_assignment_deleted(
+        self: Arc<Self>,
+        deleted: Deleted<Assignment>,
+        op: OpEvent,
+    ) -> Result<(), HandlerError> {
+        let uri = task_uri_of(&op.data().did, &deleted.rkey);
+        {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(k) = tasks.get_mut(&uri) {
+                match &k.phase {
+                    Phase::Running(n, h) => {
+                        h.abort();
+                        let n = *n;
+                        k.phase = Phase::Open;
+                        drop(tasks);
+                        self.emit(TaskEvent::Abandoned {
+                            task: uri,
+                            attempt: n,
+                        });
+                    }
+                    Phase::Taken | Phase::Claimed(_) => k.phase = Phase::Open,
+                    Phase::Open | Phase::Done => {}
+                }
+            }
+        }
+        self.claim_more();
+        Ok(())
+    }
+
+    async fn run(
+        self: Arc<Self>,
+        job: Job,
+        rkey: String,
+        task_ref: crate::StrongRef,
+        lease: Duration,
+    ) {
+        let uri = job.task_uri.clone();
+        let attempt = job.attempt;
+        let status_record = |state: &str| {
+            let expires = chrono::Utc::now()
+                + chrono::Duration::from_std(lease).unwrap_or(chrono::Duration::seconds(300));
+            status::RecordData {
+                task: task_ref.clone(),
+                state: state.into(),
+                progress: None,
+                message: None,
+                attempt: Some(i64::from(attempt)),
+                lease_expires_at: Some(crate::datetime(expires)),
+                created_at: crate::now(),
+            }
+            .into_record()
+        };
+        // Renew the lease three times per lease period until the work is done.
+        let renewer = {
+            let writer = self.writer.clone();
+            let rkey = rkey.clone();
+            let first = status_record("accepted");
+            let working = status_record("working");
+            AbortOnDrop(tokio::spawn(async move {
+                let mut record = first;
+                loop {
+                    if let Err(err) = writer.put::<Status>(&rkey, &record, None).await {
+                        tracing::warn!(error = %err, "lease renewal not written");
+                    }
+                    record = working.clone();
+                    record.data.created_at = crate::now();
+                    tokio::time::sleep(lease / 3).await;
+                }
+            }))
+        };
+        let handed_off = Arc::clone(&job.handed_off);
+        let outcome = (self.config.work)(job).await;
+        drop(renewer);
+        if handed_off.load(Ordering::SeqCst) {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(k) = tasks.get_mut(&uri) {
+                k.phase = Phase::Done;
+            }
+            drop(tasks);
+            self.emit(TaskEvent::HandedOff { task: uri, attempt });
+            self.claim_more();
+            return;
+        }
+        let (outcome_name, output, error) = match outcome {
+            Ok(out) => ("success", crate::to_unknown(out), None),
+            Err(message) => (
+                "failure",
+                None,
+                Some(
+                    defs::ErrorData {
+                        code: "internal".into(),
+                        message,
+                        retryable: Some(false),
+                    }
+                    .into(),
+                ),
+            ),
+        };
+        let record = result_rec::RecordData {
+            task: task_ref,
+            outcome: outcome_name.into(),
+            output,
+            artifacts: None,
+            error,
+            attempt: Some(i64::from(attempt)),
+            created_at: crate::now(),
+        }
+        .into_record();
+        // One result per task key in this repo: a second attempt by the same worker finds
+        // the first result and does not write another.
+        let written = match self
+            .writer
+            .create_with_rkey::<ResultC>(&rkey, &record)
+            .await
+        {
+            Ok(_) => true,
+            Err(err) => match self.writer.get::<ResultC>(&rkey).await {
+                Ok(Some(_)) => true,
+                _ => {
+                    tracing::warn!(task = %uri, error = %err, "result not written");
+                    false
+                }
+            },
+        };
+        {
+            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(k) = tasks.get_mut(&uri) {
+                k.phase = if written { Phase::Done } else { Phase::Open };
+            }
+        }
+        if written {
+            self.emit(TaskEvent::Finished { task: uri, attempt });
+        }
+        self.claim_more();
+    }
+
+    /// Stops every running attempt.
+    pub(crate) fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        for k in tasks.values() {
+            if let Phase::Running(_, h) = &k.phase {
+                h.abort();
+            }
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! The Agent runtime and the task protocol against the real local network (2 PDS hosts):
+//! a worker killed mid-task, two workers racing for one task, a request nobody answers.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use murmur::comms::{Assignment, Claim, Result as ResultC};
+use murmur::pds::Writer;
+use murmur::{Agent, AgentError, Job, TaskEvent, TaskSpec, Worker};
+use murmur_devnet::Devnet;
+
+async fn shared() -> &'static Devnet {
+    tokio::task::spawn_blocking(|| Devnet::shared().unwrap_or_else(|e| panic!("{e}")))
+        .await
+        .unwrap()
+}
+
+async fn writer(net: &Devnet, pds: usize, name: &str) -> Writer {
+    let account = net
+        .create_account(pds, &net.unique_handle(name), "password-1")
+        .await
+        .unwrap();
+    Writer::login(&account.pds_url, &account.did, "password-1")
+        .await
+        .unwrap()
+}
+
+fn hosts(net: &Devnet) -> Vec<String> {
+    (0..2)
+        .map(|i| net.pds(i).unwrap().url().to_string())
+        .collect()
+}
+
+/// An agent on the shared network that hears only `peers`, replaying from the start so
+/// nothing written before its stream connected is missed.
+fn agent(net: &Devnet, writer: Writer, peers: &[String]) -> murmur::AgentBuilder {
+    Agent::builder(writer)
+        .watch_all(hosts(net))
+        .plc_url(net.plc_url())
+        .start_cursor(0)
+        .peers(peers.to_vec())
+}
+
+fn sleeper(ms: u64) -> Worker {
+    Worker::new(move |job: Job| async move {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        Ok(serde_json::json!({ "n": job.payload_json()["n"] }))
+    })
+    .capabilities(["sleep"])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_worker_mid_task_lease_expires_and_every_task_finishes_once() {
+    let net = shared().await;
+    let boss = writer(net, 0, "boss").await;
+    let w_fast = writer(net, 0, "wfast").await;
+    let w_slow = writer(net, 1, "wslow").await;
+    let w_doomed = writer(net, 1, "wdoomed").await;
+    let dids: Vec<String> = [&boss, &w_fast, &w_slow, &w_doomed]
+        .iter()
+        .map(|w| w.did().to_string())
+        .collect();
+
+    // The doomed worker hangs on its first job and is killed once it has started it.
+    let started = Arc::new(AtomicBool::new(false));
+    let doomed_work = {
+        let started = Arc::clone(&started);
+        Worker::new(move |_job: Job| {
+            let started = Arc::clone(&started);
+            async move {
+                started.store(true, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+                Ok(serde_json::Value::Null)
+            }
+        })
+        .capabilities(["sleep"])
+    };
+    let doomed = agent(net, w_doomed.clone(), &dids)
+        .requester(false)
+        .worker(doomed_work)
+        .start()
+        .await
+        .unwrap();
+    let fast = agent(net, w_fast.clone(), &dids)
+        .requester(false)
+        .worker(sleeper(100).max_concurrent(2))
+        .start()
+        .await
+        .unwrap();
+    let slow = agent(net, w_slow.clone(), &dids)
+        .requester(false)
+        .worker(sleeper(300))
+        .start()
+        .await
+        .unwrap();
+    let boss = agent(net, boss, &dids).start().await.unwrap();
+
+    let mut handles = Vec::new();
+    for n in 0..12 {
+        let spec = TaskSpec::new("sleep")
+            .payload(serde_json::json!({ "n": n }))
+            .lease(Duration::from_secs(2))
+            .max_attempts(3);
+        handles.push(boss.request(spec).await.unwrap());
+    }
+    let killer = {
+        let started = Arc::clone(&started);
+        let doomed = doomed.clone();
+        tokio::spawn(async move {
+            while !started.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            doomed.kill();
+        })
+    };
+    let mut outputs = HashMap::new();
+    for h in handles {
+        let uri = h.uri.clone();
+        let result = h.await_result(Duration::from_secs(60)).await.unwrap();
+        assert_eq!(result.record.outcome, "success");
+        outputs.insert(uri, result.output_json()["n"].clone());
+    }
+    killer.await.unwrap();
+    assert!(
+        started.load(Ordering::SeqCst),
+        "the doomed worker never got a task"
+    );
+    // Let late duplicates, if any, arrive before counting.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = boss.task_stats();
+    eprintln!("{stats:?}");
+    assert_eq!(outputs.len(), 12);
+    assert_eq!(stats.done, 12, "every task done");
+    assert_eq!(stats.duplicates, 0, "no task done twice");
+    assert!(
+        stats.lease_expiries >= 1,
+        "the killed worker's lease lapsed"
+    );
+    assert!(
+        !stats.done_by.contains_key(doomed.did()),
+        "the killed worker finished nothing"
+    );
+
+    // In the repos: one result per task in total, across the workers.
+    let mut results_per_task: HashMap<String, usize> = HashMap::new();
+    for w in [&w_fast, &w_slow, &w_doomed] {
+        let page = w.list::<ResultC>(100, None, false).await.unwrap();
+        for r in page.records {
+            *results_per_task
+                .entry(r.value.task.uri.clone())
+                .or_default() += 1;
+        }
+    }
+    assert_eq!(results_per_task.len(), 12);
+    assert!(
+        results_per_task.values().all(|&n| n == 1),
+        "{results_per_task:?}"
+    );
+    for a in [&boss, &fast, &slow] {
+        a.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workers_racing_for_one_task_get_exactly_one_assignment() {
+    let net = shared().await;
+    let boss = writer(net, 1, "rboss").await;
+    let wa = writer(net, 0, "racer-a").await;
+    let wb = writer(net, 1, "racer-b").await;
+    let dids: Vec<String> = [&boss, &wa, &wb]
+        .iter()
+        .map(|w| w.did().to_string())
+        .collect();
+    let a = agent(net, wa.clone(), &dids)
+        .requester(false)
+        .worker(sleeper(200))
+        .start()
+        .await
+        .unwrap();
+    let b = agent(net, wb.clone(), &dids)
+        .requester(false)
+        .worker(sleeper(200))
+        .start()
+        .await
+        .unwrap();
+    let events_a = a.events();
+    let mut events_b = b.events();
+    let boss_agent = agent(net, boss.clone(), &dids).start().await.unwrap();
+    // Both workers are connected once each has seen the other's profile-less presence.
+    for w in [&a, &b] {
+        w.publish_presence("online", Duration::from_secs(60))
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while boss_agent.registry().live().len() < 2 {
+        assert!(Instant::now() < deadline, "workers never showed up");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let handle = boss_agent
+        .request(TaskSpec::new("sleep").payload(serde_json::json!({ "n": 7 })))
+        .await
+        .unwrap();
+    let task_uri = handle.uri.clone();
+    let rkey = handle.rkey.clone();
+    let result = handle.await_result(Duration::from_secs(30)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Both claimed; exactly one assignment exists, naming one of them; that one answered.
+    let claims_a = wa.list::<Claim>(100, None, false).await.unwrap().records;
+    let claims_b = wb.list::<Claim>(100, None, false).await.unwrap().records;
+    assert_eq!(claims_a.len(), 1, "worker a claimed");
+    assert_eq!(claims_b.len(), 1, "worker b claimed");
+    let assignments = boss
+        .list::<Assignment>(100, None, false)
+        .await
+        .unwrap()
+        .records;
+    assert_eq!(assignments.len(), 1, "exactly one assignment");
+    assert_eq!(assignments[0].rkey, rkey, "at the task's record key");
+    let winner = assignments[0].value.worker.clone();
+    assert_eq!(result.worker, winner);
+    let (loser, loser_writer, mut loser_events) = if winner == a.did() {
+        (&b, &wb, events_b)
+    } else {
+        events_b = events_a;
+        (&a, &wa, events_b)
+    };
+    assert!(
+        loser_writer
+            .list::<ResultC>(100, None, false)
+            .await
+            .unwrap()
+            .records
+            .is_empty(),
+        "the loser wrote no result"
+    );
+    let mut stood_down = false;
+    while let Ok(ev) = loser_events.try_recv() {
+        if ev
+            == (TaskEvent::StoodDown {
+                task: task_uri.clone(),
+                winner: winner.clone(),
+            })
+        {
+            stood_down = true;
+        }
+        assert!(
+            !matches!(ev, TaskEvent::Started { .. }),
+            "the loser started: {ev:?}"
+        );
+    }
+    assert!(stood_down, "the loser {} stood down", loser.did());
+    assert_eq!(boss_agent.task_stats().assignments, 1);
+    for x in [&a, &b, &boss_agent] {
+        x.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_nobody_answers_times_out_with_a_typed_error() {
+    let net = shared().await;
+    let lonely = writer(net, 0, "lonely").await;
+    let dids = vec![lonely.did().to_string()];
+    let agent = agent(net, lonely, &dids).start().await.unwrap();
+    let handle = agent
+        .request(TaskSpec::new("nobody-does-this"))
+        .await
+        .unwrap();
+    let uri = handle.uri.clone();
+    let started = Instant::now();
+    let err = handle
+        .await_result(Duration::from_millis(1500))
+        .await
+        .unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+    match &err {
+        AgentError::Timeout {
+            task,
+            waited,
+            state,
+        } => {
+            assert_eq!(task, &uri);
+            assert_eq!(*waited, Duration::from_millis(1500));
+            assert!(state.contains("nobody claimed"), "{state}");
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(err.to_string().contains("start a worker"), "{err}");
+    agent.shutdown().await;
+}
