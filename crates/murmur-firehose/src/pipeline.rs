@@ -105,14 +105,21 @@ impl Pipeline {
         let verified = match self.verifier.verify_commit(commit).await {
             Ok(verified) => verified,
             Err(e) => {
-                self.chain_problem(url, commit, &e);
-                if !e.is_desync() {
-                    self.reject_commit(url, commit, &e);
-                }
+                self.reject_commit(url, commit, &e);
                 self.finish_event(index, seq);
                 return;
             }
         };
+        if let Some(reason) = &verified.chain_break {
+            // The commit is good and is delivered; what came before it was missed.
+            self.gap(
+                url,
+                GapKind::ChainBreak {
+                    did: commit.repo.clone(),
+                },
+                reason.clone(),
+            );
+        }
         let mut jobs = Vec::new();
         for op in verified.ops {
             if !self.filter.allows_op(&op.path, op.action) {

@@ -28,13 +28,15 @@
 //!         if commit.any_op(|op| op.collection() == "agent.comms.task") {
 //!             match verifier.verify_commit(&commit).await {
 //!                 Ok(verified) => {
+//!                     if let Some(why) = &verified.chain_break {
+//!                         // A gap: report it and re-fetch the repo (com.atproto.sync.getRepo).
+//!                         eprintln!("missed events of {}: {why}", verified.repo);
+//!                     }
 //!                     for op in &verified.ops {
 //!                         let record: Option<serde_json::Value> = op.decode()?;
 //!                         println!("{} {} {:?}", op.action.as_str(), op.path, record);
 //!                     }
 //!                 }
-//!                 // A gap: report it and re-fetch the repo (com.atproto.sync.getRepo).
-//!                 Err(e) if e.is_desync() => eprintln!("{e}"),
 //!                 Err(e) => eprintln!("rejected: {e}"),
 //!             }
 //!         } else {

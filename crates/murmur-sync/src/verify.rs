@@ -103,6 +103,10 @@ pub struct VerifiedCommit {
     pub ops: Vec<VerifiedOp>,
     /// The level it was verified at.
     pub level: VerifyLevel,
+    /// Set when this commit does not follow the last one seen for the repo (`since` or
+    /// `prevData` differ): the commit itself verified and its ops are good, but events before
+    /// it were missed. Report a gap and re-fetch the repo (`com.atproto.sync.getRepo`).
+    pub chain_break: Option<String>,
 }
 
 /// One op of a verified commit.
@@ -357,8 +361,9 @@ impl Verifier {
 
     /// Verifies a `#commit` at the configured level and returns its ops with record bytes.
     ///
-    /// On [`SyncError::RepoDesynchronized`] the commit itself verified and became the DID's
-    /// chain head; the events before it were missed. Every other error leaves the chain as it was.
+    /// A commit that verifies but does not follow the last one seen is returned with
+    /// [`VerifiedCommit::chain_break`] set (its ops are still good; earlier events were missed)
+    /// and becomes the DID's chain head. Every error leaves the chain as it was.
     pub async fn verify_commit(&self, ev: &CommitEvent) -> Result<VerifiedCommit, SyncError> {
         if ev.ops.len() > self.limits.max_ops {
             return Err(SyncError::TooManyOps {
@@ -414,7 +419,7 @@ impl Verifier {
                 record,
             });
         }
-        self.advance(&ev.repo, &ev.rev, data, broke)?;
+        self.resync(&ev.repo, &ev.rev, data);
         Ok(VerifiedCommit {
             seq: ev.seq,
             repo: ev.repo.clone(),
@@ -425,6 +430,7 @@ impl Verifier {
             time: ev.time.clone(),
             ops,
             level: self.level,
+            chain_break: broke,
         })
     }
 
