@@ -1,0 +1,285 @@
+//! Watcher benchmarks on the real local network (prints figures; not a timed test).
+//!
+//! `cargo bench -p murmur-e2e --bench watcher` (set `MURMUR_BENCH_RECORDS`, default 1000)
+//!
+//! 1. Write-to-handler latency: sequential creates on one PDS; for each record, the time from
+//!    the start of the createRecord call until (a) a bare WebSocket client that only decodes
+//!    frame headers sees its `#commit` frame, and (b) a murmur watcher (Full verification)
+//!    calls the handler. Reported side by side: p50/p99 of each and of the added latency.
+//! 2. Dispatch throughput: the frames recorded in (1), replayed from memory through a fresh
+//!    watcher with a no-op handler, at verification levels None and Full.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use atrium_api::types::Collection;
+use futures_util::StreamExt;
+use murmur_devnet::{Devnet, DevnetConfig};
+use murmur_firehose::{MessageStream, Source, SourceError, SourceMessage, Watcher};
+use murmur_lexicon::{Validate, ValidationError};
+use murmur_pds::Writer;
+use murmur_sync::{Frame, VerifyLevel};
+use serde::{Deserialize, Serialize};
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Debug)]
+struct Note;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NoteRecord {
+    text: String,
+    n: u64,
+    created_at: String,
+}
+
+impl Collection for Note {
+    const NSID: &'static str = "bench.murmur.note";
+    type Record = NoteRecord;
+}
+
+impl Validate for NoteRecord {
+    fn validate(&self) -> Result<(), ValidationError> {
+        Ok(())
+    }
+}
+
+#[derive(Deserialize)]
+struct Header {
+    t: Option<String>,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn summary(name: &str, mut ms: Vec<f64>) {
+    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    println!(
+        "  {name:<34} p50 {:>7.3} ms   p99 {:>7.3} ms   (n={})",
+        percentile(&ms, 0.5),
+        percentile(&ms, 0.99),
+        ms.len()
+    );
+}
+
+/// Replays recorded frames from memory; after them, the stream stays open and silent.
+struct Replay {
+    frames: Arc<Vec<(i64, Vec<u8>)>>,
+}
+
+#[async_trait]
+impl Source for Replay {
+    fn url(&self) -> &str {
+        "memory://replay"
+    }
+
+    async fn connect(&self, cursor: Option<i64>) -> Result<MessageStream, SourceError> {
+        let frames = Arc::clone(&self.frames);
+        let after = cursor.unwrap_or(i64::MIN);
+        let items: Vec<_> = frames
+            .iter()
+            .filter(|(seq, _)| *seq > after)
+            .map(|(_, bytes)| Ok(SourceMessage::Frame(bytes.clone())))
+            .collect();
+        Ok(Box::pin(
+            futures_util::stream::iter(items).chain(futures_util::stream::pending()),
+        ))
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let records: u64 = std::env::var("MURMUR_BENCH_RECORDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let net = tokio::task::spawn_blocking(|| Devnet::start(DevnetConfig::default()))
+        .await
+        .unwrap()
+        .expect("local network");
+    let pds = net.pds(0).unwrap().url().to_string();
+    let alice = net
+        .create_account(0, "bench.test", "bench-pass")
+        .await
+        .unwrap();
+    let writer = Writer::login(&pds, &alice.did, "bench-pass").await.unwrap();
+
+    // The bare client: header-only decoding, remembers when each #commit arrived.
+    let bare_times: Arc<Mutex<Vec<Instant>>> = Arc::default();
+    let recorded: Arc<Mutex<Vec<(i64, Vec<u8>)>>> = Arc::default();
+    let ws = format!(
+        "{}/xrpc/com.atproto.sync.subscribeRepos",
+        pds.replacen("http", "ws", 1)
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(ws).await.unwrap();
+    {
+        let (bare_times, recorded) = (Arc::clone(&bare_times), Arc::clone(&recorded));
+        tokio::spawn(async move {
+            while let Some(Ok(msg)) = socket.next().await {
+                let Message::Binary(bytes) = msg else {
+                    continue;
+                };
+                let now = Instant::now();
+                let mut rest: &[u8] = &bytes;
+                let header: Header = serde_ipld_dagcbor::de::from_reader_once(&mut rest).unwrap();
+                if header.t.as_deref() == Some("#commit") {
+                    bare_times.lock().unwrap().push(now);
+                }
+                // Kept for the throughput replay (not part of the bare client's work above).
+                if let Some(seq) = Frame::decode(&bytes).ok().and_then(|f| f.seq()) {
+                    recorded.lock().unwrap().push((seq, bytes.to_vec()));
+                }
+            }
+        });
+    }
+
+    let handled: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let h = Arc::clone(&handled);
+    let watcher = Watcher::builder()
+        .pds(&pds)
+        .plc_url(net.plc_url())
+        .dids([alice.did.clone()])
+        .on_create::<Note, _, _>(move |rec, _op| {
+            let now = Instant::now();
+            h.lock().unwrap().insert(rec.n, now);
+            async { Ok(()) }
+        })
+        .build()
+        .unwrap();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+
+    // Warm-up: both clients connected, identity resolved, connections pooled.
+    let mut warm = 0u64;
+    let wait = |n: u64, commits: usize| {
+        let (handled, bare_times) = (Arc::clone(&handled), Arc::clone(&bare_times));
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let seen = handled.lock().unwrap().contains_key(&n)
+                    && bare_times.lock().unwrap().len() >= commits;
+                if seen {
+                    return true;
+                }
+                if Instant::now() > deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        }
+    };
+    let base = 1_000_000u64;
+    loop {
+        let before = bare_times.lock().unwrap().len();
+        writer
+            .create::<Note>(&NoteRecord {
+                text: "warm".into(),
+                n: base + warm,
+                created_at: "2026-11-23T12:00:00.000Z".into(),
+            })
+            .await
+            .unwrap();
+        warm += 1;
+        if wait(base + warm - 1, before + 1).await || warm > 20 {
+            break;
+        }
+    }
+
+    let (mut bare_ms, mut murmur_ms, mut added_ms) = (Vec::new(), Vec::new(), Vec::new());
+    let started = Instant::now();
+    for n in 0..records {
+        let commits_before = bare_times.lock().unwrap().len();
+        let t0 = Instant::now();
+        writer
+            .create::<Note>(&NoteRecord {
+                text: format!("note {n}"),
+                n,
+                created_at: "2026-11-23T12:00:00.000Z".into(),
+            })
+            .await
+            .unwrap();
+        assert!(
+            wait(n, commits_before + 1).await,
+            "record {n} not seen within 10 s"
+        );
+        let bare = bare_times.lock().unwrap()[commits_before];
+        let ours = handled.lock().unwrap()[&n];
+        bare_ms.push(bare.duration_since(t0).as_secs_f64() * 1e3);
+        murmur_ms.push(ours.duration_since(t0).as_secs_f64() * 1e3);
+        added_ms.push(
+            (ours.duration_since(t0).as_secs_f64() - bare.duration_since(t0).as_secs_f64()) * 1e3,
+        );
+    }
+    let elapsed = started.elapsed();
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+
+    println!(
+        "write-to-handler latency, {records} sequential creates on the local PDS ({elapsed:.1?}):"
+    );
+    summary("bare WebSocket (headers only)", bare_ms);
+    summary("murmur watcher (Full verification)", murmur_ms);
+    summary("added by murmur", added_ms);
+
+    // Dispatch throughput over the recorded frames.
+    let frames = Arc::new(std::mem::take(&mut *recorded.lock().unwrap()));
+    let commits = frames
+        .iter()
+        .filter(|(_, b)| matches!(Frame::decode(b), Ok(Frame::Commit(_))))
+        .count() as u64;
+    println!(
+        "dispatch throughput, {} recorded frames ({commits} commits) replayed from memory, no-op handler:",
+        frames.len()
+    );
+    for level in [VerifyLevel::None, VerifyLevel::Full] {
+        let rounds = 20;
+        let mut total = Duration::ZERO;
+        for _ in 0..rounds {
+            let count = Arc::new(AtomicU64::new(0));
+            let c = Arc::clone(&count);
+            let watcher = Watcher::builder()
+                .source(Replay {
+                    frames: Arc::clone(&frames),
+                })
+                .plc_url(net.plc_url())
+                .verification(level)
+                .on_create::<Note, _, _>(move |_rec, _op| {
+                    c.fetch_add(1, Ordering::Relaxed);
+                    async { Ok(()) }
+                })
+                .build()
+                .unwrap();
+            let metrics = watcher.metrics();
+            let stop = watcher.shutdown_handle();
+            let t0 = Instant::now();
+            let running = tokio::spawn(watcher.run());
+            while metrics.snapshot().events_in < frames.len() as u64
+                || count.load(Ordering::Relaxed) < records + warm
+            {
+                tokio::time::sleep(Duration::from_micros(100)).await;
+            }
+            total += t0.elapsed();
+            stop.shutdown();
+            running.await.unwrap().unwrap();
+        }
+        let events = frames.len() as f64 * rounds as f64;
+        println!(
+            "  {:<34} {:>9.0} events/s  ({} rounds of {} frames in {total:.2?})",
+            format!("verification {level:?}"),
+            events / total.as_secs_f64(),
+            rounds,
+            frames.len()
+        );
+    }
+    tokio::task::spawn_blocking(move || drop(net))
+        .await
+        .unwrap();
+}
