@@ -3,6 +3,7 @@
 mod devnet;
 mod lex;
 mod send;
+mod swarm;
 mod watch;
 
 use std::process::ExitCode;
@@ -26,6 +27,8 @@ enum Command {
     },
     /// Validate a JSON record against its lexicon and write it; prints its at-uri and cid.
     Send(send::SendArgs),
+    /// The main demo: 1 coordinator and N workers on 2 PDS hosts run tasks through records.
+    Swarm(swarm::SwarmArgs),
     /// Tail verified record ops from PDS hosts or a relay, one line each (resumable with --state).
     Watch(watch::WatchArgs),
     /// Lexicon tools: lint, generate Rust, validate records, check breaking changes.
@@ -40,6 +43,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Devnet { command } => devnet::run(command),
         Command::Send(args) => send::run(args),
+        Command::Swarm(args) => swarm::run(args),
         Command::Watch(args) => watch::run(args),
         Command::Lex { command } => lex::run(command),
     };
