@@ -1,0 +1,155 @@
+//! Two agents on two PDS hosts play ping-pong with `agent.comms.message` records.
+//!
+//! ```sh
+//! cargo run --example ping_pong                          # starts a local network
+//! cargo run --example ping_pong -- PDS_A PDS_B PLC_URL   # alice on A, bob on B (sign-ups open)
+//! ```
+//!
+//! Alice sends "ping 1" to Bob; Bob's handler answers "pong 1" as a reply; Alice's handler
+//! sends the next ping, five rounds. Every message is a record in its author's repo, heard
+//! by the other agent on the event stream of the other host.
+
+use std::time::{Duration, Instant};
+
+use murmur::comms::Message;
+use murmur::comms::agent::comms::message;
+use murmur::pds::Writer;
+use murmur::{Agent, OpEvent, Record};
+use murmur_devnet::{Devnet, DevnetConfig};
+
+#[path = "support/account.rs"]
+mod account;
+
+const ROUNDS: u32 = 5;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (_net, hosts, plc) = if let [a, b, plc] = args.as_slice() {
+        (None, vec![a.clone(), b.clone()], plc.clone())
+    } else {
+        eprintln!("starting a local network (PLC + 2 PDS hosts)...");
+        let net = Devnet::start(DevnetConfig {
+            pds: 2,
+            ..Default::default()
+        })?;
+        let hosts = net
+            .pds_hosts()
+            .iter()
+            .map(|h| h.url().to_string())
+            .collect();
+        let plc = net.plc_url().to_string();
+        (Some(net), hosts, plc)
+    };
+    tokio::runtime::Runtime::new()?.block_on(play(&hosts, &plc))
+}
+
+async fn play(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let alice_w = account::account(&hosts[0], "alice").await?;
+    let bob_w = account::account(&hosts[1], "bob").await?;
+    let (alice_did, bob_did) = (alice_w.did().to_string(), bob_w.did().to_string());
+    let peers = [alice_did.clone(), bob_did.clone()];
+
+    // Bob answers every ping addressed to him with a pong that replies to it.
+    let bob_writer = bob_w.clone();
+    let bob_me = bob_did.clone();
+    let _bob = Agent::builder(bob_w)
+        .watch_all(hosts.iter().cloned())
+        .plc_url(plc)
+        .start_cursor(0)
+        .peers(peers.clone())
+        .on::<Message, _, _>(move |ping: Record<Message>, op: OpEvent| {
+            let (writer, me) = (bob_writer.clone(), bob_me.clone());
+            async move {
+                let text = ping.text.clone().unwrap_or_default();
+                if !addressed_to(&ping, &me) || !text.starts_with("ping") {
+                    return Ok(());
+                }
+                println!("bob   <- {text:<8} from {}", op.data().did);
+                reply(
+                    &writer,
+                    &op.data().did,
+                    &ping,
+                    text.replacen("ping", "pong", 1),
+                )
+                .await
+            }
+        })
+        .start()
+        .await?;
+
+    // Alice sends the next ping when a pong comes back, until the last round.
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let alice_writer = alice_w.clone();
+    let alice_me = alice_did.clone();
+    let alice = Agent::builder(alice_w)
+        .watch_all(hosts.iter().cloned())
+        .plc_url(plc)
+        .start_cursor(0)
+        .peers(peers.clone())
+        .on::<Message, _, _>(move |pong: Record<Message>, op: OpEvent| {
+            let (writer, me, done) = (alice_writer.clone(), alice_me.clone(), done_tx.clone());
+            async move {
+                let text = pong.text.clone().unwrap_or_default();
+                if !addressed_to(&pong, &me) || !text.starts_with("pong") {
+                    return Ok(());
+                }
+                println!("alice <- {text:<8} from {}", op.data().did);
+                let round: u32 = text[5..].parse().unwrap_or(ROUNDS);
+                if round >= ROUNDS {
+                    let _ = done.send(()).await;
+                    return Ok(());
+                }
+                reply(
+                    &writer,
+                    &op.data().did,
+                    &pong,
+                    format!("ping {}", round + 1),
+                )
+                .await
+            }
+        })
+        .start()
+        .await?;
+
+    let started = Instant::now();
+    alice.send(&bob_did, "ping 1").await?;
+    println!("alice -> ping 1");
+    tokio::time::timeout(Duration::from_secs(60), done_rx.recv())
+        .await
+        .map_err(|_| "no pong within 60 s: are both hosts' streams reachable?")?;
+    println!(
+        "{ROUNDS} rounds across 2 PDS hosts in {:.0} ms ({:.0} ms per round trip)",
+        started.elapsed().as_secs_f64() * 1000.0,
+        started.elapsed().as_secs_f64() * 1000.0 / f64::from(ROUNDS)
+    );
+    Ok(())
+}
+
+fn addressed_to(msg: &message::Record, did: &str) -> bool {
+    msg.to
+        .as_ref()
+        .is_some_and(|to| to.iter().any(|d| d == did))
+}
+
+async fn reply(
+    writer: &Writer,
+    to: &str,
+    msg: &Record<Message>,
+    text: String,
+) -> Result<(), murmur::HandlerError> {
+    let record = message::RecordData {
+        to: Some(vec![to.to_string()]),
+        thread: None,
+        reply_to: Some(msg.strong_ref()),
+        text: Some(text),
+        payload_type: None,
+        payload: None,
+        created_at: murmur::now(),
+    }
+    .into_record();
+    writer
+        .create::<Message>(&record)
+        .await
+        .map(|_| ())
+        .map_err(murmur::HandlerError::retry)
+}

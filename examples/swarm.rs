@@ -1,0 +1,116 @@
+//! A task swarm: one coordinator and N workers on 2 PDS hosts, coordinating through records
+//! alone (task, claim, assignment, status, result). One worker is killed mid-task; its lease
+//! lapses and the task moves to another worker. Every task is done exactly once.
+//!
+//! ```sh
+//! cargo run --example swarm                              # local network, 4 workers, 40 tasks
+//! cargo run --example swarm -- PDS_A PDS_B PLC_URL       # existing hosts (sign-ups open)
+//! ```
+//! The full demo with live progress is `cargo run -p murmur-cli -- swarm`.
+
+use std::time::{Duration, Instant};
+
+use murmur::{Agent, Job, TaskSpec, Worker};
+use murmur_devnet::{Devnet, DevnetConfig};
+
+#[path = "support/account.rs"]
+mod account;
+
+const WORKERS: usize = 4;
+const TASKS: usize = 40;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (_net, hosts, plc) = if let [a, b, plc] = args.as_slice() {
+        (None, vec![a.clone(), b.clone()], plc.clone())
+    } else {
+        eprintln!("starting a local network (PLC + 2 PDS hosts)...");
+        let net = Devnet::start(DevnetConfig {
+            pds: 2,
+            ..Default::default()
+        })?;
+        let hosts = net
+            .pds_hosts()
+            .iter()
+            .map(|h| h.url().to_string())
+            .collect();
+        let plc = net.plc_url().to_string();
+        (Some(net), hosts, plc)
+    };
+    tokio::runtime::Runtime::new()?.block_on(run(&hosts, &plc))
+}
+
+async fn run(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let boss_w = account::account(&hosts[0], "coordinator").await?;
+    let mut worker_ws = Vec::new();
+    for i in 0..WORKERS {
+        worker_ws.push(account::account(&hosts[i % 2], &format!("worker{i}")).await?);
+    }
+    let mut peers: Vec<String> = worker_ws.iter().map(|w| w.did().to_string()).collect();
+    peers.push(boss_w.did().to_string());
+
+    let mut workers = Vec::new();
+    for w in worker_ws {
+        let work = Worker::new(|job: Job| async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let n = job.payload_json()["n"].as_u64().unwrap_or(0);
+            Ok(serde_json::json!({ "square": n * n }))
+        })
+        .capabilities(["square"]);
+        workers.push(
+            Agent::builder(w)
+                .watch_all(hosts.iter().cloned())
+                .plc_url(plc)
+                .start_cursor(0)
+                .peers(peers.clone())
+                .requester(false)
+                .worker(work)
+                .presence_every(Duration::from_secs(5))
+                .start()
+                .await?,
+        );
+    }
+    let boss = Agent::builder(boss_w)
+        .watch_all(hosts.iter().cloned())
+        .plc_url(plc)
+        .start_cursor(0)
+        .peers(peers)
+        .start()
+        .await?;
+    while boss.registry().live().len() < WORKERS {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let started = Instant::now();
+    let mut handles = Vec::new();
+    for n in 0..TASKS {
+        let spec = TaskSpec::new("square")
+            .payload(serde_json::json!({ "n": n }))
+            .lease(Duration::from_secs(2));
+        handles.push((n, boss.request(spec).await?));
+    }
+    // Kill worker 0 as soon as it is in the middle of a task.
+    while workers[0].active_tasks() == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    workers[0].kill();
+    println!("killed {} mid-task", workers[0].did());
+
+    for (n, h) in handles {
+        let r = h.await_result(Duration::from_secs(60)).await?;
+        assert_eq!(r.output_json()["square"], serde_json::json!(n * n));
+    }
+    let s = boss.task_stats();
+    println!(
+        "{} tasks done in {:.1} s by {} workers; {} lease(s) lapsed and reassigned; duplicates {}",
+        s.done,
+        started.elapsed().as_secs_f64(),
+        s.done_by.len(),
+        s.lease_expiries,
+        s.duplicates
+    );
+    for (did, n) in &s.done_by {
+        println!("  {did}: {n}");
+    }
+    Ok(())
+}
