@@ -292,3 +292,114 @@ async fn request_nobody_answers_times_out_with_a_typed_error() {
     assert!(err.to_string().contains("start a worker"), "{err}");
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_attempts_bounds_reassignment_then_the_request_fails_typed() {
+    let net = shared().await;
+    let boss = writer(net, 0, "mboss").await;
+    let wa = writer(net, 0, "doomed-a").await;
+    let wb = writer(net, 1, "doomed-b").await;
+    let dids: Vec<String> = [&boss, &wa, &wb]
+        .iter()
+        .map(|w| w.did().to_string())
+        .collect();
+    // Each worker hangs on the task and is killed once it has started: no result, ever.
+    let mut workers = Vec::new();
+    for w in [wa, wb] {
+        let started = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&started);
+        let work = Worker::new(move |_job: Job| {
+            let flag = Arc::clone(&flag);
+            async move {
+                flag.store(true, Ordering::SeqCst);
+                std::future::pending::<()>().await;
+                Ok(serde_json::Value::Null)
+            }
+        });
+        let agent = agent(net, w, &dids)
+            .requester(false)
+            .worker(work)
+            .start()
+            .await
+            .unwrap();
+        let killer = agent.clone();
+        tokio::spawn(async move {
+            while !started.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            killer.kill();
+        });
+        workers.push(agent);
+    }
+    let boss = agent(net, boss, &dids).start().await.unwrap();
+    let handle = boss
+        .request(
+            TaskSpec::new("hang")
+                .lease(Duration::from_secs(1))
+                .max_attempts(2),
+        )
+        .await
+        .unwrap();
+    let uri = handle.uri.clone();
+    let err = handle
+        .await_result(Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    match err {
+        AgentError::AttemptsExhausted { task, attempts } => {
+            assert_eq!(task, uri);
+            assert_eq!(attempts, 2);
+        }
+        other => panic!("expected AttemptsExhausted, got {other:?}"),
+    }
+    let stats = boss.task_stats();
+    assert_eq!(stats.assignments, 2, "{stats:?}");
+    assert_eq!(stats.given_up, 1, "{stats:?}");
+    assert_eq!(stats.done, 0, "{stats:?}");
+    boss.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_lists_live_agents_and_drops_offline_ones() {
+    let net = shared().await;
+    let watcher_w = writer(net, 0, "observer").await;
+    let peer_w = writer(net, 1, "peer").await;
+    let dids = vec![watcher_w.did().to_string(), peer_w.did().to_string()];
+    let observer = agent(net, watcher_w, &dids).start().await.unwrap();
+    let peer = agent(net, peer_w, &dids)
+        .profile(murmur::comms::agent::comms::profile::RecordData {
+            name: "peer".into(),
+            description: None,
+            capabilities: Some(vec!["translate".into()]),
+            accepted_nsids: None,
+            operator: None,
+            max_concurrent_tasks: Some(2),
+            created_at: murmur::now(),
+        })
+        .presence_every(Duration::from_secs(5))
+        .start()
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while observer.registry().live_with("translate").is_empty() {
+        assert!(Instant::now() < deadline, "the peer never showed up live");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let info = observer.registry().get(peer.did()).unwrap();
+    assert_eq!(info.profile.unwrap().name, "peer");
+    peer.shutdown().await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !observer
+        .registry()
+        .live()
+        .iter()
+        .all(|a| a.did != peer.did())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the peer stayed live after going offline"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    observer.shutdown().await;
+}
