@@ -10,6 +10,8 @@
 //! ```
 
 /// The generated `com.example.recipes.*` types.
+// A program uses part of a generated vocabulary; in a library crate the items would be `pub`.
+#[allow(dead_code)]
 mod lexicons {
     include!(concat!(env!("OUT_DIR"), "/custom_lexicon.rs"));
 }

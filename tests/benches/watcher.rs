@@ -47,6 +47,9 @@ impl Validate for NoteRecord {
     }
 }
 
+/// Frames recorded by the bare client, with their seq, for the throughput replay.
+type Recorded = Arc<Mutex<Vec<(i64, Vec<u8>)>>>;
+
 #[derive(Deserialize)]
 struct Header {
     t: Option<String>,
@@ -114,7 +117,7 @@ async fn main() {
 
     // The bare client: header-only decoding, remembers when each #commit arrived.
     let bare_times: Arc<Mutex<Vec<Instant>>> = Arc::default();
-    let recorded: Arc<Mutex<Vec<(i64, Vec<u8>)>>> = Arc::default();
+    let recorded: Recorded = Arc::default();
     let ws = format!(
         "{}/xrpc/com.atproto.sync.subscribeRepos",
         pds.replacen("http", "ws", 1)
