@@ -43,6 +43,8 @@ struct Entry {
     attempt: u32,
     phase: Phase,
     claimed_at: Option<Instant>,
+    /// Every agent that held this task (assigned or handed to): only they may answer it.
+    holders: Vec<String>,
     waiter: Option<oneshot::Sender<Result<TaskResult, AgentError>>>,
 }
 
@@ -103,6 +105,7 @@ impl Requester {
                 attempt: 0,
                 phase: Phase::Open,
                 claimed_at: None,
+                holders: Vec::new(),
                 waiter: Some(tx),
             },
         );
@@ -226,6 +229,9 @@ impl Requester {
         };
         match outcome {
             Ok((winner, cid)) => {
+                if !entry.holders.contains(&winner) {
+                    entry.holders.push(winner.clone());
+                }
                 if matches!(entry.phase, Phase::Assigning) {
                     entry.phase = Phase::Assigned {
                         worker: winner.clone(),
@@ -300,6 +306,9 @@ impl Requester {
             {
                 *worker = rec.to.clone();
                 *deadline = Instant::now() + lease;
+                if !entry.holders.contains(&rec.to) {
+                    entry.holders.push(rec.to.clone());
+                }
             }
         }
         Ok(())
@@ -327,6 +336,11 @@ impl Requester {
             .is_some_and(|c| c != result.task.cid.as_ref().to_string())
         {
             return Ok(()); // a result for another version of the task
+        }
+        if !entry.holders.contains(&worker) {
+            // Only an agent that held the task may answer it.
+            tracing::debug!(task = %entry.uri, from = %worker, "result from an agent never assigned");
+            return Ok(());
         }
         if let Phase::Done { key: done_key, .. } = &entry.phase {
             if *done_key != key {
