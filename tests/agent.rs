@@ -97,14 +97,15 @@ async fn killed_worker_mid_task_lease_expires_and_every_task_finishes_once() {
         .unwrap();
     let boss = agent(net, boss, &dids).start().await.unwrap();
 
-    let mut handles = Vec::new();
-    for n in 0..12 {
-        let spec = TaskSpec::new("sleep")
+    // Posted in applyWrites batches of 5 tasks per commit.
+    let specs = (0..12).map(|n| {
+        TaskSpec::new("sleep")
             .payload(serde_json::json!({ "n": n }))
             .lease(Duration::from_secs(2))
-            .max_attempts(3);
-        handles.push(boss.request(spec).await.unwrap());
-    }
+            .max_attempts(3)
+    });
+    let handles = boss.request_many(specs, 5).await.unwrap();
+    assert_eq!(handles.len(), 12);
     let killer = {
         let started = Arc::clone(&started);
         let doomed = doomed.clone();

@@ -217,32 +217,28 @@ async fn swarm(
     }
 
     let run_started = Instant::now();
-    // Post from a few concurrent writers so progress starts while tasks are still going out.
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let mut posters = Vec::new();
-    for _ in 0..4 {
-        let (boss, next) = (boss.clone(), Arc::clone(&next));
+    // Post in applyWrites batches (20 tasks per commit), in the background so progress
+    // shows while tasks are still going out.
+    let posters = {
+        let boss = boss.clone();
         let (total, lease) = (args.tasks, args.lease);
-        posters.push(tokio::spawn(async move {
-            let mut handles = Vec::new();
-            loop {
-                let n = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                if n >= total {
-                    break;
-                }
-                let spec = TaskSpec::new("square")
+        vec![tokio::spawn(async move {
+            let specs = (0..total).map(|n| {
+                TaskSpec::new("square")
                     .title(format!("square {n}"))
                     .payload(serde_json::json!({ "n": n }))
                     .lease(Duration::from_secs(lease))
-                    .max_attempts(5);
-                match boss.request(spec).await {
-                    Ok(h) => handles.push(h),
-                    Err(err) => eprintln!("posting task {n} failed: {err}"),
+                    .max_attempts(5)
+            });
+            match boss.request_many(specs, 20).await {
+                Ok(handles) => handles,
+                Err(err) => {
+                    eprintln!("posting tasks failed: {err}");
+                    Vec::new()
                 }
             }
-            handles
-        }));
-    }
+        })]
+    };
 
     // Kill workers in the middle of a task.
     let mut killed = Vec::new();

@@ -522,6 +522,23 @@ impl Agent {
         req.post(task.into()).await
     }
 
+    /// Posts many tasks at once, `chunk` per commit (applyWrites, at most 200), and returns
+    /// their handles in order. Far fewer round trips than one [`request`](Self::request) each.
+    /// If a batch fails, the tasks of earlier batches stay posted and the error is returned.
+    pub async fn request_many(
+        &self,
+        tasks: impl IntoIterator<Item = impl Into<TaskSpec>>,
+        chunk: usize,
+    ) -> Result<Vec<TaskHandle>, AgentError> {
+        let req = self
+            .inner
+            .requester
+            .as_ref()
+            .ok_or(AgentError::NotARequester)?;
+        req.post_many(tasks.into_iter().map(Into::into).collect(), chunk)
+            .await
+    }
+
     /// Writes the agent's profile (`agent.comms.profile/self`).
     pub async fn publish_profile(
         &self,

@@ -81,7 +81,12 @@ impl Requester {
         task_uri.strip_prefix(self.prefix.as_str())
     }
 
-    pub(crate) async fn post(self: &Arc<Self>, spec: TaskSpec) -> Result<TaskHandle, AgentError> {
+    /// Registers a task about to be written and returns its record, key and handle. Entries
+    /// exist before the write: a claim can come back before the write returns.
+    fn register(
+        self: &Arc<Self>,
+        spec: TaskSpec,
+    ) -> (murmur_comms::agent::comms::task::Record, TaskHandle) {
         let record = spec.into_record();
         let lease = Duration::from_secs(
             u64::try_from(record.lease_seconds.unwrap_or(300))
@@ -94,7 +99,6 @@ impl Requester {
         let rkey = self.writer.next_rkey();
         let uri = format!("{}{rkey}", self.prefix);
         let (tx, rx) = oneshot::channel();
-        // Registered before the write: a claim can come back before create() returns.
         self.tasks.lock().unwrap_or_else(|e| e.into_inner()).insert(
             rkey.clone(),
             Entry {
@@ -109,39 +113,103 @@ impl Requester {
                 waiter: Some(tx),
             },
         );
-        let written = match self.writer.create_with_rkey::<Task>(&rkey, &record).await {
-            Ok(w) => w,
-            Err(e) => {
-                self.tasks
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&rkey);
-                return Err(e.into());
-            }
-        };
-        let cid = written.cid.to_string();
-        if let Some(entry) = self
-            .tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&rkey)
-        {
-            entry.cid = Some(cid.clone());
-        }
-        self.stats.lock().unwrap_or_else(|e| e.into_inner()).posted += 1;
-        self.emit(TaskEvent::Posted { task: uri.clone() });
         let me = Arc::downgrade(self);
         let key = rkey.clone();
-        Ok(TaskHandle {
+        let handle = TaskHandle {
             uri,
-            cid,
+            cid: String::new(),
             rkey,
             rx,
             describe: Arc::new(move || {
                 me.upgrade()
                     .map_or_else(|| "agent stopped".into(), |r| r.describe(&key))
             }),
-        })
+        };
+        (record, handle)
+    }
+
+    fn written(&self, handle: &mut TaskHandle, cid: Cid) {
+        handle.cid = cid.to_string();
+        if let Some(entry) = self
+            .tasks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_mut(&handle.rkey)
+        {
+            entry.cid = Some(handle.cid.clone());
+        }
+        self.stats.lock().unwrap_or_else(|e| e.into_inner()).posted += 1;
+        self.emit(TaskEvent::Posted {
+            task: handle.uri.clone(),
+        });
+    }
+
+    fn forget(&self, rkeys: &[String]) {
+        let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        for rkey in rkeys {
+            tasks.remove(rkey);
+        }
+    }
+
+    pub(crate) async fn post(self: &Arc<Self>, spec: TaskSpec) -> Result<TaskHandle, AgentError> {
+        let (record, mut handle) = self.register(spec);
+        match self
+            .writer
+            .create_with_rkey::<Task>(&handle.rkey, &record)
+            .await
+        {
+            Ok(w) => {
+                self.written(&mut handle, w.cid);
+                Ok(handle)
+            }
+            Err(e) => {
+                self.forget(std::slice::from_ref(&handle.rkey));
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Posts tasks in applyWrites batches (one commit per `chunk` tasks).
+    pub(crate) async fn post_many(
+        self: &Arc<Self>,
+        specs: Vec<TaskSpec>,
+        chunk: usize,
+    ) -> Result<Vec<TaskHandle>, AgentError> {
+        let chunk = chunk.clamp(1, murmur_pds::MAX_BATCH_WRITES);
+        let mut handles = Vec::with_capacity(specs.len());
+        let mut specs = specs.into_iter().peekable();
+        while specs.peek().is_some() {
+            let mut batch = self.writer.batch();
+            let mut pending = Vec::new();
+            for spec in specs.by_ref().take(chunk) {
+                let (record, handle) = self.register(spec);
+                let added = batch
+                    .create_with_rkey::<Task>(&handle.rkey, &record)
+                    .map(|_| ());
+                pending.push(handle);
+                if let Err(e) = added {
+                    let keys: Vec<String> = pending.iter().map(|h| h.rkey.clone()).collect();
+                    self.forget(&keys);
+                    return Err(e.into());
+                }
+            }
+            match batch.commit().await {
+                Ok(done) => {
+                    for (mut handle, outcome) in pending.into_iter().zip(done.outcomes) {
+                        if let Some(w) = outcome.written() {
+                            self.written(&mut handle, w.cid);
+                        }
+                        handles.push(handle);
+                    }
+                }
+                Err(e) => {
+                    let keys: Vec<String> = pending.iter().map(|h| h.rkey.clone()).collect();
+                    self.forget(&keys);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(handles)
     }
 
     fn describe(&self, rkey: &str) -> String {
