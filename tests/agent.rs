@@ -404,3 +404,100 @@ async fn registry_lists_live_agents_and_drops_offline_ones() {
     }
     observer.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handoff_moves_the_task_and_the_receiver_answers() {
+    let net = shared().await;
+    let boss = writer(net, 0, "hboss").await;
+    let drafter_w = writer(net, 0, "drafter").await;
+    let reviewer_w = writer(net, 1, "reviewer").await;
+    let reviewer_did = reviewer_w.did().to_string();
+    let dids: Vec<String> = [&boss, &drafter_w, &reviewer_w]
+        .iter()
+        .map(|w| w.did().to_string())
+        .collect();
+    let to = reviewer_did.clone();
+    let drafter = Worker::new(move |job: Job| {
+        let to = to.clone();
+        async move {
+            job.hand_off(&to, "review", serde_json::json!({ "draft": 41 }))
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok(serde_json::Value::Null)
+        }
+    })
+    .capabilities(["draft"]);
+    let reviewer = Worker::new(|job: Job| async move {
+        let draft = job
+            .context
+            .as_ref()
+            .map_or(0, |c| c["draft"].as_i64().unwrap_or(0));
+        Ok(serde_json::json!({ "final": draft + 1 }))
+    })
+    .capabilities(["review"]);
+    let _d = agent(net, drafter_w.clone(), &dids)
+        .requester(false)
+        .worker(drafter)
+        .start()
+        .await
+        .unwrap();
+    let _r = agent(net, reviewer_w, &dids)
+        .requester(false)
+        .worker(reviewer)
+        .start()
+        .await
+        .unwrap();
+    let boss = agent(net, boss, &dids).start().await.unwrap();
+    let result = boss
+        .request(TaskSpec::new("draft"))
+        .await
+        .unwrap()
+        .await_result(Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(result.worker, reviewer_did);
+    assert_eq!(result.output_json()["final"], 42);
+    assert!(
+        drafter_w
+            .list::<ResultC>(100, None, false)
+            .await
+            .unwrap()
+            .records
+            .is_empty(),
+        "the drafter wrote no result"
+    );
+    boss.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_reaches_the_other_agents_handler_across_hosts() {
+    let net = shared().await;
+    let alice_w = writer(net, 0, "alice").await;
+    let bob_w = writer(net, 1, "bob").await;
+    let dids = vec![alice_w.did().to_string(), bob_w.did().to_string()];
+    let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+    let bob = agent(net, bob_w, &dids)
+        .on::<murmur::comms::Message, _, _>(move |msg, op| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx
+                    .send((op.data().did.clone(), msg.text.clone(), msg.to.clone()))
+                    .await;
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let alice = agent(net, alice_w, &dids).start().await.unwrap();
+    alice.send(bob.did(), "hello bob").await.unwrap();
+    let (from, text, to) = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(from, alice.did());
+    assert_eq!(text.as_deref(), Some("hello bob"));
+    assert_eq!(to, Some(vec![bob.did().to_string()]));
+    alice.shutdown().await;
+    bob.shutdown().await;
+}
