@@ -2,26 +2,23 @@
 //!
 //! `cargo bench -p murmur-e2e --bench watcher` (set `MURMUR_BENCH_RECORDS`, default 1000)
 //!
-//! 1. Write-to-handler latency: sequential creates on one PDS; for each record, the time from
-//!    the start of the createRecord call until (a) a bare WebSocket client that only decodes
-//!    frame headers sees its `#commit` frame, and (b) a murmur watcher (Full verification)
-//!    calls the handler. Reported side by side: p50/p99 of each and of the added latency.
-//! 2. Dispatch throughput: the frames recorded in (1), replayed from memory through a fresh
-//!    watcher with a no-op handler, at verification levels None and Full.
+//! Write-to-handler latency: sequential creates on one PDS; for each record, the time from
+//! the start of the createRecord call until (a) a bare WebSocket client that only decodes
+//! frame headers sees its `#commit` frame, and (b) a murmur watcher (Full verification)
+//! calls the handler. Reported side by side: p50/p99 of each and of the added latency.
+//!
+//! Dispatch throughput (no network) is `cargo bench -p murmur-firehose --bench dispatch`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use atrium_api::types::Collection;
 use futures_util::StreamExt;
 use murmur_devnet::{Devnet, DevnetConfig};
-use murmur_firehose::{MessageStream, Source, SourceError, SourceMessage, Watcher};
+use murmur_firehose::Watcher;
 use murmur_lexicon::{Validate, ValidationError};
 use murmur_pds::Writer;
-use murmur_sync::{Frame, VerifyLevel};
 use serde::{Deserialize, Serialize};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -47,9 +44,6 @@ impl Validate for NoteRecord {
     }
 }
 
-/// Frames recorded by the bare client, with their seq, for the throughput replay.
-type Recorded = Arc<Mutex<Vec<(i64, Vec<u8>)>>>;
-
 #[derive(Deserialize)]
 struct Header {
     t: Option<String>,
@@ -73,31 +67,6 @@ fn summary(name: &str, mut ms: Vec<f64>) {
     );
 }
 
-/// Replays recorded frames from memory; after them, the stream stays open and silent.
-struct Replay {
-    frames: Arc<Vec<(i64, Vec<u8>)>>,
-}
-
-#[async_trait]
-impl Source for Replay {
-    fn url(&self) -> &str {
-        "memory://replay"
-    }
-
-    async fn connect(&self, cursor: Option<i64>) -> Result<MessageStream, SourceError> {
-        let frames = Arc::clone(&self.frames);
-        let after = cursor.unwrap_or(i64::MIN);
-        let items: Vec<_> = frames
-            .iter()
-            .filter(|(seq, _)| *seq > after)
-            .map(|(_, bytes)| Ok(SourceMessage::Frame(bytes.clone())))
-            .collect();
-        Ok(Box::pin(
-            futures_util::stream::iter(items).chain(futures_util::stream::pending()),
-        ))
-    }
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let records: u64 = std::env::var("MURMUR_BENCH_RECORDS")
@@ -117,14 +86,13 @@ async fn main() {
 
     // The bare client: header-only decoding, remembers when each #commit arrived.
     let bare_times: Arc<Mutex<Vec<Instant>>> = Arc::default();
-    let recorded: Recorded = Arc::default();
     let ws = format!(
         "{}/xrpc/com.atproto.sync.subscribeRepos",
         pds.replacen("http", "ws", 1)
     );
     let (mut socket, _) = tokio_tungstenite::connect_async(ws).await.unwrap();
     {
-        let (bare_times, recorded) = (Arc::clone(&bare_times), Arc::clone(&recorded));
+        let bare_times = Arc::clone(&bare_times);
         tokio::spawn(async move {
             while let Some(Ok(msg)) = socket.next().await {
                 let Message::Binary(bytes) = msg else {
@@ -135,10 +103,6 @@ async fn main() {
                 let header: Header = serde_ipld_dagcbor::de::from_reader_once(&mut rest).unwrap();
                 if header.t.as_deref() == Some("#commit") {
                     bare_times.lock().unwrap().push(now);
-                }
-                // Kept for the throughput replay (not part of the bare client's work above).
-                if let Some(seq) = Frame::decode(&bytes).ok().and_then(|f| f.seq()) {
-                    recorded.lock().unwrap().push((seq, bytes.to_vec()));
                 }
             }
         });
@@ -232,56 +196,6 @@ async fn main() {
     summary("murmur watcher (Full verification)", murmur_ms);
     summary("added by murmur", added_ms);
 
-    // Dispatch throughput over the recorded frames.
-    let frames = Arc::new(std::mem::take(&mut *recorded.lock().unwrap()));
-    let commits = frames
-        .iter()
-        .filter(|(_, b)| matches!(Frame::decode(b), Ok(Frame::Commit(_))))
-        .count() as u64;
-    println!(
-        "dispatch throughput, {} recorded frames ({commits} commits) replayed from memory, no-op handler:",
-        frames.len()
-    );
-    for level in [VerifyLevel::None, VerifyLevel::Full] {
-        let rounds = 20;
-        let mut total = Duration::ZERO;
-        for _ in 0..rounds {
-            let count = Arc::new(AtomicU64::new(0));
-            let c = Arc::clone(&count);
-            let watcher = Watcher::builder()
-                .source(Replay {
-                    frames: Arc::clone(&frames),
-                })
-                .plc_url(net.plc_url())
-                .verification(level)
-                .on_create::<Note, _, _>(move |_rec, _op| {
-                    c.fetch_add(1, Ordering::Relaxed);
-                    async { Ok(()) }
-                })
-                .build()
-                .unwrap();
-            let metrics = watcher.metrics();
-            let stop = watcher.shutdown_handle();
-            let t0 = Instant::now();
-            let running = tokio::spawn(watcher.run());
-            while metrics.snapshot().events_in < frames.len() as u64
-                || count.load(Ordering::Relaxed) < records + warm
-            {
-                tokio::time::sleep(Duration::from_micros(100)).await;
-            }
-            total += t0.elapsed();
-            stop.shutdown();
-            running.await.unwrap().unwrap();
-        }
-        let events = frames.len() as f64 * rounds as f64;
-        println!(
-            "  {:<34} {:>9.0} events/s  ({} rounds of {} frames in {total:.2?})",
-            format!("verification {level:?}"),
-            events / total.as_secs_f64(),
-            rounds,
-            frames.len()
-        );
-    }
     tokio::task::spawn_blocking(move || drop(net))
         .await
         .unwrap();

@@ -52,6 +52,8 @@ pub(crate) struct Dispatcher {
     concurrency: Arc<Semaphore>,
     lanes: Mutex<HashMap<String, VecDeque<Job>>>,
     runtime: Arc<Runtime>,
+    /// Set when the watcher is dropped without a graceful shutdown: lane tasks stop at once.
+    killed: tokio::sync::watch::Sender<bool>,
 }
 
 impl Dispatcher {
@@ -63,6 +65,7 @@ impl Dispatcher {
             concurrency: Arc::new(Semaphore::new(concurrency.max(1))),
             lanes: Mutex::new(HashMap::new()),
             runtime,
+            killed: tokio::sync::watch::Sender::new(false),
         }
     }
 
@@ -80,21 +83,78 @@ impl Dispatcher {
     }
 
     /// Queues a job behind the earlier jobs of the same DID.
+    ///
+    /// When the DID has nothing queued or running and a concurrency slot is free, the job is
+    /// polled once right here: a handler that finishes without waiting costs no task spawn
+    /// and no thread wake-up. One that does wait moves to a lane task, which keeps it and
+    /// the DID's later jobs in order.
     pub(crate) fn submit(self: &Arc<Self>, job: Job) {
         self.runtime
             .metrics
             .queue_depth
             .fetch_add(1, Ordering::Relaxed);
         let did = job.op.data().did.clone();
-        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(lane) = lanes.get_mut(&did) {
-            lane.push_back(job);
+        {
+            let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(lane) = lanes.get_mut(&did) {
+                lane.push_back(job);
+                return;
+            }
+            // The lane exists (busy) from here on; later jobs of this DID queue behind `job`.
+            lanes.insert(did.clone(), VecDeque::new());
+        }
+        let this = Arc::clone(self);
+        let Ok(slot) = Arc::clone(&self.concurrency).try_acquire_owned() else {
+            self.lanes
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(did.clone())
+                .or_default()
+                .push_front(job);
+            self.spawn_lane(async move { this.drive_lane(did).await });
+            return;
+        };
+        let mut first = Box::pin(run_job_in_span(Arc::clone(&self.runtime), job, slot));
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if first.as_mut().poll(&mut cx).is_ready() {
+            if !self.release_lane_if_empty(&did) {
+                self.spawn_lane(async move { this.drive_lane(did).await });
+            }
             return;
         }
-        lanes.insert(did.clone(), VecDeque::from([job]));
-        drop(lanes);
-        let this = Arc::clone(self);
-        tokio::spawn(async move { this.drive_lane(did).await });
+        // Pending: the spawned task polls it again at once, registering a real waker.
+        self.spawn_lane(async move {
+            first.await;
+            this.drive_lane(did).await;
+        });
+    }
+
+    /// Runs a lane's work on its own task, until it ends or the dispatcher is killed.
+    fn spawn_lane(&self, work: impl Future<Output = ()> + Send + 'static) {
+        let mut killed = self.killed.subscribe();
+        tokio::spawn(async move {
+            tokio::select! {
+                biased;
+                _ = killed.wait_for(|k| *k) => {}
+                () = work => {}
+            }
+        });
+    }
+
+    /// Stops every lane task where it is, as a process kill would: handlers in flight are
+    /// dropped, queued jobs are never run, and nothing more is persisted for them.
+    pub(crate) fn kill(&self) {
+        self.killed.send_replace(true);
+    }
+
+    /// Ends a lane whose queue is empty; returns false when jobs are waiting in it.
+    fn release_lane_if_empty(&self, did: &str) -> bool {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        if lanes.get(did).is_some_and(|lane| !lane.is_empty()) {
+            return false;
+        }
+        lanes.remove(did);
+        true
     }
 
     /// Waits until every queued and running job has finished.
@@ -119,25 +179,26 @@ impl Dispatcher {
                     }
                 }
             };
-            let _running = self
-                .concurrency
-                .acquire()
+            let slot = Arc::clone(&self.concurrency)
+                .acquire_owned()
                 .await
                 .expect("the concurrency semaphore is never closed");
-            let span = tracing::info_span!(
-                "op",
-                did = %job.op.data().did,
-                seq = job.op.data().seq,
-                path = %job.op.data().path,
-                action = job.op.data().action.as_str(),
-            );
-            run_job(&self.runtime, job).instrument(span).await;
-            self.runtime
-                .metrics
-                .queue_depth
-                .fetch_sub(1, Ordering::Relaxed);
+            run_job_in_span(Arc::clone(&self.runtime), job, slot).await;
         }
     }
+}
+
+/// Runs one job holding a concurrency slot, in a span naming the op.
+async fn run_job_in_span(rt: Arc<Runtime>, job: Job, _slot: OwnedSemaphorePermit) {
+    let span = tracing::info_span!(
+        "op",
+        did = %job.op.data().did,
+        seq = job.op.data().seq,
+        path = %job.op.data().path,
+        action = job.op.data().action.as_str(),
+    );
+    run_job(&rt, job).instrument(span).await;
+    rt.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
 }
 
 async fn run_job(rt: &Runtime, job: Job) {

@@ -424,7 +424,15 @@ impl Watcher {
 
     /// Runs until shut down (or until a source fails for good): reads every source, dispatches,
     /// and persists each source's cursor (the low-water mark of fully handled events).
+    ///
+    /// Dropping the future before it returns stops everything at once, like a process kill:
+    /// handlers in flight are dropped, queued ops are not run, and the cursor is not
+    /// flushed again, so a new watcher on the same state resumes from the stored cursor.
     pub async fn run(self) -> Result<(), FirehoseError> {
+        let mut on_drop = KillOnDrop {
+            dispatcher: Arc::clone(&self.pipeline.dispatcher),
+            flusher: None,
+        };
         let rt = Arc::clone(self.pipeline.dispatcher.runtime());
         let mut starts = Vec::new();
         for (i, source) in self.sources.iter().enumerate() {
@@ -469,6 +477,8 @@ impl Watcher {
             }
         });
 
+        on_drop.flusher = Some(flush_task.abort_handle());
+
         let mut result = Ok(());
         while let Some(joined) = readers.join_next().await {
             match joined {
@@ -491,6 +501,22 @@ impl Watcher {
         flusher.flush().await;
         info!("stopped; cursors persisted");
         result
+    }
+}
+
+/// Stops a watcher's lane and flusher tasks when [`Watcher::run`] is dropped before it ends
+/// (after a graceful end the lanes are drained and the flusher has finished: nothing to stop).
+struct KillOnDrop {
+    dispatcher: Arc<crate::dispatch::Dispatcher>,
+    flusher: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        self.dispatcher.kill();
+        if let Some(flusher) = &self.flusher {
+            flusher.abort();
+        }
     }
 }
 
