@@ -61,6 +61,7 @@
 mod batch;
 mod encode;
 mod error;
+mod reader;
 mod session;
 mod tid;
 mod transport;
@@ -72,6 +73,7 @@ pub use encode::{MAX_RECORD_CBOR_BYTES, MAX_REQUEST_JSON_BYTES, record_cid};
 pub use error::{Error, Result, Swap};
 pub use ipld_core::cid::Cid;
 pub use murmur_lexicon::{Validate, ValidationError};
+pub use reader::Reader;
 pub use session::{Secret, Session};
 pub use tid::{Tid, TidGenerator};
 pub use transport::{RateLimit, RetryPolicy};

@@ -186,8 +186,48 @@ pub(crate) struct Client {
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 impl Client {
+    /// The HTTP side for the PDS at `pds` (`http://` or `https://`).
+    pub(crate) fn new(
+        pds: &str,
+        policy: RetryPolicy,
+        http: Option<reqwest::Client>,
+        timeout: Duration,
+    ) -> Result<Client> {
+        if !pds.starts_with("http://") && !pds.starts_with("https://") {
+            return Err(Error::InvalidArgument {
+                what: "PDS URL",
+                message: format!("{pds:?} must start with http:// or https://"),
+            });
+        }
+        let http = match http {
+            Some(c) => c,
+            None => reqwest::Client::builder()
+                .use_rustls_tls()
+                .timeout(timeout)
+                .user_agent(concat!("murmur-pds/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .map_err(|e| Error::InvalidArgument {
+                    what: "HTTP client",
+                    message: e.to_string(),
+                })?,
+        };
+        Ok(Client {
+            transport: Transport::new(pds, http),
+            policy,
+            rate_limit: Mutex::new(None),
+        })
+    }
+
+    pub(crate) fn base(&self) -> &str {
+        self.transport.base()
+    }
+
+    pub(crate) fn requests(&self) -> u64 {
+        self.transport.requests()
+    }
+
     /// Runs one XRPC call built by `f`, with auth, refresh and retries.
-    async fn xrpc<O, E, F, Fut>(
+    pub(crate) async fn xrpc<O, E, F, Fut>(
         &self,
         session: Option<&SessionCell>,
         nsid: &'static str,
@@ -302,6 +342,143 @@ impl Client {
         }
     }
 
+    /// getRecord of `repo_did`; `None` when there is no record at `rkey`.
+    pub(crate) async fn get<C>(
+        &self,
+        session: Option<&SessionCell>,
+        auth: Auth,
+        repo_did: &str,
+        rkey: &str,
+    ) -> Result<Option<Stored<C::Record>>>
+    where
+        C: Collection,
+    {
+        let Some(out) = self
+            .get_record(session, auth, did_identifier(repo_did)?, C::NSID, rkey)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let cid = out
+            .cid
+            .as_ref()
+            .map(|c| *c.as_ref())
+            .ok_or_else(|| Error::Protocol {
+                nsid: repo::get_record::NSID,
+                message: "getRecord answered without a cid".into(),
+            })?;
+        let value = encode::decode(&out.uri, C::NSID, &out.value)?;
+        Ok(Some(Stored {
+            uri: out.data.uri,
+            cid,
+            rkey: rkey.to_string(),
+            value,
+        }))
+    }
+
+    pub(crate) async fn get_record(
+        &self,
+        session: Option<&SessionCell>,
+        auth: Auth,
+        repo_id: AtIdentifier,
+        collection: &str,
+        rkey: &str,
+    ) -> Result<Option<repo::get_record::Output>> {
+        let params: repo::get_record::Parameters = repo::get_record::ParametersData {
+            cid: None,
+            collection: nsid(collection)?,
+            repo: repo_id,
+            rkey: record_key(rkey)?,
+        }
+        .into();
+        let result = self
+            .xrpc(
+                session,
+                repo::get_record::NSID,
+                auth,
+                Replay::Idempotent,
+                |call| {
+                    let params = params.clone();
+                    async move {
+                        AtpServiceClient::new(call)
+                            .service
+                            .com
+                            .atproto
+                            .repo
+                            .get_record(params)
+                            .await
+                    }
+                },
+            )
+            .await;
+        match result {
+            Ok(out) => Ok(Some(out)),
+            Err(Error::Xrpc { error, .. }) if error == "RecordNotFound" => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// listRecords of collection `C` in `repo_id`.
+    pub(crate) async fn list<C>(
+        &self,
+        session: Option<&SessionCell>,
+        auth: Auth,
+        repo_id: AtIdentifier,
+        limit: u8,
+        cursor: Option<&str>,
+        reverse: bool,
+    ) -> Result<Page<C::Record>>
+    where
+        C: Collection,
+    {
+        let limit =
+            LimitedNonZeroU8::<100>::try_from(limit).map_err(|e| Error::InvalidArgument {
+                what: "list limit",
+                message: format!("{limit}: {e}; use 1 to 100"),
+            })?;
+        let params: repo::list_records::Parameters = repo::list_records::ParametersData {
+            collection: nsid(C::NSID)?,
+            cursor: cursor.map(str::to_string),
+            limit: Some(limit),
+            repo: repo_id,
+            reverse: reverse.then_some(true),
+        }
+        .into();
+        let out = self
+            .xrpc(
+                session,
+                repo::list_records::NSID,
+                auth,
+                Replay::Idempotent,
+                |call| {
+                    let params = params.clone();
+                    async move {
+                        AtpServiceClient::new(call)
+                            .service
+                            .com
+                            .atproto
+                            .repo
+                            .list_records(params)
+                            .await
+                    }
+                },
+            )
+            .await?;
+        let mut records = Vec::with_capacity(out.records.len());
+        for r in &out.records {
+            records.push(Stored {
+                uri: r.uri.clone(),
+                cid: *r.cid.as_ref(),
+                rkey: r.uri.rsplit('/').next().unwrap_or_default().to_string(),
+                value: encode::decode(&r.uri, C::NSID, &r.value)?,
+            });
+        }
+        Ok(Page {
+            records,
+            cursor: out.data.cursor,
+        })
+    }
+
     fn refresh_session(&self, refresh_token: Secret) -> BoxFuture<'_, Result<Session>> {
         Box::pin(async move {
             let out = self
@@ -391,29 +568,12 @@ impl WriterBuilder {
     }
 
     fn client(&self) -> Result<Client> {
-        if !self.pds.starts_with("http://") && !self.pds.starts_with("https://") {
-            return Err(Error::InvalidArgument {
-                what: "PDS URL",
-                message: format!("{:?} must start with http:// or https://", self.pds),
-            });
-        }
-        let http = match &self.http {
-            Some(c) => c.clone(),
-            None => reqwest::Client::builder()
-                .use_rustls_tls()
-                .timeout(self.timeout)
-                .user_agent(concat!("murmur-pds/", env!("CARGO_PKG_VERSION")))
-                .build()
-                .map_err(|e| Error::InvalidArgument {
-                    what: "HTTP client",
-                    message: e.to_string(),
-                })?,
-        };
-        Ok(Client {
-            transport: Transport::new(&self.pds, http),
-            policy: self.policy.clone(),
-            rate_limit: Mutex::new(None),
-        })
+        Client::new(
+            &self.pds,
+            self.policy.clone(),
+            self.http.clone(),
+            self.timeout,
+        )
     }
 
     /// Logs in with a handle or DID and a password (an app password works the same way).
@@ -834,69 +994,25 @@ impl Writer {
     where
         C: Collection,
     {
-        let repo = AtIdentifier::Did(Did::new(repo_did.to_string()).map_err(|e| {
-            Error::InvalidArgument {
-                what: "DID",
-                message: format!("{repo_did:?}: {e}"),
-            }
-        })?);
-        let Some(out) = self.get_record(repo, C::NSID, rkey).await? else {
-            return Ok(None);
-        };
-        let cid = out
-            .cid
-            .as_ref()
-            .map(|c| *c.as_ref())
-            .ok_or_else(|| Error::Protocol {
-                nsid: repo::get_record::NSID,
-                message: "getRecord answered without a cid".into(),
-            })?;
-        let value = encode::decode(&out.uri, C::NSID, &out.value)?;
-        Ok(Some(Stored {
-            uri: out.data.uri,
-            cid,
-            rkey: rkey.to_string(),
-            value,
-        }))
+        self.inner
+            .client
+            .get::<C>(Some(&self.inner.session), Auth::Session, repo_did, rkey)
+            .await
     }
 
     async fn get_raw(&self, collection: &str, rkey: &str) -> Result<Option<(Cid, String)>> {
-        let out = self.get_record(self.repo(), collection, rkey).await?;
+        let out = self
+            .inner
+            .client
+            .get_record(
+                Some(&self.inner.session),
+                Auth::Session,
+                self.repo(),
+                collection,
+                rkey,
+            )
+            .await?;
         Ok(out.and_then(|o| o.cid.as_ref().map(|c| (*c.as_ref(), o.data.uri.clone()))))
-    }
-
-    async fn get_record(
-        &self,
-        repo_id: AtIdentifier,
-        collection: &str,
-        rkey: &str,
-    ) -> Result<Option<repo::get_record::Output>> {
-        let params: repo::get_record::Parameters = repo::get_record::ParametersData {
-            cid: None,
-            collection: nsid(collection)?,
-            repo: repo_id,
-            rkey: record_key(rkey)?,
-        }
-        .into();
-        let result = self
-            .call(repo::get_record::NSID, Replay::Idempotent, |call| {
-                let params = params.clone();
-                async move {
-                    AtpServiceClient::new(call)
-                        .service
-                        .com
-                        .atproto
-                        .repo
-                        .get_record(params)
-                        .await
-                }
-            })
-            .await;
-        match result {
-            Ok(out) => Ok(Some(out)),
-            Err(Error::Xrpc { error, .. }) if error == "RecordNotFound" => Ok(None),
-            Err(e) => Err(e),
-        }
     }
 
     /// Lists records of collection `C` in this writer's repo, `limit` (1..=100) at a time,
@@ -910,46 +1026,17 @@ impl Writer {
     where
         C: Collection,
     {
-        let limit =
-            LimitedNonZeroU8::<100>::try_from(limit).map_err(|e| Error::InvalidArgument {
-                what: "list limit",
-                message: format!("{limit}: {e}; use 1 to 100"),
-            })?;
-        let params: repo::list_records::Parameters = repo::list_records::ParametersData {
-            collection: nsid(C::NSID)?,
-            cursor: cursor.map(str::to_string),
-            limit: Some(limit),
-            repo: self.repo(),
-            reverse: reverse.then_some(true),
-        }
-        .into();
-        let out = self
-            .call(repo::list_records::NSID, Replay::Idempotent, |call| {
-                let params = params.clone();
-                async move {
-                    AtpServiceClient::new(call)
-                        .service
-                        .com
-                        .atproto
-                        .repo
-                        .list_records(params)
-                        .await
-                }
-            })
-            .await?;
-        let mut records = Vec::with_capacity(out.records.len());
-        for r in &out.records {
-            records.push(Stored {
-                uri: r.uri.clone(),
-                cid: *r.cid.as_ref(),
-                rkey: r.uri.rsplit('/').next().unwrap_or_default().to_string(),
-                value: encode::decode(&r.uri, C::NSID, &r.value)?,
-            });
-        }
-        Ok(Page {
-            records,
-            cursor: out.data.cursor,
-        })
+        self.inner
+            .client
+            .list::<C>(
+                Some(&self.inner.session),
+                Auth::Session,
+                self.repo(),
+                limit,
+                cursor,
+                reverse,
+            )
+            .await
     }
 
     /// Starts an applyWrites batch (up to 200 writes, one commit).
@@ -1061,6 +1148,15 @@ pub(crate) fn nsid(s: &str) -> Result<Nsid> {
         what: "NSID",
         message: format!("{s:?}: {e}"),
     })
+}
+
+pub(crate) fn did_identifier(did: &str) -> Result<AtIdentifier> {
+    Ok(AtIdentifier::Did(Did::new(did.to_string()).map_err(
+        |e| Error::InvalidArgument {
+            what: "DID",
+            message: format!("{did:?}: {e}"),
+        },
+    )?))
 }
 
 pub(crate) fn record_key(s: &str) -> Result<RecordKey> {

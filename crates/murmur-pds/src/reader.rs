@@ -1,0 +1,154 @@
+//! The reader: public, unauthenticated reads of any repo hosted on one PDS.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use atrium_api::client::AtpServiceClient;
+use atrium_api::com::atproto::sync;
+use atrium_api::types::{Collection, LimitedNonZeroU16};
+
+use crate::writer::{Auth, Client, Replay, did_identifier};
+use crate::{Error, Page, Result, RetryPolicy, Stored};
+
+/// Reads records of any repo on one PDS, without an account: `getRecord`, `listRecords`,
+/// and the repos the host serves (`listRepos`). Reads are retried like the writer's.
+/// Cheap to clone.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), murmur_pds::Error> {
+/// use murmur_pds::Reader;
+/// #[derive(Debug)]
+/// struct Notes;
+/// impl murmur_pds::Collection for Notes {
+///     const NSID: &'static str = "com.example.note";
+///     type Record = serde_json::Value;
+/// }
+/// let reader = Reader::new("http://localhost:2583")?;
+/// let page = reader.list::<Notes>("did:plc:alice", 50, None, false).await?;
+/// for note in page.records {
+///     println!("{} {}", note.uri, note.value);
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Reader {
+    client: Arc<Client>,
+}
+
+impl fmt::Debug for Reader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Reader")
+            .field("pds", &self.client.base())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Reader {
+    /// A reader of the PDS at `pds_url` (default retry policy, 30 s per request).
+    pub fn new(pds_url: &str) -> Result<Reader> {
+        Reader::with_http_client(pds_url, None, RetryPolicy::default())
+    }
+
+    /// A reader using this reqwest client (or a default one) and retry policy.
+    pub fn with_http_client(
+        pds_url: &str,
+        http: Option<reqwest::Client>,
+        policy: RetryPolicy,
+    ) -> Result<Reader> {
+        let pds = pds_url.trim_end_matches('/');
+        Ok(Reader {
+            client: Arc::new(Client::new(pds, policy, http, Duration::from_secs(30))?),
+        })
+    }
+
+    /// The PDS base URL.
+    pub fn pds_url(&self) -> &str {
+        self.client.base()
+    }
+
+    /// HTTP requests this reader (and its clones) has sent so far.
+    pub fn http_requests(&self) -> u64 {
+        self.client.requests()
+    }
+
+    /// Reads the record of `C` at `rkey` in `repo_did`; `None` if there is none.
+    pub async fn get<C>(&self, repo_did: &str, rkey: &str) -> Result<Option<Stored<C::Record>>>
+    where
+        C: Collection,
+    {
+        self.client.get::<C>(None, Auth::None, repo_did, rkey).await
+    }
+
+    /// Lists records of `C` in `repo_did`, `limit` (1..=100) at a time, newest first unless
+    /// `reverse`. Pass the returned cursor to get the next page.
+    pub async fn list<C>(
+        &self,
+        repo_did: &str,
+        limit: u8,
+        cursor: Option<&str>,
+        reverse: bool,
+    ) -> Result<Page<C::Record>>
+    where
+        C: Collection,
+    {
+        self.client
+            .list::<C>(
+                None,
+                Auth::None,
+                did_identifier(repo_did)?,
+                limit,
+                cursor,
+                reverse,
+            )
+            .await
+    }
+
+    /// DIDs of the repos this host serves, `limit` (1..=1000) at a time. Pass the returned
+    /// cursor to get the next page (`None` at the end).
+    pub async fn list_repos(
+        &self,
+        limit: u16,
+        cursor: Option<&str>,
+    ) -> Result<(Vec<String>, Option<String>)> {
+        let limit =
+            LimitedNonZeroU16::<1000>::try_from(limit).map_err(|e| Error::InvalidArgument {
+                what: "list limit",
+                message: format!("{limit}: {e}; use 1 to 1000"),
+            })?;
+        let params: sync::list_repos::Parameters = sync::list_repos::ParametersData {
+            cursor: cursor.map(str::to_string),
+            limit: Some(limit),
+        }
+        .into();
+        let out = self
+            .client
+            .xrpc(
+                None,
+                sync::list_repos::NSID,
+                Auth::None,
+                Replay::Idempotent,
+                |call| {
+                    let params = params.clone();
+                    async move {
+                        AtpServiceClient::new(call)
+                            .service
+                            .com
+                            .atproto
+                            .sync
+                            .list_repos(params)
+                            .await
+                    }
+                },
+            )
+            .await?;
+        let dids = out
+            .data
+            .repos
+            .iter()
+            .filter(|r| r.active != Some(false))
+            .map(|r| r.did.as_str().to_string())
+            .collect();
+        Ok((dids, out.data.cursor))
+    }
+}
