@@ -1,14 +1,16 @@
 //! The Agent runtime and the task protocol against the real local network (2 PDS hosts):
-//! a worker killed mid-task, two workers racing for one task, a request nobody answers.
+//! a worker killed mid-task, two workers racing for one task, a request nobody answers, a
+//! requester that dies and recovers its open tasks from the repos, a claim policy, update
+//! and delete handlers.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use murmur::comms::{Assignment, Claim, Result as ResultC};
+use murmur::comms::{Ack, Assignment, Claim, Message, Result as ResultC, Task};
 use murmur::pds::Writer;
-use murmur::{Agent, AgentError, Job, TaskEvent, TaskSpec, Worker};
+use murmur::{Agent, AgentError, ClaimContext, ClaimOffer, Job, TaskEvent, TaskSpec, Worker};
 use murmur_devnet::Devnet;
 
 async fn shared() -> &'static Devnet {
@@ -498,6 +500,369 @@ async fn send_reaches_the_other_agents_handler_across_hosts() {
     assert_eq!(from, alice.did());
     assert_eq!(text.as_deref(), Some("hello bob"));
     assert_eq!(to, Some(vec![bob.did().to_string()]));
+    alice.shutdown().await;
+    bob.shutdown().await;
+}
+
+/// A worker that hangs on its first job and raises `started` once it has it.
+fn hanging(started: &Arc<AtomicBool>) -> Worker {
+    let started = Arc::clone(started);
+    Worker::new(move |_job: Job| {
+        let started = Arc::clone(&started);
+        async move {
+            started.store(true, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+            Ok(serde_json::Value::Null)
+        }
+    })
+}
+
+/// Every record of `C` in `writer`'s repo.
+async fn list_all<C: murmur::pds::Collection>(
+    writer: &Writer,
+) -> Vec<murmur::pds::Stored<C::Record>> {
+    let mut out = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = writer
+            .list::<C>(100, cursor.as_deref(), false)
+            .await
+            .unwrap();
+        out.extend(page.records);
+        match page.cursor {
+            Some(c) if !out.is_empty() => cursor = Some(c),
+            _ => return out,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_requester_recovers_its_open_tasks_from_the_repos() {
+    const TASKS: usize = 12;
+    let net = shared().await;
+    let boss_account = net
+        .create_account(0, &net.unique_handle("phoenix"), "password-1")
+        .await
+        .unwrap();
+    let w1 = writer(net, 0, "steady-1").await;
+    let w2 = writer(net, 1, "steady-2").await;
+    let w_doomed = writer(net, 1, "doomed-r").await;
+    let dids: Vec<String> = [&w1, &w2, &w_doomed]
+        .iter()
+        .map(|w| w.did().to_string())
+        .chain([boss_account.did.clone()])
+        .collect();
+    let doomed_started = Arc::new(AtomicBool::new(false));
+    let doomed = agent(net, w_doomed.clone(), &dids)
+        .requester(false)
+        .worker(hanging(&doomed_started).capabilities(["sleep"]))
+        .start()
+        .await
+        .unwrap();
+    let _a = agent(net, w1.clone(), &dids)
+        .requester(false)
+        .worker(sleeper(300).max_concurrent(2))
+        .start()
+        .await
+        .unwrap();
+    let _b = agent(net, w2.clone(), &dids)
+        .requester(false)
+        .worker(sleeper(700).max_concurrent(2))
+        .start()
+        .await
+        .unwrap();
+
+    // The first requester lives in a runtime of its own, which is dropped mid-run: every
+    // task of it stops where it stands, nothing is written on the way out.
+    let old = {
+        let (url, did, hosts, plc, dids) = (
+            boss_account.pds_url.clone(),
+            boss_account.did.clone(),
+            hosts(net),
+            net.plc_url().to_string(),
+            dids.clone(),
+        );
+        let doomed_started = Arc::clone(&doomed_started);
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let out = rt.block_on(async move {
+                let w = Writer::login(&url, &did, "password-1").await.unwrap();
+                let boss = Agent::builder(w)
+                    .watch_all(hosts)
+                    .plc_url(plc)
+                    .start_cursor(0)
+                    .peers(dids)
+                    .start()
+                    .await
+                    .unwrap();
+                let mut events = boss.events();
+                let specs = (0..TASKS).map(|n| {
+                    TaskSpec::new("sleep")
+                        .payload(serde_json::json!({ "n": n }))
+                        .lease(Duration::from_secs(3))
+                        .max_attempts(3)
+                });
+                let handles = boss.request_many(specs, 6).await.unwrap();
+                // Die once some tasks are done and others are running, the doomed one's too.
+                let (mut assigned, mut done) = (0usize, 0usize);
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !(done >= 3 && assigned >= done + 2 && doomed_started.load(Ordering::SeqCst))
+                {
+                    assert!(Instant::now() < deadline, "the swarm never got going");
+                    match tokio::time::timeout(Duration::from_millis(50), events.recv()).await {
+                        Ok(Ok(TaskEvent::Assigned { .. })) => assigned += 1,
+                        Ok(Ok(TaskEvent::Completed { .. })) => done += 1,
+                        _ => {}
+                    }
+                }
+                let uris: Vec<String> = handles.iter().map(|h| h.uri.clone()).collect();
+                (uris, boss.task_stats().done)
+            });
+            rt.shutdown_background();
+            out
+        })
+    };
+    let (uris, done_before) = tokio::task::spawn_blocking(move || old.join().unwrap())
+        .await
+        .unwrap();
+    doomed.kill();
+    eprintln!("requester died with {done_before} of {TASKS} tasks done");
+    // Workers carry on while no requester listens: running tasks finish, claims pile up.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    // Same identity, new process: a fresh login, a live-only stream, no state directory.
+    let boss_w = Writer::login(&boss_account.pds_url, &boss_account.did, "password-1")
+        .await
+        .unwrap();
+    let boss = Agent::builder(boss_w.clone())
+        .watch_all(hosts(net))
+        .plc_url(net.plc_url())
+        .peers(dids.clone())
+        .start()
+        .await
+        .unwrap();
+    let recovery = boss.recovery().expect("the requester recovered");
+    eprintln!("{recovery:?}");
+    assert_eq!(recovery.open as u64, TASKS as u64 - done_before);
+    assert!(recovery.done_while_away >= 1, "{recovery:?}");
+    assert!(
+        recovery.assigned >= 1,
+        "the doomed worker's task: {recovery:?}"
+    );
+    assert!(recovery.unreadable.is_empty(), "{recovery:?}");
+    let handles = boss.recovered_tasks();
+    assert_eq!(handles.len(), recovery.open);
+    assert!(
+        boss.recovered_tasks().is_empty(),
+        "handles are given out once"
+    );
+    for h in handles {
+        assert!(uris.contains(&h.uri), "{} is one of ours", h.uri);
+        let result = h.await_result(Duration::from_secs(60)).await.unwrap();
+        assert_eq!(result.record.outcome, "success");
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let stats = boss.task_stats();
+    eprintln!("{stats:?}");
+    assert_eq!(stats.duplicates, 0, "{stats:?}");
+    assert!(
+        stats.lease_expiries >= 1,
+        "the doomed worker's lease lapsed: {stats:?}"
+    );
+    assert!(
+        !stats.done_by.contains_key(doomed.did()),
+        "the killed worker finished nothing"
+    );
+
+    // In the repos: every task closed by exactly one accepted ack, naming its one result.
+    let tasks: Vec<String> = list_all::<Task>(&boss_w)
+        .await
+        .into_iter()
+        .map(|t| t.rkey)
+        .collect();
+    assert_eq!(tasks.len(), TASKS);
+    let mut results: HashMap<String, Vec<String>> = HashMap::new();
+    for w in [&w1, &w2, &w_doomed] {
+        for r in list_all::<ResultC>(w).await {
+            results.entry(r.rkey.clone()).or_default().push(r.uri);
+        }
+    }
+    let closing: HashMap<String, _> = list_all::<Ack>(&boss_w)
+        .await
+        .into_iter()
+        .filter(|a| tasks.contains(&a.rkey))
+        .map(|a| (a.rkey.clone(), a.value))
+        .collect();
+    for rkey in &tasks {
+        let found = results.get(rkey).cloned().unwrap_or_default();
+        assert_eq!(found.len(), 1, "task {rkey}: one result, not {found:?}");
+        let ack = closing
+            .get(rkey)
+            .unwrap_or_else(|| panic!("task {rkey} not closed"));
+        assert_eq!(ack.state, "accepted");
+        assert_eq!(ack.subject.uri, found[0], "task {rkey} accepted its result");
+    }
+    boss.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claim_policy_picks_its_worker_over_the_first_claim() {
+    let net = shared().await;
+    let boss_w = writer(net, 0, "picky").await;
+    let wa = writer(net, 0, "eager").await;
+    let wb = writer(net, 1, "chosen").await;
+    let dids: Vec<String> = [&boss_w, &wa, &wb]
+        .iter()
+        .map(|w| w.did().to_string())
+        .collect();
+    let chosen = wb.did().to_string();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let policy = {
+        let seen = Arc::clone(&seen);
+        move |_ctx: &ClaimContext<'_>, offers: &[ClaimOffer]| {
+            let workers: Vec<String> = offers.iter().map(|o| o.worker.clone()).collect();
+            seen.lock().unwrap().push(workers);
+            offers.iter().position(|o| o.worker == chosen)
+        }
+    };
+    let boss = agent(net, boss_w.clone(), &dids)
+        .claim_window(Duration::from_secs(3))
+        .claim_policy(policy)
+        .start()
+        .await
+        .unwrap();
+    let a = agent(net, wa.clone(), &dids)
+        .requester(false)
+        .worker(sleeper(100))
+        .start()
+        .await
+        .unwrap();
+    let mut events_a = a.events();
+    let handle = boss
+        .request(TaskSpec::new("sleep").payload(serde_json::json!({ "n": 1 })))
+        .await
+        .unwrap();
+    // The eager worker claims first; the chosen one joins only afterwards.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, events_a.recv()).await {
+            Ok(Ok(TaskEvent::ClaimSent { .. })) => break,
+            Ok(_) => {}
+            Err(_) => panic!("the eager worker never claimed"),
+        }
+    }
+    let _b = agent(net, wb.clone(), &dids)
+        .requester(false)
+        .worker(sleeper(100))
+        .start()
+        .await
+        .unwrap();
+    let result = handle.await_result(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(result.worker, wb.did(), "the policy's worker answered");
+    let assignments = list_all::<Assignment>(&boss_w).await;
+    assert_eq!(assignments.len(), 1);
+    assert_eq!(assignments[0].value.worker, wb.did());
+    let claims_a = list_all::<Claim>(&wa).await;
+    let claims_b = list_all::<Claim>(&wb).await;
+    assert_eq!((claims_a.len(), claims_b.len()), (1, 1), "both claimed");
+    assert!(
+        claims_a[0].value.created_at < claims_b[0].value.created_at,
+        "the eager worker claimed first"
+    );
+    let seen = seen.lock().unwrap().clone();
+    assert_eq!(
+        seen.last(),
+        Some(&vec![wa.did().to_string(), wb.did().to_string()]),
+        "the policy saw both claims, in arrival order: {seen:?}"
+    );
+    boss.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_update_and_on_delete_reach_the_agents_handlers() {
+    let net = shared().await;
+    let alice_w = writer(net, 0, "editor").await;
+    let bob_w = writer(net, 1, "reader").await;
+    let dids = vec![alice_w.did().to_string(), bob_w.did().to_string()];
+    let (tx, mut rx) = tokio::sync::mpsc::channel(8);
+    let (tx_u, tx_d) = (tx.clone(), tx.clone());
+    let bob = agent(net, bob_w, &dids)
+        .requester(false)
+        .on::<Message, _, _>(move |msg, op| {
+            let tx = tx.clone();
+            async move {
+                let _ = tx
+                    .send(("create", op.rkey().to_string(), msg.text.clone()))
+                    .await;
+                Ok(())
+            }
+        })
+        .on_update::<Message, _, _>(move |msg, op| {
+            let tx = tx_u.clone();
+            async move {
+                let _ = tx
+                    .send(("update", op.rkey().to_string(), msg.text.clone()))
+                    .await;
+                Ok(())
+            }
+        })
+        .on_delete::<Message, _, _>(move |gone, _op| {
+            let tx = tx_d.clone();
+            async move {
+                let _ = tx.send(("delete", gone.rkey.clone(), None)).await;
+                Ok(())
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let alice = agent(net, alice_w, &dids)
+        .requester(false)
+        .start()
+        .await
+        .unwrap();
+    let sent = alice.send(bob.did(), "first draft").await.unwrap();
+    let edited = murmur::comms::agent::comms::message::RecordData {
+        to: Some(vec![bob.did().to_string()]),
+        thread: None,
+        reply_to: None,
+        text: Some("final text".into()),
+        payload_type: None,
+        payload: None,
+        created_at: murmur::now(),
+    }
+    .into_record();
+    alice
+        .writer()
+        .put::<Message>(&sent.rkey, &edited, Some(sent.cid))
+        .await
+        .unwrap();
+    alice
+        .writer()
+        .delete::<Message>(&sent.rkey, None)
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while got.len() < 3 {
+        let next = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("every change reached bob")
+            .unwrap();
+        got.push(next);
+    }
+    let key = sent.rkey.clone();
+    assert_eq!(
+        got,
+        vec![
+            ("create", key.clone(), Some("first draft".to_string())),
+            ("update", key.clone(), Some("final text".to_string())),
+            ("delete", key, None),
+        ]
+    );
     alice.shutdown().await;
     bob.shutdown().await;
 }

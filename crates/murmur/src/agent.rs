@@ -12,7 +12,8 @@ use murmur_comms::{
     Assignment, Claim, Handoff, Message, Presence, Profile, Result as ResultC, Status, Task,
 };
 use murmur_firehose::{
-    Handler, HandlerError, Metrics, OpEvent, Record, ShutdownHandle, Watcher, WatcherBuilder,
+    Deleted, Handler, HandlerError, Metrics, OpEvent, Record, ShutdownHandle, Watcher,
+    WatcherBuilder,
 };
 use murmur_lexicon::Validate;
 use murmur_pds::{Collection, Writer, Written};
@@ -20,8 +21,11 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::AgentError;
+use crate::policy::{ClaimPolicy, FirstCome};
+use crate::recovery::{Candidates, Recovery};
 use crate::registry::Registry;
-use crate::requester::Requester;
+use crate::repos::Repos;
+use crate::requester::{Choosing, Requester, lock};
 use crate::task::{TaskEvent, TaskHandle, TaskSpec, TaskStats};
 use crate::worker::{Worker, WorkerRuntime};
 
@@ -40,6 +44,9 @@ pub struct AgentBuilder {
     profile: Option<profile::RecordData>,
     presence_every: Option<Duration>,
     lease_check: Duration,
+    claim_policy: Arc<dyn ClaimPolicy>,
+    claim_window: Duration,
+    recover: bool,
 }
 
 impl std::fmt::Debug for AgentBuilder {
@@ -129,6 +136,34 @@ impl AgentBuilder {
         self
     }
 
+    /// Chooses which claim wins each attempt of this agent's tasks (default [`FirstCome`]).
+    /// See [`ClaimPolicy`]; pair it with [`claim_window`](Self::claim_window) so the policy
+    /// sees more than the first claim.
+    pub fn claim_policy(mut self, policy: impl ClaimPolicy) -> Self {
+        self.claim_policy = Arc::new(policy);
+        self
+    }
+
+    /// How long the claims on an open task are gathered, from the first one, before the
+    /// claim policy chooses (default zero: each claim is offered as it arrives, so the first
+    /// acceptable one wins). A longer window lets the policy compare; it also delays every
+    /// assignment by that much.
+    pub fn claim_window(mut self, window: Duration) -> Self {
+        self.claim_window = window;
+        self
+    }
+
+    /// Rebuilds this identity's open tasks from the repos when the agent starts (default on;
+    /// requester role only). Tasks without a closing ack are taken over: a result already
+    /// in a worker's repo is accepted, assigned tasks have their leases watched again, the
+    /// others are assigned from the claims in the workers' repos. Get their handles with
+    /// [`Agent::recovered_tasks`]. Costs a few listRecords of the agent's own repo (100
+    /// records a page), plus reads of the workers' repos for the open tasks.
+    pub fn recover(mut self, on: bool) -> Self {
+        self.recover = on;
+        self
+    }
+
     /// Runs `f` for every created record of `C` on the watched hosts.
     pub fn on<C, F, Fut>(mut self, f: F) -> Self
     where
@@ -139,6 +174,33 @@ impl AgentBuilder {
     {
         self.collections.insert(C::NSID);
         self.watcher = self.watcher.on_create::<C, F, Fut>(f);
+        self
+    }
+
+    /// Runs `f` for every updated record of `C` (putRecord on an existing key) on the
+    /// watched hosts; the record is the new version.
+    pub fn on_update<C, F, Fut>(mut self, f: F) -> Self
+    where
+        C: Collection + Send + 'static,
+        C::Record: Validate + Send,
+        F: Fn(Record<C>, OpEvent) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.collections.insert(C::NSID);
+        self.watcher = self.watcher.on_update::<C, F, Fut>(f);
+        self
+    }
+
+    /// Runs `f` for every deleted record of `C` on the watched hosts. A delete carries no
+    /// record: [`Deleted`] names its uri, key and former CID.
+    pub fn on_delete<C, F, Fut>(mut self, f: F) -> Self
+    where
+        C: Collection + Send + 'static,
+        F: Fn(Deleted<C>, OpEvent) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
+    {
+        self.collections.insert(C::NSID);
+        self.watcher = self.watcher.on_delete::<C, F, Fut>(f);
         self
     }
 
@@ -172,6 +234,9 @@ impl AgentBuilder {
             profile,
             presence_every,
             lease_check,
+            claim_policy,
+            claim_window,
+            recover,
         } = self;
         let did = writer.did().to_string();
         if hosts.is_empty() {
@@ -210,7 +275,24 @@ impl AgentBuilder {
             });
         }
 
-        let requester = requester.then(|| Requester::new(writer.clone(), events.clone()));
+        let repos = Repos::new(plc_url.as_deref());
+        repos.host(&did, writer.pds_url());
+        let candidates = Candidates {
+            peers: peers.clone(),
+            hosts: hosts.clone(),
+        };
+        let requester = requester.then(|| {
+            Requester::new(
+                writer.clone(),
+                events.clone(),
+                Choosing {
+                    policy: claim_policy,
+                    window: claim_window,
+                },
+                registry.clone(),
+                repos,
+            )
+        });
         if let Some(req) = &requester {
             collections.extend([Claim::NSID, Status::NSID, ResultC::NSID]);
             let r = Arc::clone(req);
@@ -299,6 +381,17 @@ impl AgentBuilder {
                 tracing::error!(error = %err, "agent watcher stopped");
             }
         }));
+        // The watcher runs before the repos are read, so nothing written after the reads is
+        // missed; events about tasks not rebuilt yet wait until recovery is done.
+        if let Some(req) = requester.as_ref().filter(|_| recover)
+            && let Err(err) = req.recover(candidates).await
+        {
+            shutdown.shutdown();
+            for h in background {
+                h.abort();
+            }
+            return Err(err);
+        }
         if let Some(req) = &requester {
             let req = Arc::clone(req);
             background.push(tokio::spawn(async move {
@@ -446,6 +539,9 @@ impl Agent {
             profile: None,
             presence_every: None,
             lease_check: Duration::from_millis(250),
+            claim_policy: Arc::new(FirstCome),
+            claim_window: Duration::ZERO,
+            recover: true,
         }
     }
 
@@ -476,6 +572,39 @@ impl Agent {
             .as_ref()
             .map(|r| r.stats())
             .unwrap_or_default()
+    }
+
+    /// Takes the handles of the tasks recovered when the agent started: this identity's
+    /// tasks that an earlier run posted and did not close (see [`AgentBuilder::recover`]).
+    /// Each handle's [`await_result`](TaskHandle::await_result) yields the task's one
+    /// accepted result: at once if it was written while the agent was down, else when it
+    /// arrives. Each handle is given out once; later calls return the rest (none).
+    ///
+    /// ```no_run
+    /// # async fn demo(writer: murmur::pds::Writer) -> Result<(), murmur::AgentError> {
+    /// use std::time::Duration;
+    /// let agent = murmur::Agent::builder(writer).start().await?;   // same identity as before
+    /// for handle in agent.recovered_tasks() {
+    ///     let result = handle.await_result(Duration::from_secs(60)).await?;
+    ///     println!("{} -> {}", result.task, result.output_json());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn recovered_tasks(&self) -> Vec<TaskHandle> {
+        self.inner
+            .requester
+            .as_ref()
+            .map(|r| std::mem::take(&mut *lock(&r.recovered)))
+            .unwrap_or_default()
+    }
+
+    /// What was rebuilt from the repos at start (`None` without the requester role or with
+    /// recovery off).
+    pub fn recovery(&self) -> Option<Recovery> {
+        self.inner
+            .requester
+            .as_ref()
+            .and_then(|r| lock(&r.recovery).clone())
     }
 
     /// The watcher's live metrics.

@@ -49,6 +49,19 @@ pub enum AgentError {
         task: String,
     },
 
+    /// The agent's own repo could not be read while rebuilding its open tasks at start.
+    #[error(
+        "could not read {what} to recover open tasks: {source}; check that the PDS is \
+         reachable, or start without recovery (.recover(false))"
+    )]
+    Recover {
+        /// What was being read.
+        what: String,
+        /// The read's error.
+        #[source]
+        source: murmur_pds::Error,
+    },
+
     /// The agent was built without the requester role, so it cannot follow its own tasks.
     #[error(
         "this agent was built with .requester(false); build it with the requester role to call request()"

@@ -41,13 +41,18 @@
 
 mod agent;
 mod error;
+mod policy;
+mod recovery;
 mod registry;
+mod repos;
 mod requester;
 mod task;
 mod worker;
 
 pub use agent::{Agent, AgentBuilder};
 pub use error::AgentError;
+pub use policy::{ClaimContext, ClaimOffer, ClaimPolicy, FirstCome};
+pub use recovery::Recovery;
 pub use registry::{AgentInfo, Registry};
 pub use task::{TaskEvent, TaskHandle, TaskResult, TaskSpec, TaskStats};
 pub use worker::{Job, Worker};
@@ -63,7 +68,7 @@ pub use murmur_pds as pds;
 /// Event-stream frames and commit verification (re-export of `murmur-sync`).
 pub use murmur_sync as sync;
 
-pub use murmur_firehose::{Author, HandlerError, OpEvent, Record, State, handler};
+pub use murmur_firehose::{Author, Deleted, HandlerError, OpEvent, Record, State, handler};
 
 /// A strong reference to a record: its at-uri and CID.
 pub type StrongRef = atrium_api::com::atproto::repo::strong_ref::Main;

@@ -123,7 +123,9 @@ impl TaskResult {
     }
 }
 
-/// A posted task; wait for its result with [`TaskHandle::await_result`].
+/// A posted task, or one recovered from the repo after a restart
+/// ([`Agent::recovered_tasks`](crate::Agent::recovered_tasks)); wait for its result with
+/// [`TaskHandle::await_result`].
 pub struct TaskHandle {
     /// at-uri of the task.
     pub uri: String,
@@ -261,6 +263,9 @@ pub enum TaskEvent {
 pub struct TaskStats {
     /// Tasks posted.
     pub posted: u64,
+    /// Open tasks taken over from the repo when the agent started (see
+    /// [`Agent::recovery`](crate::Agent::recovery)).
+    pub recovered: u64,
     /// Tasks that received at least one claim.
     pub claimed: u64,
     /// Assignments written (reassignments included).
