@@ -101,3 +101,29 @@ impl DeadLetterStore for FileDeadLetterStore {
             .collect()
     }
 }
+
+/// A dead-letter store in memory: the default when the watcher has no state directory.
+/// Letters last as long as the process; read them with [`Watcher::dead_letters`](crate::Watcher::dead_letters).
+#[derive(Debug, Default)]
+pub struct MemoryDeadLetterStore {
+    letters: std::sync::Mutex<Vec<DeadLetter>>,
+}
+
+#[async_trait]
+impl DeadLetterStore for MemoryDeadLetterStore {
+    async fn put(&self, letter: DeadLetter) -> Result<(), FirehoseError> {
+        self.letters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(letter);
+        Ok(())
+    }
+
+    async fn list(&self) -> Result<Vec<DeadLetter>, FirehoseError> {
+        Ok(self
+            .letters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone())
+    }
+}

@@ -11,7 +11,7 @@ use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tracing::{Instrument, debug, error, warn};
 
 use crate::handler::{BoxFuture, CallError};
-use crate::progress::Progress;
+use crate::progress::{EventToken, Progress};
 use crate::{
     Backoff, DeadLetter, DeadLetterStore, DedupStore, Handler, HandlerError, Metrics, OpEvent,
     Rejection,
@@ -25,6 +25,8 @@ pub(crate) struct Job {
     pub op: OpEvent,
     pub handlers: Vec<Arc<HandlerEntry>>,
     pub source: usize,
+    /// The op's event in its source's [`Progress`].
+    pub event: EventToken,
     pub _permit: OwnedSemaphorePermit,
 }
 
@@ -202,27 +204,27 @@ async fn run_job_in_span(rt: Arc<Runtime>, job: Job, _slot: OwnedSemaphorePermit
 }
 
 async fn run_job(rt: &Runtime, job: Job) {
-    let op = job.op;
-    let key = op.key();
-    let seen = match &rt.dedup {
-        Some(dedup) => persist("dedup lookup", || dedup.contains(&key)).await,
-        None => false,
+    let op = &job.op;
+    let key = rt.dedup.as_ref().map(|_| op.key());
+    let seen = match (&rt.dedup, &key) {
+        (Some(dedup), Some(key)) => persist("dedup lookup", || dedup.contains(key)).await,
+        _ => false,
     };
     if seen {
         debug!("already handled before a restart; skipped");
         Metrics::inc(&rt.metrics.skipped_duplicates);
     } else {
         for entry in &job.handlers {
-            run_handler(rt, entry, &op).await;
+            run_handler(rt, entry, op).await;
         }
-        if let Some(dedup) = &rt.dedup {
+        if let (Some(dedup), Some(key)) = (&rt.dedup, key) {
             persist("dedup insert", || dedup.insert(key.clone())).await;
         }
     }
-    let mut progress = rt.progress[job.source]
+    rt.progress[job.source]
         .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    progress.finish(op.data().seq);
+        .unwrap_or_else(|e| e.into_inner())
+        .finish(job.event);
 }
 
 async fn run_handler(rt: &Runtime, entry: &Arc<HandlerEntry>, op: &OpEvent) {

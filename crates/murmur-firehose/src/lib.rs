@@ -58,7 +58,7 @@ mod watcher;
 
 pub use backoff::Backoff;
 pub use cursor::{CursorStore, FileCursorStore};
-pub use dead_letter::{DeadLetter, DeadLetterStore, FileDeadLetterStore};
+pub use dead_letter::{DeadLetter, DeadLetterStore, FileDeadLetterStore, MemoryDeadLetterStore};
 pub use dedup::{DedupStore, FileDedupStore, OpKey};
 pub use dispatch::RejectedHook;
 pub use error::{FirehoseError, HandlerError, Rejection};

@@ -147,7 +147,7 @@ impl Pipeline {
             };
             jobs.push((OpEvent::new(data, Arc::clone(&self.state)), handlers));
         }
-        self.dispatcher.runtime().progress[index]
+        let event = self.dispatcher.runtime().progress[index]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .begin(seq, jobs.len());
@@ -159,6 +159,7 @@ impl Pipeline {
                 op,
                 handlers,
                 source: index,
+                event,
                 _permit: permit,
             });
         }

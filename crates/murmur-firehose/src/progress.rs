@@ -1,13 +1,23 @@
-//! The low-water mark of one source: the highest seq whose events, and all before it, are done.
+//! The low-water mark of one source: the seq of the last event that, with every event read
+//! before it, is done.
 
 use std::collections::VecDeque;
 
-/// Tracks events of one source in arrival (= seq) order until all their ops are handled.
+/// Identifies one event in a [`Progress`]: its place in arrival order.
+pub(crate) type EventToken = u64;
+
+/// Tracks the events of one source in arrival order until all their ops are handled.
+///
+/// Arrival order, not seq order, decides: after a seq regression (a relay reset, or a new
+/// relay behind the same URL) the new seq space starts behind the old one, and the stored
+/// cursor moves into it only once every event read before the regression is done.
 #[derive(Debug, Default)]
 pub(crate) struct Progress {
-    /// (seq, ops still running), oldest first.
-    pending: VecDeque<(i64, usize)>,
-    /// Everything up to and including this seq is done.
+    /// (token, seq, ops still running), oldest first; tokens increase by one.
+    pending: VecDeque<(EventToken, i64, usize)>,
+    /// The token the next event gets.
+    next: EventToken,
+    /// Everything read up to and including the event with this seq is done.
     low_water: Option<i64>,
 }
 
@@ -15,25 +25,24 @@ impl Progress {
     /// Starts tracking: everything before `cursor` is considered done.
     pub(crate) fn resume_from(cursor: Option<i64>) -> Self {
         Progress {
-            pending: VecDeque::new(),
             low_water: cursor,
+            ..Progress::default()
         }
     }
 
-    /// An event arrived with `ops` ops to run (0 when nothing matched).
-    pub(crate) fn begin(&mut self, seq: i64, ops: usize) {
-        if self.pending.back().is_some_and(|&(last, _)| seq <= last) {
-            // Out-of-order seq from a source: never move backwards; the caller reports the gap.
-            return;
-        }
-        self.pending.push_back((seq, ops));
+    /// An event with `seq` arrived with `ops` ops to run (0 when nothing matched).
+    pub(crate) fn begin(&mut self, seq: i64, ops: usize) -> EventToken {
+        let token = self.next;
+        self.next += 1;
+        self.pending.push_back((token, seq, ops));
         self.advance();
+        token
     }
 
-    /// One op of event `seq` finished (handled, dead-lettered or rejected).
-    pub(crate) fn finish(&mut self, seq: i64) {
-        if let Ok(i) = self.pending.binary_search_by_key(&seq, |&(s, _)| s) {
-            let left = &mut self.pending[i].1;
+    /// One op of the event `token` finished (handled, dead-lettered or rejected).
+    pub(crate) fn finish(&mut self, token: EventToken) {
+        if let Ok(i) = self.pending.binary_search_by_key(&token, |&(t, _, _)| t) {
+            let left = &mut self.pending[i].2;
             *left = left.saturating_sub(1);
         }
         self.advance();
@@ -45,7 +54,7 @@ impl Progress {
     }
 
     fn advance(&mut self) {
-        while let Some(&(seq, 0)) = self.pending.front() {
+        while let Some(&(_, seq, 0)) = self.pending.front() {
             self.low_water = Some(seq);
             self.pending.pop_front();
         }
@@ -59,25 +68,50 @@ mod tests {
     #[test]
     fn low_water_never_passes_an_unfinished_event() {
         let mut p = Progress::resume_from(Some(10));
-        p.begin(11, 1);
+        let e11 = p.begin(11, 1);
         p.begin(12, 0);
-        p.begin(14, 2);
+        let e14 = p.begin(14, 2);
         assert_eq!(p.low_water(), Some(10));
-        p.finish(14);
-        p.finish(14);
+        p.finish(e14);
+        p.finish(e14);
         assert_eq!(p.low_water(), Some(10), "11 still runs");
-        p.finish(11);
+        p.finish(e11);
         assert_eq!(p.low_water(), Some(14));
         p.begin(15, 0);
         assert_eq!(p.low_water(), Some(15));
     }
 
     #[test]
-    fn regressing_seq_is_ignored() {
-        let mut p = Progress::resume_from(None);
-        p.begin(5, 1);
-        p.begin(3, 1);
-        p.finish(5);
+    fn a_seq_regression_moves_the_cursor_into_the_new_space_after_the_old_events() {
+        let mut p = Progress::resume_from(Some(900));
+        let old = p.begin(1000, 1);
+        // The relay restarted: its seqs begin again at 3.
+        let new3 = p.begin(3, 1);
+        p.begin(4, 0);
+        p.finish(new3);
+        assert_eq!(p.low_water(), Some(900), "event 1000 of the old space still runs");
+        p.finish(old);
+        assert_eq!(p.low_water(), Some(4), "now in the new seq space");
+        p.begin(5, 0);
         assert_eq!(p.low_water(), Some(5));
+    }
+
+    #[test]
+    fn a_repeated_seq_is_tracked_as_its_own_event() {
+        let mut p = Progress::resume_from(None);
+        let a = p.begin(7, 1);
+        let b = p.begin(7, 1);
+        p.finish(b);
+        assert_eq!(p.low_water(), None);
+        p.finish(a);
+        assert_eq!(p.low_water(), Some(7));
+    }
+
+    #[test]
+    fn finishing_an_unknown_token_changes_nothing() {
+        let mut p = Progress::resume_from(Some(1));
+        p.begin(2, 1);
+        p.finish(99);
+        assert_eq!(p.low_water(), Some(1));
     }
 }

@@ -21,7 +21,7 @@ use crate::progress::Progress;
 use crate::{
     Action, Backoff, CursorStore, DeadLetterStore, DedupStore, DidAllowlist, FileCursorStore,
     FileDeadLetterStore, FileDedupStore, Filter, FirehoseError, Gap, Handler, HandlerError,
-    Metrics, OpEvent, Source, SourceError, SubscribeRepos,
+    MemoryDeadLetterStore, Metrics, OpEvent, Source, SourceError, SubscribeRepos,
 };
 
 /// Called with every gap: events the application may have missed.
@@ -180,7 +180,11 @@ impl WatcherBuilder {
     }
 
     /// Keeps cursors, the dedup log and dead letters as files under `dir` (unless a store was
-    /// set explicitly).
+    /// set explicitly): `cursors/`, `dedup.log`, `dead-letters.jsonl`.
+    ///
+    /// Without a state directory (and without explicit stores) a watcher keeps nothing across
+    /// restarts: it starts from [`start_cursor`](Self::start_cursor) or the live stream, has
+    /// no dedup store, and keeps dead letters in memory ([`Watcher::dead_letters`]).
     pub fn state_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.state_dir = Some(dir.into());
         self
@@ -198,7 +202,8 @@ impl WatcherBuilder {
         self
     }
 
-    /// Where failed ops go.
+    /// Where failed ops go (default: `dead-letters.jsonl` under the
+    /// [`state_dir`](Self::state_dir), or memory without one).
     pub fn dead_letter_store(mut self, store: impl DeadLetterStore) -> Self {
         self.dead_letters = Some(Arc::new(store));
         self
@@ -318,12 +323,9 @@ impl WatcherBuilder {
             }
             (None, None) => None,
         };
-        let dead_letters = self.dead_letters.unwrap_or_else(|| {
-            let path = self.state_dir.as_ref().map_or_else(
-                || PathBuf::from("murmur-dead-letters.jsonl"),
-                |d| d.join("dead-letters.jsonl"),
-            );
-            Arc::new(FileDeadLetterStore::new(path))
+        let dead_letters = self.dead_letters.unwrap_or_else(|| match &self.state_dir {
+            Some(dir) => Arc::new(FileDeadLetterStore::new(dir.join("dead-letters.jsonl"))),
+            None => Arc::new(MemoryDeadLetterStore::default()),
         });
         let metrics = Arc::new(Metrics::default());
         let runtime = Arc::new(Runtime {
@@ -410,6 +412,11 @@ impl Watcher {
     /// The live metrics.
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.pipeline.metrics)
+    }
+
+    /// The dead-letter store: ops whose handlers failed for good.
+    pub fn dead_letters(&self) -> Arc<dyn DeadLetterStore> {
+        Arc::clone(&self.pipeline.dispatcher.runtime().dead_letters)
     }
 
     /// The DID allowlist; changes apply to the next event.

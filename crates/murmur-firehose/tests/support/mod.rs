@@ -1,0 +1,3 @@
+//! Shared by the offline tests.
+
+pub mod corpus;
