@@ -1,5 +1,5 @@
 //! The watcher against the real local network: delivery, ordering, restarts, faults, retries,
-//! dead letters, rejections, backpressure.
+//! dead letters, rejections, backpressure, wss:// through a TLS proxy.
 //!
 //! Records use a small fixture collection (`test.murmur.note`) so these tests exercise the
 //! watcher alone; the agent.comms types are exercised by the agent tests.
@@ -532,4 +532,97 @@ async fn slow_handler_bounds_the_queue() {
     eprintln!(
         "slow handler: max queue depth {max_depth} (capacity {CAPACITY}); peak RSS of the test process: {rss}"
     );
+}
+
+/// A TLS-terminating proxy on 127.0.0.1 in front of `upstream` (`http://host:port`), with a
+/// certificate for `localhost` issued by a fresh private CA. Returns the proxy's port and a
+/// client configuration trusting that CA.
+async fn tls_proxy(upstream: &str) -> (u16, Arc<rustls::ClientConfig>) {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .unwrap();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into());
+    let server = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+    let upstream = upstream
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, upstream) = (acceptor.clone(), upstream.clone());
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let Ok(mut plain) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+            });
+        }
+    });
+    (port, Arc::new(client))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wss_source_over_tls_delivers_and_checks_the_certificate() {
+    let net = shared().await;
+    let (alice, writer) = account(net, 0, "tls").await;
+    let (port, client_tls) = tls_proxy(net.pds(0).unwrap().url()).await;
+    let wss = format!("wss://localhost:{port}");
+
+    // The default roots (webpki) do not include the private CA: a typed transport error
+    // naming the certificate problem.
+    let refused =
+        murmur_firehose::Source::connect(&murmur_firehose::SubscribeRepos::new(&wss), None)
+            .await
+            .err()
+            .expect("an untrusted certificate must not connect");
+    match &refused {
+        murmur_firehose::SourceError::Transport(msg) => {
+            assert!(msg.to_lowercase().contains("certificate"), "{msg}")
+        }
+        other => panic!("expected a transport error, got {other:?}"),
+    }
+
+    write_notes(&writer, 0..20, 5).await;
+    let seen: Seen = Arc::default();
+    let watcher = Watcher::builder()
+        .source(murmur_firehose::SubscribeRepos::new(&wss).with_tls_config(client_tls))
+        .plc_url(net.plc_url())
+        .start_cursor(0)
+        .dids([alice.did.clone()])
+        .state(Arc::clone(&seen))
+        .handler(record_note)
+        .build()
+        .unwrap();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    wait_for("20 records over wss", Duration::from_secs(30), || {
+        seen.lock().unwrap().len() >= 20
+    })
+    .await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+    let expected = HashMap::from([(alice.did.clone(), 20)]);
+    assert_exactly_once_in_order(&seen.lock().unwrap(), &expected);
 }

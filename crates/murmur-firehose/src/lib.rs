@@ -71,6 +71,8 @@ pub use handler::{
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use murmur_macros::handler;
 pub use op::{Action, OpData, OpEvent};
+/// The TLS library `wss://` sources use, for [`SubscribeRepos::with_tls_config`].
+pub use rustls;
 pub use source::{MessageStream, Source, SourceError, SourceMessage, SubscribeRepos};
 pub use watcher::{GapHook, ShutdownHandle, Watcher, WatcherBuilder};
 

@@ -1,6 +1,7 @@
 //! Where events come from: `com.atproto.sync.subscribeRepos` on a PDS or relay.
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -57,11 +58,15 @@ pub trait Source: Send + Sync + 'static {
 }
 
 /// `com.atproto.sync.subscribeRepos` over WebSocket, from a PDS or a relay.
+///
+/// `wss://` (and `https://`) URLs connect over TLS (rustls), trusting the Mozilla root
+/// certificates (webpki-roots) unless [`with_tls_config`](Self::with_tls_config) says otherwise.
 #[derive(Debug, Clone)]
 pub struct SubscribeRepos {
     url: String,
     ping_interval: Duration,
     idle_timeout: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl SubscribeRepos {
@@ -83,7 +88,14 @@ impl SubscribeRepos {
             url: format!("{ws}/xrpc/com.atproto.sync.subscribeRepos"),
             ping_interval: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(60),
+            tls: None,
         }
+    }
+
+    /// The TLS client configuration for `wss://` URLs: e.g. a root store with a private CA.
+    pub fn with_tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
     }
 
     /// Sends a ping this often and treats `idle_timeout` of silence as a dead connection.
@@ -105,9 +117,14 @@ impl Source for SubscribeRepos {
             Some(c) => format!("{}?cursor={c}", self.url),
             None => self.url.clone(),
         };
-        let (socket, _) = tokio_tungstenite::connect_async(url)
-            .await
-            .map_err(handshake_error)?;
+        let connector = self
+            .tls
+            .as_ref()
+            .map(|config| tokio_tungstenite::Connector::Rustls(Arc::clone(config)));
+        let (socket, _) =
+            tokio_tungstenite::connect_async_tls_with_config(url, None, true, connector)
+                .await
+                .map_err(handshake_error)?;
         let (mut sink, mut read) = socket.split();
         let (ping_interval, idle) = (self.ping_interval, self.idle_timeout);
         let stream = async_stream(move |tx| async move {
