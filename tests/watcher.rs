@@ -626,3 +626,134 @@ async fn wss_source_over_tls_delivers_and_checks_the_certificate() {
     let expected = HashMap::from([(alice.did.clone(), 20)]);
     assert_exactly_once_in_order(&seen.lock().unwrap(), &expected);
 }
+
+/// Frames from memory, then an open, silent stream.
+struct Replay(Arc<Vec<Vec<u8>>>);
+
+#[async_trait::async_trait]
+impl murmur_firehose::Source for Replay {
+    fn url(&self) -> &str {
+        "memory://replay"
+    }
+
+    async fn connect(
+        &self,
+        _cursor: Option<i64>,
+    ) -> Result<murmur_firehose::MessageStream, murmur_firehose::SourceError> {
+        use futures_util::StreamExt;
+        let items: Vec<_> = self
+            .0
+            .iter()
+            .map(|f| Ok(murmur_firehose::SourceMessage::Frame(f.clone())))
+            .collect();
+        Ok(Box::pin(
+            futures_util::stream::iter(items).chain(futures_util::stream::pending()),
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chain_break_reports_a_gap_and_refetches_the_verified_repo() {
+    use futures_util::StreamExt;
+    use murmur_sync::Frame;
+    let net = shared().await;
+    let (alice, writer) = account(net, 0, "resync").await;
+    let mut paths = Vec::new();
+    for n in 0..3 {
+        let created = writer.create::<Note>(&note(n)).await.unwrap();
+        paths.push(format!(
+            "{}/{}",
+            Note::NSID,
+            created.uri.rsplit('/').next().unwrap()
+        ));
+    }
+
+    // Record alice's real frames from the PDS, then replay them with the second note's
+    // commit missing: a missed event, as after a dropped connection past the replay window.
+    let ws = format!(
+        "{}/xrpc/com.atproto.sync.subscribeRepos?cursor=0",
+        net.pds(0).unwrap().url().replacen("http", "ws", 1)
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(ws).await.unwrap();
+    let mut frames = Vec::new();
+    let mut note_commits = 0;
+    while note_commits < 3 {
+        let msg = tokio::time::timeout(Duration::from_secs(20), socket.next())
+            .await
+            .expect("alice's commits on the stream")
+            .unwrap()
+            .unwrap();
+        let tokio_tungstenite::tungstenite::Message::Binary(bytes) = msg else {
+            continue;
+        };
+        let frame = Frame::decode(&bytes).unwrap();
+        if frame.did() != Some(alice.did.as_str()) {
+            continue;
+        }
+        if let Frame::Commit(c) = &frame
+            && c.ops.iter().any(|op| op.collection() == Note::NSID)
+        {
+            note_commits += 1;
+            if note_commits == 2 {
+                continue; // the missed event
+            }
+        }
+        frames.push(bytes.to_vec());
+    }
+
+    let seen: Seen = Arc::default();
+    let gaps = Arc::new(Mutex::new(Vec::new()));
+    let resynced = Arc::new(Mutex::new(Vec::new()));
+    let (g, r) = (Arc::clone(&gaps), Arc::clone(&resynced));
+    let watcher = Watcher::builder()
+        .source(Replay(Arc::new(frames)))
+        .plc_url(net.plc_url())
+        .state(Arc::clone(&seen))
+        .handler(record_note)
+        .on_gap(move |gap| g.lock().unwrap().push(gap.kind.clone()))
+        .on_resync(move |did, repo| r.lock().unwrap().push((did.to_string(), repo)))
+        .build()
+        .unwrap();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    wait_for("the re-fetched repo", Duration::from_secs(20), || {
+        !resynced.lock().unwrap().is_empty()
+    })
+    .await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+
+    let notes: Vec<u64> = seen.lock().unwrap().iter().map(|(_, n)| *n).collect();
+    assert_eq!(notes, vec![0, 2], "the stream delivered what it carried");
+    assert_eq!(
+        *gaps.lock().unwrap(),
+        vec![murmur_firehose::GapKind::ChainBreak {
+            did: alice.did.clone()
+        }]
+    );
+    let resynced = resynced.lock().unwrap();
+    let [(did, Ok(repo))] = &resynced[..] else {
+        panic!("one successful re-fetch expected, got {resynced:?}")
+    };
+    assert_eq!(did, &alice.did);
+    assert_eq!(repo.level, murmur_sync::VerifyLevel::Full);
+    let in_repo: Vec<&str> = repo
+        .records
+        .iter()
+        .filter(|r| r.collection() == Note::NSID)
+        .map(|r| r.path.as_str())
+        .collect();
+    let mut want: Vec<&str> = paths.iter().map(String::as_str).collect();
+    want.sort_unstable();
+    assert_eq!(in_repo, want, "the repo shows the note the stream missed");
+    let missed: NoteRecord = serde_ipld_dagcbor::from_slice(
+        &repo
+            .records
+            .iter()
+            .find(|r| r.path == paths[1])
+            .unwrap()
+            .record,
+    )
+    .unwrap();
+    assert_eq!(missed.n, 1);
+}

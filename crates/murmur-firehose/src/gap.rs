@@ -15,7 +15,8 @@ pub enum GapKind {
         /// The seq now received.
         now: i64,
     },
-    /// A repo's rev chain broke (missed commits): re-fetch that repo with `getRepo`.
+    /// A repo's rev chain broke (missed commits): the repo can be re-fetched with `getRepo`
+    /// ([`WatcherBuilder::on_resync`](crate::WatcherBuilder::on_resync) does it).
     ChainBreak {
         /// The repo.
         did: String,

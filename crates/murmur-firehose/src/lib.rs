@@ -74,7 +74,7 @@ pub use op::{Action, OpData, OpEvent};
 /// The TLS library `wss://` sources use, for [`SubscribeRepos::with_tls_config`].
 pub use rustls;
 pub use source::{MessageStream, Source, SourceError, SourceMessage, SubscribeRepos};
-pub use watcher::{GapHook, ShutdownHandle, Watcher, WatcherBuilder};
+pub use watcher::{GapHook, ResyncHook, ShutdownHandle, Watcher, WatcherBuilder};
 
 /// Items the `#[handler]` macro expands to; not part of the public API.
 #[doc(hidden)]

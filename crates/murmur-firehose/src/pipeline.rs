@@ -4,11 +4,11 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use murmur_sync::{CommitEvent, Frame, StreamError, SyncError, Verifier};
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::dispatch::{Dispatcher, HandlerEntry, Job};
 use crate::op::{OpData, StateMap};
-use crate::watcher::GapHook;
+use crate::watcher::{GapHook, ResyncHook};
 use crate::{Filter, Gap, GapKind, Metrics, OpEvent, Rejection, SourceError};
 
 /// Everything shared by the source readers.
@@ -17,9 +17,10 @@ pub(crate) struct Pipeline {
     pub handlers: Vec<Arc<HandlerEntry>>,
     pub tail: Option<Arc<HandlerEntry>>,
     pub state: Arc<StateMap>,
-    pub verifier: Verifier,
+    pub verifier: Arc<Verifier>,
     pub dispatcher: Arc<Dispatcher>,
     pub on_gap: Option<GapHook>,
+    pub on_resync: Option<ResyncHook>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -245,6 +246,21 @@ impl Pipeline {
         warn!(source = url, gap = ?gap.kind, detail = %gap.detail, "gap");
         if let Some(hook) = &self.on_gap {
             hook(&gap);
+        }
+        if let (GapKind::ChainBreak { did }, Some(hook)) = (&gap.kind, &self.on_resync) {
+            let (did, hook, verifier) = (did.clone(), Arc::clone(hook), Arc::clone(&self.verifier));
+            tokio::spawn(async move {
+                let repo = verifier.fetch_repo(&did).await;
+                match &repo {
+                    Ok(repo) => {
+                        info!(did = %did, rev = %repo.rev, records = repo.records.len(), "repo re-fetched after a chain break")
+                    }
+                    Err(e) => {
+                        warn!(did = %did, error = %e, "repo re-fetch after a chain break failed")
+                    }
+                }
+                hook(&did, repo);
+            });
         }
     }
 }

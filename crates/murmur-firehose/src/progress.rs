@@ -89,7 +89,11 @@ mod tests {
         let new3 = p.begin(3, 1);
         p.begin(4, 0);
         p.finish(new3);
-        assert_eq!(p.low_water(), Some(900), "event 1000 of the old space still runs");
+        assert_eq!(
+            p.low_water(),
+            Some(900),
+            "event 1000 of the old space still runs"
+        );
         p.finish(old);
         assert_eq!(p.low_water(), Some(4), "now in the new seq space");
         p.begin(5, 0);

@@ -27,6 +27,11 @@ use crate::{
 /// Called with every gap: events the application may have missed.
 pub type GapHook = Arc<dyn Fn(&Gap) + Send + Sync>;
 
+/// Called after a [`GapKind::ChainBreak`](crate::GapKind) with the repo of that DID as it is
+/// now (fetched with `getRepo` and verified), or with why it could not be fetched.
+pub type ResyncHook =
+    Arc<dyn Fn(&str, Result<murmur_sync::VerifiedRepo, murmur_sync::SyncError>) + Send + Sync>;
+
 /// Configures a [`Watcher`]. Start with [`Watcher::builder`].
 pub struct WatcherBuilder {
     sources: Vec<Arc<dyn Source>>,
@@ -50,6 +55,7 @@ pub struct WatcherBuilder {
     start_cursor: Option<i64>,
     on_rejected: Option<RejectedHook>,
     on_gap: Option<GapHook>,
+    on_resync: Option<ResyncHook>,
     tail: Option<Box<dyn Handler>>,
 }
 
@@ -77,6 +83,7 @@ impl Default for WatcherBuilder {
             start_cursor: None,
             on_rejected: None,
             on_gap: None,
+            on_resync: None,
             tail: None,
         }
     }
@@ -285,6 +292,24 @@ impl WatcherBuilder {
         self
     }
 
+    /// Re-fetches a repo after its rev chain broke ([`GapKind::ChainBreak`](crate::GapKind)):
+    /// `getRepo` from the DID's PDS, verified at the watcher's level, then `hook(did, repo)`
+    /// (or the error), on its own task while the stream goes on.
+    ///
+    /// Handlers are not called for the snapshot's records (most were handled already, under
+    /// other revs): compare them with your own state, e.g. by path and CID, to find what the
+    /// gap hid.
+    pub fn on_resync(
+        mut self,
+        hook: impl Fn(&str, Result<murmur_sync::VerifiedRepo, murmur_sync::SyncError>)
+        + Send
+        + Sync
+        + 'static,
+    ) -> Self {
+        self.on_resync = Some(Arc::new(hook));
+        self
+    }
+
     /// Checks the configuration and builds the watcher.
     pub fn build(self) -> Result<Watcher, FirehoseError> {
         if self.sources.is_empty() {
@@ -357,19 +382,20 @@ impl WatcherBuilder {
                 handlers: self.handlers.into_iter().map(&entry).collect(),
                 tail: self.tail.map(&entry),
                 state: Arc::new(self.state),
-                verifier: self.verifier.unwrap_or_else(|| {
+                verifier: Arc::new(self.verifier.unwrap_or_else(|| {
                     let mut resolver = murmur_sync::IdentityResolver::new();
                     if let Some(url) = self.plc_url {
                         resolver = resolver.with_plc_url(url);
                     }
                     murmur_sync::Verifier::new(Arc::new(resolver)).with_level(self.verification)
-                }),
+                })),
                 dispatcher: Arc::new(Dispatcher::new(
                     Arc::clone(&runtime),
                     self.queue_capacity,
                     self.concurrency,
                 )),
                 on_gap: self.on_gap,
+                on_resync: self.on_resync,
                 metrics,
             }),
             cursor_store,

@@ -228,6 +228,16 @@ pub enum SyncError {
     /// A rev is not a valid TID.
     #[error("invalid rev {0:?}: not a TID")]
     InvalidRev(String),
+    /// A repo could not be fetched (`com.atproto.sync.getRepo`).
+    #[error("cannot fetch the repo of {did} from {url}: {reason}")]
+    FetchRepo {
+        /// The repo DID.
+        did: String,
+        /// The URL asked.
+        url: String,
+        /// What went wrong (HTTP status and body, or the transport error).
+        reason: String,
+    },
 }
 
 impl SyncError {

@@ -136,6 +136,11 @@ impl IdentityResolver {
         self
     }
 
+    /// The HTTP client used for resolution (and for fetching repos).
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     /// Uses this HTTP client (timeouts, proxies).
     pub fn with_http_client(mut self, client: reqwest::Client) -> Self {
         self.http = client;

@@ -75,6 +75,6 @@ pub use frame::{
 pub use identity::{DEFAULT_PLC_URL, Identity, IdentityResolver};
 pub use mst::key_height;
 pub use verify::{
-    ChainHead, SignedCommit, VerifiedCommit, VerifiedOp, VerifiedSync, Verifier, VerifyLevel,
-    decode_record, tid_micros,
+    ChainHead, RepoRecord, SignedCommit, VerifiedCommit, VerifiedOp, VerifiedRepo, VerifiedSync,
+    Verifier, VerifyLevel, decode_record, tid_micros,
 };

@@ -109,6 +109,42 @@ pub struct VerifiedCommit {
     pub chain_break: Option<String>,
 }
 
+/// A whole repo as `com.atproto.sync.getRepo` returns it, verified: the signed commit at its
+/// root and every record reachable from its MST.
+#[derive(Debug, Clone, PartialEq)]
+pub struct VerifiedRepo {
+    /// The repo DID.
+    pub did: String,
+    /// The commit's rev.
+    pub rev: String,
+    /// The commit CID.
+    pub commit: Cid,
+    /// The MST root.
+    pub data: Cid,
+    /// Every record, in key (`collection/rkey`) order.
+    pub records: Vec<RepoRecord>,
+    /// The level it was verified at (the signature is checked unless [`VerifyLevel::None`]).
+    pub level: VerifyLevel,
+}
+
+/// One record of a [`VerifiedRepo`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RepoRecord {
+    /// `collection/rkey`.
+    pub path: String,
+    /// The record CID.
+    pub cid: Cid,
+    /// The record's DAG-CBOR bytes, hash-checked against `cid`.
+    pub record: Vec<u8>,
+}
+
+impl RepoRecord {
+    /// The collection NSID.
+    pub fn collection(&self) -> &str {
+        self.path.split_once('/').map_or(&self.path, |(c, _)| c)
+    }
+}
+
 /// One op of a verified commit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct VerifiedOp {
@@ -431,6 +467,119 @@ impl Verifier {
             ops,
             level: self.level,
             chain_break: broke,
+        })
+    }
+
+    /// Fetches the whole repo of `did` from its PDS (`com.atproto.sync.getRepo`, the endpoint
+    /// from its DID document) and verifies it with [`verify_repo`](Self::verify_repo): what a
+    /// consumer does after a chain break to learn what it missed.
+    pub async fn fetch_repo(&self, did: &str) -> Result<VerifiedRepo, SyncError> {
+        let identity = self.resolver.resolve(did).await?;
+        let pds = identity.pds.as_deref().ok_or_else(|| SyncError::Resolve {
+            did: did.to_string(),
+            reason: "the DID document names no #atproto_pds service endpoint".into(),
+        })?;
+        let url = format!(
+            "{}/xrpc/com.atproto.sync.getRepo",
+            pds.trim_end_matches('/')
+        );
+        let fetch_err = |reason: String| SyncError::FetchRepo {
+            did: did.to_string(),
+            url: url.clone(),
+            reason,
+        };
+        let response = self
+            .resolver
+            .http()
+            .get(&url)
+            .query(&[("did", did)])
+            .timeout(std::time::Duration::from_secs(120))
+            .send()
+            .await
+            .map_err(|e| fetch_err(e.to_string()))?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(fetch_err(format!("HTTP {status}: {}", body.trim())));
+        }
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| fetch_err(e.to_string()))?;
+        self.verify_repo(did, &bytes).await
+    }
+
+    /// Verifies a whole repo CAR (as `getRepo` returns it): every block's hash, the commit at
+    /// its root (DID, version, and signature unless the level is `None`), and a complete MST
+    /// whose leaves all point at records present in the CAR.
+    ///
+    /// The DID's chain head is left alone: the stream keeps its own place.
+    pub async fn verify_repo(&self, did: &str, car: &[u8]) -> Result<VerifiedRepo, SyncError> {
+        let car = CarSlice::parse(car)?;
+        let root = match car.roots() {
+            [root] => *root,
+            roots => {
+                return Err(SyncError::Car {
+                    offset: 0,
+                    reason: format!("a repo CAR has one root, this one has {}", roots.len()),
+                });
+            }
+        };
+        let block = car.get(&root).ok_or_else(|| SyncError::MissingBlock {
+            cid: root.to_string(),
+            what: "commit",
+        })?;
+        let commit = match self.level {
+            VerifyLevel::None => {
+                let commit = SignedCommit::decode(block)?;
+                if commit.did != did {
+                    return Err(SyncError::CommitMismatch {
+                        field: "did",
+                        signed: commit.did,
+                        event: did.to_string(),
+                    });
+                }
+                commit
+            }
+            _ => {
+                let rev = SignedCommit::decode(block)?.rev;
+                self.check_signed(&car, &root, did, &rev).await?
+            }
+        };
+        let tree = crate::mst::PartialTree::load(&car, commit.data)?;
+        let mut records = Vec::with_capacity(tree.items.len());
+        for item in tree.items {
+            match item {
+                crate::mst::Item::Leaf { key, value, .. } => {
+                    let path = String::from_utf8(key).map_err(|_| SyncError::Mst {
+                        node: commit.data.to_string(),
+                        reason: "a key is not UTF-8".into(),
+                    })?;
+                    let record = car.get(&value).ok_or_else(|| SyncError::MissingBlock {
+                        cid: value.to_string(),
+                        what: "record",
+                    })?;
+                    records.push(RepoRecord {
+                        path,
+                        cid: value,
+                        record: record.to_vec(),
+                    });
+                }
+                crate::mst::Item::Stub { cid, .. } => {
+                    return Err(SyncError::MissingBlock {
+                        cid: cid.to_string(),
+                        what: "MST node",
+                    });
+                }
+            }
+        }
+        Ok(VerifiedRepo {
+            did: did.to_string(),
+            rev: commit.rev,
+            commit: root,
+            data: commit.data,
+            records,
+            level: self.level,
         })
     }
 
