@@ -8,7 +8,8 @@
 //! stream looks like a relay carrying many repos, every rev chain stays valid and no event
 //! is a replay. Every `agent.comms.task` create is decoded into its record type, as a typed
 //! handler's argument is. Verification is `None`: signatures are k256-bound and measured by
-//! `cargo bench -p murmur-sync` (rewriting the DIDs would break them anyway).
+//! `cargo bench -p murmur-sync` (rewriting the DIDs would break them anyway). Two runs: without
+//! state, and with a state directory (cursor file, and a dedup log written once per op).
 
 #[path = "../tests/support/corpus.rs"]
 mod corpus;
@@ -40,21 +41,42 @@ async fn main() {
         t0.elapsed()
     );
     let frames = Arc::new(frames);
+    println!(
+        "dispatch throughput (verification None, no-op Record<Task> handler, 2 worker threads):"
+    );
+    run("no state dir", &frames, creates, None).await;
+    let state = tempfile::tempdir().expect("temp dir");
+    run(
+        "state dir (cursor file, dedup log)",
+        &frames,
+        creates,
+        Some(state.path()),
+    )
+    .await;
+}
 
+async fn run(
+    name: &str,
+    frames: &Arc<Vec<Vec<u8>>>,
+    creates: u64,
+    state: Option<&std::path::Path>,
+) {
     let handled = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&handled);
-    let watcher = Watcher::builder()
+    let mut builder = Watcher::builder()
         .source(corpus::Replay {
-            frames: Arc::clone(&frames),
+            frames: Arc::clone(frames),
         })
         .verification(VerifyLevel::None)
         .collections(["agent.comms.*"])
         .on_create::<corpus::Task, _, _>(move |_task, _op| {
             counter.fetch_add(1, Ordering::Relaxed);
             async { Ok(()) }
-        })
-        .build()
-        .expect("watcher");
+        });
+    if let Some(dir) = state {
+        builder = builder.state_dir(dir);
+    }
+    let watcher = builder.build().expect("watcher");
     let metrics = watcher.metrics();
     let stop = watcher.shutdown_handle();
     let start = Instant::now();
@@ -78,8 +100,7 @@ async fn main() {
     let m = metrics.snapshot();
     assert_eq!(m.events_in, frames.len() as u64, "every frame was read");
     println!(
-        "dispatch throughput (verification None, no-op Record<Task> handler, 2 worker threads):\n  \
-         {:>9.0} events/s   {:>9.0} handled creates/s   ({} events, {} creates handled in {elapsed:.2?})",
+        "  {name:<36} {:>9.0} events/s   {:>9.0} handled creates/s   ({} events, {} creates in {elapsed:.2?})",
         frames.len() as f64 / elapsed.as_secs_f64(),
         m.handled as f64 / elapsed.as_secs_f64(),
         frames.len(),
