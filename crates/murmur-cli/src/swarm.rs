@@ -7,8 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use murmur::comms::agent::comms::profile;
+use murmur::comms::{Ack, Result as ResultC, Task};
 use murmur::pds::Writer;
-use murmur::{Agent, Job, TaskEvent, TaskSpec, Worker};
+use murmur::{Agent, Job, TaskEvent, TaskSpec, TaskStats, Worker};
 use murmur_devnet::{Devnet, DevnetConfig};
 
 /// Arguments of `murmur swarm`.
@@ -32,6 +33,10 @@ pub struct SwarmArgs {
     /// Kill this many workers in the middle of a task, to watch leases lapse and tasks move.
     #[arg(long, default_value_t = 0)]
     kill: usize,
+    /// Kill the coordinator abruptly once a third of the tasks are done, and start it again
+    /// (same identity, no local state) 2 s later: it recovers its open tasks from the repos.
+    #[arg(long)]
+    restart_coordinator: bool,
     /// PDS hosts to use (repeat the flag); accounts are created on them. Default: start a
     /// local network with 2 PDS hosts.
     #[arg(long = "pds", requires = "plc")]
@@ -117,6 +122,62 @@ async fn account(
     Ok(Writer::login(pds, did, &password).await?)
 }
 
+/// Counters of two coordinator runs (before and after a restart) as one. Tasks done count
+/// from the repo: those the restarted coordinator found closed (acks the first one wrote,
+/// including any that landed as it died), plus those it closed itself.
+fn merged(before: &TaskStats, after: &TaskStats, closed_before: u64) -> TaskStats {
+    let mut s = after.clone();
+    s.posted += before.posted;
+    s.claimed += before.claimed;
+    s.assignments += before.assignments;
+    s.done += closed_before;
+    s.lease_expiries += before.lease_expiries;
+    s.given_up += before.given_up;
+    s.duplicates += before.duplicates;
+    for (did, n) in &before.done_by {
+        *s.done_by.entry(did.clone()).or_default() += n;
+    }
+    s.latencies.extend(before.latencies.iter().copied());
+    s
+}
+
+/// Every record of `C` in the coordinator's repo.
+async fn list_all<C: murmur::pds::Collection>(
+    writer: &Writer,
+) -> Result<Vec<murmur::pds::Stored<C::Record>>, murmur::pds::Error> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = writer.list::<C>(100, cursor.as_deref(), false).await?;
+        let last = page.cursor.is_none() || page.records.is_empty();
+        out.extend(page.records);
+        if last {
+            return Ok(out);
+        }
+        cursor = page.cursor;
+    }
+}
+
+/// Tasks in the coordinator's repo closed by an `accepted` ack naming one of their results.
+async fn closed_by_ack(writer: &Writer) -> Result<usize, murmur::pds::Error> {
+    let tasks: std::collections::HashSet<String> = list_all::<Task>(writer)
+        .await?
+        .into_iter()
+        .map(|t| t.rkey)
+        .collect();
+    let result_nsid = format!("/{}/", <ResultC as murmur::pds::Collection>::NSID);
+    Ok(list_all::<Ack>(writer)
+        .await?
+        .into_iter()
+        .filter(|a| {
+            tasks.contains(&a.rkey)
+                && a.value.state == "accepted"
+                && a.value.subject.uri.contains(&result_nsid)
+                && a.value.subject.uri.ends_with(&format!("/{}", a.rkey))
+        })
+        .count())
+}
+
 fn short(did: &str) -> &str {
     did.strip_prefix("did:plc:")
         .map_or(did, |s| &s[..s.len().min(8)])
@@ -173,7 +234,10 @@ async fn swarm(
             .await?;
         workers.push(agent);
     }
-    let boss = Agent::builder(coordinator)
+    let coordinator_pds = coordinator.pds_url().to_string();
+    let coordinator_session = coordinator.session();
+    let coordinator_writer = coordinator.clone();
+    let mut boss = Agent::builder(coordinator)
         .watch_all(hosts.iter().cloned())
         .plc_url(plc)
         .start_cursor(0)
@@ -259,8 +323,51 @@ async fn swarm(
     let deadline = Duration::from_secs(args.timeout);
     let mut posting = None;
     let mut last = String::new();
+    // The first coordinator, once it has been killed: results it was accepting when it
+    // died still count (their acks landed), so its counters are read to the end.
+    let mut before: Option<Agent> = None;
+    let mut closed_before = 0;
     loop {
-        let s = boss.task_stats();
+        let s = match &before {
+            Some(b) => merged(&b.task_stats(), &boss.task_stats(), closed_before),
+            None => boss.task_stats(),
+        };
+        if args.restart_coordinator
+            && before.is_none()
+            && s.posted >= args.tasks as u64
+            && s.done * 3 >= args.tasks as u64
+        {
+            boss.kill();
+            before = Some(boss.clone());
+            println!(
+                "killed the coordinator with {} of {} tasks done; restarting it in 2 s",
+                s.done, args.tasks
+            );
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            // Same identity, its saved session, no local state, live stream only.
+            let writer = Writer::builder(coordinator_pds.as_str())
+                .with_session(coordinator_session.clone())?;
+            boss = Agent::builder(writer)
+                .watch_all(hosts.iter().cloned())
+                .plc_url(plc)
+                .peers(peers.clone())
+                .start()
+                .await?;
+            if let Some(r) = boss.recovery() {
+                closed_before = (args.tasks as u64).saturating_sub(r.open as u64);
+                println!(
+                    "coordinator restarted: {} open task(s) recovered in {} ms ({} done while \
+                     it was away, {} still assigned, {} to assign from {} claim(s) in the repos)",
+                    r.open,
+                    r.elapsed.as_millis(),
+                    r.done_while_away,
+                    r.assigned,
+                    r.unassigned,
+                    r.claims_found
+                );
+            }
+            continue;
+        }
         let line = format!(
             "[{:>5.1}s] posted {}/{}  claimed {}  done {}  reassigned {}  duplicates {}",
             run_started.elapsed().as_secs_f64(),
@@ -299,7 +406,11 @@ async fn swarm(
     let elapsed = run_started.elapsed();
     // Give late duplicates a moment to show up before counting.
     tokio::time::sleep(Duration::from_millis(1000)).await;
-    let s = boss.task_stats();
+    let s = match &before {
+        Some(b) => merged(&b.task_stats(), &boss.task_stats(), closed_before),
+        None => boss.task_stats(),
+    };
+    let closed = closed_by_ack(&coordinator_writer).await?;
     for p in posters {
         p.abort();
     }
@@ -317,6 +428,10 @@ async fn swarm(
         posting.unwrap_or(elapsed).as_secs_f64()
     );
     println!("  lost         {lost}");
+    println!(
+        "  closed in the repo by an accepted ack  {closed} / {}",
+        args.tasks
+    );
     println!("  duplicates   {}", s.duplicates);
     println!(
         "  assignments  {} ({} lease(s) lapsed and reassigned, {} given up)",
@@ -347,5 +462,5 @@ async fn swarm(
         w.shutdown().await;
     }
     boss.shutdown().await;
-    Ok(lost == 0 && s.duplicates == 0)
+    Ok(lost == 0 && s.duplicates == 0 && closed == args.tasks)
 }
