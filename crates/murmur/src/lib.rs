@@ -7,15 +7,24 @@
 //!
 //! 1. the requester posts a `task` ([`Agent::request`]);
 //! 2. workers with a free slot post a `claim` ([`Worker`]);
-//! 3. the requester creates one `assignment` at the task's record key for the first claim
-//!    of each attempt — one record per key, so exactly one winner; other claimants see it
-//!    and stand down;
+//! 3. the requester creates one `assignment` at the task's record key for the claim its
+//!    [`ClaimPolicy`] chooses (default [`FirstCome`]; [`AgentBuilder::claim_window`] lets it
+//!    compare the claims of a short window) — one record per key, so exactly one winner;
+//!    other claimants see it and stand down;
 //! 4. the assigned worker renews its lease with `status` records and writes one `result` at
 //!    the task's record key;
 //! 5. if the lease lapses the requester withdraws the assignment (delete with swapRecord),
 //!    which reopens the task for a new claim; after `maxAttempts` lapses it gives up;
-//! 6. the first result matching the task's strongRef completes
-//!    [`TaskHandle::await_result`]; any later one is counted as a duplicate.
+//! 6. the first result matching the task's strongRef is accepted: the requester writes an
+//!    `ack` (`accepted`, subject the result) at the task's record key, which closes the task
+//!    for good, then completes [`TaskHandle::await_result`]; any later result is counted as
+//!    a duplicate.
+//!
+//! The repo is the source of truth: a requester that restarts (same identity, with or
+//! without its state directory) rebuilds its open tasks — those without a closing ack — from
+//! its own records and the workers' repos, accepts results written while it was away, keeps
+//! watching leases, and assigns the rest ([`AgentBuilder::recover`],
+//! [`Agent::recovered_tasks`]).
 //!
 //! ```no_run
 //! use std::time::Duration;
