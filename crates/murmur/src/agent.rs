@@ -21,11 +21,12 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::AgentError;
+use crate::lock;
 use crate::policy::{ClaimPolicy, FirstCome};
 use crate::recovery::{Candidates, Recovery};
 use crate::registry::Registry;
 use crate::repos::Repos;
-use crate::requester::{Choosing, Requester, lock};
+use crate::requester::{Choosing, Requester};
 use crate::task::{TaskEvent, TaskHandle, TaskSpec, TaskStats};
 use crate::worker::{Worker, WorkerRuntime};
 
@@ -447,12 +448,7 @@ impl AgentBuilder {
                     }
                 }
             });
-            agent
-                .inner
-                .background
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .push(handle);
+            lock(&agent.inner.background).push(handle);
         }
         Ok(agent)
     }
@@ -473,12 +469,7 @@ struct Inner {
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        for h in self
-            .background
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
+        for h in lock(&self.background).drain(..) {
             h.abort();
         }
         if let Some(w) = &self.worker {
@@ -725,13 +716,7 @@ impl Agent {
         if let Some(r) = &self.inner.requester {
             r.stop();
         }
-        for h in self
-            .inner
-            .background
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .drain(..)
-        {
+        for h in lock(&self.inner.background).drain(..) {
             h.abort();
         }
     }

@@ -87,6 +87,11 @@ pub fn now() -> String {
     datetime(chrono::Utc::now())
 }
 
+/// Locks, carrying on after a panic elsewhere (each table stays consistent per operation).
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 pub(crate) fn datetime(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }

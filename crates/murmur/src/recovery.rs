@@ -19,8 +19,9 @@ use murmur_comms::{Ack, Assignment, Claim, Handoff, Result as ResultC, Status, T
 use murmur_pds::{Collection, Stored, Writer};
 
 use crate::AgentError;
+use crate::lock;
 use crate::policy::ClaimOffer;
-use crate::requester::{Deferred, Entry, Phase, Requester, lock};
+use crate::requester::{Deferred, Entry, Phase, Requester};
 
 /// What a requester rebuilt from the repos when it started ([`Agent::recovery`]).
 ///

@@ -19,12 +19,7 @@ use crate::recovery::Recovery;
 use crate::registry::Registry;
 use crate::repos::Repos;
 use crate::task::{TaskEvent, TaskHandle, TaskResult, TaskSpec, TaskStats};
-use crate::{AgentError, StrongRef};
-
-/// Locks, carrying on after a panic elsewhere (the tables stay consistent per operation).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
+use crate::{AgentError, StrongRef, lock};
 
 pub(crate) fn strong_ref(uri: &str, cid: Cid) -> StrongRef {
     atrium_api::com::atproto::repo::strong_ref::MainData {
@@ -83,11 +78,7 @@ pub(crate) type Waiter = oneshot::Receiver<Result<TaskResult, AgentError>>;
 
 impl Entry {
     pub(crate) fn new(uri: String, cid: Option<String>, record: task::Record) -> (Entry, Waiter) {
-        let lease = Duration::from_secs(
-            u64::try_from(record.lease_seconds.unwrap_or(300))
-                .unwrap_or(300)
-                .max(1),
-        );
+        let lease = crate::task::lease_of(&record);
         let max_attempts = u32::try_from(record.max_attempts.unwrap_or(3))
             .unwrap_or(3)
             .max(1);

@@ -97,6 +97,16 @@ impl From<task::RecordData> for TaskSpec {
     }
 }
 
+/// How long an assignment of `task` lasts without a status renewal (`leaseSeconds`,
+/// default 300, at least 1 s).
+pub(crate) fn lease_of(task: &task::Record) -> Duration {
+    Duration::from_secs(
+        u64::try_from(task.lease_seconds.unwrap_or(300))
+            .unwrap_or(300)
+            .max(1),
+    )
+}
+
 /// The result of a task, as the requester received it.
 #[derive(Debug, Clone)]
 pub struct TaskResult {

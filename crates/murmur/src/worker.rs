@@ -17,6 +17,7 @@ use murmur_pds::Writer;
 use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 
+use crate::lock;
 use crate::task::TaskEvent;
 
 /// One assigned task attempt, as the work function sees it.
@@ -219,9 +220,7 @@ impl WorkerRuntime {
 
     /// Tasks running now.
     pub(crate) fn active(&self) -> usize {
-        self.tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        lock(&self.tasks)
             .values()
             .filter(|k| matches!(k.phase, Phase::Running(..)))
             .count()
@@ -240,17 +239,13 @@ impl WorkerRuntime {
                 chrono::DateTime::parse_from_rfc3339(d).is_ok_and(|d| d >= chrono::Utc::now())
             });
         {
-            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let mut tasks = lock(&self.tasks);
             tasks.entry(rec.uri.clone()).or_insert_with(|| Known {
                 uri: rec.uri.clone(),
                 requester: op.data().did.clone(),
                 rkey: op.rkey().to_string(),
                 task_ref: rec.strong_ref(),
-                lease: Duration::from_secs(
-                    u64::try_from(t.lease_seconds.unwrap_or(300))
-                        .unwrap_or(300)
-                        .max(1),
-                ),
+                lease: crate::task::lease_of(t),
                 record: rec.value.clone(),
                 phase: if claimable { Phase::Open } else { Phase::Taken },
             });
@@ -267,7 +262,7 @@ impl WorkerRuntime {
         }
         let mut picked = Vec::new();
         {
-            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let mut tasks = lock(&self.tasks);
             let now = Instant::now();
             for k in tasks.values_mut() {
                 if let Phase::Claimed(at) = k.phase
@@ -316,7 +311,7 @@ impl WorkerRuntime {
                     Ok(_) => me.emit(TaskEvent::ClaimSent { task: uri }),
                     Err(err) => {
                         tracing::warn!(task = %uri, error = %err, "claim not written");
-                        let mut tasks = me.tasks.lock().unwrap_or_else(|e| e.into_inner());
+                        let mut tasks = lock(&me.tasks);
                         if let Some(k) = tasks.get_mut(&uri)
                             && matches!(k.phase, Phase::Claimed(_))
                         {
@@ -341,7 +336,7 @@ impl WorkerRuntime {
         let attempt = u32::try_from(a.attempt).unwrap_or(1);
         let mut start = None;
         {
-            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let mut tasks = lock(&self.tasks);
             let Some(k) = tasks.get_mut(&uri) else {
                 return Ok(());
             };
@@ -394,7 +389,7 @@ impl WorkerRuntime {
             let me = Arc::clone(&self);
             let uri = job.task_uri.clone();
             let handle = tokio::spawn(me.run(job, rkey, task_ref, lease));
-            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let mut tasks = lock(&self.tasks);
             if let Some(k) = tasks.get_mut(&uri) {
                 if matches!(k.phase, Phase::Done) {
                     handle.abort();
@@ -420,7 +415,7 @@ impl WorkerRuntime {
             return Ok(());
         }
         let start = {
-            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let mut tasks = lock(&self.tasks);
             let Some(k) = tasks.get_mut(&h.task.uri) else {
                 return Err(HandlerError::retry("handed a task not seen yet"));
             };
@@ -444,18 +439,14 @@ impl WorkerRuntime {
         };
         tracing::debug!(from = %op.data().did, task = %start.task_uri, "task handed to us");
         let (rkey, task_ref, lease, uri) = {
-            let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let tasks = lock(&self.tasks);
             let Some(k) = tasks.get(&start.task_uri) else {
                 return Ok(());
             };
             (k.rkey.clone(), k.task_ref.clone(), k.lease, k.uri.clone())
         };
         let handle = tokio::spawn(Arc::clone(&self).run(start, rkey, task_ref, lease));
-        if let Some(k) = self
-            .tasks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_mut(&uri)
+        if let Some(k) = lock(&self.tasks).get_mut(&uri)
             && !matches!(k.phase, Phase::Done)
         {
             k.phase = Phase::Running(1, handle.abort_handle());
@@ -476,7 +467,7 @@ impl WorkerRuntime {
     ) -> Result<(), HandlerError> {
         let uri = task_uri_of(&op.data().did, &deleted.rkey);
         {
-            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let mut tasks = lock(&self.tasks);
             if let Some(k) = tasks.get_mut(&uri) {
                 match &k.phase {
                     Phase::Running(n, h) => {
@@ -543,7 +534,7 @@ impl WorkerRuntime {
         let outcome = (self.config.work)(job).await;
         drop(renewer);
         if handed_off.load(Ordering::SeqCst) {
-            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let mut tasks = lock(&self.tasks);
             if let Some(k) = tasks.get_mut(&uri) {
                 k.phase = Phase::Done;
             }
@@ -594,7 +585,7 @@ impl WorkerRuntime {
             },
         };
         {
-            let mut tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+            let mut tasks = lock(&self.tasks);
             if let Some(k) = tasks.get_mut(&uri) {
                 k.phase = if written { Phase::Done } else { Phase::Open };
             }
@@ -608,7 +599,7 @@ impl WorkerRuntime {
     /// Stops every running attempt.
     pub(crate) fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
-        let tasks = self.tasks.lock().unwrap_or_else(|e| e.into_inner());
+        let tasks = lock(&self.tasks);
         for k in tasks.values() {
             if let Phase::Running(_, h) = &k.phase {
                 h.abort();
