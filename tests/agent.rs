@@ -97,7 +97,20 @@ async fn killed_worker_mid_task_lease_expires_and_every_task_finishes_once() {
         .start()
         .await
         .unwrap();
-    let boss = agent(net, boss, &dids).start().await.unwrap();
+    // The doomed worker's claims win when they are among a task's claims (gathered for
+    // 300 ms), so it surely gets a task however the claim races go; then first come.
+    let doomed_did = doomed.did().to_string();
+    let boss = agent(net, boss, &dids)
+        .claim_window(Duration::from_millis(300))
+        .claim_policy(move |_: &ClaimContext<'_>, offers: &[ClaimOffer]| {
+            offers
+                .iter()
+                .position(|o| o.worker == doomed_did)
+                .or((!offers.is_empty()).then_some(0))
+        })
+        .start()
+        .await
+        .unwrap();
 
     // Posted in applyWrites batches of 5 tasks per commit.
     let specs = (0..12).map(|n| {
@@ -112,7 +125,8 @@ async fn killed_worker_mid_task_lease_expires_and_every_task_finishes_once() {
         let started = Arc::clone(&started);
         let doomed = doomed.clone();
         tokio::spawn(async move {
-            while !started.load(Ordering::SeqCst) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            while !started.load(Ordering::SeqCst) && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             doomed.kill();
