@@ -615,14 +615,18 @@ async fn wss_source_over_tls_delivers_and_checks_the_certificate() {
         .handler(record_note)
         .build()
         .unwrap();
+    let metrics = watcher.metrics();
     let stop = watcher.shutdown_handle();
     let running = tokio::spawn(watcher.run());
     wait_for("20 records over wss", Duration::from_secs(30), || {
         seen.lock().unwrap().len() >= 20
     })
     .await;
+    let live = metrics.snapshot();
+    assert_eq!((live.sources, live.sources_connected), (1, 1), "{live:?}");
     stop.shutdown();
     running.await.unwrap().unwrap();
+    assert_eq!(metrics.snapshot().sources_connected, 0);
     let expected = HashMap::from([(alice.did.clone(), 20)]);
     assert_exactly_once_in_order(&seen.lock().unwrap(), &expected);
 }

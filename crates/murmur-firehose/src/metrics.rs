@@ -18,6 +18,8 @@ pub struct Metrics {
     pub(crate) last_seq_seen: AtomicI64,
     pub(crate) last_seq_done: AtomicI64,
     pub(crate) time_lag_ms: AtomicI64,
+    pub(crate) sources: AtomicU64,
+    pub(crate) sources_connected: AtomicU64,
 }
 
 /// A copy of the [`Metrics`] at one moment.
@@ -47,6 +49,11 @@ pub struct MetricsSnapshot {
     pub seq_lag: i64,
     /// Milliseconds between the commit time and the end of handling of the last handled op.
     pub time_lag_ms: i64,
+    /// Sources the watcher reads.
+    pub sources: u64,
+    /// Sources connected now (their WebSocket handshake done, frames flowing). Everything
+    /// written after a source connected reaches the watcher.
+    pub sources_connected: u64,
 }
 
 impl Metrics {
@@ -68,10 +75,28 @@ impl Metrics {
                 - self.last_seq_done.load(Ordering::Relaxed))
             .max(0),
             time_lag_ms: self.time_lag_ms.load(Ordering::Relaxed),
+            sources: get(&self.sources),
+            sources_connected: get(&self.sources_connected),
         }
     }
 
     pub(crate) fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Counts one connected source while it lives.
+pub(crate) struct ConnectedSource<'a>(&'a Metrics);
+
+impl<'a> ConnectedSource<'a> {
+    pub(crate) fn new(metrics: &'a Metrics) -> Self {
+        metrics.sources_connected.fetch_add(1, Ordering::Relaxed);
+        ConnectedSource(metrics)
+    }
+}
+
+impl Drop for ConnectedSource<'_> {
+    fn drop(&mut self) {
+        self.0.sources_connected.fetch_sub(1, Ordering::Relaxed);
     }
 }

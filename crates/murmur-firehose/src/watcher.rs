@@ -353,6 +353,10 @@ impl WatcherBuilder {
             None => Arc::new(MemoryDeadLetterStore::default()),
         });
         let metrics = Arc::new(Metrics::default());
+        metrics.sources.store(
+            self.sources.len() as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let runtime = Arc::new(Runtime {
             metrics: Arc::clone(&metrics),
             dedup,
@@ -616,6 +620,7 @@ impl SourceReader {
             let wait = match connected {
                 Ok(mut stream) => {
                     info!(source = %url, cursor = ?cursor, "connected");
+                    let _connected = crate::metrics::ConnectedSource::new(&self.pipeline.metrics);
                     let since = Instant::now();
                     let ended = loop {
                         let next = tokio::select! {

@@ -382,8 +382,11 @@ impl AgentBuilder {
                 tracing::error!(error = %err, "agent watcher stopped");
             }
         }));
-        // The watcher runs before the repos are read, so nothing written after the reads is
-        // missed; events about tasks not rebuilt yet wait until recovery is done.
+        // The watcher is connected before the repos are read, so nothing written after the
+        // reads is missed; events about tasks not rebuilt yet wait until recovery is done.
+        if recover && requester.is_some() {
+            wait_connected(&metrics).await;
+        }
         if let Some(req) = requester.as_ref().filter(|_| recover)
             && let Err(err) = req.recover(candidates).await
         {
@@ -719,5 +722,27 @@ impl Agent {
         for h in lock(&self.inner.background).drain(..) {
             h.abort();
         }
+    }
+}
+
+/// Waits (up to 10 s) until every source of the agent's watcher is connected: from then on
+/// every record written reaches the stream. A host that stays down is left to the
+/// watcher's reconnects (and the lease checks), and logged.
+async fn wait_connected(metrics: &Metrics) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = metrics.snapshot();
+        if m.sources_connected >= m.sources {
+            return;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                connected = m.sources_connected,
+                sources = m.sources,
+                "not every watched host is connected; recovering anyway"
+            );
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
