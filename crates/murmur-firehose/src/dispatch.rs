@@ -1,11 +1,13 @@
 //! Per-DID ordered, cross-DID concurrent dispatch with bounded queues, retries and dead letters.
 
 use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tracing::{Instrument, debug, error, warn};
@@ -322,11 +324,33 @@ impl Service<OpEvent> for HandlerService {
         Poll::Ready(Ok(()))
     }
 
+    /// A panicking handler is a failed handler (not retried): its op goes to the dead-letter
+    /// store with the panic message, and its DID's lane goes on.
     fn call(&mut self, op: OpEvent) -> Self::Future {
         op.attempts.fetch_add(1, Ordering::Relaxed);
-        let fut = self.0.handler.call(op);
-        Box::pin(async move { fut.await.map_err(BoxError::from) })
+        let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| self.0.handler.call(op))) {
+            Ok(fut) => fut,
+            Err(panic) => return Box::pin(std::future::ready(Err(panicked(panic)))),
+        };
+        Box::pin(async move {
+            match AssertUnwindSafe(fut).catch_unwind().await {
+                Ok(result) => result.map_err(BoxError::from),
+                Err(panic) => Err(panicked(panic)),
+            }
+        })
     }
+}
+
+/// The error a panicking handler becomes.
+fn panicked(panic: Box<dyn std::any::Any + Send>) -> BoxError {
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a non-string payload".into());
+    BoxError::from(CallError::Handler(HandlerError::Fail(format!(
+        "handler panicked: {message}"
+    ))))
 }
 
 /// Retries handler errors marked retryable (and timeouts) with the watcher's backoff.

@@ -165,3 +165,60 @@ async fn dropping_a_running_watcher_stops_its_handlers_like_a_kill() {
         "the cursor is not flushed after the kill"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_a_dead_letter_and_its_lane_goes_on() {
+    let recorded = corpus::recorded();
+    let frames = corpus::pass(&recorded, 0, 1);
+    let creates = corpus::task_creates(&frames);
+    let calls = Arc::new(AtomicU64::new(0));
+    let c = Arc::clone(&calls);
+    let watcher = Watcher::builder()
+        .source(Replay {
+            frames: Arc::new(frames),
+        })
+        .verification(VerifyLevel::None)
+        .on_create::<Task, _, _>(move |task, _op| {
+            let n = c.fetch_add(1, Ordering::Relaxed);
+            // Every third call panics: on the first poll, or after an await.
+            let fut = async move {
+                if n % 3 == 1 {
+                    tokio::task::yield_now().await;
+                    panic!("boom after an await on {}", task.title);
+                }
+                Ok(())
+            };
+            if n.is_multiple_of(3) {
+                panic!("boom before the future on call {n}");
+            }
+            fut
+        })
+        .build()
+        .unwrap();
+    let letters = watcher.dead_letters();
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    wait_for("every create handled or dead-lettered", || {
+        let m = metrics.snapshot();
+        m.handled + m.dead_lettered == creates
+    })
+    .await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+
+    let m = metrics.snapshot();
+    let panicking = (0..creates).filter(|n| n % 3 != 2).count() as u64;
+    assert_eq!(
+        (m.handled, m.dead_lettered),
+        (creates - panicking, panicking)
+    );
+    let letters = letters.list().await.unwrap();
+    assert_eq!(letters.len() as u64, panicking);
+    assert!(
+        letters
+            .iter()
+            .all(|l| l.error.starts_with("failed: handler panicked: boom")),
+        "{letters:?}"
+    );
+}
