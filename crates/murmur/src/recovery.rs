@@ -14,14 +14,14 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use murmur_comms::agent::comms::task;
+use murmur_comms::agent::comms::{ack, task};
 use murmur_comms::{Ack, Assignment, Claim, Handoff, Result as ResultC, Status, Task};
 use murmur_pds::{Collection, Stored, Writer};
 
 use crate::AgentError;
 use crate::lock;
 use crate::policy::ClaimOffer;
-use crate::requester::{Deferred, Entry, Phase, Requester};
+use crate::requester::{Deferred, Entry, Phase, Requester, lapsed_worker};
 
 /// What a requester rebuilt from the repos when it started ([`Agent::recovery`]).
 ///
@@ -51,6 +51,18 @@ pub struct Recovery {
 /// Claims and handoffs older than the oldest open task by more than this are not read
 /// (clock skew allowance between hosts).
 const SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(10);
+
+/// A task waiting for a claim when the requester starts.
+struct Unassigned {
+    uri: String,
+    cid: String,
+    record: task::Record,
+    /// When its latest lease lapsed: only claims made after it are for the next attempt.
+    since: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Repos read at once while recovering.
+const READS_AT_ONCE: usize = 16;
 
 /// Where to look for workers' claims.
 pub(crate) struct Candidates {
@@ -100,6 +112,50 @@ fn deadline_at(datetime: &str) -> Instant {
     Instant::now() + left
 }
 
+/// What an ack in the requester's own repo says.
+#[derive(Debug, PartialEq, Eq)]
+enum AckMeaning<'a> {
+    /// It closes the task at the ack's own record key: `accepted` (subject a result, at
+    /// whatever key the worker wrote it) or `rejected` (subject the task: given up).
+    Closes,
+    /// A lapsed lease of the assignment at `task_key` (these acks have fresh TID keys, from
+    /// the writer's generator that also makes task keys, so they never sit at a task's key).
+    Lapse {
+        task_key: &'a str,
+        assignment_cid: String,
+        worker: Option<&'a str>,
+    },
+    Other,
+}
+
+fn ack_meaning<'a>(own_did: &str, ack: &'a ack::Record) -> AckMeaning<'a> {
+    let Some((did, collection, key)) = parse_uri(&ack.subject.uri) else {
+        return AckMeaning::Other;
+    };
+    if collection == ResultC::NSID || collection == Task::NSID {
+        AckMeaning::Closes
+    } else if did == own_did && collection == Assignment::NSID && ack.state == "rejected" {
+        AckMeaning::Lapse {
+            task_key: key,
+            assignment_cid: ack.subject.cid.as_ref().to_string(),
+            worker: ack.reason.as_deref().and_then(lapsed_worker),
+        }
+    } else {
+        AckMeaning::Other
+    }
+}
+
+/// The lapsed attempts of one task, from its lapse acks.
+#[derive(Default)]
+struct Lapses {
+    /// The withdrawn assignments (a lapse recorded twice counts once).
+    assignments: HashSet<String>,
+    /// When the latest lapse was recorded: claims before it belong to earlier attempts.
+    latest: Option<chrono::DateTime<chrono::Utc>>,
+    /// The lapsed workers, oldest lapse first.
+    workers: Vec<String>,
+}
+
 impl Requester {
     /// Rebuilds the open tasks of this identity from the repos, then replays the events
     /// that arrived meanwhile. The watcher runs already, so nothing written after the reads
@@ -142,7 +198,8 @@ impl Requester {
         if tasks.is_empty() {
             return Ok(Recovery::default());
         }
-        let acks = list_own::<Ack>(&self.writer).await?;
+        let mut acks = list_own::<Ack>(&self.writer).await?;
+        acks.sort_by(|a, b| a.rkey.cmp(&b.rkey)); // TIDs: oldest first
         let assignments: HashMap<String, Stored<_>> = list_own::<Assignment>(&self.writer)
             .await?
             .into_iter()
@@ -150,24 +207,36 @@ impl Requester {
             .collect();
 
         let mut closed = HashSet::new();
-        let mut lapses: HashMap<String, u32> = HashMap::new();
+        let mut lapses: HashMap<String, Lapses> = HashMap::new();
         for ack in &acks {
-            let Some((did, collection, key)) = parse_uri(&ack.value.subject.uri) else {
-                continue;
-            };
-            if key == ack.rkey && (collection == Task::NSID || collection == ResultC::NSID) {
-                closed.insert(ack.rkey.clone());
-            } else if did == self.did
-                && collection == Assignment::NSID
-                && ack.value.state == "rejected"
-            {
-                *lapses.entry(key.to_string()).or_default() += 1;
+            match ack_meaning(&self.did, &ack.value) {
+                AckMeaning::Closes => {
+                    closed.insert(ack.rkey.clone());
+                }
+                AckMeaning::Lapse {
+                    task_key,
+                    assignment_cid,
+                    worker,
+                } => {
+                    let l = lapses.entry(task_key.to_string()).or_default();
+                    l.assignments.insert(assignment_cid);
+                    if let Some(t) = created(&ack.value.created_at) {
+                        l.latest = l.latest.max(Some(t));
+                    }
+                    if let Some(w) = worker
+                        && !l.workers.iter().any(|x| x == w)
+                    {
+                        l.workers.push(w.to_string());
+                    }
+                }
+                AckMeaning::Other => {}
             }
         }
+        let none = Lapses::default();
 
         let mut report = Recovery::default();
         let mut assigned = Vec::new();
-        let mut unassigned: HashMap<String, (String, String, task::Record)> = HashMap::new();
+        let mut unassigned: HashMap<String, Unassigned> = HashMap::new();
         let mut exhausted = Vec::new();
         let mut handles = Vec::new();
         {
@@ -178,27 +247,46 @@ impl Requester {
                 }
                 let cid = t.cid.to_string();
                 let (mut entry, rx) = Entry::new(t.uri.clone(), Some(cid.clone()), t.value);
-                let lapsed = lapses.get(&t.rkey).copied().unwrap_or(0);
+                let lapse = lapses.get(&t.rkey).unwrap_or(&none);
+                let lapsed = u32::try_from(lapse.assignments.len()).unwrap_or(u32::MAX);
+                // Workers whose leases lapsed held the task: they may still answer it, and
+                // the claim policy sees them as previous workers.
+                entry.holders.extend(lapse.workers.iter().cloned());
                 match assignments.get(&t.rkey) {
                     Some(a) if a.value.task.cid.as_ref() == &t.cid => {
                         let attempt = u32::try_from(a.value.attempt).unwrap_or(1);
                         entry.attempt = attempt.max(lapsed);
-                        entry.holders.push(a.value.worker.clone());
+                        if !entry.holders.contains(&a.value.worker) {
+                            entry.holders.push(a.value.worker.clone());
+                        }
+                        // An assignment whose lapse is recorded (the requester died before
+                        // withdrawing it) has lapsed already: the lease check withdraws it.
+                        let deadline = if lapse.assignments.contains(&a.cid.to_string()) {
+                            Instant::now()
+                        } else {
+                            deadline_at(&a.value.lease_expires_at)
+                        };
                         entry.phase = Phase::Assigned {
                             worker: a.value.worker.clone(),
                             assignment_cid: a.cid,
-                            deadline: deadline_at(&a.value.lease_expires_at),
+                            deadline,
                         };
                         assigned.push(t.rkey.clone());
                     }
                     _ => {
                         entry.attempt = lapsed;
                         if lapsed >= entry.max_attempts {
+                            entry.phase = Phase::Reopening; // what give_up closes
                             exhausted.push((t.rkey.clone(), lapsed));
                         } else {
                             unassigned.insert(
                                 t.rkey.clone(),
-                                (t.uri.clone(), cid.clone(), entry.record.clone()),
+                                Unassigned {
+                                    uri: t.uri.clone(),
+                                    cid: cid.clone(),
+                                    record: entry.record.clone(),
+                                    since: lapse.latest,
+                                },
                             );
                         }
                     }
@@ -306,7 +394,7 @@ impl Requester {
             }
         }
 
-        let limit = Arc::new(tokio::sync::Semaphore::new(16));
+        let limit = Arc::new(tokio::sync::Semaphore::new(READS_AT_ONCE));
         let mut checks = tokio::task::JoinSet::new();
         for rkey in assigned.iter().cloned() {
             let me = Arc::clone(self);
@@ -379,7 +467,7 @@ impl Requester {
     /// Reads the workers' claims on the unassigned tasks and lets the policy choose.
     async fn collect_claims(
         self: &Arc<Self>,
-        unassigned: &HashMap<String, (String, String, task::Record)>,
+        unassigned: &HashMap<String, Unassigned>,
         candidates: &Candidates,
         assignees: impl Iterator<Item = String>,
         report: &mut Recovery,
@@ -394,7 +482,13 @@ impl Requester {
             None => {
                 for host in &candidates.hosts {
                     match self.list_repos(host).await {
-                        Ok(dids) => workers.extend(dids),
+                        Ok(dids) => {
+                            // Hosted there: no identity look-up needed to read them.
+                            for did in &dids {
+                                self.repos.host(did, host);
+                            }
+                            workers.extend(dids);
+                        }
                         Err(err) => {
                             tracing::warn!(host = %host, error = %err, "repos not listed");
                             unreadable.insert(host.clone());
@@ -407,18 +501,21 @@ impl Requester {
         workers.remove(&self.did);
         let oldest = unassigned
             .values()
-            .filter_map(|(_, _, r)| created(&r.created_at))
+            .filter_map(|u| created(&u.record.created_at))
             .min();
         let cutoff = oldest.map(|t| t - SKEW);
-        let by_uri: HashMap<&str, (&str, &str)> = unassigned
+        let by_uri: HashMap<&str, (&str, &Unassigned)> = unassigned
             .iter()
-            .map(|(rkey, (uri, cid, _))| (uri.as_str(), (rkey.as_str(), cid.as_str())))
+            .map(|(rkey, u)| (u.uri.as_str(), (rkey.as_str(), u)))
             .collect();
 
+        let limit = Arc::new(tokio::sync::Semaphore::new(READS_AT_ONCE));
         let mut reads = tokio::task::JoinSet::new();
         for did in workers {
             let repos = Arc::clone(&self.repos);
+            let limit = Arc::clone(&limit);
             reads.spawn(async move {
+                let _permit = limit.acquire_owned().await;
                 let found = repos
                     .list_recent::<Claim>(&did, |c| {
                         cutoff.is_some_and(|cut| {
@@ -443,11 +540,16 @@ impl Requester {
                 }
             };
             for c in claims {
-                let Some((rkey, cid)) = by_uri.get(c.value.task.uri.as_str()) else {
+                let Some((rkey, task)) = by_uri.get(c.value.task.uri.as_str()) else {
                     continue;
                 };
-                if c.value.task.cid.as_ref().to_string() != *cid {
+                if c.value.task.cid.as_ref().to_string() != task.cid {
                     continue;
+                }
+                if let Some(since) = task.since
+                    && created(&c.value.created_at).is_none_or(|t| t <= since)
+                {
+                    continue; // a claim on an attempt that lapsed
                 }
                 offers.entry(rkey.to_string()).or_default().push((
                     c.value.created_at.clone(),
@@ -492,5 +594,79 @@ impl Requester {
             }
             cursor = next;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::requester::lapse_reason;
+
+    const ME: &str = "did:plc:boss";
+
+    fn ack(subject: &str, state: &str, reason: Option<String>) -> ack::Record {
+        ack::RecordData {
+            subject: atrium_api::com::atproto::repo::strong_ref::MainData {
+                uri: subject.into(),
+                cid: "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"
+                    .parse()
+                    .unwrap(),
+            }
+            .into(),
+            state: state.into(),
+            reason,
+            created_at: crate::now(),
+        }
+        .into_record()
+    }
+
+    #[test]
+    fn an_accepted_ack_closes_its_key_whatever_the_results_key() {
+        // answer() accepts a result at any record key: the ack still closes the task.
+        let other_key = ack("at://did:plc:w/agent.comms.result/3zzz", "accepted", None);
+        assert_eq!(ack_meaning(ME, &other_key), AckMeaning::Closes);
+        let same_key = ack("at://did:plc:w/agent.comms.result/3task", "accepted", None);
+        assert_eq!(ack_meaning(ME, &same_key), AckMeaning::Closes);
+        let given_up = ack(
+            "at://did:plc:boss/agent.comms.task/3task",
+            "rejected",
+            Some("given up".into()),
+        );
+        assert_eq!(ack_meaning(ME, &given_up), AckMeaning::Closes);
+    }
+
+    #[test]
+    fn a_lapse_ack_names_its_task_and_worker() {
+        let lapse = ack(
+            "at://did:plc:boss/agent.comms.assignment/3task",
+            "rejected",
+            Some(lapse_reason(2, "did:plc:slow")),
+        );
+        assert_eq!(
+            ack_meaning(ME, &lapse),
+            AckMeaning::Lapse {
+                task_key: "3task",
+                assignment_cid: "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"
+                    .into(),
+                worker: Some("did:plc:slow"),
+            }
+        );
+        // Written before lapse acks named the worker: still a lapse.
+        let old = ack(
+            "at://did:plc:boss/agent.comms.assignment/3task",
+            "rejected",
+            Some("lease of attempt 1 lapsed".into()),
+        );
+        assert!(matches!(
+            ack_meaning(ME, &old),
+            AckMeaning::Lapse { worker: None, .. }
+        ));
+        // Someone else's assignment is not our lapse.
+        let theirs = ack(
+            "at://did:plc:other/agent.comms.assignment/3task",
+            "rejected",
+            None,
+        );
+        assert_eq!(ack_meaning(ME, &theirs), AckMeaning::Other);
     }
 }

@@ -29,6 +29,17 @@ pub(crate) fn strong_ref(uri: &str, cid: Cid) -> StrongRef {
     .into()
 }
 
+/// The `reason` of the ack recording a lapsed lease: `lease of attempt N lapsed (worker DID)`.
+pub(crate) fn lapse_reason(attempt: u32, worker: &str) -> String {
+    format!("lease of attempt {attempt} lapsed (worker {worker})")
+}
+
+/// The worker named by a [`lapse_reason`] (acks written before it named one have none).
+pub(crate) fn lapsed_worker(reason: &str) -> Option<&str> {
+    let worker = reason.rsplit_once(" (worker ")?.1.strip_suffix(')')?;
+    (worker.starts_with("did:") && !worker.contains(char::is_whitespace)).then_some(worker)
+}
+
 /// Where one of our tasks stands.
 #[derive(Debug, Clone)]
 pub(crate) enum Phase {
@@ -50,6 +61,8 @@ pub(crate) enum Phase {
         result_uri: String,
         before: Box<Phase>,
     },
+    /// The ack closing the task as given up is being written.
+    GivingUp,
     /// A result was accepted (its ack is written).
     Done { result_uri: String, worker: String },
     /// `maxAttempts` leases lapsed.
@@ -323,6 +336,7 @@ impl Requester {
             Some((Phase::Accepting { result_uri, .. }, _, _)) => {
                 format!("accepting the result {result_uri}")
             }
+            Some((Phase::GivingUp, n, _)) => format!("giving up after {n} attempt(s)"),
             Some((Phase::Done { worker, .. }, _, _)) => format!("done by {worker}"),
             Some((Phase::GivenUp, n, _)) => format!("given up after {n} attempt(s)"),
         }
@@ -655,6 +669,9 @@ impl Requester {
                 Phase::Accepting { .. } => {
                     return Err("another result of this task is being accepted".into());
                 }
+                Phase::GivingUp => {
+                    return Err("the task is being given up; its closing ack decides".into());
+                }
                 Phase::GivenUp => return Ok(()), // closed: its ack says it was given up
                 _ => {}
             }
@@ -749,17 +766,25 @@ impl Requester {
     /// The task's closing ack names another outcome than the one at hand (written by an
     /// earlier run of this agent): follow it.
     async fn closed_elsewhere(self: &Arc<Self>, rkey: &str, ack: ack::Record, other: String) {
+        if ack.state == "accepted" {
+            // `other` answered too: a duplicate of the accepted result.
+            lock(&self.stats).duplicates += 1;
+            self.emit(TaskEvent::DuplicateResult {
+                task: format!("{}{rkey}", self.prefix),
+                worker: other,
+            });
+        }
+        self.follow_ack(rkey, ack).await;
+    }
+
+    /// Closes the task as its ack (already in the repo) says: given up, or done with the
+    /// accepted result (read back from the worker's repo).
+    async fn follow_ack(self: &Arc<Self>, rkey: &str, ack: ack::Record) {
         if ack.state != "accepted" {
             let attempts = lock(&self.tasks).get(rkey).map_or(0, |e| e.attempt);
             self.close_given_up(rkey, attempts);
             return;
         }
-        // `other` answered too: a duplicate of the accepted result, which completes the task.
-        lock(&self.stats).duplicates += 1;
-        self.emit(TaskEvent::DuplicateResult {
-            task: format!("{}{rkey}", self.prefix),
-            worker: other,
-        });
         let uri = ack.subject.uri.clone();
         let worker = uri
             .strip_prefix("at://")
@@ -788,12 +813,16 @@ impl Requester {
         }
     }
 
-    /// Marks the task given up and fails its waiter.
+    /// Marks the task given up and fails its waiter (once: a task already closed stays
+    /// as it is).
     fn close_given_up(&self, rkey: &str, attempts: u32) {
         let mut tasks = lock(&self.tasks);
         let Some(entry) = tasks.get_mut(rkey) else {
             return;
         };
+        if matches!(entry.phase, Phase::GivenUp | Phase::Done { .. }) {
+            return;
+        }
         entry.phase = Phase::GivenUp;
         let waiter = entry.waiter.take();
         let uri = entry.uri.clone();
@@ -809,30 +838,66 @@ impl Requester {
     }
 
     /// Writes the ack that closes a task as given up (`rejected`, subject the task), then
-    /// fails its waiter.
+    /// fails its waiter. Only a task whose last lease lapsed (phase `Reopening`) is given
+    /// up: the phase becomes `GivingUp` under the lock, so a late result waits for the ack
+    /// (and if the result's ack won the key, the task follows it and is done instead).
     pub(crate) async fn give_up(self: &Arc<Self>, rkey: &str, attempts: u32) {
         let (uri, cid) = {
-            let tasks = lock(&self.tasks);
-            let Some(entry) = tasks.get(rkey) else {
+            let mut tasks = lock(&self.tasks);
+            let Some(entry) = tasks.get_mut(rkey) else {
                 return;
             };
+            if !matches!(entry.phase, Phase::Reopening) {
+                return; // a result is being accepted, or the task is closed already
+            }
+            entry.phase = Phase::GivingUp;
             (entry.uri.clone(), entry.cid.clone())
         };
-        if let Some(cid) = cid.as_deref().and_then(|c| c.parse::<Cid>().ok()) {
-            let record = ack::RecordData {
-                subject: strong_ref(&uri, cid),
-                state: "rejected".into(),
-                reason: Some(format!(
-                    "given up: the leases of {attempts} attempt(s) lapsed without a result"
-                )),
-                created_at: crate::now(),
+        let Some(cid) = cid.as_deref().and_then(|c| c.parse::<Cid>().ok()) else {
+            self.close_given_up(rkey, attempts);
+            return;
+        };
+        let record = ack::RecordData {
+            subject: strong_ref(&uri, cid),
+            state: "rejected".into(),
+            reason: Some(format!(
+                "given up: the leases of {attempts} attempt(s) lapsed without a result"
+            )),
+            created_at: crate::now(),
+        }
+        .into_record();
+        let err = match self.writer.create_with_rkey::<Ack>(rkey, &record).await {
+            Ok(_) => {
+                self.close_given_up(rkey, attempts);
+                return;
             }
-            .into_record();
-            if let Err(err) = self.writer.create_with_rkey::<Ack>(rkey, &record).await {
-                tracing::warn!(task = %uri, error = %err, "the ack closing a given-up task was not written");
+            Err(err) => err,
+        };
+        // The key is taken (a result's ack won, or a retried write landed) or the write
+        // failed: the ack in the repo, if any, decides.
+        match self.writer.get::<Ack>(rkey).await {
+            Ok(Some(existing)) => self.follow_ack(rkey, existing.value).await,
+            other => {
+                tracing::warn!(task = %uri, error = %err, read = ?other.err(), "the ack closing a given-up task was not written; trying again");
+                if let Some(entry) = lock(&self.tasks).get_mut(rkey)
+                    && matches!(entry.phase, Phase::GivingUp)
+                {
+                    entry.phase = Phase::Reopening;
+                }
+                self.give_up_later(rkey.to_string(), attempts);
             }
         }
-        self.close_given_up(rkey, attempts);
+    }
+
+    /// Runs [`give_up`](Self::give_up) again in a second.
+    fn give_up_later(self: &Arc<Self>, rkey: String, attempts: u32) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            if !me.stopped.load(Ordering::SeqCst) {
+                me.give_up(&rkey, attempts).await;
+            }
+        });
     }
 
     /// Withdraws lapsed assignments (reopening the task) or gives the task up after
@@ -885,6 +950,17 @@ impl Requester {
                 }
                 continue;
             }
+            // The lapse is recorded before the assignment is withdrawn: a requester that
+            // dies in between still counts this attempt against `maxAttempts`.
+            if let Err(err) = self.record_lapse(&rkey, cid, attempt, &worker).await {
+                tracing::warn!(task = %uri, error = %err, "lapse not recorded; trying again");
+                if let Some(entry) = lock(&self.tasks).get_mut(&rkey)
+                    && matches!(entry.phase, Phase::Reopening)
+                {
+                    entry.phase = assigned;
+                }
+                continue;
+            }
             lock(&self.stats).lease_expiries += 1;
             self.emit(TaskEvent::LeaseExpired {
                 task: uri.clone(),
@@ -914,26 +990,29 @@ impl Requester {
             }
             if exhausted {
                 self.give_up(&rkey, attempt).await;
-            } else {
-                self.record_lapse(&rkey, cid, attempt).await;
             }
         }
     }
 
-    /// Leaves a durable trace of a lapsed attempt (a `rejected` ack of the withdrawn
-    /// assignment), so a restarted requester still counts it against `maxAttempts`.
-    async fn record_lapse(&self, rkey: &str, assignment_cid: Cid, attempt: u32) {
+    /// Leaves a durable trace of a lapsed attempt (a `rejected` ack of the assignment, at a
+    /// fresh TID key, naming the lapsed worker in its `reason`: see [`lapse_reason`]), so a
+    /// restarted requester still counts it against `maxAttempts`.
+    async fn record_lapse(
+        &self,
+        rkey: &str,
+        assignment_cid: Cid,
+        attempt: u32,
+        worker: &str,
+    ) -> Result<(), murmur_pds::Error> {
         let uri = format!("at://{}/{}/{rkey}", self.did, Assignment::NSID);
         let record = ack::RecordData {
             subject: strong_ref(&uri, assignment_cid),
             state: "rejected".into(),
-            reason: Some(format!("lease of attempt {attempt} lapsed")),
+            reason: Some(lapse_reason(attempt, worker)),
             created_at: crate::now(),
         }
         .into_record();
-        if let Err(err) = self.writer.create::<Ack>(&record).await {
-            tracing::warn!(assignment = %uri, error = %err, "lapse not recorded");
-        }
+        self.writer.create::<Ack>(&record).await.map(|_| ())
     }
 
     /// The first result for the task at `rkey` in the repos of `holders` (latest first).
