@@ -133,8 +133,9 @@ impl Dispatcher {
         });
     }
 
-    /// Runs a lane's work on its own task, until it ends or the dispatcher is killed.
-    fn spawn_lane(&self, work: impl Future<Output = ()> + Send + 'static) {
+    /// Runs work on its own task until it ends or the dispatcher is killed (lanes, repo
+    /// re-fetches: nothing of a dropped watcher goes on running).
+    pub(crate) fn spawn_lane(&self, work: impl Future<Output = ()> + Send + 'static) {
         let mut killed = self.killed.subscribe();
         tokio::spawn(async move {
             tokio::select! {
@@ -201,7 +202,16 @@ async fn run_job_in_span(rt: Arc<Runtime>, job: Job, _slot: OwnedSemaphorePermit
         path = %job.op.data().path,
         action = job.op.data().action.as_str(),
     );
-    run_job(&rt, job).instrument(span).await;
+    let (did, seq) = (job.op.data().did.clone(), job.op.data().seq);
+    // Handler panics are caught per call (they fail the op); this catches a panicking store or
+    // `on_rejected` hook, so the lane goes on. The op's event is never marked done: the stored
+    // cursor stays before it, and a restart delivers it again.
+    if let Err(panic) = AssertUnwindSafe(run_job(&rt, job).instrument(span))
+        .catch_unwind()
+        .await
+    {
+        error!(did = %did, seq, panic = %panic_message(panic.as_ref()), "a state store or the on_rejected hook panicked; the op stays unfinished and the cursor will not pass it in this run");
+    }
     rt.metrics.queue_depth.fetch_sub(1, Ordering::Relaxed);
 }
 
@@ -343,14 +353,19 @@ impl Service<OpEvent> for HandlerService {
 
 /// The error a panicking handler becomes.
 fn panicked(panic: Box<dyn std::any::Any + Send>) -> BoxError {
-    let message = panic
+    BoxError::from(CallError::Handler(HandlerError::Fail(format!(
+        "handler panicked: {}",
+        panic_message(panic.as_ref())
+    ))))
+}
+
+/// A panic's message, when it has one.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
         .downcast_ref::<&str>()
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a non-string payload".into());
-    BoxError::from(CallError::Handler(HandlerError::Fail(format!(
-        "handler panicked: {message}"
-    ))))
+        .unwrap_or_else(|| "a non-string payload".into())
 }
 
 /// Retries handler errors marked retryable (and timeouts) with the watcher's backoff.

@@ -1,7 +1,8 @@
 //! From a frame's bytes to queued jobs: decode, pre-filter, verify, route.
 
-use std::sync::Arc;
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use murmur_sync::{CommitEvent, Frame, StreamError, SyncError, Verifier};
 use tracing::{debug, info, warn};
@@ -10,6 +11,13 @@ use crate::dispatch::{Dispatcher, HandlerEntry, Job};
 use crate::op::{OpData, StateMap};
 use crate::watcher::{GapHook, ResyncHook};
 use crate::{Filter, Gap, GapKind, Metrics, OpEvent, Rejection, SourceError};
+
+/// Repo re-fetches (`getRepo`) running at once, across DIDs.
+pub(crate) const RESYNC_CONCURRENCY: usize = 4;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// Everything shared by the source readers.
 pub(crate) struct Pipeline {
@@ -21,6 +29,10 @@ pub(crate) struct Pipeline {
     pub dispatcher: Arc<Dispatcher>,
     pub on_gap: Option<GapHook>,
     pub on_resync: Option<ResyncHook>,
+    /// DIDs whose repo is being re-fetched.
+    pub resyncing: Arc<Mutex<HashSet<String>>>,
+    /// Bounds concurrent repo re-fetches.
+    pub resync_slots: Arc<tokio::sync::Semaphore>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -248,19 +260,39 @@ impl Pipeline {
             hook(&gap);
         }
         if let (GapKind::ChainBreak { did }, Some(hook)) = (&gap.kind, &self.on_resync) {
-            let (did, hook, verifier) = (did.clone(), Arc::clone(hook), Arc::clone(&self.verifier));
-            tokio::spawn(async move {
-                let repo = verifier.fetch_repo(&did).await;
-                match &repo {
-                    Ok(repo) => {
-                        info!(did = %did, rev = %repo.rev, records = repo.records.len(), "repo re-fetched after a chain break")
-                    }
-                    Err(e) => {
-                        warn!(did = %did, error = %e, "repo re-fetch after a chain break failed")
-                    }
-                }
-                hook(&did, repo);
-            });
+            self.resync(did, hook);
         }
+    }
+
+    /// Re-fetches a repo after a chain break: only repos the filter lets through, one fetch
+    /// per DID at a time, at most [`RESYNC_CONCURRENCY`] at once, stopped with the watcher.
+    fn resync(&self, did: &str, hook: &ResyncHook) {
+        if !self.filter.allows_repo(did) {
+            return;
+        }
+        if !lock(&self.resyncing).insert(did.to_string()) {
+            debug!(did, "a re-fetch of this repo is already under way");
+            return;
+        }
+        let (did, hook, verifier) = (
+            did.to_string(),
+            Arc::clone(hook),
+            Arc::clone(&self.verifier),
+        );
+        let (slots, resyncing) = (Arc::clone(&self.resync_slots), Arc::clone(&self.resyncing));
+        self.dispatcher.spawn_lane(async move {
+            let _slot = slots.acquire_owned().await;
+            let repo = verifier.fetch_repo(&did).await;
+            lock(&resyncing).remove(&did);
+            match &repo {
+                Ok(repo) => {
+                    info!(did = %did, rev = %repo.rev, records = repo.records.len(), "repo re-fetched after a chain break")
+                }
+                Err(e) => {
+                    warn!(did = %did, error = %e, "repo re-fetch after a chain break failed")
+                }
+            }
+            hook(&did, repo);
+        });
     }
 }

@@ -59,8 +59,9 @@ pub trait Source: Send + Sync + 'static {
 
 /// `com.atproto.sync.subscribeRepos` over WebSocket, from a PDS or a relay.
 ///
-/// `wss://` (and `https://`) URLs connect over TLS (rustls), trusting the Mozilla root
-/// certificates (webpki-roots) unless [`with_tls_config`](Self::with_tls_config) says otherwise.
+/// `wss://` (and `https://`) URLs connect over TLS (rustls with the ring provider), trusting
+/// the Mozilla root certificates (webpki-roots) unless
+/// [`with_tls_config`](Self::with_tls_config) says otherwise.
 #[derive(Debug, Clone)]
 pub struct SubscribeRepos {
     url: String,
@@ -117,10 +118,12 @@ impl Source for SubscribeRepos {
             Some(c) => format!("{}?cursor={c}", self.url),
             None => self.url.clone(),
         };
-        let connector = self
-            .tls
-            .as_ref()
-            .map(|config| tokio_tungstenite::Connector::Rustls(Arc::clone(config)));
+        let connector = match &self.tls {
+            Some(config) => Some(Arc::clone(config)),
+            None if self.url.starts_with("wss://") => Some(default_tls()?),
+            None => None,
+        }
+        .map(tokio_tungstenite::Connector::Rustls);
         let (socket, _) =
             tokio_tungstenite::connect_async_tls_with_config(url, None, true, connector)
                 .await
@@ -159,6 +162,22 @@ impl Source for SubscribeRepos {
         });
         Ok(stream)
     }
+}
+
+/// TLS with the webpki (Mozilla) roots on the ring provider, chosen explicitly: the process
+/// default provider is ambiguous when an application's dependencies enable another one.
+fn default_tls() -> Result<Arc<rustls::ClientConfig>, SourceError> {
+    let roots = rustls::RootCertStore {
+        roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+    };
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| SourceError::Transport(format!("TLS configuration: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// A stream fed by a task through a small channel (the channel's bound keeps reads paced).

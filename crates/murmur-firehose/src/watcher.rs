@@ -296,6 +296,10 @@ impl WatcherBuilder {
     /// `getRepo` from the DID's PDS, verified at the watcher's level, then `hook(did, repo)`
     /// (or the error), on its own task while the stream goes on.
     ///
+    /// Only repos the DID filter lets through are fetched, one fetch per DID at a time and a
+    /// few at once; the body is capped (`Limits::max_repo_bytes`, 256 MB by default). Fetches
+    /// stop with the watcher.
+    ///
     /// Handlers are not called for the snapshot's records (most were handled already, under
     /// other revs): compare them with your own state, e.g. by path and CID, to find what the
     /// gap hid.
@@ -400,6 +404,10 @@ impl WatcherBuilder {
                 )),
                 on_gap: self.on_gap,
                 on_resync: self.on_resync,
+                resyncing: Arc::default(),
+                resync_slots: Arc::new(tokio::sync::Semaphore::new(
+                    crate::pipeline::RESYNC_CONCURRENCY,
+                )),
                 metrics,
             }),
             cursor_store,

@@ -222,3 +222,68 @@ async fn a_panicking_handler_is_a_dead_letter_and_its_lane_goes_on() {
         "{letters:?}"
     );
 }
+
+/// The corpus's tasks under a type they do not decode as: every op is rejected.
+#[derive(Debug)]
+struct Strict;
+
+#[derive(Debug, serde::Deserialize, serde::Serialize)]
+struct StrictRecord {
+    required_but_absent: String,
+}
+
+impl atrium_api::types::Collection for Strict {
+    const NSID: &'static str = "agent.comms.task";
+    type Record = StrictRecord;
+}
+
+impl murmur_lexicon::Validate for StrictRecord {
+    fn validate(&self) -> Result<(), murmur_lexicon::ValidationError> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_on_rejected_hook_leaves_the_op_unfinished_and_the_watcher_reading() {
+    let recorded = corpus::recorded();
+    let frames = corpus::pass(&recorded, 0, 1);
+    let (events, creates) = (frames.len() as u64, corpus::task_creates(&frames));
+    let state = tempfile::tempdir().unwrap();
+    let hooked = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&hooked);
+    let watcher = Watcher::builder()
+        .source(Replay {
+            frames: Arc::new(frames),
+        })
+        .verification(VerifyLevel::None)
+        .cursor_store(FileCursorStore::new(state.path()))
+        .on_create::<Strict, _, _>(|_rec, _op| async { Ok(()) })
+        .on_rejected(move |op, _why| {
+            h.fetch_add(1, Ordering::Relaxed);
+            panic!("hook bug on {}", op.uri());
+        })
+        .build()
+        .unwrap();
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    wait_for("every op through the panicking hook", || {
+        hooked.load(Ordering::Relaxed) == creates && metrics.snapshot().events_in == events
+    })
+    .await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+    assert_eq!(metrics.snapshot().handled, 0);
+    let stored = FileCursorStore::new(state.path())
+        .load("memory://replay")
+        .await
+        .unwrap();
+    let first_task_seq = 1 + recorded
+        .iter()
+        .position(|f| corpus::task_creates(std::slice::from_ref(f)) > 0)
+        .unwrap() as i64;
+    assert!(
+        stored.is_none_or(|seq| seq < first_task_seq),
+        "the cursor stays before the first unfinished op (seq {first_task_seq}): {stored:?}"
+    );
+}

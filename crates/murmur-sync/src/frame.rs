@@ -18,6 +18,8 @@ pub struct Limits {
     pub max_record_bytes: usize,
     /// Deepest DAG-CBOR nesting in a frame or record (default 32).
     pub max_depth: usize,
+    /// Largest whole-repo CAR fetched with `getRepo` (default 256 MB).
+    pub max_repo_bytes: usize,
 }
 
 impl Default for Limits {
@@ -28,6 +30,7 @@ impl Default for Limits {
             max_ops: 200,
             max_record_bytes: 1024 * 1024,
             max_depth: 32,
+            max_repo_bytes: 256 * 1024 * 1024,
         }
     }
 }

@@ -488,7 +488,7 @@ impl Verifier {
             url: url.clone(),
             reason,
         };
-        let response = self
+        let mut response = self
             .resolver
             .http()
             .get(&url)
@@ -500,12 +500,31 @@ impl Verifier {
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
-            return Err(fetch_err(format!("HTTP {status}: {}", body.trim())));
+            let body: String = body.trim().chars().take(300).collect();
+            return Err(fetch_err(format!("HTTP {status}: {body}")));
         }
-        let bytes = response
-            .bytes()
+        let limit = self.limits.max_repo_bytes;
+        let too_large = |size: usize| SyncError::TooLarge {
+            what: "repo CAR",
+            size,
+            limit,
+        };
+        if let Some(size) = response.content_length()
+            && size > limit as u64
+        {
+            return Err(too_large(usize::try_from(size).unwrap_or(usize::MAX)));
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
             .await
-            .map_err(|e| fetch_err(e.to_string()))?;
+            .map_err(|e| fetch_err(e.to_string()))?
+        {
+            if bytes.len() + chunk.len() > limit {
+                return Err(too_large(bytes.len() + chunk.len()));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
         self.verify_repo(did, &bytes).await
     }
 
