@@ -314,12 +314,14 @@ async fn request_nobody_answers_times_out_with_a_typed_error() {
 async fn max_attempts_bounds_reassignment_then_the_request_fails_typed() {
     let net = shared().await;
     let boss = writer(net, 0, "mboss").await;
+    let boss_w = boss.clone();
     let wa = writer(net, 0, "doomed-a").await;
     let wb = writer(net, 1, "doomed-b").await;
     let dids: Vec<String> = [&boss, &wa, &wb]
         .iter()
         .map(|w| w.did().to_string())
         .collect();
+    let worker_dids = [wa.did().to_string(), wb.did().to_string()];
     // Each worker hangs on the task and is killed once it has started: no result, ever.
     let mut workers = Vec::new();
     for w in [wa, wb] {
@@ -373,6 +375,37 @@ async fn max_attempts_bounds_reassignment_then_the_request_fails_typed() {
     assert_eq!(stats.assignments, 2, "{stats:?}");
     assert_eq!(stats.given_up, 1, "{stats:?}");
     assert_eq!(stats.done, 0, "{stats:?}");
+
+    // In the repo: each lapse recorded (naming its worker) and the assignment withdrawn,
+    // then the task closed as given up by the ack at its key.
+    let rkey = uri.rsplit('/').next().unwrap().to_string();
+    let acks = list_all::<Ack>(&boss_w).await;
+    let closing = acks.iter().find(|a| a.rkey == rkey).expect("a closing ack");
+    assert_eq!(closing.value.state, "rejected");
+    assert_eq!(closing.value.subject.uri, uri);
+    let mut lapses: Vec<String> = acks
+        .iter()
+        .filter(|a| {
+            a.value
+                .subject
+                .uri
+                .ends_with(&format!("/agent.comms.assignment/{rkey}"))
+        })
+        .map(|a| a.value.reason.clone().unwrap_or_default())
+        .collect();
+    lapses.sort();
+    assert_eq!(lapses.len(), 2, "{lapses:?}");
+    for (n, reason) in lapses.iter().enumerate() {
+        assert!(
+            reason.starts_with(&format!("lease of attempt {} lapsed (worker did:", n + 1)),
+            "{reason}"
+        );
+        assert!(
+            worker_dids.iter().any(|d| reason.contains(d.as_str())),
+            "{reason}"
+        );
+    }
+    assert!(list_all::<Assignment>(&boss_w).await.is_empty());
     boss.shutdown().await;
 }
 

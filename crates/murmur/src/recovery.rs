@@ -343,10 +343,13 @@ impl Requester {
         let cutoff = oldest.map(|t| t - SKEW);
         // Handoffs by the holders, read once per holder.
         let mut handoffs: HashMap<String, Vec<(String, String)>> = HashMap::new();
+        let limit = Arc::new(tokio::sync::Semaphore::new(READS_AT_ONCE));
         let mut reads = tokio::task::JoinSet::new();
         for did in holders {
             let repos = Arc::clone(&self.repos);
+            let limit = Arc::clone(&limit);
             reads.spawn(async move {
+                let _permit = limit.acquire_owned().await;
                 let found = repos
                     .list_recent::<Handoff>(&did, |h| {
                         cutoff.is_some_and(|c| created(&h.value.created_at).is_some_and(|t| t < c))
