@@ -474,15 +474,86 @@ impl Verifier {
     /// from its DID document) and verifies it with [`verify_repo`](Self::verify_repo): what a
     /// consumer does after a chain break to learn what it missed.
     pub async fn fetch_repo(&self, did: &str) -> Result<VerifiedRepo, SyncError> {
+        let bytes = self
+            .fetch_car(did, "com.atproto.sync.getRepo", &[("did", did)])
+            .await?
+            .ok_or_else(|| SyncError::FetchRepo {
+                did: did.to_string(),
+                url: "com.atproto.sync.getRepo".into(),
+                reason: "the PDS does not have this repo".into(),
+            })?;
+        self.verify_repo(did, &bytes).await
+    }
+
+    /// Fetches one record of `did` with its proof (`com.atproto.sync.getRecord`: the signed
+    /// commit and the MST path to the key) and verifies it: the record a repo holds now,
+    /// signed by its owner, whoever served it. `Ok(None)` when the proof shows the key absent
+    /// (or the PDS says the record is not found).
+    pub async fn fetch_record(
+        &self,
+        did: &str,
+        collection: &str,
+        rkey: &str,
+    ) -> Result<Option<RepoRecord>, SyncError> {
+        let query = [("did", did), ("collection", collection), ("rkey", rkey)];
+        let Some(bytes) = self
+            .fetch_car(did, "com.atproto.sync.getRecord", &query)
+            .await?
+        else {
+            return Ok(None);
+        };
+        self.verify_record_proof(did, &format!("{collection}/{rkey}"), &bytes)
+            .await
+    }
+
+    /// Verifies a record proof CAR (as `com.atproto.sync.getRecord` returns it): block hashes,
+    /// the signed commit at its root (signature unless the level is `None`), and the MST
+    /// path from the commit's data root to `path`. `Ok(None)` when the proof shows `path`
+    /// absent; an error when the CAR does not prove either way.
+    pub async fn verify_record_proof(
+        &self,
+        did: &str,
+        path: &str,
+        car: &[u8],
+    ) -> Result<Option<RepoRecord>, SyncError> {
+        let car = CarSlice::parse(car)?;
+        let (_, commit) = self.signed_root(&car, did).await?;
+        let tree = crate::mst::PartialTree::load(&car, commit.data)?;
+        let cid = match tree.get(path.as_bytes()) {
+            Ok(Some(cid)) => cid,
+            Ok(None) => return Ok(None),
+            Err(()) => {
+                return Err(SyncError::Mst {
+                    node: commit.data.to_string(),
+                    reason: format!("the proof does not include the path to {path}"),
+                });
+            }
+        };
+        let record = car.get(&cid).ok_or_else(|| SyncError::MissingBlock {
+            cid: cid.to_string(),
+            what: "record",
+        })?;
+        Ok(Some(RepoRecord {
+            path: path.to_string(),
+            cid,
+            record: record.to_vec(),
+        }))
+    }
+
+    /// GETs a CAR from the PDS of `did` (from its DID document), bounded by
+    /// [`Limits::max_repo_bytes`]. `Ok(None)` on HTTP 404 or an XRPC `*NotFound` error.
+    async fn fetch_car(
+        &self,
+        did: &str,
+        method: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Option<Vec<u8>>, SyncError> {
         let identity = self.resolver.resolve(did).await?;
         let pds = identity.pds.as_deref().ok_or_else(|| SyncError::Resolve {
             did: did.to_string(),
             reason: "the DID document names no #atproto_pds service endpoint".into(),
         })?;
-        let url = format!(
-            "{}/xrpc/com.atproto.sync.getRepo",
-            pds.trim_end_matches('/')
-        );
+        let url = format!("{}/xrpc/{method}", pds.trim_end_matches('/'));
         let fetch_err = |reason: String| SyncError::FetchRepo {
             did: did.to_string(),
             url: url.clone(),
@@ -492,7 +563,7 @@ impl Verifier {
             .resolver
             .http()
             .get(&url)
-            .query(&[("did", did)])
+            .query(query)
             .timeout(std::time::Duration::from_secs(120))
             .send()
             .await
@@ -501,6 +572,11 @@ impl Verifier {
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
             let body: String = body.trim().chars().take(300).collect();
+            if status == reqwest::StatusCode::NOT_FOUND
+                || (status == reqwest::StatusCode::BAD_REQUEST && body.contains("NotFound"))
+            {
+                return Ok(None);
+            }
             return Err(fetch_err(format!("HTTP {status}: {body}")));
         }
         let limit = self.limits.max_repo_bytes;
@@ -525,16 +601,16 @@ impl Verifier {
             }
             bytes.extend_from_slice(&chunk);
         }
-        self.verify_repo(did, &bytes).await
+        Ok(Some(bytes))
     }
 
-    /// Verifies a whole repo CAR (as `getRepo` returns it): every block's hash, the commit at
-    /// its root (DID, version, and signature unless the level is `None`), and a complete MST
-    /// whose leaves all point at records present in the CAR.
-    ///
-    /// The DID's chain head is left alone: the stream keeps its own place.
-    pub async fn verify_repo(&self, did: &str, car: &[u8]) -> Result<VerifiedRepo, SyncError> {
-        let car = CarSlice::parse(car)?;
+    /// The root CID and signed commit of a repo or proof CAR: DID and version checked, and
+    /// the signature unless the level is `None`.
+    async fn signed_root(
+        &self,
+        car: &CarSlice<'_>,
+        did: &str,
+    ) -> Result<(Cid, SignedCommit), SyncError> {
         let root = match car.roots() {
             [root] => *root,
             roots => {
@@ -548,7 +624,7 @@ impl Verifier {
             cid: root.to_string(),
             what: "commit",
         })?;
-        let commit = match self.level {
+        match self.level {
             VerifyLevel::None => {
                 let commit = SignedCommit::decode(block)?;
                 if commit.did != did {
@@ -558,13 +634,23 @@ impl Verifier {
                         event: did.to_string(),
                     });
                 }
-                commit
+                Ok((root, commit))
             }
             _ => {
                 let rev = SignedCommit::decode(block)?.rev;
-                self.check_signed(&car, &root, did, &rev).await?
+                Ok((root, self.check_signed(car, &root, did, &rev).await?))
             }
-        };
+        }
+    }
+
+    /// Verifies a whole repo CAR (as `getRepo` returns it): every block's hash, the commit at
+    /// its root (DID, version, and signature unless the level is `None`), and a complete MST
+    /// whose leaves all point at records present in the CAR.
+    ///
+    /// The DID's chain head is left alone: the stream keeps its own place.
+    pub async fn verify_repo(&self, did: &str, car: &[u8]) -> Result<VerifiedRepo, SyncError> {
+        let car = CarSlice::parse(car)?;
+        let (root, commit) = self.signed_root(&car, did).await?;
         let tree = crate::mst::PartialTree::load(&car, commit.data)?;
         let mut records = Vec::with_capacity(tree.items.len());
         for item in tree.items {
