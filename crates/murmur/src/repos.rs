@@ -1,16 +1,23 @@
-//! Reading other agents' repos: a DID resolved to its PDS (PLC or did:web), then public
-//! getRecord/listRecords there. Used to rebuild tasks after a restart and to look for a
-//! result the stream may not have delivered.
+//! Reading other agents' repos: a DID resolved to its PDS (PLC or did:web), then public reads
+//! there. Used to rebuild tasks after a restart and to look for a result the stream may not
+//! have delivered.
+//!
+//! Single records ([`Repos::get`]: results, statuses) come with their proof
+//! (`com.atproto.sync.getRecord`) and are verified like stream commits — signature, MST
+//! path, hash, lexicon — before anything acts on them. Listings (claims, handoffs) have no
+//! proofs; they only ever lead to an assignment or a look-up, never to accepting a result.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use murmur_pds::{Collection, Reader, Stored};
-use murmur_sync::IdentityResolver;
+use murmur_pds::{Collection, Reader, Stored, Validate};
+use murmur_sync::{IdentityResolver, Limits, Verifier, VerifyLevel};
 
 /// Readers of the repos of the swarm, one per PDS host.
 pub(crate) struct Repos {
-    resolver: IdentityResolver,
+    resolver: Arc<IdentityResolver>,
+    /// Verifies single records read back with their proofs (Full level).
+    verifier: Verifier,
     readers: Mutex<HashMap<String, Reader>>,
     /// DID -> PDS URL, for agents whose host is known without a look-up (our own).
     known: Mutex<HashMap<String, String>>,
@@ -23,6 +30,8 @@ pub(crate) enum RepoError {
     Resolve { did: String, message: String },
     #[error(transparent)]
     Read(#[from] murmur_pds::Error),
+    #[error("record {uri} failed verification: {message}")]
+    Verify { uri: String, message: String },
 }
 
 impl Repos {
@@ -31,7 +40,9 @@ impl Repos {
         if let Some(url) = plc_url {
             resolver = resolver.with_plc_url(url);
         }
+        let resolver = Arc::new(resolver);
         Arc::new(Repos {
+            verifier: Verifier::new(Arc::clone(&resolver)).with_level(VerifyLevel::Full),
             resolver,
             readers: Mutex::new(HashMap::new()),
             known: Mutex::new(HashMap::new()),
@@ -86,13 +97,38 @@ impl Repos {
         self.reader_at(&url)
     }
 
-    /// The record of `C` at `rkey` in `did`'s repo.
+    /// The record of `C` at `rkey` in `did`'s repo, verified: fetched with its proof (signed
+    /// commit + MST path), hash-checked, decoded and validated against its lexicon.
     pub(crate) async fn get<C: Collection>(
         &self,
         did: &str,
         rkey: &str,
-    ) -> Result<Option<Stored<C::Record>>, RepoError> {
-        Ok(self.reader_for(did).await?.get::<C>(did, rkey).await?)
+    ) -> Result<Option<Stored<C::Record>>, RepoError>
+    where
+        C::Record: Validate,
+    {
+        let uri = format!("at://{did}/{}/{rkey}", C::NSID);
+        let invalid = |message: String| RepoError::Verify {
+            uri: uri.clone(),
+            message,
+        };
+        let Some(record) = self
+            .verifier
+            .fetch_record(did, C::NSID, rkey)
+            .await
+            .map_err(|e| invalid(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let value: C::Record = murmur_sync::decode_record(&record.record, &Limits::default())
+            .map_err(|e| invalid(e.to_string()))?;
+        value.validate().map_err(|e| invalid(e.to_string()))?;
+        Ok(Some(Stored {
+            uri: uri.clone(),
+            cid: record.cid,
+            rkey: rkey.to_string(),
+            value,
+        }))
     }
 
     /// Records of `C` in `did`'s repo, newest first, until `older` says a record is older
