@@ -158,8 +158,10 @@ impl AgentBuilder {
     /// requester role only). Tasks without a closing ack are taken over: a result already
     /// in a worker's repo is accepted, assigned tasks have their leases watched again, the
     /// others are assigned from the claims in the workers' repos. Get their handles with
-    /// [`Agent::recovered_tasks`]. Costs a few listRecords of the agent's own repo (100
-    /// records a page), plus reads of the workers' repos for the open tasks.
+    /// [`Agent::recovered_tasks`]. Costs listing this identity's whole task, ack and
+    /// assignment history (listRecords, 100 records a page: grows with every task ever
+    /// posted), plus reads of the workers' repos for the open tasks (16 at a time);
+    /// [`AgentBuilder::start`](Self::start) waits for it.
     pub fn recover(mut self, on: bool) -> Self {
         self.recover = on;
         self
