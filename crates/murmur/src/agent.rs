@@ -378,6 +378,9 @@ impl AgentBuilder {
         let metrics = watcher.metrics();
         let shutdown = watcher.shutdown_handle();
 
+        if let Some(req) = requester.as_ref().filter(|_| recover) {
+            req.begin_deferring();
+        }
         let mut background = Vec::new();
         background.push(tokio::spawn(async move {
             if let Err(err) = watcher.run().await {

@@ -157,6 +157,12 @@ struct Lapses {
 }
 
 impl Requester {
+    /// From now until recovery ends, events about tasks not rebuilt yet wait instead of
+    /// being dropped as unknown.
+    pub(crate) fn begin_deferring(&self) {
+        lock(&self.deferred).get_or_insert_with(Vec::new);
+    }
+
     /// Rebuilds the open tasks of this identity from the repos, then replays the events
     /// that arrived meanwhile. The watcher runs already, so nothing written after the reads
     /// is missed; events about tasks not rebuilt yet wait in `deferred`.
@@ -165,7 +171,9 @@ impl Requester {
         candidates: Candidates,
     ) -> Result<(), AgentError> {
         let started = Instant::now();
-        *lock(&self.deferred) = Some(Vec::new());
+        // Usually begun before the watcher started (`begin_deferring`), so events replayed
+        // from a stored cursor before this point wait too.
+        self.begin_deferring();
         let rebuilt = self.rebuild(candidates).await;
         let deferred = lock(&self.deferred).take().unwrap_or_default();
         for event in deferred {
