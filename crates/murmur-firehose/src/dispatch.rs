@@ -115,19 +115,19 @@ impl Dispatcher {
                 .entry(did.clone())
                 .or_default()
                 .push_front(job);
-            self.spawn_lane(async move { this.drive_lane(did).await });
+            self.spawn_until_killed(async move { this.drive_lane(did).await });
             return;
         };
         let mut first = Box::pin(run_job_in_span(Arc::clone(&self.runtime), job, slot));
         let mut cx = Context::from_waker(std::task::Waker::noop());
         if first.as_mut().poll(&mut cx).is_ready() {
             if !self.release_lane_if_empty(&did) {
-                self.spawn_lane(async move { this.drive_lane(did).await });
+                self.spawn_until_killed(async move { this.drive_lane(did).await });
             }
             return;
         }
         // Pending: the spawned task polls it again at once, registering a real waker.
-        self.spawn_lane(async move {
+        self.spawn_until_killed(async move {
             first.await;
             this.drive_lane(did).await;
         });
@@ -135,7 +135,7 @@ impl Dispatcher {
 
     /// Runs work on its own task until it ends or the dispatcher is killed (lanes, repo
     /// re-fetches: nothing of a dropped watcher goes on running).
-    pub(crate) fn spawn_lane(&self, work: impl Future<Output = ()> + Send + 'static) {
+    pub(crate) fn spawn_until_killed(&self, work: impl Future<Output = ()> + Send + 'static) {
         let mut killed = self.killed.subscribe();
         tokio::spawn(async move {
             tokio::select! {

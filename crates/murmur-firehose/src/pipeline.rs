@@ -280,7 +280,7 @@ impl Pipeline {
             Arc::clone(&self.verifier),
         );
         let (slots, resyncing) = (Arc::clone(&self.resync_slots), Arc::clone(&self.resyncing));
-        self.dispatcher.spawn_lane(async move {
+        self.dispatcher.spawn_until_killed(async move {
             let _slot = slots.acquire_owned().await;
             let repo = verifier.fetch_repo(&did).await;
             lock(&resyncing).remove(&did);
