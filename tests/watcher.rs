@@ -438,7 +438,10 @@ async fn invalid_records_never_reach_typed_handlers() {
         .dids([alice.did.clone()])
         .state(Arc::clone(&seen))
         .handler(record_note)
-        .on_rejected(move |op, why| r.lock().unwrap().push(format!("{} {why}", op.data().path)))
+        .on_rejected(move |rejected, why| {
+            let path = &rejected.op().expect("an op").data().path;
+            r.lock().unwrap().push(format!("{path} {why}"))
+        })
         .build()
         .unwrap();
     let stop = watcher.shutdown_handle();

@@ -16,11 +16,11 @@ use crate::handler::{BoxFuture, CallError};
 use crate::progress::{EventToken, Progress};
 use crate::{
     Backoff, DeadLetter, DeadLetterStore, DedupStore, Handler, HandlerError, Metrics, OpEvent,
-    Rejection,
+    Rejected, Rejection,
 };
 
-/// Called with every op that failed verification or lexicon checks.
-pub type RejectedHook = Arc<dyn Fn(&OpEvent, &Rejection) + Send + Sync>;
+/// Called with every op (or `#sync`) that failed verification or lexicon checks.
+pub type RejectedHook = Arc<dyn Fn(&Rejected, &Rejection) + Send + Sync>;
 
 /// One op and the handlers it goes to.
 pub(crate) struct Job {
@@ -268,7 +268,7 @@ async fn run_handler(rt: &Runtime, entry: &Arc<HandlerEntry>, op: &OpEvent) {
         Metrics::inc(&rt.metrics.rejected);
         warn!(handler = name, reason = %rejection, "op rejected; it never reached the handler");
         if let Some(hook) = &rt.on_rejected {
-            hook(op, rejection);
+            hook(&Rejected::Op(op.clone()), rejection);
         }
         return;
     }

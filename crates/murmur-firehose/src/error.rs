@@ -1,10 +1,16 @@
 //! The watcher's error type and the errors handlers return.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use murmur_sync::{StreamError, SyncError};
+
+use crate::OpEvent;
 
 /// Errors of the watcher itself (not of handlers).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum FirehoseError {
     /// Reading or writing a state file (cursor, dedup, dead letters) failed.
     #[error("state file {path}: {reason}")]
@@ -25,6 +31,44 @@ pub enum FirehoseError {
         /// Why it stopped.
         reason: String,
     },
+    /// The server answered every reconnect with the same error frame: retrying blindly will
+    /// not help, so the source stopped.
+    #[error(
+        "source {url}: the server answered {repeated} connections in a row with the error frame {error} (cursor {cursor:?}); {hint}",
+        hint = error_frame_hint(error)
+    )]
+    ErrorFrame {
+        /// The source URL.
+        url: String,
+        /// The error the server kept sending.
+        error: StreamError,
+        /// How many times in a row.
+        repeated: u32,
+        /// The cursor the watcher asked from.
+        cursor: Option<i64>,
+    },
+    /// A stored cursor is not a sequence number any server sends (negative or beyond
+    /// 2^53 - 1): the store was corrupted or written by something else.
+    #[error(
+        "the stored cursor of {source_url} is {seq}, which no server sends ({reason}); remove it from the cursor store (or the cursors/ directory of the state dir) to start from the live stream"
+    )]
+    InvalidCursor {
+        /// The source URL.
+        source_url: String,
+        /// The stored value.
+        seq: i64,
+        /// Which rule it breaks.
+        reason: String,
+    },
+}
+
+fn error_frame_hint(error: &StreamError) -> &'static str {
+    match error {
+        StreamError::Other { error, .. } if error == "InvalidRequest" => {
+            "the server may reject the cursor: check the stored cursor, or start without one"
+        }
+        _ => "check the source URL and the server",
+    }
 }
 
 impl FirehoseError {
@@ -67,12 +111,14 @@ impl HandlerError {
     }
 }
 
-/// Why an op never reached a typed handler.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why an op (or a `#sync` event) never reached a handler.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum Rejection {
-    /// The commit failed signature, hash, MST or chain checks.
+    /// The commit failed hash, signature, MST, proof or chain checks; the cause says which
+    /// (e.g. [`SyncError::Unproven`] for an op of a `tooBig` commit the repo does not bear out).
     #[error("verification failed: {0}")]
-    Verification(String),
+    Verification(#[source] Arc<SyncError>),
     /// The record does not decode as its collection's type.
     #[error("record {path} does not decode as {nsid}: {reason}")]
     Decode {
@@ -102,4 +148,57 @@ pub enum Rejection {
         /// `collection/rkey`.
         path: String,
     },
+}
+
+/// What was rejected: one op of a commit, or a whole `#sync` event.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Rejected {
+    /// A record op (its record is absent when the commit failed verification).
+    Op(OpEvent),
+    /// A `#sync` event (it resets a repo's chain) that failed verification.
+    Sync {
+        /// The source URL.
+        source: Arc<str>,
+        /// The repo DID.
+        did: String,
+        /// The rev it claimed.
+        rev: String,
+        /// Its seq on the source.
+        seq: i64,
+    },
+}
+
+impl Rejected {
+    /// The repo DID.
+    pub fn did(&self) -> &str {
+        match self {
+            Rejected::Op(op) => &op.data().did,
+            Rejected::Sync { did, .. } => did,
+        }
+    }
+
+    /// The event's seq on its source.
+    pub fn seq(&self) -> i64 {
+        match self {
+            Rejected::Op(op) => op.data().seq,
+            Rejected::Sync { seq, .. } => *seq,
+        }
+    }
+
+    /// The op, when an op was rejected.
+    pub fn op(&self) -> Option<&OpEvent> {
+        match self {
+            Rejected::Op(op) => Some(op),
+            Rejected::Sync { .. } => None,
+        }
+    }
+
+    /// `at://did/collection/rkey` for an op, `at://did` for a `#sync`.
+    pub fn uri(&self) -> String {
+        match self {
+            Rejected::Op(op) => op.uri(),
+            Rejected::Sync { did, .. } => format!("at://{did}"),
+        }
+    }
 }

@@ -54,6 +54,7 @@ mod op;
 mod pipeline;
 mod progress;
 mod source;
+mod watch_error;
 mod watcher;
 
 pub use backoff::Backoff;
@@ -61,7 +62,7 @@ pub use cursor::{CursorStore, FileCursorStore};
 pub use dead_letter::{DeadLetter, DeadLetterStore, FileDeadLetterStore, MemoryDeadLetterStore};
 pub use dedup::{DedupStore, FileDedupStore, OpKey};
 pub use dispatch::RejectedHook;
-pub use error::{FirehoseError, HandlerError, Rejection};
+pub use error::{FirehoseError, HandlerError, Rejected, Rejection};
 pub use extract::{Author, CommitInfo, Deleted, FromOp, Record, RecordRef, State};
 pub use filter::{CollectionPattern, DidAllowlist, Filter};
 pub use gap::{Gap, GapKind};
@@ -74,7 +75,11 @@ pub use op::{Action, OpData, OpEvent};
 /// The TLS library `wss://` sources use, for [`SubscribeRepos::with_tls_config`].
 pub use rustls;
 pub use source::{MessageStream, Source, SourceError, SourceMessage, SubscribeRepos};
-pub use watcher::{GapHook, ResyncHook, ShutdownHandle, Watcher, WatcherBuilder};
+pub use pipeline::{DEFAULT_MAX_SEQ_JUMP, MAX_SEQ};
+pub use watch_error::WatchError;
+pub use watcher::{
+    ERROR_FRAME_REPEATS, ErrorHook, GapHook, ResyncHook, ShutdownHandle, Watcher, WatcherBuilder,
+};
 
 /// Items the `#[handler]` macro expands to; not part of the public API.
 #[doc(hidden)]

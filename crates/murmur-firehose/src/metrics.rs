@@ -20,6 +20,8 @@ pub struct Metrics {
     pub(crate) time_lag_ms: AtomicI64,
     pub(crate) sources: AtomicU64,
     pub(crate) sources_connected: AtomicU64,
+    pub(crate) errors: AtomicU64,
+    pub(crate) verifications_waiting: AtomicU64,
 }
 
 /// A copy of the [`Metrics`] at one moment.
@@ -54,6 +56,12 @@ pub struct MetricsSnapshot {
     /// Sources connected now (their WebSocket handshake done, frames flowing). Everything
     /// written after a source connected reaches the watcher.
     pub sources_connected: u64,
+    /// [`WatchError`](crate::WatchError)s so far: failed connects, disconnects, error frames,
+    /// skipped frames, verification retries.
+    pub errors: u64,
+    /// Events waiting now for a verification that failed for a passing reason (a host
+    /// unreachable); their sources' cursors do not move until they are verified.
+    pub verifications_waiting: u64,
 }
 
 impl Metrics {
@@ -77,6 +85,8 @@ impl Metrics {
             time_lag_ms: self.time_lag_ms.load(Ordering::Relaxed),
             sources: get(&self.sources),
             sources_connected: get(&self.sources_connected),
+            errors: get(&self.errors),
+            verifications_waiting: get(&self.verifications_waiting),
         }
     }
 

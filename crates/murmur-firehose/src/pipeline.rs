@@ -1,19 +1,53 @@
 //! From a frame's bytes to queued jobs: decode, pre-filter, verify, route.
 
 use std::collections::HashSet;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use murmur_sync::{CommitEvent, Frame, StreamError, SyncError, Verifier};
-use tracing::{debug, info, warn};
+use murmur_sync::{CommitEvent, Frame, StreamError, SyncError, SyncEvent, Verifier};
+use tracing::{debug, error, info, warn};
 
 use crate::dispatch::{Dispatcher, HandlerEntry, Job};
 use crate::op::{OpData, StateMap};
-use crate::watcher::{GapHook, ResyncHook};
-use crate::{Filter, Gap, GapKind, Metrics, OpEvent, Rejection, SourceError};
+use crate::watcher::{ErrorHook, GapHook, ResyncHook};
+use crate::{
+    Backoff, Filter, Gap, GapKind, Metrics, OpEvent, Rejected, Rejection, SourceError, WatchError,
+};
 
 /// Repo re-fetches (`getRepo`) running at once, across DIDs.
 pub(crate) const RESYNC_CONCURRENCY: usize = 4;
+
+/// The largest seq a server sends: atproto integers stay within 2^53 - 1 (the range every
+/// client, JavaScript included, reads exactly).
+pub const MAX_SEQ: i64 = (1 << 53) - 1;
+
+/// How far one frame's seq may jump ahead of the previous frame's on the same connection
+/// before the frame is taken for a forgery (default of
+/// [`WatcherBuilder::max_seq_jump`](crate::WatcherBuilder::max_seq_jump)). Servers number
+/// every event they send; even a relay skipping filtered events does not jump this far
+/// between two frames.
+pub const DEFAULT_MAX_SEQ_JUMP: i64 = 1 << 30;
+
+/// Checks a seq read from a source or a cursor store: `Err` says which rule it breaks.
+pub(crate) fn check_seq_range(seq: i64) -> Result<(), String> {
+    if seq < 0 {
+        Err("a seq is never negative".into())
+    } else if seq > MAX_SEQ {
+        Err(format!("a seq never exceeds 2^53 - 1 ({MAX_SEQ})"))
+    } else {
+        Ok(())
+    }
+}
+
+/// Where a source's reader is.
+#[derive(Debug, Default)]
+pub(crate) struct ReadPosition {
+    /// The last seq read: where a reconnect asks to continue from.
+    pub cursor: Option<i64>,
+    /// The last seq read on the current connection (`None` right after connecting).
+    pub connection_last: Option<i64>,
+}
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -29,6 +63,11 @@ pub(crate) struct Pipeline {
     pub dispatcher: Arc<Dispatcher>,
     pub on_gap: Option<GapHook>,
     pub on_resync: Option<ResyncHook>,
+    pub on_error: Option<ErrorHook>,
+    /// Retries of verifications that failed for a passing reason (a host unreachable).
+    pub verify_retry: Backoff,
+    /// See [`DEFAULT_MAX_SEQ_JUMP`].
+    pub max_seq_jump: i64,
     /// DIDs whose repo is being re-fetched.
     pub resyncing: Arc<Mutex<HashSet<String>>>,
     /// Bounds concurrent repo re-fetches.
@@ -37,28 +76,42 @@ pub(crate) struct Pipeline {
 }
 
 impl Pipeline {
-    /// Handles one frame of source `index`. `cursor` is the last seq read from that source.
-    /// An `Err` asks the reader to reconnect (after an error frame).
+    /// Handles one frame of source `index`. An `Err` asks the reader to reconnect (after an
+    /// error frame).
     pub(crate) async fn process(
         &self,
         index: usize,
         url: &str,
         bytes: &[u8],
-        cursor: &mut Option<i64>,
+        position: &mut ReadPosition,
     ) -> Result<(), SourceError> {
         Metrics::inc(&self.metrics.events_in);
         let frame = match Frame::decode(bytes) {
             Ok(frame) => frame,
-            Err(SyncError::Stream(e)) => return Err(self.stream_error(url, e, cursor)),
+            Err(SyncError::Stream(e)) => return Err(self.stream_error(url, e, position)),
             Err(e) => {
                 // A frame we cannot decode has no trustworthy seq: count it, report, go on.
                 Metrics::inc(&self.metrics.rejected);
-                warn!(source = url, error = %e, "undecodable frame skipped");
+                self.report(WatchError::UndecodableFrame {
+                    source: url.to_string(),
+                    error: Arc::new(e),
+                });
                 return Ok(());
             }
         };
         if let Some(seq) = frame.seq() {
-            if let Some(last) = *cursor
+            if let Err(reason) = self.check_seq(seq, position.connection_last) {
+                // A seq no server sends must not become the cursor: skip the frame.
+                Metrics::inc(&self.metrics.rejected);
+                self.report(WatchError::InvalidSeq {
+                    source: url.to_string(),
+                    seq,
+                    previous: position.connection_last,
+                    reason,
+                });
+                return Ok(());
+            }
+            if let Some(last) = position.cursor
                 && seq <= last
             {
                 self.gap(
@@ -67,15 +120,20 @@ impl Pipeline {
                     "the source's seq went backwards".into(),
                 );
             }
-            *cursor = Some(seq);
+            position.cursor = Some(seq);
+            position.connection_last = Some(seq);
             self.metrics.last_seq_seen.store(seq, Ordering::Relaxed);
         }
         match frame {
             Frame::Commit(commit) => self.commit(index, url, &commit).await,
             Frame::Sync(sync) => {
-                if let Err(e) = self.verifier.verify_sync(&sync).await {
-                    Metrics::inc(&self.metrics.rejected);
-                    warn!(source = url, did = %sync.did, error = %e, "#sync rejected");
+                let verified = self
+                    .until_verified(url, &sync.did, sync.seq, || {
+                        self.verifier.verify_sync(&sync)
+                    })
+                    .await;
+                if let Err(e) = verified {
+                    self.reject_sync(url, &sync, e);
                 }
                 self.finish_event(index, sync.seq);
             }
@@ -98,6 +156,73 @@ impl Pipeline {
         Ok(())
     }
 
+    fn check_seq(&self, seq: i64, previous: Option<i64>) -> Result<(), String> {
+        check_seq_range(seq)?;
+        match previous {
+            Some(previous) if seq > previous && seq - previous > self.max_seq_jump => Err(format!(
+                "it jumps {} ahead of the previous frame on this connection (at most {} allowed)",
+                seq - previous,
+                self.max_seq_jump
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Runs `verify` until it succeeds or fails for a reason of the data's own. A passing
+    /// failure (a host unreachable) is reported and retried with backoff, forever: the event
+    /// is neither delivered nor rejected until it can be verified, and the cursor waits.
+    async fn until_verified<T, Fut>(
+        &self,
+        url: &str,
+        did: &str,
+        seq: i64,
+        mut verify: impl FnMut() -> Fut,
+    ) -> Result<T, SyncError>
+    where
+        Fut: Future<Output = Result<T, SyncError>>,
+    {
+        let mut attempt = 0u32;
+        let mut _waiting = None;
+        loop {
+            match verify().await {
+                Err(e) if e.is_transient() => {
+                    let retry_in = self
+                        .verify_retry
+                        .delay(attempt)
+                        .unwrap_or(self.verify_retry.max);
+                    attempt = attempt.saturating_add(1);
+                    _waiting.get_or_insert_with(|| WaitingVerification::new(&self.metrics));
+                    self.report(WatchError::VerificationStalled {
+                        source: url.to_string(),
+                        did: did.to_string(),
+                        seq,
+                        attempt,
+                        retry_in,
+                        error: Arc::new(e),
+                    });
+                    tokio::time::sleep(retry_in).await;
+                }
+                result => {
+                    if attempt > 0 {
+                        info!(source = url, did, seq, attempts = attempt + 1, "verification went through after waiting");
+                    }
+                    return result;
+                }
+            }
+        }
+    }
+
+    /// Logs, counts and hands a [`WatchError`] to the application's hook.
+    pub(crate) fn report(&self, error: WatchError) {
+        Metrics::inc(&self.metrics.errors);
+        warn!(source = error.source_url(), "{error}");
+        if let Some(hook) = &self.on_error
+            && std::panic::catch_unwind(AssertUnwindSafe(|| hook(&error))).is_err()
+        {
+            error!("the on_error hook panicked; the watcher goes on");
+        }
+    }
+
     async fn commit(&self, index: usize, url: &str, commit: &CommitEvent) {
         let seq = commit.seq;
         let repo_allowed = self.filter.allows_repo(&commit.repo);
@@ -115,10 +240,13 @@ impl Pipeline {
             self.finish_event(index, seq);
             return;
         }
-        let verified = match self.verifier.verify_commit(commit).await {
+        let verified = self
+            .until_verified(url, &commit.repo, seq, || self.verifier.verify_commit(commit))
+            .await;
+        let verified = match verified {
             Ok(verified) => verified,
             Err(e) => {
-                self.reject_commit(url, commit, &e);
+                self.reject_commit(url, commit, e);
                 self.finish_event(index, seq);
                 return;
             }
@@ -210,9 +338,9 @@ impl Pipeline {
     }
 
     /// Every op of a commit that failed verification is counted and reported, never handled.
-    fn reject_commit(&self, url: &str, commit: &CommitEvent, e: &SyncError) {
+    fn reject_commit(&self, url: &str, commit: &CommitEvent, e: SyncError) {
         warn!(source = url, did = %commit.repo, seq = commit.seq, error = %e, "commit failed verification; its ops never reach handlers");
-        let rejection = Rejection::Verification(e.to_string());
+        let rejection = Rejection::Verification(Arc::new(e));
         for op in &commit.ops {
             Metrics::inc(&self.metrics.rejected);
             if let Some(hook) = &self.dispatcher.runtime().on_rejected {
@@ -228,24 +356,53 @@ impl Pipeline {
                     prev: op.prev.map(|c| c.to_string()),
                     record: None,
                 };
-                hook(&OpEvent::new(data, Arc::clone(&self.state)), &rejection);
+                let op = Rejected::Op(OpEvent::new(data, Arc::clone(&self.state)));
+                self.call_rejected_hook(hook, &op, &rejection);
             }
         }
     }
 
-    fn stream_error(&self, url: &str, e: StreamError, cursor: &mut Option<i64>) -> SourceError {
+    /// A `#sync` that failed verification is rejected like a commit: counted, logged, and
+    /// passed to `on_rejected`. The repo's chain stays where it was, so the next commit
+    /// reports the break.
+    fn reject_sync(&self, url: &str, sync: &SyncEvent, e: SyncError) {
+        warn!(source = url, did = %sync.did, seq = sync.seq, error = %e, "#sync failed verification");
+        Metrics::inc(&self.metrics.rejected);
+        if let Some(hook) = &self.dispatcher.runtime().on_rejected {
+            let rejected = Rejected::Sync {
+                source: Arc::from(url),
+                did: sync.did.clone(),
+                rev: sync.rev.clone(),
+                seq: sync.seq,
+            };
+            self.call_rejected_hook(hook, &rejected, &Rejection::Verification(Arc::new(e)));
+        }
+    }
+
+    fn call_rejected_hook(
+        &self,
+        hook: &crate::RejectedHook,
+        rejected: &Rejected,
+        rejection: &Rejection,
+    ) {
+        if std::panic::catch_unwind(AssertUnwindSafe(|| hook(rejected, rejection))).is_err() {
+            error!(did = rejected.did(), seq = rejected.seq(), "the on_rejected hook panicked; the watcher goes on");
+        }
+    }
+
+    fn stream_error(&self, url: &str, e: StreamError, position: &mut ReadPosition) -> SourceError {
         match &e {
             StreamError::FutureCursor { .. } => {
                 self.gap(url, GapKind::FutureCursor, e.to_string());
                 // Our cursor is ahead of the server: continue from its live stream.
-                *cursor = None;
+                position.cursor = None;
             }
             StreamError::OutdatedCursor { .. } => {
                 self.gap(url, GapKind::OutdatedCursor, e.to_string());
             }
             StreamError::ConsumerTooSlow { .. } | StreamError::Other { .. } => {}
         }
-        SourceError::Closed(Some(format!("error frame: {e}")))
+        SourceError::ErrorFrame(e)
     }
 
     fn gap(&self, url: &str, kind: GapKind, detail: String) {
@@ -294,5 +451,21 @@ impl Pipeline {
             }
             hook(&did, repo);
         });
+    }
+}
+
+/// Counts one event waiting for a verification that failed for a passing reason.
+struct WaitingVerification(Arc<Metrics>);
+
+impl WaitingVerification {
+    fn new(metrics: &Arc<Metrics>) -> Self {
+        metrics.verifications_waiting.fetch_add(1, Ordering::Relaxed);
+        WaitingVerification(Arc::clone(metrics))
+    }
+}
+
+impl Drop for WaitingVerification {
+    fn drop(&mut self) {
+        self.0.verifications_waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }

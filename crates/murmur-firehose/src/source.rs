@@ -18,6 +18,7 @@ pub enum SourceMessage {
 
 /// Why a source could not connect or stopped reading.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum SourceError {
     /// HTTP 429: wait before reconnecting.
     #[error("rate limited (HTTP 429); retry after {retry_after:?}")]
@@ -36,6 +37,12 @@ pub enum SourceError {
     /// Transport failure (connect, TLS, reset, protocol error): reconnect with backoff.
     #[error("connection failed: {0}")]
     Transport(String),
+    /// Connecting (TCP, TLS and the WebSocket handshake) took longer than the connect timeout.
+    #[error("no connection within {0:?} (TCP, TLS and WebSocket handshake)")]
+    ConnectTimeout(Duration),
+    /// The server sent an error frame (op -1); it closes the stream after one.
+    #[error("the server sent the error frame {0}")]
+    ErrorFrame(murmur_sync::StreamError),
     /// Nothing arrived within the idle timeout, pings included.
     #[error("no data for {0:?}; the connection looks dead")]
     Idle(Duration),

@@ -16,16 +16,24 @@ use crate::extract::{Deleted, Record};
 use crate::filter::CollectionPattern;
 use crate::handler::{delete_handler, record_handler};
 use crate::op::StateMap;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{DEFAULT_MAX_SEQ_JUMP, Pipeline, ReadPosition, check_seq_range};
 use crate::progress::Progress;
 use crate::{
     Action, Backoff, CursorStore, DeadLetterStore, DedupStore, DidAllowlist, FileCursorStore,
     FileDeadLetterStore, FileDedupStore, Filter, FirehoseError, Gap, Handler, HandlerError,
-    MemoryDeadLetterStore, Metrics, OpEvent, Source, SourceError, SubscribeRepos,
+    MemoryDeadLetterStore, Metrics, OpEvent, Rejected, Source, SourceError, SubscribeRepos,
+    WatchError,
 };
 
 /// Called with every gap: events the application may have missed.
 pub type GapHook = Arc<dyn Fn(&Gap) + Send + Sync>;
+
+/// Called with every [`WatchError`]: trouble handled without losing data.
+pub type ErrorHook = Arc<dyn Fn(&WatchError) + Send + Sync>;
+
+/// How many times in a row a server may answer a connection with the same error frame
+/// before the source stops with [`FirehoseError::ErrorFrame`].
+pub const ERROR_FRAME_REPEATS: u32 = 3;
 
 /// Called after a [`GapKind::ChainBreak`](crate::GapKind) with the repo of that DID as it is
 /// now (fetched with `getRepo` and verified), or with why it could not be fetched.
@@ -56,6 +64,10 @@ pub struct WatcherBuilder {
     on_rejected: Option<RejectedHook>,
     on_gap: Option<GapHook>,
     on_resync: Option<ResyncHook>,
+    on_error: Option<ErrorHook>,
+    connect_timeout: Duration,
+    verification_retry: Backoff,
+    max_seq_jump: i64,
     tail: Option<Box<dyn Handler>>,
 }
 
@@ -84,6 +96,10 @@ impl Default for WatcherBuilder {
             on_rejected: None,
             on_gap: None,
             on_resync: None,
+            on_error: None,
+            connect_timeout: Duration::from_secs(20),
+            verification_retry: Backoff::default(),
+            max_seq_jump: DEFAULT_MAX_SEQ_JUMP,
             tail: None,
         }
     }
@@ -235,6 +251,33 @@ impl WatcherBuilder {
         self
     }
 
+    /// How long connecting may take, TCP, TLS and WebSocket handshake together, before the
+    /// attempt is abandoned and retried with the reconnect backoff (default 20 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How verification is retried when a host it needs cannot be reached (the PLC
+    /// directory, the repo's PDS for a proof): default 200 ms doubling to 30 s, jittered. It
+    /// never gives up (a `max_attempts` only stops the delay from growing past `max`): the
+    /// event waits, unfinished, and reading its source waits with it, so nothing is rejected
+    /// or skipped for a host's outage. Each attempt is reported as
+    /// [`WatchError::VerificationStalled`].
+    pub fn verification_retry(mut self, backoff: Backoff) -> Self {
+        self.verification_retry = backoff;
+        self
+    }
+
+    /// How far one frame's seq may jump ahead of the previous one on the same connection
+    /// before the frame is skipped as [`WatchError::InvalidSeq`] (default
+    /// [`DEFAULT_MAX_SEQ_JUMP`](crate::DEFAULT_MAX_SEQ_JUMP)). Seqs below 0 or above 2^53 - 1
+    /// are always skipped.
+    pub fn max_seq_jump(mut self, jump: i64) -> Self {
+        self.max_seq_jump = jump.max(1);
+        self
+    }
+
     /// The reconnect policy (default: 200 ms doubling to 30 s, jittered, never giving up).
     pub fn reconnect(mut self, backoff: Backoff) -> Self {
         self.reconnect = backoff;
@@ -277,12 +320,20 @@ impl WatcherBuilder {
         self
     }
 
-    /// Called with every op that failed verification or lexicon checks.
+    /// Called with every op, or `#sync` event, that failed verification or lexicon checks.
     pub fn on_rejected(
         mut self,
-        hook: impl Fn(&OpEvent, &crate::Rejection) + Send + Sync + 'static,
+        hook: impl Fn(&Rejected, &crate::Rejection) + Send + Sync + 'static,
     ) -> Self {
         self.on_rejected = Some(Arc::new(hook));
+        self
+    }
+
+    /// Called with every [`WatchError`]: failed connects, disconnects, error frames, frames
+    /// skipped as untrustworthy, verifications waiting for an unreachable host. They are
+    /// logged (tracing, `warn`) and counted either way.
+    pub fn on_error(mut self, hook: impl Fn(&WatchError) + Send + Sync + 'static) -> Self {
+        self.on_error = Some(Arc::new(hook));
         self
     }
 
@@ -404,6 +455,9 @@ impl WatcherBuilder {
                 )),
                 on_gap: self.on_gap,
                 on_resync: self.on_resync,
+                on_error: self.on_error,
+                verify_retry: self.verification_retry,
+                max_seq_jump: self.max_seq_jump,
                 resyncing: Arc::default(),
                 resync_slots: Arc::new(tokio::sync::Semaphore::new(
                     crate::pipeline::RESYNC_CONCURRENCY,
@@ -413,6 +467,7 @@ impl WatcherBuilder {
             cursor_store,
             start_cursor: self.start_cursor,
             reconnect: self.reconnect,
+            connect_timeout: self.connect_timeout,
             healthy_after: self.healthy_after,
             shutdown: Arc::new(shutdown),
         })
@@ -426,6 +481,7 @@ pub struct Watcher {
     cursor_store: Option<Arc<dyn CursorStore>>,
     start_cursor: Option<i64>,
     reconnect: Backoff,
+    connect_timeout: Duration,
     healthy_after: Duration,
     shutdown: Arc<watch::Sender<bool>>,
 }
@@ -486,6 +542,15 @@ impl Watcher {
                 None => None,
             };
             let start = stored.or(self.start_cursor);
+            if let Some(seq) = start
+                && let Err(reason) = check_seq_range(seq)
+            {
+                return Err(FirehoseError::InvalidCursor {
+                    source_url: source.url().to_string(),
+                    seq,
+                    reason,
+                });
+            }
             *rt.progress[i].lock().unwrap_or_else(|e| e.into_inner()) =
                 Progress::resume_from(start);
             info!(source = source.url(), cursor = ?start, "starting");
@@ -499,6 +564,7 @@ impl Watcher {
                 source: Arc::clone(source),
                 pipeline: Arc::clone(&self.pipeline),
                 reconnect: self.reconnect.clone(),
+                connect_timeout: self.connect_timeout,
                 healthy_after: self.healthy_after,
                 shutdown: self.shutdown.subscribe(),
             };
@@ -606,8 +672,37 @@ struct SourceReader {
     source: Arc<dyn Source>,
     pipeline: Arc<Pipeline>,
     reconnect: Backoff,
+    connect_timeout: Duration,
     healthy_after: Duration,
     shutdown: watch::Receiver<bool>,
+}
+
+/// The error frame a server answered the last connection(s) with, and how many in a row.
+#[derive(Default)]
+struct RepeatedErrorFrame {
+    last: Option<(String, u32)>,
+}
+
+impl RepeatedErrorFrame {
+    /// Counts `error` (ended a connection that read `frames` good frames): returns how many
+    /// connections in a row ended with it.
+    fn count(&mut self, error: &murmur_sync::StreamError, frames: u64) -> u32 {
+        let name = match error {
+            murmur_sync::StreamError::Other { error, .. } => error.clone(),
+            other => format!("{other:?}"),
+        };
+        let repeated = match &self.last {
+            Some((last, n)) if *last == name && frames == 0 => n + 1,
+            _ => 1,
+        };
+        self.last = Some((name, repeated));
+        repeated
+    }
+
+    /// A connection ended some other way, or read events: the streak is over.
+    fn reset(&mut self) {
+        self.last = None;
+    }
 }
 
 impl SourceReader {
@@ -615,21 +710,31 @@ impl SourceReader {
         let url = self.source.url().to_string();
         // Reconnects continue after the last event read, not from the start-up cursor:
         // events read but not yet handled are still queued in this process.
-        let mut cursor = start;
+        let mut position = ReadPosition {
+            cursor: start,
+            connection_last: None,
+        };
         let mut attempt = 0u32;
+        let mut error_frames = RepeatedErrorFrame::default();
         loop {
             if *self.shutdown.borrow() {
                 return Ok(());
             }
+            let connect = tokio::time::timeout(
+                self.connect_timeout,
+                self.source.connect(position.cursor),
+            );
             let connected = tokio::select! {
-                r = self.source.connect(cursor) => r,
+                r = connect => r.unwrap_or(Err(SourceError::ConnectTimeout(self.connect_timeout))),
                 _ = stopped(&mut self.shutdown) => return Ok(()),
             };
             let wait = match connected {
                 Ok(mut stream) => {
-                    info!(source = %url, cursor = ?cursor, "connected");
+                    info!(source = %url, cursor = ?position.cursor, "connected");
                     let _connected = crate::metrics::ConnectedSource::new(&self.pipeline.metrics);
                     let since = Instant::now();
+                    position.connection_last = None;
+                    let mut frames = 0u64;
                     let ended = loop {
                         let next = tokio::select! {
                             n = stream.next() => n,
@@ -637,12 +742,15 @@ impl SourceReader {
                         };
                         match next {
                             Some(Ok(crate::SourceMessage::Frame(bytes))) => {
-                                match self
-                                    .pipeline
-                                    .process(self.index, &url, &bytes, &mut cursor)
-                                    .await
-                                {
-                                    Ok(()) => {}
+                                // Verification may wait for an unreachable host: stay
+                                // stoppable. An event cut short here is not finished, so
+                                // the cursor stays before it.
+                                let processed = tokio::select! {
+                                    r = self.pipeline.process(self.index, &url, &bytes, &mut position) => r,
+                                    _ = stopped(&mut self.shutdown) => return Ok(()),
+                                };
+                                match processed {
+                                    Ok(()) => frames += 1,
                                     Err(reconnect) => break reconnect,
                                 }
                             }
@@ -653,7 +761,37 @@ impl SourceReader {
                     if since.elapsed() >= self.healthy_after {
                         attempt = 0;
                     }
-                    warn!(source = %url, reason = %ended, "disconnected");
+                    match &ended {
+                        SourceError::ErrorFrame(error) => {
+                            let repeated = error_frames.count(error, frames);
+                            self.pipeline.report(WatchError::ErrorFrame {
+                                source: url.clone(),
+                                error: error.clone(),
+                                repeated,
+                            });
+                            let has_policy = matches!(
+                                error,
+                                murmur_sync::StreamError::FutureCursor { .. }
+                                    | murmur_sync::StreamError::OutdatedCursor { .. }
+                                    | murmur_sync::StreamError::ConsumerTooSlow { .. }
+                            );
+                            if !has_policy && repeated >= ERROR_FRAME_REPEATS {
+                                return Err(FirehoseError::ErrorFrame {
+                                    url,
+                                    error: error.clone(),
+                                    repeated,
+                                    cursor: position.cursor,
+                                });
+                            }
+                        }
+                        other => {
+                            error_frames.reset();
+                            self.pipeline.report(WatchError::Disconnected {
+                                source: url.clone(),
+                                error: other.clone(),
+                            });
+                        }
+                    }
                     match ended {
                         SourceError::RateLimited { retry_after } => retry_after,
                         _ => None,
@@ -665,13 +803,16 @@ impl SourceReader {
                         reason: format!("HTTP {status}: {reason}"),
                     });
                 }
-                Err(SourceError::RateLimited { retry_after }) => {
-                    warn!(source = %url, ?retry_after, "rate limited");
-                    retry_after
-                }
                 Err(e) => {
-                    warn!(source = %url, error = %e, "connect failed");
-                    None
+                    let wait = match &e {
+                        SourceError::RateLimited { retry_after } => *retry_after,
+                        _ => None,
+                    };
+                    self.pipeline.report(WatchError::Connect {
+                        source: url.clone(),
+                        error: e,
+                    });
+                    wait
                 }
             };
             let Some(delay) = self.reconnect.delay(attempt) else {
@@ -683,6 +824,7 @@ impl SourceReader {
             attempt = attempt.saturating_add(1);
             Metrics::inc(&self.pipeline.metrics.reconnects);
             let delay = wait.map_or(delay, |w| w.max(delay));
+            info!(source = %url, ?delay, cursor = ?position.cursor, "reconnecting");
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = stopped(&mut self.shutdown) => return Ok(()),

@@ -46,11 +46,14 @@ impl std::fmt::Display for StreamError {
 
 /// Everything that can go wrong decoding or verifying event-stream data.
 ///
-/// Variants fall in four groups: malformed input (`Cbor`, `Frame`, `Car`, `Mst`, ...), limits
+/// Variants fall in five groups: malformed input (`Cbor`, `Frame`, `Car`, `Mst`, ...), limits
 /// (`TooLarge`, `TooManyOps`, `TooDeep`), untrusted input (`BadSignature`, `CidMismatch`,
-/// `MstInversion`, `CommitMismatch`, ...) and chain state (`RepoDesynchronized`, `RevNotNewer`,
-/// `FutureRev`). [`SyncError::is_desync`] tells the watcher when to emit a gap and re-fetch.
+/// `MstInversion`, `CommitMismatch`, `Unproven`, ...), chain state (`RepoDesynchronized`,
+/// `RevNotNewer`, `FutureRev`) and a host that could not be reached (`Unavailable`).
+/// [`SyncError::is_desync`] tells the watcher when to emit a gap and re-fetch;
+/// [`SyncError::is_transient`] when to retry later instead of rejecting.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SyncError {
     /// The server sent an error frame (op -1).
     #[error("the server sent an error frame: {0}")]
@@ -228,7 +231,34 @@ pub enum SyncError {
     /// A rev is not a valid TID.
     #[error("invalid rev {0:?}: not a TID")]
     InvalidRev(String),
-    /// A repo could not be fetched (`com.atproto.sync.getRepo`).
+    /// An op of a `tooBig` commit (whose CAR slice cannot prove its ops by MST inversion)
+    /// could not be proven with the record's proof from the repo's PDS
+    /// (`com.atproto.sync.getRecord`): the op is forged, or the record changed since.
+    #[error("op {path} of {did} rev {rev} is not proven by the signed repo: {reason}")]
+    Unproven {
+        /// The repo DID.
+        did: String,
+        /// The rev of the commit that carried the op.
+        rev: String,
+        /// `collection/rkey`.
+        path: String,
+        /// What the proof showed instead.
+        reason: String,
+    },
+    /// A host needed for verification could not be reached or answered with a passing
+    /// failure (connection refused, timeout, HTTP 5xx or 429): nothing was learned about the
+    /// data, so retry later rather than reject it.
+    #[error("cannot reach {url} for {did} (a passing failure; retry later): {reason}")]
+    Unavailable {
+        /// The DID being resolved or fetched.
+        did: String,
+        /// The URL asked.
+        url: String,
+        /// The transport error or HTTP status.
+        reason: String,
+    },
+    /// A repo or record proof could not be fetched (`com.atproto.sync.getRepo`/`getRecord`)
+    /// for a reason retrying will not fix (e.g. HTTP 400).
     #[error("cannot fetch the repo of {did} from {url}: {reason}")]
     FetchRepo {
         /// The repo DID.
@@ -244,6 +274,13 @@ impl SyncError {
     /// True when the repo lost continuity and should be re-fetched (emit a gap).
     pub fn is_desync(&self) -> bool {
         matches!(self, SyncError::RepoDesynchronized { .. })
+    }
+
+    /// True when nothing is wrong with the data: a host it depends on (the PLC directory, a
+    /// DID's PDS) was unreachable or overloaded. Keep the data and try again later; do not
+    /// move a cursor past it.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SyncError::Unavailable { .. })
     }
 
     pub(crate) fn decode(context: &'static str, e: impl std::fmt::Display) -> Self {

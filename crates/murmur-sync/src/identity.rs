@@ -82,6 +82,9 @@ struct Cached {
     fetched: Instant,
     /// Fetched because a signature failed with the previous key.
     after_failure: bool,
+    /// Dropped by an `#identity` event: fetched again before use, but kept as the
+    /// last-known identity while the directory cannot be reached.
+    stale: bool,
 }
 
 /// Resolves DIDs to [`Identity`] over HTTP (did:plc via a PLC directory, did:web via
@@ -154,16 +157,31 @@ impl IdentityResolver {
     }
 
     /// The identity of `did`, from the cache while fresh, else fetched.
+    ///
+    /// When the fetch fails with a passing failure ([`SyncError::Unavailable`]: the PLC
+    /// directory or did:web host is down, slow or overloaded) and an identity of `did` was
+    /// fetched before, that last-known identity is returned: a commit whose signature checks
+    /// under it is genuine, and one that does not makes the verifier ask again
+    /// ([`refresh_after_failure`](Self::refresh_after_failure)), which then fails as
+    /// unavailable rather than as a bad signature.
     pub async fn resolve(&self, did: &str) -> Result<Arc<Identity>, SyncError> {
         if let Some(id) = lock(&self.pinned).get(did) {
             return Ok(id.clone());
         }
-        if let Some(c) = lock(&self.cache).get(did)
-            && c.fetched.elapsed() < self.ttl
-        {
-            return Ok(c.identity.clone());
+        let last_known = match lock(&self.cache).get(did) {
+            Some(c) if !c.stale && c.fetched.elapsed() < self.ttl => {
+                return Ok(c.identity.clone());
+            }
+            Some(c) => Some(c.identity.clone()),
+            None => None,
+        };
+        match (self.refresh(did).await, last_known) {
+            (Err(e), Some(last)) if e.is_transient() => {
+                tracing::warn!(did, error = %e, "identity unavailable; using the last-known one");
+                Ok(last)
+            }
+            (result, _) => result,
         }
-        self.refresh(did).await
     }
 
     /// Fetches the identity of `did` now, replacing the cached one.
@@ -196,6 +214,7 @@ impl IdentityResolver {
                 identity: Arc::new(identity),
                 fetched: Instant::now(),
                 after_failure: false,
+                stale: false,
             },
         );
     }
@@ -209,18 +228,36 @@ impl IdentityResolver {
             did: did.to_string(),
             reason,
         };
+        let unavailable = |reason: String| SyncError::Unavailable {
+            did: did.to_string(),
+            url: url.clone(),
+            reason,
+        };
         let response = self
             .http
             .get(&url)
             .send()
             .await
-            .map_err(|e| fail(format!("GET {url}: {e}")))?;
-        if !response.status().is_success() {
-            return Err(fail(format!("GET {url}: HTTP {}", response.status())));
+            .map_err(|e| unavailable(transport_reason(&e)))?;
+        let status = response.status();
+        if is_passing(status) {
+            return Err(unavailable(format!("HTTP {status}")));
         }
-        let doc: Value = response
-            .json()
+        if !status.is_success() {
+            let what = if status == reqwest::StatusCode::NOT_FOUND
+                || status == reqwest::StatusCode::GONE
+            {
+                "the DID is unknown or tombstoned"
+            } else {
+                "the directory refused the request"
+            };
+            return Err(fail(format!("GET {url}: HTTP {status}: {what}")));
+        }
+        let body = response
+            .bytes()
             .await
+            .map_err(|e| unavailable(transport_reason(&e)))?;
+        let doc: Value = serde_json::from_slice(&body)
             .map_err(|e| fail(format!("GET {url}: body is not JSON: {e}")))?;
         let identity = Arc::new(Identity::from_did_document(did, &doc)?);
         lock(&self.cache).insert(
@@ -229,13 +266,23 @@ impl IdentityResolver {
                 identity: identity.clone(),
                 fetched: Instant::now(),
                 after_failure,
+                stale: false,
             },
         );
         Ok(identity)
     }
 
-    /// Drops the cached identity of `did` (on an `#identity` event).
+    /// Marks the cached identity of `did` as stale (on an `#identity` event): the next use
+    /// fetches it again, and it is kept only as the last-known identity for when the
+    /// directory cannot be reached.
     pub fn invalidate(&self, did: &str) {
+        if let Some(c) = lock(&self.cache).get_mut(did) {
+            c.stale = true;
+        }
+    }
+
+    /// Forgets everything about `did` (an account deleted).
+    pub fn forget(&self, did: &str) {
         lock(&self.cache).remove(did);
     }
 
@@ -271,6 +318,31 @@ impl IdentityResolver {
             Err(fail("only did:plc and did:web are supported"))
         }
     }
+}
+
+/// HTTP statuses that say "not now" rather than "no": retry later.
+pub(crate) fn is_passing(status: reqwest::StatusCode) -> bool {
+    status.is_server_error()
+        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        || status == reqwest::StatusCode::REQUEST_TIMEOUT
+}
+
+/// A transport error with its kind spelled out (reqwest's Display hides the cause).
+pub(crate) fn transport_reason(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "transport error"
+    };
+    let mut reason = format!("{kind}: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        reason.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    reason
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -315,7 +315,7 @@ impl Verifier {
     /// Forgets everything about `did` (an account deleted).
     pub fn forget(&self, did: &str) {
         self.chains().remove(did);
-        self.resolver.invalidate(did);
+        self.resolver.forget(did);
     }
 
     /// Handles an `#identity` event: the cached signing key of `did` is dropped.
@@ -400,6 +400,14 @@ impl Verifier {
     /// A commit that verifies but does not follow the last one seen is returned with
     /// [`VerifiedCommit::chain_break`] set (its ops are still good; earlier events were missed)
     /// and becomes the DID's chain head. Every error leaves the chain as it was.
+    ///
+    /// At [`VerifyLevel::Full`] every op is proven against the signed commit before it is
+    /// returned: by inverting the ops on the commit's partial MST. A `tooBig` commit (sync
+    /// 1.1 deprecates it) whose slice cannot prove its ops that way has each op proven from
+    /// the repo's PDS instead (`com.atproto.sync.getRecord`: the record, or its absence, under
+    /// a commit signed by the DID's key); an op the repo does not bear out is
+    /// [`SyncError::Unproven`], and the whole commit is rejected. A PDS that cannot be
+    /// reached makes it [`SyncError::Unavailable`]: retry later.
     pub async fn verify_commit(&self, ev: &CommitEvent) -> Result<VerifiedCommit, SyncError> {
         if ev.ops.len() > self.limits.max_ops {
             return Err(SyncError::TooManyOps {
@@ -410,12 +418,19 @@ impl Verifier {
         let broke = self.check_chain(ev)?;
         let car = CarSlice::parse(&ev.blocks)?;
         let mut data = None;
+        let mut needs_proofs = false;
         if self.level != VerifyLevel::None {
             let commit = self
                 .check_signed(&car, &ev.commit, &ev.repo, &ev.rev)
                 .await?;
-            if self.level == VerifyLevel::Full && !ev.too_big {
-                check_inversion(&car, &commit, ev)?;
+            if self.level == VerifyLevel::Full {
+                match check_inversion(&car, &commit, ev) {
+                    Ok(()) => {}
+                    // The slice of a tooBig commit may lack what inversion needs: prove each
+                    // op from the repo instead.
+                    Err(_) if ev.too_big => needs_proofs = true,
+                    Err(e) => return Err(e),
+                }
             }
             data = Some(commit.data);
         }
@@ -430,13 +445,6 @@ impl Verifier {
                     });
                 }
                 (_, Some(cid)) => match car.get(&cid) {
-                    Some(bytes) if bytes.len() > self.limits.max_record_bytes => {
-                        return Err(SyncError::TooLarge {
-                            what: "record",
-                            size: bytes.len(),
-                            limit: self.limits.max_record_bytes,
-                        });
-                    }
                     Some(bytes) => Some(bytes.to_vec()),
                     None if ev.too_big => None,
                     None => {
@@ -455,6 +463,22 @@ impl Verifier {
                 record,
             });
         }
+        if needs_proofs {
+            for op in &mut ops {
+                op.record = self.prove_op(ev, op).await?;
+            }
+        }
+        for op in &ops {
+            if let Some(bytes) = &op.record
+                && bytes.len() > self.limits.max_record_bytes
+            {
+                return Err(SyncError::TooLarge {
+                    what: "record",
+                    size: bytes.len(),
+                    limit: self.limits.max_record_bytes,
+                });
+            }
+        }
         self.resync(&ev.repo, &ev.rev, data);
         Ok(VerifiedCommit {
             seq: ev.seq,
@@ -468,6 +492,77 @@ impl Verifier {
             level: self.level,
             chain_break: broke,
         })
+    }
+
+    /// Proves one op of a `tooBig` commit from the repo as its PDS serves it now
+    /// (`getRecord`, verified): a create or update holds when the repo has the op's CID at
+    /// its path, a delete when the repo proves the path absent. Returns the record bytes.
+    ///
+    /// The proof is of the repo's current commit, which is this commit or a later one: an op
+    /// that a later commit overwrote cannot be proven any more and is reported as unproven,
+    /// like a forged one (the later commit carries the newer state).
+    async fn prove_op(
+        &self,
+        ev: &CommitEvent,
+        op: &VerifiedOp,
+    ) -> Result<Option<Vec<u8>>, SyncError> {
+        let unproven = |reason: String| SyncError::Unproven {
+            did: ev.repo.clone(),
+            rev: ev.rev.clone(),
+            path: op.path.clone(),
+            reason,
+        };
+        let query = [
+            ("did", ev.repo.as_str()),
+            ("collection", op.collection()),
+            ("rkey", op.rkey()),
+        ];
+        let Some(bytes) = self
+            .fetch_car(&ev.repo, "com.atproto.sync.getRecord", &query)
+            .await?
+        else {
+            return Err(unproven(
+                "the repo's PDS has no proof for it (record not found)".into(),
+            ));
+        };
+        let car = CarSlice::parse(&bytes)?;
+        let (root, commit) = self.signed_root(&car, &ev.repo).await?;
+        if commit.rev < ev.rev || (commit.rev == ev.rev && root != ev.commit) {
+            return Err(unproven(format!(
+                "the proof is of commit {root} rev {}, not this commit or a later one",
+                commit.rev
+            )));
+        }
+        let tree = PartialTree::load(&car, commit.data)?;
+        let held = tree.get(op.path.as_bytes()).map_err(|()| SyncError::Mst {
+            node: commit.data.to_string(),
+            reason: format!("the proof does not include the path to {}", op.path),
+        })?;
+        match (op.action, held, op.cid) {
+            (Action::Delete, None, _) => Ok(None),
+            (Action::Delete, Some(cid), _) => Err(unproven(format!(
+                "the op deletes it, but the repo at rev {} holds {cid}",
+                commit.rev
+            ))),
+            (_, Some(held), Some(cid)) if held == cid => {
+                let record = car.get(&cid).ok_or_else(|| SyncError::MissingBlock {
+                    cid: cid.to_string(),
+                    what: "record",
+                })?;
+                Ok(Some(record.to_vec()))
+            }
+            (action, held, cid) => Err(unproven(format!(
+                "the op {} it as {}, but the repo at rev {} holds {}",
+                if action == Action::Create {
+                    "creates"
+                } else {
+                    "updates"
+                },
+                cid.map_or("nothing".into(), |c| c.to_string()),
+                commit.rev,
+                held.map_or("nothing".into(), |c| c.to_string()),
+            ))),
+        }
     }
 
     /// Fetches the whole repo of `did` from its PDS (`com.atproto.sync.getRepo`, the endpoint
@@ -559,6 +654,11 @@ impl Verifier {
             url: url.clone(),
             reason,
         };
+        let unavailable = |reason: String| SyncError::Unavailable {
+            did: did.to_string(),
+            url: url.clone(),
+            reason,
+        };
         let mut response = self
             .resolver
             .http()
@@ -567,8 +667,11 @@ impl Verifier {
             .timeout(std::time::Duration::from_secs(120))
             .send()
             .await
-            .map_err(|e| fetch_err(e.to_string()))?;
+            .map_err(|e| unavailable(crate::identity::transport_reason(&e)))?;
         let status = response.status();
+        if crate::identity::is_passing(status) {
+            return Err(unavailable(format!("HTTP {status}")));
+        }
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();
             let body: String = body.trim().chars().take(300).collect();
@@ -594,7 +697,7 @@ impl Verifier {
         while let Some(chunk) = response
             .chunk()
             .await
-            .map_err(|e| fetch_err(e.to_string()))?
+            .map_err(|e| unavailable(crate::identity::transport_reason(&e)))?
         {
             if bytes.len() + chunk.len() > limit {
                 return Err(too_large(bytes.len() + chunk.len()));
