@@ -189,6 +189,12 @@ impl Devnet {
         &self.plc_url
     }
 
+    /// The operating-system id of the PLC directory's process, for fault tests (e.g. `kill
+    /// -STOP` to make the directory hang, `kill -CONT` to let it go on).
+    pub fn plc_pid(&self) -> u32 {
+        self.plc.pid()
+    }
+
     /// The PDS hosts, in index order.
     pub fn pds_hosts(&self) -> &[PdsHost] {
         &self.pds

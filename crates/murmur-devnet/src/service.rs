@@ -45,6 +45,11 @@ pub(crate) struct ServiceSpec<'a> {
 }
 
 impl Service {
+    /// The operating-system id of its process.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Starts the service and waits until it reports that it listens.
     pub(crate) fn start(spec: ServiceSpec<'_>) -> Result<Service, DevnetError> {
         Service::spawn(spec)?.wait_ready()

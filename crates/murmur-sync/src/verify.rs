@@ -403,8 +403,8 @@ impl Verifier {
     ///
     /// At [`VerifyLevel::Full`] every op is proven against the signed commit before it is
     /// returned: by inverting the ops on the commit's partial MST. A `tooBig` commit (sync
-    /// 1.1 deprecates it) whose slice cannot prove its ops that way has each op proven from
-    /// the repo's PDS instead (`com.atproto.sync.getRecord`: the record, or its absence, under
+    /// 1.1 deprecates it) whose slice cannot prove its ops that way, or lacks their records,
+    /// has each such op proven from the repo's PDS instead (`com.atproto.sync.getRecord`: the record, or its absence, under
     /// a commit signed by the DID's key); an op the repo does not bear out is
     /// [`SyncError::Unproven`], and the whole commit is rejected. A PDS that cannot be
     /// reached makes it [`SyncError::Unavailable`]: retry later.
@@ -463,9 +463,13 @@ impl Verifier {
                 record,
             });
         }
-        if needs_proofs {
+        if self.level == VerifyLevel::Full && ev.too_big {
             for op in &mut ops {
-                op.record = self.prove_op(ev, op).await?;
+                // Unproven ops, and records a tooBig slice left out, come from the repo.
+                let record_missing = op.action != Action::Delete && op.record.is_none();
+                if needs_proofs || record_missing {
+                    op.record = self.prove_op(ev, op).await?;
+                }
             }
         }
         for op in &ops {

@@ -1,0 +1,671 @@
+//! The watcher against hostile or failing peers: a stream server (a small tokio-tungstenite
+//! server in this file) that replays real signed commits from the local PDS with forged ops,
+//! absurd seqs or endless error frames, a server that accepts TCP and never answers, and the
+//! real devnet PLC directory frozen with SIGSTOP while records are written.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use atrium_api::types::Collection;
+use futures_util::{SinkExt, StreamExt};
+use ipld_core::ipld::Ipld;
+use murmur_devnet::{Account, Devnet, DevnetConfig};
+use murmur_firehose::{
+    Backoff, FileCursorStore, FirehoseError, GapKind, Rejection, SourceError, SubscribeRepos,
+    WatchError, Watcher,
+};
+use murmur_lexicon::{Validate, ValidationError};
+use murmur_pds::Writer;
+use murmur_sync::{CarSlice, Cid, Frame, StreamError, SyncError};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Debug)]
+struct Note;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NoteRecord {
+    text: String,
+    n: u64,
+    created_at: String,
+}
+
+impl Collection for Note {
+    const NSID: &'static str = "test.murmur.note";
+    type Record = NoteRecord;
+}
+
+impl Validate for NoteRecord {
+    fn validate(&self) -> Result<(), ValidationError> {
+        Ok(())
+    }
+}
+
+fn note(n: u64) -> NoteRecord {
+    NoteRecord {
+        text: format!("note {n}"),
+        n,
+        created_at: "2026-12-04T12:00:00.000Z".into(),
+    }
+}
+
+async fn shared() -> &'static Devnet {
+    tokio::task::spawn_blocking(|| Devnet::shared().unwrap_or_else(|e| panic!("{e}")))
+        .await
+        .unwrap()
+}
+
+async fn account(net: &Devnet, name: &str) -> (Account, Writer) {
+    let account = net
+        .create_account(0, &net.unique_handle(name), "password-1")
+        .await
+        .unwrap();
+    let writer = Writer::login(&account.pds_url, &account.did, "password-1")
+        .await
+        .unwrap();
+    (account, writer)
+}
+
+async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn fast_reconnect() -> Backoff {
+    Backoff {
+        initial: Duration::from_millis(20),
+        max: Duration::from_millis(100),
+        factor: 2.0,
+        max_attempts: None,
+    }
+}
+
+/// The `#commit` frames of `did` on the PDS, from the start of its stream, until `count`
+/// commits touching `test.murmur.note` were read.
+async fn note_commits(net: &Devnet, did: &str, count: usize) -> Vec<Vec<u8>> {
+    let ws = format!(
+        "{}/xrpc/com.atproto.sync.subscribeRepos?cursor=0",
+        net.pds(0).unwrap().url().replacen("http", "ws", 1)
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(ws).await.unwrap();
+    let mut frames = Vec::new();
+    while frames.len() < count {
+        let msg = tokio::time::timeout(Duration::from_secs(20), socket.next())
+            .await
+            .expect("the commits on the stream")
+            .unwrap()
+            .unwrap();
+        let Message::Binary(bytes) = msg else {
+            continue;
+        };
+        if let Frame::Commit(c) = Frame::decode(&bytes).unwrap()
+            && c.repo == did
+            && c.ops.iter().any(|op| op.collection() == Note::NSID)
+        {
+            frames.push(bytes.to_vec());
+        }
+    }
+    frames
+}
+
+/// A frame split into its DAG-CBOR header and body, to be edited and put back together.
+struct EditableFrame {
+    header: Ipld,
+    body: std::collections::BTreeMap<String, Ipld>,
+}
+
+impl EditableFrame {
+    fn parse(bytes: &[u8]) -> Self {
+        // The header is the first DAG-CBOR item; find where it ends by re-encoding it.
+        for end in 1..bytes.len() {
+            if let Ok(header) = serde_ipld_dagcbor::from_slice::<Ipld>(&bytes[..end])
+                && let Ok(Ipld::Map(body)) = serde_ipld_dagcbor::from_slice::<Ipld>(&bytes[end..])
+            {
+                return EditableFrame { header, body };
+            }
+        }
+        panic!("not a frame")
+    }
+
+    fn set(&mut self, key: &str, value: Ipld) -> &mut Self {
+        self.body.insert(key.to_string(), value);
+        self
+    }
+
+    fn get(&self, key: &str) -> &Ipld {
+        &self.body[key]
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = serde_ipld_dagcbor::to_vec(&self.header).unwrap();
+        out.extend(serde_ipld_dagcbor::to_vec(&Ipld::Map(self.body.clone())).unwrap());
+        out
+    }
+}
+
+fn error_frame(error: &str, message: &str) -> Vec<u8> {
+    let mut out = serde_ipld_dagcbor::to_vec(&ipld_core::ipld!({"op": -1})).unwrap();
+    out.extend(
+        serde_ipld_dagcbor::to_vec(&ipld_core::ipld!({"error": error, "message": message}))
+            .unwrap(),
+    );
+    out
+}
+
+fn write_varint(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// The CAR slice `car` without the block `drop`.
+fn car_without(car: &[u8], drop: &Cid) -> Vec<u8> {
+    let slice = CarSlice::parse(car).unwrap();
+    let header = serde_ipld_dagcbor::to_vec(
+        &ipld_core::ipld!({"roots": [slice.roots()[0]], "version": 1}),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    write_varint(&mut out, header.len());
+    out.extend(header);
+    for (cid, data) in slice.blocks() {
+        if cid != drop {
+            let c = cid.to_bytes();
+            write_varint(&mut out, c.len() + data.len());
+            out.extend(c);
+            out.extend(data);
+        }
+    }
+    out
+}
+
+fn op(action: &str, path: &str, cid: Option<Cid>, prev: Option<Cid>) -> Ipld {
+    let mut map = std::collections::BTreeMap::new();
+    map.insert("action".to_string(), Ipld::String(action.into()));
+    map.insert("path".to_string(), Ipld::String(path.into()));
+    map.insert("cid".to_string(), cid.map_or(Ipld::Null, Ipld::Link));
+    if let Some(prev) = prev {
+        map.insert("prev".to_string(), Ipld::Link(prev));
+    }
+    Ipld::Map(map)
+}
+
+/// What the hostile server sends on one connection (numbered from 0), then whether it closes.
+type Script = Arc<dyn Fn(usize) -> (Vec<Vec<u8>>, bool) + Send + Sync>;
+
+/// A subscribeRepos server that follows `script`; returns its ws:// base URL and a count of
+/// connections made.
+async fn hostile_server(script: Script) -> (String, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let count = Arc::clone(&connections);
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let n = count.fetch_add(1, Ordering::SeqCst);
+            let script = Arc::clone(&script);
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                let (frames, close) = script(n);
+                for frame in frames {
+                    if ws.send(Message::Binary(frame.into())).await.is_err() {
+                        return;
+                    }
+                }
+                if close {
+                    let _ = ws.close(None).await;
+                } else {
+                    // Hold the connection open, answering pings, until the client goes.
+                    while let Some(Ok(_)) = ws.next().await {}
+                }
+            });
+        }
+    });
+    (url, connections)
+}
+
+type Rejections = Arc<Mutex<Vec<(String, Rejection)>>>;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_ops_on_a_signed_too_big_commit_never_reach_handlers() {
+    let net = shared().await;
+    let (alice, writer) = account(net, "toobig").await;
+    let first = writer.create::<Note>(&note(0)).await.unwrap();
+    let second = writer.create::<Note>(&note(1)).await.unwrap();
+    let path = |uri: &str| format!("{}/{}", Note::NSID, uri.rsplit('/').next().unwrap());
+    let (p0, p1) = (path(&first.uri), path(&second.uri));
+    let cid0: Cid = first.cid;
+    let cid1: Cid = second.cid;
+    let frames = note_commits(net, &alice.did, 2).await;
+    let genuine = EditableFrame::parse(&frames[1]); // the commit that created note 1
+
+    // 1. The genuine signed commit, marked tooBig, carrying a delete of note 0 (which the
+    //    repo still holds): what a relay in the middle could invent to cancel work.
+    let mut forged_delete = EditableFrame::parse(&frames[1]);
+    forged_delete
+        .set("tooBig", Ipld::Bool(true))
+        .set("seq", Ipld::Integer(101))
+        .set("ops", Ipld::List(vec![op("delete", &p0, None, Some(cid0))]));
+    // 2. The same commit, tooBig, creating a record the repo never had.
+    let forged_path = format!("{}/3forgedforged", Note::NSID);
+    let mut forged_create = EditableFrame::parse(&frames[1]);
+    forged_create
+        .set("tooBig", Ipld::Bool(true))
+        .set("seq", Ipld::Integer(102))
+        .set(
+            "ops",
+            Ipld::List(vec![op("create", &forged_path, Some(cid1), None)]),
+        );
+    // 3. The genuine commit, tooBig, its record block left out (as tooBig commits did): the
+    //    op is proven from the PDS (getRecord) and delivered with the record.
+    let Ipld::Bytes(blocks) = genuine.get("blocks") else {
+        panic!("blocks are bytes")
+    };
+    let mut genuine_too_big = EditableFrame::parse(&frames[1]);
+    genuine_too_big
+        .set("tooBig", Ipld::Bool(true))
+        .set("seq", Ipld::Integer(103))
+        .set("blocks", Ipld::Bytes(car_without(blocks, &cid1)));
+    let script_frames = vec![
+        forged_delete.encode(),
+        forged_create.encode(),
+        genuine_too_big.encode(),
+    ];
+    let (url, _) = hostile_server(Arc::new(move |_| (script_frames.clone(), false))).await;
+
+    let created = Arc::new(Mutex::new(Vec::new()));
+    let deleted = Arc::new(Mutex::new(Vec::new()));
+    let rejected: Rejections = Arc::default();
+    let (c, d, r) = (
+        Arc::clone(&created),
+        Arc::clone(&deleted),
+        Arc::clone(&rejected),
+    );
+    let watcher = Watcher::builder()
+        .source(SubscribeRepos::new(&url))
+        .plc_url(net.plc_url())
+        .on_create::<Note, _, _>(move |note, op| {
+            c.lock()
+                .unwrap()
+                .push((op.data().path.clone(), note.n));
+            async { Ok(()) }
+        })
+        .on_delete::<Note, _, _>(move |_gone, op| {
+            d.lock().unwrap().push(op.data().path.clone());
+            async { Ok(()) }
+        })
+        .on_rejected(move |what, why| r.lock().unwrap().push((what.uri(), why.clone())))
+        .build()
+        .unwrap();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    wait_for("the proven op and both rejections", Duration::from_secs(30), || {
+        !created.lock().unwrap().is_empty() && rejected.lock().unwrap().len() >= 2
+    })
+    .await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+
+    assert!(
+        deleted.lock().unwrap().is_empty(),
+        "a forged delete reached a handler: {:?}",
+        deleted.lock().unwrap()
+    );
+    assert_eq!(
+        *created.lock().unwrap(),
+        vec![(p1.clone(), 1)],
+        "only the genuine op, proven by getRecord, reaches the handler"
+    );
+    let rejected = rejected.lock().unwrap();
+    let uris: Vec<&str> = rejected.iter().map(|(u, _)| u.as_str()).collect();
+    assert_eq!(
+        uris,
+        vec![
+            format!("at://{}/{p0}", alice.did),
+            format!("at://{}/{forged_path}", alice.did)
+        ]
+    );
+    for (uri, why) in rejected.iter() {
+        let Rejection::Verification(cause) = why else {
+            panic!("{uri}: not a verification rejection: {why}")
+        };
+        assert!(
+            matches!(cause.as_ref(), SyncError::Unproven { .. }),
+            "{uri}: the reason is typed as unproven, got {cause}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_error_frame_stops_the_source_with_a_typed_error() {
+    let (url, connections) = hostile_server(Arc::new(|_| {
+        (
+            vec![error_frame("InvalidRequest", "cursor is not valid")],
+            true,
+        )
+    }))
+    .await;
+    let reported = Arc::new(Mutex::new(Vec::new()));
+    let r = Arc::clone(&reported);
+    let watcher = Watcher::builder()
+        .source(SubscribeRepos::new(&url))
+        .start_cursor(12)
+        .reconnect(fast_reconnect())
+        .on_create::<Note, _, _>(|_, _| async { Ok(()) })
+        .on_error(move |e| r.lock().unwrap().push(e.clone()))
+        .build()
+        .unwrap();
+    let metrics = watcher.metrics();
+    let result = tokio::time::timeout(Duration::from_secs(30), watcher.run())
+        .await
+        .expect("the watcher stops instead of reconnecting forever");
+    match result {
+        Err(FirehoseError::ErrorFrame {
+            error: StreamError::Other { error, .. },
+            repeated,
+            cursor,
+            ..
+        }) => {
+            assert_eq!(error, "InvalidRequest");
+            assert_eq!(repeated, murmur_firehose::ERROR_FRAME_REPEATS);
+            assert_eq!(cursor, Some(12));
+        }
+        other => panic!("expected a typed error-frame stop, got {other:?}"),
+    }
+    assert_eq!(
+        connections.load(Ordering::SeqCst),
+        murmur_firehose::ERROR_FRAME_REPEATS as usize
+    );
+    let reported = reported.lock().unwrap();
+    let repeats: Vec<u32> = reported
+        .iter()
+        .filter_map(|e| match e {
+            WatchError::ErrorFrame { repeated, .. } => Some(*repeated),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(repeats, vec![1, 2, 3], "every error frame is reported");
+    assert_eq!(metrics.snapshot().errors, reported.len() as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handshake_that_never_finishes_times_out_and_reconnects() {
+    // Accepts TCP, never answers the WebSocket handshake.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let h = Arc::clone(&held);
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            h.lock().unwrap().push(tcp);
+        }
+    });
+    let reported = Arc::new(Mutex::new(Vec::new()));
+    let r = Arc::clone(&reported);
+    let watcher = Watcher::builder()
+        .source(SubscribeRepos::new(&url))
+        .connect_timeout(Duration::from_millis(300))
+        .reconnect(fast_reconnect())
+        .on_create::<Note, _, _>(|_, _| async { Ok(()) })
+        .on_error(move |e| r.lock().unwrap().push(e.clone()))
+        .build()
+        .unwrap();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    wait_for("two connect timeouts", Duration::from_secs(20), || {
+        reported
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e,
+                    WatchError::Connect {
+                        error: SourceError::ConnectTimeout(_),
+                        ..
+                    }
+                )
+            })
+            .count()
+            >= 2
+    })
+    .await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+    assert!(held.lock().unwrap().len() >= 2, "it connected again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_seqs_never_become_the_cursor() {
+    let net = shared().await;
+    let (alice, writer) = account(net, "seq").await;
+    for n in 0..3 {
+        writer.create::<Note>(&note(n)).await.unwrap();
+    }
+    let frames = note_commits(net, &alice.did, 3).await;
+    let with_seq = |i: usize, seq: i64| {
+        let mut f = EditableFrame::parse(&frames[i]);
+        f.set("seq", Ipld::Integer(seq.into()));
+        f.encode()
+    };
+    let script_frames = vec![
+        with_seq(0, 10),
+        with_seq(1, i64::MAX),        // beyond 2^53 - 1
+        with_seq(1, 1 << 53),         // just beyond
+        with_seq(1, -5),              // negative
+        with_seq(1, 10 + (1i64 << 40)), // a jump no server makes
+        with_seq(1, 11),
+        with_seq(2, 12),
+    ];
+    let (url, _) = hostile_server(Arc::new(move |_| (script_frames.clone(), false))).await;
+
+    let state = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let reported = Arc::new(Mutex::new(Vec::new()));
+    let gaps = Arc::new(Mutex::new(Vec::new()));
+    let (s, r, g) = (
+        Arc::clone(&seen),
+        Arc::clone(&reported),
+        Arc::clone(&gaps),
+    );
+    let watcher = Watcher::builder()
+        .source(SubscribeRepos::new(&url))
+        .plc_url(net.plc_url())
+        .state_dir(state.path())
+        .on_create::<Note, _, _>(move |note, op| {
+            s.lock().unwrap().push((op.data().seq, note.n));
+            async { Ok(()) }
+        })
+        .on_error(move |e| r.lock().unwrap().push(e.clone()))
+        .on_gap(move |gap| g.lock().unwrap().push(gap.kind.clone()))
+        .build()
+        .unwrap();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    wait_for("the three notes", Duration::from_secs(30), || {
+        seen.lock().unwrap().len() >= 3
+    })
+    .await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+
+    assert_eq!(*seen.lock().unwrap(), vec![(10, 0), (11, 1), (12, 2)]);
+    let skipped: Vec<i64> = reported
+        .lock()
+        .unwrap()
+        .iter()
+        .filter_map(|e| match e {
+            WatchError::InvalidSeq { seq, .. } => Some(*seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(skipped, vec![i64::MAX, 1 << 53, -5, 10 + (1i64 << 40)]);
+    assert!(
+        !gaps
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|g| matches!(g, GapKind::SeqRegression { .. })),
+        "skipped frames never moved the seq: {:?}",
+        gaps.lock().unwrap()
+    );
+    let store = FileCursorStore::new(state.path().join("cursors"));
+    let source = SubscribeRepos::new(&url);
+    let stored = murmur_firehose::CursorStore::load(&store, murmur_firehose::Source::url(&source))
+        .await
+        .unwrap();
+    assert_eq!(stored, Some(12));
+
+    // A stored cursor no server sends is refused when it is loaded, with a typed error.
+    murmur_firehose::CursorStore::store(&store, murmur_firehose::Source::url(&source), i64::MAX)
+        .await
+        .unwrap();
+    let watcher = Watcher::builder()
+        .source(SubscribeRepos::new(&url))
+        .plc_url(net.plc_url())
+        .state_dir(state.path())
+        .on_create::<Note, _, _>(|_, _| async { Ok(()) })
+        .build()
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), watcher.run()).await {
+        Ok(Err(FirehoseError::InvalidCursor { seq, .. })) => assert_eq!(seq, i64::MAX),
+        other => panic!("expected InvalidCursor, got {other:?}"),
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {sig} {pid}");
+}
+
+/// Resumes the PLC even when an assertion fails, so the network can shut down.
+struct Resume(u32);
+
+impl Drop for Resume {
+    fn drop(&mut self) {
+        signal(self.0, "-CONT");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plc_outage_delays_records_but_loses_none() {
+    // A network of its own: freezing the shared PLC would stall the other tests.
+    let net = tokio::task::spawn_blocking(|| {
+        Devnet::start(DevnetConfig {
+            pds: 1,
+            ..Default::default()
+        })
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    let (alice, writer) = account(&net, "outage").await;
+
+    let state = tempfile::tempdir().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let reported = Arc::new(Mutex::new(Vec::new()));
+    let rejected: Rejections = Arc::default();
+    let (s, r, j) = (
+        Arc::clone(&seen),
+        Arc::clone(&reported),
+        Arc::clone(&rejected),
+    );
+    let fast_retry = Backoff {
+        initial: Duration::from_millis(100),
+        max: Duration::from_millis(500),
+        factor: 2.0,
+        max_attempts: None,
+    };
+    let watcher = Watcher::builder()
+        .pds(net.pds(0).unwrap().url())
+        .plc_url(net.plc_url())
+        .dids([alice.did.clone()])
+        .state_dir(state.path())
+        .verification_retry(fast_retry)
+        .on_create::<Note, _, _>(move |note, _op| {
+            s.lock().unwrap().push(note.n);
+            async { Ok(()) }
+        })
+        .on_error(move |e| r.lock().unwrap().push(e.clone()))
+        .on_rejected(move |what, why| j.lock().unwrap().push((what.uri(), why.clone())))
+        .build()
+        .unwrap();
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    wait_for("the watcher connected", Duration::from_secs(20), || {
+        metrics.snapshot().sources_connected == 1
+    })
+    .await;
+
+    // The watcher has never resolved alice: with the directory frozen, it cannot.
+    signal(net.plc_pid(), "-STOP");
+    let frozen = Resume(net.plc_pid());
+    for n in 0..5 {
+        writer.create::<Note>(&note(n)).await.unwrap();
+    }
+    wait_for("a verification waiting for the PLC", Duration::from_secs(60), || {
+        metrics.snapshot().verifications_waiting == 1
+            && reported
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|e| matches!(e, WatchError::VerificationStalled { did, .. } if *did == alice.did))
+    })
+    .await;
+    assert!(seen.lock().unwrap().is_empty());
+    assert!(
+        rejected.lock().unwrap().is_empty(),
+        "an outage is not a rejection: {:?}",
+        rejected.lock().unwrap()
+    );
+    let stalled = reported
+        .lock()
+        .unwrap()
+        .iter()
+        .find_map(|e| match e {
+            WatchError::VerificationStalled { error, .. } => Some(Arc::clone(error)),
+            _ => None,
+        })
+        .unwrap();
+    assert!(stalled.is_transient(), "{stalled}");
+    drop(frozen); // SIGCONT
+
+    wait_for("every note after the outage", Duration::from_secs(60), || {
+        seen.lock().unwrap().len() >= 5
+    })
+    .await;
+    wait_for("the cursor flushed", Duration::from_secs(10), || {
+        metrics.snapshot().seq_lag == 0
+    })
+    .await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![0, 1, 2, 3, 4],
+        "each record once, in order"
+    );
+    assert!(rejected.lock().unwrap().is_empty());
+    assert_eq!(metrics.snapshot().verifications_waiting, 0);
+}
