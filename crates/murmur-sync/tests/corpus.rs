@@ -433,19 +433,85 @@ fn every_truncation_of_every_frame_is_an_error_not_a_panic() {
     }
 }
 
-#[test]
-fn every_single_byte_flip_in_a_commit_frame_is_handled() {
-    let f = corpus()
-        .into_iter()
-        .find(|f| matches!(Frame::decode(f), Ok(Frame::Commit(c)) if c.ops.len() == 1))
-        .unwrap();
-    for i in 0..f.len() {
-        let mut g = f.clone();
-        g[i] ^= 0x41;
-        if let Ok(Frame::Commit(c)) = Frame::decode(&g) {
-            let _ = CarSlice::parse(&c.blocks);
+/// What a verified commit says, minus the fields no signature covers (`seq`, `time`, and
+/// `since`, which only feeds the chain check).
+fn signed_content(v: &murmur_sync::VerifiedCommit) -> impl PartialEq + std::fmt::Debug + '_ {
+    (&v.repo, &v.rev, &v.commit, &v.data, &v.ops, v.level)
+}
+
+#[tokio::test]
+async fn every_single_byte_flip_in_a_commit_frame_is_rejected_or_harmless() {
+    let frames = corpus();
+    for f in frames.iter().filter(|f| {
+        matches!(Frame::decode(f), Ok(Frame::Commit(c)) if c.ops.len() == 1 || c.ops.len() >= 5)
+    }) {
+        let Ok(Frame::Commit(original)) = Frame::decode(f) else {
+            unreachable!()
+        };
+        let want = verifier(VerifyLevel::Full)
+            .verify_commit(&original)
+            .await
+            .unwrap();
+        let (mut rejected, mut harmless) = (0, 0);
+        for i in 0..f.len() {
+            let mut g = f.clone();
+            g[i] ^= 0x41;
+            let Ok(Frame::Commit(c)) = Frame::decode(&g) else {
+                rejected += 1;
+                continue;
+            };
+            // A fresh verifier per flip: no chain state, so only the commit itself decides.
+            match verifier(VerifyLevel::Full).verify_commit(&c).await {
+                Err(_) => rejected += 1,
+                Ok(got) => {
+                    // Accepted: then it must say exactly what the signed original says.
+                    assert_eq!(
+                        signed_content(&got),
+                        signed_content(&want),
+                        "flipping byte {i} of {} changed what a verified commit says",
+                        f.len()
+                    );
+                    harmless += 1;
+                }
+            }
         }
+        assert_eq!(rejected + harmless, f.len());
+        assert!(
+            rejected > f.len() * 9 / 10,
+            "most flips hit signed or hashed bytes ({rejected} of {})",
+            f.len()
+        );
     }
+}
+
+#[tokio::test]
+async fn a_too_big_commit_with_a_forged_op_is_never_verified() {
+    // The genuine signed batch, marked tooBig, with one op's path swapped for a key the repo
+    // never had. Without a PDS to prove it from, it cannot pass; with inversion it fails.
+    let mut ev = batch();
+    ev.too_big = true;
+    let i = ev
+        .ops
+        .iter()
+        .position(|o| o.action == Action::Create)
+        .unwrap();
+    ev.ops[i].path = format!("{}/3forgedforged", ev.ops[i].collection());
+    let err = verifier(VerifyLevel::Full)
+        .verify_commit(&ev)
+        .await
+        .unwrap_err();
+    assert!(!err.is_transient(), "{err}");
+
+    // The same commit untouched but marked tooBig still verifies from its own slice.
+    let mut ev = batch();
+    ev.too_big = true;
+    let verified = verifier(VerifyLevel::Full).verify_commit(&ev).await.unwrap();
+    assert!(
+        verified
+            .ops
+            .iter()
+            .all(|o| o.action == Action::Delete || o.record.is_some())
+    );
 }
 
 #[tokio::test]
