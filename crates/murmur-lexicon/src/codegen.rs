@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use proc_macro2::{Ident, Span, TokenStream};
 use quote::{format_ident, quote};
 
+use crate::cycles::{self, Graph};
 use crate::schema::{FieldType, LexiconDoc, ObjectType, StringType, UserType};
 use crate::set::split_ref;
 use crate::syntax::StringFormat;
@@ -150,7 +151,17 @@ pub fn generate(set: &LexiconSet, only: &[String]) -> Result<String, LexiconErro
         }
         node.doc = Some(doc);
     }
-    let generator = Gen { set };
+    // `type B = Vec<C>; type C = Vec<B>;` is an infinite type: refuse it (lint does too).
+    if let Some(cycle) = cycles::alias_graph(set).cycles().into_iter().next() {
+        return Err(LexiconError::RefCycle {
+            cycle,
+            why: cycles::ALIAS_CYCLE_WHY.into(),
+        });
+    }
+    let generator = Gen {
+        set,
+        containment: cycles::containment_graph(set),
+    };
     let mut items = Vec::new();
     for (name, child) in &root.children {
         items.push(generator.node(name, child, &[])?);
@@ -173,11 +184,15 @@ struct Node<'d> {
 
 struct Gen<'s> {
     set: &'s LexiconSet,
+    /// Objects and records to those they hold directly; a field closing a cycle is boxed.
+    containment: Graph,
 }
 
 /// The generated item that owns a nested type, to name unions and inline objects.
 struct Ctx<'a> {
     nsid: &'a str,
+    /// The top-level definition being generated, as canonical `nsid#name`.
+    def: &'a str,
     owner: String,
 }
 
@@ -251,6 +266,7 @@ impl Gen<'_> {
                 UserType::Record(record) => {
                     let ctx = Ctx {
                         nsid: &doc.id,
+                        def: &what,
                         owner: "Record".into(),
                     };
                     let desc = record
@@ -295,6 +311,7 @@ impl Gen<'_> {
                     let base = type_name(name);
                     let ctx = Ctx {
                         nsid: &doc.id,
+                        def: &what,
                         owner: base.clone(),
                     };
                     let desc = object
@@ -307,6 +324,7 @@ impl Gen<'_> {
                     let ident = type_ident(name);
                     let ctx = Ctx {
                         nsid: &doc.id,
+                        def: &what,
                         owner: type_name(name),
                     };
                     let (ty, extra) = self.rust_type(other, &ctx, &type_name(name), &what)?;
@@ -370,11 +388,15 @@ impl Gen<'_> {
             let field = field_ident(name);
             let fctx = Ctx {
                 nsid: ctx.nsid,
+                def: ctx.def,
                 owner: format!("{}{}", ctx.owner, type_name(name)),
             };
-            let (rust, extra) =
+            let (mut rust, extra) =
                 self.rust_type(ty, &fctx, &fctx.owner, &format!("{what}.{name}"))?;
             items.extend(extra);
+            if self.closes_cycle(ty, ctx) {
+                rust = quote!(::std::boxed::Box<#rust>);
+            }
             let required = object.required.contains(name);
             let nullable = object.nullable.contains(name);
             let mut text = ty
@@ -464,6 +486,21 @@ impl Gen<'_> {
         Ok(items)
     }
 
+    /// Whether field type `ty` of an object inside `ctx.def` refers (directly, not through an
+    /// array or a union) to a struct that holds `ctx.def` again: such a field is boxed, or
+    /// the struct would be infinitely large.
+    fn closes_cycle(&self, ty: &FieldType, ctx: &Ctx<'_>) -> bool {
+        let FieldType::Ref(r) = ty else {
+            return false;
+        };
+        match self.set.resolve(&r.reference, ctx.nsid) {
+            Some((full, UserType::Record(_) | UserType::Type(FieldType::Object(_)))) => {
+                full == ctx.def || self.containment.reach(&full).contains(ctx.def)
+            }
+            _ => false,
+        }
+    }
+
     /// The Rust type of a field, plus the items (unions, inline objects) it needs.
     fn rust_type(
         &self,
@@ -489,6 +526,7 @@ impl Gen<'_> {
                 let ident = format_ident!("{owner}");
                 let octx = Ctx {
                     nsid: ctx.nsid,
+                    def: ctx.def,
                     owner: owner.to_owned(),
                 };
                 let desc = o
