@@ -921,4 +921,108 @@ mod tests {
         // prettyplease output is stable: generating twice gives the same text.
         assert_eq!(code, generate(&set, &[]).unwrap());
     }
+
+    fn cycles_fixture(name: &str) -> LexiconSet {
+        let dir = format!(
+            "{}/tests/fixtures/cycles/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        LexiconSet::load_dir_unchecked(dir).unwrap().0
+    }
+
+    #[test]
+    fn array_alias_cycle_is_a_typed_error_naming_the_defs() {
+        // Used to overflow the stack: the checks for `nested: ref #b` inlined b, then c, ...
+        let set = cycles_fixture("arrays");
+        match generate(&set, &[]) {
+            Err(LexiconError::RefCycle { cycle, why }) => {
+                assert_eq!(
+                    cycle,
+                    [
+                        "com.example.cycles.arrays#b",
+                        "com.example.cycles.arrays#c",
+                        "com.example.cycles.arrays#b"
+                    ]
+                );
+                assert!(why.contains("type` alias"), "{why}");
+            }
+            other => panic!("expected a RefCycle error, got {other:?}"),
+        }
+        // The same cycle with nothing referring to it is refused too (`type B = Vec<C>;
+        // type C = Vec<B>;` does not compile on its own).
+        let mut bare = LexiconSet::new();
+        bare.insert_json(
+            r##"{"lexicon": 1, "id": "com.example.bare", "defs": {
+                "b": { "type": "array", "items": { "type": "ref", "ref": "#c" } },
+                "c": { "type": "array", "items": { "type": "ref", "ref": "#b" } } } }"##,
+            None,
+        )
+        .unwrap();
+        let err = generate(&bare, &[]).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "reference cycle com.example.bare#b -> com.example.bare#c -> com.example.bare#b"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn builder_refuses_the_cycle_through_lint() {
+        let dir = format!(
+            "{}/tests/fixtures/cycles/arrays",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        match Builder::new().lexicon_dir(dir).generate_string() {
+            Err(LexiconError::Lint(issues)) => {
+                assert_eq!(issues.len(), 1, "{issues:?}");
+                assert_eq!(issues[0].rule.name(), "ref-cycle");
+                assert!(issues[0].message.contains("com.example.cycles.arrays#c"));
+            }
+            other => panic!("expected lint issues, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fields_closing_a_struct_cycle_are_boxed_and_others_are_not() {
+        let code = generate(&cycles_fixture("tree"), &[]).unwrap();
+        for boxed in [
+            "pub parent: ::core::option::Option<::std::boxed::Box<Node>>",
+            "pub link: ::core::option::Option<::std::boxed::Box<Link>>",
+            "pub target: ::std::boxed::Box<Node>",
+            "pub origin: ::core::option::Option<::std::boxed::Box<Node>>",
+            "pub root: ::std::boxed::Box<Node>",
+            "pub tree: ::core::option::Option<::std::boxed::Box<",
+        ] {
+            assert!(code.contains(boxed), "missing {boxed:?} in:\n{code}");
+        }
+        for plain in [
+            "pub children: ::core::option::Option<::std::vec::Vec<Node>>",
+            "pub forest: ::core::option::Option<Forest>",
+            "pub type Forest = ::std::vec::Vec<Node>;",
+            "pub next: ::core::option::Option<",
+        ] {
+            assert!(code.contains(plain), "missing {plain:?} in:\n{code}");
+        }
+    }
+
+    /// The tree fixture's generated code is checked in as `tests/fixtures/cycles/tree.rs`,
+    /// where `tests/cycles.rs` compiles it and round-trips records through it. This keeps
+    /// that file what the generator produces today (`MURMUR_BLESS=1` rewrites it).
+    #[test]
+    fn checked_in_tree_code_is_what_codegen_generates() {
+        let code = generate(&cycles_fixture("tree"), &[]).unwrap();
+        let path = format!(
+            "{}/tests/fixtures/cycles/tree.rs",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        if std::env::var_os("MURMUR_BLESS").is_some() {
+            std::fs::write(&path, &code).unwrap();
+        }
+        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            checked_in == code,
+            "{path} is out of date; rerun with MURMUR_BLESS=1 and review the diff"
+        );
+    }
 }

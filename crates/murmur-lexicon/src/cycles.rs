@@ -243,7 +243,7 @@ pub(crate) fn required_graph(set: &LexiconSet) -> Graph {
         known: &BTreeSet<String>,
         g: &mut Graph,
     ) {
-        let mut target = |r: &str, g: &mut Graph| {
+        let target = |r: &str, g: &mut Graph| {
             if let Some((full, UserType::Record(_) | UserType::Type(_))) = set.resolve(r, nsid)
                 && !known.contains(&full)
             {
