@@ -98,19 +98,13 @@ impl Graph {
     }
 }
 
-/// The data definitions of the set's own documents: `(nsid, name, canonical name, def)`.
-fn data_defs(set: &LexiconSet) -> impl Iterator<Item = (&str, &str, String, &UserType)> {
+/// The data definitions of the set's own documents: `(nsid, canonical name, def)`.
+fn data_defs(set: &LexiconSet) -> impl Iterator<Item = (&str, String, &UserType)> {
     set.docs().flat_map(|doc| {
-        doc.defs.iter().filter_map(move |(name, def)| {
-            matches!(def, UserType::Record(_) | UserType::Type(_)).then(|| {
-                (
-                    doc.id.as_str(),
-                    name.as_str(),
-                    format!("{}#{name}", doc.id),
-                    def,
-                )
-            })
-        })
+        doc.defs
+            .iter()
+            .filter(|(_, def)| matches!(def, UserType::Record(_) | UserType::Type(_)))
+            .map(move |(name, def)| (doc.id.as_str(), format!("{}#{name}", doc.id), def))
     })
 }
 
@@ -138,7 +132,7 @@ pub(crate) fn alias_graph(set: &LexiconSet) -> Graph {
         }
     }
     let mut g = Graph::default();
-    for (nsid, _, full, def) in data_defs(set) {
+    for (nsid, full, def) in data_defs(set) {
         if let UserType::Type(ty) = def
             && !is_struct(def)
         {
@@ -150,6 +144,7 @@ pub(crate) fn alias_graph(set: &LexiconSet) -> Graph {
 
 /// Objects and records to the objects and records they hold directly (not behind an array
 /// or a union).
+#[cfg(any(feature = "codegen", test))]
 pub(crate) fn containment_graph(set: &LexiconSet) -> Graph {
     fn object(set: &LexiconSet, from: &str, nsid: &str, o: &ObjectType, g: &mut Graph) {
         for ty in o.properties.values() {
@@ -167,7 +162,7 @@ pub(crate) fn containment_graph(set: &LexiconSet) -> Graph {
         }
     }
     let mut g = Graph::default();
-    for (nsid, _, full, def) in data_defs(set) {
+    for (nsid, full, def) in data_defs(set) {
         match def {
             UserType::Record(r) => object(set, &full, nsid, &r.record, &mut g),
             UserType::Type(FieldType::Object(o)) => object(set, &full, nsid, o, &mut g),
@@ -218,7 +213,7 @@ pub(crate) fn required_graph(set: &LexiconSet) -> Graph {
     let mut known = BTreeSet::new();
     loop {
         let before = known.len();
-        for (nsid, _, full, def) in &defs {
+        for (nsid, full, def) in &defs {
             if known.contains(full) {
                 continue;
             }
@@ -279,7 +274,7 @@ pub(crate) fn required_graph(set: &LexiconSet) -> Graph {
         }
     }
     let mut g = Graph::default();
-    for (nsid, _, full, def) in &defs {
+    for (nsid, full, def) in &defs {
         if known.contains(full) {
             continue;
         }
