@@ -7,6 +7,12 @@
 //! `$type`-tagged enums (open ones wrapped in atrium's `Union`, whose `Unknown` variant keeps
 //! the raw data); tokens become string constants. Every generated struct and enum implements
 //! [`Validate`](crate::Validate) with checks generated from its constraints.
+//!
+//! Definitions may refer to each other in cycles: a field that refers directly (not through
+//! an array or a union) to an object holding its own struct again is a `Box`, so a tree node
+//! can hold its parent. A cycle made only of non-object definitions (`b: array of #c`,
+//! `c: array of #b`) would be an infinite `type` alias and is refused with
+//! [`LexiconError::RefCycle`](crate::LexiconError::RefCycle).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
