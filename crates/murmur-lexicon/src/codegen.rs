@@ -7,6 +7,12 @@
 //! `$type`-tagged enums (open ones wrapped in atrium's `Union`, whose `Unknown` variant keeps
 //! the raw data); tokens become string constants. Every generated struct and enum implements
 //! [`Validate`](crate::Validate) with checks generated from its constraints.
+//!
+//! Definitions may refer to each other in cycles: a field that refers directly (not through
+//! an array or a union) to an object holding its own struct again is a `Box`, so a tree node
+//! can hold its parent. A cycle made only of non-object definitions (`b: array of #c`,
+//! `c: array of #b`) would be an infinite `type` alias and is refused with
+//! [`LexiconError::RefCycle`](crate::LexiconError::RefCycle).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -14,6 +20,7 @@ use std::path::{Path, PathBuf};
 use proc_macro2::{Ident, Span, TokenStream};
 use quote::{format_ident, quote};
 
+use crate::cycles::{self, Graph};
 use crate::schema::{FieldType, LexiconDoc, ObjectType, StringType, UserType};
 use crate::set::split_ref;
 use crate::syntax::StringFormat;
@@ -150,7 +157,17 @@ pub fn generate(set: &LexiconSet, only: &[String]) -> Result<String, LexiconErro
         }
         node.doc = Some(doc);
     }
-    let generator = Gen { set };
+    // `type B = Vec<C>; type C = Vec<B>;` is an infinite type: refuse it (lint does too).
+    if let Some(cycle) = cycles::alias_graph(set).cycles().into_iter().next() {
+        return Err(LexiconError::RefCycle {
+            cycle,
+            why: cycles::ALIAS_CYCLE_WHY.into(),
+        });
+    }
+    let generator = Gen {
+        set,
+        containment: cycles::containment_graph(set),
+    };
     let mut items = Vec::new();
     for (name, child) in &root.children {
         items.push(generator.node(name, child, &[])?);
@@ -173,11 +190,15 @@ struct Node<'d> {
 
 struct Gen<'s> {
     set: &'s LexiconSet,
+    /// Objects and records to those they hold directly; a field closing a cycle is boxed.
+    containment: Graph,
 }
 
 /// The generated item that owns a nested type, to name unions and inline objects.
 struct Ctx<'a> {
     nsid: &'a str,
+    /// The top-level definition being generated, as canonical `nsid#name`.
+    def: &'a str,
     owner: String,
 }
 
@@ -251,6 +272,7 @@ impl Gen<'_> {
                 UserType::Record(record) => {
                     let ctx = Ctx {
                         nsid: &doc.id,
+                        def: &what,
                         owner: "Record".into(),
                     };
                     let desc = record
@@ -295,6 +317,7 @@ impl Gen<'_> {
                     let base = type_name(name);
                     let ctx = Ctx {
                         nsid: &doc.id,
+                        def: &what,
                         owner: base.clone(),
                     };
                     let desc = object
@@ -307,6 +330,7 @@ impl Gen<'_> {
                     let ident = type_ident(name);
                     let ctx = Ctx {
                         nsid: &doc.id,
+                        def: &what,
                         owner: type_name(name),
                     };
                     let (ty, extra) = self.rust_type(other, &ctx, &type_name(name), &what)?;
@@ -370,11 +394,15 @@ impl Gen<'_> {
             let field = field_ident(name);
             let fctx = Ctx {
                 nsid: ctx.nsid,
+                def: ctx.def,
                 owner: format!("{}{}", ctx.owner, type_name(name)),
             };
-            let (rust, extra) =
+            let (mut rust, extra) =
                 self.rust_type(ty, &fctx, &fctx.owner, &format!("{what}.{name}"))?;
             items.extend(extra);
+            if self.closes_cycle(ty, ctx) {
+                rust = quote!(::std::boxed::Box<#rust>);
+            }
             let required = object.required.contains(name);
             let nullable = object.nullable.contains(name);
             let mut text = ty
@@ -464,6 +492,21 @@ impl Gen<'_> {
         Ok(items)
     }
 
+    /// Whether field type `ty` of an object inside `ctx.def` refers (directly, not through an
+    /// array or a union) to a struct that holds `ctx.def` again: such a field is boxed, or
+    /// the struct would be infinitely large.
+    fn closes_cycle(&self, ty: &FieldType, ctx: &Ctx<'_>) -> bool {
+        let FieldType::Ref(r) = ty else {
+            return false;
+        };
+        match self.set.resolve(&r.reference, ctx.nsid) {
+            Some((full, UserType::Record(_) | UserType::Type(FieldType::Object(_)))) => {
+                full == ctx.def || self.containment.reach(&full).contains(ctx.def)
+            }
+            _ => false,
+        }
+    }
+
     /// The Rust type of a field, plus the items (unions, inline objects) it needs.
     fn rust_type(
         &self,
@@ -489,6 +532,7 @@ impl Gen<'_> {
                 let ident = format_ident!("{owner}");
                 let octx = Ctx {
                     nsid: ctx.nsid,
+                    def: ctx.def,
                     owner: owner.to_owned(),
                 };
                 let desc = o
@@ -882,5 +926,109 @@ mod tests {
         );
         // prettyplease output is stable: generating twice gives the same text.
         assert_eq!(code, generate(&set, &[]).unwrap());
+    }
+
+    fn cycles_fixture(name: &str) -> LexiconSet {
+        let dir = format!(
+            "{}/tests/fixtures/cycles/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        LexiconSet::load_dir_unchecked(dir).unwrap().0
+    }
+
+    #[test]
+    fn array_alias_cycle_is_a_typed_error_naming_the_defs() {
+        // Used to overflow the stack: the checks for `nested: ref #b` inlined b, then c, ...
+        let set = cycles_fixture("arrays");
+        match generate(&set, &[]) {
+            Err(LexiconError::RefCycle { cycle, why }) => {
+                assert_eq!(
+                    cycle,
+                    [
+                        "com.example.cycles.arrays#b",
+                        "com.example.cycles.arrays#c",
+                        "com.example.cycles.arrays#b"
+                    ]
+                );
+                assert!(why.contains("type` alias"), "{why}");
+            }
+            other => panic!("expected a RefCycle error, got {other:?}"),
+        }
+        // The same cycle with nothing referring to it is refused too (`type B = Vec<C>;
+        // type C = Vec<B>;` does not compile on its own).
+        let mut bare = LexiconSet::new();
+        bare.insert_json(
+            r##"{"lexicon": 1, "id": "com.example.bare", "defs": {
+                "b": { "type": "array", "items": { "type": "ref", "ref": "#c" } },
+                "c": { "type": "array", "items": { "type": "ref", "ref": "#b" } } } }"##,
+            None,
+        )
+        .unwrap();
+        let err = generate(&bare, &[]).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "reference cycle com.example.bare#b -> com.example.bare#c -> com.example.bare#b"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn builder_refuses_the_cycle_through_lint() {
+        let dir = format!(
+            "{}/tests/fixtures/cycles/arrays",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        match Builder::new().lexicon_dir(dir).generate_string() {
+            Err(LexiconError::Lint(issues)) => {
+                assert_eq!(issues.len(), 1, "{issues:?}");
+                assert_eq!(issues[0].rule.name(), "ref-cycle");
+                assert!(issues[0].message.contains("com.example.cycles.arrays#c"));
+            }
+            other => panic!("expected lint issues, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fields_closing_a_struct_cycle_are_boxed_and_others_are_not() {
+        let code = generate(&cycles_fixture("tree"), &[]).unwrap();
+        for boxed in [
+            "pub parent: ::core::option::Option<::std::boxed::Box<Node>>",
+            "pub link: ::core::option::Option<::std::boxed::Box<Link>>",
+            "pub target: ::std::boxed::Box<Node>",
+            "pub origin: ::core::option::Option<::std::boxed::Box<Node>>",
+            "pub root: ::std::boxed::Box<Node>",
+            "pub tree: ::core::option::Option<::std::boxed::Box<",
+        ] {
+            assert!(code.contains(boxed), "missing {boxed:?} in:\n{code}");
+        }
+        for plain in [
+            "pub children: ::core::option::Option<::std::vec::Vec<Node>>",
+            "pub forest: ::core::option::Option<Forest>",
+            "pub type Forest = ::std::vec::Vec<Node>;",
+            "pub next: ::core::option::Option<",
+        ] {
+            assert!(code.contains(plain), "missing {plain:?} in:\n{code}");
+        }
+    }
+
+    /// The tree fixture's generated code is checked in as `tests/fixtures/cycles/tree.rs`,
+    /// where `tests/cycles.rs` compiles it and round-trips records through it. This keeps
+    /// that file what the generator produces today (`MURMUR_BLESS=1` rewrites it).
+    #[test]
+    fn checked_in_tree_code_is_what_codegen_generates() {
+        let code = generate(&cycles_fixture("tree"), &[]).unwrap();
+        let path = format!(
+            "{}/tests/fixtures/cycles/tree.rs",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        if std::env::var_os("MURMUR_BLESS").is_some() {
+            std::fs::write(&path, &code).unwrap();
+        }
+        let checked_in = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            checked_in == code,
+            "{path} is out of date; rerun with MURMUR_BLESS=1 and review the diff"
+        );
     }
 }

@@ -340,6 +340,25 @@ mod tests {
     }
 
     #[test]
+    fn deeply_nested_input_is_refused_not_overflowing() {
+        // A map holding 100 000 nested one-element arrays: DAG-CBOR from the network.
+        let depth = 100_000;
+        let mut bytes = vec![0xa1, 0x61, b'a'];
+        bytes.extend(std::iter::repeat_n(0x81, depth));
+        bytes.push(0x80);
+        let err = dag_cbor_to_data(&bytes).unwrap_err();
+        assert!(err.message.starts_with("not valid DAG-CBOR"), "{err}");
+        // Shallow nesting of the same shape decodes.
+        let mut ok = vec![0xa1, 0x61, b'a'];
+        ok.extend(std::iter::repeat_n(0x81, 8));
+        ok.push(0x80);
+        assert!(dag_cbor_to_data(&ok).is_ok());
+        // The same as JSON: serde_json's own recursion limit refuses it.
+        let json = format!("{{\"a\":{}{}}}", "[".repeat(depth), "]".repeat(depth));
+        assert!(serde_json::from_str::<serde_json::Value>(&json).is_err());
+    }
+
+    #[test]
     fn bytes_round_trip_both_encodings() {
         let b = Bytes(vec![1, 2, 3, 250]);
         let json = serde_json::to_string(&b).unwrap();

@@ -34,6 +34,7 @@ pub mod breaking;
 pub mod check;
 #[cfg(feature = "codegen")]
 mod codegen;
+mod cycles;
 pub mod data;
 pub mod lint;
 pub mod schema;
@@ -131,6 +132,14 @@ pub enum LexiconError {
         /// The definition (`nsid#name` and JSON path).
         what: String,
         /// Why, and what to change.
+        why: String,
+    },
+    /// Definitions refer to each other in a cycle that generated Rust cannot represent.
+    #[error("cannot generate Rust for the reference cycle {}: {why}", cycle.join(" -> "))]
+    RefCycle {
+        /// The cycle as canonical `nsid#name` definitions, the first repeated at the end.
+        cycle: Vec<String>,
+        /// Why it cannot be represented, and what to change.
         why: String,
     },
 }

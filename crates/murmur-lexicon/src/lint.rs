@@ -35,6 +35,9 @@ pub enum Rule {
     DuplicateId,
     /// Inconsistent constraints (min above max, required field not in properties...).
     BadConstraint,
+    /// Definitions that refer to each other in a cycle no value or no Rust type can
+    /// represent (e.g. arrays whose items refer back, or objects requiring each other).
+    RefCycle,
 }
 
 impl Rule {
@@ -55,6 +58,7 @@ impl Rule {
             Rule::BadRefTarget => "bad-ref-target",
             Rule::DuplicateId => "duplicate-id",
             Rule::BadConstraint => "bad-constraint",
+            Rule::RefCycle => "ref-cycle",
         }
     }
 }

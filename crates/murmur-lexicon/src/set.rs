@@ -167,7 +167,8 @@ impl LexiconSet {
         Some((format!("{nsid}#{name}"), def))
     }
 
-    /// Set-level rules: every ref resolves to a definition of a kind allowed there.
+    /// Set-level rules: every ref resolves to a definition of a kind allowed there, and no
+    /// reference cycle is one that no value or no generated Rust type can represent.
     pub fn lint(&self) -> Vec<LintIssue> {
         let mut issues = Vec::new();
         for doc in self.docs() {
@@ -219,6 +220,7 @@ impl LexiconSet {
                 }
             });
         }
+        issues.extend(crate::cycles::lint(self));
         issues
     }
 }
