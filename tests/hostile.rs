@@ -669,3 +669,78 @@ async fn a_plc_outage_delays_records_but_loses_none() {
     assert!(rejected.lock().unwrap().is_empty());
     assert_eq!(metrics.snapshot().verifications_waiting, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_event_that_fails_verification_is_passed_to_on_rejected() {
+    let net = shared().await;
+    let (alice, _) = account(net, "sync-a").await;
+    let (bob, _) = account(net, "sync-b").await;
+    // Alice's real #sync frame (a new account's repo starts with one), claimed for bob: the
+    // signed commit inside names alice.
+    let ws = format!(
+        "{}/xrpc/com.atproto.sync.subscribeRepos?cursor=0",
+        net.pds(0).unwrap().url().replacen("http", "ws", 1)
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(ws).await.unwrap();
+    let sync = loop {
+        let msg = tokio::time::timeout(Duration::from_secs(20), socket.next())
+            .await
+            .expect("alice's #sync on the stream")
+            .unwrap()
+            .unwrap();
+        let Message::Binary(bytes) = msg else {
+            continue;
+        };
+        if let Frame::Sync(s) = Frame::decode(&bytes).unwrap()
+            && s.did == alice.did
+        {
+            break bytes.to_vec();
+        }
+    };
+    let mut forged = EditableFrame::parse(&sync);
+    forged
+        .set("did", Ipld::String(bob.did.clone()))
+        .set("seq", Ipld::Integer(7));
+    let script_frames = vec![forged.encode()];
+    let (url, _) = hostile_server(Arc::new(move |_| (script_frames.clone(), false))).await;
+
+    let rejected = Arc::new(Mutex::new(Vec::new()));
+    let r = Arc::clone(&rejected);
+    let watcher = Watcher::builder()
+        .source(SubscribeRepos::new(&url))
+        .plc_url(net.plc_url())
+        .on_create::<Note, _, _>(|_, _| async { Ok(()) })
+        .on_rejected(move |what, why| r.lock().unwrap().push((what.clone(), why.clone())))
+        .build()
+        .unwrap();
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    wait_for("the #sync rejection", Duration::from_secs(20), || {
+        !rejected.lock().unwrap().is_empty()
+    })
+    .await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+
+    let rejected = rejected.lock().unwrap();
+    let [(what, why)] = &rejected[..] else {
+        panic!("one rejection expected, got {rejected:?}")
+    };
+    match what {
+        murmur_firehose::Rejected::Sync { did, seq, .. } => {
+            assert_eq!(did, &bob.did);
+            assert_eq!(*seq, 7);
+        }
+        other => panic!("expected a #sync rejection, got {other:?}"),
+    }
+    assert_eq!(what.uri(), format!("at://{}", bob.did));
+    let Rejection::Verification(cause) = why else {
+        panic!("{why}")
+    };
+    assert!(
+        matches!(cause.as_ref(), SyncError::CommitMismatch { field: "did", .. }),
+        "{cause}"
+    );
+    assert_eq!(metrics.snapshot().rejected, 1);
+}
