@@ -224,41 +224,7 @@ impl IdentityResolver {
             return Ok(id.clone());
         }
         let url = self.document_url(did)?;
-        let fail = |reason: String| SyncError::Resolve {
-            did: did.to_string(),
-            reason,
-        };
-        let unavailable = |reason: String| SyncError::Unavailable {
-            did: did.to_string(),
-            url: url.clone(),
-            reason,
-        };
-        let response = self
-            .http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| unavailable(transport_reason(&e)))?;
-        let status = response.status();
-        if is_passing(status) {
-            return Err(unavailable(format!("HTTP {status}")));
-        }
-        if !status.is_success() {
-            let what = if status == reqwest::StatusCode::NOT_FOUND
-                || status == reqwest::StatusCode::GONE
-            {
-                "the DID is unknown or tombstoned"
-            } else {
-                "the directory refused the request"
-            };
-            return Err(fail(format!("GET {url}: HTTP {status}: {what}")));
-        }
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| unavailable(transport_reason(&e)))?;
-        let doc: Value = serde_json::from_slice(&body)
-            .map_err(|e| fail(format!("GET {url}: body is not JSON: {e}")))?;
+        let doc = crate::fetch::did_document(&self.http, did, &url).await?;
         let identity = Arc::new(Identity::from_did_document(did, &doc)?);
         lock(&self.cache).insert(
             did.to_string(),
@@ -318,31 +284,6 @@ impl IdentityResolver {
             Err(fail("only did:plc and did:web are supported"))
         }
     }
-}
-
-/// HTTP statuses that say "not now" rather than "no": retry later.
-pub(crate) fn is_passing(status: reqwest::StatusCode) -> bool {
-    status.is_server_error()
-        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
-        || status == reqwest::StatusCode::REQUEST_TIMEOUT
-}
-
-/// A transport error with its kind spelled out (reqwest's Display hides the cause).
-pub(crate) fn transport_reason(e: &reqwest::Error) -> String {
-    let kind = if e.is_timeout() {
-        "timed out"
-    } else if e.is_connect() {
-        "connection failed"
-    } else {
-        "transport error"
-    };
-    let mut reason = format!("{kind}: {e}");
-    let mut source = std::error::Error::source(e);
-    while let Some(cause) = source {
-        reason.push_str(&format!(": {cause}"));
-        source = cause.source();
-    }
-    reason
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

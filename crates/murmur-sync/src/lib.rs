@@ -1,5 +1,9 @@
 //! The atproto event-stream wire and its trust: frames, hash-checked CAR slices, commit
-//! verification, identity. It knows nothing of sockets: it takes bytes.
+//! verification, identity. It knows nothing of the event stream's sockets: it takes the
+//! bytes of each frame. What verification must look up it fetches over HTTP, all in one
+//! module: DID documents (PLC directory, did:web), and repos and record proofs
+//! (`com.atproto.sync.getRepo`/`getRecord`) from a DID's PDS; a host that cannot be reached
+//! is [`SyncError::Unavailable`] (retry later), never a failed verification.
 //!
 //! The path of one `com.atproto.sync.subscribeRepos` message:
 //!
@@ -58,15 +62,21 @@
 
 mod car;
 mod cbor;
+mod chain;
+mod commit;
 mod crypto;
 mod error;
+mod fetch;
 mod frame;
 mod identity;
 mod mst;
+mod repo;
 mod verify;
 
 pub use car::{CarSlice, DAG_CBOR, RAW, check_block, cid_for};
+pub use chain::{ChainHead, tid_micros};
 pub use cid::Cid;
+pub use commit::{SignedCommit, VerifiedCommit, VerifiedOp, VerifiedSync, decode_record};
 pub use crypto::{PublicKey, SignatureFault};
 pub use error::{StreamError, SyncError};
 pub use frame::{
@@ -74,7 +84,5 @@ pub use frame::{
 };
 pub use identity::{DEFAULT_PLC_URL, Identity, IdentityResolver};
 pub use mst::key_height;
-pub use verify::{
-    ChainHead, RepoRecord, SignedCommit, VerifiedCommit, VerifiedOp, VerifiedRepo, VerifiedSync,
-    Verifier, VerifyLevel, decode_record, tid_micros,
-};
+pub use repo::{RepoRecord, VerifiedRepo};
+pub use verify::{Verifier, VerifyLevel};

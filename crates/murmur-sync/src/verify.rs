@@ -1,16 +1,17 @@
-//! Commit verification: signed commit vs. event, signature, MST inversion, per-DID rev chain.
+//! The verifier: commits and `#sync` events checked against the signed commit, the DID's
+//! key, the MST and the DID's rev chain.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Arc;
+use std::time::Duration;
 
 use cid::Cid;
-use serde::Deserialize;
 
 use crate::car::CarSlice;
+use crate::chain::{ChainHead, Chains};
+use crate::commit::{SignedCommit, VerifiedCommit, VerifiedOp, VerifiedSync, check_inversion};
 use crate::frame::{Action, CommitEvent, Limits, SyncEvent};
 use crate::mst::PartialTree;
-use crate::{IdentityResolver, SyncError, cbor};
+use crate::{IdentityResolver, SyncError};
 
 /// How much of a commit is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -24,236 +25,15 @@ pub enum VerifyLevel {
     None,
 }
 
-/// The signed commit object inside a CAR slice (repo format v3).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SignedCommit {
-    /// The repo DID.
-    pub did: String,
-    /// Repo format version (3).
-    pub version: u64,
-    /// The MST root after this commit.
-    pub data: Cid,
-    /// The commit's rev.
-    pub rev: String,
-    /// The previous commit's CID (usually null in v3).
-    pub prev: Option<Cid>,
-    /// The signature over the commit without `sig`.
-    pub sig: Vec<u8>,
-    /// The DAG-CBOR bytes the signature covers (the commit minus its `sig` entry).
-    pub unsigned: Vec<u8>,
-}
-
-#[derive(Deserialize)]
-struct CommitData {
-    did: String,
-    version: u64,
-    data: Cid,
-    rev: String,
-    prev: Option<Cid>,
-    #[serde(with = "serde_bytes")]
-    sig: Vec<u8>,
-}
-
-impl SignedCommit {
-    /// Decodes a commit block and computes the bytes its signature covers.
-    pub fn decode(block: &[u8]) -> Result<SignedCommit, SyncError> {
-        let spans = cbor::map_spans(block, 8, "commit block")?;
-        let c: CommitData = serde_ipld_dagcbor::from_slice(block)
-            .map_err(|e| SyncError::decode("commit block", e))?;
-        // Canonical DAG-CBOR minus one entry is the canonical encoding of the rest: drop `sig`
-        // and decrement the map length (the head stays one byte for the few commit fields).
-        let mut unsigned = Vec::with_capacity(block.len());
-        let kept = spans.entries.iter().filter(|(k, _, _)| *k != "sig").count();
-        cbor::write_head(&mut unsigned, 5, kept as u64);
-        for (key, start, end) in &spans.entries {
-            if *key != "sig" {
-                unsigned.extend_from_slice(&block[*start..*end]);
-            }
-        }
-        Ok(SignedCommit {
-            did: c.did,
-            version: c.version,
-            data: c.data,
-            rev: c.rev,
-            prev: c.prev,
-            sig: c.sig,
-            unsigned,
-        })
-    }
-}
-
-/// A commit that passed verification at [`VerifiedCommit::level`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct VerifiedCommit {
-    /// Stream sequence number.
-    pub seq: i64,
-    /// The repo DID.
-    pub repo: String,
-    /// The commit's rev.
-    pub rev: String,
-    /// The previous rev.
-    pub since: Option<String>,
-    /// The commit CID.
-    pub commit: Cid,
-    /// The MST root after the commit (unknown at [`VerifyLevel::None`]).
-    pub data: Option<Cid>,
-    /// When the server emitted the event.
-    pub time: String,
-    /// The ops with their record bytes.
-    pub ops: Vec<VerifiedOp>,
-    /// The level it was verified at.
-    pub level: VerifyLevel,
-    /// Set when this commit does not follow the last one seen for the repo (`since` or
-    /// `prevData` differ): the commit itself verified and its ops are good, but events before
-    /// it were missed. Report a gap and re-fetch the repo (`com.atproto.sync.getRepo`).
-    pub chain_break: Option<String>,
-}
-
-/// A whole repo as `com.atproto.sync.getRepo` returns it, verified: the signed commit at its
-/// root and every record reachable from its MST.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VerifiedRepo {
-    /// The repo DID.
-    pub did: String,
-    /// The commit's rev.
-    pub rev: String,
-    /// The commit CID.
-    pub commit: Cid,
-    /// The MST root.
-    pub data: Cid,
-    /// Every record, in key (`collection/rkey`) order.
-    pub records: Vec<RepoRecord>,
-    /// The level it was verified at (the signature is checked unless [`VerifyLevel::None`]).
-    pub level: VerifyLevel,
-}
-
-/// One record of a [`VerifiedRepo`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct RepoRecord {
-    /// `collection/rkey`.
-    pub path: String,
-    /// The record CID.
-    pub cid: Cid,
-    /// The record's DAG-CBOR bytes, hash-checked against `cid`.
-    pub record: Vec<u8>,
-}
-
-impl RepoRecord {
-    /// The collection NSID.
-    pub fn collection(&self) -> &str {
-        self.path.split_once('/').map_or(&self.path, |(c, _)| c)
-    }
-}
-
-/// One op of a verified commit.
-#[derive(Debug, Clone, PartialEq)]
-pub struct VerifiedOp {
-    /// What happened.
-    pub action: Action,
-    /// `collection/rkey`.
-    pub path: String,
-    /// The record CID (`None` for deletes).
-    pub cid: Option<Cid>,
-    /// The previous record CID (updates and deletes, sync 1.1).
-    pub prev: Option<Cid>,
-    /// The record's DAG-CBOR bytes, hash-checked against `cid` (`None` for deletes, or when
-    /// the event was `tooBig`).
-    pub record: Option<Vec<u8>>,
-}
-
-impl VerifiedOp {
-    /// The collection NSID.
-    pub fn collection(&self) -> &str {
-        self.path.split_once('/').map_or(&self.path, |(c, _)| c)
-    }
-
-    /// The record key.
-    pub fn rkey(&self) -> &str {
-        self.path.split_once('/').map_or("", |(_, r)| r)
-    }
-
-    /// Decodes the record into `T` (with the default [`Limits`]); `Ok(None)` when there is no record.
-    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<Option<T>, SyncError> {
-        self.record
-            .as_deref()
-            .map(|r| decode_record(r, &Limits::default()))
-            .transpose()
-    }
-}
-
-/// Decodes a record's DAG-CBOR bytes into `T`, enforcing the record size and nesting limits.
-pub fn decode_record<T: serde::de::DeserializeOwned>(
-    bytes: &[u8],
-    limits: &Limits,
-) -> Result<T, SyncError> {
-    if bytes.len() > limits.max_record_bytes {
-        return Err(SyncError::TooLarge {
-            what: "record",
-            size: bytes.len(),
-            limit: limits.max_record_bytes,
-        });
-    }
-    let end = cbor::item_end(bytes, 0, limits.max_depth, "record")?;
-    if end != bytes.len() {
-        return Err(SyncError::Cbor {
-            context: "record",
-            offset: end,
-            reason: "trailing bytes after the record",
-        });
-    }
-    serde_ipld_dagcbor::from_slice(bytes).map_err(|e| SyncError::decode("record", e))
-}
-
-/// A `#sync` event that passed verification: the DID's chain now starts here.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VerifiedSync {
-    /// Stream sequence number.
-    pub seq: i64,
-    /// The repo DID.
-    pub did: String,
-    /// The commit rev.
-    pub rev: String,
-    /// The MST root.
-    pub data: Cid,
-    /// The commit CID.
-    pub commit: Cid,
-}
-
-/// The last commit seen for a DID.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChainHead {
-    /// Its rev.
-    pub rev: String,
-    /// Its MST root, when it was parsed.
-    pub data: Option<Cid>,
-}
-
 /// Verifies commits and keeps each DID's rev chain. Share it (`Arc`) across tasks; methods
 /// take `&self`. Events of one DID must be fed in stream order.
 #[derive(Debug)]
 pub struct Verifier {
-    level: VerifyLevel,
-    limits: Limits,
+    pub(crate) level: VerifyLevel,
+    pub(crate) limits: Limits,
     max_clock_skew: Duration,
-    resolver: Arc<IdentityResolver>,
-    chains: Mutex<HashMap<String, ChainHead>>,
-}
-
-/// Decodes a 13-character TID into microseconds since the Unix epoch.
-pub fn tid_micros(tid: &str) -> Option<u64> {
-    const ALPHABET: &[u8; 32] = b"234567abcdefghijklmnopqrstuvwxyz";
-    if tid.len() != 13 {
-        return None;
-    }
-    let mut v: u64 = 0;
-    for (i, b) in tid.bytes().enumerate() {
-        let d = ALPHABET.iter().position(|&a| a == b)? as u64;
-        if i == 0 && d >= 16 {
-            return None; // the top bit of a TID is 0
-        }
-        v = (v << 5) | d;
-    }
-    Some(v >> 10)
+    pub(crate) resolver: Arc<IdentityResolver>,
+    chains: Chains,
 }
 
 impl Verifier {
@@ -264,7 +44,7 @@ impl Verifier {
             limits: Limits::default(),
             max_clock_skew: Duration::from_secs(300),
             resolver,
-            chains: Mutex::new(HashMap::new()),
+            chains: Chains::default(),
         }
     }
 
@@ -298,76 +78,23 @@ impl Verifier {
 
     /// The last commit seen for `did`.
     pub fn chain_head(&self, did: &str) -> Option<ChainHead> {
-        self.chains().get(did).cloned()
+        self.chains.head(did)
     }
 
     /// Sets the chain head of `did`, e.g. after re-fetching the repo with `getRepo`.
     pub fn resync(&self, did: &str, rev: &str, data: Option<Cid>) {
-        self.chains().insert(
-            did.to_string(),
-            ChainHead {
-                rev: rev.to_string(),
-                data,
-            },
-        );
+        self.chains.set(did, rev, data);
     }
 
     /// Forgets everything about `did` (an account deleted).
     pub fn forget(&self, did: &str) {
-        self.chains().remove(did);
+        self.chains.remove(did);
         self.resolver.forget(did);
     }
 
     /// Handles an `#identity` event: the cached signing key of `did` is dropped.
     pub fn on_identity(&self, did: &str) {
         self.resolver.invalidate(did);
-    }
-
-    fn chains(&self) -> std::sync::MutexGuard<'_, HashMap<String, ChainHead>> {
-        self.chains.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// Checks rev syntax, future revs and rev order; returns why the chain broke, if it did.
-    fn check_chain(&self, ev: &CommitEvent) -> Result<Option<String>, SyncError> {
-        let micros = tid_micros(&ev.rev).ok_or_else(|| SyncError::InvalidRev(ev.rev.clone()))?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_micros() as u64;
-        let allowed = self.max_clock_skew.as_micros() as u64;
-        if micros > now + allowed {
-            return Err(SyncError::FutureRev {
-                did: ev.repo.clone(),
-                rev: ev.rev.clone(),
-                ahead_secs: (micros - now) / 1_000_000,
-                allowed_secs: self.max_clock_skew.as_secs(),
-            });
-        }
-        let chains = self.chains();
-        let Some(head) = chains.get(&ev.repo) else {
-            return Ok(None);
-        };
-        if ev.rev <= head.rev {
-            return Err(SyncError::RevNotNewer {
-                did: ev.repo.clone(),
-                rev: ev.rev.clone(),
-                last: head.rev.clone(),
-            });
-        }
-        if ev.since.as_deref() != Some(head.rev.as_str()) {
-            return Ok(Some(format!(
-                "since is {:?} but the last rev seen is {:?}",
-                ev.since, head.rev
-            )));
-        }
-        if let (Some(last), Some(prev)) = (head.data, ev.prev_data)
-            && last != prev
-        {
-            return Ok(Some(format!(
-                "prevData is {prev} but the last commit's data is {last}"
-            )));
-        }
-        Ok(None)
     }
 
     fn advance(
@@ -391,7 +118,7 @@ impl Verifier {
     /// Chain bookkeeping only, for a commit the pre-filter skipped: rev checks and the DID's
     /// chain head move on without parsing the CAR slice. Reports a break like [`Verifier::verify_commit`].
     pub fn observe_commit(&self, ev: &CommitEvent) -> Result<(), SyncError> {
-        let broke = self.check_chain(ev)?;
+        let broke = self.chains.check(ev, self.max_clock_skew)?;
         self.advance(&ev.repo, &ev.rev, None, broke)
     }
 
@@ -415,7 +142,7 @@ impl Verifier {
                 limit: self.limits.max_ops,
             });
         }
-        let broke = self.check_chain(ev)?;
+        let broke = self.chains.check(ev, self.max_clock_skew)?;
         let car = CarSlice::parse(&ev.blocks)?;
         let mut data = None;
         let mut needs_proofs = false;
@@ -569,151 +296,9 @@ impl Verifier {
         }
     }
 
-    /// Fetches the whole repo of `did` from its PDS (`com.atproto.sync.getRepo`, the endpoint
-    /// from its DID document) and verifies it with [`verify_repo`](Self::verify_repo): what a
-    /// consumer does after a chain break to learn what it missed.
-    pub async fn fetch_repo(&self, did: &str) -> Result<VerifiedRepo, SyncError> {
-        let bytes = self
-            .fetch_car(did, "com.atproto.sync.getRepo", &[("did", did)])
-            .await?
-            .ok_or_else(|| SyncError::FetchRepo {
-                did: did.to_string(),
-                url: "com.atproto.sync.getRepo".into(),
-                reason: "the PDS does not have this repo".into(),
-            })?;
-        self.verify_repo(did, &bytes).await
-    }
-
-    /// Fetches one record of `did` with its proof (`com.atproto.sync.getRecord`: the signed
-    /// commit and the MST path to the key) and verifies it: the record a repo holds now,
-    /// signed by its owner, whoever served it. `Ok(None)` when the proof shows the key absent
-    /// (or the PDS says the record is not found).
-    pub async fn fetch_record(
-        &self,
-        did: &str,
-        collection: &str,
-        rkey: &str,
-    ) -> Result<Option<RepoRecord>, SyncError> {
-        let query = [("did", did), ("collection", collection), ("rkey", rkey)];
-        let Some(bytes) = self
-            .fetch_car(did, "com.atproto.sync.getRecord", &query)
-            .await?
-        else {
-            return Ok(None);
-        };
-        self.verify_record_proof(did, &format!("{collection}/{rkey}"), &bytes)
-            .await
-    }
-
-    /// Verifies a record proof CAR (as `com.atproto.sync.getRecord` returns it): block hashes,
-    /// the signed commit at its root (signature unless the level is `None`), and the MST
-    /// path from the commit's data root to `path`. `Ok(None)` when the proof shows `path`
-    /// absent; an error when the CAR does not prove either way.
-    pub async fn verify_record_proof(
-        &self,
-        did: &str,
-        path: &str,
-        car: &[u8],
-    ) -> Result<Option<RepoRecord>, SyncError> {
-        let car = CarSlice::parse(car)?;
-        let (_, commit) = self.signed_root(&car, did).await?;
-        let tree = crate::mst::PartialTree::load(&car, commit.data)?;
-        let cid = match tree.get(path.as_bytes()) {
-            Ok(Some(cid)) => cid,
-            Ok(None) => return Ok(None),
-            Err(()) => {
-                return Err(SyncError::Mst {
-                    node: commit.data.to_string(),
-                    reason: format!("the proof does not include the path to {path}"),
-                });
-            }
-        };
-        let record = car.get(&cid).ok_or_else(|| SyncError::MissingBlock {
-            cid: cid.to_string(),
-            what: "record",
-        })?;
-        Ok(Some(RepoRecord {
-            path: path.to_string(),
-            cid,
-            record: record.to_vec(),
-        }))
-    }
-
-    /// GETs a CAR from the PDS of `did` (from its DID document), bounded by
-    /// [`Limits::max_repo_bytes`]. `Ok(None)` on HTTP 404 or an XRPC `*NotFound` error.
-    async fn fetch_car(
-        &self,
-        did: &str,
-        method: &str,
-        query: &[(&str, &str)],
-    ) -> Result<Option<Vec<u8>>, SyncError> {
-        let identity = self.resolver.resolve(did).await?;
-        let pds = identity.pds.as_deref().ok_or_else(|| SyncError::Resolve {
-            did: did.to_string(),
-            reason: "the DID document names no #atproto_pds service endpoint".into(),
-        })?;
-        let url = format!("{}/xrpc/{method}", pds.trim_end_matches('/'));
-        let fetch_err = |reason: String| SyncError::FetchRepo {
-            did: did.to_string(),
-            url: url.clone(),
-            reason,
-        };
-        let unavailable = |reason: String| SyncError::Unavailable {
-            did: did.to_string(),
-            url: url.clone(),
-            reason,
-        };
-        let mut response = self
-            .resolver
-            .http()
-            .get(&url)
-            .query(query)
-            .timeout(std::time::Duration::from_secs(120))
-            .send()
-            .await
-            .map_err(|e| unavailable(crate::identity::transport_reason(&e)))?;
-        let status = response.status();
-        if crate::identity::is_passing(status) {
-            return Err(unavailable(format!("HTTP {status}")));
-        }
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            let body: String = body.trim().chars().take(300).collect();
-            if status == reqwest::StatusCode::NOT_FOUND
-                || (status == reqwest::StatusCode::BAD_REQUEST && body.contains("NotFound"))
-            {
-                return Ok(None);
-            }
-            return Err(fetch_err(format!("HTTP {status}: {body}")));
-        }
-        let limit = self.limits.max_repo_bytes;
-        let too_large = |size: usize| SyncError::TooLarge {
-            what: "repo CAR",
-            size,
-            limit,
-        };
-        if let Some(size) = response.content_length()
-            && size > limit as u64
-        {
-            return Err(too_large(usize::try_from(size).unwrap_or(usize::MAX)));
-        }
-        let mut bytes = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|e| unavailable(crate::identity::transport_reason(&e)))?
-        {
-            if bytes.len() + chunk.len() > limit {
-                return Err(too_large(bytes.len() + chunk.len()));
-            }
-            bytes.extend_from_slice(&chunk);
-        }
-        Ok(Some(bytes))
-    }
-
     /// The root CID and signed commit of a repo or proof CAR: DID and version checked, and
     /// the signature unless the level is `None`.
-    async fn signed_root(
+    pub(crate) async fn signed_root(
         &self,
         car: &CarSlice<'_>,
         did: &str,
@@ -750,55 +335,10 @@ impl Verifier {
         }
     }
 
-    /// Verifies a whole repo CAR (as `getRepo` returns it): every block's hash, the commit at
-    /// its root (DID, version, and signature unless the level is `None`), and a complete MST
-    /// whose leaves all point at records present in the CAR.
-    ///
-    /// The DID's chain head is left alone: the stream keeps its own place.
-    pub async fn verify_repo(&self, did: &str, car: &[u8]) -> Result<VerifiedRepo, SyncError> {
-        let car = CarSlice::parse(car)?;
-        let (root, commit) = self.signed_root(&car, did).await?;
-        let tree = crate::mst::PartialTree::load(&car, commit.data)?;
-        let mut records = Vec::with_capacity(tree.items.len());
-        for item in tree.items {
-            match item {
-                crate::mst::Item::Leaf { key, value, .. } => {
-                    let path = String::from_utf8(key).map_err(|_| SyncError::Mst {
-                        node: commit.data.to_string(),
-                        reason: "a key is not UTF-8".into(),
-                    })?;
-                    let record = car.get(&value).ok_or_else(|| SyncError::MissingBlock {
-                        cid: value.to_string(),
-                        what: "record",
-                    })?;
-                    records.push(RepoRecord {
-                        path,
-                        cid: value,
-                        record: record.to_vec(),
-                    });
-                }
-                crate::mst::Item::Stub { cid, .. } => {
-                    return Err(SyncError::MissingBlock {
-                        cid: cid.to_string(),
-                        what: "MST node",
-                    });
-                }
-            }
-        }
-        Ok(VerifiedRepo {
-            did: did.to_string(),
-            rev: commit.rev,
-            commit: root,
-            data: commit.data,
-            records,
-            level: self.level,
-        })
-    }
-
     /// Verifies a `#sync` event (signature unless the level is `None`) and resets the DID's
     /// chain to it.
     pub async fn verify_sync(&self, ev: &SyncEvent) -> Result<VerifiedSync, SyncError> {
-        tid_micros(&ev.rev).ok_or_else(|| SyncError::InvalidRev(ev.rev.clone()))?;
+        crate::chain::tid_micros(&ev.rev).ok_or_else(|| SyncError::InvalidRev(ev.rev.clone()))?;
         let car = CarSlice::parse(&ev.blocks)?;
         let root = *car.roots().first().ok_or(SyncError::Car {
             offset: 0,
@@ -882,91 +422,5 @@ impl Verifier {
                 .map_err(bad)?;
         }
         Ok(commit)
-    }
-}
-
-/// The ops match the tree at `commit.data`, and undoing them gives `prevData`.
-fn check_inversion(
-    car: &CarSlice<'_>,
-    commit: &SignedCommit,
-    ev: &CommitEvent,
-) -> Result<(), SyncError> {
-    let fail = |reason: String| SyncError::MstInversion {
-        did: ev.repo.clone(),
-        rev: ev.rev.clone(),
-        reason,
-    };
-    let mut tree = PartialTree::load(car, commit.data)?;
-    if tree.root() != Ok(commit.data) {
-        return Err(fail(
-            "the MST nodes do not rebuild to the commit's data root".into(),
-        ));
-    }
-    for op in ev.ops.iter().rev() {
-        let key = op.path.as_bytes();
-        let current = tree
-            .get(key)
-            .map_err(|()| fail(format!("{} is hidden by a missing MST node", op.path)))?;
-        let expected = match op.action {
-            Action::Delete => None,
-            Action::Create | Action::Update => op.cid,
-        };
-        if current != expected {
-            return Err(fail(format!(
-                "{} {} says {:?} but the MST has {:?}",
-                op.action.as_str(),
-                op.path,
-                expected,
-                current
-            )));
-        }
-        let undone = match (op.action, op.prev) {
-            (Action::Create, None) => tree.remove(key),
-            (Action::Create, Some(_)) => {
-                return Err(fail(format!("create {} has a prev", op.path)));
-            }
-            (Action::Update | Action::Delete, Some(prev)) => tree.set(key, prev),
-            (Action::Update | Action::Delete, None) => {
-                return Err(fail(format!(
-                    "{} {} has no prev (not a sync 1.1 event)",
-                    op.action.as_str(),
-                    op.path
-                )));
-            }
-        };
-        undone.map_err(|()| fail(format!("undoing {} needs a missing MST node", op.path)))?;
-    }
-    let prev_data = match (ev.prev_data, &ev.since) {
-        (Some(prev), _) => prev,
-        // The first commit of a repo starts from the empty tree.
-        (None, None) => PartialTree::default().root().unwrap_or(commit.data),
-        (None, Some(_)) => {
-            return Err(fail(
-                "the event has no prevData (not a sync 1.1 event)".into(),
-            ));
-        }
-    };
-    match tree.root() {
-        Ok(root) if root == prev_data => Ok(()),
-        Ok(root) => Err(fail(format!(
-            "undoing the ops gives {root}, but prevData is {prev_data}"
-        ))),
-        Err(()) => Err(fail(
-            "rebuilding the previous root needs a missing MST node".into(),
-        )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tids_decode() {
-        assert_eq!(tid_micros("2222222222222"), Some(0));
-        assert!(tid_micros("3jzfcijpj2z2a").is_some());
-        assert_eq!(tid_micros("zzzzzzzzzzzzz"), None);
-        assert_eq!(tid_micros("short"), None);
-        assert_eq!(tid_micros("3jzfcijpj2z2!"), None);
     }
 }

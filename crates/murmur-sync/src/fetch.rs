@@ -1,0 +1,183 @@
+//! The one place murmur-sync makes HTTP requests: DID documents from a PLC directory or a
+//! did:web host, and repo CARs (`getRepo`, `getRecord`) from a DID's PDS. Each failure is
+//! classified: passing ones ([`SyncError::Unavailable`]) are worth retrying, the rest are not.
+
+use serde_json::Value;
+
+use crate::verify::Verifier;
+use crate::{RepoRecord, SyncError, VerifiedRepo};
+
+/// HTTP statuses that say "not now" rather than "no": retry later.
+fn is_passing(status: reqwest::StatusCode) -> bool {
+    status.is_server_error()
+        || status == reqwest::StatusCode::TOO_MANY_REQUESTS
+        || status == reqwest::StatusCode::REQUEST_TIMEOUT
+}
+
+/// A transport error with its kind spelled out (reqwest's Display hides the cause).
+fn transport_reason(e: &reqwest::Error) -> String {
+    let kind = if e.is_timeout() {
+        "timed out"
+    } else if e.is_connect() {
+        "connection failed"
+    } else {
+        "transport error"
+    };
+    let mut reason = format!("{kind}: {e}");
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        reason.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
+    reason
+}
+
+/// GETs the DID document of `did` at `url`.
+pub(crate) async fn did_document(
+    http: &reqwest::Client,
+    did: &str,
+    url: &str,
+) -> Result<Value, SyncError> {
+    let fail = |reason: String| SyncError::Resolve {
+        did: did.to_string(),
+        reason,
+    };
+    let unavailable = |reason: String| SyncError::Unavailable {
+        did: did.to_string(),
+        url: url.to_string(),
+        reason,
+    };
+    let response = http
+        .get(url)
+        .send()
+        .await
+        .map_err(|e| unavailable(transport_reason(&e)))?;
+    let status = response.status();
+    if is_passing(status) {
+        return Err(unavailable(format!("HTTP {status}")));
+    }
+    if !status.is_success() {
+        let what =
+            if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::GONE {
+                "the DID is unknown or tombstoned"
+            } else {
+                "the directory refused the request"
+            };
+        return Err(fail(format!("GET {url}: HTTP {status}: {what}")));
+    }
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| unavailable(transport_reason(&e)))?;
+    serde_json::from_slice(&body).map_err(|e| fail(format!("GET {url}: body is not JSON: {e}")))
+}
+
+impl Verifier {
+    /// Fetches the whole repo of `did` from its PDS (`com.atproto.sync.getRepo`, the endpoint
+    /// from its DID document) and verifies it with [`verify_repo`](Self::verify_repo): what a
+    /// consumer does after a chain break to learn what it missed.
+    pub async fn fetch_repo(&self, did: &str) -> Result<VerifiedRepo, SyncError> {
+        let bytes = self
+            .fetch_car(did, "com.atproto.sync.getRepo", &[("did", did)])
+            .await?
+            .ok_or_else(|| SyncError::FetchRepo {
+                did: did.to_string(),
+                url: "com.atproto.sync.getRepo".into(),
+                reason: "the PDS does not have this repo".into(),
+            })?;
+        self.verify_repo(did, &bytes).await
+    }
+
+    /// Fetches one record of `did` with its proof (`com.atproto.sync.getRecord`: the signed
+    /// commit and the MST path to the key) and verifies it: the record a repo holds now,
+    /// signed by its owner, whoever served it. `Ok(None)` when the proof shows the key absent
+    /// (or the PDS says the record is not found).
+    pub async fn fetch_record(
+        &self,
+        did: &str,
+        collection: &str,
+        rkey: &str,
+    ) -> Result<Option<RepoRecord>, SyncError> {
+        let query = [("did", did), ("collection", collection), ("rkey", rkey)];
+        let Some(bytes) = self
+            .fetch_car(did, "com.atproto.sync.getRecord", &query)
+            .await?
+        else {
+            return Ok(None);
+        };
+        self.verify_record_proof(did, &format!("{collection}/{rkey}"), &bytes)
+            .await
+    }
+
+    /// GETs a CAR from the PDS of `did` (from its DID document), bounded by
+    /// [`Limits::max_repo_bytes`]. `Ok(None)` on HTTP 404 or an XRPC `*NotFound` error.
+    pub(crate) async fn fetch_car(
+        &self,
+        did: &str,
+        method: &str,
+        query: &[(&str, &str)],
+    ) -> Result<Option<Vec<u8>>, SyncError> {
+        let identity = self.resolver.resolve(did).await?;
+        let pds = identity.pds.as_deref().ok_or_else(|| SyncError::Resolve {
+            did: did.to_string(),
+            reason: "the DID document names no #atproto_pds service endpoint".into(),
+        })?;
+        let url = format!("{}/xrpc/{method}", pds.trim_end_matches('/'));
+        let fetch_err = |reason: String| SyncError::FetchRepo {
+            did: did.to_string(),
+            url: url.clone(),
+            reason,
+        };
+        let unavailable = |reason: String| SyncError::Unavailable {
+            did: did.to_string(),
+            url: url.clone(),
+            reason,
+        };
+        let mut response = self
+            .resolver
+            .http()
+            .get(&url)
+            .query(query)
+            .timeout(std::time::Duration::from_secs(120))
+            .send()
+            .await
+            .map_err(|e| unavailable(transport_reason(&e)))?;
+        let status = response.status();
+        if is_passing(status) {
+            return Err(unavailable(format!("HTTP {status}")));
+        }
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            let body: String = body.trim().chars().take(300).collect();
+            if status == reqwest::StatusCode::NOT_FOUND
+                || (status == reqwest::StatusCode::BAD_REQUEST && body.contains("NotFound"))
+            {
+                return Ok(None);
+            }
+            return Err(fetch_err(format!("HTTP {status}: {body}")));
+        }
+        let limit = self.limits.max_repo_bytes;
+        let too_large = |size: usize| SyncError::TooLarge {
+            what: "repo CAR",
+            size,
+            limit,
+        };
+        if let Some(size) = response.content_length()
+            && size > limit as u64
+        {
+            return Err(too_large(usize::try_from(size).unwrap_or(usize::MAX)));
+        }
+        let mut bytes = Vec::new();
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| unavailable(transport_reason(&e)))?
+        {
+            if bytes.len() + chunk.len() > limit {
+                return Err(too_large(bytes.len() + chunk.len()));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(Some(bytes))
+    }
+}
