@@ -69,7 +69,7 @@ mod writer;
 
 pub use atrium_api::types::{BlobRef, Collection};
 pub use batch::{Batch, BatchOutcome, BatchWritten, MAX_BATCH_WRITES};
-pub use encode::{MAX_RECORD_CBOR_BYTES, MAX_REQUEST_JSON_BYTES, record_cid};
+pub use encode::{MAX_RECORD_CBOR_BYTES, MAX_REQUEST_JSON_BYTES, record_cid, record_cid_untyped};
 pub use error::{Error, Result, Swap};
 pub use ipld_core::cid::Cid;
 pub use murmur_lexicon::{Validate, ValidationError};
