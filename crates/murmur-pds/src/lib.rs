@@ -10,7 +10,9 @@
 //!
 //! Sessions persist to a 0600 file, written atomically; an expired access token is refreshed
 //! once, single-flight, across all clones and tasks. Tokens and passwords never appear in
-//! logs, `Debug` output or errors ([`Secret`]).
+//! logs, `Debug` output or errors ([`Secret`]). A stored session is resumed only for its own
+//! account on the PDS that issued it, and its tokens are sent to no other host (redirects to
+//! another host are refused, [`Error::RedirectRefused`]).
 //!
 //! ```no_run
 //! use atrium_api::types::Collection;
