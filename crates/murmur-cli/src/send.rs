@@ -69,6 +69,10 @@ fn send(args: &SendArgs, password: &str) -> Result<ExitCode, Box<dyn std::error:
         )
         .into());
     }
+    // The writer's own checks ($type, data model, DAG-CBOR and request size), before any
+    // HTTP call: an oversized record must not cost a login.
+    murmur_pds::record_cid_untyped(&args.collection, &value)
+        .map_err(|e| format!("{}: {e}; nothing was sent", args.file.display()))?;
 
     let runtime = tokio::runtime::Runtime::new()?;
     let written = runtime.block_on(async {
@@ -77,7 +81,7 @@ fn send(args: &SendArgs, password: &str) -> Result<ExitCode, Box<dyn std::error:
             builder = builder.session_file(path);
         }
         let writer = builder.resume_or_login(&args.handle, password).await?;
-        // Validated above against the lexicon set; the writer adds its size checks.
+        // Validated and size-checked above; the writer checks again before sending.
         writer
             .create_untyped(&args.collection, value, |_| Ok(()))
             .await
@@ -152,5 +156,49 @@ mod tests {
         let mut a = args(&acct.pds_url, dir.path(), "ok.json");
         a.handle = acct.handle.clone();
         assert_eq!(send(&a, &acct.password).unwrap(), ExitCode::SUCCESS);
+    }
+
+    #[derive(Debug)]
+    struct Notes;
+    impl murmur_pds::Collection for Notes {
+        const NSID: &'static str = "test.murmur.note";
+        type Record = serde_json::Value;
+    }
+
+    #[test]
+    fn a_session_file_of_another_account_is_not_used_for_the_handle_given() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("lexicons/test/murmur")).unwrap();
+        std::fs::write(dir.path().join("lexicons/test/murmur/note.json"), LEXICON).unwrap();
+        std::fs::write(dir.path().join("ok.json"), r#"{"text":"hello"}"#).unwrap();
+        let net = murmur_devnet::Devnet::shared().unwrap_or_else(|e| panic!("{e}"));
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let alice = rt
+            .block_on(net.create_account(0, &net.unique_handle("senda"), "send-pw-a"))
+            .unwrap();
+        let bob = rt
+            .block_on(net.create_account(0, &net.unique_handle("sendb"), "send-pw-b"))
+            .unwrap();
+        let session_file = dir.path().join("session.json");
+
+        let mut a = args(&alice.pds_url, dir.path(), "ok.json");
+        a.handle = alice.handle.clone();
+        a.session_file = Some(session_file.clone());
+        assert_eq!(send(&a, &alice.password).unwrap(), ExitCode::SUCCESS);
+        // Bob with Alice's session file: Bob logs in, the record lands in Bob's repo.
+        a.handle = bob.handle.clone();
+        assert_eq!(send(&a, &bob.password).unwrap(), ExitCode::SUCCESS);
+
+        let session = murmur_pds::Session::load(&session_file).unwrap();
+        assert_eq!(session.did, bob.did);
+        let reader = murmur_pds::Reader::new(&alice.pds_url).unwrap();
+        let count = |did: String| {
+            rt.block_on(reader.list::<Notes>(&did, 100, None, false))
+                .unwrap()
+                .records
+                .len()
+        };
+        assert_eq!(count(alice.did.clone()), 1, "Alice's own send only");
+        assert_eq!(count(bob.did.clone()), 1, "Bob's send is in Bob's repo");
     }
 }

@@ -122,6 +122,16 @@ where
     encode::<C>(record).map(|e| e.cid)
 }
 
+/// The CID a record given in data-model form will have once written to `collection`, after
+/// the same NSID, `$type`, data-model and size checks as
+/// [`Writer::create_untyped`](crate::Writer::create_untyped) (lexicon validation is the
+/// caller's). Never touches the network, so a tool can refuse a bad or oversized record
+/// before it logs in.
+pub fn record_cid_untyped(collection: &str, value: &Ipld) -> Result<Cid> {
+    crate::writer::nsid(collection)?;
+    encode_value(collection, value.clone()).map(|e| e.cid)
+}
+
 /// CIDv1 (dag-cbor, sha2-256) of DAG-CBOR bytes: what the PDS computes for a record.
 pub(crate) fn cid_of(cbor: &[u8]) -> Cid {
     let digest = Sha256::digest(cbor);

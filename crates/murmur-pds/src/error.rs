@@ -92,6 +92,33 @@ pub enum Error {
         error: String,
     },
 
+    /// The session was issued by another PDS than the one this writer talks to. Its tokens
+    /// are only ever sent to the host that issued them, so nothing was sent.
+    #[error(
+        "the session belongs to the PDS at {session_pds}, not to {pds}; its tokens are sent \
+         only to the host that issued them: log in to {pds} (or point the writer at \
+         {session_pds})"
+    )]
+    SessionPdsMismatch {
+        /// The PDS named in the session (normalised to scheme, host and port).
+        session_pds: String,
+        /// The PDS the writer was built for.
+        pds: String,
+    },
+
+    /// The PDS answered with a redirect to another host (scheme, host or port). The writer
+    /// does not follow it: tokens and passwords go only to the PDS itself.
+    #[error(
+        "the PDS at {from} redirected to another host ({to}); tokens and passwords are sent \
+         only to the PDS itself: use the PDS's own URL"
+    )]
+    RedirectRefused {
+        /// Origin (scheme, host, port) of the PDS that answered with the redirect.
+        from: String,
+        /// Origin the redirect pointed to.
+        to: String,
+    },
+
     /// Reading or writing the session file failed.
     #[error("session file {}: {message}", path.display())]
     SessionFile {

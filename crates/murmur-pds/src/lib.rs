@@ -10,7 +10,9 @@
 //!
 //! Sessions persist to a 0600 file, written atomically; an expired access token is refreshed
 //! once, single-flight, across all clones and tasks. Tokens and passwords never appear in
-//! logs, `Debug` output or errors ([`Secret`]).
+//! logs, `Debug` output or errors ([`Secret`]). A stored session is resumed only for its own
+//! account on the PDS that issued it, and its tokens are sent to no other host (redirects to
+//! another host are refused, [`Error::RedirectRefused`]).
 //!
 //! ```no_run
 //! use atrium_api::types::Collection;
@@ -69,7 +71,7 @@ mod writer;
 
 pub use atrium_api::types::{BlobRef, Collection};
 pub use batch::{Batch, BatchOutcome, BatchWritten, MAX_BATCH_WRITES};
-pub use encode::{MAX_RECORD_CBOR_BYTES, MAX_REQUEST_JSON_BYTES, record_cid};
+pub use encode::{MAX_RECORD_CBOR_BYTES, MAX_REQUEST_JSON_BYTES, record_cid, record_cid_untyped};
 pub use error::{Error, Result, Swap};
 pub use ipld_core::cid::Cid;
 pub use murmur_lexicon::{Validate, ValidationError};

@@ -117,6 +117,7 @@ enum Failure {
         sent: bool,
     },
     Protocol(String),
+    Redirect(CrossHostRedirect),
 }
 
 fn classify<E: Serialize + fmt::Debug + fmt::Display>(err: atrium_api::xrpc::Error<E>) -> Failure {
@@ -152,6 +153,9 @@ fn classify<E: Serialize + fmt::Debug + fmt::Display>(err: atrium_api::xrpc::Err
             }
         }
         X::HttpClient(e) => {
+            if let Some(refused) = find_source::<CrossHostRedirect>(e.as_ref()) {
+                return Failure::Redirect(refused.clone());
+            }
             let sent = match e.downcast_ref::<reqwest::Error>() {
                 Some(re) => !re.is_connect(),
                 None => true,
@@ -163,6 +167,106 @@ fn classify<E: Serialize + fmt::Debug + fmt::Display>(err: atrium_api::xrpc::Err
         }
         other => Failure::Protocol(other.to_string()),
     }
+}
+
+/// The first error of type `T` in `e`'s source chain, `e` included.
+fn find_source<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut current = Some(e);
+    while let Some(err) = current {
+        if let Some(found) = err.downcast_ref::<T>() {
+            return Some(found);
+        }
+        current = err.source();
+    }
+    None
+}
+
+/// A PDS URL reduced to what names the server: scheme and host (lowercase), port (the
+/// scheme's default filled in) and path without trailing slashes. Two URLs with the same
+/// `PdsUrl` reach the same PDS, so a session may be used with either.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct PdsUrl {
+    scheme: String,
+    host: String,
+    port: Option<u16>,
+    path: String,
+}
+
+impl PdsUrl {
+    /// `None` unless `url` is an absolute `http://` or `https://` URL with a host.
+    pub(crate) fn parse(url: &str) -> Option<PdsUrl> {
+        let parsed = reqwest::Url::parse(url.trim()).ok()?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return None;
+        }
+        Some(PdsUrl {
+            scheme: parsed.scheme().to_ascii_lowercase(),
+            host: parsed.host_str()?.to_ascii_lowercase(),
+            port: parsed.port_or_known_default(),
+            path: parsed.path().trim_end_matches('/').to_string(),
+        })
+    }
+}
+
+/// Whether two PDS URLs name the same server (see [`PdsUrl`]). Unparsable URLs never match.
+pub(crate) fn same_pds(a: &str, b: &str) -> bool {
+    match (PdsUrl::parse(a), PdsUrl::parse(b)) {
+        (Some(a), Some(b)) => a == b,
+        _ => false,
+    }
+}
+
+/// A URL fit for an error message: scheme, host, port and path, never a user or password.
+fn shown_url(url: &str) -> String {
+    match reqwest::Url::parse(url.trim()) {
+        Ok(mut u) => {
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            u.to_string().trim_end_matches('/').to_string()
+        }
+        Err(_) => "(not a URL)".to_string(),
+    }
+}
+
+/// Why the default HTTP client stopped at a redirect: it pointed to another origin.
+#[derive(Debug, Clone)]
+pub(crate) struct CrossHostRedirect {
+    from: String,
+    to: String,
+}
+
+impl fmt::Display for CrossHostRedirect {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "refused a redirect from {} to {}", self.from, self.to)
+    }
+}
+
+impl std::error::Error for CrossHostRedirect {}
+
+/// Redirects the default HTTP client follows: up to 10, each to the same origin (scheme,
+/// host, port) as the request. Anything else stops the call, so a bearer token or a login
+/// body is never replayed to another host.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let Some(first) = attempt.previous().first() else {
+            return attempt.follow();
+        };
+        if attempt.url().origin() != first.origin() {
+            let refused = CrossHostRedirect {
+                from: first.origin().ascii_serialization(),
+                to: attempt.url().origin().ascii_serialization(),
+            };
+            attempt.error(refused)
+        } else if attempt.previous().len() > 10 {
+            attempt.error("too many redirects")
+        } else {
+            attempt.follow()
+        }
+    })
 }
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
@@ -203,6 +307,7 @@ impl Client {
             Some(c) => c,
             None => reqwest::Client::builder()
                 .use_rustls_tls()
+                .redirect(same_origin_redirects())
                 .timeout(timeout)
                 .user_agent(concat!("murmur-pds/", env!("CARGO_PKG_VERSION")))
                 .build()
@@ -338,6 +443,9 @@ impl Client {
                     return Err(status_error(nsid, status, error, message));
                 }
                 Failure::Protocol(message) => return Err(Error::Protocol { nsid, message }),
+                Failure::Redirect(CrossHostRedirect { from, to }) => {
+                    return Err(Error::RedirectRefused { from, to });
+                }
             }
         }
     }
@@ -515,6 +623,17 @@ impl Client {
     }
 }
 
+/// Whether `session` is the account named by `identifier`: its DID, or its handle
+/// (handles are case-insensitive).
+fn is_account(session: &Session, identifier: &str) -> bool {
+    let identifier = identifier.trim();
+    if identifier.starts_with("did:") {
+        session.did == identifier
+    } else {
+        session.handle.eq_ignore_ascii_case(identifier)
+    }
+}
+
 fn status_error(nsid: &'static str, status: u16, error: String, message: String) -> Error {
     if error == "InvalidSwap" {
         let swap = if nsid == repo::apply_writes::NSID || message.starts_with("Commit") {
@@ -556,6 +675,12 @@ impl WriterBuilder {
     }
 
     /// Uses this reqwest client (its timeouts, proxy and TLS settings) for every call.
+    ///
+    /// Its redirect policy applies too. The default client follows redirects only within
+    /// the PDS's own origin and fails with [`Error::RedirectRefused`] otherwise; reqwest's
+    /// default policy drops the `Authorization` header on a redirect to another host but
+    /// replays a 307/308 request body (a login's password) there. Build the client with
+    /// `reqwest::redirect::Policy::none()` unless you need redirects.
     pub fn http_client(mut self, client: reqwest::Client) -> Self {
         self.http = Some(client);
         self
@@ -630,6 +755,9 @@ impl WriterBuilder {
 
     /// Resumes the session saved in the session file, without any network call. An expired
     /// access token is refreshed on first use.
+    ///
+    /// Fails with [`Error::SessionPdsMismatch`] if the session was issued by another PDS
+    /// than this builder's: a session's tokens only ever go to the host that issued them.
     pub fn resume(self) -> Result<Writer> {
         let path = self.session_file.clone().ok_or(Error::InvalidArgument {
             what: "session file",
@@ -639,17 +767,43 @@ impl WriterBuilder {
         self.with_session(session)
     }
 
-    /// Resumes from the session file if it exists, else logs in (and creates the file).
+    /// Resumes the session in the session file if it is this account's (`identifier` is its
+    /// DID, or its handle in any letter case) on this builder's PDS; otherwise logs in and
+    /// writes the new session over the file. A stored session never stands in for another
+    /// account, and its tokens are never sent to another PDS.
     pub async fn resume_or_login(self, identifier: &str, password: &str) -> Result<Writer> {
-        match &self.session_file {
-            Some(path) if path.exists() => self.resume(),
-            _ => self.login(identifier, password).await,
+        if let Some(path) = &self.session_file
+            && path.exists()
+        {
+            let session = Session::load(path)?;
+            let same_account = is_account(&session, identifier);
+            let same_host = same_pds(&session.pds, &self.pds);
+            if same_account && same_host {
+                return self.with_session(session);
+            }
+            tracing::info!(
+                file = %path.display(),
+                same_account,
+                same_host,
+                "the stored session is for another account or PDS; logging in anew"
+            );
         }
+        self.login(identifier, password).await
     }
 
     /// Uses an existing session (from elsewhere, e.g. an account created by a test network).
+    ///
+    /// Fails with [`Error::SessionPdsMismatch`], sending nothing, if `session.pds` is not
+    /// this builder's PDS (compared by scheme, host, port and path, ignoring letter case,
+    /// default ports and trailing slashes).
     pub fn with_session(self, session: Session) -> Result<Writer> {
         let client = self.client()?;
+        if !same_pds(&session.pds, client.base()) {
+            return Err(Error::SessionPdsMismatch {
+                session_pds: shown_url(&session.pds),
+                pds: shown_url(client.base()),
+            });
+        }
         Writer::assemble(client, session, self.session_file)
     }
 }
@@ -1164,4 +1318,56 @@ pub(crate) fn record_key(s: &str) -> Result<RecordKey> {
         what: "record key",
         message: format!("{s:?}: {e}"),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pds_urls_match_up_to_case_default_port_and_trailing_slash() {
+        for (a, b) in [
+            ("http://localhost:2583", "http://localhost:2583/"),
+            ("HTTP://LocalHost:2583", "http://localhost:2583"),
+            ("https://pds.example", "https://pds.example:443/"),
+            ("http://pds.example", "http://pds.example:80"),
+            ("https://pds.example/base/", "https://pds.example/base"),
+        ] {
+            assert!(same_pds(a, b), "{a} = {b}");
+        }
+        for (a, b) in [
+            ("http://localhost:2583", "http://localhost:2584"),
+            ("http://localhost:2583", "https://localhost:2583"),
+            ("http://localhost:2583", "http://127.0.0.1:2583"),
+            ("https://pds.example", "https://pds.example.evil"),
+            ("https://pds.example/a", "https://pds.example/b"),
+            ("not a url", "not a url"),
+            ("ftp://pds.example", "ftp://pds.example"),
+        ] {
+            assert!(!same_pds(a, b), "{a} != {b}");
+        }
+    }
+
+    #[test]
+    fn shown_urls_carry_no_credentials() {
+        let shown = shown_url("https://user:hunter2@pds.example/x?token=abc");
+        assert_eq!(shown, "https://pds.example/x");
+    }
+
+    #[test]
+    fn a_session_is_the_account_named_by_its_did_or_any_case_of_its_handle() {
+        let session = Session {
+            did: "did:plc:alice".into(),
+            handle: "alice.test".into(),
+            pds: "http://localhost:1".into(),
+            access_jwt: Secret::new("a"),
+            refresh_jwt: Secret::new("r"),
+        };
+        assert!(is_account(&session, "alice.test"));
+        assert!(is_account(&session, "Alice.TEST"));
+        assert!(is_account(&session, "did:plc:alice"));
+        assert!(!is_account(&session, "bob.test"));
+        assert!(!is_account(&session, "did:plc:bob"));
+        assert!(!is_account(&session, "alice.test.evil"));
+    }
 }

@@ -156,8 +156,12 @@ async fn invalid_record_is_refused_before_any_http_call() {
     assert_eq!(w.http_requests(), before, "no request was sent");
 
     // The same with nothing listening: the error is the validation, not the connection.
+    // (A session names its PDS, and a writer refuses a session of another host.)
     let closed = Writer::builder("http://127.0.0.1:9")
-        .with_session(w.session())
+        .with_session(Session {
+            pds: "http://127.0.0.1:9".into(),
+            ..w.session()
+        })
         .unwrap();
     let err = closed.create::<Notes>(&bad).await.unwrap_err();
     assert!(matches!(err, Error::InvalidRecord { .. }), "{err:?}");

@@ -1,6 +1,8 @@
 //! Test fixtures: a record type with a small lexicon of its own, and token helpers.
 #![allow(dead_code)]
 
+pub mod recorder;
+
 use murmur_pds::{BlobRef, Collection, Validate, ValidationError};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
