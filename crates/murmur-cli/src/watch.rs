@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
 use murmur_firehose::{
-    Action, BoxFuture, CallError, Handler, OpEvent, Route, Watcher, WatcherBuilder,
+    Action, BoxFuture, CallError, Handler, OpEvent, Rejection, Route, Watcher, WatcherBuilder,
 };
-use murmur_sync::VerifyLevel;
+use murmur_sync::{DEFAULT_PLC_URL, VerifyLevel};
 
 /// Arguments of `murmur watch`.
 #[derive(Args, Debug)]
@@ -34,7 +34,8 @@ pub struct WatchArgs {
     /// Start from this seq when no cursor is stored (0 = the start of the replay window).
     #[arg(long, value_name = "SEQ")]
     cursor: Option<i64>,
-    /// The PLC directory for did:plc resolution (default: the public one).
+    /// The PLC directory for did:plc resolution (default: the public one; a local network
+    /// needs its own, e.g. the URL `murmur devnet up` prints).
     #[arg(long, value_name = "URL")]
     plc: Option<String>,
     /// How much of each commit to verify.
@@ -101,10 +102,14 @@ fn builder(args: &WatchArgs) -> WatcherBuilder {
 }
 
 async fn watch(args: WatchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let default_plc = args.plc.is_none();
     let watcher = builder(&args)
         .tail(Printer { json: args.json })
         .on_gap(|gap| eprintln!("gap on {}: {:?} ({})", gap.source, gap.kind, gap.detail))
-        .on_rejected(|op, why| eprintln!("rejected {}: {why}", op.uri()))
+        .on_rejected(move |op, why| {
+            let hint = plc_hint(default_plc, &op.data().did, why).unwrap_or_default();
+            eprintln!("rejected {}: {why}{hint}", op.uri());
+        })
         .build()?;
     let stop = watcher.shutdown_handle();
     tokio::spawn(async move {
@@ -113,6 +118,26 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> 
     });
     watcher.run().await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What to add to a rejection when a did:plc did not resolve against the public PLC: the
+/// repos of a local network are only known to its own PLC, so without `--plc` every one of
+/// their ops is rejected.
+fn plc_hint(default_plc: bool, did: &str, why: &Rejection) -> Option<String> {
+    match why {
+        // The reason is murmur_sync's `SyncError::Resolve` message: "cannot resolve {did}: ...".
+        Rejection::Verification(reason)
+            if default_plc
+                && did.starts_with("did:plc:")
+                && reason.starts_with(&format!("cannot resolve {did}")) =>
+        {
+            Some(format!(
+                " (hint: {did} was looked up in the public PLC directory {DEFAULT_PLC_URL}; \
+                 for a local network pass its PLC with --plc URL)"
+            ))
+        }
+        _ => None,
+    }
 }
 
 /// Prints every op that passes the filters.
@@ -166,5 +191,38 @@ impl Handler for Printer {
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
         Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DID: &str = "did:plc:ewvi7nxzyoun6zhxrhs64oiz";
+
+    fn unresolved(did: &str) -> Rejection {
+        Rejection::Verification(format!(
+            "cannot resolve {did}: GET {DEFAULT_PLC_URL}/{did}: HTTP 404 Not Found"
+        ))
+    }
+
+    #[test]
+    fn an_unresolved_did_plc_with_the_public_plc_suggests_plc() {
+        let hint = plc_hint(true, DID, &unresolved(DID)).expect("a hint");
+        assert!(hint.contains("--plc URL"), "{hint}");
+        assert!(hint.contains(DEFAULT_PLC_URL), "{hint}");
+    }
+
+    #[test]
+    fn no_hint_with_an_explicit_plc_other_dids_or_other_failures() {
+        assert_eq!(plc_hint(false, DID, &unresolved(DID)), None);
+        let web = "did:web:example.com";
+        assert_eq!(plc_hint(true, web, &unresolved(web)), None);
+        let bad_sig = Rejection::Verification(format!("commit x of {DID} has a bad signature: no"));
+        assert_eq!(plc_hint(true, DID, &bad_sig), None);
+        let lexicon = Rejection::MissingRecord {
+            path: "agent.comms.message/1".into(),
+        };
+        assert_eq!(plc_hint(true, DID, &lexicon), None);
     }
 }
