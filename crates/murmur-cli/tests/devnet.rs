@@ -61,8 +61,11 @@ fn devnet_up_reports_a_node_process_that_dies() {
         "no `{expected}: ... SIGKILL` on stderr:\n{}",
         stderr.dump()
     );
+    let points_at_log = stderr.wait_until(Duration::from_secs(10), |lines| {
+        lines.iter().any(|l| l.contains("pds1.log"))
+    });
     assert!(
-        stderr.seen.iter().any(|l| l.contains("pds1.log")),
+        points_at_log,
         "the report points at its log:\n{}",
         stderr.dump()
     );
