@@ -1,6 +1,7 @@
 //! `murmur devnet`: the local network in the foreground.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Subcommand;
 use murmur_devnet::{Devnet, DevnetConfig};
@@ -32,7 +33,13 @@ fn up(pds: usize, json: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
     })?;
     let pds_urls: Vec<&str> = net.pds_hosts().iter().map(|h| h.url()).collect();
     if json {
-        let out = serde_json::json!({ "plc": net.plc_url(), "pds": pds_urls });
+        let pds_pids: Vec<Option<u32>> = net.pds_hosts().iter().map(|h| h.pid()).collect();
+        let out = serde_json::json!({
+            "plc": net.plc_url(),
+            "pds": pds_urls,
+            "pids": { "plc": net.plc_pid(), "pds": pds_pids },
+            "run_dir": net.run_dir(),
+        });
         println!("{out}");
     } else {
         println!("PLC  {}", net.plc_url());
@@ -45,10 +52,34 @@ fn up(pds: usize, json: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    runtime.block_on(shutdown_signal())?;
+    runtime.block_on(async {
+        let shutdown = shutdown_signal();
+        tokio::pin!(shutdown);
+        let mut check = tokio::time::interval(EXIT_CHECK);
+        loop {
+            tokio::select! {
+                r = &mut shutdown => return r,
+                _ = check.tick() => report_exits(&net),
+            }
+        }
+    })?;
     eprintln!("stopping the local network");
     drop(net);
     Ok(ExitCode::SUCCESS)
+}
+
+/// How often the node processes are checked for an unexpected exit.
+const EXIT_CHECK: Duration = Duration::from_millis(500);
+
+/// Says on stderr which node process died, how, and what it logged last.
+fn report_exits(net: &Devnet) {
+    for exit in net.check_exits() {
+        eprintln!("error: {exit}");
+        eprintln!(
+            "{} is down; the rest of the local network keeps running (Ctrl-C stops it)",
+            exit.service
+        );
+    }
 }
 
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM.

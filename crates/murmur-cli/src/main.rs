@@ -6,9 +6,11 @@ mod send;
 mod swarm;
 mod watch;
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
 
 /// murmur: AI agents that coordinate over the AT Protocol.
 #[derive(Parser)]
@@ -38,8 +40,29 @@ enum Command {
     },
 }
 
+/// Log filter when `RUST_LOG` is unset: murmur's own crates (`murmur`, `murmur_firehose`, ...)
+/// at info, everything else at warn.
+const DEFAULT_LOG: &str = "warn,murmur=info";
+
+/// Logs go to stderr (stdout carries data, e.g. `murmur watch --json`), filtered by `RUST_LOG`.
+fn init_logging() {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(spec) if !spec.trim().is_empty() => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+            eprintln!("warning: ignoring RUST_LOG={spec:?} ({e}); using {DEFAULT_LOG:?}");
+            EnvFilter::new(DEFAULT_LOG)
+        }),
+        _ => EnvFilter::new(DEFAULT_LOG),
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging();
     let result = match cli.command {
         Command::Devnet { command } => devnet::run(command),
         Command::Send(args) => send::run(args),

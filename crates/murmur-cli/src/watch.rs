@@ -3,12 +3,15 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::{Args, ValueEnum};
 use murmur_firehose::{
-    Action, BoxFuture, CallError, Handler, OpEvent, Route, Watcher, WatcherBuilder,
+    Action, BoxFuture, CallError, Handler, OpEvent, Rejection, Route, WatchError, Watcher,
+    WatcherBuilder,
 };
-use murmur_sync::VerifyLevel;
+use murmur_sync::{DEFAULT_PLC_URL, SyncError, VerifyLevel};
 
 /// Arguments of `murmur watch`.
 #[derive(Args, Debug)]
@@ -34,7 +37,8 @@ pub struct WatchArgs {
     /// Start from this seq when no cursor is stored (0 = the start of the replay window).
     #[arg(long, value_name = "SEQ")]
     cursor: Option<i64>,
-    /// The PLC directory for did:plc resolution (default: the public one).
+    /// The PLC directory for did:plc resolution (default: the public one; a local network
+    /// needs its own, e.g. the URL `murmur devnet up` prints).
     #[arg(long, value_name = "URL")]
     plc: Option<String>,
     /// How much of each commit to verify.
@@ -101,10 +105,27 @@ fn builder(args: &WatchArgs) -> WatcherBuilder {
 }
 
 async fn watch(args: WatchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let default_plc = args.plc.is_none();
+    let hinted = Arc::new(AtomicBool::new(false));
     let watcher = builder(&args)
         .tail(Printer { json: args.json })
         .on_gap(|gap| eprintln!("gap on {}: {:?} ({})", gap.source, gap.kind, gap.detail))
-        .on_rejected(|op, why| eprintln!("rejected {}: {why}", op.uri()))
+        .on_rejected(move |what, why| {
+            let hint = match why {
+                Rejection::Verification(cause) => plc_hint(default_plc, what.did(), cause),
+                _ => None,
+            };
+            eprintln!("rejected {}: {why}{}", what.uri(), hint.unwrap_or_default());
+        })
+        .on_error(move |e| {
+            // The library logs the error itself; the CLI adds what to do about it, once.
+            if let WatchError::VerificationStalled { did, error, .. } = e
+                && let Some(hint) = plc_hint(default_plc, did, error)
+                && !hinted.swap(true, Ordering::Relaxed)
+            {
+                eprintln!("waiting to verify {did}:{hint}");
+            }
+        })
         .build()?;
     let stop = watcher.shutdown_handle();
     tokio::spawn(async move {
@@ -113,6 +134,23 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> 
     });
     watcher.run().await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// What to add when a did:plc could not be resolved against the public PLC directory (not
+/// found there, or the directory unreachable): the repos of a local network are only known
+/// to its own PLC, so without `--plc` none of their ops can be verified.
+fn plc_hint(default_plc: bool, did: &str, cause: &SyncError) -> Option<String> {
+    let unresolved = match cause {
+        SyncError::Resolve { did: d, .. } => d == did,
+        SyncError::Unavailable { did: d, url, .. } => d == did && url.starts_with(DEFAULT_PLC_URL),
+        _ => false,
+    };
+    (default_plc && did.starts_with("did:plc:") && unresolved).then(|| {
+        format!(
+            " (hint: {did} was looked up in the public PLC directory {DEFAULT_PLC_URL}; \
+             for a local network pass its PLC with --plc URL)"
+        )
+    })
 }
 
 /// Prints every op that passes the filters.
@@ -166,5 +204,51 @@ impl Handler for Printer {
         let _ = writeln!(out, "{line}");
         let _ = out.flush();
         Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DID: &str = "did:plc:ewvi7nxzyoun6zhxrhs64oiz";
+
+    fn unresolved(did: &str) -> SyncError {
+        SyncError::Resolve {
+            did: did.into(),
+            reason: format!("GET {DEFAULT_PLC_URL}/{did}: HTTP 404 Not Found"),
+        }
+    }
+
+    fn unreachable(did: &str, url: &str) -> SyncError {
+        SyncError::Unavailable {
+            did: did.into(),
+            url: format!("{url}/{did}"),
+            reason: "connection failed".into(),
+        }
+    }
+
+    #[test]
+    fn an_unresolved_did_plc_with_the_public_plc_suggests_plc() {
+        for cause in [unresolved(DID), unreachable(DID, DEFAULT_PLC_URL)] {
+            let hint = plc_hint(true, DID, &cause).expect("a hint");
+            assert!(hint.contains("--plc URL"), "{hint}");
+            assert!(hint.contains(DEFAULT_PLC_URL), "{hint}");
+        }
+    }
+
+    #[test]
+    fn no_hint_with_an_explicit_plc_other_dids_or_other_failures() {
+        assert_eq!(plc_hint(false, DID, &unresolved(DID)), None);
+        let web = "did:web:example.com";
+        assert_eq!(plc_hint(true, web, &unresolved(web)), None);
+        let bad_sig = SyncError::BadSignature {
+            did: DID.into(),
+            commit: "x".into(),
+            reason: "does not verify",
+        };
+        assert_eq!(plc_hint(true, DID, &bad_sig), None);
+        let local = unreachable(DID, "http://localhost:2582");
+        assert_eq!(plc_hint(true, DID, &local), None);
     }
 }

@@ -113,3 +113,73 @@ async fn tails_verified_ops_as_json_and_resumes_from_its_state() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+#[tokio::test]
+async fn without_plc_a_local_network_gets_a_hint_to_pass_plc() {
+    let net = tokio::task::spawn_blocking(|| Devnet::shared().map_err(|e| e.to_string()))
+        .await
+        .unwrap()
+        .unwrap();
+    let bob = net
+        .create_account(0, &net.unique_handle("noplc"), "pw-2")
+        .await
+        .unwrap();
+    // No --plc: bob's did:plc is looked up in the public directory, which does not know it
+    // (or cannot be reached from here).
+    let mut child = Command::new(env!("CARGO_BIN_EXE_murmur"))
+        .args([
+            "watch",
+            "--pds",
+            net.pds(0).unwrap().url(),
+            "--did",
+            &bob.did,
+        ])
+        .args(["--collection", "agent.comms.*", "--cursor", "0"])
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let uri = create(&bob, "agent.comms.message", "unverifiable").await;
+
+    // Where the public directory answers, it does not know bob: the op is rejected. Where it
+    // cannot be reached (as on a machine without internet), that is an outage, not a
+    // rejection: the watcher waits to verify and says so. Either way the hint is given.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut seen = Vec::new();
+    let rejection = loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.starts_with(&format!("rejected {uri}: ")) => break line,
+            Ok(line) if line.starts_with(&format!("waiting to verify {}:", bob.did)) => {
+                break line;
+            }
+            Ok(line) => seen.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                panic!(
+                    "no rejection of {uri} or wait on stderr:\n{}",
+                    seen.join("\n")
+                )
+            }
+        }
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(
+        rejection.contains(&format!("cannot resolve {}", bob.did))
+            || rejection.starts_with("waiting to verify"),
+        "{rejection}"
+    );
+    assert!(rejection.contains("--plc URL"), "{rejection}");
+    assert!(rejection.contains("https://plc.directory"), "{rejection}");
+}

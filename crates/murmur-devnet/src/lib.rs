@@ -29,6 +29,7 @@ use std::time::Duration;
 
 pub use account::Account;
 pub use provision::{NodeInstall, cache_root, provision};
+pub use service::ServiceExit;
 use service::{Service, ServiceSpec, free_port};
 
 /// Everything that can go wrong while provisioning or running the local network.
@@ -108,7 +109,7 @@ impl Default for DevnetConfig {
 /// A running local network: one PLC directory and N PDS hosts sharing it.
 #[derive(Debug)]
 pub struct Devnet {
-    plc: Service,
+    plc: Mutex<Service>,
     plc_url: String,
     pds: Vec<PdsHost>,
     next_handle: AtomicU64,
@@ -157,7 +158,7 @@ impl Devnet {
             }
         };
         Ok(Devnet {
-            plc,
+            plc: Mutex::new(plc),
             plc_url,
             pds,
             next_handle: AtomicU64::new(0),
@@ -192,7 +193,22 @@ impl Devnet {
     /// The operating-system id of the PLC directory's process, for fault tests (e.g. `kill
     /// -STOP` to make the directory hang, `kill -CONT` to let it go on).
     pub fn plc_pid(&self) -> u32 {
-        self.plc.pid()
+        lock(&self.plc).pid()
+    }
+
+    /// The services whose processes exited since the last call without being stopped through
+    /// this API (a crash, a kill from outside). Each exit is reported once; an exited PDS
+    /// counts as stopped, so [`PdsHost::start`] can start it again. Does not block.
+    pub fn check_exits(&self) -> Vec<ServiceExit> {
+        let mut exits: Vec<ServiceExit> = lock(&self.plc).check_exit().into_iter().collect();
+        for host in &self.pds {
+            let mut process = host.lock();
+            if let Some(exit) = process.as_mut().and_then(Service::check_exit) {
+                *process = None;
+                exits.push(exit);
+            }
+        }
+        exits
     }
 
     /// The PDS hosts, in index order.
@@ -242,7 +258,7 @@ impl Drop for Devnet {
         for host in &self.pds {
             host.stop();
         }
-        self.plc.stop();
+        lock(&self.plc).stop();
     }
 }
 
@@ -267,9 +283,15 @@ impl PdsHost {
         &self.data_dir
     }
 
-    /// Whether its process is running.
+    /// Whether its process is running (as far as this API knows: a process that died on its
+    /// own counts as running until [`Devnet::check_exits`] reports it).
     pub fn is_running(&self) -> bool {
         self.lock().is_some()
+    }
+
+    /// Its process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.lock().as_ref().map(Service::pid)
     }
 
     /// Stops the PDS process (it closes its databases and exits). Idempotent. Blocks.
@@ -290,7 +312,7 @@ impl PdsHost {
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Service>> {
-        self.process.lock().unwrap_or_else(|e| e.into_inner())
+        lock(&self.process)
     }
 
     fn spec(&self, port: u16) -> ServiceSpec<'_> {
@@ -362,6 +384,10 @@ fn start_services(
         (Ok(plc), None) => Ok((plc, plc_url, hosts)),
         (Err(e), _) | (Ok(_), Some(e)) => Err(e),
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 fn is_early_exit(e: &DevnetError) -> bool {

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -23,13 +23,51 @@ pub(crate) struct Service {
     /// without running destructors) the launcher shuts the service down.
     stdin: Option<ChildStdin>,
     log: PathBuf,
+    /// Where this run's output starts in the (appended-to) log.
+    log_start: u64,
+    /// Set once an exit we did not ask for was reported, so it is reported once.
+    exit_reported: bool,
+}
+
+/// A node process of the network that exited without being asked to stop.
+#[derive(Debug, Clone)]
+pub struct ServiceExit {
+    /// Which service, e.g. `plc` or `pds 1`.
+    pub service: String,
+    /// Its process id.
+    pub pid: u32,
+    /// How it ended (exit code or signal).
+    pub status: ExitStatus,
+    /// Its log file (its stderr).
+    pub log: PathBuf,
+    /// The last lines of its log from this run.
+    pub log_tail: String,
+}
+
+impl std::fmt::Display for ServiceExit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} (pid {}) exited unexpectedly: {}",
+            self.service, self.pid, self.status
+        )?;
+        if self.log_tail.is_empty() {
+            write!(f, "\n(its log {} is empty)", self.log.display())
+        } else {
+            write!(
+                f,
+                "\n--- last lines of its log {} ---\n{}",
+                self.log.display(),
+                self.log_tail
+            )
+        }
+    }
 }
 
 /// A service whose process runs but has not yet said it listens.
 pub(crate) struct Starting {
     service: Service,
     ready: mpsc::Receiver<Option<std::io::Result<String>>>,
-    log_start: u64,
     timeout: Duration,
 }
 
@@ -45,11 +83,6 @@ pub(crate) struct ServiceSpec<'a> {
 }
 
 impl Service {
-    /// The operating-system id of its process.
-    pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
     /// Starts the service and waits until it reports that it listens.
     pub(crate) fn start(spec: ServiceSpec<'_>) -> Result<Service, DevnetError> {
         Service::spawn(spec)?.wait_ready()
@@ -87,6 +120,8 @@ impl Service {
             child,
             stdin,
             log: spec.log,
+            log_start,
+            exit_reported: false,
         };
 
         // The ready line arrives on stdout; read it on a thread so we can time out.
@@ -101,18 +136,40 @@ impl Service {
         Ok(Starting {
             service,
             ready: rx,
-            log_start,
             timeout: spec.startup_timeout,
         })
     }
 
-    fn failure(&mut self, what: &str, log_start: u64) -> DevnetError {
+    fn failure(&mut self, what: &str) -> DevnetError {
         self.stop();
         DevnetError::Start {
             service: self.name.clone(),
             reason: what.to_string(),
-            log_tail: log_tail(&self.log, log_start),
+            log_tail: log_tail(&self.log, self.log_start),
         }
+    }
+
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process has exited on its own: reported once, with its status and the end
+    /// of its log. Does not block.
+    pub(crate) fn check_exit(&mut self) -> Option<ServiceExit> {
+        if self.exit_reported || self.stdin.is_none() {
+            // Already reported, or being stopped on purpose.
+            return None;
+        }
+        let status = self.child.try_wait().ok().flatten()?;
+        self.exit_reported = true;
+        Some(ServiceExit {
+            service: self.name.clone(),
+            pid: self.pid(),
+            status,
+            log: self.log.clone(),
+            log_tail: log_tail(&self.log, self.log_start),
+        })
     }
 
     /// Stops the service: close stdin (the launcher closes its server and exits), wait, then kill.
@@ -135,13 +192,12 @@ impl Starting {
     pub(crate) fn wait_ready(mut self) -> Result<Service, DevnetError> {
         match self.ready.recv_timeout(self.timeout) {
             Ok(Some(Ok(line))) if line.contains("\"ready\":true") => Ok(self.service),
-            Ok(_) | Err(mpsc::RecvTimeoutError::Disconnected) => Err(self
+            Ok(_) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                Err(self.service.failure("exited before it was ready"))
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => Err(self
                 .service
-                .failure("exited before it was ready", self.log_start)),
-            Err(mpsc::RecvTimeoutError::Timeout) => Err(self.service.failure(
-                &format!("not ready after {:?}", self.timeout),
-                self.log_start,
-            )),
+                .failure(&format!("not ready after {:?}", self.timeout))),
         }
     }
 }
@@ -162,12 +218,21 @@ fn start_error(service: &str, reason: String) -> DevnetError {
 
 /// The last lines the service wrote to its log since `from`.
 fn log_tail(path: &Path, from: u64) -> String {
-    let mut text = String::new();
+    const WINDOW: u64 = 64 << 10;
+    let mut bytes = Vec::new();
+    let mut start = from;
     if let Ok(mut f) = File::open(path) {
-        let _ = f.seek(SeekFrom::Start(from));
-        let _ = f.take(1 << 20).read_to_string(&mut text);
+        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+        start = from.max(len.saturating_sub(WINDOW));
+        let _ = f.seek(SeekFrom::Start(start));
+        let _ = f.take(WINDOW).read_to_end(&mut bytes);
     }
-    let lines: Vec<&str> = text.lines().collect();
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if start > from && !lines.is_empty() {
+        // The window starts mid-line.
+        lines.remove(0);
+    }
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 

@@ -221,7 +221,7 @@ impl Pipeline {
     /// Logs, counts and hands a [`WatchError`] to the application's hook.
     pub(crate) fn report(&self, error: WatchError) {
         Metrics::inc(&self.metrics.errors);
-        warn!(source = error.source_url(), "{error}");
+        log_watch_error(&error);
         if let Some(hook) = &self.on_error
             && std::panic::catch_unwind(AssertUnwindSafe(|| hook(&error))).is_err()
         {
@@ -481,5 +481,47 @@ impl WaitingVerification {
 impl Drop for WaitingVerification {
     fn drop(&mut self) {
         self.0.verifications_waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One log line per [`WatchError`], under the watcher's target, with a stable message and the
+/// details as fields (`RUST_LOG=murmur_firehose::watcher=warn` shows them all).
+fn log_watch_error(error: &WatchError) {
+    const TARGET: &str = "murmur_firehose::watcher";
+    match error {
+        WatchError::Connect { source, error } => {
+            warn!(target: TARGET, source, error = %error, "connect failed")
+        }
+        WatchError::Disconnected { source, error } => {
+            warn!(target: TARGET, source, reason = %error, "disconnected")
+        }
+        WatchError::ErrorFrame {
+            source,
+            error,
+            repeated,
+        } => {
+            warn!(target: TARGET, source, error = %error, repeated, "the server sent an error frame")
+        }
+        WatchError::UndecodableFrame { source, error } => {
+            warn!(target: TARGET, source, error = %error, "undecodable frame skipped")
+        }
+        WatchError::InvalidSeq {
+            source,
+            seq,
+            previous,
+            reason,
+        } => {
+            warn!(target: TARGET, source, seq, ?previous, reason = %reason, "frame with an impossible seq skipped")
+        }
+        WatchError::VerificationStalled {
+            source,
+            did,
+            seq,
+            attempt,
+            retry_in,
+            error,
+        } => {
+            warn!(target: TARGET, source, did, seq, attempt, ?retry_in, error = %error, "verification waits for an unreachable host; the event is kept")
+        }
     }
 }
