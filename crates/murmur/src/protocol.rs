@@ -36,8 +36,8 @@ pub(crate) struct Answer {
 pub(crate) enum Phase {
     /// Waiting for a claim the policy accepts.
     Open,
-    /// An assignment write is in flight.
-    Assigning,
+    /// The assignment of this claim is being written.
+    Assigning { claim: String },
     /// Assigned; the lease runs until `deadline`.
     Assigned {
         worker: String,
@@ -275,7 +275,9 @@ impl TaskState {
             Input::Chosen(chosen) => self.chosen(chosen, now),
             Input::AssignmentWritten { worker, cid } => {
                 self.hold(&worker);
-                if matches!(self.phase, Phase::Assigning) {
+                if let Phase::Assigning { claim } = &self.phase {
+                    // Whoever won the key, this claim had its attempt.
+                    self.spent.push(claim.clone());
                     self.phase = Phase::Assigned {
                         worker: worker.clone(),
                         assignment_cid: cid,
@@ -289,7 +291,7 @@ impl TaskState {
                 }]
             }
             Input::AssignmentFailed(err) => {
-                if matches!(self.phase, Phase::Assigning) {
+                if matches!(self.phase, Phase::Assigning { .. }) {
                     self.phase = Phase::Open;
                     self.attempt -= 1;
                 }
@@ -416,11 +418,12 @@ impl TaskState {
         if !matches!(self.phase, Phase::Open) {
             return vec![];
         }
-        self.phase = Phase::Assigning;
+        self.phase = Phase::Assigning {
+            claim: offer.claim.uri.clone(),
+        };
         self.attempt += 1;
         let first_claim = self.claimed_at.is_none();
         self.claimed_at = Some(now);
-        self.spent.push(offer.claim.uri.clone());
         vec![Action::WriteAssignment {
             offer,
             attempt: self.attempt,

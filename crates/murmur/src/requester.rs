@@ -241,7 +241,7 @@ impl Requester {
             Some((Phase::Open, 0, 0)) => "open, nobody claimed it".into(),
             Some((Phase::Open, 0, n)) => format!("open, {n} claim(s) not chosen yet"),
             Some((Phase::Open, n, _)) => format!("open again after {n} attempt(s), no claim since"),
-            Some((Phase::Assigning, n, _)) => format!("being assigned (attempt {n})"),
+            Some((Phase::Assigning { .. }, n, _)) => format!("being assigned (attempt {n})"),
             Some((Phase::Assigned { worker, .. }, n, _)) => {
                 format!("assigned to {worker} (attempt {n}), no result yet")
             }

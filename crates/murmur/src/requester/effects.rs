@@ -323,12 +323,15 @@ impl Requester {
         worker: &str,
     ) -> Result<chrono::DateTime<chrono::Utc>, murmur_pds::Error> {
         let uri = format!("at://{}/{}/{rkey}", self.did, Assignment::NSID);
-        let at = chrono::Utc::now();
+        let created_at = crate::now();
+        // As a restarted requester reads it back: claims are compared with this.
+        let at = chrono::DateTime::parse_from_rfc3339(&created_at)
+            .map_or_else(|_| chrono::Utc::now(), |t| t.with_timezone(&chrono::Utc));
         let record = ack::RecordData {
             subject: strong_ref(&uri, assignment_cid),
             state: "rejected".into(),
             reason: Some(lapse_reason(attempt, worker)),
-            created_at: crate::datetime(at),
+            created_at,
         }
         .into_record();
         self.writer.create::<Ack>(&record).await.map(|_| at)
