@@ -56,6 +56,8 @@ pub(crate) struct Choosing {
     pub(crate) window: Duration,
 }
 
+/// The requester role of an agent: its task table, fed to the protocol state machine under
+/// one lock, and the writes and reads around it.
 pub(crate) struct Requester {
     pub(crate) did: String,
     prefix: String,
