@@ -144,8 +144,9 @@ async fn killed_worker_mid_task_lease_expires_and_every_task_finishes_once() {
         started.load(Ordering::SeqCst),
         "the doomed worker never got a task"
     );
-    // Let late duplicates, if any, arrive before counting.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // A duplicate in a worker's repo cannot go uncounted: wait until every result there
+    // has reached the requester.
+    every_result_counted(&boss, &[&w_fast, &w_slow, &w_doomed], 0).await;
     let stats = boss.task_stats();
     eprintln!("{stats:?}");
     assert_eq!(outputs.len(), 12);
@@ -224,13 +225,8 @@ async fn two_workers_racing_for_one_task_get_exactly_one_assignment() {
     let task_uri = handle.uri.clone();
     let rkey = handle.rkey.clone();
     let result = handle.await_result(Duration::from_secs(30)).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
 
-    // Both claimed; exactly one assignment exists, naming one of them; that one answered.
-    let claims_a = wa.list::<Claim>(100, None, false).await.unwrap().records;
-    let claims_b = wb.list::<Claim>(100, None, false).await.unwrap().records;
-    assert_eq!(claims_a.len(), 1, "worker a claimed");
-    assert_eq!(claims_b.len(), 1, "worker b claimed");
+    // Exactly one assignment exists, naming one of them; that one answered.
     let assignments = boss
         .list::<Assignment>(100, None, false)
         .await
@@ -246,6 +242,43 @@ async fn two_workers_racing_for_one_task_get_exactly_one_assignment() {
         events_b = events_a;
         (&a, &wa, events_b)
     };
+    // The loser claimed too, then saw the assignment and stood down without starting.
+    let (mut claimed, mut stood_down) = (false, false);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !(claimed && stood_down) {
+        let ev = tokio::time::timeout_at(deadline, loser_events.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "the loser {}: claimed {claimed}, stood down {stood_down}",
+                    loser.did()
+                )
+            })
+            .unwrap();
+        assert!(
+            !matches!(ev, TaskEvent::Started { .. }),
+            "the loser started: {ev:?}"
+        );
+        claimed |= ev
+            == TaskEvent::ClaimSent {
+                task: task_uri.clone(),
+            };
+        stood_down |= ev
+            == TaskEvent::StoodDown {
+                task: task_uri.clone(),
+                winner: winner.clone(),
+            };
+    }
+    while let Ok(ev) = loser_events.try_recv() {
+        assert!(
+            !matches!(ev, TaskEvent::Started { .. }),
+            "the loser started: {ev:?}"
+        );
+    }
+    let claims_a = wa.list::<Claim>(100, None, false).await.unwrap().records;
+    let claims_b = wb.list::<Claim>(100, None, false).await.unwrap().records;
+    assert_eq!(claims_a.len(), 1, "worker a claimed");
+    assert_eq!(claims_b.len(), 1, "worker b claimed");
     assert!(
         loser_writer
             .list::<ResultC>(100, None, false)
@@ -255,22 +288,6 @@ async fn two_workers_racing_for_one_task_get_exactly_one_assignment() {
             .is_empty(),
         "the loser wrote no result"
     );
-    let mut stood_down = false;
-    while let Ok(ev) = loser_events.try_recv() {
-        if ev
-            == (TaskEvent::StoodDown {
-                task: task_uri.clone(),
-                winner: winner.clone(),
-            })
-        {
-            stood_down = true;
-        }
-        assert!(
-            !matches!(ev, TaskEvent::Started { .. }),
-            "the loser started: {ev:?}"
-        );
-    }
-    assert!(stood_down, "the loser {} stood down", loser.did());
     assert_eq!(boss_agent.task_stats().assignments, 1);
     for x in [&a, &b, &boss_agent] {
         x.shutdown().await;
@@ -325,12 +342,12 @@ async fn max_attempts_bounds_reassignment_then_the_request_fails_typed() {
     // Each worker hangs on the task and is killed once it has started: no result, ever.
     let mut workers = Vec::new();
     for w in [wa, wb] {
-        let started = Arc::new(AtomicBool::new(false));
+        let started = Arc::new(tokio::sync::Notify::new());
         let flag = Arc::clone(&started);
         let work = Worker::new(move |_job: Job| {
             let flag = Arc::clone(&flag);
             async move {
-                flag.store(true, Ordering::SeqCst);
+                flag.notify_one();
                 std::future::pending::<()>().await;
                 Ok(serde_json::Value::Null)
             }
@@ -343,9 +360,7 @@ async fn max_attempts_bounds_reassignment_then_the_request_fails_typed() {
             .unwrap();
         let killer = agent.clone();
         tokio::spawn(async move {
-            while !started.load(Ordering::SeqCst) {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            started.notified().await;
             killer.kill();
         });
         workers.push(agent);
@@ -564,6 +579,28 @@ fn hanging(started: &Arc<AtomicBool>) -> Worker {
     })
 }
 
+/// Waits until `requester` has counted every result in the `workers`' repos, accepted or
+/// as a duplicate (`already`: accepted by an earlier run), so a duplicate cannot be missed
+/// by counting too early.
+async fn every_result_counted(requester: &Agent, workers: &[&Writer], already: u64) {
+    let mut written = 0;
+    for w in workers {
+        written += list_all::<ResultC>(w).await.len() as u64;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats = requester.task_stats();
+        if already + stats.done + stats.duplicates >= written {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{written} results in the repos, {already} accepted before, counted: {stats:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Every record of `C` in `writer`'s repo.
 async fn list_all<C: murmur::pds::Collection>(
     writer: &Writer,
@@ -606,13 +643,13 @@ async fn restarted_requester_recovers_its_open_tasks_from_the_repos() {
         .start()
         .await
         .unwrap();
-    let _a = agent(net, w1.clone(), &dids)
+    let a = agent(net, w1.clone(), &dids)
         .requester(false)
         .worker(sleeper(300).max_concurrent(2))
         .start()
         .await
         .unwrap();
-    let _b = agent(net, w2.clone(), &dids)
+    let b = agent(net, w2.clone(), &dids)
         .requester(false)
         .worker(sleeper(700).max_concurrent(2))
         .start()
@@ -677,8 +714,23 @@ async fn restarted_requester_recovers_its_open_tasks_from_the_repos() {
         .unwrap();
     doomed.kill();
     eprintln!("requester died with {done_before} of {TASKS} tasks done");
-    // Workers carry on while no requester listens: running tasks finish, claims pile up.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // Workers carry on while no requester listens: running tasks finish (a result is
+    // written that nobody accepted yet), claims pile up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut written = 0;
+        for w in [&w1, &w2] {
+            written += list_all::<ResultC>(w).await.len() as u64;
+        }
+        if written > done_before && a.active_tasks() == 0 && b.active_tasks() == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no task finished while the requester was away ({written} results)"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // Same identity, new process: a fresh login, a live-only stream, no state directory.
     let boss_w = Writer::login(&boss_account.pds_url, &boss_account.did, "password-1")
@@ -711,7 +763,7 @@ async fn restarted_requester_recovers_its_open_tasks_from_the_repos() {
         let result = h.await_result(Duration::from_secs(60)).await.unwrap();
         assert_eq!(result.record.outcome, "success");
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    every_result_counted(&boss, &[&w1, &w2, &w_doomed], done_before).await;
     let stats = boss.task_stats();
     eprintln!("{stats:?}");
     assert_eq!(stats.duplicates, 0, "{stats:?}");

@@ -23,11 +23,11 @@ use tokio::task::JoinHandle;
 use crate::AgentError;
 use crate::lock;
 use crate::policy::{ClaimPolicy, FirstCome};
-use crate::recovery::{Candidates, Recovery};
+use crate::recovery::Candidates;
 use crate::registry::Registry;
 use crate::repos::Repos;
 use crate::requester::{Choosing, Requester};
-use crate::task::{TaskEvent, TaskHandle, TaskSpec, TaskStats};
+use crate::task::{Recovery, TaskEvent, TaskHandle, TaskSpec, TaskStats};
 use crate::worker::{Worker, WorkerRuntime};
 
 /// Configures an [`Agent`]. Start with [`Agent::builder`].

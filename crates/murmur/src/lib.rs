@@ -51,6 +51,7 @@
 mod agent;
 mod error;
 mod policy;
+mod protocol;
 mod recovery;
 mod registry;
 mod repos;
@@ -61,9 +62,8 @@ mod worker;
 pub use agent::{Agent, AgentBuilder};
 pub use error::AgentError;
 pub use policy::{ClaimContext, ClaimOffer, ClaimPolicy, FirstCome};
-pub use recovery::Recovery;
 pub use registry::{AgentInfo, Registry};
-pub use task::{TaskEvent, TaskHandle, TaskResult, TaskSpec, TaskStats};
+pub use task::{Recovery, TaskEvent, TaskHandle, TaskResult, TaskSpec, TaskStats};
 pub use worker::{Job, Worker};
 
 /// The record types of the agent.comms vocabulary (re-export of `murmur-comms`).

@@ -21,32 +21,9 @@ use murmur_pds::{Collection, Stored, Writer};
 use crate::AgentError;
 use crate::lock;
 use crate::policy::ClaimOffer;
-use crate::requester::{Deferred, Entry, Phase, Requester, lapsed_worker};
-
-/// What a requester rebuilt from the repos when it started ([`Agent::recovery`]).
-///
-/// [`Agent::recovery`]: crate::Agent::recovery
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Recovery {
-    /// Tasks of this identity without a closing ack: the ones taken over. Their handles
-    /// come from [`Agent::recovered_tasks`](crate::Agent::recovered_tasks).
-    pub open: usize,
-    /// Of those, tasks whose result was already in a worker's repo, accepted at start.
-    pub done_while_away: usize,
-    /// Tasks still assigned: their leases are watched again.
-    pub assigned: usize,
-    /// Tasks waiting to be assigned (never assigned, or reopened after a lapse).
-    pub unassigned: usize,
-    /// Claims on those tasks read from the workers' repos.
-    pub claims_found: usize,
-    /// Tasks closed as given up at start (their attempts were used up).
-    pub given_up: usize,
-    /// Repos that could not be read; their tasks rely on the stream and the lease.
-    pub unreadable: Vec<String>,
-    /// How long recovery took.
-    pub elapsed: Duration,
-}
+use crate::protocol::{Input, Phase, lapsed_worker};
+use crate::requester::{Deferred, Requester};
+use crate::task::Recovery;
 
 /// Claims and handoffs older than the oldest open task by more than this are not read
 /// (clock skew allowance between hosts).
@@ -180,11 +157,11 @@ impl Requester {
             let replayed = match event {
                 Deferred::Claim(offer) => self.claim(offer).await,
                 Deferred::Status(worker, record) => {
-                    self.status(worker, record);
+                    self.status(worker, record).await;
                     Ok(())
                 }
                 Deferred::Handoff(from, record) => {
-                    self.handoff(from, record);
+                    self.handoff(from, record).await;
                     Ok(())
                 }
                 Deferred::Result(answer) => self.answer(answer).await,
@@ -254,18 +231,20 @@ impl Requester {
                     continue;
                 }
                 let cid = t.cid.to_string();
-                let (mut entry, rx) = Entry::new(t.uri.clone(), Some(cid.clone()), t.value);
+                let (mut entry, rx) = self.entry(t.uri.clone(), Some(cid.clone()), t.value);
+                let state = &mut entry.state;
                 let lapse = lapses.get(&t.rkey).unwrap_or(&none);
                 let lapsed = u32::try_from(lapse.assignments.len()).unwrap_or(u32::MAX);
                 // Workers whose leases lapsed held the task: they may still answer it, and
                 // the claim policy sees them as previous workers.
-                entry.holders.extend(lapse.workers.iter().cloned());
+                state.holders.extend(lapse.workers.iter().cloned());
+                state.since = lapse.latest;
                 match assignments.get(&t.rkey) {
                     Some(a) if a.value.task.cid.as_ref() == &t.cid => {
                         let attempt = u32::try_from(a.value.attempt).unwrap_or(1);
-                        entry.attempt = attempt.max(lapsed);
-                        if !entry.holders.contains(&a.value.worker) {
-                            entry.holders.push(a.value.worker.clone());
+                        state.attempt = attempt.max(lapsed);
+                        if !state.holders.contains(&a.value.worker) {
+                            state.holders.push(a.value.worker.clone());
                         }
                         // An assignment whose lapse is recorded (the requester died before
                         // withdrawing it) has lapsed already: the lease check withdraws it.
@@ -274,7 +253,7 @@ impl Requester {
                         } else {
                             deadline_at(&a.value.lease_expires_at)
                         };
-                        entry.phase = Phase::Assigned {
+                        state.phase = Phase::Assigned {
                             worker: a.value.worker.clone(),
                             assignment_cid: a.cid,
                             deadline,
@@ -282,17 +261,17 @@ impl Requester {
                         assigned.push(t.rkey.clone());
                     }
                     _ => {
-                        entry.attempt = lapsed;
-                        if lapsed >= entry.max_attempts {
-                            entry.phase = Phase::Reopening; // what give_up closes
-                            exhausted.push((t.rkey.clone(), lapsed));
+                        state.attempt = lapsed;
+                        if lapsed >= state.max_attempts {
+                            state.phase = Phase::Exhausted; // what give_up closes
+                            exhausted.push(t.rkey.clone());
                         } else {
                             unassigned.insert(
                                 t.rkey.clone(),
                                 Unassigned {
                                     uri: t.uri.clone(),
                                     cid: cid.clone(),
-                                    record: entry.record.clone(),
+                                    record: state.record.clone(),
                                     since: lapse.latest,
                                 },
                             );
@@ -312,8 +291,8 @@ impl Requester {
             return Ok(report);
         }
 
-        for (rkey, attempts) in exhausted {
-            self.give_up(&rkey, attempts).await;
+        for rkey in exhausted {
+            self.give_up(&rkey).await;
         }
         let mut unreadable = BTreeSet::new();
         self.resume_assigned(&assigned, &mut report, &mut unreadable)
@@ -344,8 +323,13 @@ impl Requester {
         let (holders, oldest): (BTreeSet<String>, Option<chrono::DateTime<chrono::Utc>>) = {
             let table = lock(&self.tasks);
             let entries = assigned.iter().filter_map(|k| table.get(k));
-            let holders = entries.clone().flat_map(|e| e.holders.clone()).collect();
-            let oldest = entries.filter_map(|e| created(&e.record.created_at)).min();
+            let holders = entries
+                .clone()
+                .flat_map(|e| e.state.holders.clone())
+                .collect();
+            let oldest = entries
+                .filter_map(|e| created(&e.state.record.created_at))
+                .min();
             (holders, oldest)
         };
         let cutoff = oldest.map(|t| t - SKEW);
@@ -389,16 +373,17 @@ impl Requester {
                 let Some(entry) = table.get_mut(rkey) else {
                     continue;
                 };
-                let Some(moves) = handoffs.get(&entry.uri) else {
+                let state = &mut entry.state;
+                let Some(moves) = handoffs.get(&state.uri) else {
                     continue;
                 };
-                if let Phase::Assigned { worker, .. } = &mut entry.phase {
+                if let Phase::Assigned { worker, .. } = &mut state.phase {
                     // Follow the chain from the assignee as far as it goes.
                     while let Some((_, to)) = moves.iter().find(|(from, _)| from == worker) {
-                        if entry.holders.contains(to) {
+                        if state.holders.contains(to) {
                             break;
                         }
-                        entry.holders.push(to.clone());
+                        state.holders.push(to.clone());
                         *worker = to.clone();
                     }
                 }
@@ -435,10 +420,14 @@ impl Requester {
             let Some(entry) = table.get(&rkey) else {
                 return Ok(false);
             };
-            let Phase::Assigned { worker, .. } = &entry.phase else {
+            let Phase::Assigned { worker, .. } = &entry.state.phase else {
                 return Ok(false); // settled by the stream meanwhile
             };
-            (entry.holders.clone(), worker.clone(), entry.attempt)
+            (
+                entry.state.holders.clone(),
+                worker.clone(),
+                entry.state.attempt,
+            )
         };
         if let Some(answer) = self.find_result(&rkey, &holders).await {
             return match self.answer(answer).await {
@@ -453,17 +442,11 @@ impl Requester {
             Ok(Some(status)) => {
                 let same_attempt = status.value.attempt.is_none_or(|a| a == i64::from(attempt));
                 if let (true, Some(expires)) = (same_attempt, &status.value.lease_expires_at) {
-                    let renewed = deadline_at(expires);
-                    if let Some(entry) = lock(&self.tasks).get_mut(&rkey)
-                        && let Phase::Assigned {
-                            worker: holder,
-                            deadline,
-                            ..
-                        } = &mut entry.phase
-                        && *holder == worker
-                    {
-                        *deadline = (*deadline).max(renewed);
-                    }
+                    let renewed = Input::Renewed {
+                        worker,
+                        until: Some(deadline_at(expires)),
+                    };
+                    let _ = self.drive(&rkey, renewed).await;
                 }
                 Ok(false)
             }
@@ -576,9 +559,10 @@ impl Requester {
             found.sort_by(|a, b| a.0.cmp(&b.0));
             report.claims_found += found.len();
             if let Some(entry) = lock(&self.tasks).get_mut(&rkey) {
+                let offers = &mut entry.state.offers;
                 for (_, offer) in found {
-                    if !entry.offers.iter().any(|o| o.claim.uri == offer.claim.uri) {
-                        entry.offers.push(offer);
+                    if !offers.iter().any(|o| o.claim.uri == offer.claim.uri) {
+                        offers.push(offer);
                     }
                 }
             }
@@ -611,7 +595,7 @@ impl Requester {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::requester::lapse_reason;
+    use crate::protocol::lapse_reason;
 
     const ME: &str = "did:plc:boss";
 

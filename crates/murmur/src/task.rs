@@ -1,4 +1,5 @@
-//! Task protocol vocabulary shared by requesters and workers: specs, handles, events, stats.
+//! Task protocol vocabulary shared by requesters and workers: specs, handles, events, stats
+//! and the recovery report.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -266,6 +267,31 @@ pub enum TaskEvent {
         /// Attempt number.
         attempt: u32,
     },
+}
+
+/// What a requester rebuilt from the repos when it started ([`Agent::recovery`]).
+///
+/// [`Agent::recovery`]: crate::Agent::recovery
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Recovery {
+    /// Tasks of this identity without a closing ack: the ones taken over. Their handles
+    /// come from [`Agent::recovered_tasks`](crate::Agent::recovered_tasks).
+    pub open: usize,
+    /// Of those, tasks whose result was already in a worker's repo, accepted at start.
+    pub done_while_away: usize,
+    /// Tasks still assigned: their leases are watched again.
+    pub assigned: usize,
+    /// Tasks waiting to be assigned (never assigned, or reopened after a lapse).
+    pub unassigned: usize,
+    /// Claims on those tasks read from the workers' repos.
+    pub claims_found: usize,
+    /// Tasks closed as given up at start (their attempts were used up).
+    pub given_up: usize,
+    /// Repos that could not be read; their tasks rely on the stream and the lease.
+    pub unreadable: Vec<String>,
+    /// How long recovery took.
+    pub elapsed: Duration,
 }
 
 /// Counters of a requester's tasks.
