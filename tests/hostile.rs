@@ -744,3 +744,108 @@ async fn a_sync_event_that_fails_verification_is_passed_to_on_rejected() {
     );
     assert_eq!(metrics.snapshot().rejected, 1);
 }
+
+async fn account_xrpc(account: &Account, method: &str, body: Option<serde_json::Value>) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{}/xrpc/{method}", account.pds_url))
+        .bearer_auth(&account.access_jwt);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    assert!(
+        status.is_success(),
+        "{method}: {status} {}",
+        response.text().await.unwrap_or_default()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commits_of_an_inactive_account_are_not_delivered_until_it_is_active_again() {
+    let net = shared().await;
+    let (alice, writer) = account(net, "inactive").await;
+    writer.create::<Note>(&note(0)).await.unwrap();
+    account_xrpc(
+        &alice,
+        "com.atproto.server.deactivateAccount",
+        Some(serde_json::json!({})),
+    )
+    .await;
+    account_xrpc(&alice, "com.atproto.server.activateAccount", None).await;
+    writer.create::<Note>(&note(1)).await.unwrap();
+
+    // Alice's real frames: her note commits and her #account events.
+    let ws = format!(
+        "{}/xrpc/com.atproto.sync.subscribeRepos?cursor=0",
+        net.pds(0).unwrap().url().replacen("http", "ws", 1)
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(ws).await.unwrap();
+    let (mut notes, mut inactive, mut active) = (Vec::new(), None, None);
+    while notes.len() < 2 {
+        let msg = tokio::time::timeout(Duration::from_secs(20), socket.next())
+            .await
+            .expect("alice's events on the stream")
+            .unwrap()
+            .unwrap();
+        let Message::Binary(bytes) = msg else {
+            continue;
+        };
+        match Frame::decode(&bytes).unwrap() {
+            Frame::Commit(c)
+                if c.repo == alice.did && c.ops.iter().any(|o| o.collection() == Note::NSID) =>
+            {
+                notes.push(bytes.to_vec())
+            }
+            Frame::Account(a) if a.did == alice.did && !a.active => inactive = Some(bytes.to_vec()),
+            Frame::Account(a) if a.did == alice.did && inactive.is_some() => {
+                active = Some(bytes.to_vec())
+            }
+            _ => {}
+        }
+    }
+    let (inactive, active) = (
+        inactive.expect("a deactivation event"),
+        active.expect("a reactivation event"),
+    );
+    // A relay replaying note 0's commit while the account is deactivated: it must not be
+    // passed on. After the reactivation, note 1 is.
+    let seq = |bytes: &[u8], seq: i64| {
+        let mut f = EditableFrame::parse(bytes);
+        f.set("seq", Ipld::Integer(seq.into()));
+        f.encode()
+    };
+    let script_frames = vec![
+        seq(&inactive, 1),
+        seq(&notes[0], 2),
+        seq(&active, 3),
+        seq(&notes[1], 4),
+    ];
+    let (url, _) = hostile_server(Arc::new(move |_| (script_frames.clone(), false))).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s = Arc::clone(&seen);
+    let watcher = Watcher::builder()
+        .source(SubscribeRepos::new(&url))
+        .plc_url(net.plc_url())
+        .on_create::<Note, _, _>(move |note, _| {
+            s.lock().unwrap().push(note.n);
+            async { Ok(()) }
+        })
+        .build()
+        .unwrap();
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    wait_for("note 1", Duration::from_secs(20), || {
+        !seen.lock().unwrap().is_empty()
+    })
+    .await;
+    wait_for("every frame read", Duration::from_secs(10), || {
+        metrics.snapshot().seq_lag == 0 && metrics.snapshot().events_in == 4
+    })
+    .await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+    assert_eq!(*seen.lock().unwrap(), vec![1]);
+    assert_eq!(metrics.snapshot().inactive_skipped, 1);
+}

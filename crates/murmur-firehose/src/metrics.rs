@@ -22,6 +22,7 @@ pub struct Metrics {
     pub(crate) sources_connected: AtomicU64,
     pub(crate) errors: AtomicU64,
     pub(crate) verifications_waiting: AtomicU64,
+    pub(crate) inactive_skipped: AtomicU64,
 }
 
 /// A copy of the [`Metrics`] at one moment.
@@ -62,6 +63,9 @@ pub struct MetricsSnapshot {
     /// Events waiting now for a verification that failed for a passing reason (a host
     /// unreachable); their sources' cursors do not move until they are verified.
     pub verifications_waiting: u64,
+    /// Commits not delivered because an `#account` event said their repo is not active
+    /// (taken down, suspended, deactivated, deleted).
+    pub inactive_skipped: u64,
 }
 
 impl Metrics {
@@ -87,6 +91,7 @@ impl Metrics {
             sources_connected: get(&self.sources_connected),
             errors: get(&self.errors),
             verifications_waiting: get(&self.verifications_waiting),
+            inactive_skipped: get(&self.inactive_skipped),
         }
     }
 

@@ -1,11 +1,11 @@
 //! From a frame's bytes to queued jobs: decode, pre-filter, verify, route.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use murmur_sync::{CommitEvent, Frame, StreamError, SyncError, SyncEvent, Verifier};
+use murmur_sync::{AccountEvent, CommitEvent, Frame, StreamError, SyncError, SyncEvent, Verifier};
 use tracing::{debug, error, info, warn};
 
 use crate::dispatch::{Dispatcher, HandlerEntry, Job};
@@ -70,6 +70,9 @@ pub(crate) struct Pipeline {
     pub max_seq_jump: i64,
     /// DIDs whose repo is being re-fetched.
     pub resyncing: Arc<Mutex<HashSet<String>>>,
+    /// Repos whose last `#account` event said they are not active, with the status given:
+    /// their commits are not delivered until an `#account` event says they are active again.
+    pub inactive: Mutex<HashMap<String, String>>,
     /// Bounds concurrent repo re-fetches.
     pub resync_slots: Arc<tokio::sync::Semaphore>,
     pub metrics: Arc<Metrics>,
@@ -141,7 +144,10 @@ impl Pipeline {
                 self.verifier.on_identity(&identity.did);
                 self.finish_event(index, identity.seq);
             }
-            Frame::Account(account) => self.finish_event(index, account.seq),
+            Frame::Account(account) => {
+                self.account_status(url, &account);
+                self.finish_event(index, account.seq);
+            }
             Frame::Info(info) => {
                 if info.is_outdated_cursor() {
                     self.gap(
@@ -229,8 +235,34 @@ impl Pipeline {
         }
     }
 
+    /// Tracks whether a repo is active, as the sync spec asks of consumers: while an account
+    /// is taken down, suspended, deactivated or deleted, its commits are not passed on.
+    fn account_status(&self, url: &str, account: &AccountEvent) {
+        if account.active {
+            if lock(&self.inactive).remove(&account.did).is_some() {
+                info!(source = url, did = %account.did, "account active again; its commits are delivered");
+            }
+            return;
+        }
+        let status = account.status.clone().unwrap_or_else(|| "inactive".into());
+        info!(source = url, did = %account.did, status, "account not active; its commits are not delivered until it is");
+        if status == "deleted" {
+            self.verifier.forget(&account.did);
+        }
+        lock(&self.inactive).insert(account.did.clone(), status);
+    }
+
     async fn commit(&self, index: usize, url: &str, commit: &CommitEvent) {
         let seq = commit.seq;
+        if let Some(status) = lock(&self.inactive).get(&commit.repo) {
+            debug!(source = url, did = %commit.repo, seq, status, "commit of an inactive account not delivered");
+            Metrics::inc(&self.metrics.inactive_skipped);
+            if let Err(e) = self.verifier.observe_commit(commit) {
+                self.chain_problem(url, commit, &e);
+            }
+            self.finish_event(index, seq);
+            return;
+        }
         let repo_allowed = self.filter.allows_repo(&commit.repo);
         let wanted = repo_allowed
             && commit.any_op(|op| {

@@ -459,6 +459,7 @@ impl WatcherBuilder {
                 verify_retry: self.verification_retry,
                 max_seq_jump: self.max_seq_jump,
                 resyncing: Arc::default(),
+                inactive: Mutex::default(),
                 resync_slots: Arc::new(tokio::sync::Semaphore::new(
                     crate::pipeline::RESYNC_CONCURRENCY,
                 )),
