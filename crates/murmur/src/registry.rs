@@ -8,6 +8,7 @@ use murmur_comms::agent::comms::{presence, profile};
 
 /// What the registry knows about one agent.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct AgentInfo {
     /// The agent's DID.
     pub did: String,
@@ -17,12 +18,18 @@ pub struct AgentInfo {
     pub presence: Option<presence::Record>,
     /// When the presence stops being valid (createdAt + ttlSeconds).
     pub presence_until: Option<SystemTime>,
+    /// Why its account is not active (`takendown`, `suspended`, `deactivated`, `deleted`,
+    /// ...), from the last `#account` event; `None` while it is active.
+    pub inactive: Option<String>,
 }
 
 impl AgentInfo {
-    /// Whether the agent counts as live at `now`: a presence within its TTL whose state is
-    /// not `offline`.
+    /// Whether the agent counts as live at `now`: an active account with a presence within
+    /// its TTL whose state is not `offline`.
     pub fn is_live_at(&self, now: SystemTime) -> bool {
+        if self.inactive.is_some() {
+            return false;
+        }
         match (&self.presence, self.presence_until) {
             (Some(p), Some(until)) => p.state != "offline" && now < until,
             _ => false,
@@ -53,7 +60,7 @@ impl Registry {
     }
 
     /// Records a profile seen on the stream.
-    pub fn observe_profile(&self, did: &str, record: profile::Record) {
+    pub(crate) fn observe_profile(&self, did: &str, record: profile::Record) {
         let mut agents = self.agents.write().unwrap_or_else(|e| e.into_inner());
         let info = agents.entry(did.to_string()).or_insert_with(|| AgentInfo {
             did: did.to_string(),
@@ -63,7 +70,7 @@ impl Registry {
     }
 
     /// Records a presence seen on the stream.
-    pub fn observe_presence(&self, did: &str, record: presence::Record) {
+    pub(crate) fn observe_presence(&self, did: &str, record: presence::Record) {
         let since = chrono::DateTime::parse_from_rfc3339(&record.created_at)
             .map(SystemTime::from)
             .unwrap_or_else(|_| SystemTime::now());
@@ -78,7 +85,18 @@ impl Registry {
     }
 
     /// Forgets an agent whose presence was deleted.
-    pub fn forget_presence(&self, did: &str) {
+    /// Records an `#account` event: an inactive account's agent is offline until it is
+    /// active again.
+    pub(crate) fn observe_account(&self, did: &str, active: bool, status: Option<&str>) {
+        let mut agents = self.agents.write().unwrap_or_else(|e| e.into_inner());
+        let info = agents.entry(did.to_string()).or_insert_with(|| AgentInfo {
+            did: did.to_string(),
+            ..AgentInfo::default()
+        });
+        info.inactive = (!active).then(|| status.unwrap_or("inactive").to_string());
+    }
+
+    pub(crate) fn forget_presence(&self, did: &str) {
         let mut agents = self.agents.write().unwrap_or_else(|e| e.into_inner());
         if let Some(info) = agents.get_mut(did) {
             info.presence = None;
