@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use murmur::comms::Message;
 use murmur::comms::agent::comms::message;
 use murmur::pds::Writer;
-use murmur::{Agent, OpEvent, Record};
+use murmur::{Agent, Created, OpEvent, Record};
 use murmur_devnet::{Devnet, DevnetConfig};
 
 #[path = "support/account.rs"]
@@ -57,7 +57,7 @@ async fn play(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Err
         .plc_url(plc)
         .start_cursor(0)
         .peers(peers.clone())
-        .on::<Message, _, _>(move |ping: Record<Message>, op: OpEvent| {
+        .handler(move |ping: Created<Message>, op: OpEvent| {
             let (writer, me) = (bob_writer.clone(), bob_me.clone());
             async move {
                 let text = ping.text.clone().unwrap_or_default();
@@ -86,7 +86,7 @@ async fn play(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Err
         .plc_url(plc)
         .start_cursor(0)
         .peers(peers.clone())
-        .on::<Message, _, _>(move |pong: Record<Message>, op: OpEvent| {
+        .handler(move |pong: Created<Message>, op: OpEvent| {
             let (writer, me, done) = (alice_writer.clone(), alice_me.clone(), done_tx.clone());
             async move {
                 let text = pong.text.clone().unwrap_or_default();

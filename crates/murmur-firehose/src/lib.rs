@@ -63,12 +63,12 @@ pub use dead_letter::{DeadLetter, DeadLetterStore, FileDeadLetterStore, MemoryDe
 pub use dedup::{DedupStore, FileDedupStore, OpKey};
 pub use dispatch::RejectedHook;
 pub use error::{FirehoseError, HandlerError, Rejected, Rejection};
-pub use extract::{Author, CommitInfo, Deleted, FromOp, Record, RecordRef, State};
+pub use extract::{
+    Author, CommitInfo, Created, Deleted, FromOp, Record, RecordRef, State, Updated,
+};
 pub use filter::{CollectionPattern, DidAllowlist, Filter};
 pub use gap::{Gap, GapKind};
-pub use handler::{
-    BoxFuture, CallError, FnHandler, Handler, Route, delete_handler, record_handler,
-};
+pub use handler::{BoxFuture, CallError, Handler, HandlerService, Layered, Route};
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use murmur_macros::handler;
 pub use op::{Action, OpData, OpEvent};
@@ -84,5 +84,9 @@ pub use watcher::{
 /// Items the `#[handler]` macro expands to; not part of the public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use atrium_api::types::Collection;
+    pub use crate::handler::private::*;
+    pub use crate::{BoxFuture, CallError, FromOp, Handler, HandlerError, OpEvent, Route};
 }
+
+// `#[handler]` names `::murmur_firehose` when used inside this crate's own tests and docs.
+extern crate self as murmur_firehose;
