@@ -75,6 +75,11 @@ fn did_for_pass(did: &str, pass: usize) -> String {
 
 /// Creates of `agent.comms.task` in `frames`.
 pub fn task_creates(frames: &[Vec<u8>]) -> u64 {
+    task_ops(frames, murmur_sync::Action::Create)
+}
+
+/// Ops of `agent.comms.task` with `action` in `frames`.
+pub fn task_ops(frames: &[Vec<u8>], action: murmur_sync::Action) -> u64 {
     frames
         .iter()
         .filter_map(|f| match murmur_sync::Frame::decode(f) {
@@ -82,7 +87,7 @@ pub fn task_creates(frames: &[Vec<u8>]) -> u64 {
                 c.ops
                     .iter()
                     .filter(|op| {
-                        op.action == murmur_sync::Action::Create && op.collection() == Task::NSID
+                        op.action == action && op.collection() == Task::NSID
                     })
                     .count() as u64,
             ),
