@@ -57,9 +57,9 @@ impl HandlerEntry {
             })
             .option_layer(timeout.map(tower::timeout::TimeoutLayer::new))
             .option_layer(concurrency.map(|n| {
-                tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(Arc::new(
-                    Semaphore::new(n.max(1)),
-                ))
+                tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(Arc::new(Semaphore::new(
+                    n.max(1),
+                )))
             }))
             .service(Guarded(Arc::clone(&handler)));
         HandlerEntry {

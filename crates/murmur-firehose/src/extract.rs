@@ -21,7 +21,6 @@ pub trait FromOp: Sized + Send + 'static {
     /// ([`Record`], [`Created`], [`Updated`], [`Deleted`]); `None` for every other extractor.
     const ROUTE: Option<Route> = None;
 
-
     /// Builds the argument, or says why the op cannot reach this handler.
     fn from_op(op: &OpEvent) -> Result<Self, Rejection>;
 

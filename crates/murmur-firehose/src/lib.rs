@@ -72,10 +72,10 @@ pub use handler::{BoxFuture, CallError, Handler, HandlerService, Layered, Route}
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use murmur_macros::handler;
 pub use op::{Action, OpData, OpEvent};
+pub use pipeline::{DEFAULT_MAX_SEQ_JUMP, MAX_SEQ};
 /// The TLS library `wss://` sources use, for [`SubscribeRepos::with_tls_config`].
 pub use rustls;
 pub use source::{MessageStream, Source, SourceError, SourceMessage, SubscribeRepos};
-pub use pipeline::{DEFAULT_MAX_SEQ_JUMP, MAX_SEQ};
 pub use watch_error::WatchError;
 pub use watcher::{
     ERROR_FRAME_REPEATS, ErrorHook, GapHook, ResyncHook, ShutdownHandle, Watcher, WatcherBuilder,

@@ -722,10 +722,8 @@ impl SourceReader {
             if *self.shutdown.borrow() {
                 return Ok(());
             }
-            let connect = tokio::time::timeout(
-                self.connect_timeout,
-                self.source.connect(position.cursor),
-            );
+            let connect =
+                tokio::time::timeout(self.connect_timeout, self.source.connect(position.cursor));
             let connected = tokio::select! {
                 r = connect => r.unwrap_or(Err(SourceError::ConnectTimeout(self.connect_timeout))),
                 _ = stopped(&mut self.shutdown) => return Ok(()),

@@ -275,9 +275,8 @@ impl AgentBuilder {
                 Arc::clone(&r).on_claim(rec.into_record(), op)
             });
             let r = Arc::clone(req);
-            watcher = watcher.handler(move |rec: Record<Status>, op: OpEvent| {
-                Arc::clone(&r).on_status(rec, op)
-            });
+            watcher = watcher
+                .handler(move |rec: Record<Status>, op: OpEvent| Arc::clone(&r).on_status(rec, op));
             let r = Arc::clone(req);
             watcher = watcher.handler(move |rec: Created<ResultC>, op: OpEvent| {
                 Arc::clone(&r).on_result(rec.into_record(), op)

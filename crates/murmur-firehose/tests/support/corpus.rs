@@ -86,9 +86,7 @@ pub fn task_ops(frames: &[Vec<u8>], action: murmur_sync::Action) -> u64 {
             Ok(murmur_sync::Frame::Commit(c)) => Some(
                 c.ops
                     .iter()
-                    .filter(|op| {
-                        op.action == action && op.collection() == Task::NSID
-                    })
+                    .filter(|op| op.action == action && op.collection() == Task::NSID)
                     .count() as u64,
             ),
             _ => None,
