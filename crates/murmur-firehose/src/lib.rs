@@ -13,6 +13,14 @@
 //!   [`DeadLetter`]s, rejected records through [`WatcherBuilder::on_rejected`];
 //! - a record that fails verification or lexicon validation never reaches a typed handler.
 //!
+//! A handler is any async fn or closure whose arguments are extractors ([`FromOp`]), as in
+//! axum: exactly one of [`Record<C>`](Record) (creates and updates of collection `C`),
+//! [`Created<C>`](Created), [`Updated<C>`](Updated) or [`Deleted<C>`](Deleted) says which ops
+//! it gets, by its type; the others ([`Author`], [`RecordRef`], [`CommitInfo`], [`State`],
+//! [`OpEvent`]) describe the op. `#[handler]` is optional: it turns a wrong argument into a
+//! compile error naming it and gives the handler the fn's name in logs and dead letters.
+//! [`Handler::layer`] wraps a handler in your own tower layers.
+//!
 //! ```no_run
 //! use murmur_firehose::{Author, HandlerError, Record, Watcher, handler};
 //! # use atrium_api::types::Collection;

@@ -175,7 +175,7 @@ impl AgentBuilder {
     ///
     /// #[handler]
     /// async fn on_message(msg: Created<Message>, from: Author) -> Result<(), HandlerError> {
-    ///     println!("{} says {}", from.0, msg.text);
+    ///     println!("{} says {:?}", from.0, msg.text);
     ///     Ok(())
     /// }
     ///
