@@ -108,8 +108,10 @@ async fn without_a_state_dir_dead_letters_are_kept_in_memory_and_no_file_is_writ
 
     let letters = letters.list().await.unwrap();
     assert_eq!(letters.len() as u64, creates);
-    assert!(letters.iter().all(|l| l.handler == "agent.comms.task"
-        && l.action == "create"
+    // A closure handler is named by its type name: the fn it is written in.
+    assert!(letters.iter().all(|l| l.handler.contains(
+        "without_a_state_dir_dead_letters_are_kept_in_memory_and_no_file_is_written::{{closure}}"
+    ) && l.action == "create"
         && l.error.starts_with("failed: cannot do")
         && l.attempts == 1));
     assert_eq!(
