@@ -61,6 +61,7 @@ impl Route {
 
 /// Why a handler call did not succeed.
 #[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
 pub enum CallError {
     /// The op could not be turned into the handler's arguments; the handler did not run.
     #[error(transparent)]
