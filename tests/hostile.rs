@@ -173,9 +173,10 @@ fn write_varint(out: &mut Vec<u8>, mut n: usize) {
 /// The CAR slice `car` without the block `drop`.
 fn car_without(car: &[u8], drop: &Cid) -> Vec<u8> {
     let slice = CarSlice::parse(car).unwrap();
-    let header =
-        serde_ipld_dagcbor::to_vec(&ipld_core::ipld!({"roots": [slice.roots()[0]], "version": 1}))
-            .unwrap();
+    let header = serde_ipld_dagcbor::to_vec(
+        &ipld_core::ipld!({"roots": [slice.roots()[0]], "version": 1}),
+    )
+    .unwrap();
     let mut out = Vec::new();
     write_varint(&mut out, header.len());
     out.extend(header);
@@ -313,11 +314,9 @@ async fn forged_ops_on_a_signed_too_big_commit_never_reach_handlers() {
         .unwrap();
     let stop = watcher.shutdown_handle();
     let running = tokio::spawn(watcher.run());
-    wait_for(
-        "the proven op and both rejections",
-        Duration::from_secs(30),
-        || !created.lock().unwrap().is_empty() && rejected.lock().unwrap().len() >= 2,
-    )
+    wait_for("the proven op and both rejections", Duration::from_secs(30), || {
+        !created.lock().unwrap().is_empty() && rejected.lock().unwrap().len() >= 2
+    })
     .await;
     stop.shutdown();
     running.await.unwrap().unwrap();
@@ -466,9 +465,9 @@ async fn absurd_seqs_never_become_the_cursor() {
     };
     let script_frames = vec![
         with_seq(0, 10),
-        with_seq(1, i64::MAX),          // beyond 2^53 - 1
-        with_seq(1, 1 << 53),           // just beyond
-        with_seq(1, -5),                // negative
+        with_seq(1, i64::MAX),        // beyond 2^53 - 1
+        with_seq(1, 1 << 53),         // just beyond
+        with_seq(1, -5),              // negative
         with_seq(1, 10 + (1i64 << 40)), // a jump no server makes
         with_seq(1, 11),
         with_seq(2, 12),
@@ -479,7 +478,11 @@ async fn absurd_seqs_never_become_the_cursor() {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let reported = Arc::new(Mutex::new(Vec::new()));
     let gaps = Arc::new(Mutex::new(Vec::new()));
-    let (s, r, g) = (Arc::clone(&seen), Arc::clone(&reported), Arc::clone(&gaps));
+    let (s, r, g) = (
+        Arc::clone(&seen),
+        Arc::clone(&reported),
+        Arc::clone(&gaps),
+    );
     let watcher = Watcher::builder()
         .source(SubscribeRepos::new(&url))
         .plc_url(net.plc_url())
@@ -646,11 +649,9 @@ async fn a_plc_outage_delays_records_but_loses_none() {
     assert!(stalled.is_transient(), "{stalled}");
     drop(frozen); // SIGCONT
 
-    wait_for(
-        "every note after the outage",
-        Duration::from_secs(60),
-        || seen.lock().unwrap().len() >= 5,
-    )
+    wait_for("every note after the outage", Duration::from_secs(60), || {
+        seen.lock().unwrap().len() >= 5
+    })
     .await;
     wait_for("the cursor flushed", Duration::from_secs(10), || {
         metrics.snapshot().seq_lag == 0

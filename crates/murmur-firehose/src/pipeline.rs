@@ -204,13 +204,7 @@ impl Pipeline {
                 }
                 result => {
                     if attempt > 0 {
-                        info!(
-                            source = url,
-                            did,
-                            seq,
-                            attempts = attempt + 1,
-                            "verification went through after waiting"
-                        );
+                        info!(source = url, did, seq, attempts = attempt + 1, "verification went through after waiting");
                     }
                     return result;
                 }
@@ -247,9 +241,7 @@ impl Pipeline {
             return;
         }
         let verified = self
-            .until_verified(url, &commit.repo, seq, || {
-                self.verifier.verify_commit(commit)
-            })
+            .until_verified(url, &commit.repo, seq, || self.verifier.verify_commit(commit))
             .await;
         let verified = match verified {
             Ok(verified) => verified,
@@ -394,11 +386,7 @@ impl Pipeline {
         rejection: &Rejection,
     ) {
         if std::panic::catch_unwind(AssertUnwindSafe(|| hook(rejected, rejection))).is_err() {
-            error!(
-                did = rejected.did(),
-                seq = rejected.seq(),
-                "the on_rejected hook panicked; the watcher goes on"
-            );
+            error!(did = rejected.did(), seq = rejected.seq(), "the on_rejected hook panicked; the watcher goes on");
         }
     }
 
@@ -471,9 +459,7 @@ struct WaitingVerification(Arc<Metrics>);
 
 impl WaitingVerification {
     fn new(metrics: &Arc<Metrics>) -> Self {
-        metrics
-            .verifications_waiting
-            .fetch_add(1, Ordering::Relaxed);
+        metrics.verifications_waiting.fetch_add(1, Ordering::Relaxed);
         WaitingVerification(Arc::clone(metrics))
     }
 }

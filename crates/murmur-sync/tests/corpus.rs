@@ -505,10 +505,7 @@ async fn a_too_big_commit_with_a_forged_op_is_never_verified() {
     // The same commit untouched but marked tooBig still verifies from its own slice.
     let mut ev = batch();
     ev.too_big = true;
-    let verified = verifier(VerifyLevel::Full)
-        .verify_commit(&ev)
-        .await
-        .unwrap();
+    let verified = verifier(VerifyLevel::Full).verify_commit(&ev).await.unwrap();
     assert!(
         verified
             .ops
