@@ -55,7 +55,8 @@ async fn on_update(_task: Updated<Task>) -> Result<(), HandlerError> {
     Ok(())
 }
 
-#[handler]
+/// The runtime crate named explicitly, as a crate re-exporting murmur would.
+#[handler(crate = ::murmur_firehose)]
 async fn on_gone(gone: Deleted<Task>) -> Result<(), HandlerError> {
     let _ = gone.prev;
     Ok(())
@@ -75,6 +76,7 @@ fn routes_come_from_argument_types() {
     );
     assert_eq!(on_update.route().actions, &[Action::Update]);
     assert_eq!(on_gone.route().actions, &[Action::Delete]);
+    assert_eq!(on_gone.name(), "on_gone");
 
     let plain = Handler::route(&plain_on_task);
     assert_eq!(plain.collection, "agent.comms.task");
