@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use murmur::comms::Message;
 use murmur::comms::agent::comms::message;
 use murmur::pds::Writer;
-use murmur::{Agent, OpEvent, Record};
+use murmur::{Agent, Author, Created, HandlerError, Record, State, handler};
 use murmur_devnet::{Devnet, DevnetConfig};
 
 #[path = "support/account.rs"]
@@ -50,64 +50,33 @@ async fn play(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Err
     let peers = [alice_did.clone(), bob_did.clone()];
 
     // Bob answers every ping addressed to him with a pong that replies to it.
-    let bob_writer = bob_w.clone();
-    let bob_me = bob_did.clone();
-    let _bob = Agent::builder(bob_w)
+    let _bob = Agent::builder(bob_w.clone())
         .watch_all(hosts.iter().cloned())
         .plc_url(plc)
         .start_cursor(0)
         .peers(peers.clone())
-        .on::<Message, _, _>(move |ping: Record<Message>, op: OpEvent| {
-            let (writer, me) = (bob_writer.clone(), bob_me.clone());
-            async move {
-                let text = ping.text.clone().unwrap_or_default();
-                if !addressed_to(&ping, &me) || !text.starts_with("ping") {
-                    return Ok(());
-                }
-                println!("bob   <- {text:<8} from {}", op.data().did);
-                reply(
-                    &writer,
-                    &op.data().did,
-                    &ping,
-                    text.replacen("ping", "pong", 1),
-                )
-                .await
-            }
+        .state(Player {
+            writer: bob_w,
+            did: bob_did.clone(),
+            done: None,
         })
+        .handler(on_ping)
         .start()
         .await?;
 
     // Alice sends the next ping when a pong comes back, until the last round.
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let alice_writer = alice_w.clone();
-    let alice_me = alice_did.clone();
-    let alice = Agent::builder(alice_w)
+    let alice = Agent::builder(alice_w.clone())
         .watch_all(hosts.iter().cloned())
         .plc_url(plc)
         .start_cursor(0)
         .peers(peers.clone())
-        .on::<Message, _, _>(move |pong: Record<Message>, op: OpEvent| {
-            let (writer, me, done) = (alice_writer.clone(), alice_me.clone(), done_tx.clone());
-            async move {
-                let text = pong.text.clone().unwrap_or_default();
-                if !addressed_to(&pong, &me) || !text.starts_with("pong") {
-                    return Ok(());
-                }
-                println!("alice <- {text:<8} from {}", op.data().did);
-                let round: u32 = text[5..].parse().unwrap_or(ROUNDS);
-                if round >= ROUNDS {
-                    let _ = done.send(()).await;
-                    return Ok(());
-                }
-                reply(
-                    &writer,
-                    &op.data().did,
-                    &pong,
-                    format!("ping {}", round + 1),
-                )
-                .await
-            }
+        .state(Player {
+            writer: alice_w,
+            did: alice_did.clone(),
+            done: Some(done_tx),
         })
+        .handler(on_pong)
         .start()
         .await?;
 
@@ -125,6 +94,52 @@ async fn play(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Err
     Ok(())
 }
 
+/// What a player's handlers read (`State<Player>`): its writer, its DID, and where Alice
+/// reports the last round.
+#[derive(Clone)]
+struct Player {
+    writer: Writer,
+    did: String,
+    done: Option<tokio::sync::mpsc::Sender<()>>,
+}
+
+/// Bob: every ping addressed to him gets a pong that replies to it.
+#[handler]
+async fn on_ping(
+    ping: Created<Message>,
+    from: Author,
+    State(me): State<Player>,
+) -> Result<(), HandlerError> {
+    let text = ping.text.clone().unwrap_or_default();
+    if !addressed_to(&ping, &me.did) || !text.starts_with("ping") {
+        return Ok(());
+    }
+    println!("bob   <- {text:<8} from {}", from.0);
+    reply(&me.writer, &from.0, &ping, text.replacen("ping", "pong", 1)).await
+}
+
+/// Alice: every pong addressed to her gets the next ping, until the last round.
+#[handler]
+async fn on_pong(
+    pong: Created<Message>,
+    from: Author,
+    State(me): State<Player>,
+) -> Result<(), HandlerError> {
+    let text = pong.text.clone().unwrap_or_default();
+    if !addressed_to(&pong, &me.did) || !text.starts_with("pong") {
+        return Ok(());
+    }
+    println!("alice <- {text:<8} from {}", from.0);
+    let round: u32 = text[5..].parse().unwrap_or(ROUNDS);
+    if round >= ROUNDS {
+        if let Some(done) = &me.done {
+            let _ = done.send(()).await;
+        }
+        return Ok(());
+    }
+    reply(&me.writer, &from.0, &pong, format!("ping {}", round + 1)).await
+}
+
 fn addressed_to(msg: &message::Record, did: &str) -> bool {
     msg.to
         .as_ref()
@@ -136,7 +151,7 @@ async fn reply(
     to: &str,
     msg: &Record<Message>,
     text: String,
-) -> Result<(), murmur::HandlerError> {
+) -> Result<(), HandlerError> {
     let record = message::RecordData {
         to: Some(vec![to.to_string()]),
         thread: None,
@@ -151,5 +166,5 @@ async fn reply(
         .create::<Message>(&record)
         .await
         .map(|_| ())
-        .map_err(murmur::HandlerError::retry)
+        .map_err(HandlerError::retry)
 }

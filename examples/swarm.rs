@@ -8,9 +8,12 @@
 //! ```
 //! The full demo with live progress is `cargo run -p murmur-cli -- swarm`.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use murmur::{Agent, Job, TaskSpec, Worker};
+use murmur::comms::Claim;
+use murmur::{Agent, Author, Created, HandlerError, Job, State, TaskSpec, Worker, handler};
 use murmur_devnet::{Devnet, DevnetConfig};
 
 #[path = "support/account.rs"]
@@ -70,11 +73,14 @@ async fn run(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Erro
                 .await?,
         );
     }
+    let claims = Claims::default();
     let boss = Agent::builder(boss_w)
         .watch_all(hosts.iter().cloned())
         .plc_url(plc)
         .start_cursor(0)
         .peers(peers)
+        .state(claims.clone())
+        .handler(count_claim)
         .start()
         .await?;
     while boss.registry().live().len() < WORKERS {
@@ -112,5 +118,24 @@ async fn run(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Erro
     for (did, n) in &s.done_by {
         println!("  {did}: {n}");
     }
+    println!(
+        "{} claims seen by the coordinator's own handler",
+        claims.0.load(Ordering::Relaxed)
+    );
+    Ok(())
+}
+
+/// How many claims the coordinator's stream carried (one handler beside the task protocol's).
+#[derive(Clone, Default)]
+struct Claims(Arc<AtomicUsize>);
+
+/// Runs for every claim any worker posts, next to the Agent's own claim handling.
+#[handler]
+async fn count_claim(
+    _claim: Created<Claim>,
+    _worker: Author,
+    State(claims): State<Claims>,
+) -> Result<(), HandlerError> {
+    claims.0.fetch_add(1, Ordering::Relaxed);
     Ok(())
 }

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use murmur::comms::{Ack, Assignment, Claim, Message, Result as ResultC, Task};
 use murmur::pds::Writer;
-use murmur::{Agent, AgentError, ClaimContext, ClaimOffer, Job, TaskEvent, TaskSpec, Worker};
+use murmur::{
+    Agent, AgentError, ClaimContext, ClaimOffer, Created, Deleted, Job, OpEvent, TaskEvent,
+    TaskSpec, Updated, Worker,
+};
 use murmur_devnet::Devnet;
 
 async fn shared() -> &'static Devnet {
@@ -541,7 +544,7 @@ async fn send_reaches_the_other_agents_handler_across_hosts() {
     let dids = vec![alice_w.did().to_string(), bob_w.did().to_string()];
     let (tx, mut rx) = tokio::sync::mpsc::channel(4);
     let bob = agent(net, bob_w, &dids)
-        .on::<murmur::comms::Message, _, _>(move |msg, op| {
+        .handler(move |msg: Created<murmur::comms::Message>, op: OpEvent| {
             let tx = tx.clone();
             async move {
                 let _ = tx
@@ -891,7 +894,7 @@ async fn on_update_and_on_delete_reach_the_agents_handlers() {
     let (tx_u, tx_d) = (tx.clone(), tx.clone());
     let bob = agent(net, bob_w, &dids)
         .requester(false)
-        .on::<Message, _, _>(move |msg, op| {
+        .handler(move |msg: Created<Message>, op: OpEvent| {
             let tx = tx.clone();
             async move {
                 let _ = tx
@@ -900,7 +903,7 @@ async fn on_update_and_on_delete_reach_the_agents_handlers() {
                 Ok(())
             }
         })
-        .on_update::<Message, _, _>(move |msg, op| {
+        .handler(move |msg: Updated<Message>, op: OpEvent| {
             let tx = tx_u.clone();
             async move {
                 let _ = tx
@@ -909,7 +912,7 @@ async fn on_update_and_on_delete_reach_the_agents_handlers() {
                 Ok(())
             }
         })
-        .on_delete::<Message, _, _>(move |gone, _op| {
+        .handler(move |gone: Deleted<Message>, _op: OpEvent| {
             let tx = tx_d.clone();
             async move {
                 let _ = tx.send(("delete", gone.rkey.clone(), None)).await;

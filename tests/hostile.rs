@@ -12,8 +12,8 @@ use futures_util::{SinkExt, StreamExt};
 use ipld_core::ipld::Ipld;
 use murmur_devnet::{Account, Devnet, DevnetConfig};
 use murmur_firehose::{
-    Backoff, FileCursorStore, FirehoseError, GapKind, Rejection, SourceError, SubscribeRepos,
-    WatchError, Watcher,
+    Backoff, Created, Deleted, FileCursorStore, FirehoseError, GapKind, OpEvent, Rejection,
+    SourceError, SubscribeRepos, WatchError, Watcher,
 };
 use murmur_lexicon::{Validate, ValidationError};
 use murmur_pds::Writer;
@@ -300,11 +300,11 @@ async fn forged_ops_on_a_signed_too_big_commit_never_reach_handlers() {
     let watcher = Watcher::builder()
         .source(SubscribeRepos::new(&url))
         .plc_url(net.plc_url())
-        .on_create::<Note, _, _>(move |note, op| {
+        .handler(move |note: Created<Note>, op: OpEvent| {
             c.lock().unwrap().push((op.data().path.clone(), note.n));
             async { Ok(()) }
         })
-        .on_delete::<Note, _, _>(move |_gone, op| {
+        .handler(move |_gone: Deleted<Note>, op: OpEvent| {
             d.lock().unwrap().push(op.data().path.clone());
             async { Ok(()) }
         })
@@ -367,7 +367,7 @@ async fn a_repeated_error_frame_stops_the_source_with_a_typed_error() {
         .source(SubscribeRepos::new(&url))
         .start_cursor(12)
         .reconnect(fast_reconnect())
-        .on_create::<Note, _, _>(|_, _| async { Ok(()) })
+        .handler(|_: Created<Note>, _: OpEvent| async { Ok(()) })
         .on_error(move |e| r.lock().unwrap().push(e.clone()))
         .build()
         .unwrap();
@@ -422,7 +422,7 @@ async fn a_handshake_that_never_finishes_times_out_and_reconnects() {
         .source(SubscribeRepos::new(&url))
         .connect_timeout(Duration::from_millis(300))
         .reconnect(fast_reconnect())
-        .on_create::<Note, _, _>(|_, _| async { Ok(()) })
+        .handler(|_: Created<Note>, _: OpEvent| async { Ok(()) })
         .on_error(move |e| r.lock().unwrap().push(e.clone()))
         .build()
         .unwrap();
@@ -484,7 +484,7 @@ async fn absurd_seqs_never_become_the_cursor() {
         .source(SubscribeRepos::new(&url))
         .plc_url(net.plc_url())
         .state_dir(state.path())
-        .on_create::<Note, _, _>(move |note, op| {
+        .handler(move |note: Created<Note>, op: OpEvent| {
             s.lock().unwrap().push((op.data().seq, note.n));
             async { Ok(()) }
         })
@@ -536,7 +536,7 @@ async fn absurd_seqs_never_become_the_cursor() {
         .source(SubscribeRepos::new(&url))
         .plc_url(net.plc_url())
         .state_dir(state.path())
-        .on_create::<Note, _, _>(|_, _| async { Ok(()) })
+        .handler(|_: Created<Note>, _: OpEvent| async { Ok(()) })
         .build()
         .unwrap();
     match tokio::time::timeout(Duration::from_secs(10), watcher.run()).await {
@@ -597,7 +597,7 @@ async fn a_plc_outage_delays_records_but_loses_none() {
         .dids([alice.did.clone()])
         .state_dir(state.path())
         .verification_retry(fast_retry)
-        .on_create::<Note, _, _>(move |note, _op| {
+        .handler(move |note: Created<Note>, _op: OpEvent| {
             s.lock().unwrap().push(note.n);
             async { Ok(()) }
         })
@@ -706,7 +706,7 @@ async fn a_sync_event_that_fails_verification_is_passed_to_on_rejected() {
     let watcher = Watcher::builder()
         .source(SubscribeRepos::new(&url))
         .plc_url(net.plc_url())
-        .on_create::<Note, _, _>(|_, _| async { Ok(()) })
+        .handler(|_: Created<Note>| async { Ok(()) })
         .on_rejected(move |what, why| r.lock().unwrap().push((what.clone(), why.clone())))
         .build()
         .unwrap();
@@ -827,7 +827,7 @@ async fn commits_of_an_inactive_account_are_not_delivered_until_it_is_active_aga
     let watcher = Watcher::builder()
         .source(SubscribeRepos::new(&url))
         .plc_url(net.plc_url())
-        .on_create::<Note, _, _>(move |note, _| {
+        .handler(move |note: Created<Note>| {
             s.lock().unwrap().push(note.n);
             async { Ok(()) }
         })

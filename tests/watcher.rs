@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use atrium_api::types::Collection;
 use murmur_devnet::{Account, Devnet, DevnetConfig};
 use murmur_firehose::{
-    Author, CommitInfo, DeadLetterStore, FileDeadLetterStore, HandlerError, OpEvent, Record, State,
-    Watcher, handler,
+    Author, CommitInfo, Created, DeadLetterStore, FileDeadLetterStore, HandlerError, OpEvent,
+    Record, State, Watcher, handler,
 };
 use murmur_lexicon::{Validate, ValidationError};
 use murmur_pds::Writer;
@@ -152,7 +152,7 @@ async fn thousand_records_from_two_pds_reach_handlers_exactly_once_in_order() {
         .collections(["test.murmur.*"])
         .state(Arc::clone(&seen))
         .handler(record_note)
-        .on_create::<Other, _, _>(move |_rec, _op| {
+        .handler(move |_rec: Created<Other>, _op: OpEvent| {
             let other = Arc::clone(&other);
             async move {
                 *other.lock().unwrap() += 1;
@@ -219,7 +219,7 @@ async fn restart_after_kill_loses_nothing_and_repeats_no_effect() {
             .start_cursor(0)
             .dids([alice.did.clone()])
             .state_dir(state.path())
-            .on_create::<Note, _, _>(move |rec, op: OpEvent| {
+            .handler(move |rec: Created<Note>, op: OpEvent| {
                 let (effects, runs) = (Arc::clone(&effects), Arc::clone(&runs));
                 async move {
                     tokio::time::sleep(Duration::from_millis(2)).await;
@@ -367,7 +367,7 @@ async fn retries_then_dead_letters_and_goes_on() {
             factor: 2.0,
             max_attempts: Some(3),
         })
-        .on_create::<Note, _, _>(move |rec, _op| {
+        .handler(move |rec: Created<Note>, _op: OpEvent| {
             let a = Arc::clone(&a);
             async move {
                 let attempt = {
@@ -495,7 +495,7 @@ async fn slow_handler_bounds_the_queue() {
         .start_cursor(0)
         .dids([alice.did.clone()])
         .queue_capacity(CAPACITY)
-        .on_create::<Note, _, _>(move |_rec, _op| {
+        .handler(move |_rec: Created<Note>, _op: OpEvent| {
             let d = Arc::clone(&d);
             async move {
                 tokio::time::sleep(Duration::from_millis(20)).await;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use atrium_api::types::Collection;
 use futures_util::StreamExt;
 use murmur_devnet::{Devnet, DevnetConfig};
-use murmur_firehose::Watcher;
+use murmur_firehose::{Created, OpEvent, Watcher};
 use murmur_lexicon::{Validate, ValidationError};
 use murmur_pds::Writer;
 use serde::{Deserialize, Serialize};
@@ -114,7 +114,7 @@ async fn main() {
         .pds(&pds)
         .plc_url(net.plc_url())
         .dids([alice.did.clone()])
-        .on_create::<Note, _, _>(move |rec, _op| {
+        .handler(move |rec: Created<Note>, _op: OpEvent| {
             let now = Instant::now();
             h.lock().unwrap().insert(rec.n, now);
             async { Ok(()) }

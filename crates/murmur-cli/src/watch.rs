@@ -186,7 +186,7 @@ impl Handler for Printer {
                 "action": d.action.as_str(),
                 "path": d.path,
                 "uri": op.uri(),
-                "cid": d.cid,
+                "cid": d.cid.map(|c| c.to_string()),
                 "record": record,
             })
             .to_string()
@@ -197,7 +197,7 @@ impl Handler for Printer {
                 d.did,
                 d.action.as_str(),
                 d.path,
-                d.cid.as_deref().unwrap_or("-")
+                d.cid.map_or_else(|| "-".to_string(), |c| c.to_string())
             )
         };
         let mut out = std::io::stdout().lock();

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use murmur_firehose::Watcher;
+use murmur_firehose::{Created, OpEvent, Watcher};
 use murmur_sync::VerifyLevel;
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -69,7 +69,7 @@ async fn run(
         })
         .verification(VerifyLevel::None)
         .collections(["agent.comms.*"])
-        .on_create::<corpus::Task, _, _>(move |_task, _op| {
+        .handler(move |_task: Created<corpus::Task>, _op: OpEvent| {
             counter.fetch_add(1, Ordering::Relaxed);
             async { Ok(()) }
         });

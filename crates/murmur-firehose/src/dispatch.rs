@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tracing::{Instrument, debug, error, warn};
 
@@ -32,10 +33,40 @@ pub(crate) struct Job {
     pub _permit: OwnedSemaphorePermit,
 }
 
-/// A registered handler and its per-handler limits.
+/// A registered handler and its service stack (retry, timeout, concurrency limit, panic
+/// guard), built once when the watcher is built; each call clones the stack.
 pub(crate) struct HandlerEntry {
-    pub handler: Box<dyn Handler>,
-    pub concurrency: Option<Arc<Semaphore>>,
+    pub handler: Arc<dyn Handler>,
+    service: BoxCloneSyncService<OpEvent, (), BoxError>,
+}
+
+impl HandlerEntry {
+    pub(crate) fn new(
+        handler: Box<dyn Handler>,
+        retry: &Backoff,
+        timeout: Option<Duration>,
+        concurrency: Option<usize>,
+        metrics: &Arc<Metrics>,
+    ) -> Self {
+        let handler: Arc<dyn Handler> = Arc::from(handler);
+        let service = ServiceBuilder::new()
+            .retry(RetryPolicy {
+                backoff: retry.clone(),
+                attempt: 0,
+                metrics: Arc::clone(metrics),
+            })
+            .option_layer(timeout.map(tower::timeout::TimeoutLayer::new))
+            .option_layer(concurrency.map(|n| {
+                tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(Arc::new(Semaphore::new(
+                    n.max(1),
+                )))
+            }))
+            .service(Guarded(Arc::clone(&handler)));
+        HandlerEntry {
+            handler,
+            service: BoxCloneSyncService::new(service),
+        }
+    }
 }
 
 /// What the dispatcher needs to run jobs.
@@ -45,8 +76,6 @@ pub(crate) struct Runtime {
     pub dead_letters: Arc<dyn DeadLetterStore>,
     pub progress: Vec<Mutex<Progress>>,
     pub on_rejected: Option<RejectedHook>,
-    pub retry: Backoff,
-    pub timeout: Option<Duration>,
 }
 
 /// Runs jobs: one DID's ops strictly in order, different DIDs concurrently.
@@ -241,21 +270,7 @@ async fn run_job(rt: &Runtime, job: Job) {
 
 async fn run_handler(rt: &Runtime, entry: &Arc<HandlerEntry>, op: &OpEvent) {
     let name = entry.handler.name();
-    let service = ServiceBuilder::new()
-        .retry(RetryPolicy {
-            backoff: rt.retry.clone(),
-            attempt: 0,
-            metrics: Arc::clone(&rt.metrics),
-        })
-        .option_layer(rt.timeout.map(tower::timeout::TimeoutLayer::new))
-        .option_layer(
-            entry
-                .concurrency
-                .clone()
-                .map(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore),
-        )
-        .service(HandlerService(Arc::clone(entry)));
-    let result = service.oneshot(op.clone()).await;
+    let result = entry.service.clone().oneshot(op.clone()).await;
     let error = match result {
         Ok(()) => {
             Metrics::inc(&rt.metrics.handled);
@@ -280,7 +295,7 @@ async fn run_handler(rt: &Runtime, entry: &Arc<HandlerEntry>, op: &OpEvent) {
         rev: data.rev.clone(),
         seq: data.seq,
         action: data.action.as_str().to_string(),
-        cid: data.cid.clone(),
+        cid: data.cid.map(|c| c.to_string()),
         handler: name.to_string(),
         error: error.to_string(),
         attempts: op.attempts(),
@@ -323,9 +338,9 @@ where
 
 /// A handler as a tower service, so timeout, concurrency and retry are ordinary layers.
 #[derive(Clone)]
-struct HandlerService(Arc<HandlerEntry>);
+struct Guarded(Arc<dyn Handler>);
 
-impl Service<OpEvent> for HandlerService {
+impl Service<OpEvent> for Guarded {
     type Response = ();
     type Error = BoxError;
     type Future = BoxFuture<Result<(), BoxError>>;
@@ -338,7 +353,7 @@ impl Service<OpEvent> for HandlerService {
     /// store with the panic message, and its DID's lane goes on.
     fn call(&mut self, op: OpEvent) -> Self::Future {
         op.attempts.fetch_add(1, Ordering::Relaxed);
-        let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| self.0.handler.call(op))) {
+        let fut = match std::panic::catch_unwind(AssertUnwindSafe(|| self.0.call(op))) {
             Ok(fut) => fut,
             Err(panic) => return Box::pin(std::future::ready(Err(panicked(panic)))),
         };

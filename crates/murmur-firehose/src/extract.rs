@@ -6,15 +6,21 @@ use std::ops::Deref;
 use atrium_api::types::Collection;
 use murmur_lexicon::Validate;
 
-use crate::{OpEvent, Rejection};
+use crate::handler::Route;
+use crate::{Action, OpEvent, Rejection};
+use murmur_sync::Cid;
 
 /// Something a handler can take as an argument, built from the op it handles.
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a murmur handler argument",
     label = "not an extractor",
-    note = "handler arguments are extractors: Record<T>, Deleted<T>, Author, RecordRef, CommitInfo, State<S> or OpEvent"
+    note = "handler arguments are extractors: Record<C>, Created<C>, Updated<C>, Deleted<C>, Author, RecordRef, CommitInfo, State<S> or OpEvent"
 )]
 pub trait FromOp: Sized + Send + 'static {
+    /// The ops this argument selects, for the one argument of a handler that fixes its route
+    /// ([`Record`], [`Created`], [`Updated`], [`Deleted`]); `None` for every other extractor.
+    const ROUTE: Option<Route> = None;
+
     /// Builds the argument, or says why the op cannot reach this handler.
     fn from_op(op: &OpEvent) -> Result<Self, Rejection>;
 
@@ -33,13 +39,16 @@ impl FromOp for OpEvent {
 
 /// A created or updated record of collection `C`, decoded and lexicon-validated.
 ///
-/// Its type fixes the handler's collection: `Record<Task>` handles `agent.comms.task`.
+/// Its type fixes the handler's route: `Record<Task>` handles creates and updates of
+/// `agent.comms.task`; [`Created`] and [`Updated`] select one of the two.
+#[non_exhaustive]
 pub struct Record<C: Collection> {
     /// The record.
     pub value: C::Record,
     /// `at://did/collection/rkey`.
     pub uri: String,
-    /// The record's CID.
+    /// The record's CID, hash-checked against the record bytes (atrium's typed wrapper of
+    /// [`murmur_sync::Cid`], as a strongRef carries it; `*cid.as_ref()` is the bare CID).
     pub cid: atrium_api::types::string::Cid,
 }
 
@@ -81,6 +90,8 @@ where
     C: Collection + Send + 'static,
     C::Record: Validate + Send,
 {
+    const ROUTE: Option<Route> = Some(Route::records::<C>());
+
     fn from_op(op: &OpEvent) -> Result<Self, Rejection> {
         let data = op.data();
         let bytes = data
@@ -100,32 +111,79 @@ where
             nsid: C::NSID,
             reason: e.to_string(),
         })?;
-        let cid = data
-            .cid
-            .as_deref()
-            .unwrap_or_default()
-            .parse()
-            .map_err(|e| Rejection::Decode {
-                path: data.path.clone(),
-                nsid: C::NSID,
-                reason: format!("bad record cid: {e:?}"),
-            })?;
+        let cid = data.cid.ok_or_else(|| Rejection::Decode {
+            path: data.path.clone(),
+            nsid: C::NSID,
+            reason: "the op has a record but no record CID".into(),
+        })?;
         Ok(Record {
             value,
             uri: op.uri(),
-            cid,
+            cid: atrium_api::types::string::Cid::new(cid),
         })
     }
 }
 
+/// A created record of collection `C`: a [`Record`] whose handler sees creates only.
+///
+/// Derefs to the [`Record`] (and on to the record value).
+#[derive(Debug)]
+pub struct Created<C: Collection>(pub Record<C>);
+
+/// An updated record of collection `C` (a putRecord on an existing key): a [`Record`], the
+/// new version, whose handler sees updates only. The former CID is in [`RecordRef::prev`].
+///
+/// Derefs to the [`Record`] (and on to the record value).
+#[derive(Debug)]
+pub struct Updated<C: Collection>(pub Record<C>);
+
+macro_rules! one_action_record {
+    ($name:ident, $action:expr) => {
+        impl<C: Collection> $name<C> {
+            /// The record.
+            pub fn into_inner(self) -> C::Record {
+                self.0.value
+            }
+
+            /// The [`Record`] extractor it wraps.
+            pub fn into_record(self) -> Record<C> {
+                self.0
+            }
+        }
+
+        impl<C: Collection> Deref for $name<C> {
+            type Target = Record<C>;
+            fn deref(&self) -> &Record<C> {
+                &self.0
+            }
+        }
+
+        impl<C> FromOp for $name<C>
+        where
+            C: Collection + Send + 'static,
+            C::Record: Validate + Send,
+        {
+            const ROUTE: Option<Route> = Some(Route::action::<C>($action));
+
+            fn from_op(op: &OpEvent) -> Result<Self, Rejection> {
+                Record::from_op(op).map($name)
+            }
+        }
+    };
+}
+
+one_action_record!(Created, Action::Create);
+one_action_record!(Updated, Action::Update);
+
 /// A deleted record of collection `C`: its path and the CID it had.
+#[non_exhaustive]
 pub struct Deleted<C: Collection> {
     /// `at://did/collection/rkey` of the deleted record.
     pub uri: String,
     /// Its record key.
     pub rkey: String,
-    /// The CID the record had before the delete.
-    pub prev: Option<String>,
+    /// The CID the record had before the delete (sync 1.1 sources send it).
+    pub prev: Option<Cid>,
     _collection: PhantomData<fn() -> C>,
 }
 
@@ -139,11 +197,13 @@ impl<C: Collection> std::fmt::Debug for Deleted<C> {
 }
 
 impl<C: Collection + 'static> FromOp for Deleted<C> {
+    const ROUTE: Option<Route> = Some(Route::action::<C>(Action::Delete));
+
     fn from_op(op: &OpEvent) -> Result<Self, Rejection> {
         Ok(Deleted {
             uri: op.uri(),
             rkey: op.rkey().to_string(),
-            prev: op.data().prev.clone(),
+            prev: op.data().prev,
             _collection: PhantomData,
         })
     }
@@ -159,13 +219,16 @@ impl FromOp for Author {
     }
 }
 
-/// Where the record is: at-uri, CID and record key.
+/// Where the record is: at-uri, CIDs and record key.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RecordRef {
     /// `at://did/collection/rkey`.
     pub uri: String,
     /// The record's CID (absent for deletes).
-    pub cid: Option<String>,
+    pub cid: Option<Cid>,
+    /// The CID before this op (updates and deletes, from sync 1.1 sources).
+    pub prev: Option<Cid>,
     /// The record key.
     pub rkey: String,
 }
@@ -174,7 +237,8 @@ impl FromOp for RecordRef {
     fn from_op(op: &OpEvent) -> Result<Self, Rejection> {
         Ok(RecordRef {
             uri: op.uri(),
-            cid: op.data().cid.clone(),
+            cid: op.data().cid,
+            prev: op.data().prev,
             rkey: op.rkey().to_string(),
         })
     }
@@ -182,6 +246,7 @@ impl FromOp for RecordRef {
 
 /// The commit the op belongs to.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct CommitInfo {
     /// Commit revision.
     pub rev: String,

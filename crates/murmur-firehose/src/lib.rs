@@ -13,6 +13,14 @@
 //!   [`DeadLetter`]s, rejected records through [`WatcherBuilder::on_rejected`];
 //! - a record that fails verification or lexicon validation never reaches a typed handler.
 //!
+//! A handler is any async fn or closure whose arguments are extractors ([`FromOp`]), as in
+//! axum: exactly one of [`Record<C>`](Record) (creates and updates of collection `C`),
+//! [`Created<C>`](Created), [`Updated<C>`](Updated) or [`Deleted<C>`](Deleted) says which ops
+//! it gets, by its type; the others ([`Author`], [`RecordRef`], [`CommitInfo`], [`State`],
+//! [`OpEvent`]) describe the op. `#[handler]` is optional: it turns a wrong argument into a
+//! compile error naming it and gives the handler the fn's name in logs and dead letters.
+//! [`Handler::layer`] wraps a handler in your own tower layers.
+//!
 //! ```no_run
 //! use murmur_firehose::{Author, HandlerError, Record, Watcher, handler};
 //! # use atrium_api::types::Collection;
@@ -63,12 +71,12 @@ pub use dead_letter::{DeadLetter, DeadLetterStore, FileDeadLetterStore, MemoryDe
 pub use dedup::{DedupStore, FileDedupStore, OpKey};
 pub use dispatch::RejectedHook;
 pub use error::{FirehoseError, HandlerError, Rejected, Rejection};
-pub use extract::{Author, CommitInfo, Deleted, FromOp, Record, RecordRef, State};
+pub use extract::{
+    Author, CommitInfo, Created, Deleted, FromOp, Record, RecordRef, State, Updated,
+};
 pub use filter::{CollectionPattern, DidAllowlist, Filter};
 pub use gap::{Gap, GapKind};
-pub use handler::{
-    BoxFuture, CallError, FnHandler, Handler, Route, delete_handler, record_handler,
-};
+pub use handler::{BoxFuture, CallError, Handler, HandlerService, Layered, Route};
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use murmur_macros::handler;
 pub use op::{Action, OpData, OpEvent};
@@ -84,5 +92,9 @@ pub use watcher::{
 /// Items the `#[handler]` macro expands to; not part of the public API.
 #[doc(hidden)]
 pub mod __private {
-    pub use atrium_api::types::Collection;
+    pub use crate::handler::private::*;
+    pub use crate::{BoxFuture, CallError, FromOp, Handler, HandlerError, OpEvent, Route};
 }
+
+// `#[handler]` names `::murmur_firehose` when used inside this crate's own tests and docs.
+extern crate self as murmur_firehose;

@@ -40,6 +40,7 @@ pub struct OpEvent {
 
 /// The data of an [`OpEvent`].
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct OpData {
     /// The source (PDS or relay URL) the event came from.
     pub source: Arc<str>,
@@ -56,9 +57,9 @@ pub struct OpData {
     /// `collection/rkey`.
     pub path: String,
     /// CID of the new record (absent for deletes).
-    pub cid: Option<String>,
+    pub cid: Option<murmur_sync::Cid>,
     /// CID of the record before this op (updates and deletes, sync 1.1).
-    pub prev: Option<String>,
+    pub prev: Option<murmur_sync::Cid>,
     /// The record, DAG-CBOR encoded, hash-checked against `cid` (absent for deletes).
     pub record: Option<Vec<u8>>,
 }

@@ -322,8 +322,8 @@ impl Pipeline {
                 time: verified.time.clone(),
                 action: op.action,
                 path: op.path,
-                cid: op.cid.map(|c| c.to_string()),
-                prev: op.prev.map(|c| c.to_string()),
+                cid: op.cid,
+                prev: op.prev,
                 record: op.record,
             };
             jobs.push((OpEvent::new(data, Arc::clone(&self.state)), handlers));
@@ -392,8 +392,8 @@ impl Pipeline {
                     time: commit.time.clone(),
                     action: op.action,
                     path: op.path.clone(),
-                    cid: op.cid.map(|c| c.to_string()),
-                    prev: op.prev.map(|c| c.to_string()),
+                    cid: op.cid,
+                    prev: op.prev,
                     record: None,
                 };
                 let op = Rejected::Op(OpEvent::new(data, Arc::clone(&self.state)));

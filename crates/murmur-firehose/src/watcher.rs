@@ -5,24 +5,20 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use atrium_api::types::Collection;
 use futures_util::StreamExt;
-use murmur_lexicon::Validate;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::dispatch::{Dispatcher, HandlerEntry, RejectedHook, Runtime};
-use crate::extract::{Deleted, Record};
 use crate::filter::CollectionPattern;
-use crate::handler::{delete_handler, record_handler};
+use crate::handler::Erased;
 use crate::op::StateMap;
 use crate::pipeline::{DEFAULT_MAX_SEQ_JUMP, Pipeline, ReadPosition, check_seq_range};
 use crate::progress::Progress;
 use crate::{
     Action, Backoff, CursorStore, DeadLetterStore, DedupStore, DidAllowlist, FileCursorStore,
-    FileDeadLetterStore, FileDedupStore, Filter, FirehoseError, Gap, Handler, HandlerError,
-    MemoryDeadLetterStore, Metrics, OpEvent, Rejected, Source, SourceError, SubscribeRepos,
-    WatchError,
+    FileDeadLetterStore, FileDedupStore, Filter, FirehoseError, Gap, Handler,
+    MemoryDeadLetterStore, Metrics, Rejected, Source, SourceError, SubscribeRepos, WatchError,
 };
 
 /// Called with every gap: events the application may have missed.
@@ -151,48 +147,45 @@ impl WatcherBuilder {
         self
     }
 
-    /// Adds a handler (an async fn with `#[handler]`, or any [`Handler`]).
-    pub fn handler(mut self, handler: impl Handler) -> Self {
-        self.handlers.push(Box::new(handler));
+    /// Adds a handler: any async fn or closure whose arguments are extractors (one of them
+    /// [`Record<C>`](crate::Record), [`Created<C>`](crate::Created),
+    /// [`Updated<C>`](crate::Updated) or [`Deleted<C>`](crate::Deleted), which fixes the ops it
+    /// gets), an async fn with `#[handler]`, a [`Handler::layer`]ed one, or any [`Handler`].
+    ///
+    /// ```no_run
+    /// use murmur_firehose::{Author, Created, HandlerError, OpEvent, Watcher};
+    /// # use atrium_api::types::Collection;
+    /// # #[derive(Debug)] struct Task;
+    /// # #[derive(Debug, serde::Serialize, serde::Deserialize)] struct TaskRecord;
+    /// # impl Collection for Task { const NSID: &'static str = "agent.comms.task"; type Record = TaskRecord; }
+    /// # impl murmur_lexicon::Validate for TaskRecord { fn validate(&self) -> Result<(), murmur_lexicon::ValidationError> { Ok(()) } }
+    ///
+    /// async fn on_task(task: Created<Task>, from: Author) -> Result<(), HandlerError> {
+    ///     println!("{} posted {}", from.0, task.uri);
+    ///     Ok(())
+    /// }
+    ///
+    /// # fn main() -> Result<(), murmur_firehose::FirehoseError> {
+    /// let watcher = Watcher::builder()
+    ///     .pds("http://localhost:2583")
+    ///     .handler(on_task)
+    ///     .handler(|task: Created<Task>, op: OpEvent| async move {
+    ///         println!("attempt {} for {}", op.attempts(), task.uri);
+    ///         Ok(())
+    ///     })
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn handler<T: 'static, H: Handler<T>>(mut self, handler: H) -> Self {
+        self.handlers.push(Box::new(Erased::new(handler)));
         self
     }
 
-    /// Handles creates of `C` with a closure.
-    pub fn on_create<C, F, Fut>(self, f: F) -> Self
-    where
-        C: Collection + Send + 'static,
-        C::Record: Validate + Send,
-        F: Fn(Record<C>, OpEvent) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
-    {
-        self.handler(record_handler::<C, F, Fut>(&[Action::Create], f))
-    }
-
-    /// Handles updates of `C` with a closure.
-    pub fn on_update<C, F, Fut>(self, f: F) -> Self
-    where
-        C: Collection + Send + 'static,
-        C::Record: Validate + Send,
-        F: Fn(Record<C>, OpEvent) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
-    {
-        self.handler(record_handler::<C, F, Fut>(&[Action::Update], f))
-    }
-
-    /// Handles deletes of `C` with a closure.
-    pub fn on_delete<C, F, Fut>(self, f: F) -> Self
-    where
-        C: Collection + Send + 'static,
-        F: Fn(Deleted<C>, OpEvent) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
-    {
-        self.handler(delete_handler::<C, F, Fut>(f))
-    }
-
     /// Sees every verified op that passes the filter, whatever its collection (e.g. to tail a
-    /// stream). Runs under the same ordering, retry and dead-letter rules as handlers.
-    pub fn tail(mut self, handler: impl Handler) -> Self {
-        self.tail = Some(Box::new(handler));
+    /// stream): its route is not used. Runs under the same ordering, retry and dead-letter
+    /// rules as handlers.
+    pub fn tail<T: 'static, H: Handler<T>>(mut self, handler: H) -> Self {
+        self.tail = Some(Box::new(Erased::new(handler)));
         self
     }
 
@@ -374,8 +367,18 @@ impl WatcherBuilder {
         }
         if self.handlers.is_empty() && self.tail.is_none() {
             return Err(FirehoseError::Config(
-                "no handler: add .handler(..), .on_create::<T>(..) or .tail(..)".into(),
+                "no handler: add .handler(..) or .tail(..)".into(),
             ));
+        }
+        if let Some((h, why)) = self
+            .handlers
+            .iter()
+            .find_map(|h| h.route_error().map(|why| (h, why)))
+        {
+            return Err(FirehoseError::Config(format!(
+                "handler `{}` cannot be routed: {why}",
+                h.name()
+            )));
         }
         let mut missing: Vec<&str> = Vec::new();
         for h in self.handlers.iter().chain(&self.tail) {
@@ -422,16 +425,15 @@ impl WatcherBuilder {
                 .map(|_| Mutex::new(Progress::default()))
                 .collect(),
             on_rejected: self.on_rejected,
-            retry: self.retry,
-            timeout: self.timeout,
         });
         let entry = |handler: Box<dyn Handler>| {
-            Arc::new(HandlerEntry {
+            Arc::new(HandlerEntry::new(
                 handler,
-                concurrency: self
-                    .handler_concurrency
-                    .map(|n| Arc::new(tokio::sync::Semaphore::new(n.max(1)))),
-            })
+                &self.retry,
+                self.timeout,
+                self.handler_concurrency,
+                &metrics,
+            ))
         };
         let (shutdown, _) = watch::channel(false);
         Ok(Watcher {

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use murmur_firehose::{CursorStore, FileCursorStore, GapKind, HandlerError, Watcher};
+use murmur_firehose::{
+    Created, CursorStore, FileCursorStore, GapKind, HandlerError, OpEvent, Watcher,
+};
 use murmur_sync::VerifyLevel;
 use support::corpus::{self, Replay, Task};
 
@@ -42,7 +44,7 @@ async fn a_seq_regression_is_a_gap_and_the_stored_cursor_moves_into_the_new_seq_
         .verification(VerifyLevel::None)
         .cursor_store(FileCursorStore::new(state.path()))
         .on_gap(move |gap| g.lock().unwrap().push(gap.kind.clone()))
-        .on_create::<Task, _, _>(move |_task, _op| {
+        .handler(move |_task: Created<Task>, _op: OpEvent| {
             h.fetch_add(1, Ordering::Relaxed);
             async { Ok(()) }
         })
@@ -88,7 +90,7 @@ async fn without_a_state_dir_dead_letters_are_kept_in_memory_and_no_file_is_writ
             frames: Arc::new(frames),
         })
         .verification(VerifyLevel::None)
-        .on_create::<Task, _, _>(|task, _op| async move {
+        .handler(|task: Created<Task>, _op: OpEvent| async move {
             Err(HandlerError::fail(format!("cannot do {:?}", task.title)))
         })
         .build()
@@ -106,8 +108,10 @@ async fn without_a_state_dir_dead_letters_are_kept_in_memory_and_no_file_is_writ
 
     let letters = letters.list().await.unwrap();
     assert_eq!(letters.len() as u64, creates);
-    assert!(letters.iter().all(|l| l.handler == "agent.comms.task"
-        && l.action == "create"
+    // A closure handler is named by its type name: the fn it is written in.
+    assert!(letters.iter().all(|l| l.handler.contains(
+        "without_a_state_dir_dead_letters_are_kept_in_memory_and_no_file_is_written::{{closure}}"
+    ) && l.action == "create"
         && l.error.starts_with("failed: cannot do")
         && l.attempts == 1));
     assert_eq!(
@@ -131,7 +135,7 @@ async fn dropping_a_running_watcher_stops_its_handlers_like_a_kill() {
         })
         .verification(VerifyLevel::None)
         .state_dir(state.path())
-        .on_create::<Task, _, _>(move |_task, _op| {
+        .handler(move |_task: Created<Task>, _op: OpEvent| {
             let f = Arc::clone(&f);
             async move {
                 tokio::time::sleep(Duration::from_millis(20)).await;
@@ -178,7 +182,7 @@ async fn a_panicking_handler_is_a_dead_letter_and_its_lane_goes_on() {
             frames: Arc::new(frames),
         })
         .verification(VerifyLevel::None)
-        .on_create::<Task, _, _>(move |task, _op| {
+        .handler(move |task: Created<Task>, _op: OpEvent| {
             let n = c.fetch_add(1, Ordering::Relaxed);
             // Every third call panics: on the first poll, or after an await.
             let fut = async move {
@@ -257,7 +261,7 @@ async fn a_panicking_on_rejected_hook_leaves_the_op_unfinished_and_the_watcher_r
         })
         .verification(VerifyLevel::None)
         .cursor_store(FileCursorStore::new(state.path()))
-        .on_create::<Strict, _, _>(|_rec, _op| async { Ok(()) })
+        .handler(|_rec: Created<Strict>, _op: OpEvent| async { Ok(()) })
         .on_rejected(move |op, _why| {
             h.fetch_add(1, Ordering::Relaxed);
             panic!("hook bug on {}", op.uri());

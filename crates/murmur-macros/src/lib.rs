@@ -1,26 +1,31 @@
-//! The `#[handler]` attribute: turns an async fn into a typed murmur watcher handler.
+//! The `#[handler]` attribute for murmur watcher handlers.
 //!
-//! ```ignore
-//! #[handler]
-//! async fn on_task(task: Record<Task>, from: Author, State(db): State<Db>) -> Result<(), HandlerError> {
-//!     Ok(())
-//! }
-//! // then: Watcher::builder().handler(on_task)
-//! ```
+//! Any `async fn` whose arguments are extractors is already a handler (murmur implements
+//! `Handler` for every such fn, as axum does); `#[handler]` adds two things:
 //!
-//! The collection comes from the one `Record<T>` (creates and updates; `#[handler(create)]`
-//! or `#[handler(update)]` narrows it) or `Deleted<T>` argument. Every other argument must be
-//! an extractor (`murmur_firehose::FromOp`); a wrong argument type is a compile error that
-//! names the argument. The fn stays callable as `on_task::call(..)`.
+//! - compile errors that say what is wrong: one error per argument that is not an extractor,
+//!   pointing at it and naming it, and an error when the arguments do not give exactly one
+//!   route (`Record<C>`, `Created<C>`, `Updated<C>` or `Deleted<C>`);
+//! - a readable name, the fn's, in logs and dead letters.
+//!
+//! The fn becomes a unit struct of the same name implementing `Handler` (pass it as
+//! `.handler(on_task)`); the original fn stays callable as `on_task::call(..)`.
+//!
+//! The expansion names its runtime through the crate the user depends on: `murmur` (also
+//! when renamed in Cargo.toml) or else `murmur-firehose`, found with `proc-macro-crate`.
+//! `#[handler(crate = path)]` names it explicitly, e.g. for a crate that re-exports murmur.
+//! See the `murmur` crate docs for an example.
 
 use proc_macro::TokenStream;
+use proc_macro_crate::{FoundCrate, crate_name};
 use proc_macro2::Span;
 use quote::{format_ident, quote, quote_spanned};
 use syn::punctuated::Punctuated;
 use syn::spanned::Spanned;
-use syn::{FnArg, GenericArgument, ItemFn, Meta, PathArguments, Token, Type, parse_macro_input};
+use syn::{FnArg, ItemFn, Meta, Token, parse_macro_input};
 
-/// Makes an async fn a murmur handler. See the crate docs.
+/// Checks an async fn's arguments at compile time and names the handler after the fn.
+/// See the crate docs.
 #[proc_macro_attribute]
 pub fn handler(attr: TokenStream, item: TokenStream) -> TokenStream {
     let metas = parse_macro_input!(attr with Punctuated::<Meta, Token![,]>::parse_terminated);
@@ -30,38 +35,59 @@ pub fn handler(attr: TokenStream, item: TokenStream) -> TokenStream {
         .into()
 }
 
-enum RouteArg {
-    Record(Type),
-    Deleted(Type),
+/// The path of the crate holding `__private`: murmur if the user depends on it, else
+/// murmur-firehose, under whatever name Cargo.toml gives them.
+fn runtime_crate() -> syn::Path {
+    for (package, own) in [("murmur", "murmur"), ("murmur-firehose", "murmur_firehose")] {
+        match crate_name(package) {
+            // Inside the crate itself (its tests, examples and doctests see it by name; its
+            // lib declares `extern crate self as ..`).
+            Ok(FoundCrate::Itself) => {
+                let ident = syn::Ident::new(own, Span::call_site());
+                return syn::parse_quote!(::#ident);
+            }
+            Ok(FoundCrate::Name(name)) => {
+                let ident = syn::Ident::new(&name, Span::call_site());
+                return syn::parse_quote!(::#ident);
+            }
+            Err(_) => {}
+        }
+    }
+    syn::parse_quote!(::murmur)
 }
 
 fn expand(
     metas: Punctuated<Meta, Token![,]>,
     func: ItemFn,
 ) -> syn::Result<proc_macro2::TokenStream> {
-    let mut krate: syn::Path = syn::parse_quote!(::murmur_firehose);
-    let (mut create, mut update) = (false, false);
+    let mut krate: Option<syn::Path> = None;
     for meta in metas {
         match &meta {
-            Meta::Path(p) if p.is_ident("create") => create = true,
-            Meta::Path(p) if p.is_ident("update") => update = true,
             Meta::NameValue(nv) if nv.path.is_ident("crate") => match &nv.value {
-                syn::Expr::Path(p) => krate = p.path.clone(),
+                syn::Expr::Path(p) => krate = Some(p.path.clone()),
                 other => {
                     return Err(syn::Error::new(
                         other.span(),
-                        "expected a path, e.g. `crate = murmur::firehose`",
+                        "expected a path, e.g. `crate = ::murmur`",
                     ));
                 }
             },
+            Meta::Path(p) if p.is_ident("create") || p.is_ident("update") => {
+                return Err(syn::Error::new(
+                    p.span(),
+                    "the route comes from the argument type: take `Created<C>` or `Updated<C>` instead of `Record<C>`",
+                ));
+            }
             other => {
                 return Err(syn::Error::new(
                     other.span(),
-                    "unknown option: expected `create`, `update` or `crate = path`",
+                    "unknown option: expected `crate = path`",
                 ));
             }
         }
     }
+    let krate = krate.unwrap_or_else(runtime_crate);
+    let private = quote!(#krate::__private);
 
     if func.sig.asyncness.is_none() {
         return Err(syn::Error::new(
@@ -75,15 +101,19 @@ fn expand(
             "#[handler] functions cannot be generic",
         ));
     }
+    if func.sig.inputs.is_empty() {
+        return Err(syn::Error::new(
+            func.sig.paren_token.span.join(),
+            "a murmur handler needs one `Record<C>`, `Created<C>`, `Updated<C>` or `Deleted<C>` argument: its type fixes the ops it gets",
+        ));
+    }
 
     let name = &func.sig.ident;
     let vis = &func.vis;
     let attrs = &func.attrs;
-    let mut route: Option<RouteArg> = None;
-    let mut bindings = Vec::new();
-    let mut extracts = Vec::new();
     let mut checks = Vec::new();
-    let mut states = Vec::new();
+    let mut arg_fns = Vec::new();
+    let mut bindings = Vec::new();
     for (i, arg) in func.sig.inputs.iter().enumerate() {
         let FnArg::Typed(pat_type) = arg else {
             return Err(syn::Error::new(
@@ -92,77 +122,40 @@ fn expand(
             ));
         };
         let ty = &*pat_type.ty;
-        if let Some(found) = route_arg(ty) {
-            if route.is_some() {
-                return Err(syn::Error::new(
-                    ty.span(),
-                    "a handler takes exactly one `Record<T>` or `Deleted<T>` argument",
-                ));
-            }
-            route = Some(found);
-        }
         let arg_name = match &*pat_type.pat {
             syn::Pat::Ident(id) => id.ident.to_string(),
             _ => format!("{}", i + 1),
         };
-        let binding = format_ident!("__murmur_arg{}", i);
         let check = format_ident!(
             "argument_{}_must_be_an_extractor",
             arg_name.trim_start_matches('_')
         );
+        // Every use of the argument's type goes through this one call, so a type that is not
+        // an extractor is one error, at the argument, naming it.
         checks.push(quote_spanned! {ty.span()=>
-            #[allow(non_snake_case, dead_code)]
-            fn #check<T: #krate::FromOp>() {}
-            #check::<#ty>();
-        });
-        extracts.push(quote_spanned! {ty.span()=>
-            let #binding = match <#ty as #krate::FromOp>::from_op(&op) {
-                ::core::result::Result::Ok(value) => value,
-                ::core::result::Result::Err(rejection) => {
-                    return ::std::boxed::Box::pin(async move {
-                        ::core::result::Result::Err(#krate::CallError::Rejected(rejection))
-                    });
-                }
-            };
-        });
-        states.push(quote! {
-            if let ::core::option::Option::Some(s) = <#ty as #krate::FromOp>::required_state() {
-                required.push(s);
+            #[allow(non_snake_case)]
+            const fn #check<T: #private::FromOp>() -> #private::ArgFns<T> {
+                #private::arg_fns::<T>()
             }
         });
-        bindings.push(binding);
+        arg_fns.push(quote_spanned! {ty.span()=> #check::<#ty>() });
+        bindings.push(format_ident!("__murmur_arg{}", i));
     }
-
-    let (collection_ty, actions) = match route {
-        Some(RouteArg::Record(t)) => {
-            let actions = match (create, update) {
-                (true, false) => quote!(&[#krate::Action::Create]),
-                (false, true) => quote!(&[#krate::Action::Update]),
-                _ => quote!(&[#krate::Action::Create, #krate::Action::Update]),
-            };
-            (t, actions)
-        }
-        Some(RouteArg::Deleted(t)) => {
-            if create || update {
-                return Err(syn::Error::new(
-                    Span::call_site(),
-                    "`create`/`update` do not apply to a `Deleted<T>` handler",
-                ));
-            }
-            (t, quote!(&[#krate::Action::Delete]))
-        }
-        None => {
-            return Err(syn::Error::new(
-                func.sig.inputs.span(),
-                "a murmur handler needs one `Record<T>` or `Deleted<T>` argument: its type fixes the collection",
-            ));
-        }
-    };
 
     let inputs = &func.sig.inputs;
     let output = &func.sig.output;
     let block = &func.block;
     let name_str = name.to_string();
+    let route_msg = format!(
+        "handler `{name_str}` needs exactly one `Record<C>`, `Created<C>`, `Updated<C>` or `Deleted<C>` argument: its type fixes the ops it gets"
+    );
+    let routes_span = func.sig.inputs.span();
+    let route_check = quote_spanned! {routes_span=>
+        const _: () = ::core::assert!(
+            #private::count_routes(&[#(#arg_fns.route),*]) == 1,
+            #route_msg
+        );
+    };
     Ok(quote! {
         #(#attrs)*
         #[allow(non_camel_case_types)]
@@ -174,52 +167,41 @@ fn expand(
             #vis async fn call(#inputs) #output #block
         }
 
-        impl #krate::Handler for #name {
-            fn name(&self) -> &'static str {
-                #name_str
-            }
+        const _: () = {
+            #(#checks)*
+            #route_check
 
-            fn route(&self) -> #krate::Route {
-                #krate::Route {
-                    collection: <#collection_ty as #krate::__private::Collection>::NSID,
-                    actions: #actions,
+            impl #private::Handler for #name {
+                fn name(&self) -> &'static str {
+                    #name_str
+                }
+
+                fn route(&self) -> #private::Route {
+                    #private::the_route(&[#(#arg_fns.route),*])
+                }
+
+                fn required_state(&self) -> ::std::vec::Vec<(::std::any::TypeId, &'static str)> {
+                    [#((#arg_fns.required_state)()),*].into_iter().flatten().collect()
+                }
+
+                fn call(&self, op: #private::OpEvent) -> #private::BoxFuture<::core::result::Result<(), #private::CallError>> {
+                    #(
+                        let #bindings = match (#arg_fns.from_op)(&op) {
+                            ::core::result::Result::Ok(value) => value,
+                            ::core::result::Result::Err(rejection) => {
+                                return ::std::boxed::Box::pin(::core::future::ready(
+                                    ::core::result::Result::Err(#private::CallError::Rejected(rejection)),
+                                ));
+                            }
+                        };
+                    )*
+                    ::std::boxed::Box::pin(async move {
+                        let result: ::core::result::Result<(), #private::HandlerError> =
+                            #name::call(#(#bindings),*).await;
+                        result.map_err(#private::CallError::Handler)
+                    })
                 }
             }
-
-            fn required_state(&self) -> ::std::vec::Vec<(::std::any::TypeId, &'static str)> {
-                let mut required = ::std::vec::Vec::new();
-                #(#states)*
-                required
-            }
-
-            fn call(&self, op: #krate::OpEvent) -> #krate::BoxFuture<::core::result::Result<(), #krate::CallError>> {
-                #[allow(unused)]
-                fn __murmur_checks() {
-                    #(#checks)*
-                }
-                #(#extracts)*
-                ::std::boxed::Box::pin(async move {
-                    let result: ::core::result::Result<(), #krate::HandlerError> = #name::call(#(#bindings),*).await;
-                    result.map_err(#krate::CallError::Handler)
-                })
-            }
-        }
+        };
     })
-}
-
-/// `Record<T>` or `Deleted<T>` (by last path segment), with `T`.
-fn route_arg(ty: &Type) -> Option<RouteArg> {
-    let Type::Path(path) = ty else { return None };
-    let last = path.path.segments.last()?;
-    let PathArguments::AngleBracketed(args) = &last.arguments else {
-        return None;
-    };
-    let Some(GenericArgument::Type(inner)) = args.args.first() else {
-        return None;
-    };
-    match last.ident.to_string().as_str() {
-        "Record" => Some(RouteArg::Record(inner.clone())),
-        "Deleted" => Some(RouteArg::Deleted(inner.clone())),
-        _ => None,
-    }
 }

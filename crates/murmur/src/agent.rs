@@ -2,7 +2,6 @@
 //! the task protocol, the registry and user handlers wired in.
 
 use std::collections::BTreeSet;
-use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,10 +11,8 @@ use murmur_comms::{
     Assignment, Claim, Handoff, Message, Presence, Profile, Result as ResultC, Status, Task,
 };
 use murmur_firehose::{
-    Deleted, Handler, HandlerError, Metrics, OpEvent, Record, ShutdownHandle, Watcher,
-    WatcherBuilder,
+    Created, Deleted, Handler, Metrics, OpEvent, Record, ShutdownHandle, Watcher, WatcherBuilder,
 };
-use murmur_lexicon::Validate;
 use murmur_pds::{Collection, Writer, Written};
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
@@ -167,48 +164,33 @@ impl AgentBuilder {
         self
     }
 
-    /// Runs `f` for every created record of `C` on the watched hosts.
-    pub fn on<C, F, Fut>(mut self, f: F) -> Self
-    where
-        C: Collection + Send + 'static,
-        C::Record: Validate + Send,
-        F: Fn(Record<C>, OpEvent) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
-    {
-        self.collections.insert(C::NSID);
-        self.watcher = self.watcher.on_create::<C, F, Fut>(f);
-        self
-    }
-
-    /// Runs `f` for every updated record of `C` (putRecord on an existing key) on the
-    /// watched hosts; the record is the new version.
-    pub fn on_update<C, F, Fut>(mut self, f: F) -> Self
-    where
-        C: Collection + Send + 'static,
-        C::Record: Validate + Send,
-        F: Fn(Record<C>, OpEvent) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
-    {
-        self.collections.insert(C::NSID);
-        self.watcher = self.watcher.on_update::<C, F, Fut>(f);
-        self
-    }
-
-    /// Runs `f` for every deleted record of `C` on the watched hosts. A delete carries no
-    /// record: [`Deleted`] names its uri, key and former CID.
-    pub fn on_delete<C, F, Fut>(mut self, f: F) -> Self
-    where
-        C: Collection + Send + 'static,
-        F: Fn(Deleted<C>, OpEvent) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<(), HandlerError>> + Send + 'static,
-    {
-        self.collections.insert(C::NSID);
-        self.watcher = self.watcher.on_delete::<C, F, Fut>(f);
-        self
-    }
-
-    /// Adds a handler made with `#[handler]` (or any [`Handler`]).
-    pub fn handler(mut self, handler: impl Handler) -> Self {
+    /// Adds a handler: any async fn or closure whose arguments are extractors, one of them
+    /// [`Record<C>`](crate::Record) (creates and updates), [`Created<C>`](crate::Created),
+    /// [`Updated<C>`](crate::Updated) or [`Deleted<C>`](crate::Deleted), whose collection
+    /// the agent then watches; or an async fn with `#[handler]`, or any [`Handler`].
+    ///
+    /// ```no_run
+    /// use murmur::comms::Message;
+    /// use murmur::{Agent, Author, Created, HandlerError, handler};
+    ///
+    /// #[handler]
+    /// async fn on_message(msg: Created<Message>, from: Author) -> Result<(), HandlerError> {
+    ///     println!("{} says {:?}", from.0, msg.text);
+    ///     Ok(())
+    /// }
+    ///
+    /// # async fn demo(writer: murmur::pds::Writer) -> Result<(), murmur::AgentError> {
+    /// let agent = Agent::builder(writer)
+    ///     .handler(on_message)
+    ///     .handler(|gone: murmur::Deleted<Message>| async move {
+    ///         println!("{} was deleted", gone.uri);
+    ///         Ok(())
+    ///     })
+    ///     .start()
+    ///     .await?;
+    /// # Ok(()) }
+    /// ```
+    pub fn handler<T: 'static, H: Handler<T>>(mut self, handler: H) -> Self {
         self.collections.insert(handler.route().collection);
         self.watcher = self.watcher.handler(handler);
         self
@@ -252,27 +234,17 @@ impl AgentBuilder {
         collections.insert(Presence::NSID);
         {
             let r = registry.clone();
-            watcher = watcher.on_create::<Profile, _, _>(move |rec, op| {
+            watcher = watcher.handler(move |rec: Record<Profile>, op: OpEvent| {
                 r.observe_profile(&op.data().did, rec.into_inner());
                 async { Ok(()) }
             });
             let r = registry.clone();
-            watcher = watcher.on_update::<Profile, _, _>(move |rec, op| {
-                r.observe_profile(&op.data().did, rec.into_inner());
-                async { Ok(()) }
-            });
-            let r = registry.clone();
-            watcher = watcher.on_create::<Presence, _, _>(move |rec, op| {
+            watcher = watcher.handler(move |rec: Record<Presence>, op: OpEvent| {
                 r.observe_presence(&op.data().did, rec.into_inner());
                 async { Ok(()) }
             });
             let r = registry.clone();
-            watcher = watcher.on_update::<Presence, _, _>(move |rec, op| {
-                r.observe_presence(&op.data().did, rec.into_inner());
-                async { Ok(()) }
-            });
-            let r = registry.clone();
-            watcher = watcher.on_delete::<Presence, _, _>(move |_gone, op| {
+            watcher = watcher.handler(move |_gone: Deleted<Presence>, op: OpEvent| {
                 r.forget_presence(&op.data().did);
                 async { Ok(()) }
             });
@@ -299,46 +271,40 @@ impl AgentBuilder {
         if let Some(req) = &requester {
             collections.extend([Claim::NSID, Status::NSID, ResultC::NSID]);
             let r = Arc::clone(req);
-            watcher =
-                watcher.on_create::<Claim, _, _>(move |rec, op| Arc::clone(&r).on_claim(rec, op));
-            for actions in [true, false] {
-                let r = Arc::clone(req);
-                watcher = if actions {
-                    watcher
-                        .on_create::<Status, _, _>(move |rec, op| Arc::clone(&r).on_status(rec, op))
-                } else {
-                    watcher
-                        .on_update::<Status, _, _>(move |rec, op| Arc::clone(&r).on_status(rec, op))
-                };
-            }
+            watcher = watcher.handler(move |rec: Created<Claim>, op: OpEvent| {
+                Arc::clone(&r).on_claim(rec.into_record(), op)
+            });
             let r = Arc::clone(req);
             watcher = watcher
-                .on_create::<ResultC, _, _>(move |rec, op| Arc::clone(&r).on_result(rec, op));
+                .handler(move |rec: Record<Status>, op: OpEvent| Arc::clone(&r).on_status(rec, op));
+            let r = Arc::clone(req);
+            watcher = watcher.handler(move |rec: Created<ResultC>, op: OpEvent| {
+                Arc::clone(&r).on_result(rec.into_record(), op)
+            });
             collections.insert(Handoff::NSID);
             let r = Arc::clone(req);
-            watcher = watcher
-                .on_create::<Handoff, _, _>(move |rec, op| Arc::clone(&r).on_handoff(rec, op));
+            watcher = watcher.handler(move |rec: Created<Handoff>, op: OpEvent| {
+                Arc::clone(&r).on_handoff(rec.into_record(), op)
+            });
         }
         let worker = worker.map(|w| WorkerRuntime::new(writer.clone(), w, events.clone()));
         if let Some(wk) = &worker {
             collections.extend([Task::NSID, Assignment::NSID]);
             let w = Arc::clone(wk);
-            watcher =
-                watcher.on_create::<Task, _, _>(move |rec, op| Arc::clone(&w).on_task(rec, op));
-            let w = Arc::clone(wk);
-            watcher = watcher.on_create::<Assignment, _, _>(move |rec, op| {
-                Arc::clone(&w).on_assignment(rec, op)
+            watcher = watcher.handler(move |rec: Created<Task>, op: OpEvent| {
+                Arc::clone(&w).on_task(rec.into_record(), op)
             });
             let w = Arc::clone(wk);
-            watcher = watcher.on_update::<Assignment, _, _>(move |rec, op| {
+            watcher = watcher.handler(move |rec: Record<Assignment>, op: OpEvent| {
                 Arc::clone(&w).on_assignment(rec, op)
             });
             collections.insert(Handoff::NSID);
             let w = Arc::clone(wk);
-            watcher = watcher
-                .on_create::<Handoff, _, _>(move |rec, op| Arc::clone(&w).on_handoff(rec, op));
+            watcher = watcher.handler(move |rec: Created<Handoff>, op: OpEvent| {
+                Arc::clone(&w).on_handoff(rec.into_record(), op)
+            });
             let w = Arc::clone(wk);
-            watcher = watcher.on_delete::<Assignment, _, _>(move |gone, op| {
+            watcher = watcher.handler(move |gone: Deleted<Assignment>, op: OpEvent| {
                 Arc::clone(&w).on_assignment_deleted(gone, op)
             });
         }

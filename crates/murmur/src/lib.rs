@@ -77,7 +77,24 @@ pub use murmur_pds as pds;
 /// Event-stream frames and commit verification (re-export of `murmur-sync`).
 pub use murmur_sync as sync;
 
-pub use murmur_firehose::{Author, Deleted, HandlerError, OpEvent, Record, State, handler};
+pub use murmur_firehose::{
+    Author, CommitInfo, Created, Deleted, Handler, HandlerError, OpEvent, Record, RecordRef, State,
+    Updated, handler,
+};
+
+/// Items the `#[handler]` macro expands to; not part of the public API.
+#[doc(hidden)]
+pub mod __private {
+    pub use murmur_firehose::__private::*;
+}
+
+// `#[handler]` names `::murmur` when used inside this crate's own tests and docs.
+extern crate self as murmur;
+
+/// The README, so that its Rust blocks are compiled (and the offline ones run) as doctests.
+#[doc = include_str!("../../../README.md")]
+#[doc(hidden)]
+pub mod readme {}
 
 /// A strong reference to a record: its at-uri and CID.
 pub type StrongRef = atrium_api::com::atproto::repo::strong_ref::Main;

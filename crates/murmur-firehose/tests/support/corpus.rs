@@ -75,15 +75,18 @@ fn did_for_pass(did: &str, pass: usize) -> String {
 
 /// Creates of `agent.comms.task` in `frames`.
 pub fn task_creates(frames: &[Vec<u8>]) -> u64 {
+    task_ops(frames, murmur_sync::Action::Create)
+}
+
+/// Ops of `agent.comms.task` with `action` in `frames`.
+pub fn task_ops(frames: &[Vec<u8>], action: murmur_sync::Action) -> u64 {
     frames
         .iter()
         .filter_map(|f| match murmur_sync::Frame::decode(f) {
             Ok(murmur_sync::Frame::Commit(c)) => Some(
                 c.ops
                     .iter()
-                    .filter(|op| {
-                        op.action == murmur_sync::Action::Create && op.collection() == Task::NSID
-                    })
+                    .filter(|op| op.action == action && op.collection() == Task::NSID)
                     .count() as u64,
             ),
             _ => None,

@@ -1,6 +1,5 @@
-#![allow(unused_imports)] // the macro drops a rejected fn, leaving its imports unused
 use atrium_api::types::Collection;
-use murmur_firehose::{handler, Author, HandlerError};
+use murmur_firehose::{handler, Author, Deleted, HandlerError, Record as R};
 
 #[derive(Debug)]
 struct Note;
@@ -24,6 +23,12 @@ impl murmur_lexicon::Validate for NoteRecord {
 #[handler]
 async fn on_anything(from: Author) -> Result<(), HandlerError> {
     let _ = from;
+    Ok(())
+}
+
+#[handler]
+async fn on_both(note: R<Note>, gone: Deleted<Note>) -> Result<(), HandlerError> {
+    let _ = (note, gone);
     Ok(())
 }
 
