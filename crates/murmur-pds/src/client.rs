@@ -10,10 +10,11 @@ use std::time::{Duration, SystemTime};
 use atrium_api::client::AtpServiceClient;
 use atrium_api::com::atproto::{repo, server};
 use atrium_api::xrpc::error::XrpcErrorKind;
+use murmur_backoff::Backoff;
 use serde::Serialize;
 
 use crate::session::{Seen, Session, SessionCell};
-use crate::transport::{Call, RateLimit, RetryPolicy, Transport};
+use crate::transport::{Call, RateLimit, Transport};
 use crate::{Error, Result, Secret, Swap};
 
 /// How the writer authenticates a call.
@@ -164,10 +165,64 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     text
 }
 
+/// When and how the writer retries.
+///
+/// Which calls are retried after a failure that may have reached the server (5xx, timeout,
+/// connection reset) is decided per call, by idempotency: reads, putRecord and deleteRecord
+/// without a swap, and uploadBlob are replayed; createRecord reads its (fixed, TID) key back
+/// before sending again, so it never duplicates a record. Calls that never reached the
+/// server (connection refused) and 429 answers are retried for every call.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts per call, the first included. 1 disables retries.
+    pub max_attempts: u32,
+    /// Backoff before the second attempt; doubles each time, with jitter.
+    pub initial_backoff: Duration,
+    /// Cap on one backoff.
+    pub max_backoff: Duration,
+    /// Longest wait the writer accepts from a 429's Retry-After / RateLimit-Reset before
+    /// giving up with [`Error::RateLimited`](crate::Error::RateLimited).
+    pub max_rate_limit_wait: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: 4,
+            initial_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(5),
+            max_rate_limit_wait: Duration::from_secs(60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// No retries at all.
+    pub fn none() -> RetryPolicy {
+        RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        }
+    }
+
+    /// The delays between attempts: retry `n` (0-based) waits a random duration in
+    /// `[ceiling/2, ceiling]`, `ceiling = min(initial_backoff * 2^n, max_backoff)`, and there
+    /// are `max_attempts - 1` retries.
+    pub(crate) fn backoff(&self) -> Backoff {
+        Backoff {
+            initial: self.initial_backoff,
+            max: self.max_backoff,
+            factor: 2.0,
+            max_attempts: Some(self.max_attempts.saturating_sub(1)),
+        }
+    }
+}
+
 /// The HTTP side of a writer or a reader: transport, retry policy, last rate-limit state.
 pub(crate) struct Client {
     transport: Transport,
     policy: RetryPolicy,
+    backoff: Backoff,
     rate_limit: Mutex<Option<RateLimit>>,
 }
 
@@ -202,6 +257,7 @@ impl Client {
         };
         Ok(Client {
             transport: Transport::new(pds, http),
+            backoff: policy.backoff(),
             policy,
             rate_limit: Mutex::new(None),
         })
@@ -215,9 +271,9 @@ impl Client {
         self.transport.requests()
     }
 
-    /// When and how calls are retried.
-    pub(crate) fn policy(&self) -> &RetryPolicy {
-        &self.policy
+    /// The delays between attempts of a call, from the retry policy.
+    pub(crate) fn backoff(&self) -> &Backoff {
+        &self.backoff
     }
 
     /// The RateLimit-* headers of the latest response that carried them.
@@ -276,6 +332,8 @@ impl Client {
                 tracing::debug!(nsid, attempt, ?wait, "retrying");
                 tokio::time::sleep(wait)
             };
+            // The wait before the next attempt; `None` once the attempts are used up.
+            let backoff = self.backoff.delay(attempt - 1);
             match failure {
                 Failure::Auth { error } => match (&auth, session, seen) {
                     (Auth::Session, Some(cell), Some(seen)) if !refreshed => {
@@ -298,8 +356,10 @@ impl Client {
                 },
                 Failure::Status { status: 429, .. } => {
                     let hint = meta.wait_hint(SystemTime::now());
-                    let wait = hint.unwrap_or_else(|| policy.backoff(attempt));
-                    if attempt < policy.max_attempts && wait <= policy.max_rate_limit_wait {
+                    let wait = backoff
+                        .map(|b| hint.unwrap_or(b))
+                        .filter(|w| *w <= policy.max_rate_limit_wait);
+                    if let Some(wait) = wait {
                         tracing::info!(nsid, ?wait, "rate limited by the PDS; waiting");
                         retry_in(wait).await;
                     } else {
@@ -311,9 +371,9 @@ impl Client {
                 }
                 Failure::Transport { message, sent } => {
                     let may_retry = !sent || replay == Replay::Idempotent;
-                    if may_retry && attempt < policy.max_attempts {
+                    if let Some(wait) = backoff.filter(|_| may_retry) {
                         tracing::debug!(nsid, %message, sent, "transport failure");
-                        retry_in(policy.backoff(attempt)).await;
+                        retry_in(wait).await;
                     } else {
                         return Err(Error::Unreachable {
                             url: self.transport.base().to_string(),
@@ -329,12 +389,10 @@ impl Client {
                     message,
                 } => {
                     let transient = matches!(status, 500 | 502 | 503 | 504);
-                    if transient
-                        && (replay == Replay::Idempotent || status == 503)
-                        && attempt < policy.max_attempts
-                    {
+                    let may_retry = transient && (replay == Replay::Idempotent || status == 503);
+                    if let Some(wait) = backoff.filter(|_| may_retry) {
                         tracing::debug!(nsid, status, %error, "transient server error");
-                        retry_in(policy.backoff(attempt)).await;
+                        retry_in(wait).await;
                         continue;
                     }
                     return Err(status_error(nsid, status, error, message));
@@ -398,5 +456,36 @@ fn status_error(nsid: &'static str, status: u16, error: String, message: String)
         status,
         error,
         message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_stops_after_max_attempts() {
+        let p = RetryPolicy::default();
+        let backoff = p.backoff();
+        let first = backoff.delay(0).unwrap();
+        assert!(first >= p.initial_backoff / 2 && first <= p.initial_backoff);
+        for retry in 0..p.max_attempts - 1 {
+            let d = backoff.delay(retry).unwrap();
+            assert!(d <= p.max_backoff, "{d:?}");
+        }
+        assert_eq!(
+            backoff.delay(p.max_attempts - 1),
+            None,
+            "4 attempts, 3 retries"
+        );
+        let capped = RetryPolicy {
+            max_attempts: 20,
+            ..p.clone()
+        };
+        for retry in 0..19 {
+            let d = capped.backoff().delay(retry).unwrap();
+            assert!(d <= p.max_backoff, "{d:?}");
+        }
+        assert_eq!(RetryPolicy::none().backoff().delay(0), None);
     }
 }

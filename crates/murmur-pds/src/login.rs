@@ -7,8 +7,7 @@ use std::time::Duration;
 use atrium_api::client::AtpServiceClient;
 use atrium_api::com::atproto::server;
 
-use crate::client::{Auth, Client, Replay};
-use crate::transport::RetryPolicy;
+use crate::client::{Auth, Client, Replay, RetryPolicy};
 use crate::{Error, Result, Secret, Session, Writer};
 
 /// A PDS URL reduced to what names the server: scheme and host (lowercase), port (the

@@ -204,7 +204,7 @@ impl Writer {
         // cannot tell "our earlier attempt landed" from a real failure. Instead, after a
         // failure that may have reached the server, look: if the key holds our record (same
         // CID), the create happened; if it holds nothing, create again.
-        let policy = self.inner.client.policy();
+        let backoff = self.inner.client.backoff();
         let mut tries = 0;
         let out = loop {
             tries += 1;
@@ -234,10 +234,10 @@ impl Writer {
                         ..
                     }
             );
-            if !may_have_landed || tries >= policy.max_attempts {
+            let Some(wait) = backoff.delay(tries - 1).filter(|_| may_have_landed) else {
                 return Err(err);
-            }
-            tokio::time::sleep(policy.backoff(tries)).await;
+            };
+            tokio::time::sleep(wait).await;
             match self.get_raw(&encoded.nsid, &rkey).await? {
                 Some((cid, uri)) if cid == encoded.cid => {
                     tracing::debug!(%uri, "create had landed before its answer was lost");
