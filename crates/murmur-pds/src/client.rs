@@ -172,6 +172,9 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// without a swap, and uploadBlob are replayed; createRecord reads its (fixed, TID) key back
 /// before sending again, so it never duplicates a record. Calls that never reached the
 /// server (connection refused) and 429 answers are retried for every call.
+///
+/// The waits between attempts come from murmur's one backoff type, `murmur_backoff::Backoff`
+/// (the watcher's `murmur_firehose::Backoff`), built from these fields.
 #[derive(Debug, Clone)]
 pub struct RetryPolicy {
     /// Attempts per call, the first included. 1 disables retries.

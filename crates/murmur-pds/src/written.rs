@@ -51,7 +51,7 @@ pub struct Stored<R> {
     pub value: R,
 }
 
-/// One page of [`Writer::list`].
+/// One page of [`Writer::list`](crate::Writer::list).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Page<R> {
     /// Records on this page.
