@@ -158,6 +158,8 @@ impl Reader {
     }
 }
 
+/// getRecord and listRecords, shared by the [`Reader`] (no account) and the
+/// [`Writer`](crate::Writer) (its session).
 impl Client {
     /// getRecord of `repo_did`; `None` when there is no record at `rkey`.
     pub(crate) async fn get<C>(
