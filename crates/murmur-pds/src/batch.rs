@@ -6,8 +6,10 @@ use atrium_api::types::Collection;
 use ipld_core::cid::Cid;
 use murmur_lexicon::Validate;
 
+use crate::client::Replay;
 use crate::encode::{self, MAX_REQUEST_JSON_BYTES};
-use crate::writer::{Replay, commit_ref, nsid, record_key};
+use crate::writer::{nsid, record_key};
+use crate::written::commit_ref;
 use crate::{CommitRef, Error, Result, Writer, Written};
 
 /// Most writes the reference PDS accepts in one applyWrites call.

@@ -61,22 +61,28 @@
 //! applyWrites batches, createSession and refreshSession.
 
 mod batch;
+mod client;
 mod encode;
 mod error;
+mod login;
 mod reader;
 mod session;
 mod tid;
 mod transport;
 mod writer;
+mod written;
 
 pub use atrium_api::types::{BlobRef, Collection};
 pub use batch::{Batch, BatchOutcome, BatchWritten, MAX_BATCH_WRITES};
+pub use client::RetryPolicy;
 pub use encode::{MAX_RECORD_CBOR_BYTES, MAX_REQUEST_JSON_BYTES, record_cid, record_cid_untyped};
 pub use error::{Error, Result, Swap};
 pub use ipld_core::cid::Cid;
+pub use login::WriterBuilder;
 pub use murmur_lexicon::{Validate, ValidationError};
 pub use reader::Reader;
 pub use session::{Secret, Session};
 pub use tid::{Tid, TidGenerator};
-pub use transport::{RateLimit, RetryPolicy};
-pub use writer::{CommitRef, Page, ServerLimits, Stored, Writer, WriterBuilder, Written};
+pub use transport::RateLimit;
+pub use writer::Writer;
+pub use written::{CommitRef, Page, ServerLimits, Stored, Written};

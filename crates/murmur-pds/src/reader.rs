@@ -1,15 +1,20 @@
-//! The reader: public, unauthenticated reads of any repo hosted on one PDS.
+//! Reads of records: the [`Reader`] (public, unauthenticated reads of any repo hosted on one
+//! PDS) and the getRecord/listRecords calls it shares with the [`Writer`](crate::Writer).
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
 use atrium_api::client::AtpServiceClient;
-use atrium_api::com::atproto::sync;
-use atrium_api::types::{Collection, LimitedNonZeroU16};
+use atrium_api::com::atproto::{repo, sync};
+use atrium_api::types::string::AtIdentifier;
+use atrium_api::types::{Collection, LimitedNonZeroU8, LimitedNonZeroU16};
 
-use crate::writer::{Auth, Client, Replay, did_identifier};
-use crate::{Error, Page, Result, RetryPolicy, Stored};
+use crate::client::{Auth, Client, Replay, RetryPolicy};
+use crate::encode;
+use crate::session::SessionCell;
+use crate::writer::{did_identifier, nsid, record_key};
+use crate::{Error, Page, Result, Stored};
 
 /// Reads records of any repo on one PDS, without an account: `getRecord`, `listRecords`,
 /// and the repos the host serves (`listRepos`). Reads are retried like the writer's.
@@ -150,5 +155,146 @@ impl Reader {
             .map(|r| r.did.as_str().to_string())
             .collect();
         Ok((dids, out.data.cursor))
+    }
+}
+
+/// getRecord and listRecords, shared by the [`Reader`] (no account) and the
+/// [`Writer`](crate::Writer) (its session).
+impl Client {
+    /// getRecord of `repo_did`; `None` when there is no record at `rkey`.
+    pub(crate) async fn get<C>(
+        &self,
+        session: Option<&SessionCell>,
+        auth: Auth,
+        repo_did: &str,
+        rkey: &str,
+    ) -> Result<Option<Stored<C::Record>>>
+    where
+        C: Collection,
+    {
+        let Some(out) = self
+            .get_record(session, auth, did_identifier(repo_did)?, C::NSID, rkey)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let cid = out
+            .cid
+            .as_ref()
+            .map(|c| *c.as_ref())
+            .ok_or_else(|| Error::Protocol {
+                nsid: repo::get_record::NSID,
+                message: "getRecord answered without a cid".into(),
+            })?;
+        let value = encode::decode(&out.uri, C::NSID, &out.value)?;
+        Ok(Some(Stored {
+            uri: out.data.uri,
+            cid,
+            rkey: rkey.to_string(),
+            value,
+        }))
+    }
+
+    pub(crate) async fn get_record(
+        &self,
+        session: Option<&SessionCell>,
+        auth: Auth,
+        repo_id: AtIdentifier,
+        collection: &str,
+        rkey: &str,
+    ) -> Result<Option<repo::get_record::Output>> {
+        let params: repo::get_record::Parameters = repo::get_record::ParametersData {
+            cid: None,
+            collection: nsid(collection)?,
+            repo: repo_id,
+            rkey: record_key(rkey)?,
+        }
+        .into();
+        let result = self
+            .xrpc(
+                session,
+                repo::get_record::NSID,
+                auth,
+                Replay::Idempotent,
+                |call| {
+                    let params = params.clone();
+                    async move {
+                        AtpServiceClient::new(call)
+                            .service
+                            .com
+                            .atproto
+                            .repo
+                            .get_record(params)
+                            .await
+                    }
+                },
+            )
+            .await;
+        match result {
+            Ok(out) => Ok(Some(out)),
+            Err(Error::Xrpc { error, .. }) if error == "RecordNotFound" => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// listRecords of collection `C` in `repo_id`.
+    pub(crate) async fn list<C>(
+        &self,
+        session: Option<&SessionCell>,
+        auth: Auth,
+        repo_id: AtIdentifier,
+        limit: u8,
+        cursor: Option<&str>,
+        reverse: bool,
+    ) -> Result<Page<C::Record>>
+    where
+        C: Collection,
+    {
+        let limit =
+            LimitedNonZeroU8::<100>::try_from(limit).map_err(|e| Error::InvalidArgument {
+                what: "list limit",
+                message: format!("{limit}: {e}; use 1 to 100"),
+            })?;
+        let params: repo::list_records::Parameters = repo::list_records::ParametersData {
+            collection: nsid(C::NSID)?,
+            cursor: cursor.map(str::to_string),
+            limit: Some(limit),
+            repo: repo_id,
+            reverse: reverse.then_some(true),
+        }
+        .into();
+        let out = self
+            .xrpc(
+                session,
+                repo::list_records::NSID,
+                auth,
+                Replay::Idempotent,
+                |call| {
+                    let params = params.clone();
+                    async move {
+                        AtpServiceClient::new(call)
+                            .service
+                            .com
+                            .atproto
+                            .repo
+                            .list_records(params)
+                            .await
+                    }
+                },
+            )
+            .await?;
+        let mut records = Vec::with_capacity(out.records.len());
+        for r in &out.records {
+            records.push(Stored {
+                uri: r.uri.clone(),
+                cid: *r.cid.as_ref(),
+                rkey: r.uri.rsplit('/').next().unwrap_or_default().to_string(),
+                value: encode::decode(&r.uri, C::NSID, &r.value)?,
+            });
+        }
+        Ok(Page {
+            records,
+            cursor: out.data.cursor,
+        })
     }
 }

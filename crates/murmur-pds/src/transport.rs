@@ -130,65 +130,6 @@ fn parse_http_date(v: &str) -> Option<SystemTime> {
     Some(UNIX_EPOCH + Duration::from_secs(secs))
 }
 
-/// When and how the writer retries.
-///
-/// Which calls are retried after a failure that may have reached the server (5xx, timeout,
-/// connection reset) is decided per call, by idempotency: reads, putRecord and deleteRecord
-/// without a swap, and uploadBlob are replayed; createRecord reads its (fixed, TID) key back
-/// before sending again, so it never duplicates a record. Calls that never reached the
-/// server (connection refused) and 429 answers are retried for every call.
-#[derive(Debug, Clone)]
-pub struct RetryPolicy {
-    /// Attempts per call, the first included. 1 disables retries.
-    pub max_attempts: u32,
-    /// Backoff before the second attempt; doubles each time, with jitter.
-    pub initial_backoff: Duration,
-    /// Cap on one backoff.
-    pub max_backoff: Duration,
-    /// Longest wait the writer accepts from a 429's Retry-After / RateLimit-Reset before
-    /// giving up with [`Error::RateLimited`](crate::Error::RateLimited).
-    pub max_rate_limit_wait: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        RetryPolicy {
-            max_attempts: 4,
-            initial_backoff: Duration::from_millis(200),
-            max_backoff: Duration::from_secs(5),
-            max_rate_limit_wait: Duration::from_secs(60),
-        }
-    }
-}
-
-impl RetryPolicy {
-    /// No retries at all.
-    pub fn none() -> RetryPolicy {
-        RetryPolicy {
-            max_attempts: 1,
-            ..RetryPolicy::default()
-        }
-    }
-
-    /// Backoff before attempt `attempt + 1` (attempt counts from 1): exponential with
-    /// "equal jitter" (half fixed, half random).
-    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
-        let exp = self
-            .initial_backoff
-            .saturating_mul(1u32 << attempt.saturating_sub(1).min(16));
-        let capped = exp.min(self.max_backoff);
-        let half = capped / 2;
-        half + half.mul_f64(random_unit())
-    }
-}
-
-fn random_unit() -> f64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(0);
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
 /// The HTTP side shared by every call of one writer.
 #[derive(Clone)]
 pub(crate) struct Transport {
@@ -311,16 +252,5 @@ mod tests {
             Some(Duration::from_secs(7))
         );
         assert_eq!(parse_retry_after("soon", now), None);
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        let p = RetryPolicy::default();
-        for attempt in 1..10 {
-            let d = p.backoff(attempt);
-            assert!(d <= p.max_backoff, "{d:?}");
-        }
-        let first = p.backoff(1);
-        assert!(first >= p.initial_backoff / 2 && first <= p.initial_backoff);
     }
 }

@@ -166,8 +166,9 @@ pub(crate) enum Action {
     /// Create the `rejected` ack of the task at its key, then [`Input::GiveUpWritten`],
     /// [`Input::AckFound`] or [`Input::GiveUpFailed`].
     WriteGiveUp { task_cid: Cid, attempts: u32 },
-    /// [`Input::GiveUp`] again a little later.
-    GiveUpLater,
+    /// [`Input::GiveUp`] again after the requester's retry backoff; `retry` counts the
+    /// earlier failed tries (0 after the first failure).
+    GiveUpLater { retry: u32 },
     /// Read the accepted result back from `worker`'s repo, then [`Input::AcceptedRead`].
     ReadAccepted { result_uri: String, worker: String },
     /// Complete the task's handle with `answer`, count and announce it.
@@ -207,6 +208,8 @@ pub(crate) struct TaskState {
     pub(crate) since: Option<DateTime<Utc>>,
     /// Claims already assigned once: a claim wins one attempt at most.
     pub(crate) spent: Vec<String>,
+    /// Writes of the give-up ack that failed so far.
+    pub(crate) give_up_failures: u32,
 }
 
 impl TaskState {
@@ -235,6 +238,7 @@ impl TaskState {
             deciding: false,
             since: None,
             spent: Vec::new(),
+            give_up_failures: 0,
         }
     }
 
@@ -332,7 +336,9 @@ impl TaskState {
                 if matches!(self.phase, Phase::GivingUp) {
                     self.phase = Phase::Exhausted;
                 }
-                vec![Action::GiveUpLater]
+                let retry = self.give_up_failures;
+                self.give_up_failures = retry.saturating_add(1);
+                vec![Action::GiveUpLater { retry }]
             }
             Input::Result(answer) => self.result(answer),
             Input::AckWritten => match &self.phase {

@@ -568,7 +568,7 @@ impl Requester {
             }
             if let Err(err) = self.decide(&rkey).await {
                 tracing::warn!(task = %rkey, error = %err, "assignment not written; trying again");
-                self.decide_later(rkey, Duration::from_secs(1));
+                self.retry_decide(rkey, 0);
             }
         }
     }

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use murmur_comms::agent::comms::{handoff, status, task};
 use murmur_comms::{Claim, Handoff, Result as ResultC, Status, Task};
-use murmur_firehose::{HandlerError, OpEvent, Record};
+use murmur_firehose::{Backoff, HandlerError, OpEvent, Record};
 use murmur_pds::{Cid, Collection, Writer};
 use tokio::sync::{broadcast, oneshot};
 
@@ -73,6 +73,9 @@ pub(crate) struct Requester {
     pub(crate) recovered: Mutex<Vec<TaskHandle>>,
     pub(crate) recovery: Mutex<Option<Recovery>>,
     stopped: AtomicBool,
+    /// Waits between tries of a task-protocol write that failed (an assignment, the ack
+    /// giving a task up): from about a second, doubling up to half a minute, never giving up.
+    retry: Backoff,
 }
 
 impl Requester {
@@ -98,6 +101,12 @@ impl Requester {
             recovered: Mutex::new(Vec::new()),
             recovery: Mutex::new(None),
             stopped: AtomicBool::new(false),
+            retry: Backoff {
+                initial: Duration::from_secs(1),
+                max: Duration::from_secs(30),
+                factor: 2.0,
+                max_attempts: None,
+            },
         })
     }
 
@@ -349,16 +358,27 @@ impl Requester {
         self.drive(&rkey, Input::Claim(offer)).await
     }
 
-    /// Runs [`decide`](Self::decide) after `after`, and again every second while the
-    /// assignment cannot be written.
+    /// Runs [`decide`](Self::decide) after `after`, and again with the requester's retry
+    /// backoff while the assignment cannot be written.
     pub(crate) fn decide_later(self: &Arc<Self>, rkey: String, after: Duration) {
+        self.schedule_decide(rkey, after, 0);
+    }
+
+    /// Runs [`decide`](Self::decide) again after a failed one: `retry` counts the earlier
+    /// retries (0 the first time), so the waits grow.
+    pub(crate) fn retry_decide(self: &Arc<Self>, rkey: String, retry: u32) {
+        let wait = self.retry.delay(retry).unwrap_or(self.retry.max);
+        self.schedule_decide(rkey, wait, retry.saturating_add(1));
+    }
+
+    fn schedule_decide(self: &Arc<Self>, rkey: String, after: Duration, next_retry: u32) {
         let me = Arc::clone(self);
         tokio::spawn(async move {
             tokio::time::sleep(after).await;
             if let Err(err) = me.decide(&rkey).await {
                 tracing::warn!(task = %rkey, error = %err, "assignment not written; trying again");
                 let _ = me.drive(&rkey, Input::DecideScheduled).await;
-                me.decide_later(rkey, Duration::from_secs(1));
+                me.retry_decide(rkey, next_retry);
             }
         });
     }

@@ -254,8 +254,21 @@ fn max_attempts_lapses_give_the_task_up_once() {
     assert!(matches!(t.phase, Phase::GivingUp));
     // The write failed and nothing is at the key: try again later.
     let actions = t.step(Input::GiveUpFailed, t1);
-    assert!(matches!(actions.as_slice(), [Action::GiveUpLater]));
+    assert!(matches!(
+        actions.as_slice(),
+        [Action::GiveUpLater { retry: 0 }]
+    ));
     assert!(matches!(t.phase, Phase::Exhausted));
+    assert!(matches!(
+        t.step(Input::GiveUp, t1).as_slice(),
+        [Action::WriteGiveUp { .. }]
+    ));
+    // It failed again: the next try waits longer.
+    let actions = t.step(Input::GiveUpFailed, t1);
+    assert!(matches!(
+        actions.as_slice(),
+        [Action::GiveUpLater { retry: 1 }]
+    ));
     assert!(matches!(
         t.step(Input::GiveUp, t1).as_slice(),
         [Action::WriteGiveUp { .. }]

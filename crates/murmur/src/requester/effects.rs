@@ -143,11 +143,12 @@ impl Requester {
                     }
                 }));
             }
-            Action::GiveUpLater => {
+            Action::GiveUpLater { retry } => {
                 let me = Arc::clone(self);
                 let rkey = rkey.to_string();
+                let wait = self.retry.delay(retry).unwrap_or(self.retry.max);
                 tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    tokio::time::sleep(wait).await;
                     if !me.stopped.load(Ordering::SeqCst) {
                         me.give_up(&rkey).await;
                     }

@@ -1,0 +1,132 @@
+//! The one backoff policy of murmur: jittered exponential delays, capped, for reconnects and
+//! retries.
+//!
+//! [`Backoff`] only computes delays; the caller owns the loop, the sleep and what counts as
+//! worth retrying. The watcher reconnects and retries handlers with it (re-exported as
+//! `murmur_firehose::Backoff`), the writer retries XRPC calls with it (built from
+//! `murmur_pds::RetryPolicy`), and the agent runtime retries its task-protocol writes with it.
+//!
+//! ```
+//! use std::time::Duration;
+//! use murmur_backoff::Backoff;
+//!
+//! let backoff = Backoff {
+//!     initial: Duration::from_millis(1),
+//!     max: Duration::from_millis(4),
+//!     factor: 2.0,
+//!     max_attempts: Some(5),
+//! };
+//! let mut failures_left = 2;
+//! let mut flaky = || {
+//!     if failures_left > 0 {
+//!         failures_left -= 1;
+//!         Err("busy")
+//!     } else {
+//!         Ok("done")
+//!     }
+//! };
+//!
+//! let mut retries = 0;
+//! let outcome = loop {
+//!     match flaky() {
+//!         Ok(v) => break Ok(v),
+//!         Err(e) => match backoff.delay(retries) {
+//!             Some(wait) => {
+//!                 std::thread::sleep(wait);
+//!                 retries += 1;
+//!             }
+//!             None => break Err(e), // retries used up
+//!         },
+//!     }
+//! };
+//! assert_eq!(outcome, Ok("done"));
+//! assert_eq!(retries, 2);
+//! ```
+
+use std::time::Duration;
+
+/// Jittered exponential backoff ("equal jitter" under an exponentially growing ceiling).
+///
+/// Retry `n` (0-based) waits a random duration in `[ceiling/2, ceiling]` where
+/// `ceiling = min(initial * factor^n, max)`. The half-floor keeps a burst of reconnecting
+/// clients spread out without ever retrying immediately.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Backoff {
+    /// Ceiling of the first delay.
+    pub initial: Duration,
+    /// Largest delay ever returned.
+    pub max: Duration,
+    /// Growth per attempt (>= 1.0).
+    pub factor: f64,
+    /// Give up after this many retries (the first try is not one); `None` never gives up.
+    pub max_attempts: Option<u32>,
+}
+
+impl Default for Backoff {
+    /// 200 ms doubling up to 30 s, never giving up: the watcher's reconnect policy.
+    fn default() -> Self {
+        Backoff {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(30),
+            factor: 2.0,
+            max_attempts: None,
+        }
+    }
+}
+
+impl Backoff {
+    /// A policy for handler retries: quick, bounded.
+    pub fn retries(max_attempts: u32) -> Self {
+        Backoff {
+            initial: Duration::from_millis(50),
+            max: Duration::from_secs(5),
+            factor: 2.0,
+            max_attempts: Some(max_attempts),
+        }
+    }
+
+    /// The delay before retry number `attempt` (0-based), or `None` once attempts are exhausted.
+    pub fn delay(&self, attempt: u32) -> Option<Duration> {
+        if self.max_attempts.is_some_and(|max| attempt >= max) {
+            return None;
+        }
+        let factor = self.factor.max(1.0).powi(attempt.min(64) as i32);
+        let ceiling = (self.initial.as_secs_f64() * factor).min(self.max.as_secs_f64());
+        let jittered = ceiling * (0.5 + fastrand::f64() * 0.5);
+        Some(Duration::from_secs_f64(jittered))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_grow_stay_jittered_and_capped() {
+        let b = Backoff {
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+            factor: 2.0,
+            max_attempts: None,
+        };
+        for attempt in 0..100 {
+            let d = b.delay(attempt).unwrap();
+            let ceiling = (0.1 * 2f64.powi(attempt.min(64) as i32)).min(1.0);
+            assert!(
+                d.as_secs_f64() <= ceiling + 1e-9,
+                "attempt {attempt}: {d:?}"
+            );
+            assert!(
+                d.as_secs_f64() >= ceiling / 2.0 - 1e-9,
+                "attempt {attempt}: {d:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bounded_policy_gives_up() {
+        let b = Backoff::retries(3);
+        assert!(b.delay(2).is_some());
+        assert_eq!(b.delay(3), None);
+    }
+}
