@@ -764,3 +764,104 @@ async fn a_chain_break_reports_a_gap_and_refetches_the_verified_repo() {
     .unwrap();
     assert_eq!(missed.n, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identity_and_account_events_reach_their_handlers_in_order_with_commits() {
+    use murmur_firehose::{AccountStatus, Identity};
+    let net = shared().await;
+    let (alice, writer) = account(net, 0, "events").await;
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (l1, l2, l3) = (Arc::clone(&log), Arc::clone(&log), Arc::clone(&log));
+    let watcher = Watcher::builder()
+        .pds(net.pds(0).unwrap().url())
+        .plc_url(net.plc_url())
+        .dids([alice.did.clone()])
+        .collections([Note::NSID])
+        .handler(move |note: Created<Note>| {
+            l1.lock().unwrap().push(format!("note {}", note.n));
+            async { Ok(()) }
+        })
+        .handler(move |identity: Identity| {
+            l2.lock()
+                .unwrap()
+                .push(format!("identity {}", identity.handle.unwrap_or_default()));
+            async { Ok(()) }
+        })
+        .handler(move |account: AccountStatus| {
+            l3.lock().unwrap().push(format!(
+                "account {} {}",
+                account.active,
+                account.status.unwrap_or_default()
+            ));
+            async { Ok(()) }
+        })
+        .build()
+        .unwrap();
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    wait_for("the watcher connected", Duration::from_secs(20), || {
+        metrics.snapshot().sources_connected == 1
+    })
+    .await;
+
+    let call = |method: &'static str, body: Option<serde_json::Value>| {
+        let alice = &alice;
+        async move {
+            let mut request = reqwest::Client::new()
+                .post(format!("{}/xrpc/{method}", alice.pds_url))
+                .bearer_auth(&alice.access_jwt);
+            if let Some(body) = body {
+                request = request.json(&body);
+            }
+            let response = request.send().await.unwrap();
+            assert!(
+                response.status().is_success(),
+                "{method}: {}",
+                response.status()
+            );
+        }
+    };
+    writer.create::<Note>(&note(0)).await.unwrap();
+    let new_handle = net.unique_handle("events-renamed");
+    call(
+        "com.atproto.identity.updateHandle",
+        Some(serde_json::json!({ "handle": new_handle })),
+    )
+    .await;
+    call(
+        "com.atproto.server.deactivateAccount",
+        Some(serde_json::json!({})),
+    )
+    .await;
+    call("com.atproto.server.activateAccount", None).await;
+    writer.create::<Note>(&note(1)).await.unwrap();
+    wait_for(
+        "note 1 after the reactivation",
+        Duration::from_secs(30),
+        || log.lock().unwrap().iter().any(|l| l == "note 1"),
+    )
+    .await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+
+    let log = log.lock().unwrap().clone();
+    let position = |want: &str| {
+        log.iter()
+            .position(|l| l == want)
+            .unwrap_or_else(|| panic!("{want:?} not seen in {log:?}"))
+    };
+    let renamed = position(&format!("identity {new_handle}"));
+    let deactivated = position("account false deactivated");
+    let reactivated = log
+        .iter()
+        .rposition(|l| l == "account true ")
+        .unwrap_or_else(|| panic!("no reactivation in {log:?}"));
+    assert!(
+        position("note 0") < renamed
+            && renamed < deactivated
+            && deactivated < reactivated
+            && reactivated < position("note 1"),
+        "events in repo order: {log:?}"
+    );
+}

@@ -142,6 +142,15 @@ pub enum Rejection {
     /// The handler reads `State<S>` but the watcher was given no such state.
     #[error("the handler needs State<{0}>, but the watcher has no such state (add .state(..))")]
     MissingState(&'static str),
+    /// The handler takes another kind of event than this one (e.g. an `Identity` handler
+    /// given a record op through `.tail(..)`).
+    #[error("{path} is not a {wanted} event")]
+    NotThisEvent {
+        /// The op's path.
+        path: String,
+        /// The event the handler takes.
+        wanted: &'static str,
+    },
     /// The op carries no record where the handler needs one (e.g. a delete).
     #[error("op {path} has no record")]
     MissingRecord {

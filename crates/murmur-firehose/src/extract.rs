@@ -14,11 +14,12 @@ use murmur_sync::Cid;
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a murmur handler argument",
     label = "not an extractor",
-    note = "handler arguments are extractors: Record<C>, Created<C>, Updated<C>, Deleted<C>, Author, RecordRef, CommitInfo, State<S> or OpEvent"
+    note = "handler arguments are extractors: Record<C>, Created<C>, Updated<C>, Deleted<C>, Identity, AccountStatus, Author, RecordRef, CommitInfo, State<S> or OpEvent"
 )]
 pub trait FromOp: Sized + Send + 'static {
     /// The ops this argument selects, for the one argument of a handler that fixes its route
-    /// ([`Record`], [`Created`], [`Updated`], [`Deleted`]); `None` for every other extractor.
+    /// ([`Record`], [`Created`], [`Updated`], [`Deleted`], [`Identity`], [`AccountStatus`]);
+    /// `None` for every other extractor.
     const ROUTE: Option<Route> = None;
 
     /// Builds the argument, or says why the op cannot reach this handler.
@@ -267,6 +268,84 @@ impl FromOp for CommitInfo {
             time: d.time.clone(),
             source: d.source.to_string(),
         })
+    }
+}
+
+/// An `#identity` event: the DID's handle, signing key or PDS may have changed. A handler
+/// taking it is called for every such event of the repos the DID filter admits, in order
+/// with their commits. (The watcher itself re-resolves the DID's key before verifying its
+/// next commit.)
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Identity {
+    /// The DID.
+    pub did: String,
+    /// The handle the server reports now, if any (unverified: resolve it to trust it).
+    pub handle: Option<String>,
+    /// Sequence number on its source.
+    pub seq: i64,
+    /// When the server emitted it.
+    pub time: String,
+}
+
+impl FromOp for Identity {
+    const ROUTE: Option<Route> = Some(Route::repo_events(crate::op::IDENTITY_EVENTS));
+
+    fn from_op(op: &OpEvent) -> Result<Self, Rejection> {
+        let d = op.data();
+        match &d.repo_event {
+            Some(crate::RepoEvent::Identity { handle }) => Ok(Identity {
+                did: d.did.clone(),
+                handle: handle.clone(),
+                seq: d.seq,
+                time: d.time.clone(),
+            }),
+            _ => Err(Rejection::NotThisEvent {
+                path: d.path.clone(),
+                wanted: "#identity",
+            }),
+        }
+    }
+}
+
+/// An `#account` event: whether the repo is active (hosted, its commits delivered) and, if
+/// not, why. While a repo is not active the watcher delivers none of its commits, as the sync
+/// spec asks; a handler taking `AccountStatus` hears of both changes, in order with the
+/// commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AccountStatus {
+    /// The DID.
+    pub did: String,
+    /// Whether the account is active.
+    pub active: bool,
+    /// Why not: `takendown`, `suspended`, `deactivated`, `deleted`, `desynchronized`,
+    /// `throttled`, ...
+    pub status: Option<String>,
+    /// Sequence number on its source.
+    pub seq: i64,
+    /// When the server emitted it.
+    pub time: String,
+}
+
+impl FromOp for AccountStatus {
+    const ROUTE: Option<Route> = Some(Route::repo_events(crate::op::ACCOUNT_EVENTS));
+
+    fn from_op(op: &OpEvent) -> Result<Self, Rejection> {
+        let d = op.data();
+        match &d.repo_event {
+            Some(crate::RepoEvent::Account { active, status }) => Ok(AccountStatus {
+                did: d.did.clone(),
+                active: *active,
+                status: status.clone(),
+                seq: d.seq,
+                time: d.time.clone(),
+            }),
+            _ => Err(Rejection::NotThisEvent {
+                path: d.path.clone(),
+                wanted: "#account",
+            }),
+        }
     }
 }
 

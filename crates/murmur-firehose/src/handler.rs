@@ -53,6 +53,15 @@ impl Route {
         }
     }
 
+    /// `#identity` or `#account` events (what [`Identity`](crate::Identity) and
+    /// [`AccountStatus`](crate::AccountStatus) select).
+    pub const fn repo_events(kind: &'static str) -> Route {
+        Route {
+            collection: kind,
+            actions: &[Action::Update],
+        }
+    }
+
     /// Whether an op on `collection` with `action` goes to this route.
     pub fn matches(&self, collection: &str, action: Action) -> bool {
         self.collection == collection && self.actions.contains(&action)
@@ -232,7 +241,7 @@ fn route_of(routes: &[Option<Route>]) -> Result<Route, String> {
     match (found.next(), found.next()) {
         (Some(route), None) => Ok(*route),
         (None, _) => Err(
-            "none of its arguments gives a route: take one Record<C>, Created<C>, Updated<C> or Deleted<C>"
+            "none of its arguments gives a route: take one Record<C>, Created<C>, Updated<C>, Deleted<C>, Identity or AccountStatus"
                 .into(),
         ),
         (Some(a), Some(b)) => Err(format!(

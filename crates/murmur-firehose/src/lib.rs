@@ -72,14 +72,15 @@ pub use dedup::{DedupStore, FileDedupStore, OpKey};
 pub use dispatch::RejectedHook;
 pub use error::{FirehoseError, HandlerError, Rejected, Rejection};
 pub use extract::{
-    Author, CommitInfo, Created, Deleted, FromOp, Record, RecordRef, State, Updated,
+    AccountStatus, Author, CommitInfo, Created, Deleted, FromOp, Identity, Record, RecordRef,
+    State, Updated,
 };
 pub use filter::{CollectionPattern, DidAllowlist, Filter};
 pub use gap::{Gap, GapKind};
 pub use handler::{BoxFuture, CallError, Handler, HandlerService, Layered, Route};
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use murmur_macros::handler;
-pub use op::{Action, OpData, OpEvent};
+pub use op::{ACCOUNT_EVENTS, Action, IDENTITY_EVENTS, OpData, OpEvent, RepoEvent};
 pub use pipeline::{DEFAULT_MAX_SEQ_JUMP, MAX_SEQ};
 /// The TLS library `wss://` sources use, for [`SubscribeRepos::with_tls_config`].
 pub use rustls;

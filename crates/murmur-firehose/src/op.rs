@@ -62,7 +62,34 @@ pub struct OpData {
     pub prev: Option<murmur_sync::Cid>,
     /// The record, DAG-CBOR encoded, hash-checked against `cid` (absent for deletes).
     pub record: Option<Vec<u8>>,
+    /// For an `#identity` or `#account` event (path `#identity/{seq}` or `#account/{seq}`,
+    /// action `Update`, no rev): what it says. `None` for record ops.
+    pub repo_event: Option<RepoEvent>,
 }
+
+/// What an `#identity` or `#account` event says about a repo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum RepoEvent {
+    /// The DID's identity (handle, signing key, PDS) may have changed.
+    Identity {
+        /// The handle the server reports now, if any.
+        handle: Option<String>,
+    },
+    /// The account's hosting status changed.
+    Account {
+        /// Whether the repo is active (its commits are delivered).
+        active: bool,
+        /// Why not (`takendown`, `suspended`, `deactivated`, `deleted`, ...).
+        status: Option<String>,
+    },
+}
+
+/// The pseudo-collection of `#identity` events in [`OpData::path`] and routes. NSIDs never
+/// start with `#`, so it cannot clash with a record collection.
+pub const IDENTITY_EVENTS: &str = "#identity";
+/// The pseudo-collection of `#account` events (see [`IDENTITY_EVENTS`]).
+pub const ACCOUNT_EVENTS: &str = "#account";
 
 impl OpEvent {
     pub(crate) fn new(data: OpData, state: Arc<StateMap>) -> Self {

@@ -9,10 +9,11 @@ use murmur_sync::{AccountEvent, CommitEvent, Frame, StreamError, SyncError, Sync
 use tracing::{debug, error, info, warn};
 
 use crate::dispatch::{Dispatcher, HandlerEntry, Job};
-use crate::op::{OpData, StateMap};
+use crate::op::{ACCOUNT_EVENTS, IDENTITY_EVENTS, OpData, RepoEvent, StateMap};
 use crate::watcher::{ErrorHook, GapHook, ResyncHook};
 use crate::{
-    Backoff, Filter, Gap, GapKind, Metrics, OpEvent, Rejected, Rejection, SourceError, WatchError,
+    Action, Backoff, Filter, Gap, GapKind, Metrics, OpEvent, Rejected, Rejection, SourceError,
+    WatchError,
 };
 
 /// Repo re-fetches (`getRepo`) running at once, across DIDs.
@@ -142,11 +143,27 @@ impl Pipeline {
             }
             Frame::Identity(identity) => {
                 self.verifier.on_identity(&identity.did);
-                self.finish_event(index, identity.seq);
+                let event = RepoEvent::Identity {
+                    handle: identity.handle.clone(),
+                };
+                self.repo_event(
+                    index,
+                    url,
+                    &identity.did,
+                    identity.seq,
+                    &identity.time,
+                    event,
+                )
+                .await;
             }
             Frame::Account(account) => {
                 self.account_status(url, &account);
-                self.finish_event(index, account.seq);
+                let event = RepoEvent::Account {
+                    active: account.active,
+                    status: account.status.clone(),
+                };
+                self.repo_event(index, url, &account.did, account.seq, &account.time, event)
+                    .await;
             }
             Frame::Info(info) => {
                 if info.is_outdated_cursor() {
@@ -233,6 +250,56 @@ impl Pipeline {
         {
             error!("the on_error hook panicked; the watcher goes on");
         }
+    }
+
+    /// Hands an `#identity` or `#account` event to the handlers that take it ([`Identity`](crate::Identity),
+    /// [`AccountStatus`](crate::AccountStatus)) and, with `identity_events(true)`, to the
+    /// tail: in the DID's lane, in stream order with its commits. The DID filter applies;
+    /// collection and action filters do not.
+    async fn repo_event(
+        &self,
+        index: usize,
+        url: &str,
+        did: &str,
+        seq: i64,
+        time: &str,
+        event: RepoEvent,
+    ) {
+        let collection = match event {
+            RepoEvent::Identity { .. } => IDENTITY_EVENTS,
+            RepoEvent::Account { .. } => ACCOUNT_EVENTS,
+        };
+        let tail_wants = match event {
+            RepoEvent::Identity { .. } => self.filter.identity_events,
+            RepoEvent::Account { .. } => self.filter.account_events,
+        };
+        let handlers: Vec<_> = if self.filter.allows_repo(did) {
+            let tail = self.tail.iter().filter(|_| tail_wants);
+            self.routes(collection, Action::Update)
+                .chain(tail.cloned())
+                .collect()
+        } else {
+            Vec::new()
+        };
+        if handlers.is_empty() {
+            self.finish_event(index, seq);
+            return;
+        }
+        let data = OpData {
+            source: Arc::from(url),
+            did: did.to_string(),
+            rev: String::new(),
+            seq,
+            time: time.to_string(),
+            action: Action::Update,
+            path: format!("{collection}/{seq}"),
+            cid: None,
+            prev: None,
+            record: None,
+            repo_event: Some(event),
+        };
+        let op = OpEvent::new(data, Arc::clone(&self.state));
+        self.submit(index, seq, vec![(op, handlers)]).await;
     }
 
     /// Tracks whether a repo is active, as the sync spec asks of consumers: while an account
@@ -325,9 +392,15 @@ impl Pipeline {
                 cid: op.cid,
                 prev: op.prev,
                 record: op.record,
+                repo_event: None,
             };
             jobs.push((OpEvent::new(data, Arc::clone(&self.state)), handlers));
         }
+        self.submit(index, seq, jobs).await;
+    }
+
+    /// Queues the jobs of one event; the event is done when all of them are.
+    async fn submit(&self, index: usize, seq: i64, jobs: Vec<(OpEvent, Vec<Arc<HandlerEntry>>)>) {
         let event = self.dispatcher.runtime().progress[index]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -395,6 +468,7 @@ impl Pipeline {
                     cid: op.cid,
                     prev: op.prev,
                     record: None,
+                    repo_event: None,
                 };
                 let op = Rejected::Op(OpEvent::new(data, Arc::clone(&self.state)));
                 self.call_rejected_hook(hook, &op, &rejection);

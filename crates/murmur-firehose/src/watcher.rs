@@ -140,7 +140,11 @@ impl WatcherBuilder {
         self
     }
 
-    /// Also report `#identity` and `#account` events to the gap/tail hooks (off by default).
+    /// Whether the [`tail`](Self::tail) handler also sees `#identity` and `#account` events
+    /// (as ops with paths `#identity/{seq}` and `#account/{seq}`, action `Update`, and
+    /// [`OpData::repo_event`](crate::OpData::repo_event) set). Off by default. Handlers
+    /// taking [`Identity`](crate::Identity) or [`AccountStatus`](crate::AccountStatus) get
+    /// their events either way.
     pub fn identity_events(mut self, on: bool) -> Self {
         self.filter.identity_events = on;
         self.filter.account_events = on;

@@ -11,7 +11,8 @@ use murmur_comms::{
     Assignment, Claim, Handoff, Message, Presence, Profile, Result as ResultC, Status, Task,
 };
 use murmur_firehose::{
-    Created, Deleted, Handler, Metrics, OpEvent, Record, ShutdownHandle, Watcher, WatcherBuilder,
+    AccountStatus, Created, Deleted, Handler, Metrics, OpEvent, Record, ShutdownHandle, Watcher,
+    WatcherBuilder,
 };
 use murmur_pds::{Collection, Writer, Written};
 use tokio::sync::broadcast;
@@ -241,6 +242,12 @@ impl AgentBuilder {
             let r = registry.clone();
             watcher = watcher.handler(move |rec: Record<Presence>, op: OpEvent| {
                 r.observe_presence(&op.data().did, rec.into_inner());
+                async { Ok(()) }
+            });
+            // An account taken down, suspended or deactivated is offline until it is active.
+            let r = registry.clone();
+            watcher = watcher.handler(move |account: AccountStatus| {
+                r.observe_account(&account.did, account.active, account.status.as_deref());
                 async { Ok(()) }
             });
             let r = registry.clone();

@@ -78,8 +78,8 @@ pub use murmur_pds as pds;
 pub use murmur_sync as sync;
 
 pub use murmur_firehose::{
-    Author, CommitInfo, Created, Deleted, Handler, HandlerError, OpEvent, Record, RecordRef, State,
-    Updated, handler,
+    AccountStatus, Author, CommitInfo, Created, Deleted, Handler, HandlerError, OpEvent, Record,
+    RecordRef, State, Updated, handler,
 };
 
 /// Items the `#[handler]` macro expands to; not part of the public API.

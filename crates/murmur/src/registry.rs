@@ -143,3 +143,37 @@ impl Registry {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_inactive_account_is_offline_until_it_is_active_again() {
+        let registry = Registry::new();
+        let did = "did:plc:example";
+        let presence = presence::RecordData {
+            state: "idle".into(),
+            load: None,
+            ttl_seconds: 600,
+            active_tasks: None,
+            status_text: None,
+            created_at: chrono::Utc::now().to_rfc3339(),
+        }
+        .into_record();
+        registry.observe_presence(did, presence);
+        assert_eq!(registry.live().len(), 1);
+        registry.observe_account(did, false, Some("takendown"));
+        assert!(registry.live().is_empty(), "taken down: offline");
+        assert_eq!(
+            registry.get(did).unwrap().inactive.as_deref(),
+            Some("takendown")
+        );
+        registry.observe_account(did, true, None);
+        assert_eq!(
+            registry.live().len(),
+            1,
+            "active again: its presence counts"
+        );
+    }
+}
