@@ -14,14 +14,12 @@ use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tracing::{Instrument, debug, error, warn};
 
 use crate::handler::{BoxFuture, CallError};
+use crate::hooks::RejectedHook;
 use crate::progress::{EventToken, Progress};
 use crate::{
     Backoff, DeadLetter, DeadLetterStore, DedupStore, Handler, HandlerError, Metrics, OpEvent,
-    Rejected, Rejection,
+    Rejected,
 };
-
-/// Called with every op (or `#sync`) that failed verification or lexicon checks.
-pub type RejectedHook = Arc<dyn Fn(&Rejected, &Rejection) + Send + Sync>;
 
 /// One op and the handlers it goes to.
 pub(crate) struct Job {

@@ -6,7 +6,7 @@ use std::ops::Deref;
 use atrium_api::types::Collection;
 use murmur_lexicon::Validate;
 
-use crate::handler::Route;
+use crate::route::Route;
 use crate::{Action, OpEvent, Rejection};
 use murmur_sync::Cid;
 

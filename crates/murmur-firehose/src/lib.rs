@@ -57,10 +57,13 @@ mod extract;
 mod filter;
 mod gap;
 mod handler;
+mod hooks;
 mod metrics;
 mod op;
 mod pipeline;
 mod progress;
+mod reader;
+mod route;
 mod source;
 mod watch_error;
 mod watcher;
@@ -69,7 +72,6 @@ pub use backoff::Backoff;
 pub use cursor::{CursorStore, FileCursorStore};
 pub use dead_letter::{DeadLetter, DeadLetterStore, FileDeadLetterStore, MemoryDeadLetterStore};
 pub use dedup::{DedupStore, FileDedupStore, OpKey};
-pub use dispatch::RejectedHook;
 pub use error::{FirehoseError, HandlerError, Rejected, Rejection};
 pub use extract::{
     AccountStatus, Author, CommitInfo, Created, Deleted, FromOp, Identity, Record, RecordRef,
@@ -77,18 +79,19 @@ pub use extract::{
 };
 pub use filter::{CollectionPattern, DidAllowlist, Filter};
 pub use gap::{Gap, GapKind};
-pub use handler::{BoxFuture, CallError, Handler, HandlerService, Layered, Route};
+pub use handler::{BoxFuture, CallError, Handler, HandlerService, Layered};
+pub use hooks::{ErrorHook, GapHook, RejectedHook, ResyncHook};
 pub use metrics::{Metrics, MetricsSnapshot};
 pub use murmur_macros::handler;
 pub use op::{ACCOUNT_EVENTS, Action, IDENTITY_EVENTS, OpData, OpEvent, RepoEvent};
 pub use pipeline::{DEFAULT_MAX_SEQ_JUMP, MAX_SEQ};
+pub use reader::ERROR_FRAME_REPEATS;
+pub use route::Route;
 /// The TLS library `wss://` sources use, for [`SubscribeRepos::with_tls_config`].
 pub use rustls;
 pub use source::{MessageStream, Source, SourceError, SourceMessage, SubscribeRepos};
 pub use watch_error::WatchError;
-pub use watcher::{
-    ERROR_FRAME_REPEATS, ErrorHook, GapHook, ResyncHook, ShutdownHandle, Watcher, WatcherBuilder,
-};
+pub use watcher::{ShutdownHandle, Watcher, WatcherBuilder};
 
 /// Items the `#[handler]` macro expands to; not part of the public API.
 #[doc(hidden)]

@@ -9,8 +9,8 @@ use murmur_sync::{AccountEvent, CommitEvent, Frame, StreamError, SyncError, Sync
 use tracing::{debug, error, info, warn};
 
 use crate::dispatch::{Dispatcher, HandlerEntry, Job};
+use crate::hooks::{ErrorHook, GapHook, RejectedHook, ResyncHook};
 use crate::op::{ACCOUNT_EVENTS, IDENTITY_EVENTS, OpData, RepoEvent, StateMap};
-use crate::watcher::{ErrorHook, GapHook, ResyncHook};
 use crate::{
     Action, Backoff, Filter, Gap, GapKind, Metrics, OpEvent, Rejected, Rejection, SourceError,
     WatchError,
@@ -493,12 +493,7 @@ impl Pipeline {
         }
     }
 
-    fn call_rejected_hook(
-        &self,
-        hook: &crate::RejectedHook,
-        rejected: &Rejected,
-        rejection: &Rejection,
-    ) {
+    fn call_rejected_hook(&self, hook: &RejectedHook, rejected: &Rejected, rejection: &Rejection) {
         if std::panic::catch_unwind(AssertUnwindSafe(|| hook(rejected, rejection))).is_err() {
             error!(
                 did = rejected.did(),

@@ -3,38 +3,24 @@
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::dispatch::{Dispatcher, HandlerEntry, RejectedHook, Runtime};
+use crate::dispatch::{Dispatcher, HandlerEntry, Runtime};
 use crate::filter::CollectionPattern;
 use crate::handler::Erased;
+use crate::hooks::{ErrorHook, GapHook, RejectedHook, ResyncHook};
 use crate::op::StateMap;
-use crate::pipeline::{DEFAULT_MAX_SEQ_JUMP, Pipeline, ReadPosition, check_seq_range};
+use crate::pipeline::{DEFAULT_MAX_SEQ_JUMP, Pipeline, check_seq_range};
 use crate::progress::Progress;
+use crate::reader::SourceReader;
 use crate::{
     Action, Backoff, CursorStore, DeadLetterStore, DedupStore, DidAllowlist, FileCursorStore,
     FileDeadLetterStore, FileDedupStore, Filter, FirehoseError, Gap, Handler,
-    MemoryDeadLetterStore, Metrics, Rejected, Source, SourceError, SubscribeRepos, WatchError,
+    MemoryDeadLetterStore, Metrics, Rejected, Source, SubscribeRepos, WatchError,
 };
-
-/// Called with every gap: events the application may have missed.
-pub type GapHook = Arc<dyn Fn(&Gap) + Send + Sync>;
-
-/// Called with every [`WatchError`]: trouble handled without losing data.
-pub type ErrorHook = Arc<dyn Fn(&WatchError) + Send + Sync>;
-
-/// How many times in a row a server may answer a connection with the same error frame
-/// before the source stops with [`FirehoseError::ErrorFrame`].
-pub const ERROR_FRAME_REPEATS: u32 = 3;
-
-/// Called after a [`GapKind::ChainBreak`](crate::GapKind) with the repo of that DID as it is
-/// now (fetched with `getRepo` and verified), or with why it could not be fetched.
-pub type ResyncHook =
-    Arc<dyn Fn(&str, Result<murmur_sync::VerifiedRepo, murmur_sync::SyncError>) + Send + Sync>;
 
 /// Configures a [`Watcher`]. Start with [`Watcher::builder`].
 pub struct WatcherBuilder {
@@ -673,172 +659,4 @@ impl CursorFlusher {
     }
 }
 
-/// Reads one source: connect, read, reconnect with backoff from where it got to.
-struct SourceReader {
-    index: usize,
-    source: Arc<dyn Source>,
-    pipeline: Arc<Pipeline>,
-    reconnect: Backoff,
-    connect_timeout: Duration,
-    healthy_after: Duration,
-    shutdown: watch::Receiver<bool>,
-}
-
-/// The error frame a server answered the last connection(s) with, and how many in a row.
-#[derive(Default)]
-struct RepeatedErrorFrame {
-    last: Option<(String, u32)>,
-}
-
-impl RepeatedErrorFrame {
-    /// Counts `error` (ended a connection that read `frames` good frames): returns how many
-    /// connections in a row ended with it.
-    fn count(&mut self, error: &murmur_sync::StreamError, frames: u64) -> u32 {
-        let name = match error {
-            murmur_sync::StreamError::Other { error, .. } => error.clone(),
-            other => format!("{other:?}"),
-        };
-        let repeated = match &self.last {
-            Some((last, n)) if *last == name && frames == 0 => n + 1,
-            _ => 1,
-        };
-        self.last = Some((name, repeated));
-        repeated
-    }
-
-    /// A connection ended some other way, or read events: the streak is over.
-    fn reset(&mut self) {
-        self.last = None;
-    }
-}
-
-impl SourceReader {
-    async fn run(mut self, start: Option<i64>) -> Result<(), FirehoseError> {
-        let url = self.source.url().to_string();
-        // Reconnects continue after the last event read, not from the start-up cursor:
-        // events read but not yet handled are still queued in this process.
-        let mut position = ReadPosition {
-            cursor: start,
-            connection_last: None,
-        };
-        let mut attempt = 0u32;
-        let mut error_frames = RepeatedErrorFrame::default();
-        loop {
-            if *self.shutdown.borrow() {
-                return Ok(());
-            }
-            let connect =
-                tokio::time::timeout(self.connect_timeout, self.source.connect(position.cursor));
-            let connected = tokio::select! {
-                r = connect => r.unwrap_or(Err(SourceError::ConnectTimeout(self.connect_timeout))),
-                _ = stopped(&mut self.shutdown) => return Ok(()),
-            };
-            let wait = match connected {
-                Ok(mut stream) => {
-                    info!(source = %url, cursor = ?position.cursor, "connected");
-                    let _connected = crate::metrics::ConnectedSource::new(&self.pipeline.metrics);
-                    let since = Instant::now();
-                    position.connection_last = None;
-                    let mut frames = 0u64;
-                    let ended = loop {
-                        let next = tokio::select! {
-                            n = stream.next() => n,
-                            _ = stopped(&mut self.shutdown) => return Ok(()),
-                        };
-                        match next {
-                            Some(Ok(crate::SourceMessage::Frame(bytes))) => {
-                                // Verification may wait for an unreachable host: stay
-                                // stoppable. An event cut short here is not finished, so
-                                // the cursor stays before it.
-                                let processed = tokio::select! {
-                                    r = self.pipeline.process(self.index, &url, &bytes, &mut position) => r,
-                                    _ = stopped(&mut self.shutdown) => return Ok(()),
-                                };
-                                match processed {
-                                    Ok(()) => frames += 1,
-                                    Err(reconnect) => break reconnect,
-                                }
-                            }
-                            Some(Err(e)) => break e,
-                            None => break SourceError::Closed(None),
-                        }
-                    };
-                    if since.elapsed() >= self.healthy_after {
-                        attempt = 0;
-                    }
-                    match &ended {
-                        SourceError::ErrorFrame(error) => {
-                            let repeated = error_frames.count(error, frames);
-                            self.pipeline.report(WatchError::ErrorFrame {
-                                source: url.clone(),
-                                error: error.clone(),
-                                repeated,
-                            });
-                            let has_policy = matches!(
-                                error,
-                                murmur_sync::StreamError::FutureCursor { .. }
-                                    | murmur_sync::StreamError::OutdatedCursor { .. }
-                                    | murmur_sync::StreamError::ConsumerTooSlow { .. }
-                            );
-                            if !has_policy && repeated >= ERROR_FRAME_REPEATS {
-                                return Err(FirehoseError::ErrorFrame {
-                                    url,
-                                    error: error.clone(),
-                                    repeated,
-                                    cursor: position.cursor,
-                                });
-                            }
-                        }
-                        other => {
-                            error_frames.reset();
-                            self.pipeline.report(WatchError::Disconnected {
-                                source: url.clone(),
-                                error: other.clone(),
-                            });
-                        }
-                    }
-                    match ended {
-                        SourceError::RateLimited { retry_after } => retry_after,
-                        _ => None,
-                    }
-                }
-                Err(SourceError::Refused { status, reason }) => {
-                    return Err(FirehoseError::Source {
-                        url,
-                        reason: format!("HTTP {status}: {reason}"),
-                    });
-                }
-                Err(e) => {
-                    let wait = match &e {
-                        SourceError::RateLimited { retry_after } => *retry_after,
-                        _ => None,
-                    };
-                    self.pipeline.report(WatchError::Connect {
-                        source: url.clone(),
-                        error: e,
-                    });
-                    wait
-                }
-            };
-            let Some(delay) = self.reconnect.delay(attempt) else {
-                return Err(FirehoseError::Source {
-                    url,
-                    reason: format!("gave up after {attempt} reconnect attempts"),
-                });
-            };
-            attempt = attempt.saturating_add(1);
-            Metrics::inc(&self.pipeline.metrics.reconnects);
-            let delay = wait.map_or(delay, |w| w.max(delay));
-            info!(source = %url, ?delay, cursor = ?position.cursor, "reconnecting");
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stopped(&mut self.shutdown) => return Ok(()),
-            }
-        }
-    }
-}
-
-/// Resolves once shutdown was requested (the watch value is not held across the await).
-async fn stopped(rx: &mut watch::Receiver<bool>) {
-    let _ = rx.wait_for(|s| *s).await;
-}
+use crate::reader::stopped;

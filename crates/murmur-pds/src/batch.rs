@@ -6,9 +6,9 @@ use atrium_api::types::Collection;
 use ipld_core::cid::Cid;
 use murmur_lexicon::Validate;
 
+use crate::arguments::{nsid, record_key};
 use crate::client::Replay;
 use crate::encode::{self, MAX_REQUEST_JSON_BYTES};
-use crate::writer::{nsid, record_key};
 use crate::written::commit_ref;
 use crate::{CommitRef, Error, Result, Writer, Written};
 

@@ -128,7 +128,7 @@ where
 /// caller's). Never touches the network, so a tool can refuse a bad or oversized record
 /// before it logs in.
 pub fn record_cid_untyped(collection: &str, value: &Ipld) -> Result<Cid> {
-    crate::writer::nsid(collection)?;
+    crate::arguments::nsid(collection)?;
     encode_value(collection, value.clone()).map(|e| e.cid)
 }
 

@@ -60,6 +60,7 @@
 //! record is never duplicated. Not replayed: putRecord/deleteRecord with `swapRecord`,
 //! applyWrites batches, createSession and refreshSession.
 
+mod arguments;
 mod batch;
 mod client;
 mod encode;

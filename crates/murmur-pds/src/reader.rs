@@ -10,10 +10,10 @@ use atrium_api::com::atproto::{repo, sync};
 use atrium_api::types::string::AtIdentifier;
 use atrium_api::types::{Collection, LimitedNonZeroU8, LimitedNonZeroU16};
 
+use crate::arguments::{did_identifier, nsid, record_key};
 use crate::client::{Auth, Client, Replay, RetryPolicy};
 use crate::encode;
 use crate::session::SessionCell;
-use crate::writer::{did_identifier, nsid, record_key};
 use crate::{Error, Page, Result, Stored};
 
 /// Reads records of any repo on one PDS, without an account: `getRecord`, `listRecords`,

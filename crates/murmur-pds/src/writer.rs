@@ -8,13 +8,14 @@ use std::sync::Arc;
 
 use atrium_api::client::AtpServiceClient;
 use atrium_api::com::atproto::{repo, server};
-use atrium_api::types::string::{AtIdentifier, Did, Nsid, RecordKey};
+use atrium_api::types::string::{AtIdentifier, Did};
 use atrium_api::types::{BlobRef, Collection};
 use atrium_api::xrpc::{InputDataOrBytes, OutputDataOrBytes, XrpcClient, XrpcRequest};
 use ipld_core::cid::Cid;
 use murmur_lexicon::Validate;
 use serde::Serialize;
 
+use crate::arguments::{nsid, record_key};
 use crate::client::{Auth, Client, Replay};
 use crate::encode::{self, Encoded};
 use crate::session::SessionCell;
@@ -504,27 +505,4 @@ impl Writer {
             })?;
         Ok(out.data.blob)
     }
-}
-
-pub(crate) fn nsid(s: &str) -> Result<Nsid> {
-    Nsid::new(s.to_string()).map_err(|e| Error::InvalidArgument {
-        what: "NSID",
-        message: format!("{s:?}: {e}"),
-    })
-}
-
-pub(crate) fn did_identifier(did: &str) -> Result<AtIdentifier> {
-    Ok(AtIdentifier::Did(Did::new(did.to_string()).map_err(
-        |e| Error::InvalidArgument {
-            what: "DID",
-            message: format!("{did:?}: {e}"),
-        },
-    )?))
-}
-
-pub(crate) fn record_key(s: &str) -> Result<RecordKey> {
-    RecordKey::new(s.to_string()).map_err(|e| Error::InvalidArgument {
-        what: "record key",
-        message: format!("{s:?}: {e}"),
-    })
 }

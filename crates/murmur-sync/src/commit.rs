@@ -7,8 +7,19 @@ use serde::Deserialize;
 use crate::car::CarSlice;
 use crate::frame::{Action, CommitEvent, Limits};
 use crate::mst::PartialTree;
-use crate::verify::VerifyLevel;
 use crate::{SyncError, cbor};
+
+/// How much of a commit is checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum VerifyLevel {
+    /// Everything: block hashes, signed commit vs. event, signature, MST inversion, rev chain.
+    #[default]
+    Full,
+    /// Block hashes, signed commit vs. event and signature; no MST inversion.
+    SignatureOnly,
+    /// Block hashes and rev chain only: trust the source. For replays of already-verified data.
+    None,
+}
 
 /// The signed commit object inside a CAR slice (repo format v3).
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -76,7 +76,9 @@ mod verify;
 pub use car::{CarSlice, DAG_CBOR, RAW, check_block, cid_for};
 pub use chain::{ChainHead, tid_micros};
 pub use cid::Cid;
-pub use commit::{SignedCommit, VerifiedCommit, VerifiedOp, VerifiedSync, decode_record};
+pub use commit::{
+    SignedCommit, VerifiedCommit, VerifiedOp, VerifiedSync, VerifyLevel, decode_record,
+};
 pub use crypto::{PublicKey, SignatureFault};
 pub use error::{StreamError, SyncError};
 pub use frame::{
@@ -85,4 +87,4 @@ pub use frame::{
 pub use identity::{DEFAULT_PLC_URL, Identity, IdentityResolver};
 pub use mst::key_height;
 pub use repo::{RepoRecord, VerifiedRepo};
-pub use verify::{Verifier, VerifyLevel};
+pub use verify::Verifier;

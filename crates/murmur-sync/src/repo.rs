@@ -4,7 +4,8 @@ use cid::Cid;
 
 use crate::SyncError;
 use crate::car::CarSlice;
-use crate::verify::{Verifier, VerifyLevel};
+use crate::commit::VerifyLevel;
+use crate::verify::Verifier;
 
 /// A whole repo as `com.atproto.sync.getRepo` returns it, verified: the signed commit at its
 /// root and every record reachable from its MST.

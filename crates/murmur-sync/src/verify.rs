@@ -8,22 +8,12 @@ use cid::Cid;
 
 use crate::car::CarSlice;
 use crate::chain::{ChainHead, Chains};
-use crate::commit::{SignedCommit, VerifiedCommit, VerifiedOp, VerifiedSync, check_inversion};
+use crate::commit::{
+    SignedCommit, VerifiedCommit, VerifiedOp, VerifiedSync, VerifyLevel, check_inversion,
+};
 use crate::frame::{Action, CommitEvent, Limits, SyncEvent};
 use crate::mst::PartialTree;
 use crate::{IdentityResolver, SyncError};
-
-/// How much of a commit is checked.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum VerifyLevel {
-    /// Everything: block hashes, signed commit vs. event, signature, MST inversion, rev chain.
-    #[default]
-    Full,
-    /// Block hashes, signed commit vs. event and signature; no MST inversion.
-    SignatureOnly,
-    /// Block hashes and rev chain only: trust the source. For replays of already-verified data.
-    None,
-}
 
 /// Verifies commits and keeps each DID's rev chain. Share it (`Arc`) across tasks; methods
 /// take `&self`. Events of one DID must be fed in stream order.
