@@ -15,7 +15,7 @@ use crate::hooks::{ErrorHook, GapHook, RejectedHook, ResyncHook};
 use crate::op::StateMap;
 use crate::pipeline::{DEFAULT_MAX_SEQ_JUMP, Pipeline, check_seq_range};
 use crate::progress::Progress;
-use crate::reader::SourceReader;
+use crate::reader::{SourceReader, stopped};
 use crate::{
     Action, Backoff, CursorStore, DeadLetterStore, DedupStore, DidAllowlist, FileCursorStore,
     FileDeadLetterStore, FileDedupStore, Filter, FirehoseError, Gap, Handler,
@@ -658,5 +658,3 @@ impl CursorFlusher {
         }
     }
 }
-
-use crate::reader::stopped;
