@@ -5,7 +5,7 @@
 //!
 //! - compile errors that say what is wrong: one error per argument that is not an extractor,
 //!   pointing at it and naming it, and an error when the arguments do not give exactly one
-//!   route (`Record<C>`, `Created<C>`, `Updated<C>` or `Deleted<C>`);
+//!   route (`Record<C>`, `Created<C>`, `Updated<C>`, `Deleted<C>`, `Identity` or `AccountStatus`);
 //! - a readable name, the fn's, in logs and dead letters.
 //!
 //! The fn becomes a unit struct of the same name implementing `Handler` (pass it as
@@ -104,7 +104,7 @@ fn expand(
     if func.sig.inputs.is_empty() {
         return Err(syn::Error::new(
             func.sig.paren_token.span.join(),
-            "a murmur handler needs one `Record<C>`, `Created<C>`, `Updated<C>` or `Deleted<C>` argument: its type fixes the ops it gets",
+            "a murmur handler needs one `Record<C>`, `Created<C>`, `Updated<C>`, `Deleted<C>`, `Identity` or `AccountStatus` argument: its type fixes the events it gets",
         ));
     }
 
@@ -147,7 +147,7 @@ fn expand(
     let block = &func.block;
     let name_str = name.to_string();
     let route_msg = format!(
-        "handler `{name_str}` needs exactly one `Record<C>`, `Created<C>`, `Updated<C>` or `Deleted<C>` argument: its type fixes the ops it gets"
+        "handler `{name_str}` needs exactly one `Record<C>`, `Created<C>`, `Updated<C>`, `Deleted<C>`, `Identity` or `AccountStatus` argument: its type fixes the events it gets"
     );
     let routes_span = func.sig.inputs.span();
     let route_check = quote_spanned! {routes_span=>
