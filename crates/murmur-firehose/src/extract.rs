@@ -48,9 +48,8 @@ pub struct Record<C: Collection> {
     pub value: C::Record,
     /// `at://did/collection/rkey`.
     pub uri: String,
-    /// The record's CID, hash-checked against the record bytes (atrium's typed wrapper of
-    /// [`murmur_sync::Cid`], as a strongRef carries it; `*cid.as_ref()` is the bare CID).
-    pub cid: atrium_api::types::string::Cid,
+    /// The record's CID, hash-checked against the record bytes.
+    pub cid: Cid,
 }
 
 impl<C: Collection> Record<C> {
@@ -63,7 +62,7 @@ impl<C: Collection> Record<C> {
     pub fn strong_ref(&self) -> atrium_api::com::atproto::repo::strong_ref::Main {
         atrium_api::com::atproto::repo::strong_ref::MainData {
             uri: self.uri.clone(),
-            cid: self.cid.clone(),
+            cid: atrium_api::types::string::Cid::new(self.cid),
         }
         .into()
     }
@@ -120,7 +119,7 @@ where
         Ok(Record {
             value,
             uri: op.uri(),
-            cid: atrium_api::types::string::Cid::new(cid),
+            cid,
         })
     }
 }

@@ -35,7 +35,7 @@ async fn on_task(
     assert_eq!(from.0, op.data().did);
     assert_eq!(at.cid, op.data().cid);
     assert_eq!(
-        Some(*task.cid.as_ref()),
+        Some(task.cid),
         at.cid,
         "one CID, extractor to extractor"
     );

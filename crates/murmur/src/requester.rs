@@ -452,7 +452,7 @@ impl Requester {
         let answer = Answer {
             worker: op.data().did.clone(),
             uri: rec.uri.clone(),
-            cid: *rec.cid.as_ref(),
+            cid: rec.cid,
             record: rec.into_inner(),
         };
         self.answer(answer).await.map_err(HandlerError::retry)

@@ -16,7 +16,7 @@ async fn on_task(
     commit: CommitInfo,
     State(_db): State<Db>,
 ) -> Result<(), HandlerError> {
-    println!("{} {} {:?} {} {}", task.task_type, from.0, at.cid, commit.seq, task.cid.as_ref());
+    println!("{} {} {:?} {} {}", task.task_type, from.0, at.cid, commit.seq, task.cid);
     Ok(())
 }
 
