@@ -34,11 +34,7 @@ async fn on_task(
     assert!(task.uri.ends_with(op.rkey()));
     assert_eq!(from.0, op.data().did);
     assert_eq!(at.cid, op.data().cid);
-    assert_eq!(
-        Some(task.cid),
-        at.cid,
-        "one CID, extractor to extractor"
-    );
+    assert_eq!(Some(task.cid), at.cid, "one CID, extractor to extractor");
     assert_eq!(commit.seq, op.data().seq);
     seen.0.fetch_add(1, Ordering::Relaxed);
     Ok(())

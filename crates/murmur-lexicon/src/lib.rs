@@ -40,6 +40,7 @@ pub mod lint;
 pub mod schema;
 mod set;
 pub mod syntax;
+mod tid;
 mod validate;
 
 /// Crates that generated code refers to, re-exported so a crate using generated types only

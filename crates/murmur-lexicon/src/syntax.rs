@@ -3,6 +3,8 @@
 //! Each check follows the syntax rules of atproto.com/specs and agrees with the
 //! interop vectors under `tests/fixtures/interop/syntax`.
 
+pub use crate::tid::{Tid, TidError};
+
 /// A `format` a lexicon `string` can declare.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum StringFormat {
@@ -183,10 +185,7 @@ pub fn is_nsid(s: &str) -> bool {
 
 /// 13 characters of base32-sortable, first one limiting the top bit to zero.
 pub fn is_tid(s: &str) -> bool {
-    const ALPHABET: &[u8] = b"234567abcdefghijklmnopqrstuvwxyz";
-    s.len() == 13
-        && s.bytes().all(|b| ALPHABET.contains(&b))
-        && b"234567abcdefghij".contains(&s.as_bytes()[0])
+    s.parse::<Tid>().is_ok()
 }
 
 /// 1 to 512 characters of `A-Za-z0-9 . - _ : ~`, not `.` or `..`.

@@ -1,96 +1,13 @@
-//! Timestamp identifiers (TIDs), the record keys the writer generates locally.
+//! Timestamp identifiers (TIDs), the record keys the writer generates locally. The [`Tid`]
+//! type itself (parse, print, parts) is murmur-lexicon's: one TID parser for the workspace.
 
 use std::collections::hash_map::RandomState;
 use std::fmt;
 use std::hash::{BuildHasher, Hasher};
-use std::str::FromStr;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::Error;
-
-const ALPHABET: &[u8; 32] = b"234567abcdefghijklmnopqrstuvwxyz";
-const TID_LEN: usize = 13;
-
-/// A timestamp identifier: 53 bits of microseconds since the Unix epoch and a 10-bit clock
-/// id, written as 13 base32-sortable characters (`3jzfcijpj2z2a`).
-///
-/// TIDs sort lexically in the order they were generated, so records created by one
-/// [`TidGenerator`] list in creation order.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Tid(u64);
-
-impl Tid {
-    /// Builds a TID from a timestamp in microseconds since the epoch and a clock id.
-    ///
-    /// Bits above the 53-bit timestamp and the 10-bit clock id are dropped.
-    pub fn from_parts(micros: u64, clock_id: u16) -> Tid {
-        Tid(((micros & ((1 << 53) - 1)) << 10) | u64::from(clock_id & 0x3ff))
-    }
-
-    /// Microseconds since the Unix epoch.
-    pub fn micros(self) -> u64 {
-        self.0 >> 10
-    }
-
-    /// The 10-bit clock id.
-    pub fn clock_id(self) -> u16 {
-        (self.0 & 0x3ff) as u16
-    }
-
-    /// The 13-character string form.
-    pub fn as_string(self) -> String {
-        self.to_string()
-    }
-}
-
-impl fmt::Display for Tid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut out = [0u8; TID_LEN];
-        let mut v = self.0;
-        for slot in out.iter_mut().rev() {
-            *slot = ALPHABET[(v & 31) as usize];
-            v >>= 5;
-        }
-        // The alphabet is ASCII, so this never fails.
-        f.write_str(std::str::from_utf8(&out).unwrap_or_default())
-    }
-}
-
-impl fmt::Debug for Tid {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Tid({self})")
-    }
-}
-
-impl FromStr for Tid {
-    type Err = Error;
-
-    fn from_str(s: &str) -> Result<Tid, Error> {
-        let bad = |why: &str| Error::InvalidArgument {
-            what: "tid",
-            message: format!("{s:?} is not a TID: {why}"),
-        };
-        if s.len() != TID_LEN {
-            return Err(bad("expected 13 characters"));
-        }
-        let bytes = s.as_bytes();
-        // The top bit of the 64-bit value must be zero, so the first character is one of
-        // the first 16 symbols.
-        if !(b'2'..=b'7').contains(&bytes[0]) && !(b'a'..=b'j').contains(&bytes[0]) {
-            return Err(bad("first character must be one of 234567abcdefghij"));
-        }
-        let mut v: u64 = 0;
-        for &b in bytes {
-            let digit = ALPHABET
-                .iter()
-                .position(|&a| a == b)
-                .ok_or_else(|| bad("characters must be in 234567abcdefghijklmnopqrstuvwxyz"))?;
-            v = (v << 5) | digit as u64;
-        }
-        Ok(Tid(v))
-    }
-}
+pub use murmur_lexicon::syntax::Tid;
 
 /// Generates strictly increasing TIDs, even when the system clock steps back.
 ///

@@ -18,21 +18,12 @@ pub struct ChainHead {
     pub data: Option<Cid>,
 }
 
-/// Decodes a 13-character TID into microseconds since the Unix epoch.
+/// Decodes a 13-character TID into microseconds since the Unix epoch (murmur-lexicon's
+/// [`Tid`](murmur_lexicon::syntax::Tid) parser).
 pub fn tid_micros(tid: &str) -> Option<u64> {
-    const ALPHABET: &[u8; 32] = b"234567abcdefghijklmnopqrstuvwxyz";
-    if tid.len() != 13 {
-        return None;
-    }
-    let mut v: u64 = 0;
-    for (i, b) in tid.bytes().enumerate() {
-        let d = ALPHABET.iter().position(|&a| a == b)? as u64;
-        if i == 0 && d >= 16 {
-            return None; // the top bit of a TID is 0
-        }
-        v = (v << 5) | d;
-    }
-    Some(v >> 10)
+    tid.parse::<murmur_lexicon::syntax::Tid>()
+        .ok()
+        .map(|t| t.micros())
 }
 
 /// The chain heads of every DID seen, behind one lock.
