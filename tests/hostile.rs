@@ -5,58 +5,21 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use atrium_api::types::Collection;
 use futures_util::{SinkExt, StreamExt};
 use ipld_core::ipld::Ipld;
 use murmur_devnet::{Account, Devnet, DevnetConfig};
+use murmur_e2e::{Note, note, shared, wait_for};
 use murmur_firehose::{
     Backoff, Created, Deleted, FileCursorStore, FirehoseError, GapKind, OpEvent, Rejection,
     SourceError, SubscribeRepos, WatchError, Watcher,
 };
-use murmur_lexicon::{Validate, ValidationError};
 use murmur_pds::Writer;
 use murmur_sync::{CarSlice, Cid, Frame, StreamError, SyncError};
-use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
-
-#[derive(Debug)]
-struct Note;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NoteRecord {
-    text: String,
-    n: u64,
-    created_at: String,
-}
-
-impl Collection for Note {
-    const NSID: &'static str = "test.murmur.note";
-    type Record = NoteRecord;
-}
-
-impl Validate for NoteRecord {
-    fn validate(&self) -> Result<(), ValidationError> {
-        Ok(())
-    }
-}
-
-fn note(n: u64) -> NoteRecord {
-    NoteRecord {
-        text: format!("note {n}"),
-        n,
-        created_at: "2026-12-04T12:00:00.000Z".into(),
-    }
-}
-
-async fn shared() -> &'static Devnet {
-    tokio::task::spawn_blocking(|| Devnet::shared().unwrap_or_else(|e| panic!("{e}")))
-        .await
-        .unwrap()
-}
 
 async fn account(net: &Devnet, name: &str) -> (Account, Writer) {
     let account = net
@@ -67,14 +30,6 @@ async fn account(net: &Devnet, name: &str) -> (Account, Writer) {
         .await
         .unwrap();
     (account, writer)
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn fast_reconnect() -> Backoff {

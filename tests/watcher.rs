@@ -10,41 +10,12 @@ use std::time::{Duration, Instant};
 
 use atrium_api::types::Collection;
 use murmur_devnet::{Account, Devnet, DevnetConfig};
+use murmur_e2e::{Note, NoteRecord, note, shared, wait_for};
 use murmur_firehose::{
     Author, CommitInfo, Created, DeadLetterStore, FileDeadLetterStore, HandlerError, OpEvent,
     Record, State, Watcher, handler,
 };
-use murmur_lexicon::{Validate, ValidationError};
 use murmur_pds::Writer;
-use serde::{Deserialize, Serialize};
-
-#[derive(Debug)]
-struct Note;
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct NoteRecord {
-    text: String,
-    n: u64,
-    created_at: String,
-}
-
-impl Collection for Note {
-    const NSID: &'static str = "test.murmur.note";
-    type Record = NoteRecord;
-}
-
-impl Validate for NoteRecord {
-    fn validate(&self) -> Result<(), ValidationError> {
-        if self.text.starts_with("INVALID") {
-            return Err(ValidationError {
-                path: "$.text".into(),
-                message: "must not start with INVALID".into(),
-            });
-        }
-        Ok(())
-    }
-}
 
 #[derive(Debug)]
 struct Other;
@@ -52,20 +23,6 @@ struct Other;
 impl Collection for Other {
     const NSID: &'static str = "test.murmur.other";
     type Record = NoteRecord;
-}
-
-fn note(n: u64) -> NoteRecord {
-    NoteRecord {
-        text: format!("note {n}"),
-        n,
-        created_at: "2026-11-23T12:00:00.000Z".into(),
-    }
-}
-
-async fn shared() -> &'static Devnet {
-    tokio::task::spawn_blocking(|| Devnet::shared().unwrap_or_else(|e| panic!("{e}")))
-        .await
-        .unwrap()
 }
 
 async fn account(net: &Devnet, pds: usize, name: &str) -> (Account, Writer) {
@@ -96,14 +53,6 @@ async fn write_notes(writer: &Writer, range: std::ops::Range<u64>, batch: usize)
 }
 
 type Seen = Arc<Mutex<Vec<(String, u64)>>>;
-
-async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 fn assert_exactly_once_in_order(seen: &[(String, u64)], expected: &HashMap<String, u64>) {
     let mut per_did: BTreeMap<&str, Vec<u64>> = BTreeMap::new();
