@@ -97,8 +97,27 @@ async fn tails_verified_ops_as_json_and_resumes_from_its_state() {
     assert_eq!(line["action"], "create");
     assert_eq!(line["did"], alice.did.as_str());
     assert_eq!(line["record"]["text"], "first");
-    // Let the cursor reach the disk, then kill it without a graceful stop.
-    std::thread::sleep(Duration::from_millis(700));
+    // Wait until the cursor on disk covers the first event, then kill without a graceful stop.
+    let seq = line["seq"].as_i64().expect("a seq");
+    let cursors = state.path().join("cursors");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let stored = std::fs::read_dir(&cursors)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .filter_map(|text| text.trim().parse::<i64>().ok())
+            .max();
+        if stored.is_some_and(|c| c >= seq) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cursor never reached {seq} on disk (stored: {stored:?})"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     child.kill().unwrap();
     child.wait().unwrap();
 

@@ -130,6 +130,12 @@ impl Pipeline {
         }
         match frame {
             Frame::Commit(commit) => self.commit(index, url, &commit).await,
+            Frame::Sync(sync) if !self.filter.allows_repo(&sync.did) => {
+                // A repo nobody watches: keep its chain current without verifying (as for
+                // its commits), so a host that cannot resolve it never holds the stream.
+                self.verifier.resync(&sync.did, &sync.rev, None);
+                self.finish_event(index, sync.seq);
+            }
             Frame::Sync(sync) => {
                 let verified = self
                     .until_verified(url, &sync.did, sync.seq, || {
@@ -182,11 +188,14 @@ impl Pipeline {
     fn check_seq(&self, seq: i64, previous: Option<i64>) -> Result<(), String> {
         check_seq_range(seq)?;
         match previous {
-            Some(previous) if seq > previous && seq - previous > self.max_seq_jump => Err(format!(
-                "it jumps {} ahead of the previous frame on this connection (at most {} allowed)",
-                seq - previous,
-                self.max_seq_jump
-            )),
+            Some(previous) if seq.abs_diff(previous) > self.max_seq_jump.unsigned_abs() => {
+                Err(format!(
+                    "it jumps {} {} the previous frame on this connection (at most {} allowed)",
+                    seq.abs_diff(previous),
+                    if seq > previous { "ahead of" } else { "behind" },
+                    self.max_seq_jump
+                ))
+            }
             _ => Ok(()),
         }
     }
@@ -209,10 +218,12 @@ impl Pipeline {
         loop {
             match verify().await {
                 Err(e) if e.is_transient() => {
+                    // Never faster than 100 ms, whatever the policy says: no hot loop.
                     let retry_in = self
                         .verify_retry
                         .delay(attempt)
-                        .unwrap_or(self.verify_retry.max);
+                        .unwrap_or(self.verify_retry.max)
+                        .max(std::time::Duration::from_millis(100));
                     attempt = attempt.saturating_add(1);
                     _waiting.get_or_insert_with(|| WaitingVerification::new(&self.metrics));
                     self.report(WatchError::VerificationStalled {
@@ -288,7 +299,9 @@ impl Pipeline {
         let data = OpData {
             source: Arc::from(url),
             did: did.to_string(),
-            rev: String::new(),
+            // Not a commit: the event's time stands in for a rev, so the idempotency key
+            // (did, time, kind/seq) of one event stays unique when a source's seqs restart.
+            rev: time.to_string(),
             seq,
             time: time.to_string(),
             action: Action::Update,
@@ -305,6 +318,9 @@ impl Pipeline {
     /// Tracks whether a repo is active, as the sync spec asks of consumers: while an account
     /// is taken down, suspended, deactivated or deleted, its commits are not passed on.
     fn account_status(&self, url: &str, account: &AccountEvent) {
+        if !self.filter.allows_repo(&account.did) {
+            return;
+        }
         if account.active {
             if lock(&self.inactive).remove(&account.did).is_some() {
                 info!(source = url, did = %account.did, "account active again; its commits are delivered");
@@ -370,7 +386,9 @@ impl Pipeline {
         }
         let mut jobs = Vec::new();
         for op in verified.ops {
-            if !self.filter.allows_op(&op.path, op.action) {
+            // A collection is an NSID, never `#...`: such a path must not reach the
+            // `#identity`/`#account` handlers.
+            if op.collection().starts_with('#') || !self.filter.allows_op(&op.path, op.action) {
                 continue;
             }
             let collection = op.collection().to_string();
@@ -512,6 +530,9 @@ impl Pipeline {
             }
             StreamError::OutdatedCursor { .. } => {
                 self.gap(url, GapKind::OutdatedCursor, e.to_string());
+                // Asking again with the same cursor would get the same answer: the gap is
+                // reported, continue from the live stream.
+                position.cursor = None;
             }
             StreamError::ConsumerTooSlow { .. } | StreamError::Other { .. } => {}
         }
@@ -526,8 +547,10 @@ impl Pipeline {
             detail,
         };
         warn!(source = url, gap = ?gap.kind, detail = %gap.detail, "gap");
-        if let Some(hook) = &self.on_gap {
-            hook(&gap);
+        if let Some(hook) = &self.on_gap
+            && std::panic::catch_unwind(AssertUnwindSafe(|| hook(&gap))).is_err()
+        {
+            error!("the on_gap hook panicked; the watcher goes on");
         }
         if let (GapKind::ChainBreak { did }, Some(hook)) = (&gap.kind, &self.on_resync) {
             self.resync(did, hook);

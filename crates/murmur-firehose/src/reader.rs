@@ -33,15 +33,15 @@ struct RepeatedErrorFrame {
 }
 
 impl RepeatedErrorFrame {
-    /// Counts `error` (ended a connection that read `frames` good frames): returns how many
-    /// connections in a row ended with it.
-    fn count(&mut self, error: &murmur_sync::StreamError, frames: u64) -> u32 {
+    /// Counts `error`, which ended a connection that did (`events`) or did not read an event
+    /// with a valid seq: returns how many connections in a row ended with it.
+    fn count(&mut self, error: &murmur_sync::StreamError, events: bool) -> u32 {
         let name = match error {
             murmur_sync::StreamError::Other { error, .. } => error.clone(),
             other => format!("{other:?}"),
         };
         let repeated = match &self.last {
-            Some((last, n)) if *last == name && frames == 0 => n + 1,
+            Some((last, n)) if *last == name && !events => n + 1,
             _ => 1,
         };
         self.last = Some((name, repeated));
@@ -81,7 +81,6 @@ impl SourceReader {
                     let _connected = crate::metrics::ConnectedSource::new(&self.pipeline.metrics);
                     let since = Instant::now();
                     position.connection_last = None;
-                    let mut frames = 0u64;
                     let ended = loop {
                         let next = tokio::select! {
                             n = stream.next() => n,
@@ -97,7 +96,7 @@ impl SourceReader {
                                     _ = stopped(&mut self.shutdown) => return Ok(()),
                                 };
                                 match processed {
-                                    Ok(()) => frames += 1,
+                                    Ok(()) => {}
                                     Err(reconnect) => break reconnect,
                                 }
                             }
@@ -110,7 +109,10 @@ impl SourceReader {
                     }
                     match &ended {
                         SourceError::ErrorFrame(error) => {
-                            let repeated = error_frames.count(error, frames);
+                            // Only events with a valid seq break a streak: #info or
+                            // skipped frames before each error do not.
+                            let events = position.connection_last.is_some();
+                            let repeated = error_frames.count(error, events);
                             self.pipeline.report(WatchError::ErrorFrame {
                                 source: url.clone(),
                                 error: error.clone(),

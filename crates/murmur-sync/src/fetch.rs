@@ -14,6 +14,12 @@ fn is_passing(status: reqwest::StatusCode) -> bool {
         || status == reqwest::StatusCode::REQUEST_TIMEOUT
 }
 
+/// A request that could not be made or followed (a malformed endpoint in a DID document, a
+/// redirect refused): the data's fault, not a passing one.
+fn is_definitive(e: &reqwest::Error) -> bool {
+    e.is_builder() || e.is_redirect()
+}
+
 /// A transport error with its kind spelled out (reqwest's Display hides the cause).
 fn transport_reason(e: &reqwest::Error) -> String {
     let kind = if e.is_timeout() {
@@ -47,11 +53,13 @@ pub(crate) async fn did_document(
         url: url.to_string(),
         reason,
     };
-    let response = http
-        .get(url)
-        .send()
-        .await
-        .map_err(|e| unavailable(transport_reason(&e)))?;
+    let response = http.get(url).send().await.map_err(|e| {
+        if is_definitive(&e) {
+            fail(transport_reason(&e))
+        } else {
+            unavailable(transport_reason(&e))
+        }
+    })?;
     let status = response.status();
     if is_passing(status) {
         return Err(unavailable(format!("HTTP {status}")));
@@ -141,7 +149,13 @@ impl Verifier {
             .timeout(std::time::Duration::from_secs(120))
             .send()
             .await
-            .map_err(|e| unavailable(transport_reason(&e)))?;
+            .map_err(|e| {
+                if is_definitive(&e) {
+                    fetch_err(transport_reason(&e))
+                } else {
+                    unavailable(transport_reason(&e))
+                }
+            })?;
         let status = response.status();
         if is_passing(status) {
             return Err(unavailable(format!("HTTP {status}")));

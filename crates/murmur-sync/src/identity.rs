@@ -160,7 +160,8 @@ impl IdentityResolver {
     ///
     /// When the fetch fails with a passing failure ([`SyncError::Unavailable`]: the PLC
     /// directory or did:web host is down, slow or overloaded) and an identity of `did` was
-    /// fetched before, that last-known identity is returned: a commit whose signature checks
+    /// fetched before and has only outlived its TTL (no `#identity` event made it stale),
+    /// that last-known identity is returned: a commit whose signature checks
     /// under it is genuine, and one that does not makes the verifier ask again
     /// ([`refresh_after_failure`](Self::refresh_after_failure)), which then fails as
     /// unavailable rather than as a bad signature.
@@ -172,8 +173,10 @@ impl IdentityResolver {
             Some(c) if !c.stale && c.fetched.elapsed() < self.ttl => {
                 return Ok(c.identity.clone());
             }
-            Some(c) => Some(c.identity.clone()),
-            None => None,
+            // Only an identity that merely aged out may stand in during an outage: one an
+            // `#identity` event made stale may have had its key rotated away.
+            Some(c) if !c.stale => Some(c.identity.clone()),
+            _ => None,
         };
         match (self.refresh(did).await, last_known) {
             (Err(e), Some(last)) if e.is_transient() => {
@@ -198,6 +201,7 @@ impl IdentityResolver {
     ) -> Result<Arc<Identity>, SyncError> {
         if let Some(c) = lock(&self.cache).get(did)
             && c.after_failure
+            && !c.stale
             && c.fetched.elapsed() < min_interval
         {
             return Ok(c.identity.clone());
