@@ -11,7 +11,7 @@ use atrium_api::types::Collection;
 use futures_util::{SinkExt, StreamExt};
 use ipld_core::ipld::Ipld;
 use murmur_devnet::{Account, Devnet, DevnetConfig};
-use murmur_e2e::{Note, note, shared, wait_for};
+use murmur_e2e::{Note, account_xrpc, note, shared, wait_for};
 use murmur_firehose::{
     Backoff, Created, Deleted, FileCursorStore, FirehoseError, GapKind, OpEvent, Rejection,
     SourceError, SubscribeRepos, WatchError, Watcher,
@@ -698,22 +698,6 @@ async fn a_sync_event_that_fails_verification_is_passed_to_on_rejected() {
         "{cause}"
     );
     assert_eq!(metrics.snapshot().rejected, 1);
-}
-
-async fn account_xrpc(account: &Account, method: &str, body: Option<serde_json::Value>) {
-    let mut request = reqwest::Client::new()
-        .post(format!("{}/xrpc/{method}", account.pds_url))
-        .bearer_auth(&account.access_jwt);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.unwrap();
-    let status = response.status();
-    assert!(
-        status.is_success(),
-        "{method}: {status} {}",
-        response.text().await.unwrap_or_default()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

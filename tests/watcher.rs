@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use atrium_api::types::Collection;
 use murmur_devnet::{Account, Devnet, DevnetConfig};
-use murmur_e2e::{Note, NoteRecord, note, shared, wait_for};
+use murmur_e2e::{Note, NoteRecord, account_xrpc, note, shared, wait_for};
 use murmur_firehose::{
     Author, CommitInfo, Created, DeadLetterStore, FileDeadLetterStore, HandlerError, OpEvent,
     Record, State, Watcher, handler,
@@ -754,36 +754,21 @@ async fn identity_and_account_events_reach_their_handlers_in_order_with_commits(
     })
     .await;
 
-    let call = |method: &'static str, body: Option<serde_json::Value>| {
-        let alice = &alice;
-        async move {
-            let mut request = reqwest::Client::new()
-                .post(format!("{}/xrpc/{method}", alice.pds_url))
-                .bearer_auth(&alice.access_jwt);
-            if let Some(body) = body {
-                request = request.json(&body);
-            }
-            let response = request.send().await.unwrap();
-            assert!(
-                response.status().is_success(),
-                "{method}: {}",
-                response.status()
-            );
-        }
-    };
     writer.create::<Note>(&note(0)).await.unwrap();
     let new_handle = net.unique_handle("events-renamed");
-    call(
+    account_xrpc(
+        &alice,
         "com.atproto.identity.updateHandle",
         Some(serde_json::json!({ "handle": new_handle })),
     )
     .await;
-    call(
+    account_xrpc(
+        &alice,
         "com.atproto.server.deactivateAccount",
         Some(serde_json::json!({})),
     )
     .await;
-    call("com.atproto.server.activateAccount", None).await;
+    account_xrpc(&alice, "com.atproto.server.activateAccount", None).await;
     writer.create::<Note>(&note(1)).await.unwrap();
     wait_for(
         "note 1 after the reactivation",

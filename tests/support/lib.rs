@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use atrium_api::types::Collection;
-use murmur_devnet::Devnet;
+use murmur_devnet::{Account, Devnet};
 use murmur_lexicon::{Validate, ValidationError};
 use serde::{Deserialize, Serialize};
 
@@ -64,4 +64,22 @@ pub async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> b
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Calls XRPC procedure `method` on the account's PDS with its access token (a JSON body, or
+/// none), and fails the test unless the PDS answers with success.
+pub async fn account_xrpc(account: &Account, method: &str, body: Option<serde_json::Value>) {
+    let mut request = reqwest::Client::new()
+        .post(format!("{}/xrpc/{method}", account.pds_url))
+        .bearer_auth(&account.access_jwt);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status();
+    assert!(
+        status.is_success(),
+        "{method}: {status} {}",
+        response.text().await.unwrap_or_default()
+    );
 }
