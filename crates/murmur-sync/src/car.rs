@@ -1,4 +1,4 @@
-//! CAR v1 slices with every block re-hashed against its CID.
+//! CAR v1: slices parsed with every block re-hashed against its CID, and written.
 
 use cid::Cid;
 use multihash::Multihash;
@@ -49,6 +49,45 @@ fn varint(b: &[u8], pos: usize) -> Result<(u64, usize), SyncError> {
         }
     }
     Err(car_err(pos, "varint longer than 9 bytes"))
+}
+
+fn write_varint(out: &mut Vec<u8>, mut n: u64) {
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
+}
+
+/// Writes a CAR v1 file with one root: the header `{roots: [root], version: 1}` in
+/// DAG-CBOR, then one varint-length-prefixed section (CID bytes, block bytes) per block, in
+/// the order given.
+///
+/// The blocks are written as they are: no hash is checked and duplicates are kept (give each
+/// block once). [`CarSlice::parse`] reads the result back, re-hashing every block.
+pub fn write_car<B: AsRef<[u8]>>(root: Cid, blocks: impl IntoIterator<Item = (Cid, B)>) -> Vec<u8> {
+    let mut header = Vec::with_capacity(64);
+    crate::cbor::write_head(&mut header, 5, 2);
+    crate::cbor::write_text(&mut header, "roots");
+    crate::cbor::write_head(&mut header, 4, 1);
+    crate::cbor::write_cid(&mut header, &root);
+    crate::cbor::write_text(&mut header, "version");
+    crate::cbor::write_head(&mut header, 0, 1);
+    let mut out = Vec::with_capacity(header.len() + 1024);
+    write_varint(&mut out, header.len() as u64);
+    out.extend_from_slice(&header);
+    for (cid, data) in blocks {
+        let data = data.as_ref();
+        let cid = cid.to_bytes();
+        write_varint(&mut out, (cid.len() + data.len()) as u64);
+        out.extend_from_slice(&cid);
+        out.extend_from_slice(data);
+    }
+    out
 }
 
 /// The CID of `data` under `codec` (CIDv1, sha2-256): how atproto names blocks.
@@ -160,38 +199,9 @@ impl<'a> CarSlice<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cbor::{write_cid, write_head, write_text};
 
     fn car(root: &Cid, blocks: &[(Cid, Vec<u8>)]) -> Vec<u8> {
-        let mut header = Vec::new();
-        write_head(&mut header, 5, 2);
-        write_text(&mut header, "roots");
-        write_head(&mut header, 4, 1);
-        write_cid(&mut header, root);
-        write_text(&mut header, "version");
-        write_head(&mut header, 0, 1);
-        let mut out = Vec::new();
-        write_head_varint(&mut out, header.len());
-        out.extend(header);
-        for (cid, data) in blocks {
-            let c = cid.to_bytes();
-            write_head_varint(&mut out, c.len() + data.len());
-            out.extend(c);
-            out.extend(data);
-        }
-        out
-    }
-
-    fn write_head_varint(out: &mut Vec<u8>, mut n: usize) {
-        loop {
-            let b = (n & 0x7f) as u8;
-            n >>= 7;
-            if n == 0 {
-                out.push(b);
-                return;
-            }
-            out.push(b | 0x80);
-        }
+        write_car(*root, blocks.iter().map(|(c, d)| (*c, d)))
     }
 
     #[test]
@@ -224,5 +234,36 @@ mod tests {
             let r = CarSlice::parse(&bytes[..cut]);
             assert!(r.is_err() || cut == bytes.len() - 41, "cut {cut}");
         }
+    }
+
+    #[test]
+    fn written_cars_parse_back_with_the_same_root_and_blocks() {
+        let blocks: Vec<(Cid, Vec<u8>)> = (0..200u32)
+            .map(|i| {
+                // Sizes up to a few kB, so section lengths take one and two varint bytes.
+                let mut data = vec![0x59, 0, 0];
+                data[1..3].copy_from_slice(&((i * 17) as u16).to_be_bytes());
+                data.extend((0..i * 17).map(|j| j as u8));
+                (cid_for(DAG_CBOR, &data), data)
+            })
+            .chain([(cid_for(RAW, b"raw blob"), b"raw blob".to_vec())])
+            .collect();
+        let root = blocks[3].0;
+        let bytes = write_car(root, blocks.iter().map(|(c, d)| (*c, d.as_slice())));
+        let slice = CarSlice::parse(&bytes).unwrap();
+        assert_eq!(slice.roots(), &[root]);
+        assert_eq!(slice.len(), blocks.len());
+        for (cid, data) in &blocks {
+            assert_eq!(slice.get(cid), Some(data.as_slice()), "{cid}");
+        }
+        // The header is the canonical DAG-CBOR a generic encoder writes.
+        let header =
+            serde_ipld_dagcbor::to_vec(&ipld_core::ipld!({"roots": [root], "version": 1})).unwrap();
+        assert_eq!(bytes[0] as usize, header.len());
+        assert_eq!(&bytes[1..1 + header.len()], header.as_slice());
+        // No blocks at all is a valid CAR too.
+        let empty = write_car(root, std::iter::empty::<(Cid, &[u8])>());
+        let slice = CarSlice::parse(&empty).unwrap();
+        assert_eq!((slice.roots(), slice.len()), (&[root][..], 0));
     }
 }

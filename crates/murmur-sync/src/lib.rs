@@ -73,7 +73,7 @@ mod mst;
 mod repo;
 mod verify;
 
-pub use car::{CarSlice, DAG_CBOR, RAW, check_block, cid_for};
+pub use car::{CarSlice, DAG_CBOR, RAW, check_block, cid_for, write_car};
 pub use chain::{ChainHead, tid_micros};
 pub use cid::Cid;
 pub use commit::{
