@@ -193,6 +193,71 @@ impl PartialTree {
     }
 }
 
+/// One decoded MST node, its keys expanded and checked.
+struct Node {
+    /// `None` only for the root of an empty tree (no entries, no subtree).
+    layer: Option<u32>,
+    left: Option<Cid>,
+    /// (key, value, right subtree), keys strictly increasing.
+    entries: Vec<(Vec<u8>, Cid, Option<Cid>)>,
+}
+
+/// Decodes the node `cid` (whose bytes the CAR slice hash-checked) and checks it on its own:
+/// dag-cbor, prefixes, keys strictly increasing and all of one height, that height one below
+/// the parent's (`expected_layer`), no subtrees under layer 0.
+fn decode_node(cid: Cid, bytes: &[u8], expected_layer: Option<u32>) -> Result<Node, SyncError> {
+    if cid.codec() != DAG_CBOR {
+        return Err(mst_err(cid, "node is not dag-cbor"));
+    }
+    crate::cbor::item_end(bytes, 0, 8, "MST node")?;
+    let node: NodeData =
+        serde_ipld_dagcbor::from_slice(bytes).map_err(|e| mst_err(cid, e.to_string()))?;
+    let mut entries: Vec<(Vec<u8>, Cid, Option<Cid>)> = Vec::with_capacity(node.e.len());
+    for e in node.e {
+        let prev = entries.last().map_or(&[][..], |(k, _, _)| k.as_slice());
+        if e.p > prev.len() {
+            return Err(mst_err(
+                cid,
+                "prefix length is longer than the previous key",
+            ));
+        }
+        let mut key = prev[..e.p].to_vec();
+        key.extend_from_slice(&e.k);
+        if !entries.is_empty() && key.as_slice() <= prev {
+            return Err(mst_err(cid, "keys are not in strictly increasing order"));
+        }
+        entries.push((key, e.v, e.t));
+    }
+    let layer = match entries.first() {
+        Some((k, _, _)) => key_height(k),
+        None => match expected_layer {
+            Some(l) => l,
+            None if node.l.is_none() => {
+                return Ok(Node {
+                    layer: None,
+                    left: None,
+                    entries,
+                });
+            }
+            None => return Err(mst_err(cid, "root node has no entries")),
+        },
+    };
+    if expected_layer.is_some_and(|l| l != layer) {
+        return Err(mst_err(cid, "node is not one layer below its parent"));
+    }
+    if entries.iter().any(|(k, _, _)| key_height(k) != layer) {
+        return Err(mst_err(cid, "keys of different heights in one node"));
+    }
+    if layer == 0 && (node.l.is_some() || entries.iter().any(|(_, _, t)| t.is_some())) {
+        return Err(mst_err(cid, "layer-0 node has a subtree"));
+    }
+    Ok(Node {
+        layer: Some(layer),
+        left: node.l,
+        entries,
+    })
+}
+
 fn load_node(
     car: &CarSlice<'_>,
     cid: Cid,
@@ -207,43 +272,14 @@ fn load_node(
         cid: cid.to_string(),
         what: "MST root",
     })?;
-    if cid.codec() != DAG_CBOR {
-        return Err(mst_err(cid, "node is not dag-cbor"));
-    }
-    crate::cbor::item_end(bytes, 0, 8, "MST node")?;
-    let node: NodeData =
-        serde_ipld_dagcbor::from_slice(bytes).map_err(|e| mst_err(cid, e.to_string()))?;
-    let mut keys = Vec::with_capacity(node.e.len());
-    let mut prev: Vec<u8> = Vec::new();
-    for e in &node.e {
-        if e.p > prev.len() {
-            return Err(mst_err(
-                cid,
-                "prefix length is longer than the previous key",
-            ));
-        }
-        let mut key = prev[..e.p].to_vec();
-        key.extend_from_slice(&e.k);
-        prev.clone_from(&key);
-        keys.push(key);
-    }
-    let layer = match keys.first() {
-        Some(k) => key_height(k),
-        None => match expected_layer {
-            Some(l) => l,
-            None if node.l.is_none() => return Ok(()),
-            None => return Err(mst_err(cid, "root node has no entries")),
-        },
+    let node = decode_node(cid, bytes, expected_layer)?;
+    let Some(layer) = node.layer else {
+        return Ok(());
     };
-    if expected_layer.is_some_and(|l| l != layer) {
-        return Err(mst_err(cid, "node is not one layer below its parent"));
-    }
-    if keys.iter().any(|k| key_height(k) != layer) {
-        return Err(mst_err(cid, "keys of different heights in one node"));
-    }
+    // Below layer 0 there are no subtrees (checked by decode_node), so `layer - 1` is only
+    // reached for layer >= 1.
     let child = |c: Option<Cid>, out: &mut Vec<Item>, seen: &mut HashSet<Cid>| match c {
         None => Ok(()),
-        Some(_) if layer == 0 => Err(mst_err(cid, "layer-0 node has a subtree")),
         Some(c) if car.get(&c).is_some() => load_node(car, c, Some(layer - 1), out, seen),
         Some(c) => {
             out.push(Item::Stub {
@@ -253,16 +289,102 @@ fn load_node(
             Ok(())
         }
     };
-    child(node.l, out, seen)?;
-    for (e, key) in node.e.into_iter().zip(keys) {
+    child(node.left, out, seen)?;
+    for (key, value, right) in node.entries {
         out.push(Item::Leaf {
             key,
-            value: e.v,
+            value,
             height: layer,
         });
-        child(e.t, out, seen)?;
+        child(right, out, seen)?;
     }
     Ok(())
+}
+
+/// The result of searching one key from an MST root: the nodes visited, root first, and the
+/// value found (`None`: the key is absent, shown by the empty gap where it would be).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Search<'a> {
+    /// The nodes visited with their bytes, root first.
+    pub nodes: Vec<(Cid, &'a [u8])>,
+    pub value: Option<Cid>,
+}
+
+/// Searches `key` from `root` through the blocks of `car`, as a record proof
+/// (`com.atproto.sync.getRecord`) is built and read: from the root, into the subtree whose
+/// key range holds `key`, until a node has `key` as an entry (present) or has no subtree
+/// where `key` would be (absent). Every node on the way is checked as [`PartialTree::load`]
+/// checks it, and its keys must lie between the parent's keys around it, so the answer is
+/// the one the whole signed tree gives.
+///
+/// A node on the way that `car` lacks is [`SyncError::MissingBlock`] with its CID.
+pub(crate) fn search<'a>(
+    car: &CarSlice<'a>,
+    root: Cid,
+    key: &[u8],
+) -> Result<Search<'a>, SyncError> {
+    let mut nodes: Vec<(Cid, &'a [u8])> = Vec::new();
+    let mut cid = root;
+    let mut expected_layer = None;
+    // Exclusive bounds on the keys of the current node, from the entries around the pointer
+    // that led to it.
+    let (mut lo, mut hi): (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);
+    loop {
+        let bytes = car.get(&cid).ok_or_else(|| SyncError::MissingBlock {
+            cid: cid.to_string(),
+            what: if nodes.is_empty() {
+                "MST root"
+            } else {
+                "MST node"
+            },
+        })?;
+        nodes.push((cid, bytes));
+        let node = decode_node(cid, bytes, expected_layer)?;
+        let Some(layer) = node.layer else {
+            return Ok(Search { nodes, value: None });
+        };
+        if let (Some(lo), Some((first, _, _))) = (&lo, node.entries.first())
+            && first <= lo
+        {
+            return Err(mst_err(
+                cid,
+                "keys are not above the parent's key before them",
+            ));
+        }
+        if let (Some(hi), Some((last, _, _))) = (&hi, node.entries.last())
+            && last >= hi
+        {
+            return Err(mst_err(
+                cid,
+                "keys are not below the parent's key after them",
+            ));
+        }
+        let i = node.entries.partition_point(|(k, _, _)| k.as_slice() < key);
+        if let Some((k, value, _)) = node.entries.get(i)
+            && k.as_slice() == key
+        {
+            return Ok(Search {
+                nodes,
+                value: Some(*value),
+            });
+        }
+        let next = match i.checked_sub(1) {
+            None => node.left,
+            Some(before) => node.entries[before].2,
+        };
+        let Some(next) = next else {
+            return Ok(Search { nodes, value: None });
+        };
+        if let Some(before) = i.checked_sub(1) {
+            lo = Some(node.entries[before].0.clone());
+        }
+        if let Some((after, _, _)) = node.entries.get(i) {
+            hi = Some(after.clone());
+        }
+        // decode_node rejects subtrees under layer 0, so layer >= 1 here.
+        expected_layer = Some(layer - 1);
+        cid = next;
+    }
 }
 
 /// Builds the node at `layer` holding `items` (whose leaves are all at most `layer` high).
@@ -318,6 +440,11 @@ fn build_subtree(gap: &[Item], parent_layer: u32) -> Result<Option<Cid>, ()> {
 }
 
 fn encode_node(left: Option<Cid>, entries: &[(&[u8], Cid, Option<Cid>)]) -> Cid {
+    cid_for(DAG_CBOR, &node_bytes(left, entries))
+}
+
+/// The DAG-CBOR bytes of a node (keys prefix-compressed in order).
+fn node_bytes(left: Option<Cid>, entries: &[(&[u8], Cid, Option<Cid>)]) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + entries.len() * 90);
     write_head(&mut out, 5, 2);
     write_text(&mut out, "e");
@@ -348,7 +475,7 @@ fn encode_node(left: Option<Cid>, entries: &[(&[u8], Cid, Option<Cid>)]) -> Cid 
         Some(c) => write_cid(&mut out, &c),
         None => write_null(&mut out),
     }
-    cid_for(DAG_CBOR, &out)
+    out
 }
 
 #[cfg(test)]
@@ -418,5 +545,118 @@ mod tests {
             tree.get(b"a").unwrap(),
             Some(cid_for(crate::car::RAW, &[1]))
         );
+    }
+
+    /// A key of MST height `height` (found by counting up).
+    fn key_at(height: u32, prefix: &str) -> String {
+        (0..)
+            .map(|i| format!("{prefix}/{i:06}"))
+            .find(|k| key_height(k.as_bytes()) == height)
+            .unwrap()
+    }
+
+    fn node(left: Option<Cid>, entries: &[(&str, Option<Cid>)]) -> (Cid, Vec<u8>) {
+        let value = cid_for(crate::car::RAW, b"record");
+        let entries: Vec<(&[u8], Cid, Option<Cid>)> = entries
+            .iter()
+            .map(|(k, t)| (k.as_bytes(), value, *t))
+            .collect();
+        let bytes = node_bytes(left, &entries);
+        (cid_for(DAG_CBOR, &bytes), bytes)
+    }
+
+    fn car_of(root: Cid, blocks: &[&(Cid, Vec<u8>)]) -> Vec<u8> {
+        crate::car::write_car(root, blocks.iter().map(|(c, d)| (*c, d.as_slice())))
+    }
+
+    #[test]
+    fn search_finds_present_and_absent_keys_and_names_a_missing_node() {
+        // root (layer 1): [l -> a (layer 0): [a1, a2]] k1 [t -> b (layer 0): [b1]]
+        let (a1, a2, b1) = (key_at(0, "c/a1"), key_at(0, "c/a2"), key_at(0, "c/d1"));
+        let k1 = key_at(1, "c/b");
+        let (mut a_keys, b_keys) = (vec![a1, a2], vec![b1]);
+        a_keys.sort();
+        assert!(a_keys[1] < k1 && k1 < b_keys[0]);
+        let a = node(None, &[(&a_keys[0], None), (&a_keys[1], None)]);
+        let b = node(None, &[(&b_keys[0], None)]);
+        let root = node(Some(a.0), &[(&k1, Some(b.0))]);
+        let bytes = car_of(root.0, &[&root, &a, &b]);
+        let car = CarSlice::parse(&bytes).unwrap();
+        let value = Some(cid_for(crate::car::RAW, b"record"));
+        let found = search(&car, root.0, a_keys[1].as_bytes()).unwrap();
+        assert_eq!(found.value, value);
+        assert_eq!(
+            found.nodes.iter().map(|n| n.0).collect::<Vec<_>>(),
+            [root.0, a.0]
+        );
+        let found = search(&car, root.0, k1.as_bytes()).unwrap();
+        assert_eq!((found.value, found.nodes.len()), (value, 1));
+        // Absent: between a's two keys (a has no subtrees), and after k1 past b's key.
+        let between = format!("{}0", a_keys[0]);
+        assert!(between.as_str() < a_keys[1].as_str());
+        let found = search(&car, root.0, between.as_bytes()).unwrap();
+        assert_eq!((found.value, found.nodes.len()), (None, 2));
+        let found = search(&car, root.0, b"c/z").unwrap();
+        assert_eq!((found.value, found.nodes.len()), (None, 2));
+        // Without b, a key that would be in b is hidden: b is named.
+        let bytes = car_of(root.0, &[&root, &a]);
+        let car = CarSlice::parse(&bytes).unwrap();
+        assert!(search(&car, root.0, a_keys[0].as_bytes()).is_ok());
+        match search(&car, root.0, b"c/z") {
+            Err(SyncError::MissingBlock { cid, what }) => {
+                assert_eq!((cid, what), (b.0.to_string(), "MST node"));
+            }
+            other => panic!("{other:?}"),
+        }
+        // The empty tree proves every key absent.
+        let empty = node(None, &[]);
+        let bytes = car_of(empty.0, &[&empty]);
+        let car = CarSlice::parse(&bytes).unwrap();
+        let found = search(&car, empty.0, b"c/a").unwrap();
+        assert_eq!((found.value, found.nodes.len()), (None, 1));
+    }
+
+    #[test]
+    fn search_rejects_a_subtree_out_of_its_parents_key_range() {
+        // The root's two subtrees swapped: the left one holds a key after the root's key, the
+        // right one a key before it. In such a malformed tree a search would "find" keys in the
+        // wrong place; it rejects each subtree it enters, as loading the whole tree does.
+        let k1 = key_at(1, "c/b");
+        let late = key_at(0, "c/x");
+        let early = key_at(0, "c/a");
+        assert!(early < k1 && k1 < late);
+        let child_l = node(None, &[(&late, None)]);
+        let child_r = node(None, &[(&early, None)]);
+        let root = node(Some(child_l.0), &[(&k1, Some(child_r.0))]);
+        let bytes = car_of(root.0, &[&root, &child_l, &child_r]);
+        let car = CarSlice::parse(&bytes).unwrap();
+        for (key, child, reason) in [
+            (
+                &early,
+                child_l.0,
+                "keys are not below the parent's key after them",
+            ),
+            (
+                &late,
+                child_r.0,
+                "keys are not above the parent's key before them",
+            ),
+        ] {
+            match search(&car, root.0, key.as_bytes()) {
+                Err(SyncError::Mst { node, reason: r }) => {
+                    assert_eq!((node, r.as_str()), (child.to_string(), reason));
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let loaded = PartialTree::load(&car, root.0);
+        assert!(matches!(loaded, Err(SyncError::Mst { .. })), "{loaded:?}");
+        // Keys out of order inside one node.
+        let (x, y) = (key_at(0, "c/a"), key_at(0, "c/b"));
+        let bad = node(None, &[(&y, None), (&x, None)]);
+        let bytes = car_of(bad.0, &[&bad]);
+        let car = CarSlice::parse(&bytes).unwrap();
+        let err = search(&car, bad.0, x.as_bytes()).unwrap_err();
+        assert!(matches!(err, SyncError::Mst { .. }), "{err}");
     }
 }
