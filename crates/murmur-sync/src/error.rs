@@ -134,7 +134,7 @@ pub enum SyncError {
     MissingBlock {
         /// The missing CID.
         cid: String,
-        /// What the block is (`commit`, `record`, `MST node`).
+        /// What the block is (`commit`, `record`, `MST root`, `MST node`).
         what: &'static str,
     },
     /// The signed commit does not match the event that carried it.
@@ -231,9 +231,12 @@ pub enum SyncError {
     /// A rev is not a valid TID.
     #[error("invalid rev {0:?}: not a TID")]
     InvalidRev(String),
-    /// An op of a `tooBig` commit (whose CAR slice cannot prove its ops by MST inversion)
-    /// could not be proven with the record's proof from the repo's PDS
-    /// (`com.atproto.sync.getRecord`): the op is forged, or the record changed since.
+    /// A record proof does not show the op: the proof of an op
+    /// ([`crate::Verifier::verify_op_proof`]) is of another rev or its tree holds something
+    /// else at the path (the op is forged or altered); or an op of a `tooBig` commit (whose
+    /// CAR slice cannot prove its ops by MST inversion) is not borne out by the record's
+    /// proof from the repo's PDS (`com.atproto.sync.getRecord`): the op is forged, or the
+    /// record changed since.
     #[error("op {path} of {did} rev {rev} is not proven by the signed repo: {reason}")]
     Unproven {
         /// The repo DID.

@@ -46,8 +46,10 @@ impl RepoRecord {
 impl Verifier {
     /// Verifies a record proof CAR (as `com.atproto.sync.getRecord` returns it): block hashes,
     /// the signed commit at its root (signature unless the level is `None`), and the MST
-    /// path from the commit's data root to `path`. `Ok(None)` when the proof shows `path`
-    /// absent; an error when the CAR does not prove either way.
+    /// search path from the commit's data root to `path` (the same check as
+    /// [`Verifier::verify_op_proof`], without its rev and expected-CID rules). `Ok(None)` when
+    /// the proof shows `path` absent; an error when the CAR does not prove either way
+    /// ([`SyncError::MissingBlock`] naming the node on the path, or the record, it lacks).
     pub async fn verify_record_proof(
         &self,
         did: &str,
@@ -55,19 +57,11 @@ impl Verifier {
         car: &[u8],
     ) -> Result<Option<RepoRecord>, SyncError> {
         let car = CarSlice::parse(car)?;
-        let (_, commit) = self.signed_root(&car, did).await?;
-        let tree = crate::mst::PartialTree::load(&car, commit.data)?;
-        let cid = match tree.get(path.as_bytes()) {
-            Ok(Some(cid)) => cid,
-            Ok(None) => return Ok(None),
-            Err(()) => {
-                return Err(SyncError::Mst {
-                    node: commit.data.to_string(),
-                    reason: format!("the proof does not include the path to {path}"),
-                });
-            }
+        let proven = self.prove_path(&car, did, path).await?;
+        let Some(cid) = proven.value else {
+            return Ok(None);
         };
-        let record = car.get(&cid).ok_or_else(|| SyncError::MissingBlock {
+        let record = proven.record.ok_or_else(|| SyncError::MissingBlock {
             cid: cid.to_string(),
             what: "record",
         })?;

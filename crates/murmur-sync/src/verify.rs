@@ -12,8 +12,19 @@ use crate::commit::{
     SignedCommit, VerifiedCommit, VerifiedOp, VerifiedSync, VerifyLevel, check_inversion,
 };
 use crate::frame::{Action, CommitEvent, Limits, SyncEvent};
-use crate::mst::PartialTree;
+use crate::proof::RevRule;
 use crate::{IdentityResolver, SyncError};
+
+/// The one root of a repo, proof or commit CAR.
+pub(crate) fn single_root(car: &CarSlice<'_>) -> Result<Cid, SyncError> {
+    match car.roots() {
+        [root] => Ok(*root),
+        roots => Err(SyncError::Car {
+            offset: 0,
+            reason: format!("a repo CAR has one root, this one has {}", roots.len()),
+        }),
+    }
+}
 
 /// Verifies commits and keeps each DID's rev chain. Share it (`Arc`) across tasks; methods
 /// take `&self`. Events of one DID must be fed in stream order.
@@ -216,8 +227,9 @@ impl Verifier {
     }
 
     /// Proves one op of a `tooBig` commit from the repo as its PDS serves it now
-    /// (`getRecord`, verified): a create or update holds when the repo has the op's CID at
-    /// its path, a delete when the repo proves the path absent. Returns the record bytes.
+    /// (`getRecord`, verified by the same check as [`Verifier::verify_op_proof`]): a create or
+    /// update holds when the repo has the op's CID at its path, a delete when the repo proves
+    /// the path absent. Returns the record bytes.
     ///
     /// The proof is of the repo's current commit, which is this commit or a later one: an op
     /// that a later commit overwrote cannot be proven any more and is reported as unproven,
@@ -233,6 +245,13 @@ impl Verifier {
             path: op.path.clone(),
             reason,
         };
+        let expected = match (op.action, op.cid) {
+            (Action::Delete, _) => None,
+            (_, Some(cid)) => Some(cid),
+            (action, None) => {
+                return Err(unproven(format!("the {} has no cid", action.as_str())));
+            }
+        };
         let query = [
             ("did", ev.repo.as_str()),
             ("collection", op.collection()),
@@ -247,43 +266,9 @@ impl Verifier {
             ));
         };
         let car = CarSlice::parse(&bytes)?;
-        let (root, commit) = self.signed_root(&car, &ev.repo).await?;
-        if commit.rev < ev.rev || (commit.rev == ev.rev && root != ev.commit) {
-            return Err(unproven(format!(
-                "the proof is of commit {root} rev {}, not this commit or a later one",
-                commit.rev
-            )));
-        }
-        let tree = PartialTree::load(&car, commit.data)?;
-        let held = tree.get(op.path.as_bytes()).map_err(|()| SyncError::Mst {
-            node: commit.data.to_string(),
-            reason: format!("the proof does not include the path to {}", op.path),
-        })?;
-        match (op.action, held, op.cid) {
-            (Action::Delete, None, _) => Ok(None),
-            (Action::Delete, Some(cid), _) => Err(unproven(format!(
-                "the op deletes it, but the repo at rev {} holds {cid}",
-                commit.rev
-            ))),
-            (_, Some(held), Some(cid)) if held == cid => {
-                let record = car.get(&cid).ok_or_else(|| SyncError::MissingBlock {
-                    cid: cid.to_string(),
-                    what: "record",
-                })?;
-                Ok(Some(record.to_vec()))
-            }
-            (action, held, cid) => Err(unproven(format!(
-                "the op {} it as {}, but the repo at rev {} holds {}",
-                if action == Action::Create {
-                    "creates"
-                } else {
-                    "updates"
-                },
-                cid.map_or("nothing".into(), |c| c.to_string()),
-                commit.rev,
-                held.map_or("nothing".into(), |c| c.to_string()),
-            ))),
-        }
+        let rule = RevRule::SameOrLater { commit: ev.commit };
+        self.check_op(&car, &ev.repo, &ev.rev, &op.path, expected, rule)
+            .await
     }
 
     /// The root CID and signed commit of a repo or proof CAR: DID and version checked, and
@@ -293,15 +278,7 @@ impl Verifier {
         car: &CarSlice<'_>,
         did: &str,
     ) -> Result<(Cid, SignedCommit), SyncError> {
-        let root = match car.roots() {
-            [root] => *root,
-            roots => {
-                return Err(SyncError::Car {
-                    offset: 0,
-                    reason: format!("a repo CAR has one root, this one has {}", roots.len()),
-                });
-            }
-        };
+        let root = single_root(car)?;
         let block = car.get(&root).ok_or_else(|| SyncError::MissingBlock {
             cid: root.to_string(),
             what: "commit",
