@@ -22,13 +22,13 @@
 //! 4. `#sync` goes to [`Verifier::verify_sync`] (resets the chain), `#identity` to
 //!    [`Verifier::on_identity`] (drops the cached key).
 //!
-//! One op of a verified commit can travel on its own, with its proof: [`op_proof`] cuts
-//! from the commit's CAR slice a CAR shaped like a `com.atproto.sync.getRecord` answer (the
-//! signed commit, the MST nodes on the op's search path, the record block; written with
-//! [`write_car`]), and [`Verifier::verify_op_proof`] checks it for that DID, rev and path
-//! against the DID's key: the record for a create or update, the path's absence for a
-//! delete. The record's CID before the op (`prev`) is not in such a proof. The same check
-//! proves the ops of a `tooBig` commit from the repo's PDS
+//! One op of a verified commit can travel on its own, with its proof: [`op_proof`] (or
+//! [`op_proofs`] for a batch) cuts from the commit's CAR slice a CAR shaped like a
+//! `com.atproto.sync.getRecord` answer (the signed commit, the MST nodes on the op's search
+//! path, the record block; written with [`write_car`]), and [`Verifier::verify_op_proof`]
+//! checks it for that DID, rev and path against the DID's key: the record for a create or
+//! update, the path's absence for a delete. The record's CID before the op (`prev`) is not
+//! in such a proof. The same check proves the ops of a `tooBig` commit from the repo's PDS
 //! ([`Verifier::verify_record_proof`] reads any `getRecord` answer).
 //!
 //! ```no_run
@@ -96,6 +96,6 @@ pub use frame::{
 };
 pub use identity::{DEFAULT_PLC_URL, Identity, IdentityResolver};
 pub use mst::key_height;
-pub use proof::op_proof;
+pub use proof::{op_proof, op_proofs};
 pub use repo::{RepoRecord, VerifiedRepo};
 pub use verify::Verifier;

@@ -35,27 +35,59 @@ use crate::{SyncError, mst};
 /// path.
 pub fn op_proof(commit_blocks: &[u8], path: &str) -> Result<Vec<u8>, SyncError> {
     let car = CarSlice::parse(commit_blocks)?;
-    let root = single_root(&car)?;
-    let commit_block = car.get(&root).ok_or_else(|| SyncError::MissingBlock {
-        cid: root.to_string(),
-        what: "commit",
-    })?;
-    let commit = SignedCommit::decode(commit_block)?;
-    let found = mst::search(&car, commit.data, path.as_bytes())?;
-    let mut blocks: Vec<(Cid, &[u8])> = Vec::with_capacity(found.nodes.len() + 2);
-    blocks.push((root, commit_block));
-    blocks.extend(found.nodes);
-    if let Some(value) = found.value {
-        let record = car.get(&value).ok_or_else(|| SyncError::MissingBlock {
-            cid: value.to_string(),
-            what: "record",
+    let commit = SliceCommit::read(&car)?;
+    commit.proof(&car, path)
+}
+
+/// [`op_proof`] for several paths of one commit, parsing and re-hashing the slice once (for
+/// a batch of many ops): one result per path, in order. The outer error is the slice's
+/// (parse, root, commit block); each inner one a path's ([`SyncError::MissingBlock`] for a
+/// node or record the slice lacks, [`SyncError::Mst`]).
+pub fn op_proofs<'p>(
+    commit_blocks: &[u8],
+    paths: impl IntoIterator<Item = &'p str>,
+) -> Result<Vec<Result<Vec<u8>, SyncError>>, SyncError> {
+    let car = CarSlice::parse(commit_blocks)?;
+    let commit = SliceCommit::read(&car)?;
+    Ok(paths.into_iter().map(|p| commit.proof(&car, p)).collect())
+}
+
+/// The signed commit at the root of a commit's CAR slice.
+struct SliceCommit<'a> {
+    cid: Cid,
+    block: &'a [u8],
+    data: Cid,
+}
+
+impl<'a> SliceCommit<'a> {
+    fn read(car: &CarSlice<'a>) -> Result<Self, SyncError> {
+        let cid = single_root(car)?;
+        let block = car.get(&cid).ok_or_else(|| SyncError::MissingBlock {
+            cid: cid.to_string(),
+            what: "commit",
         })?;
-        // A record identical to a block already in (the same bytes) is written once.
-        if !blocks.iter().any(|(c, _)| *c == value) {
-            blocks.push((value, record));
-        }
+        let data = SignedCommit::decode(block)?.data;
+        Ok(SliceCommit { cid, block, data })
     }
-    Ok(write_car(root, blocks))
+
+    /// The proof CAR of `path`: the commit, the search path's nodes, the record if any.
+    fn proof(&self, car: &CarSlice<'a>, path: &str) -> Result<Vec<u8>, SyncError> {
+        let found = mst::search(car, self.data, path.as_bytes())?;
+        let mut blocks: Vec<(Cid, &[u8])> = Vec::with_capacity(found.nodes.len() + 2);
+        blocks.push((self.cid, self.block));
+        blocks.extend(found.nodes);
+        if let Some(value) = found.value {
+            let record = car.get(&value).ok_or_else(|| SyncError::MissingBlock {
+                cid: value.to_string(),
+                what: "record",
+            })?;
+            // A record identical to a block already in (the same bytes) is written once.
+            if !blocks.iter().any(|(c, _)| *c == value) {
+                blocks.push((value, record));
+            }
+        }
+        Ok(write_car(self.cid, blocks))
+    }
 }
 
 /// Which commits may prove an op.
