@@ -1,5 +1,6 @@
 //! Throughput on frames recorded from the local PDS (tests/fixtures/corpus): decode + CID
-//! hash checks, Full verification, and the raw k256 verify rate measured in the same run.
+//! hash checks, Full verification, op proofs (built and verified; their sizes), and the raw
+//! k256 verify rate measured in the same run.
 //!
 //! `cargo bench -p murmur-sync` (one core: everything runs on the calling thread).
 
@@ -8,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use murmur_sync::{
-    CarSlice, CommitEvent, Frame, Identity, IdentityResolver, PublicKey, SignedCommit, Verifier,
-    VerifyLevel,
+    Action, CarSlice, CommitEvent, Frame, Identity, IdentityResolver, PublicKey, SignedCommit,
+    Verifier, VerifyLevel, op_proof, op_proofs,
 };
 
 const RUN: Duration = Duration::from_secs(3);
@@ -177,6 +178,64 @@ fn main() {
         commits.len() as u64
     });
     println!("Full verification (decode, hashes, signature, MST inversion, chain): {full} commits");
+
+    // Op proofs: one per op of every commit, built from the commit's slice and verified on
+    // their own (signature included), as a bus consumer does.
+    let all_commits: Vec<CommitEvent> = all
+        .iter()
+        .filter_map(|f| match Frame::decode(f) {
+            Ok(Frame::Commit(c)) => Some(*c),
+            _ => None,
+        })
+        .collect();
+    let ops: Vec<(&CommitEvent, usize)> = all_commits
+        .iter()
+        .flat_map(|c| (0..c.ops.len()).map(move |i| (c, i)))
+        .collect();
+    let built = measure(|| {
+        for c in &all_commits {
+            let paths = c.ops.iter().map(|op| op.path.as_str());
+            for proof in op_proofs(&c.blocks, paths).unwrap() {
+                black_box(proof.unwrap());
+            }
+        }
+        ops.len() as u64
+    });
+    println!("op_proofs (cut from the commit slices):        {built} proofs");
+    let proofs: Vec<(&CommitEvent, usize, Vec<u8>)> = ops
+        .iter()
+        .map(|(c, i)| (*c, *i, op_proof(&c.blocks, &c.ops[*i].path).unwrap()))
+        .collect();
+    let mut sizes: Vec<usize> = proofs.iter().map(|p| p.2.len()).collect();
+    sizes.sort_unstable();
+    println!(
+        "op proof sizes over {} ops: min {} / median {} / max {} bytes",
+        sizes.len(),
+        sizes[0],
+        sizes[sizes.len() / 2],
+        sizes[sizes.len() - 1]
+    );
+    let checked = measure(|| {
+        runtime.block_on(async {
+            for (c, i, proof) in &proofs {
+                let op = &c.ops[*i];
+                let expected = if op.action == Action::Delete {
+                    None
+                } else {
+                    op.cid
+                };
+                black_box(
+                    verifier
+                        .verify_op_proof(&c.repo, &c.rev, &op.path, expected, proof)
+                        .await
+                        .unwrap(),
+                );
+            }
+        });
+        proofs.len() as u64
+    });
+    println!("verify_op_proof (hashes, signature, MST path): {checked} proofs");
+
     let ratio = |a: f64, b: f64| 100.0 * a / b;
     match (full.cpu, raw.cpu) {
         (Some(f), Some(r)) => println!(

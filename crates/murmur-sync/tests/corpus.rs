@@ -2,64 +2,13 @@
 //! tests/devnet.rs): the corpus verifies at every level, and forged variants built by mutating
 //! its frames are rejected with the matching error.
 
-use std::sync::Arc;
+mod common;
 
+use common::{blocks_of, car, commits, corpus, keys, pin, resign, verifier};
 use murmur_sync::{
-    Action, CarSlice, Cid, CommitEvent, DAG_CBOR, Frame, Identity, IdentityResolver, PublicKey,
-    SignatureFault, SignedCommit, SyncError, Verifier, VerifyLevel, cid_for,
+    Action, CommitEvent, DAG_CBOR, Frame, PublicKey, SignatureFault, SignedCommit, SyncError,
+    VerifyLevel, cid_for,
 };
-
-fn corpus() -> Vec<Vec<u8>> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/corpus");
-    let bytes = std::fs::read(format!("{dir}/frames.bin")).unwrap();
-    let mut frames = Vec::new();
-    let mut rest = &bytes[..];
-    while !rest.is_empty() {
-        let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
-        frames.push(rest[4..4 + n].to_vec());
-        rest = &rest[4 + n..];
-    }
-    frames
-}
-
-fn keys() -> Vec<(String, String)> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/corpus");
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/keys.json")).unwrap())
-            .unwrap();
-    v.as_object()
-        .unwrap()
-        .iter()
-        .map(|(d, k)| (d.clone(), k.as_str().unwrap().to_string()))
-        .collect()
-}
-
-fn pin(resolver: &IdentityResolver, did: &str, key: PublicKey) {
-    resolver.pin(Identity {
-        did: did.to_string(),
-        signing_key: key,
-        handle: None,
-        pds: None,
-    });
-}
-
-fn verifier(level: VerifyLevel) -> Verifier {
-    let resolver = IdentityResolver::new().with_plc_url("http://127.0.0.1:9");
-    for (did, key) in keys() {
-        pin(&resolver, &did, PublicKey::from_did_key(&key).unwrap());
-    }
-    Verifier::new(Arc::new(resolver)).with_level(level)
-}
-
-fn commits() -> Vec<CommitEvent> {
-    corpus()
-        .iter()
-        .filter_map(|f| match Frame::decode(f).unwrap() {
-            Frame::Commit(c) => Some(*c),
-            _ => None,
-        })
-        .collect()
-}
 
 /// A commit with several ops, one create, in a repo with history.
 fn batch() -> CommitEvent {
@@ -74,62 +23,6 @@ fn single_create() -> CommitEvent {
         .into_iter()
         .find(|c| c.ops.len() == 1 && c.ops[0].action == Action::Create && c.since.is_some())
         .unwrap()
-}
-
-fn write_varint(out: &mut Vec<u8>, mut n: usize) {
-    loop {
-        let b = (n & 0x7f) as u8;
-        n >>= 7;
-        if n == 0 {
-            out.push(b);
-            return;
-        }
-        out.push(b | 0x80);
-    }
-}
-
-/// Re-encodes a CAR slice with `root` and `blocks`.
-fn car(root: &Cid, blocks: &[(Cid, Vec<u8>)]) -> Vec<u8> {
-    let header =
-        serde_ipld_dagcbor::to_vec(&ipld_core::ipld!({"roots": [*root], "version": 1})).unwrap();
-    let mut out = Vec::new();
-    write_varint(&mut out, header.len());
-    out.extend(header);
-    for (cid, data) in blocks {
-        let c = cid.to_bytes();
-        write_varint(&mut out, c.len() + data.len());
-        out.extend(c);
-        out.extend(data);
-    }
-    out
-}
-
-fn blocks_of(ev: &CommitEvent) -> Vec<(Cid, Vec<u8>)> {
-    CarSlice::parse(&ev.blocks)
-        .unwrap()
-        .blocks()
-        .map(|(c, d)| (*c, d.to_vec()))
-        .collect()
-}
-
-/// Replaces the commit block's signature with one made by `key` over the same commit.
-fn resign(ev: &CommitEvent, sign: impl Fn(&[u8]) -> Vec<u8>) -> CommitEvent {
-    let mut blocks = blocks_of(ev);
-    let i = blocks.iter().position(|(c, _)| *c == ev.commit).unwrap();
-    let commit = SignedCommit::decode(&blocks[i].1).unwrap();
-    let new_sig = sign(&commit.unsigned);
-    let at = blocks[i]
-        .1
-        .windows(64)
-        .position(|w| w == commit.sig.as_slice())
-        .unwrap();
-    blocks[i].1[at..at + 64].copy_from_slice(&new_sig);
-    let new_cid = cid_for(DAG_CBOR, &blocks[i].1);
-    blocks[i].0 = new_cid;
-    let mut out = ev.clone();
-    out.commit = new_cid;
-    out.blocks = car(&new_cid, &blocks);
-    out
 }
 
 async fn verify_all(level: VerifyLevel) -> usize {
