@@ -1,6 +1,7 @@
 //! The `murmur` command-line tool.
 
 mod devnet;
+mod hub;
 mod lex;
 mod send;
 mod swarm;
@@ -27,6 +28,8 @@ enum Command {
         #[command(subcommand)]
         command: devnet::DevnetCommand,
     },
+    /// Verify once, fan out: publish every verified op (with its proof) to NATS JetStream.
+    Hub(hub::HubArgs),
     /// Validate a JSON record against its lexicon and write it; prints its at-uri and cid.
     Send(send::SendArgs),
     /// The main demo: 1 coordinator and N workers on 2 PDS hosts run tasks through records.
@@ -65,6 +68,7 @@ fn main() -> ExitCode {
     init_logging();
     let result = match cli.command {
         Command::Devnet { command } => devnet::run(command),
+        Command::Hub(args) => hub::run(args),
         Command::Send(args) => send::run(args),
         Command::Swarm(args) => swarm::run(args),
         Command::Watch(args) => watch::run(args),

@@ -13,6 +13,7 @@ use tower::util::BoxCloneSyncService;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tracing::{Instrument, debug, error, warn};
 
+use crate::feed::Delivered;
 use crate::handler::{BoxFuture, CallError};
 use crate::hooks::RejectedHook;
 use crate::progress::{EventToken, Progress};
@@ -25,10 +26,17 @@ use crate::{
 pub(crate) struct Job {
     pub op: OpEvent,
     pub handlers: Vec<Arc<HandlerEntry>>,
-    pub source: usize,
-    /// The op's event in its source's [`Progress`].
-    pub event: EventToken,
+    /// Who learns that the op is finished.
+    pub completion: Completion,
     pub _permit: OwnedSemaphorePermit,
+}
+
+/// Who learns that a job is finished.
+pub(crate) enum Completion {
+    /// The op's event in its source's [`Progress`] (the seq cursor moves past it).
+    Event { source: usize, event: EventToken },
+    /// A feed's callback (it acknowledges the op's message upstream).
+    Callback(crate::feed::OnDelivered),
 }
 
 /// A registered handler and its service stack (retry, timeout, concurrency limit, panic
@@ -249,31 +257,48 @@ async fn run_job(rt: &Runtime, job: Job) {
         (Some(dedup), Some(key)) => persist("dedup lookup", || dedup.contains(key)).await,
         _ => false,
     };
-    if seen {
+    let delivered = if seen {
         debug!("already handled before a restart; skipped");
         Metrics::inc(&rt.metrics.skipped_duplicates);
+        Delivered::Duplicate
     } else {
+        let mut delivered = Delivered::Handled;
         for entry in &job.handlers {
-            run_handler(rt, entry, op).await;
+            let outcome = run_handler(rt, entry, op).await;
+            // The worst outcome over the op's handlers: a dead letter, then a rejection.
+            delivered = match (delivered, outcome) {
+                (d @ Delivered::DeadLettered { .. }, _) => d,
+                (_, o @ Delivered::DeadLettered { .. }) => o,
+                (d @ Delivered::Rejected(_), _) => d,
+                (_, o) => o,
+            };
         }
         if let (Some(dedup), Some(key)) = (&rt.dedup, key) {
             persist("dedup insert", || dedup.insert(key.clone())).await;
         }
+        delivered
+    };
+    match job.completion {
+        Completion::Event { source, event } => rt.progress[source]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .finish(event),
+        Completion::Callback(done) => {
+            if std::panic::catch_unwind(AssertUnwindSafe(|| done(delivered))).is_err() {
+                error!("a feed's completion callback panicked; the lane goes on");
+            }
+        }
     }
-    rt.progress[job.source]
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .finish(job.event);
 }
 
-async fn run_handler(rt: &Runtime, entry: &Arc<HandlerEntry>, op: &OpEvent) {
+async fn run_handler(rt: &Runtime, entry: &Arc<HandlerEntry>, op: &OpEvent) -> Delivered {
     let name = entry.handler.name();
     let result = entry.service.clone().oneshot(op.clone()).await;
     let error = match result {
         Ok(()) => {
             Metrics::inc(&rt.metrics.handled);
             record_time_lag(rt, op);
-            return;
+            return Delivered::Handled;
         }
         Err(e) => e,
     };
@@ -283,7 +308,7 @@ async fn run_handler(rt: &Runtime, entry: &Arc<HandlerEntry>, op: &OpEvent) {
         if let Some(hook) = &rt.on_rejected {
             hook(&Rejected::Op(op.clone()), rejection);
         }
-        return;
+        return Delivered::Rejected(rejection.clone());
     }
     error!(handler = name, attempts = op.attempts(), error = %error, "handler failed for good; op goes to the dead-letter store");
     let data = op.data();
@@ -301,6 +326,10 @@ async fn run_handler(rt: &Runtime, entry: &Arc<HandlerEntry>, op: &OpEvent) {
     };
     persist("dead-letter write", || rt.dead_letters.put(letter.clone())).await;
     Metrics::inc(&rt.metrics.dead_lettered);
+    Delivered::DeadLettered {
+        handler: name.to_string(),
+        error: error.to_string(),
+    }
 }
 
 fn record_time_lag(rt: &Runtime, op: &OpEvent) {

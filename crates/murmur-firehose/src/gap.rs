@@ -2,6 +2,7 @@
 
 /// What kind of gap.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum GapKind {
     /// The stored cursor is older than the source's replay window (`OutdatedCursor`).
     OutdatedCursor,
@@ -20,6 +21,12 @@ pub enum GapKind {
     ChainBreak {
         /// The repo.
         did: String,
+    },
+    /// A gap an upstream reported (e.g. a seq regression a murmur-bus hub saw on one of its
+    /// sources, passed on over the bus).
+    Upstream {
+        /// The upstream's name for it.
+        kind: String,
     },
 }
 

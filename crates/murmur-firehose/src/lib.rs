@@ -54,6 +54,7 @@ mod dedup;
 mod dispatch;
 mod error;
 mod extract;
+mod feed;
 mod filter;
 mod gap;
 mod handler;
@@ -77,6 +78,7 @@ pub use extract::{
     AccountStatus, Author, CommitInfo, Created, Deleted, FromOp, Identity, Record, RecordRef,
     State, Updated,
 };
+pub use feed::{Delivered, Feed, FeedSink, OnDelivered};
 pub use filter::{CollectionPattern, DidAllowlist, Filter};
 pub use gap::{Gap, GapKind};
 pub use handler::{BoxFuture, CallError, Handler, HandlerService, Layered};

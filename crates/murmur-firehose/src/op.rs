@@ -65,6 +65,87 @@ pub struct OpData {
     /// For an `#identity` or `#account` event (path `#identity/{seq}` or `#account/{seq}`,
     /// action `Update`, no rev): what it says. `None` for record ops.
     pub repo_event: Option<RepoEvent>,
+    /// A CAR with the signed commit at its root that proves this op: the commit's whole CAR
+    /// slice when the watcher keeps proofs
+    /// ([`WatcherBuilder::keep_proofs`](crate::WatcherBuilder::keep_proofs)), shared by the
+    /// commit's ops; `None` otherwise.
+    pub proof: Option<Arc<[u8]>>,
+}
+
+impl OpData {
+    /// A record op of `did` at commit `rev` (for a [`Feed`](crate::Feed) to deliver): no CID,
+    /// record or previous CID yet (see [`with_record`](Self::with_record),
+    /// [`with_prev`](Self::with_prev)).
+    pub fn new(
+        source: impl Into<Arc<str>>,
+        did: impl Into<String>,
+        rev: impl Into<String>,
+        seq: i64,
+        time: impl Into<String>,
+        action: Action,
+        path: impl Into<String>,
+    ) -> Self {
+        OpData {
+            source: source.into(),
+            did: did.into(),
+            rev: rev.into(),
+            seq,
+            time: time.into(),
+            action,
+            path: path.into(),
+            cid: None,
+            prev: None,
+            record: None,
+            repo_event: None,
+            proof: None,
+        }
+    }
+
+    /// An `#identity` or `#account` event of `did` (path `#identity/{seq}` or
+    /// `#account/{seq}`, action `Update`, the event's time standing in for a rev).
+    pub fn repo_event(
+        source: impl Into<Arc<str>>,
+        did: impl Into<String>,
+        seq: i64,
+        time: impl Into<String>,
+        event: RepoEvent,
+    ) -> Self {
+        let kind = match event {
+            RepoEvent::Identity { .. } => IDENTITY_EVENTS,
+            RepoEvent::Account { .. } => ACCOUNT_EVENTS,
+        };
+        let time = time.into();
+        OpData {
+            repo_event: Some(event),
+            ..OpData::new(
+                source,
+                did,
+                time.clone(),
+                seq,
+                time,
+                Action::Update,
+                format!("{kind}/{seq}"),
+            )
+        }
+    }
+
+    /// Sets the new record's CID, and its DAG-CBOR bytes when known.
+    pub fn with_record(mut self, cid: murmur_sync::Cid, record: Option<Vec<u8>>) -> Self {
+        self.cid = Some(cid);
+        self.record = record;
+        self
+    }
+
+    /// Sets the CID the record had before this op.
+    pub fn with_prev(mut self, prev: Option<murmur_sync::Cid>) -> Self {
+        self.prev = prev;
+        self
+    }
+
+    /// The collection NSID (or `#identity`/`#account`).
+    pub fn collection(&self) -> &str {
+        self.path.split_once('/').map_or(&self.path, |(c, _)| c)
+    }
 }
 
 /// What an `#identity` or `#account` event says about a repo.

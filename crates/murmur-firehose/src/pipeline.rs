@@ -5,10 +5,10 @@ use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use murmur_sync::{AccountEvent, CommitEvent, Frame, StreamError, SyncError, SyncEvent, Verifier};
+use murmur_sync::{CommitEvent, Frame, StreamError, SyncError, SyncEvent, Verifier};
 use tracing::{debug, error, info, warn};
 
-use crate::dispatch::{Dispatcher, HandlerEntry, Job};
+use crate::dispatch::{Completion, Dispatcher, HandlerEntry, Job};
 use crate::hooks::{ErrorHook, GapHook, RejectedHook, ResyncHook};
 use crate::op::{ACCOUNT_EVENTS, IDENTITY_EVENTS, OpData, RepoEvent, StateMap};
 use crate::{
@@ -69,6 +69,8 @@ pub(crate) struct Pipeline {
     pub verify_retry: Backoff,
     /// See [`DEFAULT_MAX_SEQ_JUMP`].
     pub max_seq_jump: i64,
+    /// Whether ops carry their commit's CAR slice ([`OpData::proof`]).
+    pub keep_proofs: bool,
     /// DIDs whose repo is being re-fetched.
     pub resyncing: Arc<Mutex<HashSet<String>>>,
     /// Repos whose last `#account` event said they are not active, with the status given:
@@ -163,7 +165,7 @@ impl Pipeline {
                 .await;
             }
             Frame::Account(account) => {
-                self.account_status(url, &account);
+                self.track_account(url, &account.did, account.active, account.status.as_deref());
                 let event = RepoEvent::Account {
                     active: account.active,
                     status: account.status.clone(),
@@ -296,43 +298,42 @@ impl Pipeline {
             self.finish_event(index, seq);
             return;
         }
-        let data = OpData {
-            source: Arc::from(url),
-            did: did.to_string(),
-            // Not a commit: the event's time stands in for a rev, so the idempotency key
-            // (did, time, kind/seq) of one event stays unique when a source's seqs restart.
-            rev: time.to_string(),
-            seq,
-            time: time.to_string(),
-            action: Action::Update,
-            path: format!("{collection}/{seq}"),
-            cid: None,
-            prev: None,
-            record: None,
-            repo_event: Some(event),
-        };
+        // Not a commit: the event's time stands in for a rev, so the idempotency key
+        // (did, time, kind/seq) of one event stays unique when a source's seqs restart.
+        let data = OpData::repo_event(url, did, seq, time, event);
         let op = OpEvent::new(data, Arc::clone(&self.state));
         self.submit(index, seq, vec![(op, handlers)]).await;
     }
 
     /// Tracks whether a repo is active, as the sync spec asks of consumers: while an account
     /// is taken down, suspended, deactivated or deleted, its commits are not passed on.
-    fn account_status(&self, url: &str, account: &AccountEvent) {
-        if !self.filter.allows_repo(&account.did) {
+    pub(crate) fn track_account(&self, url: &str, did: &str, active: bool, status: Option<&str>) {
+        if !self.filter.allows_repo(did) {
             return;
         }
-        if account.active {
-            if lock(&self.inactive).remove(&account.did).is_some() {
-                info!(source = url, did = %account.did, "account active again; its commits are delivered");
+        if active {
+            if lock(&self.inactive).remove(did).is_some() {
+                info!(
+                    source = url,
+                    did, "account active again; its commits are delivered"
+                );
             }
             return;
         }
-        let status = account.status.clone().unwrap_or_else(|| "inactive".into());
-        info!(source = url, did = %account.did, status, "account not active; its commits are not delivered until it is");
+        let status = status.unwrap_or("inactive").to_string();
+        info!(
+            source = url,
+            did, status, "account not active; its commits are not delivered until it is"
+        );
         if status == "deleted" {
-            self.verifier.forget(&account.did);
+            self.verifier.forget(did);
         }
-        lock(&self.inactive).insert(account.did.clone(), status);
+        lock(&self.inactive).insert(did.to_string(), status);
+    }
+
+    /// Whether the repo's last `#account` event said it is not active.
+    pub(crate) fn is_inactive(&self, did: &str) -> bool {
+        lock(&self.inactive).contains_key(did)
     }
 
     async fn commit(&self, index: usize, url: &str, commit: &CommitEvent) {
@@ -384,6 +385,9 @@ impl Pipeline {
                 reason.clone(),
             );
         }
+        let proof = self
+            .keep_proofs
+            .then(|| Arc::<[u8]>::from(commit.blocks.as_slice()));
         let mut jobs = Vec::new();
         for op in verified.ops {
             // A collection is an NSID, never `#...`: such a path must not reach the
@@ -411,6 +415,7 @@ impl Pipeline {
                 prev: op.prev,
                 record: op.record,
                 repo_event: None,
+                proof: proof.clone(),
             };
             jobs.push((OpEvent::new(data, Arc::clone(&self.state)), handlers));
         }
@@ -430,14 +435,16 @@ impl Pipeline {
             self.dispatcher.submit(Job {
                 op,
                 handlers,
-                source: index,
-                event,
+                completion: Completion::Event {
+                    source: index,
+                    event,
+                },
                 _permit: permit,
             });
         }
     }
 
-    fn routes<'a>(
+    pub(crate) fn routes<'a>(
         &'a self,
         collection: &'a str,
         action: murmur_sync::Action,
@@ -487,6 +494,7 @@ impl Pipeline {
                     prev: op.prev,
                     record: None,
                     repo_event: None,
+                    proof: None,
                 };
                 let op = Rejected::Op(OpEvent::new(data, Arc::clone(&self.state)));
                 self.call_rejected_hook(hook, &op, &rejection);
@@ -511,7 +519,12 @@ impl Pipeline {
         }
     }
 
-    fn call_rejected_hook(&self, hook: &RejectedHook, rejected: &Rejected, rejection: &Rejection) {
+    pub(crate) fn call_rejected_hook(
+        &self,
+        hook: &RejectedHook,
+        rejected: &Rejected,
+        rejection: &Rejection,
+    ) {
         if std::panic::catch_unwind(AssertUnwindSafe(|| hook(rejected, rejection))).is_err() {
             error!(
                 did = rejected.did(),
@@ -540,13 +553,18 @@ impl Pipeline {
     }
 
     fn gap(&self, url: &str, kind: GapKind, detail: String) {
-        Metrics::inc(&self.metrics.gaps);
-        let gap = Gap {
+        self.report_gap(Gap {
             source: url.to_string(),
             kind,
             detail,
-        };
-        warn!(source = url, gap = ?gap.kind, detail = %gap.detail, "gap");
+        });
+    }
+
+    /// Counts, logs and hands a gap to the application's hooks (`on_gap`, and `on_resync`
+    /// for a chain break).
+    pub(crate) fn report_gap(&self, gap: Gap) {
+        Metrics::inc(&self.metrics.gaps);
+        warn!(source = %gap.source, gap = ?gap.kind, detail = %gap.detail, "gap");
         if let Some(hook) = &self.on_gap
             && std::panic::catch_unwind(AssertUnwindSafe(|| hook(&gap))).is_err()
         {
@@ -646,6 +664,9 @@ fn log_watch_error(error: &WatchError) {
             error,
         } => {
             warn!(target: TARGET, source, did, seq, attempt, ?retry_in, error = %error, "verification waits for an unreachable host; the event is kept")
+        }
+        WatchError::Feed { source, error } => {
+            warn!(target: TARGET, source, error = %error, "feed trouble")
         }
     }
 }

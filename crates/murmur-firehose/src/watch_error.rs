@@ -82,6 +82,14 @@ pub enum WatchError {
         /// What failed.
         error: Arc<SyncError>,
     },
+    /// A [`Feed`](crate::Feed) ran into trouble it handles by its own policy (its server
+    /// unreachable and retried, a message it could not decode and set aside).
+    Feed {
+        /// The feed's name.
+        source: String,
+        /// What happened.
+        error: Arc<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl WatchError {
@@ -93,7 +101,8 @@ impl WatchError {
             | WatchError::ErrorFrame { source, .. }
             | WatchError::UndecodableFrame { source, .. }
             | WatchError::InvalidSeq { source, .. }
-            | WatchError::VerificationStalled { source, .. } => source,
+            | WatchError::VerificationStalled { source, .. }
+            | WatchError::Feed { source, .. } => source,
         }
     }
 }
@@ -138,6 +147,7 @@ impl std::fmt::Display for WatchError {
                 f,
                 "{source}: event {seq} of {did} waits for verification (attempt {attempt}, next in {retry_in:?}): {error}"
             ),
+            WatchError::Feed { source, error } => write!(f, "{source}: {error}"),
         }
     }
 }
@@ -150,6 +160,7 @@ impl std::error::Error for WatchError {
             }
             WatchError::UndecodableFrame { error, .. }
             | WatchError::VerificationStalled { error, .. } => Some(error.as_ref()),
+            WatchError::Feed { error, .. } => Some(error.as_ref()),
             WatchError::ErrorFrame { .. } | WatchError::InvalidSeq { .. } => None,
         }
     }

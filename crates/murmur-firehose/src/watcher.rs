@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::dispatch::{Dispatcher, HandlerEntry, Runtime};
+use crate::feed::{Feed, FeedSink};
 use crate::filter::CollectionPattern;
 use crate::handler::Erased;
 use crate::hooks::{ErrorHook, GapHook, RejectedHook, ResyncHook};
@@ -25,6 +26,7 @@ use crate::{
 /// Configures a [`Watcher`]. Start with [`Watcher::builder`].
 pub struct WatcherBuilder {
     sources: Vec<Arc<dyn Source>>,
+    feeds: Vec<Arc<dyn Feed>>,
     filter: Filter,
     handlers: Vec<Box<dyn Handler>>,
     state: StateMap,
@@ -50,6 +52,7 @@ pub struct WatcherBuilder {
     connect_timeout: Duration,
     verification_retry: Backoff,
     max_seq_jump: i64,
+    keep_proofs: bool,
     tail: Option<Box<dyn Handler>>,
 }
 
@@ -57,6 +60,7 @@ impl Default for WatcherBuilder {
     fn default() -> Self {
         WatcherBuilder {
             sources: Vec::new(),
+            feeds: Vec::new(),
             filter: Filter::default(),
             handlers: Vec::new(),
             state: StateMap::default(),
@@ -82,6 +86,7 @@ impl Default for WatcherBuilder {
             connect_timeout: Duration::from_secs(20),
             verification_retry: Backoff::default(),
             max_seq_jump: DEFAULT_MAX_SEQ_JUMP,
+            keep_proofs: false,
             tail: None,
         }
     }
@@ -101,6 +106,14 @@ impl WatcherBuilder {
     /// Adds any [`Source`].
     pub fn source(mut self, source: impl Source) -> Self {
         self.sources.push(Arc::new(source));
+        self
+    }
+
+    /// Adds a [`Feed`]: ops delivered one by one and acknowledged to it when their handlers
+    /// are done (e.g. murmur-bus's NATS JetStream consumer). A watcher may have feeds and
+    /// sources together; feeds keep no cursor here (their upstream does).
+    pub fn feed(mut self, feed: impl Feed) -> Self {
+        self.feeds.push(Arc::new(feed));
         self
     }
 
@@ -261,6 +274,15 @@ impl WatcherBuilder {
         self
     }
 
+    /// Whether each delivered op carries its commit's CAR slice in
+    /// [`OpData::proof`](crate::OpData::proof), so it can be passed on with its proof (what
+    /// murmur-bus's hub publishes). Off by default: it keeps the slice alive until the
+    /// commit's ops are handled.
+    pub fn keep_proofs(mut self, on: bool) -> Self {
+        self.keep_proofs = on;
+        self
+    }
+
     /// The reconnect policy (default: 200 ms doubling to 30 s, jittered, never giving up).
     pub fn reconnect(mut self, backoff: Backoff) -> Self {
         self.reconnect = backoff;
@@ -350,9 +372,9 @@ impl WatcherBuilder {
 
     /// Checks the configuration and builds the watcher.
     pub fn build(self) -> Result<Watcher, FirehoseError> {
-        if self.sources.is_empty() {
+        if self.sources.is_empty() && self.feeds.is_empty() {
             return Err(FirehoseError::Config(
-                "no source: add .pds(url) or .relay(url)".into(),
+                "no source: add .pds(url), .relay(url) or a .feed(..)".into(),
             ));
         }
         if self.handlers.is_empty() && self.tail.is_none() {
@@ -402,7 +424,7 @@ impl WatcherBuilder {
         });
         let metrics = Arc::new(Metrics::default());
         metrics.sources.store(
-            self.sources.len() as u64,
+            (self.sources.len() + self.feeds.len()) as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
         let runtime = Arc::new(Runtime {
@@ -428,6 +450,7 @@ impl WatcherBuilder {
         let (shutdown, _) = watch::channel(false);
         Ok(Watcher {
             sources: self.sources,
+            feeds: self.feeds,
             pipeline: Arc::new(Pipeline {
                 filter: self.filter,
                 handlers: self.handlers.into_iter().map(&entry).collect(),
@@ -450,6 +473,7 @@ impl WatcherBuilder {
                 on_error: self.on_error,
                 verify_retry: self.verification_retry,
                 max_seq_jump: self.max_seq_jump,
+                keep_proofs: self.keep_proofs,
                 resyncing: Arc::default(),
                 inactive: Mutex::default(),
                 resync_slots: Arc::new(tokio::sync::Semaphore::new(
@@ -470,6 +494,7 @@ impl WatcherBuilder {
 /// A running or ready-to-run watcher. See the crate docs for an example.
 pub struct Watcher {
     sources: Vec<Arc<dyn Source>>,
+    feeds: Vec<Arc<dyn Feed>>,
     pipeline: Arc<Pipeline>,
     cursor_store: Option<Arc<dyn CursorStore>>,
     start_cursor: Option<i64>,
@@ -562,6 +587,15 @@ impl Watcher {
                 shutdown: self.shutdown.subscribe(),
             };
             readers.spawn(reader.run(start));
+        }
+        for feed in &self.feeds {
+            let sink = FeedSink {
+                pipeline: Arc::clone(&self.pipeline),
+                name: Arc::from(feed.name()),
+                shutdown: self.shutdown.subscribe(),
+            };
+            info!(feed = feed.name(), "starting");
+            readers.spawn(Arc::clone(feed).run(sink));
         }
         let flusher = CursorFlusher {
             sources: self.sources.iter().map(|s| s.url().to_string()).collect(),

@@ -95,11 +95,12 @@ impl<'a> SliceCommit<'a> {
 pub(crate) enum RevRule {
     /// Only the commit of the op's own rev: a proof that travels with the op.
     Exact,
-    /// The op's commit (this CID) or any later one: the repo as its PDS serves it now, which
-    /// is all a `tooBig` commit can be checked against.
+    /// The op's commit (this CID, when known) or any later one: the repo as its PDS serves it
+    /// now, which is all a `tooBig` commit (or an op published without its proof) can be
+    /// checked against.
     SameOrLater {
-        /// The CID of the op's commit.
-        commit: Cid,
+        /// The CID of the op's commit, when known.
+        commit: Option<Cid>,
     },
 }
 
@@ -186,7 +187,7 @@ impl Verifier {
                 )));
             }
             RevRule::SameOrLater { commit }
-                if proof_rev < rev || (proof_rev == rev && root != commit) =>
+                if proof_rev < rev || (proof_rev == rev && commit.is_some_and(|c| c != root)) =>
             {
                 return Err(unproven(format!(
                     "the proof is of commit {root} rev {proof_rev}, not this commit or a later one"

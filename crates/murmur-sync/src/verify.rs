@@ -239,26 +239,61 @@ impl Verifier {
         ev: &CommitEvent,
         op: &VerifiedOp,
     ) -> Result<Option<Vec<u8>>, SyncError> {
-        let unproven = |reason: String| SyncError::Unproven {
-            did: ev.repo.clone(),
-            rev: ev.rev.clone(),
-            path: op.path.clone(),
-            reason,
-        };
         let expected = match (op.action, op.cid) {
             (Action::Delete, _) => None,
             (_, Some(cid)) => Some(cid),
             (action, None) => {
-                return Err(unproven(format!("the {} has no cid", action.as_str())));
+                return Err(SyncError::Unproven {
+                    did: ev.repo.clone(),
+                    rev: ev.rev.clone(),
+                    path: op.path.clone(),
+                    reason: format!("the {} has no cid", action.as_str()),
+                });
             }
         };
-        let query = [
-            ("did", ev.repo.as_str()),
-            ("collection", op.collection()),
-            ("rkey", op.rkey()),
-        ];
+        self.prove_from_pds(&ev.repo, &ev.rev, &op.path, expected, Some(ev.commit))
+            .await
+    }
+
+    /// Proves one op from the repo as the DID's PDS serves it now
+    /// (`com.atproto.sync.getRecord`, verified like [`Verifier::verify_op_proof`]): the path
+    /// holds `expected` (a create or update; its record bytes are returned) or is proven
+    /// absent (`None`, a delete), under a commit signed by the DID's key whose rev is `rev`
+    /// or later. For an op that travelled without its proof (e.g. too big for a bus message).
+    ///
+    /// An op a later commit overwrote cannot be proven any more and is
+    /// [`SyncError::Unproven`], like a forged one; an unreachable PDS is
+    /// [`SyncError::Unavailable`] (retry later).
+    pub async fn prove_op_from_pds(
+        &self,
+        did: &str,
+        rev: &str,
+        path: &str,
+        expected: Option<Cid>,
+    ) -> Result<Option<Vec<u8>>, SyncError> {
+        self.prove_from_pds(did, rev, path, expected, None).await
+    }
+
+    async fn prove_from_pds(
+        &self,
+        did: &str,
+        rev: &str,
+        path: &str,
+        expected: Option<Cid>,
+        commit: Option<Cid>,
+    ) -> Result<Option<Vec<u8>>, SyncError> {
+        let unproven = |reason: String| SyncError::Unproven {
+            did: did.to_string(),
+            rev: rev.to_string(),
+            path: path.to_string(),
+            reason,
+        };
+        let Some((collection, rkey)) = path.split_once('/') else {
+            return Err(unproven("the path is not collection/rkey".into()));
+        };
+        let query = [("did", did), ("collection", collection), ("rkey", rkey)];
         let Some(bytes) = self
-            .fetch_car(&ev.repo, "com.atproto.sync.getRecord", &query)
+            .fetch_car(did, "com.atproto.sync.getRecord", &query)
             .await?
         else {
             return Err(unproven(
@@ -266,9 +301,8 @@ impl Verifier {
             ));
         };
         let car = CarSlice::parse(&bytes)?;
-        let rule = RevRule::SameOrLater { commit: ev.commit };
-        self.check_op(&car, &ev.repo, &ev.rev, &op.path, expected, rule)
-            .await
+        let rule = RevRule::SameOrLater { commit };
+        self.check_op(&car, did, rev, path, expected, rule).await
     }
 
     /// The root CID and signed commit of a repo or proof CAR: DID and version checked, and

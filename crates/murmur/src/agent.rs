@@ -46,6 +46,7 @@ pub struct AgentBuilder {
     claim_policy: Arc<dyn ClaimPolicy>,
     claim_window: Duration,
     recover: bool,
+    via_feed: bool,
 }
 
 impl std::fmt::Debug for AgentBuilder {
@@ -66,6 +67,16 @@ impl AgentBuilder {
         if !self.hosts.contains(&url) {
             self.hosts.push(url);
         }
+        self
+    }
+
+    /// Hears the swarm through `feed` instead of subscribing to the PDS hosts itself: e.g.
+    /// murmur-bus's `BusSource`, a durable consumer of a hub's verified stream. The hosts
+    /// ([`watch`](Self::watch)) are still where it looks up repos (recovery, candidates);
+    /// writes still go to the agent's own PDS.
+    pub fn feed(mut self, feed: impl murmur_firehose::Feed) -> Self {
+        self.watcher = self.watcher.feed(feed);
+        self.via_feed = true;
         self
     }
 
@@ -223,6 +234,7 @@ impl AgentBuilder {
             claim_policy,
             claim_window,
             recover,
+            via_feed,
         } = self;
         let did = writer.did().to_string();
         if hosts.is_empty() {
@@ -316,8 +328,10 @@ impl AgentBuilder {
             });
         }
 
-        for host in &hosts {
-            watcher = watcher.pds(host);
+        if !via_feed {
+            for host in &hosts {
+                watcher = watcher.pds(host);
+            }
         }
         if let Some(plc) = plc_url {
             watcher = watcher.plc_url(plc);
@@ -514,6 +528,7 @@ impl Agent {
             claim_policy: Arc::new(FirstCome),
             claim_window: Duration::ZERO,
             recover: true,
+            via_feed: false,
         }
     }
 

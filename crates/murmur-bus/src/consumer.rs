@@ -1,0 +1,572 @@
+//! The bus as a watcher source: a durable JetStream consumer whose messages are verified from
+//! their proofs and handed to the watcher's handlers, acknowledged when they are done.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, AckKind, consumer};
+use async_trait::async_trait;
+use futures_util::StreamExt;
+use murmur_firehose::{
+    Backoff, Delivered, Feed, FeedSink, FirehoseError, OpData, Rejection, WatchError,
+};
+use murmur_sync::{Action, SyncError};
+use tokio::sync::Notify;
+use tracing::{debug, info, warn};
+
+use crate::BusError;
+use crate::message::{BusMessage, MessageKind};
+use crate::stream::{StreamSettings, connect, open_stream, supports_filter_subjects};
+
+/// Where a new durable consumer starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StartAt {
+    /// Messages published after it was created (like a watcher without a cursor).
+    #[default]
+    New,
+    /// The oldest message the stream keeps (the whole replay window).
+    All,
+}
+
+/// Reads the bus through a durable consumer: add it to a watcher with
+/// [`WatcherBuilder::feed`](murmur_firehose::WatcherBuilder::feed) (or to an Agent).
+///
+/// - The consumer lives in the server under its durable name: a restarted process, on any
+///   machine, resumes where the last one acknowledged.
+/// - The server filters by subject: the watcher's collections, its partition (pools), and
+///   `#identity`/`#account` events and gaps (on servers before 2.10, which take one filter
+///   subject, everything is fetched and filtered here).
+/// - Each op is verified from its proof (the author's signed commit and MST path) unless
+///   [`trust_hub`](Self::trust_hub) is on; one that fails never reaches a handler: it goes to
+///   `on_rejected` and is terminated in the server.
+/// - Handler Ok (or not wanted, or already handled) = ack. While handlers run, or retry
+///   ([`HandlerError::Retry`](murmur_firehose::HandlerError::Retry), with the watcher's
+///   backoff), the server is told the message is in progress, so it is not delivered
+///   elsewhere; retries run here rather than as a nak so that the DID's later messages wait
+///   for it (per-DID order). A handler that fails for good (or runs out of retries) dead-letters
+///   the op: it is copied to the dead-letter stream and terminated. A message delivered
+///   [`max_deliver`](Self::max_deliver) times (it kept killing its consumer) is dead-lettered
+///   without running again.
+pub struct BusSource {
+    nats: String,
+    stream: StreamSettings,
+    durable: String,
+    trust_hub: bool,
+    start: StartAt,
+    ack_wait: Duration,
+    max_deliver: i64,
+    max_ack_pending: i64,
+    partition: Option<u16>,
+    name: String,
+    reconnect: Backoff,
+}
+
+impl BusSource {
+    /// Reads the stream of [`StreamSettings::default`] on `nats` through the durable consumer
+    /// `durable` (letters, digits, `-` and `_`).
+    pub fn new(nats: impl Into<String>, durable: impl Into<String>) -> Self {
+        let nats = nats.into();
+        let durable = durable.into();
+        let stream = StreamSettings::default();
+        BusSource {
+            name: format!(
+                "{}/{}/{durable}",
+                nats.split(',').next().unwrap_or(""),
+                stream.name
+            ),
+            nats,
+            stream,
+            durable,
+            trust_hub: false,
+            start: StartAt::New,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 5,
+            max_ack_pending: 1024,
+            partition: None,
+            reconnect: Backoff::default(),
+        }
+    }
+
+    /// Another stream name or prefix.
+    pub fn stream(mut self, settings: StreamSettings) -> Self {
+        self.name = format!(
+            "{}/{}/{}",
+            self.nats.split(',').next().unwrap_or(""),
+            settings.name,
+            self.durable
+        );
+        self.stream = settings;
+        self
+    }
+
+    /// Trust the hub: skip verifying each op's proof (records are taken as published). Only
+    /// for deployments where every publisher to the stream is trusted.
+    pub fn trust_hub(mut self, trust: bool) -> Self {
+        self.trust_hub = trust;
+        self
+    }
+
+    /// Where a newly created consumer starts (default [`StartAt::New`]); an existing one
+    /// resumes where it was.
+    pub fn start_at(mut self, start: StartAt) -> Self {
+        self.start = start;
+        self
+    }
+
+    /// How long the server waits for an ack (or an in-progress signal) before delivering a
+    /// message again (default 30 s). In-progress signals go out every third of it.
+    pub fn ack_wait(mut self, wait: Duration) -> Self {
+        self.ack_wait = wait.max(Duration::from_millis(300));
+        self
+    }
+
+    /// Deliveries after which a message is dead-lettered instead of run again (default 5).
+    pub fn max_deliver(mut self, n: i64) -> Self {
+        self.max_deliver = n.max(1);
+        self
+    }
+
+    /// Most messages delivered and not yet acknowledged (default 1024).
+    pub fn max_ack_pending(mut self, n: i64) -> Self {
+        self.max_ack_pending = n.max(1);
+        self
+    }
+
+    /// Reads only partition `k` (see [`Subjects`](crate::Subjects)); pools use this.
+    pub fn partition(mut self, k: u16) -> Self {
+        self.partition = Some(k);
+        self
+    }
+
+    /// The durable consumer's name.
+    pub fn durable(&self) -> &str {
+        &self.durable
+    }
+
+    async fn open(
+        &self,
+        sink: &FeedSink,
+    ) -> Result<(jetstream::Context, consumer::PullConsumer, crate::Subjects), BusError> {
+        let client = connect(&self.nats, &format!("murmur {}", self.durable)).await?;
+        let js = jetstream::new(client.clone());
+        let subjects = open_stream(&js, &self.stream).await?;
+        if let Some(k) = self.partition
+            && k >= subjects.partitions()
+        {
+            return Err(BusError::Config(format!(
+                "partition {k} of a stream with {} partitions",
+                subjects.partitions()
+            )));
+        }
+        let wanted = sink.wanted_collections();
+        let (filter_subject, filter_subjects) = if supports_filter_subjects(&client) {
+            let mut filters = subjects.filters(wanted.as_deref(), self.partition);
+            if filters.len() == 1 {
+                (filters.remove(0), Vec::new())
+            } else {
+                (String::new(), filters)
+            }
+        } else {
+            (subjects.single_filter(self.partition), Vec::new())
+        };
+        let config = consumer::pull::Config {
+            durable_name: Some(self.durable.clone()),
+            description: Some("murmur bus consumer".into()),
+            deliver_policy: match self.start {
+                StartAt::New => consumer::DeliverPolicy::New,
+                StartAt::All => consumer::DeliverPolicy::All,
+            },
+            ack_policy: consumer::AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver + 1,
+            max_ack_pending: self.max_ack_pending,
+            filter_subject,
+            filter_subjects,
+            num_replicas: 0,
+            ..Default::default()
+        };
+        let stream = js
+            .get_stream(&self.stream.name)
+            .await
+            .map_err(|e| BusError::js(format!("get stream {}", self.stream.name), e))?;
+        let consumer = match stream.create_consumer(config.clone()).await {
+            Ok(c) => c,
+            // It exists with another configuration (e.g. other filters): bring it up to date.
+            Err(_) => stream
+                .update_consumer(config)
+                .await
+                .map_err(|e| BusError::js(format!("create consumer {}", self.durable), e))?,
+        };
+        Ok((js, consumer, subjects))
+    }
+}
+
+/// Tracks ops handed to the watcher whose acks have not gone out yet.
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    idle: Notify,
+}
+
+impl InFlight {
+    fn begin(self: &Arc<Self>) {
+        self.count.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn end(&self) {
+        if self.count.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.count.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+#[async_trait]
+impl Feed for BusSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn run(self: Arc<Self>, sink: FeedSink) -> Result<(), FirehoseError> {
+        let in_flight = Arc::new(InFlight::default());
+        let mut attempt = 0u32;
+        loop {
+            if sink.is_stopped() {
+                break;
+            }
+            let opened = tokio::select! {
+                r = self.open(&sink) => r,
+                _ = sink.stopped() => break,
+            };
+            let (js, consumer, _) = match opened {
+                Ok(opened) => opened,
+                Err(BusError::Config(reason)) => {
+                    return Err(FirehoseError::Source {
+                        url: self.name.clone(),
+                        reason,
+                    });
+                }
+                Err(e) => {
+                    sink.report(WatchError::Feed {
+                        source: self.name.clone(),
+                        error: Arc::new(e),
+                    });
+                    let delay = self.reconnect.delay(attempt).unwrap_or(self.reconnect.max);
+                    attempt = attempt.saturating_add(1);
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => continue,
+                        _ = sink.stopped() => break,
+                    }
+                }
+            };
+            info!(feed = %self.name, "consuming");
+            let mut messages = match consumer
+                .stream()
+                .max_messages_per_batch(64)
+                .heartbeat(Duration::from_secs(5))
+                .messages()
+                .await
+            {
+                Ok(m) => m,
+                Err(e) => {
+                    sink.report(WatchError::Feed {
+                        source: self.name.clone(),
+                        error: Arc::new(BusError::js("pull messages", e)),
+                    });
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            attempt = 0;
+            loop {
+                let next = tokio::select! {
+                    n = messages.next() => n,
+                    _ = sink.stopped() => break,
+                };
+                match next {
+                    Some(Ok(message)) => {
+                        self.take(&sink, &js, message, &in_flight).await;
+                    }
+                    Some(Err(e)) => {
+                        // Missed heartbeats and the like: the stream goes on or ends.
+                        sink.report(WatchError::Feed {
+                            source: self.name.clone(),
+                            error: Arc::new(BusError::js("read messages", e)),
+                        });
+                    }
+                    None => break,
+                }
+            }
+        }
+        // Ops handed over finish (the watcher drains them); wait until their acks went out.
+        in_flight.wait_idle().await;
+        Ok(())
+    }
+}
+
+impl BusSource {
+    async fn take(
+        &self,
+        sink: &FeedSink,
+        js: &jetstream::Context,
+        message: jetstream::Message,
+        in_flight: &Arc<InFlight>,
+    ) {
+        let delivered = message.info().map(|i| i.delivered).unwrap_or(1);
+        let decoded = BusMessage::decode(&message.payload);
+        if delivered > self.max_deliver {
+            warn!(feed = %self.name, delivered, "message delivered too often; dead-lettered without running again");
+            self.dead_letter(
+                js,
+                &message,
+                "consumer",
+                "delivered too many times without an ack",
+            )
+            .await;
+            finish(&message, AckKind::Term).await;
+            return;
+        }
+        let bus = match decoded {
+            Ok(bus) => bus,
+            Err(e) => {
+                sink.report(WatchError::Feed {
+                    source: self.name.clone(),
+                    error: Arc::new(e),
+                });
+                finish(&message, AckKind::Term).await;
+                return;
+            }
+        };
+        if bus.kind == MessageKind::Gap {
+            if let Some(gap) = bus.to_gap() {
+                sink.gap(gap);
+            }
+            finish(&message, AckKind::Ack).await;
+            return;
+        }
+        let mut data = match bus.to_op_data(&self.name) {
+            Ok(data) => data,
+            Err(e) => {
+                sink.report(WatchError::Feed {
+                    source: self.name.clone(),
+                    error: Arc::new(e),
+                });
+                finish(&message, AckKind::Term).await;
+                return;
+            }
+        };
+        // Not wanted: ack before any verification work.
+        if data.repo_event.is_none() && !sink.wants(data.collection(), data.action) {
+            finish(&message, AckKind::Ack).await;
+            return;
+        }
+        let message = Arc::new(message);
+        let heartbeat = in_progress(Arc::clone(&message), self.ack_wait);
+        if data.repo_event.is_none()
+            && (!self.trust_hub || data.record.is_none() && data.action != Action::Delete)
+        {
+            match self.verify(sink, &mut data).await {
+                Ok(()) => {}
+                Err(e) => {
+                    drop(heartbeat);
+                    sink.reject(data, Rejection::Verification(Arc::new(e)));
+                    finish(&message, AckKind::Term).await;
+                    return;
+                }
+            }
+        }
+        in_flight.begin();
+        let (js, in_flight, dead_subject) = (
+            js.clone(),
+            Arc::clone(in_flight),
+            self.stream.dead_letter_subject(&self.durable),
+        );
+        sink.deliver(data, move |outcome| {
+            drop(heartbeat);
+            tokio::spawn(async move {
+                match outcome {
+                    Delivered::DeadLettered { handler, error } => {
+                        publish_dead_letter(&js, &dead_subject, &message, &handler, &error).await;
+                        finish(&message, AckKind::Term).await;
+                    }
+                    Delivered::Rejected(why) => {
+                        debug!(reason = %why, "rejected by its handler's checks; terminated");
+                        finish(&message, AckKind::Term).await;
+                    }
+                    _ => finish(&message, AckKind::Ack).await,
+                }
+                in_flight.end();
+            });
+        })
+        .await;
+    }
+
+    /// Verifies an op from its proof (or, without one, from the author's PDS), retrying while
+    /// a host it needs is unreachable. Sets the record to the proven bytes.
+    async fn verify(&self, sink: &FeedSink, data: &mut OpData) -> Result<(), SyncError> {
+        let verifier = sink.verifier();
+        let mut attempt = 0u32;
+        loop {
+            let proven = match &data.proof {
+                Some(proof) => {
+                    verifier
+                        .verify_op_proof(&data.did, &data.rev, &data.path, data.cid, proof)
+                        .await
+                }
+                None => {
+                    verifier
+                        .prove_op_from_pds(&data.did, &data.rev, &data.path, data.cid)
+                        .await
+                }
+            };
+            match proven {
+                Err(e) if e.is_transient() => {
+                    let delay = Backoff::default()
+                        .delay(attempt)
+                        .unwrap_or(Duration::from_secs(30));
+                    attempt = attempt.saturating_add(1);
+                    sink.report(WatchError::VerificationStalled {
+                        source: self.name.clone(),
+                        did: data.did.clone(),
+                        seq: data.seq,
+                        attempt,
+                        retry_in: delay,
+                        error: Arc::new(e),
+                    });
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(e),
+                Ok(record) => {
+                    data.record = record;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    async fn dead_letter(
+        &self,
+        js: &jetstream::Context,
+        message: &jetstream::Message,
+        handler: &str,
+        error: &str,
+    ) {
+        publish_dead_letter(
+            js,
+            &self.stream.dead_letter_subject(&self.durable),
+            message,
+            handler,
+            error,
+        )
+        .await;
+    }
+}
+
+/// Tells the server, every third of `ack_wait`, that the message is being worked on, until
+/// dropped: with the op's completion, or with the op itself when the watcher is killed (then
+/// the server delivers the message again after `ack_wait`).
+fn in_progress(message: Arc<jetstream::Message>, ack_wait: Duration) -> Heartbeat {
+    Heartbeat(
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(ack_wait / 3);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let _ = message.ack_with(AckKind::Progress).await;
+            }
+        })
+        .abort_handle(),
+    )
+}
+
+/// Stops a message's in-progress signals when dropped.
+struct Heartbeat(tokio::task::AbortHandle);
+
+impl Drop for Heartbeat {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Acks (or terms) a message and waits for the server to confirm, retrying a few times while
+/// the server is unreachable: an ack lost to a restart would deliver the op again.
+async fn finish(message: &jetstream::Message, kind: AckKind) {
+    let backoff = Backoff::retries(8);
+    let mut attempt = 0;
+    loop {
+        let kind = match kind {
+            AckKind::Ack => AckKind::Ack,
+            _ => AckKind::Term,
+        };
+        match message.double_ack_with(kind).await {
+            Ok(()) => return,
+            Err(e) => match backoff.delay(attempt) {
+                Some(delay) => {
+                    debug!(error = %e, ?delay, "ack not confirmed; retrying");
+                    attempt += 1;
+                    tokio::time::sleep(delay).await;
+                }
+                None => {
+                    warn!(error = %e, "ack not confirmed; the server will deliver the message again");
+                    return;
+                }
+            },
+        }
+    }
+}
+
+async fn publish_dead_letter(
+    js: &jetstream::Context,
+    subject: &str,
+    message: &jetstream::Message,
+    handler: &str,
+    error: &str,
+) {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Murmur-Handler", handler);
+    headers.insert("Murmur-Error", error.replace(['\r', '\n'], " ").as_str());
+    headers.insert("Murmur-Subject", message.subject.as_str());
+    if let Ok(info) = message.info() {
+        headers.insert(
+            "Murmur-Stream-Seq",
+            info.stream_sequence.to_string().as_str(),
+        );
+    }
+    let backoff = Backoff::retries(8);
+    let mut attempt = 0;
+    loop {
+        let sent = match js
+            .publish_with_headers(
+                subject.to_string(),
+                headers.clone(),
+                message.payload.clone(),
+            )
+            .await
+        {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match (sent, backoff.delay(attempt)) {
+            (Ok(()), _) => return,
+            (Err(e), Some(delay)) => {
+                debug!(error = %e, "dead letter not stored yet; retrying");
+                attempt += 1;
+                tokio::time::sleep(delay).await;
+            }
+            (Err(e), None) => {
+                warn!(error = %e, subject, "dead letter could not be stored in the dead-letter stream");
+                return;
+            }
+        }
+    }
+}

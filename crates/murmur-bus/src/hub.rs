@@ -1,0 +1,316 @@
+//! The hub: watch PDS hosts or a relay, verify every commit once, publish every op with its
+//! proof to the stream.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use murmur_firehose::{
+    Backoff, HandlerError, OpData, OpEvent, ShutdownHandle, Watcher, WatcherBuilder,
+};
+use tracing::{debug, info, warn};
+
+use crate::BusError;
+use crate::cursor::KvCursorStore;
+use crate::message::BusMessage;
+use crate::stream::{StreamSettings, connect, ensure_streams};
+use crate::subject::Subjects;
+
+/// Room left in a message for headers and the subject.
+const HEADROOM: usize = 1024;
+
+/// Configures a [`Hub`]. Start with [`Hub::builder`].
+#[derive(Default)]
+pub struct HubBuilder {
+    nats: Option<String>,
+    sources: Vec<String>,
+    relays: Vec<String>,
+    plc_url: Option<String>,
+    stream: StreamSettings,
+    name: Option<String>,
+}
+
+impl HubBuilder {
+    /// The NATS server(s): `nats://host:port`, comma-separated for a cluster.
+    pub fn nats(mut self, url: impl Into<String>) -> Self {
+        self.nats = Some(url.into());
+        self
+    }
+
+    /// Watches a PDS host (once per host).
+    pub fn pds(mut self, url: impl Into<String>) -> Self {
+        self.sources.push(url.into());
+        self
+    }
+
+    /// Watches a relay.
+    pub fn relay(mut self, url: impl Into<String>) -> Self {
+        self.relays.push(url.into());
+        self
+    }
+
+    /// The PLC directory for `did:plc` keys (default: the public one).
+    pub fn plc_url(mut self, url: impl Into<String>) -> Self {
+        self.plc_url = Some(url.into());
+        self
+    }
+
+    /// The stream's name, prefix, partitions, replicas and retention.
+    pub fn stream(mut self, settings: StreamSettings) -> Self {
+        self.stream = settings;
+        self
+    }
+
+    /// A name for logs and the NATS connection (default `murmur-hub`).
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    /// Connects to NATS, creates the streams and the cursor bucket if missing, and builds
+    /// the watcher.
+    pub async fn build(self) -> Result<Hub, BusError> {
+        let nats = self
+            .nats
+            .ok_or_else(|| BusError::Config("no NATS server: add .nats(url)".into()))?;
+        if self.sources.is_empty() && self.relays.is_empty() {
+            return Err(BusError::Config(
+                "no source: add .pds(url) or .relay(url)".into(),
+            ));
+        }
+        let name = self.name.unwrap_or_else(|| "murmur-hub".into());
+        let client = connect(&nats, &name).await?;
+        let max_payload = client.server_info().max_payload;
+        let js = jetstream::new(client.clone());
+        let subjects = ensure_streams(&js, &self.stream, max_payload).await?;
+        let bucket_name = self.stream.cursor_bucket();
+        let bucket = match js.get_key_value(&bucket_name).await {
+            Ok(bucket) => bucket,
+            Err(_) => js
+                .create_key_value(jetstream::kv::Config {
+                    bucket: bucket_name.clone(),
+                    description: "murmur hub: per-source cursors".into(),
+                    history: 1,
+                    num_replicas: self.stream.replicas,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| BusError::js(format!("create key-value bucket {bucket_name}"), e))?,
+        };
+        let publisher = Arc::new(Publisher {
+            js,
+            subjects,
+            max_payload,
+            stats: Arc::default(),
+        });
+        let tail_publisher = Arc::clone(&publisher);
+        let gap_publisher = Arc::clone(&publisher);
+        let mut builder: WatcherBuilder = Watcher::builder()
+            .keep_proofs(true)
+            .identity_events(true)
+            .cursor_store(KvCursorStore::new(bucket, bucket_name))
+            // A publish that fails (NATS down) is retried until it goes through: an op is
+            // never dead-lettered for an outage, and the cursor waits for it.
+            .retry(Backoff::default())
+            .tail(move |op: OpEvent| {
+                let publisher = Arc::clone(&tail_publisher);
+                async move { publisher.publish(op.data()).await }
+            })
+            .on_gap(move |gap| {
+                let publisher = Arc::clone(&gap_publisher);
+                let message = BusMessage::from_gap(gap);
+                tokio::spawn(async move { publisher.publish_gap(message).await });
+            })
+            .on_rejected(|rejected, why| {
+                metrics::counter!("murmur_hub_rejected_total").increment(1);
+                debug!(did = rejected.did(), reason = %why, "not published: rejected");
+            });
+        for url in &self.sources {
+            builder = builder.pds(url);
+        }
+        for url in &self.relays {
+            builder = builder.relay(url);
+        }
+        if let Some(plc) = self.plc_url {
+            builder = builder.plc_url(plc);
+        }
+        let watcher = builder.build()?;
+        info!(nats = %nats, stream = %self.stream.name, sources = self.sources.len() + self.relays.len(), "hub ready");
+        Ok(Hub {
+            watcher,
+            publisher,
+            client,
+        })
+    }
+}
+
+/// Watches PDS hosts or relays with the verified watcher and publishes every verified op (with
+/// its proof), `#identity`, `#account` and gap event to the bus stream, each exactly once:
+/// the message id is the op's (did, rev, path), and each source's cursor lives in a
+/// key-value bucket and moves only after the publishes before it were acknowledged. Two hubs
+/// on the same sources store each op once (within the stream's duplicate window).
+pub struct Hub {
+    watcher: Watcher,
+    publisher: Arc<Publisher>,
+    client: async_nats::Client,
+}
+
+impl Hub {
+    /// Starts configuring a hub.
+    pub fn builder() -> HubBuilder {
+        HubBuilder::default()
+    }
+
+    /// Stops [`run`](Self::run) gracefully (publishes in flight finish, cursors are stored).
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        self.watcher.shutdown_handle()
+    }
+
+    /// Counters of what the hub did.
+    pub fn stats(&self) -> Arc<HubStats> {
+        Arc::clone(&self.publisher.stats)
+    }
+
+    /// The watcher's metrics (seq and time lag, rejections, reconnects).
+    pub fn watcher_metrics(&self) -> Arc<murmur_firehose::Metrics> {
+        self.watcher.metrics()
+    }
+
+    /// Runs until shut down or a source fails for good.
+    pub async fn run(self) -> Result<(), BusError> {
+        let metrics = self.watcher.metrics();
+        let gauges = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tick.tick().await;
+                let m = metrics.snapshot();
+                metrics::gauge!("murmur_hub_seq_lag").set(m.seq_lag as f64);
+                metrics::gauge!("murmur_hub_sources_connected").set(m.sources_connected as f64);
+                metrics::gauge!("murmur_hub_time_lag_seconds").set(m.time_lag_ms as f64 / 1000.0);
+                metrics::gauge!("murmur_hub_verifications_waiting")
+                    .set(m.verifications_waiting as f64);
+            }
+        });
+        let _gauges = AbortOnDrop(gauges.abort_handle());
+        let result = self.watcher.run().await;
+        let _ = self.client.flush().await;
+        result.map_err(BusError::from)
+    }
+}
+
+/// Stops a helper task with the future that owns it.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What a hub has published so far.
+#[derive(Debug, Default)]
+pub struct HubStats {
+    /// Messages the stream stored.
+    pub published: AtomicI64,
+    /// Messages the stream already had (same id within the duplicate window).
+    pub duplicates: AtomicI64,
+    /// Ops published without record and proof (too big for a message, or no proof could be
+    /// cut from the commit): consumers fetch them from the PDS.
+    pub by_reference: AtomicI64,
+    /// Publishes that failed and were retried.
+    pub publish_errors: AtomicI64,
+}
+
+struct Publisher {
+    js: jetstream::Context,
+    subjects: Subjects,
+    max_payload: usize,
+    stats: Arc<HubStats>,
+}
+
+impl Publisher {
+    async fn publish(&self, op: &OpData) -> Result<(), HandlerError> {
+        let subject = match &op.repo_event {
+            Some(murmur_firehose::RepoEvent::Identity { .. }) => {
+                self.subjects.repo_event(&op.did, "identity")
+            }
+            Some(murmur_firehose::RepoEvent::Account { .. }) => {
+                self.subjects.repo_event(&op.did, "account")
+            }
+            _ => {
+                let collection = op.path.split_once('/').map_or("", |(c, _)| c);
+                self.subjects.op(&op.did, op.action, collection)
+            }
+        };
+        let Some(subject) = subject else {
+            warn!(did = %op.did, path = %op.path, "not published: its DID or collection cannot be a subject");
+            metrics::counter!("murmur_hub_unpublishable_total").increment(1);
+            return Ok(());
+        };
+        let proof = match (&op.repo_event, &op.proof) {
+            (None, Some(car)) => match murmur_sync::op_proof(car, &op.path) {
+                Ok(proof) => Some(proof),
+                Err(e) => {
+                    debug!(did = %op.did, path = %op.path, error = %e, "no proof cut from the commit; published by reference");
+                    None
+                }
+            },
+            _ => None,
+        };
+        let mut message = BusMessage::from_op(op, proof);
+        let mut payload = message.encode();
+        if payload.len() + subject.len() + HEADROOM > self.max_payload {
+            message.record = None;
+            message.proof = None;
+            payload = message.encode();
+        }
+        if message.kind == crate::MessageKind::Op && message.proof.is_none() {
+            self.stats.by_reference.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("murmur_hub_by_reference_total").increment(1);
+        }
+        self.send(subject, &message.msg_id(), payload).await
+    }
+
+    async fn publish_gap(&self, message: BusMessage) {
+        let subject = self.subjects.gap();
+        let id = message.msg_id();
+        let payload = message.encode();
+        let mut attempt = 0;
+        let backoff = Backoff::retries(10);
+        while let Err(e) = self.send(subject.clone(), &id, payload.clone()).await {
+            let Some(delay) = backoff.delay(attempt) else {
+                warn!(error = %e, "gap not published after retries");
+                return;
+            };
+            attempt += 1;
+            tokio::time::sleep(delay).await;
+        }
+    }
+
+    async fn send(&self, subject: String, id: &str, payload: Vec<u8>) -> Result<(), HandlerError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
+        let failed = |e: &dyn std::fmt::Display| {
+            self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("murmur_hub_publish_errors_total").increment(1);
+            HandlerError::retry(format!("publish to {subject}: {e}"))
+        };
+        let ack = self
+            .js
+            .publish_with_headers(subject.clone(), headers, payload.into())
+            .await
+            .map_err(|e| failed(&e))?
+            .await
+            .map_err(|e| failed(&e))?;
+        if ack.duplicate {
+            self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("murmur_hub_duplicates_total").increment(1);
+        } else {
+            self.stats.published.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("murmur_hub_published_total").increment(1);
+        }
+        Ok(())
+    }
+}

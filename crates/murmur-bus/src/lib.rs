@@ -1,0 +1,64 @@
+//! Scale-out for murmur on NATS JetStream: verify once, fan out.
+//!
+//! Without a bus every agent subscribes to every PDS host and verifies every commit itself,
+//! so the cost of one event grows with the number of agents. With it, a [`Hub`] watches the
+//! PDS hosts (or a relay) with the verified watcher and publishes every verified op, with its
+//! proof, to a JetStream stream; agents read the stream through durable consumers
+//! ([`BusSource`]), filtered in the server, on any machine. Writes do not go through the bus:
+//! an agent writes to its own PDS, and the repo stays the source of truth.
+//!
+//! ```text
+//! PDS hosts --subscribeRepos--> Hub: verify once --publish (msg id = did, rev, path)--> stream
+//!                                 cursor per source in a KV bucket,          |
+//!                                 moved after the publish ack                 +--> BusSource (durable
+//!                                                                                 consumer) -> handlers
+//! ```
+//!
+//! # Subjects
+//! See [`subject`]: `{prefix}.op.{partition}.{did}.{action}.{collection tokens}`,
+//! `{prefix}.repo.{partition}.{did}.identity|account`, `{prefix}.gap`. The collection's dots
+//! are subject tokens, so a consumer of `agent.comms.*` asks the server for
+//! `murmur.op.*.*.*.agent.comms.>`.
+//!
+//! # Messages
+//! [`BusMessage`], DAG-CBOR: the op (did, rev, path, action, cid), its record and its proof (a
+//! CAR like `com.atproto.sync.getRecord`'s answer: the author's signed commit, the MST path,
+//! the record). A consumer verifies the proof with the author's key, so neither the hub nor
+//! NATS is trusted unless [`BusSource::trust_hub`] says so. `#identity` and `#account` events
+//! carry no proof (they are not signed on the firehose either).
+//!
+//! # Delivery contract over the bus
+//! - Into the stream, exactly once per op: the message id is (did, rev, path); the hub's cursor
+//!   per source moves only after every publish before it was acknowledged, so a hub killed
+//!   and restarted republishes from its cursor and the stream drops what it already has (its
+//!   duplicate window, 10 minutes by default, must cover the restart). Two hubs on the same
+//!   sources store each op once.
+//! - Out of the stream, at least once, per-DID order kept: a consumer acknowledges an op only
+//!   when its handlers are done (or it was dead-lettered, or rejected); a consumer that dies
+//!   leaves its unacknowledged ops to be delivered again after `ack_wait`. The watcher's
+//!   dedup store (a state dir) turns those redeliveries of finished ops into skips.
+//! - Handler retries run in the consumer, which keeps telling the server the message is in
+//!   progress; a nak would let the DID's later ops overtake it.
+//! - A forged or altered message fails its proof and never reaches a handler.
+//!
+//! # Pools
+//! Several processes may share one durable consumer: each op then goes to one of them, but
+//! two ops of the same DID may run at once on two members. For per-DID order across
+//! machines, give each member its own partitions ([`BusSource::partition`]): a DID's
+//! messages all carry the same partition number.
+
+mod consumer;
+mod cursor;
+mod error;
+mod hub;
+mod message;
+mod stream;
+pub mod subject;
+
+pub use consumer::{BusSource, StartAt};
+pub use cursor::{KvCursorStore, key_for};
+pub use error::BusError;
+pub use hub::{Hub, HubBuilder, HubStats};
+pub use message::{BusMessage, FORMAT_VERSION, MessageKind};
+pub use stream::{StreamSettings, connect, ensure_streams, open_stream};
+pub use subject::Subjects;

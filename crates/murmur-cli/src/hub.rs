@@ -1,0 +1,94 @@
+//! `murmur hub`: verify once, fan out. Watches PDS hosts (or a relay) and publishes every
+//! verified op, with its proof, to a NATS JetStream stream.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use murmur_bus::{Hub, StreamSettings};
+use murmur_sync::DEFAULT_PLC_URL;
+
+/// Arguments of `murmur hub`.
+#[derive(Args, Debug)]
+pub struct HubArgs {
+    /// The NATS server(s) with JetStream: `nats://host:port`, comma-separated for a cluster.
+    #[arg(long, value_name = "URL", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// A PDS to watch (repeat for several hosts; each keeps its own cursor, in NATS).
+    #[arg(long = "pds", value_name = "URL", required_unless_present = "relay")]
+    pds: Vec<String>,
+    /// A relay to watch (repeatable).
+    #[arg(long, value_name = "URL")]
+    relay: Vec<String>,
+    /// The PLC directory for did:plc keys.
+    #[arg(long, value_name = "URL", default_value = DEFAULT_PLC_URL)]
+    plc: String,
+    /// The stream's name.
+    #[arg(long, default_value = "MURMUR")]
+    stream: String,
+    /// The subject prefix.
+    #[arg(long, default_value = "murmur")]
+    prefix: String,
+    /// Partitions (for consumer pools); fixed when the stream is created.
+    #[arg(long, default_value_t = murmur_bus::subject::DEFAULT_PARTITIONS)]
+    partitions: u16,
+    /// Stream replicas (3 on a 3-node cluster).
+    #[arg(long, default_value_t = 1)]
+    replicas: usize,
+    /// How long the stream keeps messages (the replay window), in hours.
+    #[arg(long, default_value_t = 24)]
+    retention_hours: u64,
+    /// Serve Prometheus metrics (text format) on this address, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+}
+
+/// Runs the hub until Ctrl-C (then publishes in flight finish and cursors are stored).
+pub fn run(args: HubArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        if let Some(addr) = args.metrics {
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .with_http_listener(addr)
+                .install()
+                .map_err(|e| format!("--metrics {addr}: {e}"))?;
+            eprintln!("metrics: http://{addr}/metrics");
+        }
+        let settings = StreamSettings {
+            name: args.stream,
+            prefix: args.prefix,
+            partitions: args.partitions,
+            replicas: args.replicas,
+            max_age: Duration::from_secs(args.retention_hours.max(1) * 3600),
+            ..Default::default()
+        };
+        let mut builder = Hub::builder()
+            .nats(&args.nats)
+            .plc_url(&args.plc)
+            .stream(settings);
+        for url in &args.pds {
+            builder = builder.pds(url);
+        }
+        for url in &args.relay {
+            builder = builder.relay(url);
+        }
+        let hub = builder.build().await?;
+        let stop = hub.shutdown_handle();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("stopping: finishing publishes, storing cursors...");
+                stop.shutdown();
+            }
+        });
+        eprintln!(
+            "hub running: {} source(s) -> {}",
+            args.pds.len() + args.relay.len(),
+            args.nats
+        );
+        hub.run().await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -1,0 +1,450 @@
+//! The bus (murmur-bus) against the real local network and a real nats-server with
+//! JetStream: one hub verifies and publishes, consumers get every op once through durable
+//! consumers, forged messages never reach handlers, and the faults of the issue: a hub killed
+//! and restarted, two hubs at once, a consumer killed mid-handler.
+//!
+//! The NATS server is the machine's (127.0.0.1:4222, or `MURMUR_TEST_NATS`); each test uses
+//! its own stream and subject prefix and deletes them at the end.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use murmur_bus::{BusMessage, BusSource, Hub, StartAt, StreamSettings};
+use murmur_devnet::{Account, Devnet};
+use murmur_e2e::{Note, note, shared, wait_for};
+use murmur_firehose::{Author, CommitInfo, HandlerError, Record, Rejected, Rejection, Watcher};
+use murmur_pds::Writer;
+
+fn nats_url() -> String {
+    std::env::var("MURMUR_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+}
+
+/// A stream and prefix of the test's own.
+fn settings(tag: &str) -> StreamSettings {
+    let id = fastrand::u32(..);
+    StreamSettings {
+        name: format!("T_{}_{id:08x}", tag.to_uppercase()),
+        prefix: format!("t{id:08x}"),
+        partitions: 4,
+        ..Default::default()
+    }
+}
+
+/// Deletes a test's streams and bucket.
+async fn cleanup(settings: &StreamSettings) {
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let js = jetstream::new(client);
+    let _ = js.delete_stream(&settings.name).await;
+    let _ = js.delete_stream(settings.dead_letter_stream()).await;
+    let _ = js.delete_key_value(settings.cursor_bucket()).await;
+}
+
+async fn account(net: &Devnet, pds: usize, name: &str) -> (Account, Writer) {
+    let account = net
+        .create_account(pds, &net.unique_handle(name), "password-1")
+        .await
+        .unwrap();
+    let writer = Writer::login(&account.pds_url, &account.did, "password-1")
+        .await
+        .unwrap();
+    (account, writer)
+}
+
+fn hub(net: &Devnet, settings: &StreamSettings) -> murmur_bus::HubBuilder {
+    let mut builder = Hub::builder()
+        .nats(nats_url())
+        .plc_url(net.plc_url())
+        .stream(settings.clone());
+    for host in net.pds_hosts() {
+        builder = builder.pds(host.url());
+    }
+    builder
+}
+
+/// Starts a hub on its own task; dropping the handle's task (abort) kills it like a process
+/// kill: publishes in flight are cut, the cursor is not flushed again.
+async fn start_hub(net: &Devnet, settings: &StreamSettings) -> tokio::task::JoinHandle<()> {
+    let hub = hub(net, settings).build().await.unwrap();
+    tokio::spawn(async move {
+        hub.run().await.unwrap();
+    })
+}
+
+/// Every message of the stream, decoded.
+async fn stream_messages(settings: &StreamSettings) -> Vec<BusMessage> {
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let js = jetstream::new(client);
+    let mut stream = js.get_stream(&settings.name).await.unwrap();
+    let last = stream.info().await.unwrap().state.last_sequence;
+    let mut out = Vec::new();
+    for seq in 1..=last {
+        if let Ok(raw) = stream.get_raw_message(seq).await {
+            out.push(BusMessage::decode(&raw.payload).unwrap());
+        }
+    }
+    out
+}
+
+/// How many times each note number of `did` is in the stream.
+async fn stream_counts(settings: &StreamSettings, did: &str) -> BTreeMap<u64, usize> {
+    let mut counts = BTreeMap::new();
+    for m in stream_messages(settings).await {
+        if m.did == did
+            && m.path
+                .as_deref()
+                .is_some_and(|p| p.starts_with("test.murmur.note/"))
+        {
+            let record: murmur_e2e::NoteRecord =
+                serde_ipld_dagcbor::from_slice(m.record.as_deref().unwrap()).unwrap();
+            *counts.entry(record.n).or_default() += 1;
+        }
+    }
+    counts
+}
+
+type Seen = Arc<Mutex<Vec<(String, u64)>>>;
+
+fn consumer_watcher(
+    settings: &StreamSettings,
+    durable: &str,
+    plc: &str,
+    seen: Seen,
+    rejected_log: Arc<Mutex<Vec<String>>>,
+) -> Watcher {
+    Watcher::builder()
+        .feed(
+            BusSource::new(nats_url(), durable)
+                .stream(settings.clone())
+                .start_at(StartAt::All),
+        )
+        .plc_url(plc)
+        .collections(["test.murmur.*"])
+        .handler(move |note: Record<Note>, from: Author| {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.lock().unwrap().push((from.0, note.n));
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .on_rejected(move |rejected: &Rejected, why: &Rejection| {
+            rejected_log
+                .lock()
+                .unwrap()
+                .push(format!("{} {why:?}", rejected.uri()));
+        })
+        .build()
+        .unwrap()
+}
+
+fn counts_of(seen: &Seen, did: &str) -> BTreeMap<u64, usize> {
+    let mut counts = BTreeMap::new();
+    for (d, n) in seen.lock().unwrap().iter() {
+        if d == did {
+            *counts.entry(*n).or_default() += 1;
+        }
+    }
+    counts
+}
+
+fn once_each(range: std::ops::Range<u64>) -> BTreeMap<u64, usize> {
+    range.map(|n| (n, 1)).collect()
+}
+
+/// One hub, one consumer: every note reaches the handler once, verified from its proof, in
+/// order per DID; the consumer's watcher never talks to a PDS for the stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_publishes_each_op_once_and_a_consumer_handles_it_once() {
+    let net = shared().await;
+    let settings = settings("once");
+    let hub_task = start_hub(net, &settings).await;
+    let (alice, alice_w) = account(net, 0, "busa").await;
+    let (bob, bob_w) = account(net, 1, "busb").await;
+
+    let seen: Seen = Arc::default();
+    let rejected = Arc::default();
+    let watcher = consumer_watcher(
+        &settings,
+        "once",
+        net.plc_url(),
+        Arc::clone(&seen),
+        Arc::clone(&rejected),
+    );
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let consumer = tokio::spawn(watcher.run());
+
+    for n in 0..20 {
+        alice_w.create::<Note>(&note(n)).await.unwrap();
+        bob_w.create::<Note>(&note(100 + n)).await.unwrap();
+    }
+    wait_for("40 notes handled", Duration::from_secs(60), || {
+        seen.lock().unwrap().len() >= 40
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(counts_of(&seen, &alice.did), once_each(0..20));
+    assert_eq!(counts_of(&seen, &bob.did), once_each(100..120));
+    // Per-DID order.
+    let alice_order: Vec<u64> = seen
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(d, _)| d == &alice.did)
+        .map(|(_, n)| *n)
+        .collect();
+    assert_eq!(alice_order, (0..20).collect::<Vec<_>>());
+    assert!(
+        rejected.lock().unwrap().is_empty(),
+        "{:?}",
+        rejected.lock().unwrap()
+    );
+    // Every op in the stream carries a proof.
+    let messages = stream_messages(&settings).await;
+    let notes: Vec<_> = messages
+        .iter()
+        .filter(|m| {
+            m.path
+                .as_deref()
+                .is_some_and(|p| p.starts_with("test.murmur.note/"))
+        })
+        .collect();
+    assert!(notes.len() >= 40);
+    assert!(
+        notes
+            .iter()
+            .all(|m| m.proof.is_some() && m.record.is_some())
+    );
+    assert!(metrics.snapshot().handled >= 40);
+
+    stop.shutdown();
+    consumer.await.unwrap().unwrap();
+    hub_task.abort();
+    cleanup(&settings).await;
+}
+
+/// Messages published straight to the stream, not by the hub: an altered record, a record
+/// swapped for another's, a proof from another op, a create with no proof for a record that
+/// does not exist. None reaches the handler; each goes to on_rejected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_messages_on_the_bus_never_reach_handlers() {
+    let net = shared().await;
+    let settings = settings("forged");
+    let hub_task = start_hub(net, &settings).await;
+    let (alice, alice_w) = account(net, 0, "forger").await;
+    alice_w.create::<Note>(&note(1)).await.unwrap();
+    alice_w.create::<Note>(&note(2)).await.unwrap();
+    wait_for_stream(&settings, &alice.did, 2).await;
+    hub_task.abort();
+
+    let originals: Vec<BusMessage> = stream_messages(&settings)
+        .await
+        .into_iter()
+        .filter(|m| {
+            m.did == alice.did
+                && m.path
+                    .as_deref()
+                    .is_some_and(|p| p.starts_with("test.murmur.note/"))
+        })
+        .collect();
+    let (one, two) = (&originals[0], &originals[1]);
+    let subjects = murmur_bus::Subjects::new(&settings.prefix, settings.partitions).unwrap();
+    let subject = subjects
+        .op(
+            &alice.did,
+            murmur_firehose::Action::Create,
+            "test.murmur.note",
+        )
+        .unwrap();
+
+    let mut forged = Vec::new();
+    // 1. The record altered (its CID no longer matches).
+    let mut m = one.clone();
+    m.rev = "forged-1".into();
+    m.record = Some(serde_ipld_dagcbor::to_vec(&note(666)).unwrap());
+    forged.push(("altered record", m));
+    // 2. The record and cid of note 2 under note 1's path and proof.
+    let mut m = one.clone();
+    m.cid = two.cid;
+    m.record = two.record.clone();
+    m.rev = "forged-2".into();
+    forged.push(("swapped record", m));
+    // 3. Note 2's proof for note 1's op (another rev, another path).
+    let mut m = one.clone();
+    m.proof = two.proof.clone();
+    forged.push(("proof of another op", m));
+    // 4. A path that does not exist, without proof: the consumer asks the PDS, which has
+    //    no such record.
+    let mut m = one.clone();
+    m.path = Some("test.murmur.note/3forgedrkey22".into());
+    m.proof = None;
+    forged.push(("no proof, no such record", m));
+    // 5. A later rev claimed for note 1 (the proof's commit has another rev).
+    let mut m = one.clone();
+    m.rev = "3zzzzzzzzzzzz".into();
+    forged.push(("rev not the proof's", m));
+
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let js = jetstream::new(client);
+    for (what, m) in &forged {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(
+            async_nats::header::NATS_MESSAGE_ID,
+            format!("forged {what}").as_str(),
+        );
+        js.publish_with_headers(subject.clone(), headers, m.encode().into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    // And bytes that are no bus message at all.
+    js.publish(subject.clone(), b"not cbor".to_vec().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+
+    let seen: Seen = Arc::default();
+    let rejected: Arc<Mutex<Vec<String>>> = Arc::default();
+    let watcher = consumer_watcher(
+        &settings,
+        "forged",
+        net.plc_url(),
+        Arc::clone(&seen),
+        Arc::clone(&rejected),
+    );
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let consumer = tokio::spawn(watcher.run());
+    wait_for("the 5 forgeries rejected", Duration::from_secs(30), || {
+        rejected.lock().unwrap().len() >= forged.len()
+    })
+    .await;
+    wait_for("the 2 real notes", Duration::from_secs(30), || {
+        seen.lock().unwrap().len() >= 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        counts_of(&seen, &alice.did),
+        once_each(1..3),
+        "only the real notes are handled"
+    );
+    let log = rejected.lock().unwrap().clone();
+    assert_eq!(log.len(), forged.len(), "{log:#?}");
+    assert!(log.iter().all(|r| r.contains("Verification")), "{log:#?}");
+    assert!(
+        metrics.snapshot().errors >= 1,
+        "the undecodable message is reported"
+    );
+
+    stop.shutdown();
+    consumer.await.unwrap().unwrap();
+    cleanup(&settings).await;
+}
+
+async fn wait_for_stream(settings: &StreamSettings, did: &str, notes: usize) {
+    for _ in 0..300 {
+        if stream_counts(settings, did).await.len() >= notes {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the stream never held {notes} notes of {did}");
+}
+
+/// Two hubs on the same hosts at once, one of them killed mid-run and started again: every op
+/// is in the stream exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hubs_and_a_killed_hub_store_each_op_once() {
+    let net = shared().await;
+    let settings = settings("ha");
+    let first = start_hub(net, &settings).await;
+    let second = start_hub(net, &settings).await;
+    let (alice, alice_w) = account(net, 0, "hubha").await;
+    let writes = async {
+        for n in 0..60 {
+            alice_w.create::<Note>(&note(n)).await.unwrap();
+        }
+    };
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        first.abort();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        start_hub(net, &settings).await
+    };
+    let (_, restarted) = tokio::join!(writes, killer);
+    wait_for_stream(&settings, &alice.did, 60).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(stream_counts(&settings, &alice.did).await, once_each(0..60));
+    second.abort();
+    restarted.abort();
+    cleanup(&settings).await;
+}
+
+/// A consumer killed while a handler runs: the op comes back to the next consumer on the same
+/// durable name, and its effect happens once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_killed_mid_handler_leaves_the_op_to_its_successor() {
+    let net = shared().await;
+    let settings = settings("kill");
+    let hub_task = start_hub(net, &settings).await;
+    let (alice, alice_w) = account(net, 0, "killc").await;
+
+    let started = Arc::new(AtomicUsize::new(0));
+    let effects: Seen = Arc::default();
+    let slow_watcher = |started: Arc<AtomicUsize>, effects: Seen, slow: bool| {
+        Watcher::builder()
+            .feed(
+                BusSource::new(nats_url(), "killc")
+                    .stream(settings.clone())
+                    .start_at(StartAt::All)
+                    .ack_wait(Duration::from_secs(2)),
+            )
+            .plc_url(net.plc_url())
+            .collections(["test.murmur.*"])
+            .handler(move |note: Record<Note>, from: Author, _c: CommitInfo| {
+                let (started, effects) = (Arc::clone(&started), Arc::clone(&effects));
+                async move {
+                    started.fetch_add(1, Ordering::SeqCst);
+                    if slow && note.n == 3 {
+                        tokio::time::sleep(Duration::from_secs(60)).await;
+                    }
+                    effects.lock().unwrap().push((from.0, note.n));
+                    Ok::<_, HandlerError>(())
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    let first = tokio::spawn(slow_watcher(Arc::clone(&started), Arc::clone(&effects), true).run());
+    for n in 0..6 {
+        alice_w.create::<Note>(&note(n)).await.unwrap();
+    }
+    wait_for(
+        "the handler of note 3 to start",
+        Duration::from_secs(30),
+        || effects.lock().unwrap().len() >= 3 && started.load(Ordering::SeqCst) >= 4,
+    )
+    .await;
+    first.abort(); // the process dies mid-handler
+    let _ = first.await;
+    assert!(!effects.lock().unwrap().iter().any(|(_, n)| *n == 3));
+
+    let second = slow_watcher(Arc::new(AtomicUsize::new(0)), Arc::clone(&effects), false);
+    let stop = second.shutdown_handle();
+    let second = tokio::spawn(second.run());
+    wait_for("all 6 effects", Duration::from_secs(30), || {
+        effects.lock().unwrap().len() >= 6
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(counts_of(&effects, &alice.did), once_each(0..6));
+    stop.shutdown();
+    second.await.unwrap().unwrap();
+    hub_task.abort();
+    cleanup(&settings).await;
+}
