@@ -8,6 +8,10 @@
 //! port. Dropping the [`Devnet`] stops every process it started; the processes also exit on
 //! their own when this process dies, because they watch the stdin pipe we hold.
 //!
+//! The [`nats`] module runs NATS JetStream servers (one, or a cluster on loopback) the same
+//! way: a pinned nats-server installed into the cache on first use, processes that can be
+//! killed and restarted on the same port and store, and that die with this process.
+//!
 //! ```no_run
 //! # async fn demo() -> Result<(), murmur_devnet::DevnetError> {
 //! use murmur_devnet::{Devnet, DevnetConfig};
@@ -19,6 +23,7 @@
 //! ```
 
 mod account;
+pub mod nats;
 mod provision;
 mod service;
 
@@ -76,6 +81,29 @@ pub enum DevnetError {
     /// The shared network of this process failed to start earlier.
     #[error("the shared local network failed to start: {0}")]
     Shared(String),
+    /// A nats-server binary is missing or does not run.
+    #[error(
+        "nats-server `{path}` cannot be used: {reason}\n  to fix: set MURMUR_NATS_SERVER to a \
+         nats-server binary >= 2.10, or unset it to use the pinned release (installed on first use)",
+        path = path.display()
+    )]
+    NatsBinary {
+        /// The binary tried.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+    /// There is no node with this index in the NATS cluster.
+    #[error("no NATS node with index {index}: this cluster has {count} (indices start at 0)")]
+    NoSuchNode {
+        /// The index asked for.
+        index: usize,
+        /// How many nodes the cluster has.
+        count: usize,
+    },
+    /// A configuration value is out of range.
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
 }
 
 impl DevnetError {
@@ -135,7 +163,7 @@ impl Devnet {
     /// Provisions (first run only) and starts a network. Blocks until every service listens.
     pub fn start(config: DevnetConfig) -> Result<Devnet, DevnetError> {
         let install = provision()?;
-        remove_stale_run_dirs();
+        remove_stale_run_dirs("murmur-devnet-");
         let run_dir = tempfile::Builder::new()
             .prefix(&format!("murmur-devnet-{}-", std::process::id()))
             .tempdir()
@@ -394,9 +422,9 @@ fn is_early_exit(e: &DevnetError) -> bool {
     matches!(e, DevnetError::Start { reason, .. } if reason.starts_with("exited"))
 }
 
-/// Removes run directories left by processes that died without cleaning up (e.g. SIGKILL,
-/// or the never-dropped shared network).
-fn remove_stale_run_dirs() {
+/// Removes run directories (`{prefix}{pid}-...` in the temporary directory) left by processes
+/// that died without cleaning up (e.g. SIGKILL, or the never-dropped shared network).
+pub(crate) fn remove_stale_run_dirs(prefix: &str) {
     // Liveness is read from /proc; elsewhere leave the directories alone.
     if !cfg!(target_os = "linux") {
         return;
@@ -406,7 +434,7 @@ fn remove_stale_run_dirs() {
     };
     for entry in entries.flatten() {
         let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("murmur-devnet-")) else {
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(prefix)) else {
             continue;
         };
         let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {

@@ -234,7 +234,11 @@ fn find_npm() -> Result<PathBuf, DevnetError> {
     }
 }
 
-fn run_step(step: &'static str, cmd: &mut Command, hint: &'static str) -> Result<(), DevnetError> {
+pub(crate) fn run_step(
+    step: &'static str,
+    cmd: &mut Command,
+    hint: &'static str,
+) -> Result<(), DevnetError> {
     let started = Instant::now();
     let output = cmd
         .stdin(Stdio::null())
@@ -258,6 +262,6 @@ fn run_step(step: &'static str, cmd: &mut Command, hint: &'static str) -> Result
 }
 
 /// Progress goes straight to stderr so it shows even under the test harness's capture.
-fn progress(line: &str) {
+pub(crate) fn progress(line: &str) {
     let _ = writeln!(std::io::stderr(), "[murmur-devnet] {line}");
 }

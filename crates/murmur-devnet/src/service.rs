@@ -208,7 +208,7 @@ impl Drop for Service {
     }
 }
 
-fn start_error(service: &str, reason: String) -> DevnetError {
+pub(crate) fn start_error(service: &str, reason: String) -> DevnetError {
     DevnetError::Start {
         service: service.to_string(),
         reason,
@@ -217,7 +217,7 @@ fn start_error(service: &str, reason: String) -> DevnetError {
 }
 
 /// The last lines the service wrote to its log since `from`.
-fn log_tail(path: &Path, from: u64) -> String {
+pub(crate) fn log_tail(path: &Path, from: u64) -> String {
     const WINDOW: u64 = 64 << 10;
     let mut bytes = Vec::new();
     let mut start = from;
