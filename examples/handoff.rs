@@ -7,39 +7,23 @@
 //! cargo run --example handoff -- PDS_A PDS_B PLC_URL    # existing hosts (sign-ups open)
 //! ```
 
+use std::error::Error;
+use std::process::ExitCode;
 use std::time::Duration;
 
-use murmur::{Agent, Job, TaskSpec, Worker};
-use murmur_devnet::{Devnet, DevnetConfig};
+use murmur::{Job, TaskSpec, Worker};
 
-#[path = "support/account.rs"]
-mod account;
+mod support;
+use support::Network;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (_net, hosts, plc) = if let [a, b, plc] = args.as_slice() {
-        (None, vec![a.clone(), b.clone()], plc.clone())
-    } else {
-        eprintln!("starting a local network (PLC + 2 PDS hosts)...");
-        let net = Devnet::start(DevnetConfig {
-            pds: 2,
-            ..Default::default()
-        })?;
-        let hosts = net
-            .pds_hosts()
-            .iter()
-            .map(|h| h.url().to_string())
-            .collect();
-        let plc = net.plc_url().to_string();
-        (Some(net), hosts, plc)
-    };
-    tokio::runtime::Runtime::new()?.block_on(run(&hosts, &plc))
+fn main() -> ExitCode {
+    support::run(2, handoff)
 }
 
-async fn run(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let requester_w = account::account(&hosts[0], "requester").await?;
-    let drafter_w = account::account(&hosts[0], "drafter").await?;
-    let reviewer_w = account::account(&hosts[1], "reviewer").await?;
+async fn handoff(net: &Network) -> Result<(), Box<dyn Error>> {
+    let requester_w = net.account(0, "requester").await?;
+    let drafter_w = net.account(0, "drafter").await?;
+    let reviewer_w = net.account(1, "reviewer").await?;
     let reviewer_did = reviewer_w.did().to_string();
     let peers = [&requester_w, &drafter_w, &reviewer_w].map(|w| w.did().to_string());
 
@@ -75,25 +59,10 @@ async fn run(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Erro
     })
     .capabilities(["review"]);
 
-    let start = |w, worker| {
-        Agent::builder(w)
-            .watch_all(hosts.iter().cloned())
-            .plc_url(plc)
-            .start_cursor(0)
-            .peers(peers.clone())
-            .requester(false)
-            .worker(worker)
-            .start()
-    };
+    let start = |w, worker| net.agent(w, &peers).requester(false).worker(worker).start();
     let _drafter = start(drafter_w, drafter).await?;
     let _reviewer = start(reviewer_w, reviewer).await?;
-    let requester = Agent::builder(requester_w)
-        .watch_all(hosts.iter().cloned())
-        .plc_url(plc)
-        .start_cursor(0)
-        .peers(peers.clone())
-        .start()
-        .await?;
+    let requester = net.agent(requester_w, &peers).start().await?;
 
     let result = requester
         .request(
@@ -105,14 +74,13 @@ async fn run(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Erro
         .await_result(Duration::from_secs(60))
         .await?;
     println!(
-        "requester: result {} from {}{}",
+        "requester: result {} from {}",
         result.output_json(),
-        result.worker,
-        if result.worker == reviewer_did {
-            " (the reviewer)"
-        } else {
-            ""
-        }
+        result.worker
     );
+    if result.worker != reviewer_did || result.output_json()["reviewed"] != true {
+        return Err(format!("expected the reviewer's ({reviewer_did}) reviewed result").into());
+    }
+    println!("the reviewer answered the task the drafter was assigned");
     Ok(())
 }

@@ -9,52 +9,33 @@
 //! sends the next ping, five rounds. Every message is a record in its author's repo, heard
 //! by the other agent on the event stream of the other host.
 
+use std::error::Error;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use murmur::comms::Message;
 use murmur::comms::agent::comms::message;
 use murmur::pds::Writer;
-use murmur::{Agent, Author, Created, HandlerError, Record, State, handler};
-use murmur_devnet::{Devnet, DevnetConfig};
+use murmur::{Author, Created, HandlerError, Record, State, handler};
 
-#[path = "support/account.rs"]
-mod account;
+mod support;
+use support::Network;
 
 const ROUNDS: u32 = 5;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (_net, hosts, plc) = if let [a, b, plc] = args.as_slice() {
-        (None, vec![a.clone(), b.clone()], plc.clone())
-    } else {
-        eprintln!("starting a local network (PLC + 2 PDS hosts)...");
-        let net = Devnet::start(DevnetConfig {
-            pds: 2,
-            ..Default::default()
-        })?;
-        let hosts = net
-            .pds_hosts()
-            .iter()
-            .map(|h| h.url().to_string())
-            .collect();
-        let plc = net.plc_url().to_string();
-        (Some(net), hosts, plc)
-    };
-    tokio::runtime::Runtime::new()?.block_on(play(&hosts, &plc))
+fn main() -> ExitCode {
+    support::run(2, play)
 }
 
-async fn play(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let alice_w = account::account(&hosts[0], "alice").await?;
-    let bob_w = account::account(&hosts[1], "bob").await?;
+async fn play(net: &Network) -> Result<(), Box<dyn Error>> {
+    let alice_w = net.account(0, "alice").await?;
+    let bob_w = net.account(1, "bob").await?;
     let (alice_did, bob_did) = (alice_w.did().to_string(), bob_w.did().to_string());
     let peers = [alice_did.clone(), bob_did.clone()];
 
     // Bob answers every ping addressed to him with a pong that replies to it.
-    let _bob = Agent::builder(bob_w.clone())
-        .watch_all(hosts.iter().cloned())
-        .plc_url(plc)
-        .start_cursor(0)
-        .peers(peers.clone())
+    let _bob = net
+        .agent(bob_w.clone(), &peers)
         .state(Player {
             writer: bob_w,
             did: bob_did.clone(),
@@ -66,11 +47,8 @@ async fn play(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Err
 
     // Alice sends the next ping when a pong comes back, until the last round.
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let alice = Agent::builder(alice_w.clone())
-        .watch_all(hosts.iter().cloned())
-        .plc_url(plc)
-        .start_cursor(0)
-        .peers(peers.clone())
+    let alice = net
+        .agent(alice_w.clone(), &peers)
         .state(Player {
             writer: alice_w,
             did: alice_did.clone(),
@@ -130,7 +108,7 @@ async fn on_pong(
         return Ok(());
     }
     println!("alice <- {text:<8} from {}", from.0);
-    let round: u32 = text[5..].parse().unwrap_or(ROUNDS);
+    let round: u32 = text.get(5..).and_then(|n| n.parse().ok()).unwrap_or(ROUNDS);
     if round >= ROUNDS {
         if let Some(done) = &me.done {
             let _ = done.send(()).await;

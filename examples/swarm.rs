@@ -8,46 +8,30 @@
 //! ```
 //! The full demo with live progress is `cargo run -p murmur-cli -- swarm`.
 
+use std::error::Error;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use murmur::comms::Claim;
-use murmur::{Agent, Author, Created, HandlerError, Job, State, TaskSpec, Worker, handler};
-use murmur_devnet::{Devnet, DevnetConfig};
+use murmur::{Author, Created, HandlerError, Job, State, TaskSpec, Worker, handler};
 
-#[path = "support/account.rs"]
-mod account;
+mod support;
+use support::Network;
 
 const WORKERS: usize = 4;
 const TASKS: usize = 40;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (_net, hosts, plc) = if let [a, b, plc] = args.as_slice() {
-        (None, vec![a.clone(), b.clone()], plc.clone())
-    } else {
-        eprintln!("starting a local network (PLC + 2 PDS hosts)...");
-        let net = Devnet::start(DevnetConfig {
-            pds: 2,
-            ..Default::default()
-        })?;
-        let hosts = net
-            .pds_hosts()
-            .iter()
-            .map(|h| h.url().to_string())
-            .collect();
-        let plc = net.plc_url().to_string();
-        (Some(net), hosts, plc)
-    };
-    tokio::runtime::Runtime::new()?.block_on(run(&hosts, &plc))
+fn main() -> ExitCode {
+    support::run(2, swarm)
 }
 
-async fn run(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let boss_w = account::account(&hosts[0], "coordinator").await?;
+async fn swarm(net: &Network) -> Result<(), Box<dyn Error>> {
+    let boss_w = net.account(0, "coordinator").await?;
     let mut worker_ws = Vec::new();
     for i in 0..WORKERS {
-        worker_ws.push(account::account(&hosts[i % 2], &format!("worker{i}")).await?);
+        worker_ws.push(net.account(i, &format!("worker{i}")).await?);
     }
     let mut peers: Vec<String> = worker_ws.iter().map(|w| w.did().to_string()).collect();
     peers.push(boss_w.did().to_string());
@@ -61,11 +45,7 @@ async fn run(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Erro
         })
         .capabilities(["square"]);
         workers.push(
-            Agent::builder(w)
-                .watch_all(hosts.iter().cloned())
-                .plc_url(plc)
-                .start_cursor(0)
-                .peers(peers.clone())
+            net.agent(w, &peers)
                 .requester(false)
                 .worker(work)
                 .presence_every(Duration::from_secs(5))
@@ -74,11 +54,8 @@ async fn run(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Erro
         );
     }
     let claims = Claims::default();
-    let boss = Agent::builder(boss_w)
-        .watch_all(hosts.iter().cloned())
-        .plc_url(plc)
-        .start_cursor(0)
-        .peers(peers)
+    let boss = net
+        .agent(boss_w, &peers)
         .state(claims.clone())
         .handler(count_claim)
         .start()
@@ -104,7 +81,9 @@ async fn run(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Erro
 
     for (n, h) in handles {
         let r = h.await_result(Duration::from_secs(60)).await?;
-        assert_eq!(r.output_json()["square"], serde_json::json!(n * n));
+        if r.output_json()["square"] != serde_json::json!(n * n) {
+            return Err(format!("task {n}: wrong result {}", r.output_json()).into());
+        }
     }
     let s = boss.task_stats();
     println!(
@@ -122,6 +101,9 @@ async fn run(hosts: &[String], plc: &str) -> Result<(), Box<dyn std::error::Erro
         "{} claims seen by the coordinator's own handler",
         claims.0.load(Ordering::Relaxed)
     );
+    if s.done != TASKS as u64 {
+        return Err(format!("{} of {TASKS} tasks done", s.done).into());
+    }
     Ok(())
 }
 

@@ -91,6 +91,18 @@ fn comms_cases() -> Vec<(&'static str, Value)> {
             "agent.comms.broadcast",
             json!({"topic": "maintenance", "text": "restart at noon"}),
         ),
+        (
+            "agent.comms.proposal",
+            json!({"text": "Move the batch?", "options": ["yes", "no"], "voters": ["did:plc:v1", "did:plc:v2"], "quorum": 2, "closesAt": NOW}),
+        ),
+        (
+            "agent.comms.vote",
+            json!({"proposal": strong_ref(), "choice": "yes", "reason": "idle host"}),
+        ),
+        (
+            "agent.comms.tally",
+            json!({"proposal": strong_ref(), "votes": [strong_ref()], "counts": [{"option": "yes", "votes": 1}, {"option": "no", "votes": 0}], "outcome": "no-quorum", "closedBy": "deadline"}),
+        ),
     ];
     let mut cases = Vec::new();
     for (nsid, mut record) in valid {
@@ -153,6 +165,21 @@ fn comms_cases() -> Vec<(&'static str, Value)> {
         }),
         edit("agent.comms.status", &|r| r["progress"] = json!(-1)),
         edit("agent.comms.assignment", &|r| r["attempt"] = json!("1")),
+        edit("agent.comms.proposal", &|r| r["options"] = json!(["one"])),
+        edit("agent.comms.proposal", &|r| r["quorum"] = json!(0)),
+        edit("agent.comms.proposal", &|r| {
+            r["voters"] = json!(vec!["did:plc:x"; 1001])
+        }),
+        edit("agent.comms.vote", &|r| {
+            r["choice"] = json!("🇩🇪".repeat(65))
+        }),
+        edit("agent.comms.vote", &|r| {
+            r.as_object_mut().unwrap().remove("proposal");
+        }),
+        edit("agent.comms.tally", &|r| {
+            r["counts"][0] = json!({"option": "yes"})
+        }),
+        edit("agent.comms.tally", &|r| r["outcome"] = json!("adjourned")),
     ];
     cases.extend(more);
     cases

@@ -41,7 +41,8 @@ include!(concat!(env!("OUT_DIR"), "/agent_comms.rs"));
 include!(concat!(env!("OUT_DIR"), "/lexicon_files.rs"));
 
 pub use agent::comms::{
-    Ack, Assignment, Broadcast, Claim, Handoff, Message, Presence, Profile, Result, Status, Task,
+    Ack, Assignment, Broadcast, Claim, Handoff, Message, Presence, Profile, Proposal, Result,
+    Status, Tally, Task, Vote,
 };
 
 /// The agent.comms lexicons as a [`murmur_lexicon::LexiconSet`], for validating records

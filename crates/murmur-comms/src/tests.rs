@@ -64,6 +64,18 @@ fn samples() -> Vec<(&'static str, serde_json::Value)> {
             Broadcast::NSID,
             json!({"$type": Broadcast::NSID, "topic": "maintenance", "text": "PDS restarts at noon", "expiresAt": "2026-11-24T12:00:00Z", "createdAt": now}),
         ),
+        (
+            Proposal::NSID,
+            json!({"$type": Proposal::NSID, "text": "Move the nightly batch to host B?", "options": ["yes", "no"], "voters": ["did:plc:voter1", "did:plc:voter2"], "quorum": 2, "closesAt": "2026-11-24T00:00:00Z", "createdAt": now}),
+        ),
+        (
+            Vote::NSID,
+            json!({"$type": Vote::NSID, "proposal": strong_ref(), "choice": "yes", "reason": "B is idle at night", "createdAt": now}),
+        ),
+        (
+            Tally::NSID,
+            json!({"$type": Tally::NSID, "proposal": strong_ref(), "votes": [strong_ref(), strong_ref()], "counts": [{"option": "yes", "votes": 2}, {"option": "no", "votes": 0}], "outcome": "decided", "winner": "yes", "closedBy": "quorum", "createdAt": now}),
+        ),
     ]
 }
 
@@ -96,7 +108,7 @@ where
 #[test]
 fn every_sample_round_trips_json_and_dag_cbor() {
     let samples = samples();
-    assert_eq!(samples.len(), 11);
+    assert_eq!(samples.len(), 14);
     for (nsid, value) in &samples {
         match *nsid {
             "agent.comms.profile" => round_trip::<Profile>(value),
@@ -110,6 +122,9 @@ fn every_sample_round_trips_json_and_dag_cbor() {
             "agent.comms.ack" => round_trip::<Ack>(value),
             "agent.comms.handoff" => round_trip::<Handoff>(value),
             "agent.comms.broadcast" => round_trip::<Broadcast>(value),
+            "agent.comms.proposal" => round_trip::<Proposal>(value),
+            "agent.comms.vote" => round_trip::<Vote>(value),
+            "agent.comms.tally" => round_trip::<Tally>(value),
             other => panic!("no collection for {other}"),
         }
     }
@@ -118,7 +133,7 @@ fn every_sample_round_trips_json_and_dag_cbor() {
 #[test]
 fn every_sample_is_valid_for_the_lexicon_validator_too() {
     let set = lexicons();
-    assert_eq!(set.len(), 12);
+    assert_eq!(set.len(), 15);
     assert!(set.lint().is_empty());
     for (nsid, value) in samples() {
         assert_eq!(set.validate_record_json(nsid, &value), Ok(()), "{nsid}");
@@ -235,6 +250,42 @@ fn invalid_records_fail_with_the_same_path_in_both_validators() {
             },
             "$.acceptedNsids[0]",
         ),
+        (
+            Proposal::NSID,
+            {
+                let mut v = get(Proposal::NSID);
+                v["options"] = json!(["only one"]);
+                v
+            },
+            "$.options",
+        ),
+        (
+            Proposal::NSID,
+            {
+                let mut v = get(Proposal::NSID);
+                v["voters"] = json!(["did:plc:ok", "nope"]);
+                v
+            },
+            "$.voters[1]",
+        ),
+        (
+            Vote::NSID,
+            {
+                let mut v = get(Vote::NSID);
+                v["choice"] = json!("c".repeat(257));
+                v
+            },
+            "$.choice",
+        ),
+        (
+            Tally::NSID,
+            {
+                let mut v = get(Tally::NSID);
+                v["counts"][1]["votes"] = json!(-1);
+                v
+            },
+            "$.counts[1].votes",
+        ),
     ];
     for (nsid, value, path) in cases {
         let runtime = set.validate_record_json(nsid, &value).expect_err(path);
@@ -264,6 +315,17 @@ fn invalid_records_fail_with_the_same_path_in_both_validators() {
                     .unwrap()
                     .validate()
             }
+            "agent.comms.proposal" => {
+                serde_json::from_value::<<Proposal as Collection>::Record>(value)
+                    .unwrap()
+                    .validate()
+            }
+            "agent.comms.vote" => serde_json::from_value::<<Vote as Collection>::Record>(value)
+                .unwrap()
+                .validate(),
+            "agent.comms.tally" => serde_json::from_value::<<Tally as Collection>::Record>(value)
+                .unwrap()
+                .validate(),
             other => panic!("{other}"),
         };
         assert_eq!(generated.unwrap_err().path, path, "{nsid}");

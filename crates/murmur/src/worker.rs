@@ -2,7 +2,7 @@
 //! ones while renewing the lease with `status`, write one `result` per task key, and stand
 //! down when another worker wins or the assignment is withdrawn.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -162,6 +162,8 @@ enum Phase {
     Running(u32, AbortHandle),
     /// We wrote its result.
     Done,
+    /// We handed it to another agent; it may be handed back to us.
+    HandedOff,
 }
 
 struct Known {
@@ -172,6 +174,9 @@ struct Known {
     record: task::Record,
     lease: Duration,
     phase: Phase,
+    /// The handoff records (at-uris) we continued the task from: a redelivered one is not
+    /// run twice.
+    continued: HashSet<String>,
 }
 
 pub(crate) struct WorkerRuntime {
@@ -248,6 +253,7 @@ impl WorkerRuntime {
                 lease: crate::task::lease_of(t),
                 record: rec.value.clone(),
                 phase: if claimable { Phase::Open } else { Phase::Taken },
+                continued: HashSet::new(),
             });
         }
         self.claim_more();
@@ -343,7 +349,7 @@ impl WorkerRuntime {
             if a.worker == self.did {
                 match &k.phase {
                     Phase::Running(n, _) if *n >= attempt => {}
-                    Phase::Done => {}
+                    Phase::Done | Phase::HandedOff => {}
                     _ => {
                         if let Phase::Running(_, h) = &k.phase {
                             h.abort();
@@ -381,7 +387,7 @@ impl WorkerRuntime {
                             attempt: n,
                         });
                     }
-                    Phase::Taken | Phase::Done => {}
+                    Phase::Taken | Phase::Done | Phase::HandedOff => {}
                 }
             }
         }
@@ -419,7 +425,11 @@ impl WorkerRuntime {
             let Some(k) = tasks.get_mut(&h.task.uri) else {
                 return Err(HandlerError::retry("handed a task not seen yet"));
             };
-            if matches!(k.phase, Phase::Running(..) | Phase::Done) {
+            // A task we handed off can come back (a reviewer returning a draft): continue it
+            // again, once per handoff record.
+            if matches!(k.phase, Phase::Running(..) | Phase::Done)
+                || !k.continued.insert(rec.uri.clone())
+            {
                 return Ok(());
             }
             k.phase = Phase::Taken;
@@ -481,7 +491,7 @@ impl WorkerRuntime {
                         });
                     }
                     Phase::Taken | Phase::Claimed(_) => k.phase = Phase::Open,
-                    Phase::Open | Phase::Done => {}
+                    Phase::Open | Phase::Done | Phase::HandedOff => {}
                 }
             }
         }
@@ -536,7 +546,7 @@ impl WorkerRuntime {
         if handed_off.load(Ordering::SeqCst) {
             let mut tasks = lock(&self.tasks);
             if let Some(k) = tasks.get_mut(&uri) {
-                k.phase = Phase::Done;
+                k.phase = Phase::HandedOff;
             }
             drop(tasks);
             self.emit(TaskEvent::HandedOff { task: uri, attempt });
