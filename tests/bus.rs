@@ -3,8 +3,9 @@
 //! consumers, forged messages never reach handlers, and the faults of the issue: a hub killed
 //! and restarted, two hubs at once, a consumer killed mid-handler.
 //!
-//! The NATS server is the machine's (127.0.0.1:4222, or `MURMUR_TEST_NATS`); each test uses
-//! its own stream and subject prefix and deletes them at the end.
+//! The NATS server is one the test binary starts (murmur-devnet's pinned nats-server, on a
+//! free loopback port), or `MURMUR_TEST_NATS`; each test uses its own stream and subject
+//! prefix and deletes them at the end.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,7 +20,20 @@ use murmur_firehose::{Author, CommitInfo, HandlerError, Record, Rejected, Reject
 use murmur_pds::Writer;
 
 fn nats_url() -> String {
-    std::env::var("MURMUR_TEST_NATS").unwrap_or_else(|_| "nats://127.0.0.1:4222".into())
+    static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SERVER
+        .get_or_init(|| {
+            if let Ok(url) = std::env::var("MURMUR_TEST_NATS") {
+                return url;
+            }
+            // Started once for the test binary; it dies with the process.
+            let server = Box::leak(Box::new(
+                murmur_devnet::nats::NatsServer::start(Default::default())
+                    .unwrap_or_else(|e| panic!("{e}")),
+            ));
+            server.url().to_string()
+        })
+        .clone()
 }
 
 /// A stream and prefix of the test's own.
@@ -181,7 +195,7 @@ async fn a_hub_publishes_each_op_once_and_a_consumer_handles_it_once() {
         bob_w.create::<Note>(&note(100 + n)).await.unwrap();
     }
     wait_for("40 notes handled", Duration::from_secs(60), || {
-        seen.lock().unwrap().len() >= 40
+        counts_of(&seen, &alice.did).len() + counts_of(&seen, &bob.did).len() >= 40
     })
     .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -406,6 +420,7 @@ async fn a_consumer_killed_mid_handler_leaves_the_op_to_its_successor() {
             )
             .plc_url(net.plc_url())
             .collections(["test.murmur.*"])
+            .dids([alice.did.clone()])
             .handler(move |note: Record<Note>, from: Author, _c: CommitInfo| {
                 let (started, effects) = (Arc::clone(&started), Arc::clone(&effects));
                 async move {
@@ -438,7 +453,7 @@ async fn a_consumer_killed_mid_handler_leaves_the_op_to_its_successor() {
     let stop = second.shutdown_handle();
     let second = tokio::spawn(second.run());
     wait_for("all 6 effects", Duration::from_secs(30), || {
-        effects.lock().unwrap().len() >= 6
+        counts_of(&effects, &alice.did).len() >= 6
     })
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;

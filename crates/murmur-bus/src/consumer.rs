@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 
 use crate::BusError;
 use crate::message::{BusMessage, MessageKind};
-use crate::stream::{StreamSettings, connect, open_stream, supports_filter_subjects};
+use crate::stream::{StreamSettings, connect, open_stream};
 
 /// Where a new durable consumer starts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -35,8 +35,8 @@ pub enum StartAt {
 /// - The consumer lives in the server under its durable name: a restarted process, on any
 ///   machine, resumes where the last one acknowledged.
 /// - The server filters by subject: the watcher's collections, its partition (pools), and
-///   `#identity`/`#account` events and gaps (on servers before 2.10, which take one filter
-///   subject, everything is fetched and filtered here).
+///   `#identity`/`#account` events and gaps. The DID allowlist (it may change while running)
+///   and actions are applied here.
 /// - Each op is verified from its proof (the author's signed commit and MST path) unless
 ///   [`trust_hub`](Self::trust_hub) is on; one that fails never reaches a handler: it goes to
 ///   `on_rejected` and is terminated in the server.
@@ -160,15 +160,11 @@ impl BusSource {
             )));
         }
         let wanted = sink.wanted_collections();
-        let (filter_subject, filter_subjects) = if supports_filter_subjects(&client) {
-            let mut filters = subjects.filters(wanted.as_deref(), self.partition);
-            if filters.len() == 1 {
-                (filters.remove(0), Vec::new())
-            } else {
-                (String::new(), filters)
-            }
+        let mut filters = subjects.filters(wanted.as_deref(), self.partition);
+        let (filter_subject, filter_subjects) = if filters.len() == 1 {
+            (filters.remove(0), Vec::new())
         } else {
-            (subjects.single_filter(self.partition), Vec::new())
+            (String::new(), filters)
         };
         let config = consumer::pull::Config {
             durable_name: Some(self.durable.clone()),

@@ -60,5 +60,5 @@ pub use cursor::{KvCursorStore, key_for};
 pub use error::BusError;
 pub use hub::{Hub, HubBuilder, HubStats};
 pub use message::{BusMessage, FORMAT_VERSION, MessageKind};
-pub use stream::{StreamSettings, connect, ensure_streams, open_stream};
+pub use stream::{MIN_SERVER_VERSION, StreamSettings, connect, ensure_streams, open_stream};
 pub use subject::Subjects;

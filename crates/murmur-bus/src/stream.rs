@@ -68,19 +68,21 @@ impl StreamSettings {
     }
 }
 
-/// Connects to NATS (`nats://host:port`, or several comma-separated for a cluster).
+/// Connects to NATS (`nats://host:port`, or several comma-separated for a cluster) and checks
+/// the server is new enough ([`MIN_SERVER_VERSION`]).
 pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, BusError> {
     let servers: Vec<&str> = url.split(',').map(str::trim).collect();
-    async_nats::ConnectOptions::new()
+    let client = async_nats::ConnectOptions::new()
         .name(name)
-        .retry_on_initial_connect()
         .connection_timeout(Duration::from_secs(5))
         .connect(servers)
         .await
         .map_err(|e| BusError::Connect {
             url: url.to_string(),
             reason: e.to_string(),
-        })
+        })?;
+    check_server_version(&client, url)?;
+    Ok(client)
 }
 
 /// Creates the stream (and its dead-letter stream) if missing, or checks that the one there
@@ -166,10 +168,20 @@ fn partitions_of(description: Option<&str>) -> Option<u16> {
     description?.strip_prefix(DESCRIPTION)?.trim().parse().ok()
 }
 
-/// Whether the server takes several filter subjects per consumer (2.10 and later).
-pub fn supports_filter_subjects(client: &async_nats::Client) -> bool {
+/// The oldest nats-server the bus works with: consumers with several filter subjects and the
+/// key-value API as async-nats speaks it need 2.10.
+pub const MIN_SERVER_VERSION: (u32, u32) = (2, 10);
+
+/// Fails with a clear error when the connected server is older than [`MIN_SERVER_VERSION`].
+pub fn check_server_version(client: &async_nats::Client, url: &str) -> Result<(), BusError> {
     let version = client.server_info().version;
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (major, minor) >= (2, 10)
+    if (major, minor) >= MIN_SERVER_VERSION {
+        return Ok(());
+    }
+    Err(BusError::Config(format!(
+        "the NATS server at {url} is {version}; the bus needs nats-server {}.{} or later (murmur-devnet installs 2.15 on first use: murmur_devnet::nats::NatsServer)",
+        MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1
+    )))
 }

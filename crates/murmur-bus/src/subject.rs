@@ -203,15 +203,6 @@ impl Subjects {
         out
     }
 
-    /// One filter subject covering [`filters`](Self::filters), for servers before 2.10 (one
-    /// filter subject per consumer); the consumer then drops what it does not want.
-    pub fn single_filter(&self, partition: Option<u16>) -> String {
-        match partition {
-            None => self.all(),
-            Some(k) => format!("{}.*.{k}.>", self.prefix),
-        }
-    }
-
     /// Reads a subject: `Some((did, partition))` for op and repo-event subjects.
     pub fn did_of(&self, subject: &str) -> Result<(String, u16), SubjectError> {
         let err = |reason: &str| SubjectError {
@@ -303,7 +294,6 @@ mod tests {
             s.filters(None, None),
             vec!["m.op.*.>", "m.repo.*.>", "m.gap"]
         );
-        assert_eq!(s.single_filter(Some(3)), "m.*.3.>");
         assert_eq!(
             s.filters(Some(&["agent.comms.ta*".to_string()]), None)[0],
             "m.op.*.*.*.agent.comms.>"
