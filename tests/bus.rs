@@ -388,9 +388,11 @@ async fn two_hubs_and_a_killed_hub_store_each_op_once() {
         tokio::time::sleep(Duration::from_millis(700)).await;
         first.abort();
         tokio::time::sleep(Duration::from_millis(700)).await;
-        start_hub(net, &settings).await
+        // Boxed in an Option: an async block yielding a JoinHandle reads as a missed await.
+        Some(start_hub(net, &settings).await)
     };
     let (_, restarted) = tokio::join!(writes, killer);
+    let restarted = restarted.expect("the restarted hub");
     wait_for_stream(&settings, &alice.did, 60).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(stream_counts(&settings, &alice.did).await, once_each(0..60));
