@@ -1,11 +1,14 @@
 //! The bus (murmur-bus) against the real local network and a real nats-server with
 //! JetStream: one hub verifies and publishes, consumers get every op once through durable
 //! consumers, forged messages never reach handlers, and the faults of the issue: a hub killed
-//! and restarted, two hubs at once, a consumer killed mid-handler.
+//! and restarted, two hubs at once, a consumer killed mid-handler, the NATS server killed and
+//! restarted, a node of a 3-node cluster (R3 stream) lost. (The `murmur hub` process killed
+//! with SIGKILL is in crates/murmur-cli/tests/hub.rs.)
 //!
 //! The NATS server is one the test binary starts (murmur-devnet's pinned nats-server, on a
 //! free loopback port), or `MURMUR_TEST_NATS`; each test uses its own stream and subject
-//! prefix and deletes them at the end.
+//! prefix and deletes them at the end. The server and cluster fault tests start servers of
+//! their own.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -14,10 +17,10 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use murmur_bus::{BusMessage, BusSource, Hub, StartAt, StreamSettings};
-use murmur_devnet::{Account, Devnet};
-use murmur_e2e::{Note, note, shared, wait_for};
+use murmur_devnet::Devnet;
+use murmur_devnet::nats::{NatsCluster, NatsServer};
+use murmur_e2e::{Note, account, note, shared, wait_for};
 use murmur_firehose::{Author, CommitInfo, HandlerError, Record, Rejected, Rejection, Watcher};
-use murmur_pds::Writer;
 
 fn nats_url() -> String {
     static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
@@ -49,27 +52,26 @@ fn settings(tag: &str) -> StreamSettings {
 
 /// Deletes a test's streams and bucket.
 async fn cleanup(settings: &StreamSettings) {
-    let client = async_nats::connect(nats_url()).await.unwrap();
+    cleanup_on(&nats_url(), settings).await;
+}
+
+/// Deletes a test's streams and bucket on the server(s) `nats` (comma-separated).
+async fn cleanup_on(nats: &str, settings: &StreamSettings) {
+    let client = async_nats::connect(servers(nats)).await.unwrap();
     let js = jetstream::new(client);
     let _ = js.delete_stream(&settings.name).await;
     let _ = js.delete_stream(settings.dead_letter_stream()).await;
     let _ = js.delete_key_value(settings.cursor_bucket()).await;
 }
 
-async fn account(net: &Devnet, pds: usize, name: &str) -> (Account, Writer) {
-    let account = net
-        .create_account(pds, &net.unique_handle(name), "password-1")
-        .await
-        .unwrap();
-    let writer = Writer::login(&account.pds_url, &account.did, "password-1")
-        .await
-        .unwrap();
-    (account, writer)
+/// The URLs of a comma-separated server list, for `async_nats::connect`.
+fn servers(nats: &str) -> Vec<String> {
+    nats.split(',').map(str::to_string).collect()
 }
 
-fn hub(net: &Devnet, settings: &StreamSettings) -> murmur_bus::HubBuilder {
+fn hub(net: &Devnet, nats: &str, settings: &StreamSettings) -> murmur_bus::HubBuilder {
     let mut builder = Hub::builder()
-        .nats(nats_url())
+        .nats(nats)
         .plc_url(net.plc_url())
         .stream(settings.clone());
     for host in net.pds_hosts() {
@@ -81,15 +83,37 @@ fn hub(net: &Devnet, settings: &StreamSettings) -> murmur_bus::HubBuilder {
 /// Starts a hub on its own task; dropping the handle's task (abort) kills it like a process
 /// kill: publishes in flight are cut, the cursor is not flushed again.
 async fn start_hub(net: &Devnet, settings: &StreamSettings) -> tokio::task::JoinHandle<()> {
-    let hub = hub(net, settings).build().await.unwrap();
-    tokio::spawn(async move {
+    start_hub_on(net, &nats_url(), settings).await
+}
+
+async fn start_hub_on(
+    net: &Devnet,
+    nats: &str,
+    settings: &StreamSettings,
+) -> tokio::task::JoinHandle<()> {
+    let hub = hub(net, nats, settings).build().await.unwrap();
+    let metrics = hub.watcher_metrics();
+    let task = tokio::spawn(async move {
         hub.run().await.unwrap();
-    })
+    });
+    // Connected to every host before the test writes: a hub without a cursor starts live.
+    let hosts = net.pds_hosts().len() as u64;
+    wait_for(
+        "the hub to connect to every host",
+        Duration::from_secs(30),
+        || metrics.snapshot().sources_connected >= hosts,
+    )
+    .await;
+    task
 }
 
 /// Every message of the stream, decoded.
 async fn stream_messages(settings: &StreamSettings) -> Vec<BusMessage> {
-    let client = async_nats::connect(nats_url()).await.unwrap();
+    stream_messages_on(&nats_url(), settings).await
+}
+
+async fn stream_messages_on(nats: &str, settings: &StreamSettings) -> Vec<BusMessage> {
+    let client = async_nats::connect(servers(nats)).await.unwrap();
     let js = jetstream::new(client);
     let mut stream = js.get_stream(&settings.name).await.unwrap();
     let last = stream.info().await.unwrap().state.last_sequence;
@@ -104,8 +128,13 @@ async fn stream_messages(settings: &StreamSettings) -> Vec<BusMessage> {
 
 /// How many times each note number of `did` is in the stream.
 async fn stream_counts(settings: &StreamSettings, did: &str) -> BTreeMap<u64, usize> {
+    notes_of(&stream_messages(settings).await, did)
+}
+
+/// How many times each note number of `did` is among `messages`.
+fn notes_of(messages: &[BusMessage], did: &str) -> BTreeMap<u64, usize> {
     let mut counts = BTreeMap::new();
-    for m in stream_messages(settings).await {
+    for m in messages {
         if m.did == did
             && m.path
                 .as_deref()
@@ -128,12 +157,24 @@ fn consumer_watcher(
     seen: Seen,
     rejected_log: Arc<Mutex<Vec<String>>>,
 ) -> Watcher {
+    consumer_watcher_on(
+        BusSource::new(nats_url(), durable)
+            .stream(settings.clone())
+            .start_at(StartAt::All),
+        plc,
+        seen,
+        rejected_log,
+    )
+}
+
+fn consumer_watcher_on(
+    source: BusSource,
+    plc: &str,
+    seen: Seen,
+    rejected_log: Arc<Mutex<Vec<String>>>,
+) -> Watcher {
     Watcher::builder()
-        .feed(
-            BusSource::new(nats_url(), durable)
-                .stream(settings.clone())
-                .start_at(StartAt::All),
-        )
+        .feed(source)
         .plc_url(plc)
         .collections(["test.murmur.*"])
         .handler(move |note: Record<Note>, from: Author| {
@@ -464,4 +505,152 @@ async fn a_consumer_killed_mid_handler_leaves_the_op_to_its_successor() {
     second.await.unwrap().unwrap();
     hub_task.abort();
     cleanup(&settings).await;
+}
+
+/// Notes each of the two accounts of a fault run writes.
+const FAULT_NOTES: u64 = 40;
+
+/// One fault, end to end: a hub and a bus consumer on `nats` (one URL or several,
+/// comma-separated), an account on each PDS host writing notes while `fault` runs. Then every
+/// note is in the stream exactly once (one message id each) and its handler ran exactly once.
+async fn fault_run(
+    tag: &str,
+    nats: &str,
+    settings: StreamSettings,
+    fault: impl Future<Output = ()>,
+) {
+    let net = shared().await;
+    let hub_task = start_hub_on(net, nats, &settings).await;
+    let (alice, alice_w) = account(net, 0, &format!("{tag}a")).await;
+    let (bob, bob_w) = account(net, 1, &format!("{tag}b")).await;
+
+    let seen: Seen = Arc::default();
+    let rejected: Arc<Mutex<Vec<String>>> = Arc::default();
+    let watcher = consumer_watcher_on(
+        BusSource::new(nats, tag)
+            .stream(settings.clone())
+            .start_at(StartAt::All)
+            .ack_wait(Duration::from_secs(4)),
+        net.plc_url(),
+        Arc::clone(&seen),
+        Arc::clone(&rejected),
+    );
+    let stop = watcher.shutdown_handle();
+    let consumer = tokio::spawn(watcher.run());
+
+    let started = std::time::Instant::now();
+    let write = |writer: murmur_pds::Writer, first: u64| async move {
+        for n in first..first + FAULT_NOTES {
+            writer.create::<Note>(&note(n)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+    };
+    tokio::join!(write(alice_w, 0), write(bob_w, 1000), fault);
+    eprintln!("{tag}: writes and fault done in {:?}", started.elapsed());
+    wait_for("every note handled", Duration::from_secs(90), || {
+        counts_of(&seen, &alice.did).len() + counts_of(&seen, &bob.did).len()
+            >= 2 * FAULT_NOTES as usize
+    })
+    .await;
+    eprintln!("{tag}: every note handled after {:?}", started.elapsed());
+    // Long enough for a repeat to show: a message whose ack was lost comes back after ack_wait.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        counts_of(&seen, &alice.did),
+        once_each(0..FAULT_NOTES),
+        "alice's notes handled"
+    );
+    assert_eq!(
+        counts_of(&seen, &bob.did),
+        once_each(1000..1000 + FAULT_NOTES),
+        "bob's notes handled"
+    );
+    assert!(
+        rejected.lock().unwrap().is_empty(),
+        "{:?}",
+        rejected.lock().unwrap()
+    );
+    let messages = stream_messages_on(nats, &settings).await;
+    assert_eq!(notes_of(&messages, &alice.did), once_each(0..FAULT_NOTES));
+    assert_eq!(
+        notes_of(&messages, &bob.did),
+        once_each(1000..1000 + FAULT_NOTES)
+    );
+    let mut ids = std::collections::HashSet::new();
+    for m in &messages {
+        assert!(
+            ids.insert(m.msg_id()),
+            "message id {} twice in the stream",
+            m.msg_id()
+        );
+    }
+
+    stop.shutdown();
+    tokio::time::timeout(Duration::from_secs(30), consumer)
+        .await
+        .expect("the consumer stops")
+        .unwrap()
+        .unwrap();
+    hub_task.abort();
+}
+
+/// The NATS server killed (SIGKILL) mid-run and started again on its port and store: the hub
+/// and the consumer reconnect; nothing is lost or repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_nats_server_restarted_mid_run_loses_and_repeats_nothing() {
+    let server = tokio::task::spawn_blocking(|| NatsServer::start(Default::default()))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let server = Arc::new(server);
+    let url = server.url().to_string();
+    let fault = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let server = Arc::clone(&server);
+        tokio::task::spawn_blocking(move || {
+            server.kill();
+            std::thread::sleep(Duration::from_secs(1));
+            server.restart().unwrap_or_else(|e| panic!("{e}"));
+        })
+        .await
+        .unwrap();
+    };
+    fault_run("natsrestart", &url, settings("natsrestart"), fault).await;
+}
+
+/// A 3-node cluster with an R3 stream, the stream's leader killed mid-run (and left down):
+/// hub and consumer, given every node's URL, go on with the other two; nothing is lost or
+/// repeated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_r3_stream_losing_a_node_mid_run_loses_and_repeats_nothing() {
+    let cluster = tokio::task::spawn_blocking(|| NatsCluster::start(3))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let cluster = Arc::new(cluster);
+    let urls = cluster.urls().join(",");
+    let mut settings = settings("r3");
+    settings.replicas = 3;
+    let fault = async {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let client = async_nats::connect(servers(&urls)).await.unwrap();
+        let mut stream = jetstream::new(client)
+            .get_stream(&settings.name)
+            .await
+            .unwrap();
+        let info = stream.info().await.unwrap();
+        let leader = info
+            .cluster
+            .clone()
+            .and_then(|c| c.leader)
+            .expect("an R3 stream has a leader");
+        eprintln!("killing {leader}, the stream's leader");
+        let cluster = Arc::clone(&cluster);
+        tokio::task::spawn_blocking(move || {
+            cluster.node_named(&leader).expect("one of ours").kill();
+        })
+        .await
+        .unwrap();
+    };
+    fault_run("r3", &urls, settings.clone(), fault).await;
 }

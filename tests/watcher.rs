@@ -9,8 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use atrium_api::types::Collection;
-use murmur_devnet::{Account, Devnet, DevnetConfig};
-use murmur_e2e::{Note, NoteRecord, account_xrpc, note, shared, wait_for};
+use murmur_devnet::{Devnet, DevnetConfig};
+use murmur_e2e::{Note, NoteRecord, account, account_xrpc, note, shared, wait_for};
 use murmur_firehose::{
     Author, CommitInfo, Created, DeadLetterStore, FileDeadLetterStore, HandlerError, OpEvent,
     Record, State, Watcher, handler,
@@ -23,17 +23,6 @@ struct Other;
 impl Collection for Other {
     const NSID: &'static str = "test.murmur.other";
     type Record = NoteRecord;
-}
-
-async fn account(net: &Devnet, pds: usize, name: &str) -> (Account, Writer) {
-    let account = net
-        .create_account(pds, &net.unique_handle(name), "password-1")
-        .await
-        .unwrap();
-    let writer = Writer::login(&account.pds_url, &account.did, "password-1")
-        .await
-        .unwrap();
-    (account, writer)
 }
 
 /// Writes `count` notes in batches of `batch` (1 = single creates).

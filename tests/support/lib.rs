@@ -57,6 +57,19 @@ pub async fn shared() -> &'static Devnet {
         .expect("the devnet start-up task")
 }
 
+/// A new account on PDS `pds` of `net` (handle from `name`, password `password-1`) and a
+/// writer logged in to it.
+pub async fn account(net: &Devnet, pds: usize, name: &str) -> (Account, murmur_pds::Writer) {
+    let account = net
+        .create_account(pds, &net.unique_handle(name), "password-1")
+        .await
+        .unwrap();
+    let writer = murmur_pds::Writer::login(&account.pds_url, &account.did, "password-1")
+        .await
+        .unwrap();
+    (account, writer)
+}
+
 /// Polls `done` until it holds; fails the test naming `what` after `timeout`.
 pub async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

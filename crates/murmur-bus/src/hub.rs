@@ -1,5 +1,15 @@
 //! The hub: watch PDS hosts or a relay, verify every commit once, publish every op with its
 //! proof to the stream.
+//!
+//! # Metrics
+//! The hub records through the [`metrics`](https://docs.rs/metrics) facade (install any
+//! recorder; `murmur hub --metrics ADDR` serves them as Prometheus text). See
+//! [`METRICS_HELP`] for the list. Per-source metrics carry the label `source`: the source's
+//! `subscribeRepos` URL (e.g. `ws://localhost:2583/xrpc/com.atproto.sync.subscribeRepos`),
+//! the string its cursor is kept under. Hub-wide totals are the sums over `source` (e.g.
+//! `sum(rate(murmur_hub_published_total[1m]))` is the hub's publish rate). Gauges and the
+//! watcher's counters are copied to the recorder every second; publish counters move as
+//! publishes are acknowledged.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -17,6 +27,36 @@ use crate::cursor::KvCursorStore;
 use crate::message::BusMessage;
 use crate::stream::{StreamSettings, connect, ensure_streams};
 use crate::subject::Subjects;
+
+/// The hub's metrics, one per line (also shown by `murmur hub --help`).
+pub const METRICS_HELP: &str = "\
+Metrics (murmur hub --metrics ADDR serves them as Prometheus text at http://ADDR/metrics):
+Per source (label source=\"<the source's subscribeRepos URL>\"):
+  murmur_hub_published_total       counter  messages the stream stored (ops, #identity,
+                                            #account, gaps); its rate is the publish rate
+  murmur_hub_duplicates_total      counter  publishes the stream already had (same msg id
+                                            in its duplicate window: a restarted or second hub)
+  murmur_hub_publish_errors_total  counter  publishes that failed and were retried
+  murmur_hub_rejected_total        counter  ops and frames not published: failed
+                                            verification, bad seq, undecodable
+  murmur_hub_by_reference_total    counter  ops published without record and proof
+  murmur_hub_unpublishable_total   counter  ops whose DID or collection cannot be a subject
+  murmur_hub_gaps_lost_total       counter  gap events not published after retries
+  murmur_hub_events_total          counter  frames read from the source
+  murmur_hub_reconnects_total      counter  reconnects to the source
+  murmur_hub_seq_lag               gauge    last seq read minus the cursor (events read
+                                            but not yet all acknowledged by the stream)
+  murmur_hub_time_lag_seconds      gauge    commit time to publish ack, last op
+  murmur_hub_last_seq              gauge    last seq read from the source
+  murmur_hub_cursor                gauge    the source's cursor (every event up to it is
+                                            in the stream)
+  murmur_hub_source_connected      gauge    1 while connected, else 0
+Hub-wide:
+  murmur_hub_sources               gauge    sources watched
+  murmur_hub_sources_connected     gauge    sources connected now
+  murmur_hub_verifications_waiting gauge    events waiting for a host to verify them
+Totals over sources: sum without(source) (...), e.g. sum(rate(murmur_hub_published_total[1m])).
+";
 
 /// Room left in a message for headers and the subject.
 const HEADROOM: usize = 1024;
@@ -121,10 +161,11 @@ impl HubBuilder {
             .on_gap(move |gap| {
                 let publisher = Arc::clone(&gap_publisher);
                 let message = BusMessage::from_gap(gap);
-                tokio::spawn(async move { publisher.publish_gap(message).await });
+                let source = gap.source.clone();
+                tokio::spawn(async move { publisher.publish_gap(&source, message).await });
             })
+            // Counted per source from the watcher's metrics (see Hub::run).
             .on_rejected(|rejected, why| {
-                metrics::counter!("murmur_hub_rejected_total").increment(1);
                 debug!(did = rejected.did(), reason = %why, "not published: rejected");
             });
         for url in &self.sources {
@@ -182,21 +223,48 @@ impl Hub {
     pub async fn run(self) -> Result<(), BusError> {
         let metrics = self.watcher.metrics();
         let gauges = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            let mut tick = tokio::time::interval(METRICS_INTERVAL);
             loop {
                 tick.tick().await;
-                let m = metrics.snapshot();
-                metrics::gauge!("murmur_hub_seq_lag").set(m.seq_lag as f64);
-                metrics::gauge!("murmur_hub_sources_connected").set(m.sources_connected as f64);
-                metrics::gauge!("murmur_hub_time_lag_seconds").set(m.time_lag_ms as f64 / 1000.0);
-                metrics::gauge!("murmur_hub_verifications_waiting")
-                    .set(m.verifications_waiting as f64);
+                export_watcher_metrics(&metrics);
             }
         });
         let _gauges = AbortOnDrop(gauges.abort_handle());
         let result = self.watcher.run().await;
         let _ = self.client.flush().await;
         result.map_err(BusError::from)
+    }
+}
+
+/// How often the watcher's gauges are copied to the `metrics` recorder.
+const METRICS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Copies the watcher's per-source and hub-wide numbers to the `metrics` recorder.
+fn export_watcher_metrics(metrics: &murmur_firehose::Metrics) {
+    let m = metrics.snapshot();
+    metrics::gauge!("murmur_hub_sources").set(m.sources as f64);
+    metrics::gauge!("murmur_hub_sources_connected").set(m.sources_connected as f64);
+    metrics::gauge!("murmur_hub_verifications_waiting").set(m.verifications_waiting as f64);
+    for s in metrics.sources() {
+        let source = s.url;
+        metrics::gauge!("murmur_hub_seq_lag", "source" => source.clone()).set(s.seq_lag as f64);
+        if let Some(ms) = s.time_lag_ms {
+            metrics::gauge!("murmur_hub_time_lag_seconds", "source" => source.clone())
+                .set(ms as f64 / 1000.0);
+        }
+        if let Some(seq) = s.last_seq {
+            metrics::gauge!("murmur_hub_last_seq", "source" => source.clone()).set(seq as f64);
+        }
+        if let Some(seq) = s.cursor {
+            metrics::gauge!("murmur_hub_cursor", "source" => source.clone()).set(seq as f64);
+        }
+        metrics::gauge!("murmur_hub_source_connected", "source" => source.clone())
+            .set(if s.connected { 1.0 } else { 0.0 });
+        metrics::counter!("murmur_hub_events_total", "source" => source.clone())
+            .absolute(s.events_in);
+        metrics::counter!("murmur_hub_rejected_total", "source" => source.clone())
+            .absolute(s.rejected);
+        metrics::counter!("murmur_hub_reconnects_total", "source" => source).absolute(s.reconnects);
     }
 }
 
@@ -244,9 +312,11 @@ impl Publisher {
                 self.subjects.op(&op.did, op.action, collection)
             }
         };
+        let source = &*op.source;
         let Some(subject) = subject else {
             warn!(did = %op.did, path = %op.path, "not published: its DID or collection cannot be a subject");
-            metrics::counter!("murmur_hub_unpublishable_total").increment(1);
+            metrics::counter!("murmur_hub_unpublishable_total", "source" => source.to_string())
+                .increment(1);
             return Ok(());
         };
         let proof = match (&op.repo_event, &op.proof) {
@@ -268,20 +338,26 @@ impl Publisher {
         }
         if message.kind == crate::MessageKind::Op && message.proof.is_none() {
             self.stats.by_reference.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("murmur_hub_by_reference_total").increment(1);
+            metrics::counter!("murmur_hub_by_reference_total", "source" => source.to_string())
+                .increment(1);
         }
-        self.send(subject, &message.msg_id(), payload).await
+        self.send(source, subject, &message.msg_id(), payload).await
     }
 
-    async fn publish_gap(&self, message: BusMessage) {
+    async fn publish_gap(&self, source: &str, message: BusMessage) {
         let subject = self.subjects.gap();
         let id = message.msg_id();
         let payload = message.encode();
         let mut attempt = 0;
         let backoff = Backoff::retries(10);
-        while let Err(e) = self.send(subject.clone(), &id, payload.clone()).await {
+        while let Err(e) = self
+            .send(source, subject.clone(), &id, payload.clone())
+            .await
+        {
             let Some(delay) = backoff.delay(attempt) else {
-                warn!(error = %e, "gap not published after retries");
+                warn!(error = %e, source, "gap not published after retries");
+                metrics::counter!("murmur_hub_gaps_lost_total", "source" => source.to_string())
+                    .increment(1);
                 return;
             };
             attempt += 1;
@@ -289,12 +365,19 @@ impl Publisher {
         }
     }
 
-    async fn send(&self, subject: String, id: &str, payload: Vec<u8>) -> Result<(), HandlerError> {
+    async fn send(
+        &self,
+        source: &str,
+        subject: String,
+        id: &str,
+        payload: Vec<u8>,
+    ) -> Result<(), HandlerError> {
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
         let failed = |e: &dyn std::fmt::Display| {
             self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("murmur_hub_publish_errors_total").increment(1);
+            metrics::counter!("murmur_hub_publish_errors_total", "source" => source.to_string())
+                .increment(1);
             HandlerError::retry(format!("publish to {subject}: {e}"))
         };
         let ack = self
@@ -306,10 +389,12 @@ impl Publisher {
             .map_err(|e| failed(&e))?;
         if ack.duplicate {
             self.stats.duplicates.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("murmur_hub_duplicates_total").increment(1);
+            metrics::counter!("murmur_hub_duplicates_total", "source" => source.to_string())
+                .increment(1);
         } else {
             self.stats.published.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("murmur_hub_published_total").increment(1);
+            metrics::counter!("murmur_hub_published_total", "source" => source.to_string())
+                .increment(1);
         }
         Ok(())
     }

@@ -41,6 +41,11 @@
 //!   progress; a nak would let the DID's later ops overtake it.
 //! - A forged or altered message fails its proof and never reaches a handler.
 //!
+//! # Metrics
+//! The hub's metrics (per source: publish counts and rate, seq and time lag, rejections;
+//! hub-wide: sources connected) go through the `metrics` facade; the names are in
+//! [`METRICS_HELP`] and the [`Hub`] docs.
+//!
 //! # Pools
 //! Several processes may share one durable consumer: each op then goes to one of them, but
 //! two ops of the same DID may run at once on two members. For per-DID order across
@@ -58,7 +63,7 @@ pub mod subject;
 pub use consumer::{BusSource, StartAt};
 pub use cursor::{KvCursorStore, key_for};
 pub use error::BusError;
-pub use hub::{Hub, HubBuilder, HubStats};
+pub use hub::{Hub, HubBuilder, HubStats, METRICS_HELP};
 pub use message::{BusMessage, FORMAT_VERSION, MessageKind};
 pub use stream::{MIN_SERVER_VERSION, StreamSettings, connect, ensure_streams, open_stream};
 pub use subject::Subjects;

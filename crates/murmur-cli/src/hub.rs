@@ -9,6 +9,9 @@ use clap::Args;
 use murmur_bus::{Hub, StreamSettings};
 use murmur_sync::DEFAULT_PLC_URL;
 
+/// Shown after `murmur hub --help`'s options: the metrics `--metrics` serves.
+pub const AFTER_HELP: &str = murmur_bus::METRICS_HELP;
+
 /// Arguments of `murmur hub`.
 #[derive(Args, Debug)]
 pub struct HubArgs {
@@ -39,7 +42,8 @@ pub struct HubArgs {
     /// How long the stream keeps messages (the replay window), in hours.
     #[arg(long, default_value_t = 24)]
     retention_hours: u64,
-    /// Serve Prometheus metrics (text format) on this address, e.g. 127.0.0.1:9464.
+    /// Serve Prometheus metrics (text format) at http://ADDR/metrics, e.g. 127.0.0.1:9464
+    /// (the metrics are listed below).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
 }

@@ -29,6 +29,7 @@ enum Command {
         command: devnet::DevnetCommand,
     },
     /// Verify once, fan out: publish every verified op (with its proof) to NATS JetStream.
+    #[command(after_help = hub::AFTER_HELP)]
     Hub(hub::HubArgs),
     /// Validate a JSON record against its lexicon and write it; prints its at-uri and cid.
     Send(send::SendArgs),

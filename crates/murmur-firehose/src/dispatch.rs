@@ -296,14 +296,13 @@ async fn run_handler(rt: &Runtime, entry: &Arc<HandlerEntry>, op: &OpEvent) -> D
     let result = entry.service.clone().oneshot(op.clone()).await;
     let error = match result {
         Ok(()) => {
-            Metrics::inc(&rt.metrics.handled);
-            record_time_lag(rt, op);
+            rt.metrics.handled_from(&op.data().source, time_lag_ms(op));
             return Delivered::Handled;
         }
         Err(e) => e,
     };
     if let Some(CallError::Rejected(rejection)) = error.downcast_ref::<CallError>() {
-        Metrics::inc(&rt.metrics.rejected);
+        rt.metrics.rejected_from(&op.data().source);
         warn!(handler = name, reason = %rejection, "op rejected; it never reached the handler");
         if let Some(hook) = &rt.on_rejected {
             hook(&Rejected::Op(op.clone()), rejection);
@@ -332,13 +331,14 @@ async fn run_handler(rt: &Runtime, entry: &Arc<HandlerEntry>, op: &OpEvent) -> D
     }
 }
 
-fn record_time_lag(rt: &Runtime, op: &OpEvent) {
-    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(&op.data().time) {
-        let lag = chrono::Utc::now()
+/// Milliseconds from the op's commit time to now.
+fn time_lag_ms(op: &OpEvent) -> Option<i64> {
+    let t = chrono::DateTime::parse_from_rfc3339(&op.data().time).ok()?;
+    Some(
+        chrono::Utc::now()
             .signed_duration_since(t)
-            .num_milliseconds();
-        rt.metrics.time_lag_ms.store(lag, Ordering::Relaxed);
-    }
+            .num_milliseconds(),
+    )
 }
 
 /// Retries a state-store call until it succeeds: losing a dead letter or a dedup mark would

@@ -246,7 +246,7 @@ impl Pipeline {
     }
 
     pub(crate) fn reject_feed_op(&self, data: OpData, rejection: Rejection) {
-        crate::metrics::Metrics::inc(&self.metrics.rejected);
+        self.metrics.rejected_from(&data.source);
         tracing::warn!(source = %data.source, did = %data.did, rev = %data.rev, path = %data.path, reason = %rejection, "op rejected; it never reaches handlers");
         if let Some(hook) = &self.dispatcher.runtime().on_rejected {
             let op = Rejected::Op(OpEvent::new(data, Arc::clone(&self.state)));

@@ -83,7 +83,7 @@ pub use filter::{CollectionPattern, DidAllowlist, Filter};
 pub use gap::{Gap, GapKind};
 pub use handler::{BoxFuture, CallError, Handler, HandlerService, Layered};
 pub use hooks::{ErrorHook, GapHook, RejectedHook, ResyncHook};
-pub use metrics::{Metrics, MetricsSnapshot};
+pub use metrics::{Metrics, MetricsSnapshot, SourceSnapshot};
 pub use murmur_macros::handler;
 pub use op::{ACCOUNT_EVENTS, Action, IDENTITY_EVENTS, OpData, OpEvent, RepoEvent};
 pub use pipeline::{DEFAULT_MAX_SEQ_JUMP, MAX_SEQ};

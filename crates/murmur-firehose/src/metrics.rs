@@ -1,8 +1,10 @@
 //! Counters and gauges of a running watcher, readable at any time.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 
-/// Live metrics of a watcher. Read a consistent-enough copy with [`Metrics::snapshot`].
+/// Live metrics of a watcher. Read a consistent-enough copy with [`Metrics::snapshot`], and
+/// each `subscribeRepos` source's own with [`Metrics::sources`].
 #[derive(Debug, Default)]
 pub struct Metrics {
     pub(crate) events_in: AtomicU64,
@@ -23,6 +25,84 @@ pub struct Metrics {
     pub(crate) errors: AtomicU64,
     pub(crate) verifications_waiting: AtomicU64,
     pub(crate) inactive_skipped: AtomicU64,
+    /// One per `subscribeRepos` source, in the watcher's source order.
+    pub(crate) per_source: Vec<SourceCounters>,
+}
+
+/// The counters of one source.
+#[derive(Debug)]
+pub(crate) struct SourceCounters {
+    url: Arc<str>,
+    events_in: AtomicU64,
+    rejected: AtomicU64,
+    reconnects: AtomicU64,
+    connected: AtomicU64,
+    /// The last seq read, `-1` before the first.
+    last_seq_seen: AtomicI64,
+    /// The low-water mark (the cursor), `-1` before the first.
+    cursor: AtomicI64,
+    /// Commit time to end of handling of its last handled op, `-1` before the first.
+    time_lag_ms: AtomicI64,
+    handled: AtomicU64,
+}
+
+impl SourceCounters {
+    fn new(url: &str) -> Self {
+        SourceCounters {
+            url: Arc::from(url),
+            events_in: AtomicU64::new(0),
+            rejected: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            connected: AtomicU64::new(0),
+            last_seq_seen: AtomicI64::new(-1),
+            cursor: AtomicI64::new(-1),
+            time_lag_ms: AtomicI64::new(-1),
+            handled: AtomicU64::new(0),
+        }
+    }
+
+    fn lag(&self) -> i64 {
+        let seen = self.last_seq_seen.load(Ordering::Relaxed);
+        if seen < 0 {
+            return 0;
+        }
+        // Unknown until the first low-water mark (a stored cursor counts as one).
+        let done = self.cursor.load(Ordering::Relaxed);
+        if done < 0 {
+            return 0;
+        }
+        (seen - done).max(0)
+    }
+}
+
+/// A copy of one source's metrics at one moment (see [`Metrics::sources`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SourceSnapshot {
+    /// The source's URL (for a PDS or relay, its `subscribeRepos` endpoint, e.g.
+    /// `ws://localhost:2583/xrpc/com.atproto.sync.subscribeRepos`): the same string the
+    /// cursor store keys the source's cursor by.
+    pub url: String,
+    /// Whether it is connected now.
+    pub connected: bool,
+    /// Frames read from it.
+    pub events_in: u64,
+    /// Its ops (and frames) rejected: failed verification, lexicon checks, bad seqs,
+    /// undecodable frames.
+    pub rejected: u64,
+    /// Its reconnects.
+    pub reconnects: u64,
+    /// Its handler calls that succeeded (a tail handler counts too).
+    pub handled: u64,
+    /// The last seq read from it.
+    pub last_seq: Option<i64>,
+    /// Its low-water mark: every event up to it is fully handled (what the cursor store
+    /// keeps, updated every 200 ms).
+    pub cursor: Option<i64>,
+    /// Sequence lag: the last seq read minus the low-water mark (0 until both are known).
+    pub seq_lag: i64,
+    /// Milliseconds between the commit time and the end of handling of its last handled op.
+    pub time_lag_ms: Option<i64>,
 }
 
 /// A copy of the [`Metrics`] at one moment.
@@ -69,6 +149,40 @@ pub struct MetricsSnapshot {
 }
 
 impl Metrics {
+    /// Metrics of a watcher reading these `subscribeRepos` sources (and maybe feeds).
+    pub(crate) fn for_sources<'a>(urls: impl IntoIterator<Item = &'a str>) -> Self {
+        Metrics {
+            per_source: urls.into_iter().map(SourceCounters::new).collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The counters of the source `url`, if it is one of the watcher's `subscribeRepos` sources.
+    pub(crate) fn source(&self, url: &str) -> Option<&SourceCounters> {
+        self.per_source.iter().find(|s| &*s.url == url)
+    }
+
+    /// A copy of each `subscribeRepos` source's metrics, in the order the sources were added
+    /// (feeds have none here: their position lives elsewhere, e.g. in a NATS consumer).
+    pub fn sources(&self) -> Vec<SourceSnapshot> {
+        let some = |v: i64| (v >= 0).then_some(v);
+        self.per_source
+            .iter()
+            .map(|s| SourceSnapshot {
+                url: s.url.to_string(),
+                connected: s.connected.load(Ordering::Relaxed) > 0,
+                events_in: s.events_in.load(Ordering::Relaxed),
+                rejected: s.rejected.load(Ordering::Relaxed),
+                reconnects: s.reconnects.load(Ordering::Relaxed),
+                handled: s.handled.load(Ordering::Relaxed),
+                last_seq: some(s.last_seq_seen.load(Ordering::Relaxed)),
+                cursor: some(s.cursor.load(Ordering::Relaxed)),
+                seq_lag: s.lag(),
+                time_lag_ms: some(s.time_lag_ms.load(Ordering::Relaxed)),
+            })
+            .collect()
+    }
+
     /// A copy of every counter.
     pub fn snapshot(&self) -> MetricsSnapshot {
         let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -83,9 +197,14 @@ impl Metrics {
             reconnects: get(&self.reconnects),
             gaps: get(&self.gaps),
             queue_depth: self.queue_depth.load(Ordering::Relaxed),
-            seq_lag: (self.last_seq_seen.load(Ordering::Relaxed)
-                - self.last_seq_done.load(Ordering::Relaxed))
-            .max(0),
+            // Seqs of different sources are unrelated numbers: sum each source's own lag.
+            seq_lag: if self.per_source.is_empty() {
+                (self.last_seq_seen.load(Ordering::Relaxed)
+                    - self.last_seq_done.load(Ordering::Relaxed))
+                .max(0)
+            } else {
+                self.per_source.iter().map(SourceCounters::lag).sum()
+            },
             time_lag_ms: self.time_lag_ms.load(Ordering::Relaxed),
             sources: get(&self.sources),
             sources_connected: get(&self.sources_connected),
@@ -98,20 +217,81 @@ impl Metrics {
     pub(crate) fn inc(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
     }
+
+    /// Counts a frame read from source `index`, and its seq.
+    pub(crate) fn frame_in(&self, index: usize) {
+        Metrics::inc(&self.events_in);
+        if let Some(s) = self.per_source.get(index) {
+            Metrics::inc(&s.events_in);
+        }
+    }
+
+    /// Records the last seq read from source `index`.
+    pub(crate) fn seq_seen(&self, index: usize, seq: i64) {
+        self.last_seq_seen.store(seq, Ordering::Relaxed);
+        if let Some(s) = self.per_source.get(index) {
+            s.last_seq_seen.store(seq, Ordering::Relaxed);
+        }
+    }
+
+    /// Records source `index`'s low-water mark.
+    pub(crate) fn seq_done(&self, index: usize, seq: i64) {
+        self.last_seq_done.store(seq, Ordering::Relaxed);
+        if let Some(s) = self.per_source.get(index) {
+            s.cursor.store(seq, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts a rejection of something read from source `url` (a URL that is no source of
+    /// this watcher, e.g. a feed's, counts only in the total).
+    pub(crate) fn rejected_from(&self, url: &str) {
+        Metrics::inc(&self.rejected);
+        if let Some(s) = self.source(url) {
+            Metrics::inc(&s.rejected);
+        }
+    }
+
+    /// Counts a reconnect of source `index`.
+    pub(crate) fn reconnect(&self, index: usize) {
+        Metrics::inc(&self.reconnects);
+        if let Some(s) = self.per_source.get(index) {
+            Metrics::inc(&s.reconnects);
+        }
+    }
+
+    /// Counts a handled op of source `url`, with its time lag.
+    pub(crate) fn handled_from(&self, url: &str, time_lag_ms: Option<i64>) {
+        Metrics::inc(&self.handled);
+        if let Some(lag) = time_lag_ms {
+            self.time_lag_ms.store(lag, Ordering::Relaxed);
+        }
+        if let Some(s) = self.source(url) {
+            Metrics::inc(&s.handled);
+            if let Some(lag) = time_lag_ms {
+                s.time_lag_ms.store(lag, Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 /// Counts one connected source while it lives.
-pub(crate) struct ConnectedSource<'a>(&'a Metrics);
+pub(crate) struct ConnectedSource<'a>(&'a Metrics, usize);
 
 impl<'a> ConnectedSource<'a> {
-    pub(crate) fn new(metrics: &'a Metrics) -> Self {
+    pub(crate) fn new(metrics: &'a Metrics, index: usize) -> Self {
         metrics.sources_connected.fetch_add(1, Ordering::Relaxed);
-        ConnectedSource(metrics)
+        if let Some(s) = metrics.per_source.get(index) {
+            s.connected.fetch_add(1, Ordering::Relaxed);
+        }
+        ConnectedSource(metrics, index)
     }
 }
 
 impl Drop for ConnectedSource<'_> {
     fn drop(&mut self) {
         self.0.sources_connected.fetch_sub(1, Ordering::Relaxed);
+        if let Some(s) = self.0.per_source.get(self.1) {
+            s.connected.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }

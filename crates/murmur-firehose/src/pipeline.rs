@@ -91,13 +91,13 @@ impl Pipeline {
         bytes: &[u8],
         position: &mut ReadPosition,
     ) -> Result<(), SourceError> {
-        Metrics::inc(&self.metrics.events_in);
+        self.metrics.frame_in(index);
         let frame = match Frame::decode(bytes) {
             Ok(frame) => frame,
             Err(SyncError::Stream(e)) => return Err(self.stream_error(url, e, position)),
             Err(e) => {
                 // A frame we cannot decode has no trustworthy seq: count it, report, go on.
-                Metrics::inc(&self.metrics.rejected);
+                self.metrics.rejected_from(url);
                 self.report(WatchError::UndecodableFrame {
                     source: url.to_string(),
                     error: Arc::new(e),
@@ -108,7 +108,7 @@ impl Pipeline {
         if let Some(seq) = frame.seq() {
             if let Err(reason) = self.check_seq(seq, position.connection_last) {
                 // A seq no server sends must not become the cursor: skip the frame.
-                Metrics::inc(&self.metrics.rejected);
+                self.metrics.rejected_from(url);
                 self.report(WatchError::InvalidSeq {
                     source: url.to_string(),
                     seq,
@@ -128,7 +128,7 @@ impl Pipeline {
             }
             position.cursor = Some(seq);
             position.connection_last = Some(seq);
-            self.metrics.last_seq_seen.store(seq, Ordering::Relaxed);
+            self.metrics.seq_seen(index, seq);
         }
         match frame {
             Frame::Commit(commit) => self.commit(index, url, &commit).await,
@@ -480,7 +480,7 @@ impl Pipeline {
         warn!(source = url, did = %commit.repo, seq = commit.seq, error = %e, "commit failed verification; its ops never reach handlers");
         let rejection = Rejection::Verification(Arc::new(e));
         for op in &commit.ops {
-            Metrics::inc(&self.metrics.rejected);
+            self.metrics.rejected_from(url);
             if let Some(hook) = &self.dispatcher.runtime().on_rejected {
                 let data = OpData {
                     source: Arc::from(url),
@@ -507,7 +507,7 @@ impl Pipeline {
     /// reports the break.
     fn reject_sync(&self, url: &str, sync: &SyncEvent, e: SyncError) {
         warn!(source = url, did = %sync.did, seq = sync.seq, error = %e, "#sync failed verification");
-        Metrics::inc(&self.metrics.rejected);
+        self.metrics.rejected_from(url);
         if let Some(hook) = &self.dispatcher.runtime().on_rejected {
             let rejected = Rejected::Sync {
                 source: Arc::from(url),

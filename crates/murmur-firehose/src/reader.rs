@@ -9,7 +9,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::pipeline::{Pipeline, ReadPosition};
-use crate::{Backoff, FirehoseError, Metrics, Source, SourceError, WatchError};
+use crate::{Backoff, FirehoseError, Source, SourceError, WatchError};
 
 /// How many times in a row a server may answer a connection with the same error frame
 /// before the source stops with [`FirehoseError::ErrorFrame`].
@@ -78,7 +78,8 @@ impl SourceReader {
             let wait = match connected {
                 Ok(mut stream) => {
                     info!(source = %url, cursor = ?position.cursor, "connected");
-                    let _connected = crate::metrics::ConnectedSource::new(&self.pipeline.metrics);
+                    let _connected =
+                        crate::metrics::ConnectedSource::new(&self.pipeline.metrics, self.index);
                     let since = Instant::now();
                     position.connection_last = None;
                     let ended = loop {
@@ -171,7 +172,7 @@ impl SourceReader {
                 });
             };
             attempt = attempt.saturating_add(1);
-            Metrics::inc(&self.pipeline.metrics.reconnects);
+            self.pipeline.metrics.reconnect(self.index);
             let delay = wait.map_or(delay, |w| w.max(delay));
             info!(source = %url, ?delay, cursor = ?position.cursor, "reconnecting");
             tokio::select! {

@@ -1,7 +1,6 @@
 //! The watcher: sources in, verified ops out to handlers, cursor persisted behind them.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -422,7 +421,7 @@ impl WatcherBuilder {
             Some(dir) => Arc::new(FileDeadLetterStore::new(dir.join("dead-letters.jsonl"))),
             None => Arc::new(MemoryDeadLetterStore::default()),
         });
-        let metrics = Arc::new(Metrics::default());
+        let metrics = Arc::new(Metrics::for_sources(self.sources.iter().map(|s| s.url())));
         metrics.sources.store(
             (self.sources.len() + self.feeds.len()) as u64,
             std::sync::atomic::Ordering::Relaxed,
@@ -571,6 +570,9 @@ impl Watcher {
             }
             *rt.progress[i].lock().unwrap_or_else(|e| e.into_inner()) =
                 Progress::resume_from(start);
+            if let Some(seq) = start {
+                rt.metrics.seq_done(i, seq);
+            }
             info!(source = source.url(), cursor = ?start, "starting");
             starts.push(start);
         }
@@ -674,10 +676,7 @@ impl CursorFlusher {
                 .unwrap_or_else(|e| e.into_inner())
                 .low_water();
             if let Some(seq) = low {
-                self.runtime
-                    .metrics
-                    .last_seq_done
-                    .store(seq, Ordering::Relaxed);
+                self.runtime.metrics.seq_done(i, seq);
             }
             if low == self.stored[i] {
                 continue;
