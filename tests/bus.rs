@@ -555,6 +555,25 @@ async fn fault_run(
     eprintln!("{tag}: every note handled after {:?}", started.elapsed());
     // Long enough for a repeat to show: a message whose ack was lost comes back after ack_wait.
     tokio::time::sleep(Duration::from_secs(5)).await;
+    let messages = stream_messages_on(nats, &settings).await;
+    assert_eq!(
+        notes_of(&messages, &alice.did),
+        once_each(0..FAULT_NOTES),
+        "alice's notes in the stream"
+    );
+    assert_eq!(
+        notes_of(&messages, &bob.did),
+        once_each(1000..1000 + FAULT_NOTES),
+        "bob's notes in the stream"
+    );
+    let mut ids = std::collections::HashSet::new();
+    for m in &messages {
+        assert!(
+            ids.insert(m.msg_id()),
+            "message id {} twice in the stream",
+            m.msg_id()
+        );
+    }
     assert_eq!(
         counts_of(&seen, &alice.did),
         once_each(0..FAULT_NOTES),
@@ -570,20 +589,6 @@ async fn fault_run(
         "{:?}",
         rejected.lock().unwrap()
     );
-    let messages = stream_messages_on(nats, &settings).await;
-    assert_eq!(notes_of(&messages, &alice.did), once_each(0..FAULT_NOTES));
-    assert_eq!(
-        notes_of(&messages, &bob.did),
-        once_each(1000..1000 + FAULT_NOTES)
-    );
-    let mut ids = std::collections::HashSet::new();
-    for m in &messages {
-        assert!(
-            ids.insert(m.msg_id()),
-            "message id {} twice in the stream",
-            m.msg_id()
-        );
-    }
 
     stop.shutdown();
     tokio::time::timeout(Duration::from_secs(30), consumer)

@@ -1,8 +1,9 @@
 //! The bus as a watcher source: a durable JetStream consumer whose messages are verified from
 //! their proofs and handed to the watcher's handlers, acknowledged when they are done.
 
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, AckKind, consumer};
@@ -60,6 +61,7 @@ pub struct BusSource {
     partition: Option<u16>,
     name: String,
     reconnect: Backoff,
+    recent: Arc<Mutex<Recent>>,
 }
 
 impl BusSource {
@@ -85,6 +87,7 @@ impl BusSource {
             max_ack_pending: 1024,
             partition: None,
             reconnect: Backoff::default(),
+            recent: Arc::default(),
         }
     }
 
@@ -343,11 +346,32 @@ impl BusSource {
                 return;
             }
         };
+        // A message this consumer finished (or is running) already, delivered again as new by
+        // a server that lost the ack: acknowledged again, not run again.
+        let id = bus.msg_id();
+        let checked = lock(&self.recent).check(&id, message);
+        let message = match checked {
+            Check::New(message) => message,
+            Check::Done(end, message) => {
+                debug!(feed = %self.name, id, "delivered again after it was finished; acknowledged again");
+                finish(&message, end.kind()).await;
+                return;
+            }
+            Check::Running => {
+                debug!(feed = %self.name, id, "delivered again while it runs; acknowledged with it");
+                return;
+            }
+        };
+        let done = Done {
+            recent: Arc::clone(&self.recent),
+            id,
+            finished: false,
+        };
         if bus.kind == MessageKind::Gap {
             if let Some(gap) = bus.to_gap() {
                 sink.gap(gap);
             }
-            finish(&message, AckKind::Ack).await;
+            done.finish(&message, End::Ack).await;
             return;
         }
         let mut data = match bus.to_op_data(&self.name) {
@@ -357,13 +381,13 @@ impl BusSource {
                     source: self.name.clone(),
                     error: Arc::new(e),
                 });
-                finish(&message, AckKind::Term).await;
+                done.finish(&message, End::Term).await;
                 return;
             }
         };
         // Not wanted: ack before any verification work.
         if data.repo_event.is_none() && !sink.wants(data.collection(), data.action) {
-            finish(&message, AckKind::Ack).await;
+            done.finish(&message, End::Ack).await;
             return;
         }
         let message = Arc::new(message);
@@ -376,7 +400,7 @@ impl BusSource {
                 Err(e) => {
                     drop(heartbeat);
                     sink.reject(data, Rejection::Verification(Arc::new(e)));
-                    finish(&message, AckKind::Term).await;
+                    done.finish(&message, End::Term).await;
                     return;
                 }
             }
@@ -390,17 +414,18 @@ impl BusSource {
         sink.deliver(data, move |outcome| {
             drop(heartbeat);
             tokio::spawn(async move {
-                match outcome {
+                let end = match outcome {
                     Delivered::DeadLettered { handler, error } => {
                         publish_dead_letter(&js, &dead_subject, &message, &handler, &error).await;
-                        finish(&message, AckKind::Term).await;
+                        End::Term
                     }
                     Delivered::Rejected(why) => {
                         debug!(reason = %why, "rejected by its handler's checks; terminated");
-                        finish(&message, AckKind::Term).await;
+                        End::Term
                     }
-                    _ => finish(&message, AckKind::Ack).await,
-                }
+                    _ => End::Ack,
+                };
+                done.finish(&message, end).await;
                 in_flight.end();
             });
         })
@@ -465,6 +490,109 @@ impl BusSource {
             error,
         )
         .await;
+    }
+}
+
+/// How many finished message ids a consumer remembers (see [`Recent`]).
+const RECENT_CAPACITY: usize = 16 * 1024;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// How a message was finished: acknowledged, or terminated (dead-lettered, rejected).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum End {
+    Ack,
+    Term,
+}
+
+impl End {
+    fn kind(self) -> AckKind {
+        match self {
+            End::Ack => AckKind::Ack,
+            End::Term => AckKind::Term,
+        }
+    }
+}
+
+/// The messages, by message id (did, rev, path), this consumer finished lately or is running
+/// now. A server can deliver a message again, as new, after it confirmed its ack: nats-server
+/// writes consumer state to disk asynchronously, so one killed (SIGKILL, power cut) restarts
+/// without the last acks, and a replicated consumer's new leader may lack them too. Without
+/// this, those ops would run twice in one process; across processes the watcher's dedup store
+/// (a state dir) does the same job.
+#[derive(Default)]
+struct Recent {
+    done: HashMap<String, End>,
+    order: VecDeque<String>,
+    /// Running now, with the other deliveries of the same message that arrived meanwhile:
+    /// they are finished with it.
+    running: HashMap<String, Vec<jetstream::Message>>,
+}
+
+enum Check {
+    /// Not seen: it runs (and is now marked running).
+    New(jetstream::Message),
+    /// Finished already, so: finish this delivery the same way.
+    Done(End, jetstream::Message),
+    /// Running: this delivery was kept, to be finished with the first.
+    Running,
+}
+
+impl Recent {
+    fn check(&mut self, id: &str, message: jetstream::Message) -> Check {
+        if let Some(end) = self.done.get(id) {
+            return Check::Done(*end, message);
+        }
+        if let Some(others) = self.running.get_mut(id) {
+            others.push(message);
+            return Check::Running;
+        }
+        self.running.insert(id.to_string(), Vec::new());
+        Check::New(message)
+    }
+
+    /// Marks `id` finished; returns the other deliveries of it that arrived while it ran.
+    fn finished(&mut self, id: &str, end: End) -> Vec<jetstream::Message> {
+        let others = self.running.remove(id).unwrap_or_default();
+        if self.done.insert(id.to_string(), end).is_none() {
+            self.order.push_back(id.to_string());
+        }
+        while self.order.len() > RECENT_CAPACITY {
+            if let Some(old) = self.order.pop_front() {
+                self.done.remove(&old);
+            }
+        }
+        others
+    }
+}
+
+/// Finishes one message taken by a consumer: acks (or terms) it and the other deliveries of it
+/// that came meanwhile, and remembers it as finished.
+struct Done {
+    recent: Arc<Mutex<Recent>>,
+    id: String,
+    finished: bool,
+}
+
+impl Done {
+    async fn finish(mut self, message: &jetstream::Message, end: End) {
+        finish(message, end.kind()).await;
+        let others = lock(&self.recent).finished(&self.id, end);
+        self.finished = true;
+        for other in &others {
+            finish(other, end.kind()).await;
+        }
+    }
+}
+
+impl Drop for Done {
+    /// Dropped unfinished (the op was dropped with its watcher): the next delivery runs.
+    fn drop(&mut self) {
+        if !self.finished {
+            lock(&self.recent).running.remove(&self.id);
+        }
     }
 }
 
