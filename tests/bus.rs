@@ -115,11 +115,43 @@ async fn stream_messages(settings: &StreamSettings) -> Vec<BusMessage> {
 async fn stream_messages_on(nats: &str, settings: &StreamSettings) -> Vec<BusMessage> {
     let client = async_nats::connect(servers(nats)).await.unwrap();
     let js = jetstream::new(client);
-    let mut stream = js.get_stream(&settings.name).await.unwrap();
-    let last = stream.info().await.unwrap().state.last_sequence;
+    // A cluster that just lost a node answers once it elected new leaders.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let (stream, last) = loop {
+        let info = async {
+            let mut stream = js
+                .get_stream(&settings.name)
+                .await
+                .map_err(|e| e.to_string())?;
+            let last = stream
+                .info()
+                .await
+                .map_err(|e| e.to_string())?
+                .state
+                .last_sequence;
+            Ok::<_, String>((stream, last))
+        };
+        match info.await {
+            Ok(found) => break found,
+            Err(e) => assert!(std::time::Instant::now() < deadline, "stream info: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     let mut out = Vec::new();
     for seq in 1..=last {
-        if let Ok(raw) = stream.get_raw_message(seq).await {
+        let raw = loop {
+            match stream.get_raw_message(seq).await {
+                Ok(raw) => break Some(raw),
+                Err(e)
+                    if e.kind() == jetstream::stream::LastRawMessageErrorKind::NoMessageFound =>
+                {
+                    break None;
+                }
+                Err(e) => assert!(std::time::Instant::now() < deadline, "message {seq}: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        if let Some(raw) = raw {
             out.push(BusMessage::decode(&raw.payload).unwrap());
         }
     }

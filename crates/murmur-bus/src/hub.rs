@@ -58,6 +58,14 @@ Hub-wide:
 Totals over sources: sum without(source) (...), e.g. sum(rate(murmur_hub_published_total[1m])).
 ";
 
+/// How a failed publish is retried: never given up, at most 2 s apart.
+const PUBLISH_RETRY: Backoff = Backoff {
+    initial: Duration::from_millis(100),
+    max: Duration::from_secs(2),
+    factor: 2.0,
+    max_attempts: None,
+};
+
 /// Room left in a message for headers and the subject.
 const HEADROOM: usize = 1024;
 
@@ -151,9 +159,10 @@ impl HubBuilder {
             .keep_proofs(true)
             .identity_events(true)
             .cursor_store(KvCursorStore::new(bucket, bucket_name))
-            // A publish that fails (NATS down) is retried until it goes through: an op is
-            // never dead-lettered for an outage, and the cursor waits for it.
-            .retry(Backoff::default())
+            // A publish that fails (NATS down, a stream electing a leader) is retried until it
+            // goes through: an op is never dead-lettered for an outage, and the cursor waits
+            // for it. Retries stay frequent, so the hub catches up soon after NATS is back.
+            .retry(PUBLISH_RETRY)
             .tail(move |op: OpEvent| {
                 let publisher = Arc::clone(&tail_publisher);
                 async move { publisher.publish(op.data()).await }
