@@ -305,6 +305,34 @@ async fn a_hub_publishes_each_op_once_and_a_consumer_handles_it_once() {
             .all(|m| m.proof.is_some() && m.record.is_some())
     );
     assert!(metrics.snapshot().handled >= 40);
+    // The hub's cursor of each host is in the key-value bucket, past the notes.
+    let kv = jetstream::new(async_nats::connect(nats_url()).await.unwrap())
+        .get_key_value(settings.cursor_bucket())
+        .await
+        .unwrap();
+    let last_note_seq = stream_messages(&settings)
+        .await
+        .iter()
+        .filter(|m| m.did == alice.did)
+        .map(|m| m.seq)
+        .max()
+        .unwrap();
+    let key = murmur_bus::key_for(murmur_firehose::Source::url(
+        &murmur_firehose::SubscribeRepos::new(net.pds(0).unwrap().url()),
+    ));
+    let mut stored = None;
+    for _ in 0..50 {
+        stored = kv.get(&key).await.unwrap();
+        if stored.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stored: i64 = std::str::from_utf8(&stored.expect("a stored cursor"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(stored >= last_note_seq, "cursor {stored} < {last_note_seq}");
 
     stop.shutdown();
     consumer.await.unwrap().unwrap();

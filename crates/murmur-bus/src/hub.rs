@@ -384,6 +384,7 @@ impl Publisher {
         let mut headers = HeaderMap::new();
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
         let failed = |e: &dyn std::fmt::Display| {
+            warn!(source, subject = %subject, id, error = %e, "publish failed; retrying");
             self.stats.publish_errors.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("murmur_hub_publish_errors_total", "source" => source.to_string())
                 .increment(1);

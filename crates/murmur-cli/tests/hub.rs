@@ -234,14 +234,21 @@ async fn a_hub_killed_with_sigkill_and_restarted_publishes_each_op_once_and_serv
         }
     };
     let fault = async {
-        // Killed once it has published some of the writes.
-        wait_metrics(&mut first, "the first hub to publish", |page| {
-            per_source(page, "murmur_hub_published_total")
-                .values()
-                .sum::<f64>()
-                >= 4.0
-        })
-        .await;
+        // Killed once writes of both hosts went through it (so it is mid-run on both: a hub
+        // started for the first time has no cursor of a host until the host's first event).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let through_both = || {
+            let seen = seen.lock().unwrap();
+            counts(&seen, &alice.did).len() >= 3 && counts(&seen, &bob.did).len() >= 3
+        };
+        while !through_both() {
+            assert!(
+                Instant::now() < deadline,
+                "nothing came through the first hub; its stderr:\n{}",
+                first.stderr.dump()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         first.child.0.kill().unwrap(); // SIGKILL
         first.child.0.wait().unwrap();
         eprintln!("hub killed after {:?}", started.elapsed());
@@ -253,16 +260,25 @@ async fn a_hub_killed_with_sigkill_and_restarted_publishes_each_op_once_and_serv
 
     let expected = 2 * MESSAGES as usize;
     let deadline = Instant::now() + Duration::from_secs(60);
-    while counts(&seen.lock().unwrap(), &alice.did).len()
-        + counts(&seen.lock().unwrap(), &bob.did).len()
-        < expected
-    {
-        assert!(
-            Instant::now() < deadline,
-            "not every message handled: {:?}; hub stderr:\n{}",
-            seen.lock().unwrap(),
-            second.stderr.dump()
-        );
+    let handled = |seen: &Seen| {
+        let seen = seen.lock().unwrap();
+        counts(&seen, &alice.did).len() + counts(&seen, &bob.did).len()
+    };
+    while handled(&seen) < expected {
+        if Instant::now() > deadline {
+            first
+                .stderr
+                .wait_until(Duration::from_millis(200), |_| false);
+            second
+                .stderr
+                .wait_until(Duration::from_millis(200), |_| false);
+            panic!(
+                "not every message handled: {:?}\nfirst hub:\n{}\nrestarted hub:\n{}",
+                seen.lock().unwrap(),
+                first.stderr.dump(),
+                second.stderr.dump()
+            );
+        }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     eprintln!("every message handled after {:?}", started.elapsed());

@@ -78,6 +78,8 @@ pub(crate) struct Pipeline {
     pub inactive: Mutex<HashMap<String, String>>,
     /// Bounds concurrent repo re-fetches.
     pub resync_slots: Arc<tokio::sync::Semaphore>,
+    /// The cursor store, for [`Pipeline::anchor_cursor`].
+    pub cursor_store: Option<Arc<dyn crate::CursorStore>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -126,9 +128,13 @@ impl Pipeline {
                     "the source's seq went backwards".into(),
                 );
             }
+            let first = position.cursor.is_none();
             position.cursor = Some(seq);
             position.connection_last = Some(seq);
             self.metrics.seq_seen(index, seq);
+            if first {
+                self.anchor_cursor(url, seq).await;
+            }
         }
         match frame {
             Frame::Commit(commit) => self.commit(index, url, &commit).await,
@@ -453,6 +459,38 @@ impl Pipeline {
             .iter()
             .filter(move |h| h.handler.route().matches(collection, action))
             .cloned()
+    }
+
+    /// A source started without a cursor (live) reads its first event, `seq`: before anything
+    /// of it is handled, `seq - 1` is stored as the source's cursor. Otherwise a watcher that
+    /// dies before its first cursor flush would start live again, and lose every event of
+    /// the sources written while it was down, some of them after events it had handled.
+    async fn anchor_cursor(&self, url: &str, seq: i64) {
+        let Some(store) = &self.cursor_store else {
+            return;
+        };
+        let anchor = (seq - 1).max(0);
+        let backoff = Backoff::retries(5);
+        let mut attempt = 0;
+        loop {
+            match store.store(url, anchor).await {
+                Ok(()) => {
+                    debug!(source = url, cursor = anchor, "first cursor stored");
+                    return;
+                }
+                Err(e) => match backoff.delay(attempt) {
+                    Some(delay) => {
+                        warn!(source = url, error = %e, ?delay, "first cursor not stored; retrying");
+                        attempt += 1;
+                        tokio::time::sleep(delay).await;
+                    }
+                    None => {
+                        warn!(source = url, error = %e, "first cursor not stored; it is stored with the next flush");
+                        return;
+                    }
+                },
+            }
+        }
     }
 
     /// An event with no ops to run is done as soon as it is read.

@@ -478,6 +478,7 @@ impl WatcherBuilder {
                 resync_slots: Arc::new(tokio::sync::Semaphore::new(
                     crate::pipeline::RESYNC_CONCURRENCY,
                 )),
+                cursor_store: cursor_store.clone(),
                 metrics,
             }),
             cursor_store,
