@@ -347,9 +347,17 @@ impl BusSource {
             }
         };
         // A message this consumer finished (or is running) already, delivered again as new by
-        // a server that lost the ack: acknowledged again, not run again.
-        let id = bus.msg_id();
-        let checked = lock(&self.recent).check(&id, message);
+        // a server that lost the ack: acknowledged again, not run again. It is the same stream
+        // message (same stream sequence) with the same op in it: another message with the same
+        // op (a forgery, a copy published outside the duplicate window) runs and is checked.
+        let id = match message.info() {
+            Ok(info) => Some(format!("{} {}", info.stream_sequence, bus.msg_id())),
+            Err(_) => None,
+        };
+        let checked = match &id {
+            Some(id) => lock(&self.recent).check(id, message),
+            None => Check::New(message),
+        };
         let message = match checked {
             Check::New(message) => message,
             Check::Done(end, message) => {
@@ -516,8 +524,8 @@ impl End {
     }
 }
 
-/// The messages, by message id (did, rev, path), this consumer finished lately or is running
-/// now. A server can deliver a message again, as new, after it confirmed its ack: nats-server
+/// The messages, by stream sequence and message id (did, rev, path), this consumer finished
+/// lately or is running now. A server can deliver a message again, as new, after it confirmed its ack: nats-server
 /// writes consumer state to disk asynchronously, so one killed (SIGKILL, power cut) restarts
 /// without the last acks, and a replicated consumer's new leader may lack them too. Without
 /// this, those ops would run twice in one process; across processes the watcher's dedup store
@@ -572,15 +580,17 @@ impl Recent {
 /// that came meanwhile, and remembers it as finished.
 struct Done {
     recent: Arc<Mutex<Recent>>,
-    id: String,
+    /// `None` for a message without JetStream metadata: not tracked.
+    id: Option<String>,
     finished: bool,
 }
 
 impl Done {
     async fn finish(mut self, message: &jetstream::Message, end: End) {
         finish(message, end.kind()).await;
-        let others = lock(&self.recent).finished(&self.id, end);
         self.finished = true;
+        let Some(id) = &self.id else { return };
+        let others = lock(&self.recent).finished(id, end);
         for other in &others {
             finish(other, end.kind()).await;
         }
@@ -590,8 +600,8 @@ impl Done {
 impl Drop for Done {
     /// Dropped unfinished (the op was dropped with its watcher): the next delivery runs.
     fn drop(&mut self) {
-        if !self.finished {
-            lock(&self.recent).running.remove(&self.id);
+        if let (false, Some(id)) = (self.finished, &self.id) {
+            lock(&self.recent).running.remove(id);
         }
     }
 }
