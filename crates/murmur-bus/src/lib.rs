@@ -32,11 +32,20 @@
 //!   per source moves only after every publish before it was acknowledged, so a hub killed
 //!   and restarted republishes from its cursor and the stream drops what it already has (its
 //!   duplicate window, 10 minutes by default, must cover the restart). Two hubs on the same
-//!   sources store each op once.
+//!   sources store each op once. A hub started with no cursor for a source starts live and
+//!   stores its first cursor when the source's first event arrives, before publishing it.
+//! - Through NATS faults: the hub retries a failed publish (same message id) until it is
+//!   stored, at most 2 s apart, while the NATS server restarts or a replicated stream elects
+//!   a new leader; hub and consumers reconnect by themselves, to any of the URLs given
+//!   (comma-separated).
 //! - Out of the stream, at least once, per-DID order kept: a consumer acknowledges an op only
 //!   when its handlers are done (or it was dead-lettered, or rejected); a consumer that dies
 //!   leaves its unacknowledged ops to be delivered again after `ack_wait`. The watcher's
-//!   dedup store (a state dir) turns those redeliveries of finished ops into skips.
+//!   dedup store (a state dir) turns those redeliveries of finished ops into skips. A server
+//!   can also forget acks it confirmed (nats-server writes consumer state asynchronously: one
+//!   killed with SIGKILL restarts without its last acks) and deliver those messages again as
+//!   new: a consumer recognises the stream messages it finished lately (the last 16,384) and
+//!   acknowledges them again without running them.
 //! - Handler retries run in the consumer, which keeps telling the server the message is in
 //!   progress; a nak would let the DID's later ops overtake it.
 //! - A forged or altered message fails its proof and never reaches a handler.

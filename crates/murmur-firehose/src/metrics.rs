@@ -295,3 +295,39 @@ impl Drop for ConnectedSource<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_source_figures_and_a_lag_summed_over_sources() {
+        let m = Metrics::for_sources(["ws://a", "ws://b"]);
+        assert_eq!(m.sources()[0].last_seq, None);
+        assert_eq!(m.snapshot().seq_lag, 0);
+        // Seqs of two hosts are unrelated numbers: each source's lag is its own.
+        m.seq_seen(0, 1000);
+        m.seq_done(0, 990);
+        m.seq_seen(1, 20);
+        m.seq_done(1, 17);
+        m.frame_in(1);
+        m.rejected_from("ws://b");
+        m.rejected_from("ws://a-feed"); // not a source: counted in the total only
+        m.handled_from("ws://a", Some(250));
+        let _connected = ConnectedSource::new(&m, 1);
+        let sources = m.sources();
+        assert_eq!(sources[0].url, "ws://a");
+        assert_eq!((sources[0].seq_lag, sources[1].seq_lag), (10, 3));
+        assert_eq!(sources[0].cursor, Some(990));
+        assert_eq!(sources[0].time_lag_ms, Some(250));
+        assert_eq!(sources[1].time_lag_ms, None);
+        assert_eq!((sources[0].rejected, sources[1].rejected), (0, 1));
+        assert_eq!(sources[1].events_in, 1);
+        assert!(!sources[0].connected && sources[1].connected);
+        let total = m.snapshot();
+        assert_eq!(total.seq_lag, 13);
+        assert_eq!(total.rejected, 2);
+        assert_eq!(total.handled, 1);
+        assert_eq!(total.sources_connected, 1);
+    }
+}
