@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::dispatch::Completion;
-use crate::op::{ACCOUNT_EVENTS, IDENTITY_EVENTS, OpData, RepoEvent};
+use crate::op::{ACCOUNT_EVENTS, IDENTITY_EVENTS, OpData};
 use crate::pipeline::Pipeline;
 use crate::{Action, Filter, FirehoseError, Gap, OpEvent, Rejected, Rejection, WatchError};
 
@@ -192,23 +192,8 @@ impl Pipeline {
         data.source = Arc::from(feed);
         let handlers: Vec<_> = match &data.repo_event {
             Some(event) => {
-                if let RepoEvent::Account { active, status } = event {
-                    self.track_account(feed, &data.did, *active, status.as_deref());
-                } else {
-                    self.verifier.on_identity(&data.did);
-                }
-                let (collection, tail_wants) = match event {
-                    RepoEvent::Identity { .. } => (IDENTITY_EVENTS, self.filter.identity_events),
-                    RepoEvent::Account { .. } => (ACCOUNT_EVENTS, self.filter.account_events),
-                };
-                if self.filter.allows_repo(&data.did) {
-                    let tail = self.tail.iter().filter(|_| tail_wants);
-                    self.routes(collection, Action::Update)
-                        .chain(tail.cloned())
-                        .collect()
-                } else {
-                    Vec::new()
-                }
+                self.note_repo_event(feed, &data.did, event);
+                self.repo_event_handlers(&data.did, event)
             }
             None => {
                 let collection = data.path.split_once('/').map_or("", |(c, _)| c);
