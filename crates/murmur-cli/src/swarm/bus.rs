@@ -35,21 +35,31 @@ const STOP_GRACE: Duration = Duration::from_secs(15);
 /// Checks a `--bus` value: one or more comma-separated `nats://host[:port]` (or `tls://`)
 /// URLs, without credentials (they would show in process lists and logs).
 pub(super) fn check_url(url: &str) -> Result<String, String> {
+    if url.contains('@') {
+        // Not echoed: the URL holds a secret.
+        return Err(
+            "--bus: credentials in the URL are not supported (they would show in \
+                    process lists and logs)"
+                .into(),
+        );
+    }
     let bad = |why: &str| format!("--bus {url:?}: {why} (expected nats://host:port)");
     for part in url.split(',').map(str::trim) {
-        let rest = part
+        let hostport = part
             .strip_prefix("nats://")
             .or_else(|| part.strip_prefix("tls://"))
-            .ok_or_else(|| bad("not a nats:// URL"))?;
-        if rest.contains('@') {
-            return Err(bad(
-                "credentials in the URL are not supported: they would show in process lists",
-            ));
-        }
-        let hostport = rest.trim_end_matches('/');
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, Some(p)),
-            _ => (hostport, None),
+            .ok_or_else(|| bad("not a nats:// URL"))?
+            .trim_end_matches('/');
+        let (host, port) = match hostport.strip_prefix('[') {
+            // [IPv6]:port
+            Some(v6) => match v6.split_once(']') {
+                Some((host, rest)) => (host, rest.strip_prefix(':')),
+                None => return Err(bad("unclosed [")),
+            },
+            None => match hostport.split_once(':') {
+                Some((host, port)) => (host, Some(port)),
+                None => (hostport, None),
+            },
         };
         if host.is_empty() || host.contains('/') {
             return Err(bad("no host"));
