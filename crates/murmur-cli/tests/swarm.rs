@@ -121,6 +121,8 @@ fn swarm_over_the_bus_runs_agents_as_processes_and_survives_two_sigkilled_worker
     assert_eq!(summary["mode"], "bus", "{summary}");
     assert_exactly_once(&summary, 40);
     assert_eq!(summary["killed"], 2, "{summary}");
+    // No session token in any log (JWTs start with "eyJ").
+    assert!(!stderr.contains("eyJ"), "a token in the logs:\n{stderr}");
     // A worker killed with a task in hand leaves a lease to lapse; the task moves.
     assert!(
         summary["reassigned"].as_u64().unwrap() >= 1,

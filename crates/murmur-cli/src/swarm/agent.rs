@@ -1,9 +1,10 @@
 //! `murmur swarm-agent` (hidden): one agent of `murmur swarm --bus`, in its own process.
 //!
 //! The launcher writes the agent's spec and session (each mode 0600, in a 0700 temporary
-//! directory) and starts this with `--spec FILE`. The agent resumes the session, hears the
-//! swarm through its own durable consumer of the hub's stream, writes to its own PDS, and
-//! reports to the launcher with JSON lines on stdout ([`AgentLine`]); its logs go to stderr.
+//! directory) and starts this with `--spec FILE`. The agent takes over the session (and
+//! removes its file), hears the swarm through its own durable consumer of the hub's stream,
+//! writes to its own PDS, and reports to the launcher with JSON lines on stdout
+//! ([`AgentLine`]); its logs go to stderr.
 //! It stops when its stdin closes (the launcher is done with it or gone); it is also tied to
 //! the launcher's life by `setpriv --pdeathsig KILL` where available.
 
@@ -13,7 +14,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use murmur::Agent;
-use murmur::pds::Writer;
+use murmur::pds::{Session, Writer};
 use murmur_bus::{BusSource, StartAt, StreamSettings};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, oneshot};
@@ -111,10 +112,13 @@ fn stdin_closed() -> oneshot::Receiver<()> {
     rx
 }
 
-async fn writer(spec: &AgentSpec) -> Result<Writer, murmur::pds::Error> {
-    Writer::builder(spec.pds.as_str())
-        .session_file(&spec.session)
-        .resume()
+/// The agent's writer, from the session the launcher handed over. The file is removed once
+/// read: the session (and its refreshes) lives on only in this process.
+async fn writer(spec: &AgentSpec) -> Result<Writer, Box<dyn std::error::Error>> {
+    let session = Session::load(&spec.session)?;
+    std::fs::remove_file(&spec.session)
+        .map_err(|e| format!("cannot remove {}: {e}", spec.session.display()))?;
+    Ok(Writer::builder(spec.pds.as_str()).with_session(session)?)
 }
 
 /// The agent's durable consumer of the run's stream, from its first message.

@@ -8,7 +8,8 @@
 //! is there for running one on its own.
 //!
 //! Secrets: each agent's session goes to it in a file of its own (mode 0600, in a 0700
-//! temporary directory removed at the end), never on a command line or in a log. The agents
+//! temporary directory removed at the end; the agent removes its file once read), never on a
+//! command line or in a log. The agents
 //! report on stdout, one JSON object a line ([`AgentLine`]); the launcher prints the same
 //! progress and summary as direct mode from them.
 
@@ -306,9 +307,10 @@ async fn run_swarm(
     let mut kill_turn: Option<Instant> = None;
     let give_up = Instant::now() + STARTUP + Duration::from_secs(args.timeout + 30);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut reading = true;
     while outcome.is_none() {
         tokio::select! {
-            msg = rx.recv() => match msg {
+            msg = rx.recv(), if reading => match msg {
                 Some(Msg::Line(i, line)) => {
                     let parsed: Result<AgentLine, _> = serde_json::from_str(&line);
                     match parsed {
@@ -318,7 +320,8 @@ async fn run_swarm(
                         Err(e) => eprintln!("{}: unexpected report line ({e})", procs[i].name),
                     }
                 }
-                Some(Msg::Eof(_)) | None => {}
+                Some(Msg::Eof(_)) => {}
+                None => reading = false,
             },
             _ = tick.tick() => {}
         }

@@ -184,6 +184,13 @@ impl Report {
         self.pids.insert(name.to_string(), pid);
     }
 
+    /// The workers as (DID, (name, host)), in name order (worker2 before worker10).
+    fn workers(&self) -> Vec<(&String, &(String, String))> {
+        let mut workers: Vec<_> = self.names.iter().collect();
+        workers.sort_by_key(|(_, (name, _))| (name.len(), name.as_str()));
+        workers
+    }
+
     /// The name of the worker with this DID.
     pub fn name_of<'a>(&'a self, did: &'a str) -> &'a str {
         self.names.get(did).map_or(did, |(name, _)| name.as_str())
@@ -234,8 +241,8 @@ impl Report {
             .unwrap_or_else(|e| e.into_inner())
             .clone();
         let per: Vec<String> = self
-            .names
-            .iter()
+            .workers()
+            .into_iter()
             .map(|(did, (name, _))| {
                 let (_, done) = map.get(did).copied().unwrap_or_default();
                 let dead = if self.killed.contains(did) { "†" } else { "" };
@@ -288,7 +295,7 @@ impl Report {
         ));
         self.say("  per worker");
         let mut per_worker = Vec::new();
-        for (did, (name, host)) in &self.names {
+        for (did, (name, host)) in self.workers() {
             let done = s.done_by.get(did).copied().unwrap_or(0);
             let killed = self.killed.contains(did);
             let pid = self.pids.get(name).copied();
