@@ -203,3 +203,86 @@ fn a_bad_bus_url_is_a_clear_error() {
         assert!(!err.contains("secret"), "the password is echoed: {err}");
     }
 }
+
+/// The agent process of `name` among the launcher's children.
+fn agent_pid(launcher: u32, name: &str) -> Option<u32> {
+    let spec = format!("/{name}.spec.json");
+    agent_children(launcher)
+        .into_iter()
+        .find(|&pid| cmdline(pid).contains(&spec))
+}
+
+#[test]
+fn agent_processes_that_die_unexpectedly_are_reported_with_their_status() {
+    let net = Devnet::shared().unwrap_or_else(|e| panic!("{e}"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_murmur"))
+        .args([
+            "swarm",
+            "--bus",
+            "--workers",
+            "2",
+            "--tasks",
+            "400",
+            "--work-ms",
+            "200",
+        ])
+        .args(network_args(net))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let launcher = child.id();
+    let mut stdout = Lines::new(child.stdout.take().unwrap());
+    let mut stderr = Lines::new(child.stderr.take().unwrap());
+    let mut child = Reaper(child);
+    assert!(
+        stdout.wait_until(Duration::from_secs(180), |lines| lines
+            .iter()
+            .any(|l| l.starts_with("swarm: "))),
+        "the swarm did not start: {}",
+        stdout.dump()
+    );
+    // A worker killed behind the launcher's back: reported with its status, the run goes on.
+    let worker = agent_pid(launcher, "worker0").expect("worker0's process");
+    Command::new("kill")
+        .args(["-9", &worker.to_string()])
+        .status()
+        .unwrap();
+    let reported = format!("worker0 (pid {worker}) exited unexpectedly: signal: 9 (SIGKILL)");
+    assert!(
+        stdout.wait_until(Duration::from_secs(30), |lines| lines
+            .iter()
+            .any(|l| l.contains(&reported))),
+        "no report of the dead worker: {}",
+        stdout.dump()
+    );
+    // The coordinator killed: the launcher stops with an error that says so.
+    let coordinator = agent_pid(launcher, "coordinator").expect("the coordinator's process");
+    Command::new("kill")
+        .args(["-9", &coordinator.to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the launcher did not stop");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let err = stderr.rest(Duration::from_secs(10)).join("\n");
+    assert!(
+        err.contains(&format!(
+            "error: the coordinator (pid {coordinator}) exited before its summary: signal: 9 (SIGKILL)"
+        )),
+        "{err}"
+    );
+    // The other worker went down with the launcher.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(agent_children(launcher).is_empty());
+    assert!(
+        agent_pid(1, "worker1").is_none(),
+        "worker1 outlived the launcher"
+    );
+}

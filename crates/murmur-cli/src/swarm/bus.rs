@@ -114,6 +114,8 @@ struct Proc {
     killed: bool,
     /// Attempts started and not finished yet.
     in_hand: usize,
+    /// Its stdout reached its end.
+    eof: bool,
 }
 
 impl Drop for Proc {
@@ -296,6 +298,7 @@ async fn run_swarm(
             exited: None,
             killed: false,
             in_hand: 0,
+            eof: false,
         });
     }
     drop(tx);
@@ -320,7 +323,7 @@ async fn run_swarm(
                         Err(e) => eprintln!("{}: unexpected report line ({e})", procs[i].name),
                     }
                 }
-                Some(Msg::Eof(_)) => {}
+                Some(Msg::Eof(i)) => procs[i].eof = true,
                 None => reading = false,
             },
             _ = tick.tick() => {}
@@ -342,9 +345,9 @@ async fn run_swarm(
             let status = procs[i].exited.map_or("?".into(), |s| s.to_string());
             if procs[i].role == Role::Coordinator {
                 // Its last lines may still be in the pipe: read up to its end.
-                while let Some(msg) = rx.recv().await {
-                    match msg {
-                        Msg::Line(j, line) => {
+                while !procs[i].eof {
+                    match rx.recv().await {
+                        Some(Msg::Line(j, line)) => {
                             if let Ok(line) = serde_json::from_str::<AgentLine>(&line) {
                                 handle(
                                     line,
@@ -358,8 +361,8 @@ async fn run_swarm(
                                 );
                             }
                         }
-                        Msg::Eof(j) if j == i => break,
-                        Msg::Eof(_) => {}
+                        Some(Msg::Eof(j)) => procs[j].eof = true,
+                        None => break,
                     }
                 }
                 if outcome.is_none() {
