@@ -32,7 +32,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-pub use account::Account;
+pub use account::{Account, SignedUp, sign_up};
+pub use nats::spawn_tied;
 pub use provision::{NodeInstall, cache_root, provision};
 pub use service::ServiceExit;
 use service::{Service, ServiceSpec, free_port};

@@ -125,6 +125,13 @@ impl FeedSink {
         self.pipeline.report(error);
     }
 
+    /// Counts the feed as connected (the watcher's `sources_connected` metric, which an
+    /// Agent waits on before it reads repos) until the guard is dropped: hold it while the
+    /// feed is reading from its upstream.
+    pub fn connected(&self) -> FeedConnected<'_> {
+        FeedConnected(crate::metrics::ConnectedSource::new(&self.pipeline.metrics))
+    }
+
     /// Whether the watcher is stopping: read nothing more.
     pub fn is_stopped(&self) -> bool {
         *self.shutdown.borrow()
@@ -136,6 +143,10 @@ impl FeedSink {
         let _ = rx.wait_for(|s| *s).await;
     }
 }
+
+/// A feed counted as connected while this lives ([`FeedSink::connected`]).
+#[must_use = "the feed counts as connected only while the guard lives"]
+pub struct FeedConnected<'a>(#[allow(dead_code)] crate::metrics::ConnectedSource<'a>);
 
 impl Pipeline {
     pub(crate) fn wants(&self, collection: &str, action: Action) -> bool {
