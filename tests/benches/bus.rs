@@ -25,9 +25,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use murmur_bus::{BusSource, Hub, StartAt, StreamSettings};
+use murmur_devnet::cpu::process_seconds as cpu_seconds;
 use murmur_devnet::nats::NatsServer;
 use murmur_devnet::{Devnet, DevnetConfig};
-use murmur_e2e::bench::{cpu_seconds, env_or, latency_line, min_median};
+use murmur_e2e::bench::{env_or, latency_line, min_median};
 use murmur_e2e::{Note, note};
 use murmur_firehose::{Created, ShutdownHandle, Watcher};
 use murmur_pds::Writer;

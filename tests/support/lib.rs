@@ -125,29 +125,4 @@ pub mod bench {
             percentile(&sorted, 0.5),
         )
     }
-
-    /// CPU seconds (user + system) a process has used so far, from `/proc/<pid>/stat`.
-    pub fn cpu_seconds(pid: u32) -> Option<f64> {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-        // Fields after the command name (which may hold spaces) start at field 3.
-        let rest = &stat[stat.rfind(')')? + 2..];
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let utime: f64 = fields.get(11)?.parse().ok()?;
-        let stime: f64 = fields.get(12)?.parse().ok()?;
-        Some((utime + stime) / clock_ticks())
-    }
-
-    /// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux when it cannot be asked).
-    fn clock_ticks() -> f64 {
-        static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-        *TICKS.get_or_init(|| {
-            std::process::Command::new("getconf")
-                .arg("CLK_TCK")
-                .output()
-                .ok()
-                .and_then(|o| String::from_utf8(o.stdout).ok())
-                .and_then(|s| s.trim().parse().ok())
-                .unwrap_or(100.0)
-        })
-    }
 }

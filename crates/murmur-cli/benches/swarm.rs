@@ -13,6 +13,7 @@
 
 use std::process::Command;
 
+use murmur_devnet::cpu;
 use murmur_devnet::nats::NatsServer;
 use murmur_devnet::{Devnet, DevnetConfig};
 use serde_json::Value;
@@ -24,21 +25,40 @@ struct Run {
     p99_ms: f64,
     lost: u64,
     duplicates: u64,
+    /// CPU milliseconds per task the PDS processes used, and the whole machine.
+    pds_ms_per_task: f64,
+    machine_ms_per_task: f64,
 }
 
-fn swarm(hosts: &[String], plc: &str, bus: Option<&str>, workers: usize, tasks: usize) -> Run {
+fn swarm(net: &Devnet, bus: Option<&str>, workers: usize, tasks: usize) -> Run {
+    let hosts: Vec<String> = net
+        .pds_hosts()
+        .iter()
+        .map(|h| h.url().to_string())
+        .collect();
+    let plc = net.plc_url();
+    let pds_cpu = || -> f64 {
+        net.pds_hosts()
+            .iter()
+            .filter_map(|h| h.pid().and_then(cpu::process_seconds))
+            .sum()
+    };
+    let machine_cpu = || cpu::machine_busy_seconds().unwrap_or(f64::NAN);
+    let before = (pds_cpu(), machine_cpu());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_murmur"));
     cmd.args(["swarm", "--json", "--work-ms", "50"])
         .args(["--workers", &workers.to_string()])
         .args(["--tasks", &tasks.to_string()])
         .args(["--plc", plc]);
-    for host in hosts {
+    for host in &hosts {
         cmd.args(["--pds", host]);
     }
     if let Some(url) = bus {
         cmd.arg(format!("--bus={url}"));
     }
     let out = cmd.output().expect("murmur swarm runs");
+    let after = (pds_cpu(), machine_cpu());
+    let per_task = |a: f64, b: f64| (a - b) * 1000.0 / tasks as f64;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let summary: Value = stdout
         .lines()
@@ -58,6 +78,8 @@ fn swarm(hosts: &[String], plc: &str, bus: Option<&str>, workers: usize, tasks: 
         p99_ms: num("p99_ms"),
         lost: summary["lost"].as_u64().unwrap_or(u64::MAX),
         duplicates: summary["duplicates"].as_u64().unwrap_or(u64::MAX),
+        pds_ms_per_task: per_task(after.0, before.0),
+        machine_ms_per_task: per_task(after.1, before.1),
     }
 }
 
@@ -77,26 +99,35 @@ fn main() {
     })
     .expect("local network");
     let nats = NatsServer::start(Default::default()).expect("nats-server");
-    let hosts: Vec<String> = net
-        .pds_hosts()
-        .iter()
-        .map(|h| h.url().to_string())
-        .collect();
     println!(
         "swarm scaling: {tasks} tasks, --work-ms 50, 2 PDS hosts, nats-server {}",
         nats.binary().version
     );
     println!(
-        "  {:<7} {:>7} {:>10} {:>10} {:>10} {:>6} {:>6}",
-        "mode", "workers", "tasks/s", "p50 ms", "p99 ms", "lost", "dups"
+        "  {:<7} {:>7} {:>8} {:>8} {:>8} {:>5} {:>5} {:>14} {:>18}",
+        "mode",
+        "workers",
+        "tasks/s",
+        "p50 ms",
+        "p99 ms",
+        "lost",
+        "dups",
+        "PDS CPU ms/task",
+        "machine CPU ms/task"
     );
     let mut rows = Vec::new();
     for &n in &workers {
         for (mode, bus) in [("direct", None), ("bus", Some(nats.url()))] {
-            let run = swarm(&hosts, net.plc_url(), bus, n, tasks);
+            let run = swarm(&net, bus, n, tasks);
             println!(
-                "  {mode:<7} {n:>7} {:>10.1} {:>10.0} {:>10.0} {:>6} {:>6}",
-                run.tasks_per_s, run.p50_ms, run.p99_ms, run.lost, run.duplicates
+                "  {mode:<7} {n:>7} {:>8.1} {:>8.0} {:>8.0} {:>5} {:>5} {:>15.1} {:>19.1}",
+                run.tasks_per_s,
+                run.p50_ms,
+                run.p99_ms,
+                run.lost,
+                run.duplicates,
+                run.pds_ms_per_task,
+                run.machine_ms_per_task
             );
             rows.push((mode, n, run));
         }
@@ -117,6 +148,19 @@ fn main() {
         println!(
             "  goal: bus throughput at {hi} workers >= 2x direct: {speedup:.2}x ({})",
             verdict(speedup >= 2.0)
+        );
+    }
+    // Little's law: claim-to-result latency is about (workers x concurrency) / throughput, so
+    // p50 stays flat only while throughput grows with the workers; the machine's cores over
+    // the CPU one task costs bound that throughput.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    if let Some((_, n, run)) = rows.iter().find(|(m, w, _)| *m == "bus" && Some(w) == hi) {
+        println!(
+            "  ceiling on this machine at {n} workers over the bus: {cores} cores / {:.1} ms CPU per task = {:.0} tasks/s \
+             (the PDS alone: {:.0} tasks/s)",
+            run.machine_ms_per_task,
+            cores * 1000.0 / run.machine_ms_per_task,
+            cores * 1000.0 / run.pds_ms_per_task
         );
     }
 }

@@ -23,6 +23,7 @@
 //! ```
 
 mod account;
+pub mod cpu;
 pub mod nats;
 mod provision;
 mod service;
