@@ -234,6 +234,11 @@ async fn run_swarm(
 
     // Sessions and specs, 0600 each, in a 0700 directory removed when this returns.
     let dir = tempfile::Builder::new().prefix("murmur-swarm-").tempdir()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
+    }
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut run = Run {
         args,
@@ -295,11 +300,14 @@ async fn run_swarm(
     let mut kill_turn: Option<Instant> = None;
     let give_up = Instant::now() + STARTUP + Duration::from_secs(args.timeout + 30);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
+    // Ctrl-C or SIGTERM: stop cleanly (agents, stream, temporary files) instead of dying.
+    let mut interrupted = std::pin::pin!(interrupted());
     while run.outcome.is_none() {
         tokio::select! {
             // Never closed: the launcher holds a sender for agents it starts later.
             Some(msg) = rx.recv() => run.take(msg),
             _ = tick.tick() => {}
+            signal = &mut interrupted => return Err(format!("stopped by {signal}").into()),
         }
         // Agents that died without being killed.
         let mut died = Vec::new();
@@ -443,6 +451,22 @@ async fn run_swarm(
     hub_stop.shutdown();
     let _ = tokio::time::timeout(Duration::from_secs(5), hub_task).await;
     Ok(ok && failures.is_empty())
+}
+
+/// Resolves with the signal's name on Ctrl-C (SIGINT) or SIGTERM.
+async fn interrupted() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "SIGINT"
 }
 
 /// A coordinator restarted by `--restart-coordinator`.
