@@ -68,6 +68,10 @@ pub(super) struct AgentSpec {
     pub work_ms: u64,
     pub lease: u64,
     pub timeout: u64,
+    /// A coordinator started again after it was killed: it posts nothing, and follows the
+    /// open tasks it recovers from the repos to their end.
+    #[serde(default)]
+    pub restarted: bool,
 }
 
 /// Runs one agent until its work is done (coordinator) or its stdin closes (worker).
@@ -188,6 +192,19 @@ async fn coordinator(spec: &AgentSpec) -> Result<(), Box<dyn std::error::Error>>
     });
     let mut stop = stdin_closed();
 
+    if spec.restarted {
+        let r = boss.recovery().unwrap_or_default();
+        emit(&AgentLine::Recovered {
+            open: r.open,
+            done_while_away: r.done_while_away,
+            assigned: r.assigned,
+            unassigned: r.unassigned,
+            claims_found: r.claims_found,
+            elapsed_ms: millis(r.elapsed),
+        });
+        return follow(spec, &boss, &writer, None, r.open as u64, &mut stop).await;
+    }
+
     // Every worker hears the stream once the coordinator sees all their presences.
     let started = Instant::now();
     loop {
@@ -209,7 +226,6 @@ async fn coordinator(spec: &AgentSpec) -> Result<(), Box<dyn std::error::Error>>
     }
     emit(&AgentLine::Online);
 
-    let run_started = Instant::now();
     let poster = {
         let boss = boss.clone();
         let (total, lease) = (spec.tasks, spec.lease);
@@ -223,15 +239,34 @@ async fn coordinator(spec: &AgentSpec) -> Result<(), Box<dyn std::error::Error>>
             }
         })
     };
-    let tasks = spec.tasks as u64;
+    follow(
+        spec,
+        &boss,
+        &writer,
+        Some(poster),
+        spec.tasks as u64,
+        &mut stop,
+    )
+    .await
+}
+
+/// Reports the coordinator's counters until `tasks` of its tasks are done (or given up), then
+/// its outcome.
+async fn follow(
+    spec: &AgentSpec,
+    boss: &Agent,
+    writer: &Writer,
+    poster: Option<tokio::task::JoinHandle<Vec<murmur::TaskHandle>>>,
+    tasks: u64,
+    stop: &mut oneshot::Receiver<()>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let run_started = Instant::now();
     let mut posting = None;
     let mut timed_out = false;
     loop {
         let s = boss.task_stats();
-        let mut wire = StatsWire::from(&s);
-        wire.drop_latencies();
         emit(&AgentLine::Stats {
-            stats: wire,
+            stats: StatsWire::from(&s),
             elapsed_ms: millis(run_started.elapsed()),
         });
         if s.posted >= tasks && posting.is_none() {
@@ -246,14 +281,14 @@ async fn coordinator(spec: &AgentSpec) -> Result<(), Box<dyn std::error::Error>>
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = &mut stop => return Err("the launcher closed our stdin".into()),
+            _ = &mut *stop => return Err("the launcher closed our stdin".into()),
         }
     }
     let elapsed = run_started.elapsed();
     // Give late duplicates a moment to show up before counting.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     let s = boss.task_stats();
-    let closed = closed_by_ack(&writer).await?;
+    let closed = closed_by_ack(writer).await?;
     emit(&AgentLine::Done(Box::new(Outcome {
         stats: (&s).into(),
         closed,
@@ -261,7 +296,9 @@ async fn coordinator(spec: &AgentSpec) -> Result<(), Box<dyn std::error::Error>>
         posting_ms: posting.map(millis),
         timed_out,
     })));
-    poster.abort();
+    if let Some(poster) = poster {
+        poster.abort();
+    }
     boss.shutdown().await;
     Ok(())
 }

@@ -15,7 +15,7 @@
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -24,9 +24,13 @@ use murmur_bus::{Hub, StreamSettings};
 use murmur_devnet::nats::NatsServer;
 use tokio::sync::mpsc;
 
+use murmur::TaskStats;
+use murmur::pds::Session;
+
 use super::agent::{AgentSpec, Role};
+use super::direct::millis;
 use super::summary::{AgentLine, Outcome, Report, WorkerEvent};
-use super::{SwarmArgs, account, worker_host};
+use super::{SwarmArgs, account, merged, worker_host};
 
 /// How long the agents may take to start and see each other before posting starts.
 const STARTUP: Duration = Duration::from_secs(120);
@@ -230,107 +234,84 @@ async fn run_swarm(
 
     // Sessions and specs, 0600 each, in a 0700 directory removed when this returns.
     let dir = tempfile::Builder::new().prefix("murmur-swarm-").tempdir()?;
-    let exe = std::env::current_exe()?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))?;
+    }
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut procs: Vec<Proc> = Vec::new();
+    let mut run = Run {
+        args,
+        hosts,
+        report,
+        dir: dir.path(),
+        exe: std::env::current_exe()?,
+        tx,
+        procs: Vec::new(),
+        online: None,
+        outcome: None,
+        last: None,
+        posting_ms: None,
+        restart: None,
+    };
+    let base = AgentSpec {
+        role: Role::Worker,
+        name: String::new(),
+        session: Default::default(),
+        pds: String::new(),
+        plc: plc.to_string(),
+        hosts: hosts.to_vec(),
+        peers,
+        nats: nats.to_string(),
+        stream: settings.name.clone(),
+        prefix: settings.prefix.clone(),
+        durable: String::new(),
+        workers: args.workers,
+        tasks: args.tasks,
+        concurrency: args.concurrency,
+        work_ms: args.work_ms,
+        lease: args.lease,
+        timeout: args.timeout,
+        restarted: false,
+    };
+    let coordinator_session = coordinator.session();
     let agents = workers
         .into_iter()
         .enumerate()
         .map(|(i, w)| (format!("worker{i}"), Role::Worker, w))
         .chain([("coordinator".to_string(), Role::Coordinator, coordinator)]);
     for (name, role, writer) in agents {
-        let session = dir.path().join(format!("{name}.session.json"));
-        writer.session().save(&session)?;
         if role == Role::Worker {
-            report.add_worker(writer.did(), &name, writer.pds_url());
+            run.report.add_worker(writer.did(), &name, writer.pds_url());
         }
         let spec = AgentSpec {
             role,
             name: name.clone(),
-            session,
             pds: writer.pds_url().to_string(),
-            plc: plc.to_string(),
-            hosts: hosts.to_vec(),
-            peers: peers.clone(),
-            nats: nats.to_string(),
-            stream: settings.name.clone(),
-            prefix: settings.prefix.clone(),
             durable: format!("{}-{name}", settings.prefix),
-            workers: args.workers,
-            tasks: args.tasks,
-            concurrency: args.concurrency,
-            work_ms: args.work_ms,
-            lease: args.lease,
-            timeout: args.timeout,
+            ..base.clone()
         };
-        let spec_path = dir.path().join(format!("{name}.spec.json"));
-        write_private(&spec_path, &serde_json::to_vec(&spec)?)?;
-        let child_args: Vec<OsString> = vec![
-            "swarm-agent".into(),
-            "--spec".into(),
-            spec_path.into_os_string(),
-        ];
-        let mut child = murmur_devnet::spawn_tied(&exe, child_args, |command| {
-            command
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit());
-        })
-        .map_err(|e| format!("cannot start the {name} process: {e}"))?;
-        let index = procs.len();
-        let stdout = child.stdout.take();
-        let tx = tx.clone();
-        std::thread::spawn(move || {
-            if let Some(stdout) = stdout {
-                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                    let _ = tx.send(Msg::Line(index, line));
-                }
-            }
-            let _ = tx.send(Msg::Eof(index));
-        });
-        procs.push(Proc {
-            name,
-            role,
-            did: writer.did().to_string(),
-            stdin: child.stdin.take(),
-            child,
-            pid: None,
-            exited: None,
-            killed: false,
-            in_hand: 0,
-            eof: false,
-        });
+        run.spawn(spec, &writer.session(), &name)?;
     }
-    drop(tx);
+    let mut coordinator = run.procs.len() - 1;
 
-    let mut online: Option<Instant> = None;
-    let mut outcome: Option<Outcome> = None;
     let mut failures: Vec<String> = Vec::new();
     let mut next_kill = 0;
     let mut kill_turn: Option<Instant> = None;
     let give_up = Instant::now() + STARTUP + Duration::from_secs(args.timeout + 30);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
-    let mut reading = true;
-    while outcome.is_none() {
+    // Ctrl-C or SIGTERM: stop cleanly (agents, stream, temporary files) instead of dying.
+    let mut interrupted = std::pin::pin!(interrupted());
+    while run.outcome.is_none() {
         tokio::select! {
-            msg = rx.recv(), if reading => match msg {
-                Some(Msg::Line(i, line)) => {
-                    let parsed: Result<AgentLine, _> = serde_json::from_str(&line);
-                    match parsed {
-                        Ok(line) => {
-                            handle(line, i, &mut procs, report, args, hosts, &mut online, &mut outcome);
-                        }
-                        Err(e) => eprintln!("{}: unexpected report line ({e})", procs[i].name),
-                    }
-                }
-                Some(Msg::Eof(i)) => procs[i].eof = true,
-                None => reading = false,
-            },
+            // Never closed: the launcher holds a sender for agents it starts later.
+            Some(msg) = rx.recv() => run.take(msg),
             _ = tick.tick() => {}
+            signal = &mut interrupted => return Err(format!("stopped by {signal}").into()),
         }
         // Agents that died without being killed.
         let mut died = Vec::new();
-        for (i, p) in procs.iter_mut().enumerate() {
+        for (i, p) in run.procs.iter_mut().enumerate() {
             if p.exited.is_none()
                 && let Some(status) = p.child.try_wait()?
             {
@@ -341,31 +322,18 @@ async fn run_swarm(
             }
         }
         for i in died {
-            let (name, pid) = (procs[i].name.clone(), procs[i].child.id());
-            let status = procs[i].exited.map_or("?".into(), |s| s.to_string());
-            if procs[i].role == Role::Coordinator {
+            let p = &run.procs[i];
+            let (name, pid, role) = (p.name.clone(), p.child.id(), p.role);
+            let status = p.exited.map_or("?".into(), |s| s.to_string());
+            if role == Role::Coordinator {
                 // Its last lines may still be in the pipe: read up to its end.
-                while !procs[i].eof {
+                while !run.procs[i].eof {
                     match rx.recv().await {
-                        Some(Msg::Line(j, line)) => {
-                            if let Ok(line) = serde_json::from_str::<AgentLine>(&line) {
-                                handle(
-                                    line,
-                                    j,
-                                    &mut procs,
-                                    report,
-                                    args,
-                                    hosts,
-                                    &mut online,
-                                    &mut outcome,
-                                );
-                            }
-                        }
-                        Some(Msg::Eof(j)) => procs[j].eof = true,
+                        Some(msg) => run.take(msg),
                         None => break,
                     }
                 }
-                if outcome.is_none() {
+                if run.outcome.is_none() {
                     return Err(format!(
                         "the coordinator (pid {pid}) exited before its summary: {status}"
                     )
@@ -373,14 +341,14 @@ async fn run_swarm(
                 }
             } else {
                 let why = format!("{name} (pid {pid}) exited unexpectedly: {status}");
-                report.say(&why);
+                run.report.say(&why);
                 failures.push(why);
             }
         }
         // Kill workers in the middle of a task (in order, each once it has one in hand).
-        if online.is_some() && next_kill < args.kill && outcome.is_none() {
+        if run.online.is_some() && next_kill < args.kill && run.outcome.is_none() {
             let turn = *kill_turn.get_or_insert_with(Instant::now);
-            let p = &mut procs[next_kill];
+            let p = &mut run.procs[next_kill];
             if p.exited.is_some() {
                 next_kill += 1;
                 kill_turn = None;
@@ -389,10 +357,50 @@ async fn run_swarm(
                 p.child.kill()?; // SIGKILL
                 p.exited = Some(p.child.wait()?);
                 p.killed = true;
-                report.killed(&p.did, in_hand);
+                let did = p.did.clone();
+                run.report.killed(&did, in_hand);
                 next_kill += 1;
                 kill_turn = None;
             }
+        }
+        // Kill the coordinator a third of the way through, and start it again.
+        if let (true, None, None, Some(s), Some(online)) = (
+            args.restart_coordinator,
+            &run.restart,
+            &run.outcome,
+            &run.last,
+            run.online,
+        ) && s.posted >= args.tasks as u64
+            && s.done * 3 >= args.tasks as u64
+        {
+            let before = s.clone();
+            let p = &mut run.procs[coordinator];
+            let pid = p.child.id();
+            p.child.kill()?; // SIGKILL
+            p.exited = Some(p.child.wait()?);
+            p.killed = true;
+            run.report.say(format_args!(
+                "killed the coordinator (pid {pid}, SIGKILL) with {} of {} tasks done; \
+                 restarting it in 2 s",
+                before.done, args.tasks
+            ));
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            run.restart = Some(Restart {
+                before,
+                closed_before: None,
+                offset: online.elapsed(),
+            });
+            // Same identity and durable consumer, no local state.
+            let spec = AgentSpec {
+                role: Role::Coordinator,
+                name: "coordinator".into(),
+                pds: coordinator_session.pds.clone(),
+                durable: format!("{}-coordinator", settings.prefix),
+                restarted: true,
+                ..base.clone()
+            };
+            run.spawn(spec, &coordinator_session, "coordinator-restarted")?;
+            coordinator = run.procs.len() - 1;
         }
         if Instant::now() > give_up {
             return Err(format!(
@@ -402,20 +410,20 @@ async fn run_swarm(
             .into());
         }
     }
-    let outcome = outcome.ok_or("no outcome")?;
+    let outcome = run.outcome.take().ok_or("no outcome")?;
 
     // Tell the agents to stop, and wait for them.
-    for p in &mut procs {
+    for p in &mut run.procs {
         p.stdin = None;
     }
     let stop_by = Instant::now() + STOP_GRACE;
-    for p in procs.iter_mut().filter(|p| p.exited.is_none()) {
+    for p in run.procs.iter_mut().filter(|p| p.exited.is_none()) {
         loop {
             if let Some(status) = p.child.try_wait()? {
                 p.exited = Some(status);
                 if !status.success() {
                     let why = format!("{} (pid {}) exited with {status}", p.name, p.child.id());
-                    report.say(&why);
+                    run.report.say(&why);
                     failures.push(why);
                 }
                 break;
@@ -427,7 +435,7 @@ async fn run_swarm(
                     p.child.id(),
                     STOP_GRACE.as_secs()
                 );
-                report.say(&why);
+                run.report.say(&why);
                 failures.push(why);
                 let _ = p.child.kill();
                 p.exited = p.child.wait().ok();
@@ -436,77 +444,231 @@ async fn run_swarm(
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
-    let ok = report.summary(&outcome);
+    let ok = run.report.summary(&outcome);
     for why in &failures {
-        report.say(format_args!("  failure: {why}"));
+        run.report.say(format_args!("  failure: {why}"));
     }
     hub_stop.shutdown();
     let _ = tokio::time::timeout(Duration::from_secs(5), hub_task).await;
     Ok(ok && failures.is_empty())
 }
 
-/// Takes one report line of agent `i`.
-#[allow(clippy::too_many_arguments)]
-fn handle(
-    line: AgentLine,
-    i: usize,
-    procs: &mut [Proc],
-    report: &mut Report,
-    args: &SwarmArgs,
-    hosts: &[String],
-    online: &mut Option<Instant>,
-    outcome: &mut Option<Outcome>,
-) {
-    match line {
-        AgentLine::Ready { pid, did } => {
-            let Some(p) = procs.get_mut(i) else { return };
-            if p.child.id() != pid || p.did != did {
-                eprintln!(
-                    "warning: {} reported pid {pid} and {did}; started as pid {} for {}",
-                    p.name,
-                    p.child.id(),
-                    p.did
-                );
+/// Resolves with the signal's name on Ctrl-C (SIGINT) or SIGTERM.
+async fn interrupted() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            return tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            };
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+    "SIGINT"
+}
+
+/// A coordinator restarted by `--restart-coordinator`.
+struct Restart {
+    /// The first coordinator's last counters.
+    before: TaskStats,
+    /// Its tasks closed in the repo, as the restarted one found them (`None` until it says).
+    closed_before: Option<u64>,
+    /// From the first coordinator's start of posting to the restart.
+    offset: Duration,
+}
+
+/// The launcher's state while the swarm runs.
+struct Run<'a> {
+    args: &'a SwarmArgs,
+    hosts: &'a [String],
+    report: &'a mut Report,
+    dir: &'a Path,
+    exe: PathBuf,
+    tx: mpsc::UnboundedSender<Msg>,
+    procs: Vec<Proc>,
+    /// When the coordinator saw every worker (posting started).
+    online: Option<Instant>,
+    outcome: Option<Outcome>,
+    /// The coordinator's last counters.
+    last: Option<TaskStats>,
+    posting_ms: Option<u64>,
+    restart: Option<Restart>,
+}
+
+impl Run<'_> {
+    /// Starts an agent process: its session in a file of its own, its spec, `murmur
+    /// swarm-agent --spec FILE`, and a thread reading its report lines. `file` names the files.
+    fn spawn(
+        &mut self,
+        mut spec: AgentSpec,
+        session: &Session,
+        file: &str,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        spec.session = self.dir.join(format!("{file}.session.json"));
+        session.save(&spec.session)?;
+        let spec_path = self.dir.join(format!("{file}.spec.json"));
+        write_private(&spec_path, &serde_json::to_vec(&spec)?)?;
+        let child_args: Vec<OsString> = vec![
+            "swarm-agent".into(),
+            "--spec".into(),
+            spec_path.into_os_string(),
+        ];
+        let name = spec.name.clone();
+        let mut child = murmur_devnet::spawn_tied(&self.exe, child_args, |command| {
+            command
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit());
+        })
+        .map_err(|e| format!("cannot start the {name} process: {e}"))?;
+        let index = self.procs.len();
+        let stdout = child.stdout.take();
+        let tx = self.tx.clone();
+        std::thread::spawn(move || {
+            if let Some(stdout) = stdout {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    let _ = tx.send(Msg::Line(index, line));
+                }
             }
-            p.pid = Some(pid);
-            report.add_pid(&p.name, pid);
-            if procs.iter().all(|p| p.pid.is_some()) {
-                let list: Vec<String> = procs
-                    .iter()
-                    .map(|p| format!("{} {}", p.name, p.pid.unwrap_or_default()))
-                    .collect();
-                report.say(format_args!(
-                    "agent processes (launcher {}): {}",
-                    std::process::id(),
-                    list.join(", ")
+            let _ = tx.send(Msg::Eof(index));
+        });
+        self.procs.push(Proc {
+            name,
+            role: spec.role,
+            did: session.did.clone(),
+            stdin: child.stdin.take(),
+            child,
+            pid: None,
+            exited: None,
+            killed: false,
+            in_hand: 0,
+            eof: false,
+        });
+        Ok(())
+    }
+
+    /// Takes one message from an agent's stdout.
+    fn take(&mut self, msg: Msg) {
+        match msg {
+            Msg::Line(i, line) => match serde_json::from_str::<AgentLine>(&line) {
+                Ok(line) => self.handle(i, line),
+                Err(e) => eprintln!("{}: unexpected report line ({e})", self.procs[i].name),
+            },
+            Msg::Eof(i) => self.procs[i].eof = true,
+        }
+    }
+
+    /// Takes one report line of agent `i`.
+    fn handle(&mut self, i: usize, line: AgentLine) {
+        let tasks = self.args.tasks as u64;
+        match line {
+            AgentLine::Ready { pid, did } => {
+                let p = &mut self.procs[i];
+                if p.child.id() != pid || p.did != did {
+                    eprintln!(
+                        "warning: {} reported pid {pid} and {did}; started as pid {} for {}",
+                        p.name,
+                        p.child.id(),
+                        p.did
+                    );
+                }
+                p.pid = Some(pid);
+                self.report.add_pid(&p.name, pid);
+                if self.restart.is_none() && self.procs.iter().all(|p| p.pid.is_some()) {
+                    let list: Vec<String> = self
+                        .procs
+                        .iter()
+                        .map(|p| format!("{} {}", p.name, p.pid.unwrap_or_default()))
+                        .collect();
+                    self.report.say(format_args!(
+                        "agent processes (launcher {}): {}",
+                        std::process::id(),
+                        list.join(", ")
+                    ));
+                }
+            }
+            AgentLine::Online => {
+                self.online = Some(Instant::now());
+                self.report.say(format_args!(
+                    "swarm: 1 coordinator on {}, {} workers on {} PDS host(s), {} tasks, each \
+                     agent a process hearing the swarm through the bus",
+                    self.hosts[0],
+                    self.args.workers,
+                    self.hosts.len(),
+                    self.args.tasks
                 ));
             }
-        }
-        AgentLine::Online => {
-            *online = Some(Instant::now());
-            report.say(format_args!(
-                "swarm: 1 coordinator on {}, {} workers on {} PDS host(s), {} tasks, each agent \
-                 a process hearing the swarm through the bus",
-                hosts[0],
-                args.workers,
-                hosts.len(),
-                args.tasks
-            ));
-        }
-        AgentLine::Event { kind, .. } => {
-            let Some(p) = procs.get_mut(i) else { return };
-            match kind {
-                WorkerEvent::Started => p.in_hand += 1,
-                WorkerEvent::Finished | WorkerEvent::Dropped => {
-                    p.in_hand = p.in_hand.saturating_sub(1)
+            AgentLine::Event { kind, .. } => {
+                let p = &mut self.procs[i];
+                match kind {
+                    WorkerEvent::Started => p.in_hand += 1,
+                    WorkerEvent::Finished | WorkerEvent::Dropped => {
+                        p.in_hand = p.in_hand.saturating_sub(1)
+                    }
+                    WorkerEvent::Claimed => {}
                 }
-                WorkerEvent::Claimed => {}
+                let did = p.did.clone();
+                self.report.worker_event(&did, kind);
             }
-            report.worker_event(&p.did, kind);
+            AgentLine::Recovered {
+                open,
+                done_while_away,
+                assigned,
+                unassigned,
+                claims_found,
+                elapsed_ms,
+            } => {
+                if let Some(r) = &mut self.restart {
+                    r.closed_before = Some(tasks.saturating_sub(open as u64));
+                }
+                self.report.say(format_args!(
+                    "coordinator restarted (pid {}): {open} open task(s) recovered in \
+                     {elapsed_ms} ms ({done_while_away} done while it was away, {assigned} \
+                     still assigned, {unassigned} to assign from {claims_found} claim(s) in the \
+                     repos)",
+                    self.procs[i].pid.unwrap_or_default()
+                ));
+            }
+            AgentLine::Stats { stats, elapsed_ms } => {
+                let s: TaskStats = stats.into();
+                let elapsed = Duration::from_millis(elapsed_ms);
+                match &self.restart {
+                    None => {
+                        if s.posted >= tasks && self.posting_ms.is_none() {
+                            self.posting_ms = Some(elapsed_ms);
+                        }
+                        self.report.progress(&s, elapsed);
+                        self.last = Some(s);
+                    }
+                    Some(Restart {
+                        before,
+                        closed_before: Some(closed),
+                        offset,
+                    }) => {
+                        let s = merged(before, &s, *closed);
+                        self.report.progress(&s, *offset + elapsed);
+                    }
+                    // Counters of the coordinator that was killed, or before recovery.
+                    Some(_) => {}
+                }
+            }
+            AgentLine::Done(mut done) => {
+                if let Some(Restart {
+                    before,
+                    closed_before,
+                    offset,
+                }) = &self.restart
+                {
+                    let after: TaskStats = done.stats.clone().into();
+                    let s = merged(before, &after, closed_before.unwrap_or(0));
+                    done.stats = (&s).into();
+                    done.elapsed_ms += millis(*offset);
+                    done.posting_ms = self.posting_ms;
+                }
+                self.outcome = Some(*done);
+            }
         }
-        AgentLine::Stats { stats, elapsed_ms } => {
-            report.progress(&stats.into(), Duration::from_millis(elapsed_ms));
-        }
-        AgentLine::Done(done) => *outcome = Some(*done),
     }
 }

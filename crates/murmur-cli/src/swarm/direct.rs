@@ -2,32 +2,14 @@
 
 use std::time::{Duration, Instant};
 
+use murmur::Agent;
 use murmur::pds::Writer;
-use murmur::{Agent, TaskStats};
 
 use super::summary::{Outcome, Report, count, worker_event};
 use super::{
-    SwarmArgs, account, closed_by_ack, square_worker, task_specs, worker_host, worker_profile,
+    SwarmArgs, account, closed_by_ack, merged, square_worker, task_specs, worker_host,
+    worker_profile,
 };
-
-/// Counters of two coordinator runs (before and after a restart) as one. Tasks done count
-/// from the repo: those the restarted coordinator found closed (acks the first one wrote,
-/// including any that landed as it died), plus those it closed itself.
-fn merged(before: &TaskStats, after: &TaskStats, closed_before: u64) -> TaskStats {
-    let mut s = after.clone();
-    s.posted += before.posted;
-    s.claimed += before.claimed;
-    s.assignments += before.assignments;
-    s.done += closed_before;
-    s.lease_expiries += before.lease_expiries;
-    s.given_up += before.given_up;
-    s.duplicates += before.duplicates;
-    for (did, n) in &before.done_by {
-        *s.done_by.entry(did.clone()).or_default() += n;
-    }
-    s.latencies.extend(before.latencies.iter().copied());
-    s
-}
 
 /// Runs the swarm in this process; true when nothing was lost or duplicated and every task
 /// was closed by an accepted ack.

@@ -22,7 +22,7 @@ use std::time::Duration;
 use murmur::comms::agent::comms::profile;
 use murmur::comms::{Ack, Result as ResultC, Task};
 use murmur::pds::Writer;
-use murmur::{Job, TaskSpec, Worker};
+use murmur::{Job, TaskSpec, TaskStats, Worker};
 use murmur_devnet::{Devnet, DevnetConfig};
 
 /// Arguments of `murmur swarm`.
@@ -49,7 +49,8 @@ pub struct SwarmArgs {
     kill: usize,
     /// Kill the coordinator abruptly once a third of the tasks are done, and start it again
     /// (same identity, no local state) 2 s later: it recovers its open tasks from the repos.
-    #[arg(long, conflicts_with = "bus")]
+    /// With --bus: SIGKILL to its process, and a new process on the same durable consumer.
+    #[arg(long)]
     restart_coordinator: bool,
     /// Run each agent as its own process, hearing the swarm through a hub on NATS JetStream
     /// (verify once, fan out) instead of subscribing to every PDS host itself. With no URL a
@@ -170,6 +171,25 @@ fn task_specs(total: usize, lease: u64) -> impl Iterator<Item = TaskSpec> {
             .lease(Duration::from_secs(lease))
             .max_attempts(5)
     })
+}
+
+/// Counters of two coordinator runs (before and after a restart) as one. Tasks done count
+/// from the repo: those the restarted coordinator found closed (acks the first one wrote,
+/// including any that landed as it died), plus those it closed itself.
+pub(crate) fn merged(before: &TaskStats, after: &TaskStats, closed_before: u64) -> TaskStats {
+    let mut s = after.clone();
+    s.posted += before.posted;
+    s.claimed += before.claimed;
+    s.assignments += before.assignments;
+    s.done += closed_before;
+    s.lease_expiries += before.lease_expiries;
+    s.given_up += before.given_up;
+    s.duplicates += before.duplicates;
+    for (did, n) in &before.done_by {
+        *s.done_by.entry(did.clone()).or_default() += n;
+    }
+    s.latencies.extend(before.latencies.iter().copied());
+    s
 }
 
 /// Every record of `C` in the coordinator's repo.

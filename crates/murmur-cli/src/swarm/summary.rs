@@ -30,6 +30,21 @@ pub(crate) enum AgentLine {
         /// The task's at-uri.
         task: String,
     },
+    /// Coordinator started again (`--restart-coordinator`): what it rebuilt from the repos.
+    Recovered {
+        /// Its tasks without a closing ack, taken over.
+        open: usize,
+        /// Of those, tasks whose result was already in a worker's repo.
+        done_while_away: usize,
+        /// Tasks still assigned.
+        assigned: usize,
+        /// Tasks to assign.
+        unassigned: usize,
+        /// Claims read from the workers' repos.
+        claims_found: usize,
+        /// How long recovery took.
+        elapsed_ms: u64,
+    },
     /// Coordinator: its counters so far.
     Stats {
         /// The counters.
@@ -68,13 +83,6 @@ pub(crate) struct StatsWire {
     done_by: BTreeMap<String, u64>,
     /// Claim-to-result latencies, in microseconds.
     latencies_us: Vec<u64>,
-}
-
-impl StatsWire {
-    /// Leaves the latencies out (progress lines do without them).
-    pub fn drop_latencies(&mut self) {
-        self.latencies_us = Vec::new();
-    }
 }
 
 impl From<&TaskStats> for StatsWire {
