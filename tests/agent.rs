@@ -63,7 +63,8 @@ async fn killed_worker_mid_task_lease_expires_and_every_task_finishes_once() {
     let w_fast = writer(net, 0, "wfast").await;
     let w_slow = writer(net, 1, "wslow").await;
     let w_doomed = writer(net, 1, "wdoomed").await;
-    let dids: Vec<String> = [&boss, &w_fast, &w_slow, &w_doomed]
+    let w_painter = writer(net, 0, "wpainter").await;
+    let dids: Vec<String> = [&boss, &w_fast, &w_slow, &w_doomed, &w_painter]
         .iter()
         .map(|w| w.did().to_string())
         .collect();
@@ -97,6 +98,17 @@ async fn killed_worker_mid_task_lease_expires_and_every_task_finishes_once() {
     let slow = agent(net, w_slow.clone(), &dids)
         .requester(false)
         .worker(sleeper(300))
+        .start()
+        .await
+        .unwrap();
+    // A bystander that takes another type of task: a withdrawn assignment must not
+    // reopen a `sleep` task for it.
+    let painter = agent(net, w_painter.clone(), &dids)
+        .requester(false)
+        .worker(
+            Worker::new(|_job: Job| async move { Ok(serde_json::Value::Null) })
+                .capabilities(["paint"]),
+        )
         .start()
         .await
         .unwrap();
@@ -163,6 +175,11 @@ async fn killed_worker_mid_task_lease_expires_and_every_task_finishes_once() {
         !stats.done_by.contains_key(doomed.did()),
         "the killed worker finished nothing"
     );
+    let painter_claims = w_painter.list::<Claim>(100, None, false).await.unwrap();
+    assert!(
+        painter_claims.records.is_empty(),
+        "a worker claimed tasks of a type it does not take after an assignment was withdrawn"
+    );
 
     // In the repos: one result per task in total, across the workers.
     let mut results_per_task: HashMap<String, usize> = HashMap::new();
@@ -179,7 +196,7 @@ async fn killed_worker_mid_task_lease_expires_and_every_task_finishes_once() {
         results_per_task.values().all(|&n| n == 1),
         "{results_per_task:?}"
     );
-    for a in [&boss, &fast, &slow] {
+    for a in [&boss, &fast, &slow, &painter] {
         a.shutdown().await;
     }
 }

@@ -98,38 +98,8 @@ impl Network {
     /// hosts) and logs in as it. Local and test PDS hosts accept sign-ups without an invite.
     pub async fn account(&self, host: usize, name: &str) -> Result<Writer, Box<dyn Error>> {
         let pds = &self.hosts[host % self.hosts.len()];
-        // The PDS takes short first labels only: at most 8 letters of the name plus 6 hex digits.
-        let suffix = fastrand::u32(..0x0100_0000);
-        let short_name: String = name
-            .chars()
-            .filter(char::is_ascii_alphanumeric)
-            .take(8)
-            .collect();
-        let handle = format!("{short_name}{suffix:06x}.test");
-        let password = format!("example-{:016x}", fastrand::u64(..));
-        let res = reqwest::Client::new()
-            .post(format!("{pds}/xrpc/com.atproto.server.createAccount"))
-            .json(&serde_json::json!({
-                "handle": handle,
-                "email": format!("{short_name}{suffix:06x}@example.test"),
-                "password": password,
-            }))
-            .send()
-            .await?;
-        if !res.status().is_success() {
-            let status = res.status();
-            let body = res.text().await.unwrap_or_default();
-            return Err(format!(
-                "creating an account on {pds} failed ({status}): {body}; \
-                 does this PDS accept sign-ups without an invite code?"
-            )
-            .into());
-        }
-        let body: serde_json::Value = res.json().await?;
-        let did = body["did"]
-            .as_str()
-            .ok_or("createAccount answered without a did")?;
-        Ok(Writer::login(pds, did, &password).await?)
+        let account = murmur_devnet::sign_up(pds, name).await?;
+        Ok(Writer::login(pds, &account.did, &account.password).await?)
     }
 
     /// An agent acting as `writer` that hears `peers` on every host of the network. It

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use atrium_api::types::Collection;
 use futures_util::StreamExt;
 use murmur_devnet::{Devnet, DevnetConfig};
+use murmur_e2e::bench::{env_or, latency_line};
 use murmur_firehose::{Created, OpEvent, Watcher};
 use murmur_lexicon::{Validate, ValidationError};
 use murmur_pds::Writer;
@@ -49,30 +50,9 @@ struct Header {
     t: Option<String>,
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
-}
-
-fn summary(name: &str, mut ms: Vec<f64>) {
-    ms.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    println!(
-        "  {name:<34} p50 {:>7.3} ms   p99 {:>7.3} ms   (n={})",
-        percentile(&ms, 0.5),
-        percentile(&ms, 0.99),
-        ms.len()
-    );
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let records: u64 = std::env::var("MURMUR_BENCH_RECORDS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1000);
+    let records: u64 = env_or("MURMUR_BENCH_RECORDS", 1000);
     let net = tokio::task::spawn_blocking(|| Devnet::start(DevnetConfig::default()))
         .await
         .unwrap()
@@ -192,9 +172,9 @@ async fn main() {
     println!(
         "write-to-handler latency, {records} sequential creates on the local PDS ({elapsed:.1?}):"
     );
-    summary("bare WebSocket (headers only)", bare_ms);
-    summary("murmur watcher (Full verification)", murmur_ms);
-    summary("added by murmur", added_ms);
+    latency_line("bare WebSocket (headers only)", &bare_ms);
+    latency_line("murmur watcher (Full verification)", &murmur_ms);
+    latency_line("added by murmur", &added_ms);
 
     tokio::task::spawn_blocking(move || drop(net))
         .await

@@ -96,3 +96,46 @@ pub async fn account_xrpc(account: &Account, method: &str, body: Option<serde_js
         response.text().await.unwrap_or_default()
     );
 }
+
+/// Small helpers the benchmarks share: reading settings, summarising samples, CPU time.
+pub mod bench {
+    /// `$name` parsed, or `default` when it is unset or unparsable.
+    pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    }
+
+    /// The `p` quantile (0..=1) of sorted samples, nearest rank; NaN when there are none.
+    pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+        if sorted.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+        sorted[i.min(sorted.len() - 1)]
+    }
+
+    /// Prints `name`'s p50 and p99 in milliseconds and returns the p50.
+    pub fn latency_line(name: &str, ms: &[f64]) -> f64 {
+        let mut sorted = ms.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let p50 = percentile(&sorted, 0.5);
+        println!(
+            "  {name:<36} p50 {p50:>7.3} ms   p99 {:>7.3} ms   (n={})",
+            percentile(&sorted, 0.99),
+            sorted.len()
+        );
+        p50
+    }
+
+    /// The smallest and the median of several rounds' figures.
+    pub fn min_median(values: &[f64]) -> (f64, f64) {
+        let mut sorted = values.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        (
+            sorted.first().copied().unwrap_or(f64::NAN),
+            percentile(&sorted, 0.5),
+        )
+    }
+}

@@ -1,10 +1,11 @@
 //! The one backoff policy of murmur: jittered exponential delays, capped, for reconnects and
 //! retries.
 //!
-//! [`Backoff`] only computes delays; the caller owns the loop, the sleep and what counts as
-//! worth retrying. The watcher reconnects and retries handlers with it (re-exported as
-//! `murmur_firehose::Backoff`), the writer retries XRPC calls with it (built from
-//! `murmur_pds::RetryPolicy`), and the agent runtime retries its task-protocol writes with it.
+//! [`Backoff`] computes delays; the caller owns the loop, the sleep and what counts as worth
+//! retrying, or hands a uniform retry to [`Backoff::retry`]. The watcher reconnects and
+//! retries handlers with it (re-exported as `murmur_firehose::Backoff`), the writer retries
+//! XRPC calls with it (built from `murmur_pds::RetryPolicy`), the agent runtime retries its
+//! task-protocol writes with it, and the bus its publishes and acknowledgements.
 //!
 //! ```
 //! use std::time::Duration;
@@ -82,6 +83,52 @@ impl Backoff {
             max: Duration::from_secs(5),
             factor: 2.0,
             max_attempts: Some(max_attempts),
+        }
+    }
+
+    /// Runs `op` until it succeeds or the policy gives up, sleeping the policy's delay between
+    /// tries; `on_retry(error, retry, delay)` sees each failure that will be retried (to log
+    /// or count it). Returns the last error when the retries are used up. For loops that
+    /// retry everything the same way; a caller that tells transient errors from final ones
+    /// owns its loop with [`delay`](Self::delay).
+    ///
+    /// ```
+    /// # #[tokio::main(flavor = "current_thread")] async fn main() {
+    /// use std::time::Duration;
+    /// use murmur_backoff::Backoff;
+    ///
+    /// let backoff = Backoff { initial: Duration::from_millis(1), ..Backoff::retries(3) };
+    /// let mut calls = 0;
+    /// let outcome: Result<u32, &str> = backoff
+    ///     .retry(|| { calls += 1; let n = calls; async move { if n < 3 { Err("busy") } else { Ok(n) } } },
+    ///            |_e, _retry, _delay| {})
+    ///     .await;
+    /// assert_eq!(outcome, Ok(3));
+    /// let gave_up: Result<(), &str> = backoff.retry(|| async { Err("down") }, |_, _, _| {}).await;
+    /// assert_eq!(gave_up, Err("down"));
+    /// # }
+    /// ```
+    pub async fn retry<T, E, Fut>(
+        &self,
+        mut op: impl FnMut() -> Fut,
+        mut on_retry: impl FnMut(&E, u32, Duration),
+    ) -> Result<T, E>
+    where
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        let mut retry = 0;
+        loop {
+            match op().await {
+                Ok(v) => return Ok(v),
+                Err(e) => match self.delay(retry) {
+                    Some(delay) => {
+                        on_retry(&e, retry, delay);
+                        retry += 1;
+                        tokio::time::sleep(delay).await;
+                    }
+                    None => return Err(e),
+                },
+            }
         }
     }
 

@@ -287,6 +287,8 @@ impl Feed for BusSource {
                 }
             };
             attempt = 0;
+            // Connected while it reads (an Agent waits for this before reading repos).
+            let _connected = sink.connected();
             loop {
                 let next = tokio::select! {
                     n = messages.next() => n,

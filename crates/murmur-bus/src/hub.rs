@@ -78,6 +78,7 @@ pub struct HubBuilder {
     plc_url: Option<String>,
     stream: StreamSettings,
     name: Option<String>,
+    start_cursor: Option<i64>,
 }
 
 impl HubBuilder {
@@ -114,6 +115,13 @@ impl HubBuilder {
     /// A name for logs and the NATS connection (default `murmur-hub`).
     pub fn name(mut self, name: impl Into<String>) -> Self {
         self.name = Some(name.into());
+        self
+    }
+
+    /// Where a source with no cursor in the bucket starts: `0` replays everything its host
+    /// still has (a new hub on a network that is already running); default: live events only.
+    pub fn start_cursor(mut self, seq: i64) -> Self {
+        self.start_cursor = Some(seq);
         self
     }
 
@@ -185,6 +193,9 @@ impl HubBuilder {
         }
         if let Some(plc) = self.plc_url {
             builder = builder.plc_url(plc);
+        }
+        if let Some(seq) = self.start_cursor {
+            builder = builder.start_cursor(seq);
         }
         let watcher = builder.build()?;
         info!(nats = %nats, stream = %self.stream.name, sources = self.sources.len() + self.relays.len(), "hub ready");

@@ -55,11 +55,25 @@
 //! hub-wide: sources connected) go through the `metrics` facade; the names are in
 //! [`METRICS_HELP`] and the [`Hub`] docs.
 //!
-//! # Pools
-//! Several processes may share one durable consumer: each op then goes to one of them, but
-//! two ops of the same DID may run at once on two members. For per-DID order across
-//! machines, give each member its own partitions ([`BusSource::partition`]): a DID's
-//! messages all carry the same partition number.
+//! # Pools: what order holds, and why
+//! Two ways to spread one stream's ops over several processes; we chose to offer exactly what
+//! the server guarantees rather than a lease protocol of our own, whose split-brain cases
+//! would break the very order it promised.
+//! - **A shared durable** (every member `BusSource::new(nats, "same-name")`): the server hands
+//!   each message to one member at a time and forgets it only when acknowledged, so each op
+//!   is handled once while members live, and a member that dies mid-op leaves it to another
+//!   after `ack_wait` (the op is at least once, as everywhere in murmur; a handler whose
+//!   effect must not repeat across machines should be idempotent). Order: messages go out in
+//!   stream order, but two ops of one DID can be in flight on two members at once and finish
+//!   in either order, and a redelivered op comes after later ones. Use it for work where
+//!   per-DID order does not matter (independent tasks, for example) and members come and go.
+//! - **Partitions** (member *i* adds one `BusSource::new(nats, format!("pool-p{k}")).partition(k)`
+//!   feed per partition *k* it owns): a DID's messages all carry one partition number, each
+//!   partition has one durable consumer, read by one member, so per-DID order holds across
+//!   the pool exactly as in one watcher. Ownership is static: when a member dies its
+//!   partitions wait (their durables keep the position and the unacknowledged ops; nothing is
+//!   lost) until it, or a replacement given the same partitions by your supervisor, starts.
+//!   The partition count is fixed when the stream is created ([`StreamSettings::partitions`]).
 
 mod consumer;
 mod cursor;

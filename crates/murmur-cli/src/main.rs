@@ -35,6 +35,9 @@ enum Command {
     Send(send::SendArgs),
     /// The main demo: 1 coordinator and N workers on 2 PDS hosts run tasks through records.
     Swarm(swarm::SwarmArgs),
+    /// One agent of `murmur swarm --bus`, in its own process (started by the launcher).
+    #[command(hide = true)]
+    SwarmAgent(swarm::agent::AgentArgs),
     /// Tail verified record ops from PDS hosts or a relay, one line each (resumable with --state).
     Watch(watch::WatchArgs),
     /// Lexicon tools: lint, generate Rust, validate records, check breaking changes.
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Command::Hub(args) => hub::run(args),
         Command::Send(args) => send::run(args),
         Command::Swarm(args) => swarm::run(args),
+        Command::SwarmAgent(args) => swarm::agent::run(args),
         Command::Watch(args) => watch::run(args),
         Command::Lex { command } => lex::run(command),
     };

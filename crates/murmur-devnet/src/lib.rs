@@ -23,6 +23,7 @@
 //! ```
 
 mod account;
+pub mod cpu;
 pub mod nats;
 mod provision;
 mod service;
@@ -32,7 +33,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
-pub use account::Account;
+pub use account::{Account, SignedUp, sign_up};
+pub use nats::spawn_tied;
 pub use provision::{NodeInstall, cache_root, provision};
 pub use service::ServiceExit;
 use service::{Service, ServiceSpec, free_port};

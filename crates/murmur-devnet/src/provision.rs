@@ -57,6 +57,31 @@ pub fn cache_root() -> Result<PathBuf, DevnetError> {
     }
 }
 
+/// `<cache>/<name>`, created if missing, with its install lock held until the returned file
+/// is dropped: installs into the cache serialise across processes (each install also becomes
+/// visible only when complete).
+pub(crate) fn locked_cache_dir(name: &str) -> Result<(PathBuf, File), DevnetError> {
+    let root = cache_root()?.join(name);
+    fs::create_dir_all(&root).map_err(|e| {
+        DevnetError::provision(
+            "create cache directory",
+            format!("{}: {e}", root.display()),
+            "set MURMUR_CACHE_DIR to a writable directory",
+        )
+    })?;
+    let lock_path = root.join(".lock");
+    let lock = File::create(&lock_path)
+        .and_then(|f| f.lock().map(|()| f))
+        .map_err(|e| {
+            DevnetError::provision(
+                "lock cache directory",
+                format!("{}: {e}", lock_path.display()),
+                "check the permissions of the cache directory",
+            )
+        })?;
+    Ok((root, lock))
+}
+
 /// The install key: a hash of the committed lockfile, so a changed pin gets a fresh install.
 fn install_key() -> String {
     let digest = Sha256::digest(PACKAGE_LOCK.as_bytes());
@@ -68,29 +93,7 @@ fn install_key() -> String {
 /// Idempotent and safe to call from several processes at once: a file lock serialises
 /// provisioning and the install becomes visible only when complete (staging dir + rename).
 pub fn provision() -> Result<NodeInstall, DevnetError> {
-    let root = cache_root()?.join("devnet");
-    fs::create_dir_all(&root).map_err(|e| {
-        DevnetError::provision(
-            "create cache directory",
-            format!("{}: {e}", root.display()),
-            "set MURMUR_CACHE_DIR to a writable directory",
-        )
-    })?;
-    let lock_path = root.join(".lock");
-    let lock = File::create(&lock_path).map_err(|e| {
-        DevnetError::provision(
-            "lock cache directory",
-            format!("{}: {e}", lock_path.display()),
-            "check the permissions of the cache directory",
-        )
-    })?;
-    lock.lock().map_err(|e| {
-        DevnetError::provision(
-            "lock cache directory",
-            e.to_string(),
-            "check the permissions of the cache directory",
-        )
-    })?;
+    let (root, _lock) = locked_cache_dir("devnet")?;
 
     let dir = root.join(install_key());
     if !dir.join(PROVISIONED_MARKER).exists() {

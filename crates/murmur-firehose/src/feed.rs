@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::dispatch::Completion;
-use crate::op::{ACCOUNT_EVENTS, IDENTITY_EVENTS, OpData, RepoEvent};
+use crate::op::{ACCOUNT_EVENTS, IDENTITY_EVENTS, OpData};
 use crate::pipeline::Pipeline;
 use crate::{Action, Filter, FirehoseError, Gap, OpEvent, Rejected, Rejection, WatchError};
 
@@ -125,6 +125,15 @@ impl FeedSink {
         self.pipeline.report(error);
     }
 
+    /// Counts the feed as connected (the watcher's `sources_connected` metric, which an
+    /// Agent waits on before it reads repos) until the guard is dropped: hold it while the
+    /// feed is reading from its upstream.
+    pub fn connected(&self) -> FeedConnected<'_> {
+        FeedConnected(crate::metrics::ConnectedSource::feed(
+            &self.pipeline.metrics,
+        ))
+    }
+
     /// Whether the watcher is stopping: read nothing more.
     pub fn is_stopped(&self) -> bool {
         *self.shutdown.borrow()
@@ -136,6 +145,10 @@ impl FeedSink {
         let _ = rx.wait_for(|s| *s).await;
     }
 }
+
+/// A feed counted as connected while this lives ([`FeedSink::connected`]).
+#[must_use = "the feed counts as connected only while the guard lives"]
+pub struct FeedConnected<'a>(#[allow(dead_code)] crate::metrics::ConnectedSource<'a>);
 
 impl Pipeline {
     pub(crate) fn wants(&self, collection: &str, action: Action) -> bool {
@@ -192,23 +205,8 @@ impl Pipeline {
         data.source = Arc::from(feed);
         let handlers: Vec<_> = match &data.repo_event {
             Some(event) => {
-                if let RepoEvent::Account { active, status } = event {
-                    self.track_account(feed, &data.did, *active, status.as_deref());
-                } else {
-                    self.verifier.on_identity(&data.did);
-                }
-                let (collection, tail_wants) = match event {
-                    RepoEvent::Identity { .. } => (IDENTITY_EVENTS, self.filter.identity_events),
-                    RepoEvent::Account { .. } => (ACCOUNT_EVENTS, self.filter.account_events),
-                };
-                if self.filter.allows_repo(&data.did) {
-                    let tail = self.tail.iter().filter(|_| tail_wants);
-                    self.routes(collection, Action::Update)
-                        .chain(tail.cloned())
-                        .collect()
-                } else {
-                    Vec::new()
-                }
+                self.note_repo_event(feed, &data.did, event);
+                self.repo_event_handlers(&data.did, event)
             }
             None => {
                 let collection = data.path.split_once('/').map_or("", |(c, _)| c);

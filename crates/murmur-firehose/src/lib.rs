@@ -78,7 +78,7 @@ pub use extract::{
     AccountStatus, Author, CommitInfo, Created, Deleted, FromOp, Identity, Record, RecordRef,
     State, Updated,
 };
-pub use feed::{Delivered, Feed, FeedSink, OnDelivered};
+pub use feed::{Delivered, Feed, FeedConnected, FeedSink, OnDelivered};
 pub use filter::{CollectionPattern, DidAllowlist, Filter};
 pub use gap::{Gap, GapKind};
 pub use handler::{BoxFuture, CallError, Handler, HandlerService, Layered};

@@ -285,6 +285,11 @@ impl<'a> ConnectedSource<'a> {
         }
         ConnectedSource(metrics, index)
     }
+
+    /// A feed: counted in the total only (feeds have no per-source figures here).
+    pub(crate) fn feed(metrics: &'a Metrics) -> Self {
+        ConnectedSource::new(metrics, usize::MAX)
+    }
 }
 
 impl Drop for ConnectedSource<'_> {

