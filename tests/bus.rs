@@ -719,3 +719,92 @@ async fn an_r3_stream_losing_a_node_mid_run_loses_and_repeats_nothing() {
     };
     fault_run("r3", &urls, settings.clone(), fault).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_op_whose_handler_fails_goes_to_the_dead_letter_stream_once() {
+    let net = shared().await;
+    let settings = settings("dead");
+    let hub_task = start_hub(net, &settings).await;
+    let (alice, alice_w) = account(net, 0, "deadl").await;
+
+    let effects: Seen = Arc::default();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let (effects, calls) = (Arc::clone(&effects), Arc::clone(&calls));
+        Watcher::builder()
+            .feed(
+                BusSource::new(nats_url(), "deadl")
+                    .stream(settings.clone())
+                    .start_at(StartAt::All)
+                    .ack_wait(Duration::from_secs(2)),
+            )
+            .plc_url(net.plc_url())
+            .collections(["test.murmur.*"])
+            .dids([alice.did.clone()])
+            .handler(move |note: Record<Note>, from: Author| {
+                let (effects, calls) = (Arc::clone(&effects), Arc::clone(&calls));
+                async move {
+                    if note.n == 2 {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        return Err(HandlerError::fail("note 2 cannot be handled"));
+                    }
+                    effects.lock().unwrap().push((from.0, note.n));
+                    Ok(())
+                }
+            })
+            .build()
+            .unwrap()
+    };
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    for n in 0..5 {
+        alice_w.create::<Note>(&note(n)).await.unwrap();
+    }
+    wait_for("the other notes", Duration::from_secs(30), || {
+        counts_of(&effects, &alice.did).len() >= 4
+    })
+    .await;
+
+    // The failed op is in the dead-letter stream once, with its reason, and is not delivered
+    // again (terminated): the handler ran once, and the DID's later ops went on.
+    let js = jetstream::new(async_nats::connect(nats_url()).await.unwrap());
+    let mut dead = js.get_stream(settings.dead_letter_stream()).await.unwrap();
+    wait_for_async_count(&mut dead, 1).await;
+    let raw = dead.get_raw_message(1).await.unwrap();
+    let letter = BusMessage::decode(&raw.payload).unwrap();
+    assert_eq!(letter.did, alice.did);
+    let headers = raw.headers;
+    assert!(
+        headers
+            .get("Murmur-Error")
+            .is_some_and(|v| v.as_str().contains("note 2 cannot be handled")),
+        "{headers:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await; // past ack_wait: no redelivery
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(dead.info().await.unwrap().state.messages, 1);
+    let mut expected = once_each(0..5);
+    expected.remove(&2);
+    assert_eq!(counts_of(&effects, &alice.did), expected);
+
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+    hub_task.abort();
+    cleanup(&settings).await;
+}
+
+/// Waits until `stream` holds `n` messages.
+async fn wait_for_async_count(stream: &mut jetstream::stream::Stream, n: u64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let have = stream.info().await.unwrap().state.messages;
+        if have >= n {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{have} of {n} messages"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

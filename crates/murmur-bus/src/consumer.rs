@@ -327,14 +327,21 @@ impl BusSource {
         let decoded = BusMessage::decode(&message.payload);
         if delivered > self.max_deliver {
             warn!(feed = %self.name, delivered, "message delivered too often; dead-lettered without running again");
-            self.dead_letter(
-                js,
-                &message,
-                "consumer",
-                "delivered too many times without an ack",
-            )
-            .await;
-            finish(&message, AckKind::Term).await;
+            let stored = self
+                .dead_letter(
+                    js,
+                    &message,
+                    "consumer",
+                    "delivered too many times without an ack",
+                )
+                .await;
+            match stored {
+                Ok(()) => finish(&message, End::Term).await,
+                Err(e) => {
+                    warn!(feed = %self.name, error = %e, "dead letter not stored; the message stays in the stream");
+                    redeliver_later(&message, DEAD_LETTER_RETRY).await;
+                }
+            }
             return;
         }
         let bus = match decoded {
@@ -344,7 +351,7 @@ impl BusSource {
                     source: self.name.clone(),
                     error: Arc::new(e),
                 });
-                finish(&message, AckKind::Term).await;
+                finish(&message, End::Term).await;
                 return;
             }
         };
@@ -364,7 +371,7 @@ impl BusSource {
             Check::New(message) => message,
             Check::Done(end, message) => {
                 debug!(feed = %self.name, id, "delivered again after it was finished; acknowledged again");
-                finish(&message, end.kind()).await;
+                finish(&message, end).await;
                 return;
             }
             Check::Running => {
@@ -426,7 +433,17 @@ impl BusSource {
             tokio::spawn(async move {
                 let end = match outcome {
                     Delivered::DeadLettered { handler, error } => {
-                        publish_dead_letter(&js, &dead_subject, &message, &handler, &error).await;
+                        let stored =
+                            publish_dead_letter(&js, &dead_subject, &message, &handler, &error)
+                                .await;
+                        if let Err(e) = stored {
+                            // Not terminated (that would lose the op): it runs again later;
+                            // `done` goes unfinished, so that delivery is not skipped.
+                            warn!(error = %e, "dead letter not stored; the op stays in the stream and runs again");
+                            redeliver_later(&message, DEAD_LETTER_RETRY).await;
+                            in_flight.end();
+                            return;
+                        }
                         End::Term
                     }
                     Delivered::Rejected(why) => {
@@ -491,7 +508,7 @@ impl BusSource {
         message: &jetstream::Message,
         handler: &str,
         error: &str,
-    ) {
+    ) -> Result<(), String> {
         publish_dead_letter(
             js,
             &self.stream.dead_letter_subject(&self.durable),
@@ -499,7 +516,7 @@ impl BusSource {
             handler,
             error,
         )
-        .await;
+        .await
     }
 }
 
@@ -589,12 +606,12 @@ struct Done {
 
 impl Done {
     async fn finish(mut self, message: &jetstream::Message, end: End) {
-        finish(message, end.kind()).await;
+        finish(message, end).await;
         self.finished = true;
         let Some(id) = &self.id else { return };
         let others = lock(&self.recent).finished(id, end);
         for other in &others {
-            finish(other, end.kind()).await;
+            finish(other, end).await;
         }
     }
 }
@@ -636,38 +653,36 @@ impl Drop for Heartbeat {
 
 /// Acks (or terms) a message and waits for the server to confirm, retrying a few times while
 /// the server is unreachable: an ack lost to a restart would deliver the op again.
-async fn finish(message: &jetstream::Message, kind: AckKind) {
-    let backoff = Backoff::retries(8);
-    let mut attempt = 0;
-    loop {
-        let kind = match kind {
-            AckKind::Ack => AckKind::Ack,
-            _ => AckKind::Term,
-        };
-        match message.double_ack_with(kind).await {
-            Ok(()) => return,
-            Err(e) => match backoff.delay(attempt) {
-                Some(delay) => {
-                    debug!(error = %e, ?delay, "ack not confirmed; retrying");
-                    attempt += 1;
-                    tokio::time::sleep(delay).await;
-                }
-                None => {
-                    warn!(error = %e, "ack not confirmed; the server will deliver the message again");
-                    return;
-                }
-            },
-        }
+async fn finish(message: &jetstream::Message, end: End) {
+    let confirmed = Backoff::retries(8)
+        .retry(
+            || message.double_ack_with(end.kind()),
+            |e, _, delay| debug!(error = %e, ?delay, "ack not confirmed; retrying"),
+        )
+        .await;
+    if let Err(e) = confirmed {
+        warn!(error = %e, "ack not confirmed; the server will deliver the message again");
     }
 }
 
+/// Leaves a message to be delivered again after `delay` (its dead letter could not be stored:
+/// terminating it would lose the op).
+async fn redeliver_later(message: &jetstream::Message, delay: Duration) {
+    let _ = message.ack_with(AckKind::Nak(Some(delay))).await;
+}
+
+/// How long a message whose dead letter could not be stored waits before it runs again.
+const DEAD_LETTER_RETRY: Duration = Duration::from_secs(10);
+
+/// Copies a message to the dead-letter stream with the reason in headers; `Err` when the
+/// stream could not store it after a few retries.
 async fn publish_dead_letter(
     js: &jetstream::Context,
     subject: &str,
     message: &jetstream::Message,
     handler: &str,
     error: &str,
-) {
+) -> Result<(), String> {
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Murmur-Handler", handler);
     headers.insert("Murmur-Error", error.replace(['\r', '\n'], " ").as_str());
@@ -678,31 +693,21 @@ async fn publish_dead_letter(
             info.stream_sequence.to_string().as_str(),
         );
     }
-    let backoff = Backoff::retries(8);
-    let mut attempt = 0;
-    loop {
-        let sent = match js
-            .publish_with_headers(
-                subject.to_string(),
-                headers.clone(),
-                message.payload.clone(),
-            )
-            .await
-        {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        match (sent, backoff.delay(attempt)) {
-            (Ok(()), _) => return,
-            (Err(e), Some(delay)) => {
-                debug!(error = %e, "dead letter not stored yet; retrying");
-                attempt += 1;
-                tokio::time::sleep(delay).await;
-            }
-            (Err(e), None) => {
-                warn!(error = %e, subject, "dead letter could not be stored in the dead-letter stream");
-                return;
-            }
-        }
-    }
+    Backoff::retries(8)
+        .retry(
+            || async {
+                js.publish_with_headers(
+                    subject.to_string(),
+                    headers.clone(),
+                    message.payload.clone(),
+                )
+                .await
+                .map_err(|e| e.to_string())?
+                .await
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+            },
+            |e, _, _| debug!(error = %e, "dead letter not stored yet; retrying"),
+        )
+        .await
 }

@@ -368,20 +368,16 @@ impl Publisher {
         let subject = self.subjects.gap();
         let id = message.msg_id();
         let payload = message.encode();
-        let mut attempt = 0;
-        let backoff = Backoff::retries(10);
-        while let Err(e) = self
-            .send(source, subject.clone(), &id, payload.clone())
-            .await
-        {
-            let Some(delay) = backoff.delay(attempt) else {
-                warn!(error = %e, source, "gap not published after retries");
-                metrics::counter!("murmur_hub_gaps_lost_total", "source" => source.to_string())
-                    .increment(1);
-                return;
-            };
-            attempt += 1;
-            tokio::time::sleep(delay).await;
+        let sent = Backoff::retries(10)
+            .retry(
+                || self.send(source, subject.clone(), &id, payload.clone()),
+                |_, _, _| {},
+            )
+            .await;
+        if let Err(e) = sent {
+            warn!(error = %e, source, "gap not published after retries");
+            metrics::counter!("murmur_hub_gaps_lost_total", "source" => source.to_string())
+                .increment(1);
         }
     }
 
