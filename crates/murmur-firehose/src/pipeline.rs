@@ -488,25 +488,16 @@ impl Pipeline {
             return;
         };
         let anchor = (seq - 1).max(0);
-        let backoff = Backoff::retries(5);
-        let mut attempt = 0;
-        loop {
-            match store.store(url, anchor).await {
-                Ok(()) => {
-                    debug!(source = url, cursor = anchor, "first cursor stored");
-                    return;
-                }
-                Err(e) => match backoff.delay(attempt) {
-                    Some(delay) => {
-                        warn!(source = url, error = %e, ?delay, "first cursor not stored; retrying");
-                        attempt += 1;
-                        tokio::time::sleep(delay).await;
-                    }
-                    None => {
-                        warn!(source = url, error = %e, "first cursor not stored; it is stored with the next flush");
-                        return;
-                    }
-                },
+        let stored = Backoff::retries(5)
+            .retry(
+                || store.store(url, anchor),
+                |e, _, delay| warn!(source = url, error = %e, ?delay, "first cursor not stored; retrying"),
+            )
+            .await;
+        match stored {
+            Ok(()) => debug!(source = url, cursor = anchor, "first cursor stored"),
+            Err(e) => {
+                warn!(source = url, error = %e, "first cursor not stored; it is stored with the next flush")
             }
         }
     }
