@@ -514,16 +514,7 @@ async fn a_consumer_killed_mid_handler_leaves_the_op_to_its_successor() {
     let started = Arc::new(AtomicUsize::new(0));
     let effects: Seen = Arc::default();
     let slow_watcher = |started: Arc<AtomicUsize>, effects: Seen, slow: bool| {
-        Watcher::builder()
-            .feed(
-                BusSource::new(nats_url(), "killc")
-                    .stream(settings.clone())
-                    .start_at(StartAt::All)
-                    .ack_wait(Duration::from_secs(2)),
-            )
-            .plc_url(net.plc_url())
-            .collections(["test.murmur.*"])
-            .dids([alice.did.clone()])
+        short_ack_watcher(net, &settings, "killc", &alice.did)
             .handler(move |note: Record<Note>, from: Author, _c: CommitInfo| {
                 let (started, effects) = (Arc::clone(&started), Arc::clone(&effects));
                 async move {
@@ -731,16 +722,7 @@ async fn an_op_whose_handler_fails_goes_to_the_dead_letter_stream_once() {
     let calls = Arc::new(AtomicUsize::new(0));
     let watcher = {
         let (effects, calls) = (Arc::clone(&effects), Arc::clone(&calls));
-        Watcher::builder()
-            .feed(
-                BusSource::new(nats_url(), "deadl")
-                    .stream(settings.clone())
-                    .start_at(StartAt::All)
-                    .ack_wait(Duration::from_secs(2)),
-            )
-            .plc_url(net.plc_url())
-            .collections(["test.murmur.*"])
-            .dids([alice.did.clone()])
+        short_ack_watcher(net, &settings, "deadl", &alice.did)
             .handler(move |note: Record<Note>, from: Author| {
                 let (effects, calls) = (Arc::clone(&effects), Arc::clone(&calls));
                 async move {
@@ -791,6 +773,26 @@ async fn an_op_whose_handler_fails_goes_to_the_dead_letter_stream_once() {
     running.await.unwrap().unwrap();
     hub_task.abort();
     cleanup(&settings).await;
+}
+
+/// A watcher of `did`'s notes on the bus through durable `durable`, from the stream's start,
+/// whose unacknowledged messages come back after 2 s.
+fn short_ack_watcher(
+    net: &Devnet,
+    settings: &StreamSettings,
+    durable: &str,
+    did: &str,
+) -> murmur_firehose::WatcherBuilder {
+    Watcher::builder()
+        .feed(
+            BusSource::new(nats_url(), durable)
+                .stream(settings.clone())
+                .start_at(StartAt::All)
+                .ack_wait(Duration::from_secs(2)),
+        )
+        .plc_url(net.plc_url())
+        .collections(["test.murmur.*"])
+        .dids([did.to_string()])
 }
 
 /// Waits until `stream` holds `n` messages.
