@@ -810,3 +810,158 @@ async fn wait_for_async_count(stream: &mut jetstream::stream::Stream, n: u64) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_split_by_partition_handles_each_op_once_in_per_did_order() {
+    let net = shared().await;
+    let settings = settings("pool"); // 4 partitions
+    let hub_task = start_hub(net, &settings).await;
+    let mut writers = Vec::new();
+    for i in 0..6 {
+        writers.push(account(net, i % 2, &format!("pool{i}")).await);
+    }
+
+    // Two members: the first owns partitions 0 and 1, the second 2 and 3; one durable per
+    // partition, one feed each.
+    let handled: Arc<Mutex<Vec<(usize, String, u64)>>> = Arc::default();
+    let members: Vec<(usize, [u16; 2])> = vec![(0, [0, 1]), (1, [2, 3])];
+    let mut running = Vec::new();
+    for (member, owned) in &members {
+        let mut builder = Watcher::builder();
+        for k in owned {
+            builder = builder.feed(
+                BusSource::new(nats_url(), format!("pool-p{k}"))
+                    .stream(settings.clone())
+                    .start_at(StartAt::All)
+                    .partition(*k),
+            );
+        }
+        let (handled, member) = (Arc::clone(&handled), *member);
+        let watcher = builder
+            .plc_url(net.plc_url())
+            .collections(["test.murmur.*"])
+            .dids(writers.iter().map(|(a, _)| a.did.clone()))
+            .handler(move |note: Record<Note>, from: Author| {
+                let handled = Arc::clone(&handled);
+                async move {
+                    // Long enough for two ops of one DID to overlap if order were not kept.
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(1..15))).await;
+                    handled.lock().unwrap().push((member, from.0, note.n));
+                    Ok::<_, HandlerError>(())
+                }
+            })
+            .build()
+            .unwrap();
+        let stop = watcher.shutdown_handle();
+        running.push((stop, tokio::spawn(watcher.run())));
+    }
+    const NOTES: u64 = 8;
+    let mut writes = Vec::new();
+    for (_, w) in &writers {
+        let w = w.clone();
+        writes.push(tokio::spawn(async move {
+            for n in 0..NOTES {
+                w.create::<Note>(&note(n)).await.unwrap();
+            }
+        }));
+    }
+    for w in writes {
+        w.await.unwrap();
+    }
+    let total = writers.len() * NOTES as usize;
+    wait_for("every note handled", Duration::from_secs(60), || {
+        handled.lock().unwrap().len() >= total
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let handled = handled.lock().unwrap().clone();
+    assert_eq!(handled.len(), total, "each op once: {handled:?}");
+    for (account, _) in &writers {
+        let of_did: Vec<&(usize, String, u64)> = handled
+            .iter()
+            .filter(|(_, d, _)| *d == account.did)
+            .collect();
+        let order: Vec<u64> = of_did.iter().map(|(_, _, n)| *n).collect();
+        assert_eq!(order, (0..NOTES).collect::<Vec<_>>(), "{}", account.did);
+        let partition = murmur_bus::subject::partition_of(&account.did, settings.partitions);
+        let owner = members
+            .iter()
+            .find(|(_, owned)| owned.contains(&partition))
+            .map(|(m, _)| *m)
+            .unwrap();
+        assert!(
+            of_did.iter().all(|(m, _, _)| *m == owner),
+            "{} (partition {partition}) handled off its owner: {of_did:?}",
+            account.did
+        );
+    }
+    for (stop, task) in running {
+        stop.shutdown();
+        task.await.unwrap().unwrap();
+    }
+    hub_task.abort();
+    cleanup(&settings).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pool_sharing_one_durable_handles_each_op_once() {
+    let net = shared().await;
+    let settings = settings("shared");
+    let hub_task = start_hub(net, &settings).await;
+    let (alice, alice_w) = account(net, 0, "shareda").await;
+    let (bob, bob_w) = account(net, 1, "sharedb").await;
+
+    let handled: Arc<Mutex<Vec<(usize, String, u64)>>> = Arc::default();
+    let mut running = Vec::new();
+    for member in 0..2 {
+        let handled = Arc::clone(&handled);
+        let watcher = Watcher::builder()
+            .feed(
+                BusSource::new(nats_url(), "shared")
+                    .stream(settings.clone())
+                    .start_at(StartAt::All),
+            )
+            .plc_url(net.plc_url())
+            .collections(["test.murmur.*"])
+            .dids([alice.did.clone(), bob.did.clone()])
+            .handler(move |note: Record<Note>, from: Author| {
+                let handled = Arc::clone(&handled);
+                async move {
+                    handled.lock().unwrap().push((member, from.0, note.n));
+                    Ok::<_, HandlerError>(())
+                }
+            })
+            .build()
+            .unwrap();
+        let stop = watcher.shutdown_handle();
+        running.push((stop, tokio::spawn(watcher.run())));
+    }
+    for n in 0..20 {
+        alice_w.create::<Note>(&note(n)).await.unwrap();
+        bob_w.create::<Note>(&note(n)).await.unwrap();
+    }
+    wait_for("every note handled", Duration::from_secs(60), || {
+        handled.lock().unwrap().len() >= 40
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let handled = handled.lock().unwrap().clone();
+    let once = |did: &str| {
+        let mut counts = BTreeMap::new();
+        for (_, d, n) in &handled {
+            if d == did {
+                *counts.entry(*n).or_default() += 1;
+            }
+        }
+        counts
+    };
+    assert_eq!(once(&alice.did), once_each(0..20), "{handled:?}");
+    assert_eq!(once(&bob.did), once_each(0..20), "{handled:?}");
+    for (stop, task) in running {
+        stop.shutdown();
+        task.await.unwrap().unwrap();
+    }
+    hub_task.abort();
+    cleanup(&settings).await;
+}

@@ -16,8 +16,9 @@
 //!    under 2 ms p50.
 //! 3. **Fan-out** (`MURMUR_BENCH_AGENTS` agents, default 64; `MURMUR_BENCH_WRITES` writes,
 //!    default 300): the agents' watchers subscribed to the PDS directly vs one hub and one bus
-//!    consumer per agent. CPU seconds per 1,000 writes of the PDS process, of this process
-//!    (watchers, hub, consumers) and of nats-server, from `/proc`.
+//!    consumer per agent (each verifying every op's proof, then trusting the hub). CPU seconds
+//!    per 1,000 writes of the PDS process, of this process (watchers, hub, consumers) and of
+//!    nats-server, from `/proc`, beside the writes alone.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -324,9 +325,11 @@ async fn fan_out(bench: &Bench, agents: usize, writes: u64) {
     let mut base = 2_000_000u64;
     let mut results = Vec::new();
     // "no agents" is the baseline: what the writes alone cost the PDS.
-    for mode in ["no agents", "direct", "via hub"] {
+    // "trusted" agents read the hub's stream with `trust_hub(true)`: verified once, in the
+    // hub, instead of once more in every agent.
+    for mode in ["no agents", "direct", "via hub", "trusted"] {
         let settings = bench.settings("FANOUT");
-        let hub = if mode == "via hub" {
+        let hub = if mode == "via hub" || mode == "trusted" {
             Some(Running::hub(bench.hub(&settings, None).await))
         } else {
             None
@@ -338,7 +341,9 @@ async fn fan_out(bench: &Bench, agents: usize, writes: u64) {
             let count = Arc::clone(count);
             let builder = if hub.is_some() {
                 Watcher::builder().feed(
-                    BusSource::new(bench.nats.url(), format!("agent{i}")).stream(settings.clone()),
+                    BusSource::new(bench.nats.url(), format!("agent{i}"))
+                        .stream(settings.clone())
+                        .trust_hub(mode == "trusted"),
                 )
             } else {
                 Watcher::builder().pds(&bench.pds)
@@ -407,11 +412,17 @@ async fn fan_out(bench: &Bench, agents: usize, writes: u64) {
             h.stop().await;
         }
     }
-    if let [alone, direct, bus] = results[..] {
+    if let [alone, direct, bus, trusted] = results[..] {
         println!(
             "  PDS CPU of serving the agents (minus the writes alone): direct {:.2} s, via the hub {:.2} s per 1,000 writes",
             direct.0 - alone.0,
             bus.0 - alone.0
+        );
+        println!(
+            "  all CPU (PDS + agents + hub + nats-server) per 1,000 writes: direct {:.2} s, via the hub {:.2} s, trusting the hub {:.2} s",
+            direct.0 + direct.1 + direct.2,
+            bus.0 + bus.1 + bus.2,
+            trusted.0 + trusted.1 + trusted.2
         );
     }
 }

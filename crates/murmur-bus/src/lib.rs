@@ -48,6 +48,10 @@
 //!   acknowledges them again without running them.
 //! - Handler retries run in the consumer, which keeps telling the server the message is in
 //!   progress; a nak would let the DID's later ops overtake it.
+//! - An op whose handler fails for good is copied to the `{STREAM}_DEAD` stream (headers
+//!   `Murmur-Handler`, `Murmur-Error`, `Murmur-Subject`, `Murmur-Stream-Seq`) and terminated;
+//!   if that copy cannot be stored, the op is not terminated but left in the stream to run
+//!   again later, so nothing is dropped.
 //! - A forged or altered message fails its proof and never reaches a handler.
 //!
 //! # Metrics
