@@ -53,16 +53,16 @@ fn up(pds: usize, json: bool) -> Result<ExitCode, Box<dyn std::error::Error>> {
         .enable_all()
         .build()?;
     runtime.block_on(async {
-        let shutdown = shutdown_signal();
+        let shutdown = crate::signal::interrupted();
         tokio::pin!(shutdown);
         let mut check = tokio::time::interval(EXIT_CHECK);
         loop {
             tokio::select! {
-                r = &mut shutdown => return r,
+                _ = &mut shutdown => return,
                 _ = check.tick() => report_exits(&net),
             }
         }
-    })?;
+    });
     eprintln!("stopping the local network");
     drop(net);
     Ok(ExitCode::SUCCESS)
@@ -80,19 +80,4 @@ fn report_exits(net: &Devnet) {
             exit.service
         );
     }
-}
-
-/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
-async fn shutdown_signal() -> std::io::Result<()> {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r,
-            _ = term.recv() => Ok(()),
-        }
-    }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await
 }

@@ -48,7 +48,8 @@ pub struct HubArgs {
     metrics: Option<SocketAddr>,
 }
 
-/// Runs the hub until Ctrl-C (then publishes in flight finish and cursors are stored).
+/// Runs the hub until Ctrl-C or SIGTERM (then publishes in flight finish and cursors are
+/// stored).
 pub fn run(args: HubArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -82,10 +83,9 @@ pub fn run(args: HubArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         let hub = builder.build().await?;
         let stop = hub.shutdown_handle();
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("stopping: finishing publishes, storing cursors...");
-                stop.shutdown();
-            }
+            let signal = crate::signal::interrupted().await;
+            eprintln!("{signal}: stopping, finishing publishes, storing cursors...");
+            stop.shutdown();
         });
         eprintln!(
             "hub running: {} source(s) -> {}",

@@ -4,6 +4,7 @@ mod devnet;
 mod hub;
 mod lex;
 mod send;
+mod signal;
 mod swarm;
 mod watch;
 

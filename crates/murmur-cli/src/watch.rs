@@ -129,7 +129,7 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> 
         .build()?;
     let stop = watcher.shutdown_handle();
     tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
+        crate::signal::interrupted().await;
         stop.shutdown();
     });
     watcher.run().await?;

@@ -301,7 +301,7 @@ async fn run_swarm(
     let give_up = Instant::now() + STARTUP + Duration::from_secs(args.timeout + 30);
     let mut tick = tokio::time::interval(Duration::from_millis(50));
     // Ctrl-C or SIGTERM: stop cleanly (agents, stream, temporary files) instead of dying.
-    let mut interrupted = std::pin::pin!(interrupted());
+    let mut interrupted = std::pin::pin!(crate::signal::interrupted());
     while run.outcome.is_none() {
         tokio::select! {
             // Never closed: the launcher holds a sender for agents it starts later.
@@ -451,22 +451,6 @@ async fn run_swarm(
     hub_stop.shutdown();
     let _ = tokio::time::timeout(Duration::from_secs(5), hub_task).await;
     Ok(ok && failures.is_empty())
-}
-
-/// Resolves with the signal's name on Ctrl-C (SIGINT) or SIGTERM.
-async fn interrupted() -> &'static str {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            return tokio::select! {
-                _ = tokio::signal::ctrl_c() => "SIGINT",
-                _ = term.recv() => "SIGTERM",
-            };
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-    "SIGINT"
 }
 
 /// A coordinator restarted by `--restart-coordinator`.
