@@ -11,7 +11,7 @@ const TID_LEN: usize = 13;
 /// id, written as 13 base32-sortable characters (`3jzfcijpj2z2a`).
 ///
 /// TIDs sort lexically in the order they were generated, so records created by one
-/// [`TidGenerator`] list in creation order.
+/// generator (such as `murmur_pds::TidGenerator`) list in creation order.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Tid(u64);
 
