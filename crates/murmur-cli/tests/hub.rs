@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Lines, Reaper};
+use common::{Lines, Reaper, create_record};
 use murmur::comms::Message;
 use murmur_bus::{BusMessage, BusSource, StartAt, StreamSettings};
 use murmur_devnet::nats::NatsServer;
@@ -123,28 +123,6 @@ async fn wait_metrics(hub: &mut HubProcess, what: &str, done: impl Fn(&str) -> b
     }
 }
 
-async fn create(account: &Account, n: u64) {
-    let response = reqwest::Client::new()
-        .post(format!(
-            "{}/xrpc/com.atproto.repo.createRecord",
-            account.pds_url
-        ))
-        .bearer_auth(&account.access_jwt)
-        .json(&serde_json::json!({
-            "repo": account.did,
-            "collection": COLLECTION,
-            "record": {"$type": COLLECTION, "text": format!("n {n}"), "createdAt": "2026-11-23T12:00:00.000Z"},
-        }))
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        response.status().is_success(),
-        "createRecord: {}",
-        response.status()
-    );
-}
-
 type Seen = Arc<Mutex<Vec<(String, String)>>>;
 
 fn counts(seen: &[(String, String)], did: &str) -> BTreeMap<String, usize> {
@@ -229,7 +207,7 @@ async fn a_hub_killed_with_sigkill_and_restarted_publishes_each_op_once_and_serv
     let started = Instant::now();
     let write = |account: Account, first: u64| async move {
         for n in first..first + MESSAGES {
-            create(&account, n).await;
+            create_record(&account, COLLECTION, &format!("n {n}")).await;
             tokio::time::sleep(Duration::from_millis(40)).await;
         }
     };

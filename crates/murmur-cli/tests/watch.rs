@@ -1,11 +1,14 @@
 //! `murmur watch` against the real local network: JSON lines of verified ops, resumable.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use murmur_devnet::{Account, Devnet};
+use common::create_record;
+use murmur_devnet::Devnet;
 
 fn start_watch(
     net: &Devnet,
@@ -47,29 +50,6 @@ fn start_watch(
     (child, rx)
 }
 
-async fn create(account: &Account, collection: &str, text: &str) -> String {
-    let out: serde_json::Value = reqwest::Client::new()
-        .post(format!(
-            "{}/xrpc/com.atproto.repo.createRecord",
-            account.pds_url
-        ))
-        .bearer_auth(&account.access_jwt)
-        .json(&serde_json::json!({
-            "repo": account.did,
-            "collection": collection,
-            "record": {"$type": collection, "text": text, "createdAt": "2026-11-23T12:00:00.000Z"},
-        }))
-        .send()
-        .await
-        .unwrap()
-        .error_for_status()
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    out["uri"].as_str().unwrap().to_string()
-}
-
 fn next_line(rx: &mpsc::Receiver<String>) -> serde_json::Value {
     let line = rx
         .recv_timeout(Duration::from_secs(30))
@@ -90,8 +70,8 @@ async fn tails_verified_ops_as_json_and_resumes_from_its_state() {
     let state = tempfile::tempdir().unwrap();
 
     let (mut child, rx) = start_watch(net, &alice.did, state.path());
-    create(&alice, "app.example.ignored", "not agent.comms").await;
-    let first = create(&alice, "agent.comms.message", "first").await;
+    create_record(&alice, "app.example.ignored", "not agent.comms").await;
+    let first = create_record(&alice, "agent.comms.message", "first").await;
     let line = next_line(&rx);
     assert_eq!(line["uri"], first.as_str());
     assert_eq!(line["action"], "create");
@@ -121,7 +101,7 @@ async fn tails_verified_ops_as_json_and_resumes_from_its_state() {
     child.kill().unwrap();
     child.wait().unwrap();
 
-    let second = create(&alice, "agent.comms.message", "second").await;
+    let second = create_record(&alice, "agent.comms.message", "second").await;
     let (mut child, rx) = start_watch(net, &alice.did, state.path());
     let line = next_line(&rx);
     assert_eq!(
@@ -168,7 +148,7 @@ async fn without_plc_a_local_network_gets_a_hint_to_pass_plc() {
             }
         }
     });
-    let uri = create(&bob, "agent.comms.message", "unverifiable").await;
+    let uri = create_record(&bob, "agent.comms.message", "unverifiable").await;
 
     // Where the public directory answers, it does not know bob: the op is rejected. Where it
     // cannot be reached (as on a machine without internet), that is an outage, not a

@@ -75,3 +75,32 @@ impl Drop for Reaper {
         let _ = self.0.wait();
     }
 }
+
+/// Creates a record `{"$type": collection, "text": text}` in `account`'s repo with its access
+/// token, failing the test unless the PDS stores it; returns the record's at-uri.
+pub async fn create_record(
+    account: &murmur_devnet::Account,
+    collection: &str,
+    text: &str,
+) -> String {
+    let out: serde_json::Value = reqwest::Client::new()
+        .post(format!(
+            "{}/xrpc/com.atproto.repo.createRecord",
+            account.pds_url
+        ))
+        .bearer_auth(&account.access_jwt)
+        .json(&serde_json::json!({
+            "repo": account.did,
+            "collection": collection,
+            "record": {"$type": collection, "text": text, "createdAt": "2026-11-23T12:00:00.000Z"},
+        }))
+        .send()
+        .await
+        .unwrap()
+        .error_for_status()
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    out["uri"].as_str().unwrap().to_string()
+}
