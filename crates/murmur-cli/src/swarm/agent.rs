@@ -21,7 +21,7 @@ use tokio::sync::{broadcast, oneshot};
 
 use super::direct::millis;
 use super::summary::{AgentLine, Outcome, StatsWire, worker_event};
-use super::{closed_by_ack, square_worker, task_specs, worker_profile};
+use super::{closed_by_ack, post_tasks, square_worker, worker_profile, workers_online};
 
 /// Arguments of `murmur swarm-agent`.
 #[derive(clap::Args)]
@@ -205,40 +205,13 @@ async fn coordinator(spec: &AgentSpec) -> Result<(), Box<dyn std::error::Error>>
         return follow(spec, &boss, &writer, None, r.open as u64, &mut stop).await;
     }
 
-    // Every worker hears the stream once the coordinator sees all their presences.
-    let started = Instant::now();
-    loop {
-        let online = boss.registry().live_with("square").len();
-        if online >= spec.workers {
-            break;
-        }
-        if started.elapsed() > Duration::from_secs(60) {
-            return Err(format!(
-                "{online} of {} workers came online within 60 s",
-                spec.workers
-            )
-            .into());
-        }
-        if stop.try_recv().is_ok() {
-            return Err("the launcher closed our stdin".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::select! {
+        online = workers_online(&boss, spec.workers) => online?,
+        _ = &mut stop => return Err("the launcher closed our stdin".into()),
     }
     emit(&AgentLine::Online);
 
-    let poster = {
-        let boss = boss.clone();
-        let (total, lease) = (spec.tasks, spec.lease);
-        tokio::spawn(async move {
-            match boss.request_many(task_specs(total, lease), 20).await {
-                Ok(handles) => handles,
-                Err(err) => {
-                    eprintln!("posting tasks failed: {err}");
-                    Vec::new()
-                }
-            }
-        })
-    };
+    let poster = post_tasks(&boss, spec.tasks, spec.lease);
     follow(
         spec,
         &boss,

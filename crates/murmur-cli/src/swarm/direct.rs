@@ -7,8 +7,8 @@ use murmur::pds::Writer;
 
 use super::summary::{Outcome, Report, count, worker_event};
 use super::{
-    SwarmArgs, account, closed_by_ack, merged, square_worker, task_specs, worker_host,
-    worker_profile,
+    SwarmArgs, account, closed_by_ack, merged, post_tasks, square_worker, worker_host,
+    worker_profile, workers_online,
 };
 
 /// Runs the swarm in this process; true when nothing was lost or duplicated and every task
@@ -55,14 +55,7 @@ pub(super) async fn swarm(
         .start()
         .await?;
 
-    // Every worker's stream is up once the coordinator sees all their presences.
-    let started = Instant::now();
-    while boss.registry().live_with("square").len() < args.workers {
-        if started.elapsed() > Duration::from_secs(60) {
-            return Err("the workers did not come online within 60 s".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    workers_online(&boss, args.workers).await?;
     report.say(format_args!(
         "swarm: 1 coordinator on {}, {} workers on {} PDS host(s), {} tasks",
         hosts[0],
@@ -86,21 +79,7 @@ pub(super) async fn swarm(
     }
 
     let run_started = Instant::now();
-    // Post in applyWrites batches (20 tasks per commit), in the background so progress
-    // shows while tasks are still going out.
-    let posters = {
-        let boss = boss.clone();
-        let (total, lease) = (args.tasks, args.lease);
-        vec![tokio::spawn(async move {
-            match boss.request_many(task_specs(total, lease), 20).await {
-                Ok(handles) => handles,
-                Err(err) => {
-                    eprintln!("posting tasks failed: {err}");
-                    Vec::new()
-                }
-            }
-        })]
-    };
+    let posters = vec![post_tasks(&boss, args.tasks, args.lease)];
 
     // Kill workers in the middle of a task.
     let mut killed = Vec::new();

@@ -173,6 +173,43 @@ fn task_specs(total: usize, lease: u64) -> impl Iterator<Item = TaskSpec> {
     })
 }
 
+/// Waits until the coordinator sees all `workers` workers' presences (then every worker's
+/// stream is up), for at most 60 s.
+async fn workers_online(boss: &murmur::Agent, workers: usize) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    loop {
+        let online = boss.registry().live_with("square").len();
+        if online >= workers {
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "{online} of {workers} workers came online within 60 s"
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Posts the demo's tasks in applyWrites batches (20 tasks per commit), in the background so
+/// progress shows while tasks are still going out.
+fn post_tasks(
+    boss: &murmur::Agent,
+    total: usize,
+    lease: u64,
+) -> tokio::task::JoinHandle<Vec<murmur::TaskHandle>> {
+    let boss = boss.clone();
+    tokio::spawn(async move {
+        match boss.request_many(task_specs(total, lease), 20).await {
+            Ok(handles) => handles,
+            Err(err) => {
+                eprintln!("posting tasks failed: {err}");
+                Vec::new()
+            }
+        }
+    })
+}
+
 /// Counters of two coordinator runs (before and after a restart) as one. Tasks done count
 /// from the repo: those the restarted coordinator found closed (acks the first one wrote,
 /// including any that landed as it died), plus those it closed itself.
