@@ -92,5 +92,7 @@ pub use cursor::{KvCursorStore, key_for};
 pub use error::BusError;
 pub use hub::{Hub, HubBuilder, HubStats, METRICS_HELP};
 pub use message::{BusMessage, FORMAT_VERSION, MessageKind};
-pub use stream::{MIN_SERVER_VERSION, StreamSettings, connect, ensure_streams, open_stream};
+pub use stream::{
+    MIN_SERVER_VERSION, StreamSettings, connect, delete_streams, ensure_streams, open_stream,
+};
 pub use subject::Subjects;

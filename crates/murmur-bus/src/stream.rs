@@ -85,6 +85,35 @@ pub async fn connect(url: &str, name: &str) -> Result<async_nats::Client, BusErr
     Ok(client)
 }
 
+/// Deletes everything a bus of these settings keeps in the server: the stream, its dead-letter
+/// stream and the hubs' cursor bucket (for runs of their own, such as a demo or a test).
+/// Each is tried; what is already gone is not an error; the first other failure is returned.
+pub async fn delete_streams(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+) -> Result<(), BusError> {
+    let mut first_error = None;
+    for name in [settings.name.clone(), settings.dead_letter_stream()] {
+        if let Err(e) = js.delete_stream(&name).await
+            && !is_not_found(&e)
+        {
+            first_error.get_or_insert(BusError::js(format!("delete stream {name}"), e));
+        }
+    }
+    let bucket = settings.cursor_bucket();
+    if let Err(e) = js.delete_key_value(&bucket).await
+        && !is_not_found(&e)
+    {
+        first_error.get_or_insert(BusError::js(format!("delete key-value bucket {bucket}"), e));
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Whether the server said the stream or bucket does not exist.
+fn is_not_found(e: &dyn std::fmt::Display) -> bool {
+    e.to_string().contains("not found")
+}
+
 /// Creates the stream (and its dead-letter stream) if missing, or checks that the one there
 /// is a bus stream with this prefix. Returns its subject layout.
 pub async fn ensure_streams(

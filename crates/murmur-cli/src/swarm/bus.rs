@@ -170,10 +170,9 @@ async fn launch(
         .await
         .map_err(|e| format!("--bus: {e}"))?;
     let outcome = run_swarm(args, &mut report, nats, &settings, hosts, plc).await;
-    let js = jetstream::new(client);
-    let _ = js.delete_stream(&settings.name).await;
-    let _ = js.delete_stream(settings.dead_letter_stream()).await;
-    let _ = js.delete_key_value(settings.cursor_bucket()).await;
+    if let Err(e) = murmur_bus::delete_streams(&jetstream::new(client), &settings).await {
+        eprintln!("the run's stream was not removed: {e}");
+    }
     outcome
 }
 
