@@ -42,6 +42,34 @@ async fn publish(js: &jetstream::Context, subject: &str, payload: &'static str) 
     ack.sequence
 }
 
+/// Publishes with a message id until the stream stores it (a cluster electing a stream leader
+/// refuses publishes for a moment); fails the test after 20 s. Returns (sequence, attempts).
+async fn publish_until_stored(
+    js: &jetstream::Context,
+    subject: &str,
+    payload: &'static str,
+    id: &str,
+) -> (u64, u32) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let message = PublishMessage::build()
+            .payload(payload.into())
+            .message_id(id);
+        let sent = tokio::time::timeout(Duration::from_secs(2), async {
+            js.send_publish(subject.to_string(), message).await?.await
+        })
+        .await;
+        match sent {
+            Ok(Ok(ack)) => return (ack.sequence, attempts),
+            Ok(Err(e)) => assert!(Instant::now() < deadline, "publish failed: {e}"),
+            Err(_) => assert!(Instant::now() < deadline, "publish timed out"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Reads up to `n` messages from the start of the stream with a new durable pull consumer.
 async fn read_all(stream: &stream::Stream, durable: &str, n: usize) -> Vec<String> {
     let consumer = within(
@@ -233,7 +261,10 @@ async fn a_three_node_cluster_keeps_an_r3_stream_writable_while_a_node_is_down()
     )
     .await
     .expect("create an R3 stream");
-    assert_eq!(publish(&js, "tasks.1", "one").await, 1);
+    // A new R3 stream answers only once its replicas have elected a leader; until then a
+    // publish is refused (StreamNotFound / no responders), so the first one retries too.
+    let first = publish_until_stored(&js, "tasks.1", "one", "tasks-1").await;
+    assert_eq!(first.0, 1);
 
     // Kill the stream's leader: the hardest node to lose.
     let info = within("stream info", stream.info()).await.expect("info");
@@ -251,24 +282,7 @@ async fn a_three_node_cluster_keeps_an_r3_stream_writable_while_a_node_is_down()
 
     // Publishing goes on with 2 of 3 replicas once a new leader is elected. Retries carry the
     // same message id, so a retried publish that was stored already is not stored twice.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let mut attempts = 0;
-    let sequence = loop {
-        attempts += 1;
-        let message = PublishMessage::build()
-            .payload("two".into())
-            .message_id("tasks-2");
-        let sent = tokio::time::timeout(Duration::from_secs(2), async {
-            js.send_publish("tasks.2", message).await?.await
-        })
-        .await;
-        match sent {
-            Ok(Ok(ack)) => break ack.sequence,
-            Ok(Err(e)) => assert!(Instant::now() < deadline, "publish failed: {e}"),
-            Err(_) => assert!(Instant::now() < deadline, "publish timed out"),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let (sequence, attempts) = publish_until_stored(&js, "tasks.2", "two", "tasks-2").await;
     eprintln!(
         "published after losing the leader in {:?} ({attempts} attempts)",
         killed.elapsed()
