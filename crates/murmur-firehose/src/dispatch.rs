@@ -82,6 +82,8 @@ pub(crate) struct Runtime {
     pub dead_letters: Arc<dyn DeadLetterStore>,
     pub progress: Vec<Mutex<Progress>>,
     pub on_rejected: Option<RejectedHook>,
+    /// What handlers have seen of each repo (path -> CID), for resyncs and backfills.
+    pub index: Arc<crate::index::RecordIndex>,
 }
 
 /// Runs jobs: one DID's ops strictly in order, different DIDs concurrently.
@@ -197,6 +199,18 @@ impl Dispatcher {
         true
     }
 
+    /// Waits until every job queued for `did` so far has finished.
+    pub(crate) async fn lane_idle(&self, did: &str) {
+        while self
+            .lanes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(did)
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
     /// Waits until every queued and running job has finished.
     pub(crate) async fn drain(&self) {
         let all = self
@@ -278,6 +292,23 @@ async fn run_job(rt: &Runtime, job: Job) {
         }
         delivered
     };
+    // The record index learns what handlers have now seen (a duplicate too: after a restart
+    // its index line may be the one that was lost).
+    let data = op.data();
+    if data.repo_event.is_none() {
+        let change = match (data.action, data.cid) {
+            (crate::Action::Delete, _) => Some(crate::index::IndexChange::Remove(&data.path)),
+            (_, Some(cid)) => Some(crate::index::IndexChange::Put(&data.path, cid)),
+            (_, None) => None,
+        };
+        if let Some(change) = change {
+            let change = &change;
+            persist("record index write", || async {
+                rt.index.change(&data.did, change.clone())
+            })
+            .await;
+        }
+    }
     match job.completion {
         Completion::Event { source, event } => rt.progress[source]
             .lock()

@@ -176,6 +176,12 @@ pub enum Rejected {
         /// Its seq on the source.
         seq: i64,
     },
+    /// A copy of a repo (`com.atproto.sync.getRepo`, for a backfill or a resync) that failed
+    /// verification: none of its records reach handlers.
+    Repo {
+        /// The repo DID.
+        did: String,
+    },
 }
 
 impl Rejected {
@@ -183,15 +189,16 @@ impl Rejected {
     pub fn did(&self) -> &str {
         match self {
             Rejected::Op(op) => &op.data().did,
-            Rejected::Sync { did, .. } => did,
+            Rejected::Sync { did, .. } | Rejected::Repo { did } => did,
         }
     }
 
-    /// The event's seq on its source.
+    /// The event's seq on its source (0 for a repo copy).
     pub fn seq(&self) -> i64 {
         match self {
             Rejected::Op(op) => op.data().seq,
             Rejected::Sync { seq, .. } => *seq,
+            Rejected::Repo { .. } => 0,
         }
     }
 
@@ -199,15 +206,15 @@ impl Rejected {
     pub fn op(&self) -> Option<&OpEvent> {
         match self {
             Rejected::Op(op) => Some(op),
-            Rejected::Sync { .. } => None,
+            Rejected::Sync { .. } | Rejected::Repo { .. } => None,
         }
     }
 
-    /// `at://did/collection/rkey` for an op, `at://did` for a `#sync`.
+    /// `at://did/collection/rkey` for an op, `at://did` for a `#sync` or a repo copy.
     pub fn uri(&self) -> String {
         match self {
             Rejected::Op(op) => op.uri(),
-            Rejected::Sync { did, .. } => format!("at://{did}"),
+            Rejected::Sync { did, .. } | Rejected::Repo { did } => format!("at://{did}"),
         }
     }
 }

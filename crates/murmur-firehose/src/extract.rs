@@ -14,7 +14,7 @@ use murmur_sync::Cid;
 #[diagnostic::on_unimplemented(
     message = "`{Self}` cannot be a murmur handler argument",
     label = "not an extractor",
-    note = "handler arguments are extractors: Record<C>, Created<C>, Updated<C>, Deleted<C>, Identity, AccountStatus, Author, RecordRef, CommitInfo, State<S> or OpEvent"
+    note = "handler arguments are extractors: Record<C>, Created<C>, Updated<C>, Deleted<C>, Identity, AccountStatus, Author, RecordRef, CommitInfo, Origin, State<S> or OpEvent"
 )]
 pub trait FromOp: Sized + Send + 'static {
     /// The ops this argument selects, for the one argument of a handler that fixes its route
@@ -206,6 +206,15 @@ impl<C: Collection + 'static> FromOp for Deleted<C> {
             prev: op.data().prev,
             _collection: PhantomData,
         })
+    }
+}
+
+/// How the op reached the watcher: [`Origin::Live`](crate::Origin::Live) from the stream,
+/// [`Origin::Backfill`](crate::Origin::Backfill) from the repo copy taken when the watcher
+/// joined, [`Origin::Resync`](crate::Origin::Resync) from the repo copy taken after a gap.
+impl FromOp for crate::Origin {
+    fn from_op(op: &OpEvent) -> Result<Self, Rejection> {
+        Ok(op.origin())
     }
 }
 

@@ -232,6 +232,15 @@ impl Pipeline {
             done(Delivered::Unwanted);
             return;
         }
+        if data.repo_event.is_none() {
+            // A copy this repo needs goes first; it may include this op.
+            self.settle(&data.did).await;
+            if self.is_reflected(&data.did, &data.rev) {
+                crate::metrics::Metrics::inc(&self.metrics.reflected_skipped);
+                done(Delivered::Duplicate);
+                return;
+            }
+        }
         crate::metrics::Metrics::inc(&self.metrics.ops_matched);
         let op = OpEvent::new(data, Arc::clone(&self.state));
         let permit = self.dispatcher.reserve().await;

@@ -47,6 +47,7 @@
 //! # }
 //! ```
 
+mod backfill;
 mod backoff;
 mod cursor;
 mod dead_letter;
@@ -59,6 +60,7 @@ mod filter;
 mod gap;
 mod handler;
 mod hooks;
+mod index;
 mod metrics;
 mod op;
 mod pipeline;
@@ -85,7 +87,8 @@ pub use handler::{BoxFuture, CallError, Handler, HandlerService, Layered};
 pub use hooks::{ErrorHook, GapHook, RejectedHook, ResyncHook};
 pub use metrics::{Metrics, MetricsSnapshot, SourceSnapshot};
 pub use murmur_macros::handler;
-pub use op::{ACCOUNT_EVENTS, Action, IDENTITY_EVENTS, OpData, OpEvent, RepoEvent};
+pub use backfill::{Backfill, BackfillProgress};
+pub use op::{ACCOUNT_EVENTS, Action, IDENTITY_EVENTS, OpData, OpEvent, Origin, RepoEvent};
 pub use pipeline::{DEFAULT_MAX_SEQ_JUMP, MAX_SEQ};
 pub use reader::ERROR_FRAME_REPEATS;
 pub use route::Route;

@@ -25,6 +25,15 @@ pub struct Metrics {
     pub(crate) errors: AtomicU64,
     pub(crate) verifications_waiting: AtomicU64,
     pub(crate) inactive_skipped: AtomicU64,
+    pub(crate) backfill_listed: AtomicU64,
+    pub(crate) backfill_repos_total: AtomicU64,
+    pub(crate) backfill_repos_done: AtomicU64,
+    pub(crate) backfill_repos_failed: AtomicU64,
+    pub(crate) backfill_records: AtomicU64,
+    pub(crate) backfill_finished: AtomicU64,
+    pub(crate) resyncs: AtomicU64,
+    pub(crate) resync_ops: AtomicU64,
+    pub(crate) reflected_skipped: AtomicU64,
     /// One per `subscribeRepos` source, in the watcher's source order.
     pub(crate) per_source: Vec<SourceCounters>,
 }
@@ -146,6 +155,12 @@ pub struct MetricsSnapshot {
     /// Commits not delivered because an `#account` event said their repo is not active
     /// (taken down, suspended, deactivated, deleted).
     pub inactive_skipped: u64,
+    /// Repos copied again after a gap (a broken rev chain, a `#sync`, a seq regression).
+    pub resyncs: u64,
+    /// Ops delivered from those copies: what the stream had not delivered.
+    pub resync_ops: u64,
+    /// Stream ops not delivered because a repo copy delivered already reflected them.
+    pub reflected_skipped: u64,
 }
 
 impl Metrics {
@@ -211,6 +226,37 @@ impl Metrics {
             errors: get(&self.errors),
             verifications_waiting: get(&self.verifications_waiting),
             inactive_skipped: get(&self.inactive_skipped),
+            resyncs: get(&self.resyncs),
+            resync_ops: get(&self.resync_ops),
+            reflected_skipped: get(&self.reflected_skipped),
+        }
+    }
+
+    /// How far the backfill has got (all zero without one).
+    pub fn backfill(&self) -> crate::BackfillProgress {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        crate::BackfillProgress {
+            repos_total: get(&self.backfill_repos_total),
+            repos_done: get(&self.backfill_repos_done),
+            repos_failed: get(&self.backfill_repos_failed),
+            records: get(&self.backfill_records),
+            finished: get(&self.backfill_finished) > 0,
+        }
+    }
+
+    /// Marks the backfill finished once the repos are listed and each is done or failed.
+    pub(crate) fn backfill_check_finished(&self) {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let over = get(&self.backfill_repos_done) + get(&self.backfill_repos_failed);
+        if get(&self.backfill_listed) > 0
+            && over >= get(&self.backfill_repos_total)
+            && self.backfill_finished.swap(1, Ordering::Relaxed) == 0
+        {
+            tracing::info!(
+                repos = get(&self.backfill_repos_total),
+                records = get(&self.backfill_records),
+                "backfill finished"
+            );
         }
     }
 

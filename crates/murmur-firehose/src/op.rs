@@ -70,6 +70,38 @@ pub struct OpData {
     /// ([`WatcherBuilder::keep_proofs`](crate::WatcherBuilder::keep_proofs)), shared by the
     /// commit's ops; `None` otherwise.
     pub proof: Option<Arc<[u8]>>,
+    /// How the op reached the watcher: from the stream, or from a copy of the repo (a
+    /// backfill, or a resync after a gap).
+    pub origin: Origin,
+}
+
+/// How an op reached the watcher. Ops from a copy of the repo (`getRepo`) carry the repo's
+/// rev at the time of the copy, its time (from the rev), seq 0 and no proof; an op that
+/// changed a record carries the CID the watcher had seen before in `prev`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Origin {
+    /// Read from the stream (or a feed) as it happened.
+    #[default]
+    Live,
+    /// A record the repo already held when the watcher joined
+    /// ([`WatcherBuilder::backfill`](crate::WatcherBuilder::backfill)).
+    Backfill,
+    /// A change the stream did not deliver (a broken rev chain, a `#sync`, a seq regression,
+    /// an unprovable `tooBig` commit), found by diffing a fresh copy of the repo against the
+    /// records the watcher had seen.
+    Resync,
+}
+
+impl Origin {
+    /// `"live"`, `"backfill"` or `"resync"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Origin::Live => "live",
+            Origin::Backfill => "backfill",
+            Origin::Resync => "resync",
+        }
+    }
 }
 
 impl OpData {
@@ -98,6 +130,7 @@ impl OpData {
             record: None,
             repo_event: None,
             proof: None,
+            origin: Origin::Live,
         }
     }
 
@@ -211,6 +244,11 @@ impl OpEvent {
             rev: self.inner.rev.clone(),
             path: self.inner.path.clone(),
         }
+    }
+
+    /// How the op reached the watcher (live, backfill, resync).
+    pub fn origin(&self) -> Origin {
+        self.inner.origin
     }
 
     /// How many times a handler has started on this op so far.

@@ -81,6 +81,12 @@ pub(crate) struct Pipeline {
     /// The cursor store, for [`Pipeline::anchor_cursor`].
     pub cursor_store: Option<Arc<dyn crate::CursorStore>>,
     pub metrics: Arc<Metrics>,
+    /// What handlers have seen of each repo (shared with the dispatcher's runtime).
+    pub index: Arc<crate::index::RecordIndex>,
+    /// Each repo's place between the stream and copies of it (see `backfill.rs`).
+    pub gates: Mutex<HashMap<String, Arc<crate::backfill::Gate>>>,
+    /// The pipeline itself, for work it starts on tasks of their own.
+    pub me: std::sync::Weak<Pipeline>,
 }
 
 impl Pipeline {
@@ -150,8 +156,12 @@ impl Pipeline {
                         self.verifier.verify_sync(&sync)
                     })
                     .await;
-                if let Err(e) = verified {
-                    self.reject_sync(url, &sync, e);
+                match verified {
+                    Err(e) => self.reject_sync(url, &sync, e),
+                    // The repo changed in ways the stream does not show: copy it again.
+                    Ok(_) => {
+                        self.resync_if_complete(&sync.did).await;
+                    }
                 }
                 self.finish_event(index, sync.seq);
             }
@@ -211,7 +221,7 @@ impl Pipeline {
     /// Runs `verify` until it succeeds or fails for a reason of the data's own. A passing
     /// failure (a host unreachable) is reported and retried with backoff, forever: the event
     /// is neither delivered nor rejected until it can be verified, and the cursor waits.
-    async fn until_verified<T, Fut>(
+    pub(crate) async fn until_verified<T, Fut>(
         &self,
         url: &str,
         did: &str,
@@ -378,11 +388,28 @@ impl Pipeline {
                     && (self.tail.is_some()
                         || self.routes(op.collection(), op.action).next().is_some())
             });
+        if repo_allowed && self.is_reflected(&commit.repo, &commit.rev) {
+            // A copy of the repo delivered already includes this commit.
+            Metrics::inc(&self.metrics.reflected_skipped);
+            self.finish_event(index, seq);
+            return;
+        }
         if !wanted {
             // Nobody wants it: skip the CAR, but keep the repo's rev chain current.
             if let Err(e) = self.verifier.observe_commit(commit) {
                 self.chain_problem(url, commit, &e);
+                if e.is_desync() && repo_allowed && self.has_baseline(&commit.repo) {
+                    self.needs_copy(&commit.repo, crate::Origin::Resync);
+                    self.sync_in_background(&commit.repo);
+                }
             }
+            self.finish_event(index, seq);
+            return;
+        }
+        // A copy this repo needs goes first; it may include this commit.
+        self.settle(&commit.repo).await;
+        if self.is_reflected(&commit.repo, &commit.rev) {
+            Metrics::inc(&self.metrics.reflected_skipped);
             self.finish_event(index, seq);
             return;
         }
@@ -394,13 +421,18 @@ impl Pipeline {
         let verified = match verified {
             Ok(verified) => verified,
             Err(e) => {
+                let too_big = commit.too_big;
                 self.reject_commit(url, commit, e);
+                if too_big {
+                    // Its ops could not be proven: a copy of the repo shows what changed.
+                    self.resync_if_complete(&commit.repo).await;
+                }
                 self.finish_event(index, seq);
                 return;
             }
         };
         if let Some(reason) = &verified.chain_break {
-            // The commit is good and is delivered; what came before it was missed.
+            // What came before this commit was missed.
             self.gap(
                 url,
                 GapKind::ChainBreak {
@@ -408,6 +440,16 @@ impl Pipeline {
                 },
                 reason.clone(),
             );
+            if self.resync_if_complete(&commit.repo).await {
+                // The copy delivered what was missed, this commit included.
+                self.finish_event(index, seq);
+                return;
+            }
+        } else if commit.since.is_none() && !self.has_baseline(&commit.repo) {
+            // The repo's first commit: from here on the index sees all of it.
+            if let Err(e) = self.index.set_baseline(&commit.repo, "") {
+                warn!(did = %commit.repo, error = %e, "record index baseline not stored");
+            }
         }
         let proof = self
             .keep_proofs
@@ -440,6 +482,7 @@ impl Pipeline {
                 record: op.record,
                 repo_event: None,
                 proof: proof.clone(),
+                origin: crate::Origin::Live,
             };
             jobs.push((OpEvent::new(data, Arc::clone(&self.state)), handlers));
         }
@@ -542,6 +585,7 @@ impl Pipeline {
                     record: None,
                     repo_event: None,
                     proof: None,
+                    origin: crate::Origin::Live,
                 };
                 let op = Rejected::Op(OpEvent::new(data, Arc::clone(&self.state)));
                 self.call_rejected_hook(hook, &op, &rejection);
@@ -617,8 +661,20 @@ impl Pipeline {
         {
             error!("the on_gap hook panicked; the watcher goes on");
         }
-        if let (GapKind::ChainBreak { did }, Some(hook)) = (&gap.kind, &self.on_resync) {
-            self.resync(did, hook);
+        match (&gap.kind, &self.on_resync) {
+            // A repo with a complete index is resynced through it (and `on_resync` called
+            // with the copy); without one only the hook can reconcile.
+            (GapKind::ChainBreak { did }, Some(hook)) if !self.has_baseline(did) => {
+                self.resync(did, hook);
+            }
+            (
+                GapKind::SeqRegression { .. }
+                | GapKind::OutdatedCursor
+                | GapKind::FutureCursor
+                | GapKind::Upstream { .. },
+                _,
+            ) => self.resync_all_complete(),
+            _ => {}
         }
     }
 
@@ -714,6 +770,9 @@ fn log_watch_error(error: &WatchError) {
         }
         WatchError::Feed { source, error } => {
             warn!(target: TARGET, source, error = %error, "feed trouble")
+        }
+        WatchError::Backfill { source, error } => {
+            warn!(target: TARGET, source, error = %error, "backfill could not list the host's repos")
         }
     }
 }

@@ -90,6 +90,14 @@ pub enum WatchError {
         /// What happened.
         error: Arc<dyn std::error::Error + Send + Sync>,
     },
+    /// A backfill could not list a host's repos (`com.atproto.sync.listRepos` refused or
+    /// unreadable): its repos are not copied in this run.
+    Backfill {
+        /// The host.
+        source: String,
+        /// Why.
+        error: Arc<murmur_sync::SyncError>,
+    },
 }
 
 impl WatchError {
@@ -102,7 +110,8 @@ impl WatchError {
             | WatchError::UndecodableFrame { source, .. }
             | WatchError::InvalidSeq { source, .. }
             | WatchError::VerificationStalled { source, .. }
-            | WatchError::Feed { source, .. } => source,
+            | WatchError::Feed { source, .. }
+            | WatchError::Backfill { source, .. } => source,
         }
     }
 }
@@ -148,6 +157,9 @@ impl std::fmt::Display for WatchError {
                 "{source}: event {seq} of {did} waits for verification (attempt {attempt}, next in {retry_in:?}): {error}"
             ),
             WatchError::Feed { source, error } => write!(f, "{source}: {error}"),
+            WatchError::Backfill { source, error } => {
+                write!(f, "{source}: backfill could not list the host's repos: {error}")
+            }
         }
     }
 }
@@ -161,6 +173,7 @@ impl std::error::Error for WatchError {
             WatchError::UndecodableFrame { error, .. }
             | WatchError::VerificationStalled { error, .. } => Some(error.as_ref()),
             WatchError::Feed { error, .. } => Some(error.as_ref()),
+            WatchError::Backfill { error, .. } => Some(error.as_ref()),
             WatchError::ErrorFrame { .. } | WatchError::InvalidSeq { .. } => None,
         }
     }

@@ -53,6 +53,8 @@ pub struct WatcherBuilder {
     max_seq_jump: i64,
     keep_proofs: bool,
     tail: Option<Box<dyn Handler>>,
+    backfill: Option<crate::Backfill>,
+    record_index: bool,
 }
 
 impl Default for WatcherBuilder {
@@ -87,6 +89,8 @@ impl Default for WatcherBuilder {
             max_seq_jump: DEFAULT_MAX_SEQ_JUMP,
             keep_proofs: false,
             tail: None,
+            backfill: None,
+            record_index: true,
         }
     }
 }
@@ -369,6 +373,51 @@ impl WatcherBuilder {
         self
     }
 
+    /// Copies repos when the watcher starts: every record of them that the filters and
+    /// handlers take is delivered once, marked [`Origin::Backfill`](crate::Origin), before
+    /// the repo's later stream ops; then the stream goes on. See [`Backfill`](crate::Backfill).
+    ///
+    /// The stream is read from the start: the copies begin once every source is connected
+    /// (or from the stored cursor), so nothing written meanwhile is missed, and a stream op
+    /// already reflected in a repo's copy (its rev at or below the copy's) is not delivered
+    /// again. With a [`state_dir`](Self::state_dir), a restart does not copy again the repos
+    /// whose records were all handled, and resumes the others without repeating handled
+    /// records. Progress: [`Watcher::backfill_progress`].
+    ///
+    /// ```no_run
+    /// use murmur_firehose::{Backfill, Origin, OpEvent, Watcher};
+    ///
+    /// # fn main() -> Result<(), murmur_firehose::FirehoseError> {
+    /// let watcher = Watcher::builder()
+    ///     .pds("http://localhost:2583")
+    ///     .collections(["agent.comms.*"])
+    ///     .backfill(Backfill::listed())
+    ///     .state_dir("./state")
+    ///     .tail(|op: OpEvent, origin: Origin| async move {
+    ///         println!("{} {} ({})", op.data().action.as_str(), op.uri(), origin.as_str());
+    ///         Ok(())
+    ///     })
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn backfill(mut self, backfill: crate::Backfill) -> Self {
+        self.backfill = Some(backfill);
+        self
+    }
+
+    /// Whether the watcher keeps its record index (default on): for each repo, the path and
+    /// CID of every record its handlers have seen (about 100 bytes a record, in memory and
+    /// in `records.log` under the [`state_dir`](Self::state_dir)). With it, a gap in a
+    /// repo's stream (a broken rev chain, a `#sync`, a seq regression, an unprovable
+    /// `tooBig` commit) re-runs handlers for exactly the missed creates, updates and deletes,
+    /// once, marked [`Origin::Resync`](crate::Origin); this needs the index to be complete
+    /// for the repo (it was backfilled, or followed from its first commit). Turn it off for a
+    /// tail of a whole network that does not need resyncs.
+    pub fn record_index(mut self, on: bool) -> Self {
+        self.record_index = on;
+        self
+    }
+
     /// Checks the configuration and builds the watcher.
     pub fn build(self) -> Result<Watcher, FirehoseError> {
         if self.sources.is_empty() && self.feeds.is_empty() {
@@ -421,6 +470,11 @@ impl WatcherBuilder {
             Some(dir) => Arc::new(FileDeadLetterStore::new(dir.join("dead-letters.jsonl"))),
             None => Arc::new(MemoryDeadLetterStore::default()),
         });
+        let index = Arc::new(match (&self.state_dir, self.record_index) {
+            (_, false) => crate::index::RecordIndex::disabled(),
+            (Some(dir), true) => crate::index::RecordIndex::open(dir.join("records.log"))?,
+            (None, true) => crate::index::RecordIndex::in_memory(),
+        });
         let metrics = Arc::new(Metrics::for_sources(self.sources.iter().map(|s| s.url())));
         metrics.sources.store(
             (self.sources.len() + self.feeds.len()) as u64,
@@ -436,6 +490,7 @@ impl WatcherBuilder {
                 .map(|_| Mutex::new(Progress::default()))
                 .collect(),
             on_rejected: self.on_rejected,
+            index: Arc::clone(&index),
         });
         let entry = |handler: Box<dyn Handler>| {
             Arc::new(HandlerEntry::new(
@@ -446,14 +501,17 @@ impl WatcherBuilder {
                 &metrics,
             ))
         };
+        let handlers: Vec<_> = self.handlers.into_iter().map(&entry).collect();
+        let tail = self.tail.map(&entry);
         let (shutdown, _) = watch::channel(false);
         Ok(Watcher {
             sources: self.sources,
             feeds: self.feeds,
-            pipeline: Arc::new(Pipeline {
+            backfill: self.backfill,
+            pipeline: Arc::new_cyclic(|me| Pipeline {
                 filter: self.filter,
-                handlers: self.handlers.into_iter().map(&entry).collect(),
-                tail: self.tail.map(&entry),
+                handlers,
+                tail,
                 state: Arc::new(self.state),
                 verifier: Arc::new(self.verifier.unwrap_or_else(|| {
                     let mut resolver = murmur_sync::IdentityResolver::new();
@@ -480,6 +538,9 @@ impl WatcherBuilder {
                 )),
                 cursor_store: cursor_store.clone(),
                 metrics,
+                index,
+                gates: Mutex::default(),
+                me: me.clone(),
             }),
             cursor_store,
             start_cursor: self.start_cursor,
@@ -493,6 +554,7 @@ impl WatcherBuilder {
 
 /// A running or ready-to-run watcher. See the crate docs for an example.
 pub struct Watcher {
+    backfill: Option<crate::Backfill>,
     sources: Vec<Arc<dyn Source>>,
     feeds: Vec<Arc<dyn Feed>>,
     pipeline: Arc<Pipeline>,
@@ -524,6 +586,11 @@ impl Watcher {
     /// The live metrics.
     pub fn metrics(&self) -> Arc<Metrics> {
         Arc::clone(&self.pipeline.metrics)
+    }
+
+    /// How far the [backfill](WatcherBuilder::backfill) has got.
+    pub fn backfill_progress(&self) -> crate::BackfillProgress {
+        self.pipeline.metrics.backfill()
     }
 
     /// The dead-letter store: ops whose handlers failed for good.
@@ -619,6 +686,17 @@ impl Watcher {
         });
 
         on_drop.flusher = Some(flush_task.abort_handle());
+        if let Some(backfill) = self.backfill.clone() {
+            let pipeline = Arc::clone(&self.pipeline);
+            let hosts = self.sources.iter().map(|s| s.url().to_string()).collect();
+            let mut stop = self.shutdown.subscribe();
+            self.pipeline.dispatcher.spawn_until_killed(async move {
+                tokio::select! {
+                    _ = stopped(&mut stop) => {}
+                    () = pipeline.run_backfill(backfill, hosts) => {}
+                }
+            });
+        }
 
         let mut result = Ok(());
         while let Some(joined) = readers.join_next().await {

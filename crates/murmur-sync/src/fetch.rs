@@ -80,7 +80,116 @@ pub(crate) async fn did_document(
     serde_json::from_slice(&body).map_err(|e| fail(format!("GET {url}: body is not JSON: {e}")))
 }
 
+/// One page of `com.atproto.sync.listRepos`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RepoList {
+    /// The repos of this page, in the host's order.
+    pub repos: Vec<ListedRepo>,
+    /// Where the next page starts; `None` on the last page.
+    pub cursor: Option<String>,
+}
+
+/// One repo a host lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedRepo {
+    /// The repo DID.
+    pub did: String,
+    /// Its current rev, as the host says (unverified).
+    pub rev: String,
+    /// Whether the host serves it (absent in the answer: active).
+    pub active: bool,
+}
+
 impl Verifier {
+    /// Lists one page (up to 1,000) of the repos a host serves
+    /// (`com.atproto.sync.listRepos` at `host`, an `http(s)://` or `ws(s)://` base URL, with
+    /// or without an `/xrpc/...` path). What it says is unverified: each repo is verified
+    /// when it is fetched.
+    pub async fn list_repos(
+        &self,
+        host: &str,
+        cursor: Option<&str>,
+    ) -> Result<RepoList, SyncError> {
+        let base = host.trim_end_matches('/');
+        let base = base.split("/xrpc/").next().unwrap_or(base);
+        let base = if let Some(rest) = base.strip_prefix("ws://") {
+            format!("http://{rest}")
+        } else if let Some(rest) = base.strip_prefix("wss://") {
+            format!("https://{rest}")
+        } else {
+            base.to_string()
+        };
+        let url = format!("{base}/xrpc/com.atproto.sync.listRepos");
+        let unavailable = |reason: String| SyncError::Unavailable {
+            did: String::new(),
+            url: url.clone(),
+            reason,
+        };
+        let fail = |reason: String| SyncError::FetchRepo {
+            did: String::new(),
+            url: url.clone(),
+            reason,
+        };
+        let mut query = vec![("limit", "1000")];
+        if let Some(cursor) = cursor {
+            query.push(("cursor", cursor));
+        }
+        let response = self
+            .resolver
+            .http()
+            .get(&url)
+            .query(&query)
+            .timeout(std::time::Duration::from_secs(60))
+            .send()
+            .await
+            .map_err(|e| {
+                if is_definitive(&e) {
+                    fail(transport_reason(&e))
+                } else {
+                    unavailable(transport_reason(&e))
+                }
+            })?;
+        let status = response.status();
+        if is_passing(status) {
+            return Err(unavailable(format!("HTTP {status}")));
+        }
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            let body: String = body.trim().chars().take(300).collect();
+            return Err(fail(format!("HTTP {status}: {body}")));
+        }
+        let body = response
+            .bytes()
+            .await
+            .map_err(|e| unavailable(transport_reason(&e)))?;
+        #[derive(serde::Deserialize)]
+        struct Page {
+            repos: Vec<Repo>,
+            cursor: Option<String>,
+        }
+        #[derive(serde::Deserialize)]
+        struct Repo {
+            did: String,
+            #[serde(default)]
+            rev: String,
+            active: Option<bool>,
+        }
+        let page: Page = serde_json::from_slice(&body)
+            .map_err(|e| fail(format!("the answer is not a listRepos page: {e}")))?;
+        Ok(RepoList {
+            cursor: page.cursor.filter(|c| !c.is_empty() && !page.repos.is_empty()),
+            repos: page
+                .repos
+                .into_iter()
+                .map(|r| ListedRepo {
+                    did: r.did,
+                    rev: r.rev,
+                    active: r.active.unwrap_or(true),
+                })
+                .collect(),
+        })
+    }
+
     /// Fetches the whole repo of `did` from its PDS (`com.atproto.sync.getRepo`, the endpoint
     /// from its DID document) and verifies it with [`verify_repo`](Self::verify_repo): what a
     /// consumer does after a chain break to learn what it missed.

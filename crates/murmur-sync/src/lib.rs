@@ -91,6 +91,7 @@ pub use commit::{
 };
 pub use crypto::{PublicKey, SignatureFault};
 pub use error::{StreamError, SyncError};
+pub use fetch::{ListedRepo, RepoList};
 pub use frame::{
     AccountEvent, Action, CommitEvent, Frame, IdentityEvent, InfoEvent, Limits, RepoOp, SyncEvent,
 };

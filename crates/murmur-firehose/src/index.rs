@@ -1,0 +1,329 @@
+//! The record index: for each repo the watcher follows, the records its handlers have seen
+//! (path -> CID), and whether that view is complete (a *baseline*). After a gap, a fresh copy
+//! of the repo diffed against the index says exactly which creates, updates and deletes were
+//! missed; a backfill is the same diff against an empty index.
+//!
+//! Kept in memory and, with a state directory, in an append-only log (`records.log`) that is
+//! replayed on start and rewritten when it holds twice as many lines as live entries. A torn
+//! last line (a kill mid-write) is skipped.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+
+use murmur_sync::Cid;
+
+use crate::FirehoseError;
+use crate::cursor::write_atomically;
+
+/// What the index knows of one repo.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct RepoIndex {
+    /// `Some(rev)` once the index holds every matching record of the repo as of `rev` (a
+    /// snapshot was delivered, or the stream was followed from the repo's first commit,
+    /// rev `""`). Ops at or below it are reflected already.
+    pub baseline: Option<String>,
+    /// path -> record CID, for the records delivered to handlers.
+    pub records: BTreeMap<String, Cid>,
+}
+
+/// A change to the index.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum IndexChange<'a> {
+    /// A record now has this CID.
+    Put(&'a str, Cid),
+    /// A record is gone.
+    Remove(&'a str),
+}
+
+#[derive(Default)]
+struct State {
+    repos: HashMap<String, RepoIndex>,
+    file: Option<std::fs::File>,
+    lines: usize,
+    entries: usize,
+}
+
+/// The record index of a watcher. See the module docs.
+pub(crate) struct RecordIndex {
+    path: Option<PathBuf>,
+    /// Off: nothing is recorded, no repo has a baseline (resyncs only call `on_resync`).
+    enabled: bool,
+    state: Mutex<State>,
+}
+
+fn lock(m: &Mutex<State>) -> MutexGuard<'_, State> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl RecordIndex {
+    /// An index kept in memory only (no state directory).
+    pub(crate) fn in_memory() -> Self {
+        RecordIndex {
+            path: None,
+            enabled: true,
+            state: Mutex::default(),
+        }
+    }
+
+    /// No index: nothing is recorded.
+    pub(crate) fn disabled() -> Self {
+        RecordIndex {
+            enabled: false,
+            ..RecordIndex::in_memory()
+        }
+    }
+
+    /// Opens (or creates) the index logged at `path`.
+    pub(crate) fn open(path: impl Into<PathBuf>) -> Result<Self, FirehoseError> {
+        let path = path.into();
+        let mut state = State::default();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                for line in text.lines() {
+                    state.lines += 1;
+                    state.entries = state
+                        .entries
+                        .saturating_add_signed(apply_line(&mut state.repos, line));
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(FirehoseError::store(&path, e)),
+        }
+        Ok(RecordIndex {
+            path: Some(path),
+            enabled: true,
+            state: Mutex::new(state),
+        })
+    }
+
+    /// A copy of what the index holds for `did`.
+    pub(crate) fn repo(&self, did: &str) -> RepoIndex {
+        lock(&self.state)
+            .repos
+            .get(did)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The baseline rev of `did`, if the index is complete for it.
+    pub(crate) fn baseline(&self, did: &str) -> Option<String> {
+        lock(&self.state)
+            .repos
+            .get(did)
+            .and_then(|r| r.baseline.clone())
+    }
+
+    /// The repos with a baseline.
+    pub(crate) fn complete_repos(&self) -> Vec<String> {
+        lock(&self.state)
+            .repos
+            .iter()
+            .filter(|(_, r)| r.baseline.is_some())
+            .map(|(did, _)| did.clone())
+            .collect()
+    }
+
+    /// Records a change to one record of `did`.
+    pub(crate) fn change(&self, did: &str, change: IndexChange<'_>) -> Result<(), FirehoseError> {
+        let line = match change {
+            IndexChange::Put(path, cid) => format!("+ {did} {path} {cid}\n"),
+            IndexChange::Remove(path) => format!("- {did} {path}\n"),
+        };
+        self.append(line)
+    }
+
+    /// Marks `did` complete as of `rev` (`""`: followed from its first commit).
+    pub(crate) fn set_baseline(&self, did: &str, rev: &str) -> Result<(), FirehoseError> {
+        self.append(format!("B {did} {rev}\n"))
+    }
+
+    fn append(&self, line: String) -> Result<(), FirehoseError> {
+        if !self.enabled {
+            return Ok(());
+        }
+        let mut state = lock(&self.state);
+        let delta = apply_line(&mut state.repos, line.trim_end());
+        state.entries = state.entries.saturating_add_signed(delta);
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        if state.lines >= 2 * state.entries.max(1024) {
+            return self.compact(&mut state);
+        }
+        if state.file.is_none() {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| FirehoseError::store(dir, e))?;
+            }
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| FirehoseError::store(path, e))?;
+            state.file = Some(file);
+        }
+        state.lines += 1;
+        let Some(file) = state.file.as_mut() else {
+            unreachable!("opened above")
+        };
+        file.write_all(line.as_bytes())
+            .map_err(|e| FirehoseError::store(path, e))
+    }
+
+    /// Rewrites the log with only the live entries.
+    fn compact(&self, state: &mut State) -> Result<(), FirehoseError> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let mut text = String::new();
+        let mut entries = 0;
+        for (did, repo) in &state.repos {
+            for (p, cid) in &repo.records {
+                text.push_str(&format!("+ {did} {p} {cid}\n"));
+                entries += 1;
+            }
+            if let Some(rev) = &repo.baseline {
+                text.push_str(&format!("B {did} {rev}\n"));
+            }
+            entries += 1;
+        }
+        let dir = path.parent().map(PathBuf::from).unwrap_or_default();
+        write_atomically(&dir, path, text.as_bytes())?;
+        state.file = None;
+        state.lines = entries;
+        state.entries = entries;
+        Ok(())
+    }
+}
+
+/// Applies one log line; malformed (torn) lines are skipped. Returns the change in the number
+/// of live entries (records and baselines), which decides when the log is compacted.
+fn apply_line(repos: &mut HashMap<String, RepoIndex>, line: &str) -> isize {
+    let mut parts = line.split(' ');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some("+"), Some(did), Some(path), Some(cid)) => match cid.parse::<Cid>() {
+            Ok(cid) => {
+                let records = &mut repos.entry(did.to_string()).or_default().records;
+                isize::from(records.insert(path.to_string(), cid).is_none())
+            }
+            Err(_) => 0,
+        },
+        (Some("-"), Some(did), Some(path), None) => repos
+            .get_mut(did)
+            .map_or(0, |repo| -isize::from(repo.records.remove(path).is_some())),
+        (Some("B"), Some(did), rev, None) => {
+            let baseline = &mut repos.entry(did.to_string()).or_default().baseline;
+            let new = baseline.is_none();
+            *baseline = Some(rev.unwrap_or_default().to_string());
+            isize::from(new)
+        }
+        _ => 0,
+    }
+}
+
+/// What a fresh copy of a repo says was missed, against what the index holds: each list in
+/// key order.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Missed {
+    /// Records the index does not have: (path, CID).
+    pub created: Vec<(String, Cid)>,
+    /// Records whose CID changed: (path, CID the index had, CID now).
+    pub updated: Vec<(String, Cid, Cid)>,
+    /// Records the index has and the repo no longer does: (path, CID the index had).
+    pub deleted: Vec<(String, Cid)>,
+}
+
+impl Missed {
+    /// Compares the index's records with the repo's `(path, cid)` records (in key order),
+    /// keeping only paths `wanted` admits.
+    pub(crate) fn between<'a>(
+        known: &BTreeMap<String, Cid>,
+        now: impl IntoIterator<Item = (&'a str, Cid)>,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Missed {
+        let mut missed = Missed::default();
+        let mut seen = std::collections::HashSet::new();
+        for (path, cid) in now {
+            if !wanted(path) {
+                continue;
+            }
+            seen.insert(path);
+            match known.get(path) {
+                None => missed.created.push((path.to_string(), cid)),
+                Some(old) if *old != cid => missed.updated.push((path.to_string(), *old, cid)),
+                Some(_) => {}
+            }
+        }
+        for (path, cid) in known {
+            if !seen.contains(path.as_str()) && wanted(path) {
+                missed.deleted.push((path.clone(), *cid));
+            }
+        }
+        missed
+    }
+
+    /// How many ops this is.
+    pub(crate) fn len(&self) -> usize {
+        self.created.len() + self.updated.len() + self.deleted.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cid(n: u8) -> Cid {
+        murmur_sync::cid_for(murmur_sync::RAW, &[n])
+    }
+
+    #[test]
+    fn survives_reopen_and_torn_lines_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("records.log");
+        let index = RecordIndex::open(&path).unwrap();
+        index
+            .change("did:plc:a", IndexChange::Put("c/1", cid(1)))
+            .unwrap();
+        index
+            .change("did:plc:a", IndexChange::Put("c/2", cid(2)))
+            .unwrap();
+        index.change("did:plc:a", IndexChange::Remove("c/1")).unwrap();
+        index.set_baseline("did:plc:a", "3rev").unwrap();
+        drop(index);
+        let mut text = std::fs::read_to_string(&path).unwrap();
+        text.push_str("+ did:plc:a c/9 bafy");
+        std::fs::write(&path, text).unwrap();
+        let index = RecordIndex::open(&path).unwrap();
+        let repo = index.repo("did:plc:a");
+        assert_eq!(repo.baseline.as_deref(), Some("3rev"));
+        assert_eq!(repo.records.len(), 1);
+        assert_eq!(repo.records.get("c/2"), Some(&cid(2)));
+        // Many rewrites of one record: the log is compacted, the content kept.
+        for i in 0..5000u32 {
+            index
+                .change("did:plc:a", IndexChange::Put("c/3", cid((i % 200) as u8)))
+                .unwrap();
+        }
+        let lines = std::fs::read_to_string(&path).unwrap().lines().count();
+        assert!(lines < 3000, "{lines} lines");
+        drop(index);
+        let repo = RecordIndex::open(&path).unwrap().repo("did:plc:a");
+        assert_eq!(repo.records.get("c/3"), Some(&cid((4999 % 200) as u8)));
+        assert_eq!(repo.baseline.as_deref(), Some("3rev"));
+    }
+
+    #[test]
+    fn missed_is_the_difference_in_key_order() {
+        let known: BTreeMap<String, Cid> = [("c/a", cid(1)), ("c/b", cid(2)), ("d/x", cid(5))]
+            .into_iter()
+            .map(|(p, c)| (p.to_string(), c))
+            .collect();
+        let now = [("c/b", cid(3)), ("c/c", cid(4)), ("e/y", cid(6))];
+        let missed = Missed::between(&known, now, |p| p.starts_with("c/"));
+        assert_eq!(missed.created, [("c/c".to_string(), cid(4))]);
+        assert_eq!(missed.updated, [("c/b".to_string(), cid(2), cid(3))]);
+        assert_eq!(missed.deleted, [("c/a".to_string(), cid(1))]);
+        assert_eq!(missed.len(), 3);
+    }
+}
