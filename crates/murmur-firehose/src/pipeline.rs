@@ -394,6 +394,12 @@ impl Pipeline {
             self.finish_event(index, seq);
             return;
         }
+        if repo_allowed && commit.since.is_none() && !self.has_baseline(&commit.repo) {
+            // The repo's first commit: from here on the index sees all of it.
+            if let Err(e) = self.index.set_baseline(&commit.repo, "") {
+                warn!(did = %commit.repo, error = %e, "record index baseline not stored");
+            }
+        }
         if !wanted {
             // Nobody wants it: skip the CAR, but keep the repo's rev chain current.
             if let Err(e) = self.verifier.observe_commit(commit) {
@@ -444,11 +450,6 @@ impl Pipeline {
                 // The copy delivered what was missed, this commit included.
                 self.finish_event(index, seq);
                 return;
-            }
-        } else if commit.since.is_none() && !self.has_baseline(&commit.repo) {
-            // The repo's first commit: from here on the index sees all of it.
-            if let Err(e) = self.index.set_baseline(&commit.repo, "") {
-                warn!(did = %commit.repo, error = %e, "record index baseline not stored");
             }
         }
         let proof = self
