@@ -402,15 +402,11 @@ impl Pipeline {
             .into_iter()
             .filter(|d| self.filter.allows_repo(d) && seen.insert(d.clone()))
             .collect();
-        let mut pending = Vec::new();
-        for did in &dids {
-            if self.index.baseline(did).is_some() {
-                Metrics::inc(&self.metrics.backfill_repos_done);
-            } else {
-                self.needs_copy(did, Origin::Backfill);
-                pending.push(did.clone());
-            }
-        }
+        let pending = self.await_copies(&dids);
+        self.metrics.backfill_repos_done.fetch_add(
+            (dids.len() - pending.len()) as u64,
+            Ordering::Relaxed,
+        );
         self.metrics
             .backfill_repos_total
             .store(dids.len() as u64, Ordering::Relaxed);
@@ -427,6 +423,19 @@ impl Pipeline {
                 async move { me.sync_repo(&did).await }
             })
             .await;
+    }
+
+    /// Marks the repos of `dids` not finished in an earlier run as waiting for a backfill
+    /// copy (their stream ops wait for it); returns them.
+    pub(crate) fn await_copies(&self, dids: &[String]) -> Vec<String> {
+        let mut pending = Vec::new();
+        for did in dids {
+            if self.filter.allows_repo(did) && self.index.baseline(did).is_none() {
+                self.needs_copy(did, Origin::Backfill);
+                pending.push(did.clone());
+            }
+        }
+        pending
     }
 
     /// Every active repo `host` lists (paged); a host that cannot be reached is retried.

@@ -645,6 +645,10 @@ impl Watcher {
             starts.push(start);
         }
 
+        if let Some(dids) = self.backfill.as_ref().and_then(|b| b.dids.as_ref()) {
+            // Repos named up front wait for their copies from the first stream op on.
+            self.pipeline.await_copies(dids);
+        }
         let mut readers = tokio::task::JoinSet::new();
         for (i, (source, start)) in self.sources.iter().zip(starts).enumerate() {
             let reader = SourceReader {
