@@ -789,43 +789,49 @@ async fn commits_of_an_inactive_account_are_not_delivered_until_it_is_active_aga
     assert_eq!(metrics.snapshot().inactive_skipped, 1);
 }
 
-/// Every `#commit` frame of `did` on PDS 0, from the start of its stream (its first commit
-/// included), up to and including the first that touches `last_path`.
-async fn commits_until(net: &Devnet, did: &str, last_path: &str) -> Vec<Vec<u8>> {
-    let ws = format!(
-        "{}/xrpc/com.atproto.sync.subscribeRepos?cursor=0",
+/// A relay in the middle that loses commits: each client connection is forwarded the live
+/// stream of PDS 0, except the `#commit` frames `lose` picks. Returns its ws:// base URL.
+async fn lossy_relay(net: &Devnet, lose: Arc<dyn Fn(&Frame) -> bool + Send + Sync>) -> String {
+    let upstream = format!(
+        "{}/xrpc/com.atproto.sync.subscribeRepos",
         net.pds(0).unwrap().url().replacen("http", "ws", 1)
     );
-    let (mut socket, _) = tokio_tungstenite::connect_async(ws).await.unwrap();
-    let mut frames = Vec::new();
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(20), socket.next())
-            .await
-            .expect("the commits on the stream")
-            .unwrap()
-            .unwrap();
-        let Message::Binary(bytes) = msg else {
-            continue;
-        };
-        if let Frame::Commit(c) = Frame::decode(&bytes).unwrap()
-            && c.repo == did
-        {
-            let last = c.ops.iter().any(|op| op.path == last_path);
-            frames.push(bytes.to_vec());
-            if last {
-                return frames;
-            }
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (upstream, lose) = (upstream.clone(), Arc::clone(&lose));
+            tokio::spawn(async move {
+                let Ok((mut from, _)) = tokio_tungstenite::connect_async(upstream).await else {
+                    return;
+                };
+                let Ok(mut to) = tokio_tungstenite::accept_async(tcp).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = from.next().await {
+                    if let Message::Binary(bytes) = &msg
+                        && Frame::decode(bytes).is_ok_and(|f| lose(&f))
+                    {
+                        continue;
+                    }
+                    if to.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
         }
-    }
+    });
+    url
 }
 
-/// A stream that skips one commit: the watcher sees the rev chain break, copies the repo
-/// (getRepo from the real PDS), diffs it against the records its handlers saw, and hands
-/// them exactly the missed create and delete, once, marked `Origin::Resync`; the commit that
-/// revealed the gap is in the copy and is not delivered a second time.
+/// A relay loses one commit of a backfilled repo: the watcher sees the rev chain break,
+/// copies the repo again (getRepo from the real PDS), diffs it against the records its
+/// handlers saw, and hands them exactly the missed create and delete, once, marked
+/// `Origin::Resync`; the commit that revealed the gap is in the copy and is not delivered a
+/// second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stream_missing_a_commit_is_resynced_and_handlers_get_exactly_what_was_missed() {
-    use murmur_firehose::Origin;
+async fn a_relay_losing_a_commit_is_resynced_and_handlers_get_exactly_what_was_missed() {
+    use murmur_firehose::{Backfill, Origin};
     let net = shared().await;
     let (alice, writer) = account(net, "resync").await;
     let path = |uri: &str| format!("{}/{}", Note::NSID, uri.rsplit('/').next().unwrap());
@@ -833,34 +839,15 @@ async fn a_stream_missing_a_commit_is_resynced_and_handlers_get_exactly_what_was
     for n in 1..=3 {
         paths.push(path(&writer.create::<Note>(&note(n)).await.unwrap().uri));
     }
-    // The commit the stream will lose: creates note 4 and deletes note 2.
-    let mut batch = writer.batch();
-    let rkey4 = batch.create::<Note>(&note(4)).unwrap();
-    let rkey2 = paths[1].rsplit('/').next().unwrap().to_string();
-    batch.delete::<Note>(&rkey2).unwrap();
-    batch.commit().await.unwrap();
+    // The relay loses the commit that creates note 4 (and deletes note 2).
+    let rkey4 = writer.next_rkey();
     let p4 = format!("{}/{rkey4}", Note::NSID);
-    let p5 = path(&writer.create::<Note>(&note(5)).await.unwrap().uri);
-
-    let frames = commits_until(net, &alice.did, &p5).await;
-    let first = Frame::decode(&frames[0]).unwrap();
-    let Frame::Commit(first) = first else {
-        unreachable!()
-    };
-    assert!(
-        first.since.is_none(),
-        "the stream starts with the repo's first commit"
-    );
-    let lost = frames
-        .iter()
-        .position(|f| match Frame::decode(f).unwrap() {
-            Frame::Commit(c) => c.ops.iter().any(|op| op.path == p4),
-            _ => false,
-        })
-        .expect("the commit that created note 4");
-    let mut replay = frames.clone();
-    replay.remove(lost);
-    let (url, _) = hostile_server(Arc::new(move |_| (replay.clone(), false))).await;
+    let lost = p4.clone();
+    let url = lossy_relay(
+        net,
+        Arc::new(move |f| matches!(f, Frame::Commit(c) if c.ops.iter().any(|op| op.path == lost))),
+    )
+    .await;
 
     type Seen = Arc<Mutex<Vec<(String, &'static str, Origin)>>>;
     let seen: Seen = Arc::default();
@@ -868,9 +855,10 @@ async fn a_stream_missing_a_commit_is_resynced_and_handlers_get_exactly_what_was
     let (c, d, g) = (Arc::clone(&seen), Arc::clone(&seen), Arc::clone(&gaps));
     let state = tempfile::tempdir().unwrap();
     let watcher = Watcher::builder()
-        .source(SubscribeRepos::new(&url))
+        .relay(&url)
         .plc_url(net.plc_url())
         .dids([alice.did.clone()])
+        .backfill(Backfill::dids([alice.did.clone()]))
         .state_dir(state.path())
         .handler(move |_note: Created<Note>, op: OpEvent| {
             c.lock()
@@ -890,28 +878,34 @@ async fn a_stream_missing_a_commit_is_resynced_and_handlers_get_exactly_what_was
     let metrics = watcher.metrics();
     let stop = watcher.shutdown_handle();
     let running = tokio::spawn(watcher.run());
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while seen.lock().unwrap().len() < 6 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for the resynced ops: seen {:?}, gaps {:?}, metrics {:?}",
-            seen.lock().unwrap(),
-            gaps.lock().unwrap(),
-            metrics.snapshot()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for("the backfill", Duration::from_secs(30), || {
+        metrics.backfill().finished && seen.lock().unwrap().len() == 3
+    })
+    .await;
+
+    let mut batch = writer.batch();
+    batch
+        .create_with_rkey::<Note>(&rkey4, &note(4))
+        .unwrap()
+        .delete::<Note>(paths[1].rsplit('/').next().unwrap())
+        .unwrap();
+    batch.commit().await.unwrap();
+    let p5 = path(&writer.create::<Note>(&note(5)).await.unwrap().uri);
+    wait_for("the resynced ops", Duration::from_secs(30), || {
+        seen.lock().unwrap().len() >= 6
+    })
+    .await;
     // Nothing more arrives.
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.shutdown();
     running.await.unwrap().unwrap();
 
     let seen = seen.lock().unwrap().clone();
-    let live: Vec<_> = paths
+    let backfilled: Vec<_> = paths
         .iter()
-        .map(|p| (p.clone(), "create", Origin::Live))
+        .map(|p| (p.clone(), "create", Origin::Backfill))
         .collect();
-    assert_eq!(seen[..3], live[..], "notes 1-3 from the stream");
+    assert_eq!(seen[..3], backfilled[..], "notes 1-3 from the first copy");
     let mut missed = vec![
         (paths[1].clone(), "delete", Origin::Resync),
         (p4.clone(), "create", Origin::Resync),

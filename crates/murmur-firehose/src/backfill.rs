@@ -123,8 +123,8 @@ impl Pipeline {
         lock(&self.gates).get(did).cloned()
     }
 
-    /// Whether the index holds every record of `did` the watcher takes (a copy was delivered,
-    /// or the stream was followed from the repo's first commit).
+    /// Whether the index holds every record of `did` the watcher takes (a copy of the repo
+    /// was delivered: a backfill, or a resync since).
     pub(crate) fn has_baseline(&self, did: &str) -> bool {
         self.existing_gate(did)
             .is_some_and(|g| lock(&g.state).synced.is_some())
@@ -137,9 +137,7 @@ impl Pipeline {
         let synced = self
             .existing_gate(did)
             .and_then(|g| lock(&g.state).synced.clone());
-        synced
-            .or_else(|| self.index.baseline(did))
-            .filter(|rev| !rev.is_empty())
+        synced.or_else(|| self.index.baseline(did))
     }
 
     /// Whether an op of `did` at `rev` is reflected in a copy already delivered.

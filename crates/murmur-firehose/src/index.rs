@@ -21,8 +21,7 @@ use crate::cursor::write_atomically;
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub(crate) struct RepoIndex {
     /// `Some(rev)` once the index holds every matching record of the repo as of `rev` (a
-    /// snapshot was delivered, or the stream was followed from the repo's first commit,
-    /// rev `""`). Ops at or below it are reflected already.
+    /// copy of the repo was delivered). Ops at or below it are reflected already.
     pub baseline: Option<String>,
     /// path -> record CID, for the records delivered to handlers.
     pub records: BTreeMap<String, Cid>,
@@ -134,7 +133,7 @@ impl RecordIndex {
         self.append(line)
     }
 
-    /// Marks `did` complete as of `rev` (`""`: followed from its first commit).
+    /// Marks `did` complete as of `rev`.
     pub(crate) fn set_baseline(&self, did: &str, rev: &str) -> Result<(), FirehoseError> {
         self.append(format!("B {did} {rev}\n"))
     }

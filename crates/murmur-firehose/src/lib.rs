@@ -11,13 +11,18 @@
 //!   does not re-run finished handlers;
 //! - nothing is dropped silently: missed events surface as a [`Gap`], failed handlers as
 //!   [`DeadLetter`]s, rejected records through [`WatcherBuilder::on_rejected`];
-//! - a record that fails verification or lexicon validation never reaches a typed handler.
+//! - a record that fails verification or lexicon validation never reaches a typed handler;
+//! - joining late and gaps re-run the same handlers: a [`Backfill`] delivers the records a
+//!   repo already holds ([`Origin::Backfill`]), and after a gap in a repo's stream (a broken
+//!   rev chain, a `#sync`, a seq regression) a fresh copy of the repo, diffed against the
+//!   watcher's record index, delivers exactly the missed creates, updates and deletes
+//!   ([`Origin::Resync`]), once, in key order, before the repo's later stream ops.
 //!
 //! A handler is any async fn or closure whose arguments are extractors ([`FromOp`]), as in
 //! axum: exactly one of [`Record<C>`](Record) (creates and updates of collection `C`),
 //! [`Created<C>`](Created), [`Updated<C>`](Updated) or [`Deleted<C>`](Deleted) says which ops
-//! it gets, by its type; the others ([`Author`], [`RecordRef`], [`CommitInfo`], [`State`],
-//! [`OpEvent`]) describe the op. `#[handler]` is optional: it turns a wrong argument into a
+//! it gets, by its type; the others ([`Author`], [`RecordRef`], [`CommitInfo`], [`Origin`],
+//! [`State`], [`OpEvent`]) describe the op. `#[handler]` is optional: it turns a wrong argument into a
 //! compile error naming it and gives the handler the fn's name in logs and dead letters.
 //! [`Handler::layer`] wraps a handler in your own tower layers.
 //!

@@ -394,12 +394,6 @@ impl Pipeline {
             self.finish_event(index, seq);
             return;
         }
-        if repo_allowed && commit.since.is_none() && !self.has_baseline(&commit.repo) {
-            // The repo's first commit: from here on the index sees all of it.
-            if let Err(e) = self.index.set_baseline(&commit.repo, "") {
-                warn!(did = %commit.repo, error = %e, "record index baseline not stored");
-            }
-        }
         if !wanted {
             // Nobody wants it: skip the CAR, but keep the repo's rev chain current.
             if let Err(e) = self.verifier.observe_commit(commit) {

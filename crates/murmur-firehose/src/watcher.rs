@@ -351,17 +351,22 @@ impl WatcherBuilder {
         self
     }
 
-    /// Re-fetches a repo after its rev chain broke ([`GapKind::ChainBreak`](crate::GapKind)):
-    /// `getRepo` from the DID's PDS, verified at the watcher's level, then `hook(did, repo)`
-    /// (or the error), on its own task while the stream goes on.
+    /// Called with each copy of a repo taken after a gap in its stream (or the error that
+    /// stopped it), for applications that want the whole repo.
+    ///
+    /// When the [record index](Self::record_index) is complete for the repo (it was
+    /// [backfilled](Self::backfill)), the watcher itself copies the repo after
+    /// a broken rev chain, a `#sync`, a seq regression or an unprovable `tooBig` commit, and
+    /// hands the handlers exactly the missed creates, updates and deletes
+    /// ([`Origin::Resync`](crate::Origin)); the hook then sees the same copy. Otherwise, after
+    /// a broken rev chain ([`GapKind::ChainBreak`](crate::GapKind)) the repo is fetched
+    /// (`getRepo` from the DID's PDS, verified at the watcher's level) only for this hook, on
+    /// its own task while the stream goes on, and handlers are not called for its records:
+    /// compare them with your own state, e.g. by path and CID, to find what the gap hid.
     ///
     /// Only repos the DID filter lets through are fetched, one fetch per DID at a time and a
     /// few at once; the body is capped (`Limits::max_repo_bytes`, 256 MB by default). Fetches
     /// stop with the watcher.
-    ///
-    /// Handlers are not called for the snapshot's records (most were handled already, under
-    /// other revs): compare them with your own state, e.g. by path and CID, to find what the
-    /// gap hid.
     pub fn on_resync(
         mut self,
         hook: impl Fn(&str, Result<murmur_sync::VerifiedRepo, murmur_sync::SyncError>)
@@ -411,8 +416,8 @@ impl WatcherBuilder {
     /// repo's stream (a broken rev chain, a `#sync`, a seq regression, an unprovable
     /// `tooBig` commit) re-runs handlers for exactly the missed creates, updates and deletes,
     /// once, marked [`Origin::Resync`](crate::Origin); this needs the index to be complete
-    /// for the repo (it was backfilled, or followed from its first commit). Turn it off for a
-    /// tail of a whole network that does not need resyncs.
+    /// for the repo: it was [backfilled](Self::backfill). Turn it off for a tail of a whole
+    /// network that needs neither.
     pub fn record_index(mut self, on: bool) -> Self {
         self.record_index = on;
         self
