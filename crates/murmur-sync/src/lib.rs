@@ -95,7 +95,9 @@ pub use frame::{
     AccountEvent, Action, CommitEvent, Frame, IdentityEvent, InfoEvent, Limits, RepoOp, SyncEvent,
 };
 pub use identity::{DEFAULT_PLC_URL, Identity, IdentityResolver};
-pub use mst::key_height;
+pub use mst::{
+    MAX_KEY_LEN, Mst, MstDiff, MstError, PartialTree, check_key, common_prefix_len, key_height,
+};
 pub use proof::{op_proof, op_proofs};
 pub use repo::{RepoRecord, VerifiedRepo};
 pub use verify::Verifier;
