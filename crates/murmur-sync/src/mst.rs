@@ -165,6 +165,21 @@ pub(crate) enum Item {
         cid: Cid,
         layer: u32,
     },
+    /// A key known to have been in the tree, since removed: not part of the tree, but it still
+    /// separates what is before it from what is after it (a stub on one side holds only keys
+    /// on that side), so removing a key does not make its neighbours' places unknown.
+    Bound {
+        key: Vec<u8>,
+    },
+}
+
+impl<T: Elem> Elem for &T {
+    fn leaf(&self) -> Option<(&[u8], Cid, u32)> {
+        (*self).leaf()
+    }
+    fn stub(&self) -> Option<(Cid, u32)> {
+        (*self).stub()
+    }
 }
 
 /// What the node builder needs of a sequence element.
@@ -179,13 +194,13 @@ impl Elem for Item {
     fn leaf(&self) -> Option<(&[u8], Cid, u32)> {
         match self {
             Item::Leaf { key, value, height } => Some((key, *value, *height)),
-            Item::Stub { .. } => None,
+            Item::Stub { .. } | Item::Bound { .. } => None,
         }
     }
     fn stub(&self) -> Option<(Cid, u32)> {
         match self {
             Item::Stub { cid, layer } => Some((*cid, *layer)),
-            Item::Leaf { .. } => None,
+            Item::Leaf { .. } | Item::Bound { .. } => None,
         }
     }
 }
@@ -217,6 +232,8 @@ struct EntryData {
 /// Where a key is in a sequence.
 enum Position {
     Found(usize),
+    /// Absent, where a removed key was (an [`Item::Bound`]) at this index.
+    Removed(usize),
     /// Absent; inserting it goes at this index.
     Absent(usize),
     /// Absent from the loaded part, but this stub covers the gap where it would be.
@@ -331,7 +348,7 @@ impl PartialTree {
     pub fn leaves(&self) -> impl Iterator<Item = (&[u8], Cid)> + '_ {
         self.items.iter().filter_map(|i| match i {
             Item::Leaf { key, value, .. } => Some((key.as_slice(), *value)),
-            Item::Stub { .. } => None,
+            Item::Stub { .. } | Item::Bound { .. } => None,
         })
     }
 
@@ -339,7 +356,7 @@ impl PartialTree {
     pub fn stubs(&self) -> impl Iterator<Item = Cid> + '_ {
         self.items.iter().filter_map(|i| match i {
             Item::Stub { cid, .. } => Some(*cid),
-            Item::Leaf { .. } => None,
+            Item::Leaf { .. } | Item::Bound { .. } => None,
         })
     }
 
@@ -348,8 +365,11 @@ impl PartialTree {
         for (i, item) in self.items.iter().enumerate() {
             match item {
                 Item::Stub { cid, .. } => stub_since_leaf = Some(*cid),
-                Item::Leaf { key: k, .. } => match k.as_slice().cmp(key) {
+                Item::Leaf { key: k, .. } | Item::Bound { key: k } => match k.as_slice().cmp(key) {
                     std::cmp::Ordering::Less => stub_since_leaf = None,
+                    std::cmp::Ordering::Equal if matches!(item, Item::Bound { .. }) => {
+                        return Position::Removed(i);
+                    }
                     std::cmp::Ordering::Equal => return Position::Found(i),
                     std::cmp::Ordering::Greater => {
                         return match stub_since_leaf {
@@ -371,7 +391,7 @@ impl PartialTree {
     pub fn get(&self, key: &[u8]) -> Result<Option<Cid>, MstError> {
         match self.locate(key) {
             Position::Found(i) => Ok(self.items[i].leaf().map(|(_, v, _)| v)),
-            Position::Absent(_) => Ok(None),
+            Position::Absent(_) | Position::Removed(_) => Ok(None),
             Position::Unknown(stub) => Err(MstError::Hidden {
                 key: lossy(key),
                 stub,
@@ -401,6 +421,14 @@ impl PartialTree {
                 );
                 Ok(None)
             }
+            Position::Removed(i) => {
+                self.items[i] = Item::Leaf {
+                    key: key.to_vec(),
+                    value,
+                    height: key_height(key),
+                };
+                Ok(None)
+            }
             Position::Unknown(stub) => Err(MstError::Hidden {
                 key: lossy(key),
                 stub,
@@ -412,12 +440,20 @@ impl PartialTree {
     /// [`MstError::Hidden`] if a stub covers the place where it would be.
     pub fn remove(&mut self, key: &[u8]) -> Result<Cid, MstError> {
         match self.locate(key) {
-            Position::Found(i) => match self.items.remove(i) {
-                Item::Leaf { value, .. } => Ok(value),
-                // locate only finds leaves.
-                Item::Stub { cid, .. } => Err(MstError::NeedsNode { stub: cid }),
-            },
-            Position::Absent(_) => Err(MstError::NotFound { key: lossy(key) }),
+            Position::Found(i) => {
+                let bound = Item::Bound { key: key.to_vec() };
+                match std::mem::replace(&mut self.items[i], bound) {
+                    Item::Leaf { value, .. } => Ok(value),
+                    // locate only finds leaves.
+                    other => {
+                        self.items[i] = other;
+                        Err(MstError::NotFound { key: lossy(key) })
+                    }
+                }
+            }
+            Position::Absent(_) | Position::Removed(_) => {
+                Err(MstError::NotFound { key: lossy(key) })
+            }
             Position::Unknown(stub) => Err(MstError::Hidden {
                 key: lossy(key),
                 stub,
@@ -428,7 +464,20 @@ impl PartialTree {
     /// The root CID of the tree, rebuilt node by node. [`MstError::NeedsNode`] if building it
     /// needs the contents of a stub (one that must be split or merged with its neighbours).
     pub fn root(&self) -> Result<Cid, MstError> {
-        build_root(&self.items, None).map_err(|stub| MstError::NeedsNode { stub })
+        let built = if self.items.iter().any(|i| matches!(i, Item::Bound { .. })) {
+            build_root(&self.tree_items(), None)
+        } else {
+            build_root(&self.items, None)
+        };
+        built.map_err(|stub| MstError::NeedsNode { stub })
+    }
+
+    /// The leaves and stubs, without the bounds of removed keys.
+    fn tree_items(&self) -> Vec<&Item> {
+        self.items
+            .iter()
+            .filter(|i| !matches!(i, Item::Bound { .. }))
+            .collect()
     }
 
     /// Replaces the stub `stub` by the entries and child stubs of its node, decoded from
@@ -963,6 +1012,7 @@ impl Mst {
         let mut entries = BTreeMap::new();
         for item in tree.items {
             match item {
+                Item::Bound { .. } => {}
                 Item::Leaf { key, value, height } => {
                     let key = check_key(&key)
                         .map_err(|e| mst_err(root, e.to_string()))?
@@ -1151,17 +1201,18 @@ impl PartialTree {
     /// `m` high at its ends); so each stub found here is needed. A stub that is the whole
     /// tree stays only if its node has entries (a root is never an entry-less node).
     fn stubs_to_open(&self, blocks: &HashMap<Cid, Vec<u8>>) -> Vec<Cid> {
-        let low = |item: Option<&Item>, l: u32| match item {
-            None => false,
+        let low = |item: Option<&&Item>, l: u32| match item {
+            None | Some(Item::Bound { .. }) => false,
             Some(Item::Leaf { height, .. }) => *height <= l,
             Some(Item::Stub { layer, .. }) => *layer <= l,
         };
+        let items = self.tree_items();
         let mut out = Vec::new();
-        for (i, item) in self.items.iter().enumerate() {
+        for (i, item) in items.iter().enumerate() {
             if let Item::Stub { cid, layer } = item {
-                let before = i.checked_sub(1).and_then(|j| self.items.get(j));
-                let after = self.items.get(i + 1);
-                let alone_without_entries = self.items.len() == 1
+                let before = i.checked_sub(1).and_then(|j| items.get(j));
+                let after = items.get(i + 1);
+                let alone_without_entries = items.len() == 1
                     && blocks
                         .get(cid)
                         .and_then(|b| decode_node(*cid, b, Some(*layer)).ok())
