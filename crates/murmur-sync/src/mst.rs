@@ -1133,29 +1133,8 @@ impl Mst {
             }
             checked.push((key.to_string(), action));
         }
-        let all: HashMap<Cid, Vec<u8>> = self.blocks().into_iter().collect();
-        let root = self.root();
-        let top = self.entries.values().map(|(_, h)| *h).max().unwrap_or(0);
-        let mut tree = PartialTree {
-            items: vec![Item::Stub {
-                cid: root,
-                layer: top,
-            }],
-        };
-        let mut opened = Vec::new();
-        let mut open = |tree: &mut PartialTree, stub: Cid| -> Result<(), MstError> {
-            let bytes = all.get(&stub).ok_or(MstError::NeedsNode { stub })?;
-            // Our own nodes decode; a failure here would be a bug, reported, not a panic.
-            match tree.expand(stub, bytes) {
-                Ok(true) => {
-                    opened.push((stub, bytes.clone()));
-                    Ok(())
-                }
-                _ => Err(MstError::NeedsNode { stub }),
-            }
-        };
-        // The root is always needed: the slice is loaded from it.
-        open(&mut tree, root)?;
+        let (all, mut tree, mut opened) = self.opener()?;
+        let mut open = |tree: &mut PartialTree, stub: Cid| open_stub(&all, tree, &mut opened, stub);
         // Any CID stands for the previous value: the shape depends on the keys only.
         let placeholder = cid_for(RAW, b"");
         for (key, action) in checked.iter().rev() {
@@ -1188,6 +1167,94 @@ impl Mst {
             }
         }
         Ok(opened)
+    }
+
+    /// The reference implementation's covering proof of `keys` in this tree (what
+    /// `@atproto/repo` puts in a commit's slice: `getCoveringProof` of each op's key): the
+    /// root, the nodes on each key's search path, and those on the paths to the keys just
+    /// before and after it. A superset of [`Mst::proof_blocks`] for the same keys (sometimes
+    /// larger: the paths to the neighbours are taken whether or not undoing the ops needs
+    /// them), for consumers whose inversion wants every neighbour loaded. The root comes
+    /// first. [`MstError::InvalidKey`] for a key that is not a repo path.
+    ///
+    /// ```
+    /// use murmur_sync::{Action, Mst, RAW, cid_for};
+    /// let v = cid_for(RAW, b"r");
+    /// let mst = Mst::from_entries((0..500).map(|i| (format!("app.example.post/{i:05}"), v))).unwrap();
+    /// let key = "app.example.post/00250";
+    /// let covering = mst.covering_proof_blocks([key]).unwrap();
+    /// let needed = mst.proof_blocks([(key, Action::Create)]).unwrap();
+    /// assert!(needed.iter().all(|b| covering.contains(b)));
+    /// ```
+    pub fn covering_proof_blocks<K: AsRef<[u8]>>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+    ) -> Result<Vec<(Cid, Vec<u8>)>, MstError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let mut targets: Vec<String> = Vec::new();
+        for key in keys {
+            let key = check_key(key.as_ref())?;
+            let before = self
+                .entries
+                .range::<str, _>((Unbounded, Excluded(key)))
+                .next_back();
+            let after = self
+                .entries
+                .range::<str, _>((Excluded(key), Unbounded))
+                .next();
+            targets.push(key.to_string());
+            targets.extend(before.into_iter().chain(after).map(|(k, _)| k.clone()));
+        }
+        let (all, mut tree, mut opened) = self.opener()?;
+        for key in targets {
+            while let Err(e) = tree.get(key.as_bytes()) {
+                match e {
+                    MstError::Hidden { stub, .. } => {
+                        open_stub(&all, &mut tree, &mut opened, stub)?;
+                    }
+                    e => return Err(e),
+                }
+            }
+        }
+        Ok(opened)
+    }
+
+    /// What the proofs start from: every node by CID, and the tree as its root opened.
+    #[allow(clippy::type_complexity)]
+    fn opener(
+        &self,
+    ) -> Result<(HashMap<Cid, Vec<u8>>, PartialTree, Vec<(Cid, Vec<u8>)>), MstError> {
+        let all: HashMap<Cid, Vec<u8>> = self.blocks().into_iter().collect();
+        let root = self.root();
+        let top = self.entries.values().map(|(_, h)| *h).max().unwrap_or(0);
+        let mut tree = PartialTree {
+            items: vec![Item::Stub {
+                cid: root,
+                layer: top,
+            }],
+        };
+        let mut opened = Vec::new();
+        // The root is always needed: the slice is loaded from it.
+        open_stub(&all, &mut tree, &mut opened, root)?;
+        Ok((all, tree, opened))
+    }
+}
+
+/// Opens the stub `stub` of `tree` with its block from `all`, noting the block in `opened`.
+fn open_stub(
+    all: &HashMap<Cid, Vec<u8>>,
+    tree: &mut PartialTree,
+    opened: &mut Vec<(Cid, Vec<u8>)>,
+    stub: Cid,
+) -> Result<(), MstError> {
+    let bytes = all.get(&stub).ok_or(MstError::NeedsNode { stub })?;
+    // Our own nodes decode; a failure here would be a bug, reported, not a panic.
+    match tree.expand(stub, bytes) {
+        Ok(true) => {
+            opened.push((stub, bytes.clone()));
+            Ok(())
+        }
+        _ => Err(MstError::NeedsNode { stub }),
     }
 }
 
@@ -1305,6 +1372,35 @@ mod tests {
         assert_eq!(
             tree.get(b"a").unwrap(),
             Some(cid_for(crate::car::RAW, &[1]))
+        );
+    }
+
+    #[test]
+    fn a_removed_key_still_bounds_its_neighbours() {
+        let stub = cid_for(crate::car::RAW, &[9]);
+        let mut tree = PartialTree {
+            items: vec![
+                Item::Stub {
+                    cid: stub,
+                    layer: 0,
+                },
+                leaf("c/b", 1),
+                leaf("c/d", 2),
+            ],
+        };
+        // "c/c" is after "c/b", so not in the stub, before and after "c/b" is removed.
+        assert_eq!(tree.get(b"c/c"), Ok(None));
+        tree.remove(b"c/b").unwrap();
+        assert_eq!(tree.get(b"c/c"), Ok(None));
+        assert_eq!(tree.get(b"c/b"), Ok(None));
+        assert!(matches!(tree.get(b"c/a"), Err(MstError::Hidden { .. })));
+        assert!(tree.leaves().all(|(k, _)| k != b"c/b"));
+        // Setting it again restores the same tree.
+        tree.set(b"c/b", cid_for(crate::car::RAW, &[1])).unwrap();
+        assert_eq!(tree.items[1], leaf("c/b", 1));
+        assert_eq!(
+            tree.remove(b"c/x"),
+            Err(MstError::NotFound { key: "c/x".into() })
         );
     }
 

@@ -315,6 +315,7 @@ fn random_commit(
 fn proof_blocks_of_random_commits_invert_to_the_old_root_and_none_is_spare() {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let (mut cases, mut blocks_total, mut tree_blocks_total, mut dropped) = (0, 0, 0, 0);
+    let mut covering_total = 0;
     for case in 0..400 {
         let size = match case % 4 {
             0 => rng.below(8),
@@ -343,7 +344,21 @@ fn proof_blocks_of_random_commits_invert_to_the_old_root_and_none_is_spare() {
                 "case {case}: not a node of the tree"
             );
         }
+        // The reference-style covering proof holds every block needed.
+        let covering = new
+            .covering_proof_blocks(ops.iter().map(|o| o.0.as_str()))
+            .unwrap();
+        assert!(
+            proof.iter().all(|b| covering.contains(b)),
+            "case {case}: {ops:?}"
+        );
+        assert_eq!(
+            invert(new.root(), &covering, &ops),
+            Ok(old.root()),
+            "case {case}"
+        );
         blocks_total += proof.len();
+        covering_total += covering.len();
         tree_blocks_total += all.len();
         assert_eq!(
             invert(new.root(), &proof, &ops),
@@ -380,7 +395,7 @@ fn proof_blocks_of_random_commits_invert_to_the_old_root_and_none_is_spare() {
     }
     assert!(cases > 350, "{cases}");
     println!(
-        "{cases} commits: {blocks_total} proof blocks of {tree_blocks_total} tree blocks, {dropped} drops checked"
+        "{cases} commits: {blocks_total} proof blocks ({covering_total} in covering proofs) of {tree_blocks_total} tree blocks, {dropped} drops checked"
     );
 }
 
@@ -468,11 +483,24 @@ fn commit_proof_vectors_reference_blocks_cover_ours() {
             ours.is_subset(&reference),
             "{comment}: {ours:?} vs {reference:?}"
         );
+        println!(
+            "{comment}: {} of the reference's {} blocks",
+            ours.len(),
+            reference.len()
+        );
         assert_eq!(
             invert(new.root(), &proof, &ops),
             Ok(old.root()),
             "{comment}"
         );
+        // The reference's covering proof, computed here, is exactly the vector's set.
+        let covering: BTreeSet<String> = new
+            .covering_proof_blocks(ops.iter().map(|o| o.0.as_str()))
+            .unwrap()
+            .iter()
+            .map(|(c, _)| c.to_string())
+            .collect();
+        assert_eq!(covering, reference, "{comment}");
         // The reference's own set inverts too.
         let all: BTreeMap<String, (Cid, Vec<u8>)> = new
             .blocks()
