@@ -1006,7 +1006,8 @@ impl Mst {
     /// checked as [`PartialTree::load`] checks it, and every key with [`check_key`]).
     ///
     /// Errors: [`SyncError::MissingBlock`] naming the first node `car` lacks (`MST root` or
-    /// `MST node`), [`SyncError::Mst`] for a malformed node or an invalid key.
+    /// `MST node`), [`SyncError::Mst`] for a malformed node, an invalid key, or nodes shaped
+    /// otherwise than the MST of their keys (rebuilding them gives another root).
     pub fn load(car: &CarSlice<'_>, root: Cid) -> Result<Mst, SyncError> {
         let tree = PartialTree::load(car, root)?;
         let mut entries = BTreeMap::new();
@@ -1027,7 +1028,17 @@ impl Mst {
                 }
             }
         }
-        Ok(Mst { entries })
+        let mst = Mst { entries };
+        // The nodes are hash-checked, but their shape could still be one no MST has (an
+        // empty subtree node, say): the same entries would then have another root.
+        let rebuilt = mst.root();
+        if rebuilt != root {
+            return Err(mst_err(
+                root,
+                format!("the nodes are not the MST of their keys, which has root {rebuilt}"),
+            ));
+        }
+        Ok(mst)
     }
 
     /// What changed from `self` to `newer`: one merge walk over both sorted entry lists
@@ -1088,10 +1099,12 @@ impl Mst {
     ///
     /// The blocks are the root, the nodes on each op key's search path, and the nodes that
     /// undoing the ops splits or merges (around a created key, the nodes on both sides that
-    /// merge when it is removed); no other, so dropping any one of them makes the inversion
-    /// fail or reach another root. This can be fewer than a reference implementation's
-    /// covering proof (search paths plus the paths to each key's neighbours), never more.
-    /// The root comes first, then nodes in the order the proof needed them.
+    /// merge when it is removed); no other, so dropping any one of them makes this crate's
+    /// inversion ([`PartialTree`], as [`crate::Verifier::verify_commit`] runs it) fail or
+    /// reach another root. It can be fewer than the reference implementation's covering
+    /// proof ([`Mst::covering_proof_blocks`]), never more: a commit for consumers that invert
+    /// the reference's way should carry that one. The root comes first, then nodes in the
+    /// order the proof needed them.
     ///
     /// Errors: [`MstError::InvalidKey`], or [`MstError::OpMismatch`] for an op the tree
     /// contradicts (a created or updated key absent, a deleted key present) or a key given

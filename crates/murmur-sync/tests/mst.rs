@@ -732,8 +732,13 @@ fn malformed_nodes_are_typed_errors() {
         Mst::load(&CarSlice::parse(&car).unwrap(), *cid)
     };
     // A well-formed node loads.
-    let good = node(None, &[(&keys[0], 0, None), (&keys[1], 0, None)]);
+    let p = common_prefix_len(keys[0].as_bytes(), keys[1].as_bytes());
+    let good = node(None, &[(&keys[0], 0, None), (&keys[1], p, None)]);
     assert_eq!(load(&good).unwrap().len(), 2);
+    // The same keys, the prefix left uncompressed: the same entries under another CID.
+    let loose = node(None, &[(&keys[0], 0, None), (&keys[1], 0, None)]);
+    assert_ne!(loose.0, good.0);
+    assert!(matches!(load(&loose), Err(SyncError::Mst { .. })));
     // Keys out of order.
     let swapped = node(None, &[(&keys[1], 0, None), (&keys[0], 0, None)]);
     let err = load(&swapped).unwrap_err();
@@ -764,6 +769,27 @@ fn malformed_nodes_are_typed_errors() {
     let car = car_of(parent.0, &[parent.clone(), child]);
     let err = Mst::load(&CarSlice::parse(&car).unwrap(), parent.0).unwrap_err();
     assert!(matches!(err, SyncError::Mst { .. }), "{err}");
+    // Well-formed nodes in a shape no MST has: an empty node below a key.
+    let k1 = (0..)
+        .map(|i| format!("c.x/h{i}"))
+        .find(|k| key_height(k.as_bytes()) == 1)
+        .unwrap();
+    let empty = node(None, &[]);
+    let parent = node(None, &[(&k1, 0, Some(empty.0))]);
+    let car = car_of(parent.0, &[parent.clone(), empty]);
+    let slice = CarSlice::parse(&car).unwrap();
+    assert_eq!(
+        PartialTree::load(&slice, parent.0)
+            .unwrap()
+            .leaves()
+            .count(),
+        1
+    );
+    let err = Mst::load(&slice, parent.0).unwrap_err();
+    assert!(
+        matches!(&err, SyncError::Mst { reason, .. } if reason.contains("not the MST of their keys")),
+        "{err}"
+    );
     // Not DAG-CBOR at all.
     let junk = b"\xa1\x61e\x01".to_vec();
     let junk = (cid_for(DAG_CBOR, &junk), junk);
