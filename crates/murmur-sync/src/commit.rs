@@ -192,7 +192,7 @@ pub(crate) fn check_inversion(
         reason,
     };
     let mut tree = PartialTree::load(car, commit.data)?;
-    if tree.root() != Ok(commit.data) {
+    if tree.root().ok() != Some(commit.data) {
         return Err(fail(
             "the MST nodes do not rebuild to the commit's data root".into(),
         ));
@@ -201,7 +201,7 @@ pub(crate) fn check_inversion(
         let key = op.path.as_bytes();
         let current = tree
             .get(key)
-            .map_err(|()| fail(format!("{} is hidden by a missing MST node", op.path)))?;
+            .map_err(|e| fail(format!("{} is hidden by a missing MST node ({e})", op.path)))?;
         let expected = match op.action {
             Action::Delete => None,
             Action::Create | Action::Update => op.cid,
@@ -216,11 +216,11 @@ pub(crate) fn check_inversion(
             )));
         }
         let undone = match (op.action, op.prev) {
-            (Action::Create, None) => tree.remove(key),
+            (Action::Create, None) => tree.remove(key).map(drop),
             (Action::Create, Some(_)) => {
                 return Err(fail(format!("create {} has a prev", op.path)));
             }
-            (Action::Update | Action::Delete, Some(prev)) => tree.set(key, prev),
+            (Action::Update | Action::Delete, Some(prev)) => tree.set(key, prev).map(drop),
             (Action::Update | Action::Delete, None) => {
                 return Err(fail(format!(
                     "{} {} has no prev (not a sync 1.1 event)",
@@ -229,7 +229,12 @@ pub(crate) fn check_inversion(
                 )));
             }
         };
-        undone.map_err(|()| fail(format!("undoing {} needs a missing MST node", op.path)))?;
+        undone.map_err(|e| {
+            fail(format!(
+                "undoing {} needs a missing MST node ({e})",
+                op.path
+            ))
+        })?;
     }
     let prev_data = match (ev.prev_data, &ev.since) {
         (Some(prev), _) => prev,
@@ -246,8 +251,8 @@ pub(crate) fn check_inversion(
         Ok(root) => Err(fail(format!(
             "undoing the ops gives {root}, but prevData is {prev_data}"
         ))),
-        Err(()) => Err(fail(
-            "rebuilding the previous root needs a missing MST node".into(),
-        )),
+        Err(e) => Err(fail(format!(
+            "rebuilding the previous root needs a missing MST node ({e})"
+        ))),
     }
 }

@@ -183,6 +183,10 @@ pub enum SyncError {
         /// What is wrong.
         reason: String,
     },
+    /// An MST operation failed: a key that is not a repo path, a key or node a partial tree
+    /// does not hold, ops that do not match the tree ([`crate::MstError`]).
+    #[error(transparent)]
+    Tree(#[from] crate::MstError),
     /// The ops do not match the MST, or undoing them does not give `prevData`.
     #[error("MST inversion failed for {did} rev {rev}: {reason}")]
     MstInversion {

@@ -31,6 +31,13 @@
 //! in such a proof. The same check proves the ops of a `tooBig` commit from the repo's PDS
 //! ([`Verifier::verify_record_proof`] reads any `getRecord` answer).
 //!
+//! The repo's Merkle Search Tree is public too: [`Mst`] is a whole tree of `(collection/rkey,
+//! CID)` entries (keys checked with [`check_key`]; [`MstError`] says what is wrong) with its
+//! root, node blocks ([`Mst::blocks`], for [`write_car`]), loading from a CAR ([`Mst::load`],
+//! what [`Verifier::verify_repo`] walks), the diff of two trees ([`Mst::diff`], [`MstDiff`]),
+//! and the blocks a commit's CAR slice needs to prove its ops ([`Mst::proof_blocks`]).
+//! [`PartialTree`] is the tree such a slice proves, on which the ops are undone (sync 1.1).
+//!
 //! ```no_run
 //! use std::sync::Arc;
 //! use murmur_sync::{Frame, IdentityResolver, SyncError, Verifier};
@@ -96,7 +103,9 @@ pub use frame::{
     AccountEvent, Action, CommitEvent, Frame, IdentityEvent, InfoEvent, Limits, RepoOp, SyncEvent,
 };
 pub use identity::{DEFAULT_PLC_URL, Identity, IdentityResolver};
-pub use mst::key_height;
+pub use mst::{
+    MAX_KEY_LEN, Mst, MstDiff, MstError, PartialTree, check_key, common_prefix_len, key_height,
+};
 pub use proof::{op_proof, op_proofs};
 pub use repo::{RepoRecord, VerifiedRepo};
 pub use verify::Verifier;

@@ -1,22 +1,34 @@
-//! Merkle Search Tree over a partial CAR slice: flatten the nodes present, apply ops in
-//! reverse, and recompute the root (sync 1.1 inversion).
+//! The Merkle Search Tree (MST) of an atproto repo: a whole tree built from its entries
+//! ([`Mst`]), the diff of two trees ([`MstDiff`]), the blocks a commit must carry to prove its
+//! ops ([`Mst::proof_blocks`]), and a tree known only in part ([`PartialTree`]), as a CAR
+//! slice carries it, on which a commit's ops are undone (sync 1.1 inversion).
 //!
-//! The tree is kept as its in-order sequence of leaves and *stubs* (subtrees whose blocks are
-//! not in the slice, known only by CID and layer). Because an MST's shape is a function of its
-//! keys, any tree can be rebuilt from that sequence as long as no change has to look inside a
-//! stub; when one would, the slice is not a sufficient proof and inversion fails.
+//! A partial tree is kept as its in-order sequence of leaves and *stubs* (subtrees whose
+//! blocks are not in the slice, known only by CID and layer). Because an MST's shape is a
+//! function of its keys, any tree can be rebuilt from that sequence as long as no change has
+//! to look inside a stub; when one would, the slice is not a sufficient proof and the
+//! operation fails with [`MstError::Hidden`] or [`MstError::NeedsNode`].
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use cid::Cid;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::SyncError;
-use crate::car::{CarSlice, DAG_CBOR, cid_for};
+use crate::car::{CarSlice, DAG_CBOR, RAW, cid_for};
 use crate::cbor::{write_bytes, write_cid, write_head, write_null, write_text};
+use crate::frame::Action;
 
 /// The MST layer of a key: leading zero bits of SHA-256(key), counted in pairs (fanout 4).
+///
+/// ```
+/// use murmur_sync::key_height;
+/// // Vectors from the atproto interop tests.
+/// assert_eq!(key_height(b""), 0);
+/// assert_eq!(key_height(b"blue"), 1);
+/// assert_eq!(key_height(b"app.bsky.feed.post/9adeb165882c"), 8);
+/// ```
 pub fn key_height(key: &[u8]) -> u32 {
     let digest = Sha256::digest(key);
     let mut zeros = 0;
@@ -27,6 +39,118 @@ pub fn key_height(key: &[u8]) -> u32 {
         }
     }
     zeros / 2
+}
+
+/// The length of the longest common prefix of two keys, in bytes (how much of a key an MST
+/// node leaves out, `p`, after the key before it).
+///
+/// ```
+/// use murmur_sync::common_prefix_len;
+/// assert_eq!(common_prefix_len(b"abcde", b"abc1"), 3);
+/// assert_eq!(common_prefix_len(b"", b"abc"), 0);
+/// ```
+pub fn common_prefix_len(a: &[u8], b: &[u8]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
+}
+
+/// The longest MST key allowed, in bytes.
+pub const MAX_KEY_LEN: usize = 1024;
+
+/// Checks that `key` is a valid MST key of an atproto repo, `collection/rkey`: non-empty, at
+/// most [`MAX_KEY_LEN`] bytes, exactly one `/` with something on each side, and only the
+/// characters `A-Z a-z 0-9 . - _ : ~` besides it. Returns the key as text.
+///
+/// ```
+/// use murmur_sync::{MstError, check_key};
+/// assert_eq!(check_key(b"app.bsky.feed.post/3jui7kd2z2y2e").unwrap(), "app.bsky.feed.post/3jui7kd2z2y2e");
+/// assert!(matches!(check_key(b"no-slash"), Err(MstError::InvalidKey { .. })));
+/// assert!(matches!(check_key(b"a/b/c"), Err(MstError::InvalidKey { .. })));
+/// ```
+pub fn check_key(key: &[u8]) -> Result<&str, MstError> {
+    let bad = |reason: &'static str| MstError::InvalidKey {
+        key: String::from_utf8_lossy(&key[..key.len().min(MAX_KEY_LEN + 16)]).into_owned(),
+        reason,
+    };
+    if key.is_empty() {
+        return Err(bad("the key is empty"));
+    }
+    if key.len() > MAX_KEY_LEN {
+        return Err(bad("the key is longer than 1024 bytes"));
+    }
+    let mut slashes = 0;
+    for &b in key {
+        match b {
+            b'/' => slashes += 1,
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'-' | b'_' | b':' | b'~' => {}
+            _ => {
+                return Err(bad(
+                    "the key has a character outside A-Z a-z 0-9 . - _ : ~ /",
+                ));
+            }
+        }
+    }
+    if slashes != 1 {
+        return Err(bad("the key does not have exactly one '/'"));
+    }
+    if key.first() == Some(&b'/') {
+        return Err(bad("the collection before '/' is empty"));
+    }
+    if key.last() == Some(&b'/') {
+        return Err(bad("the record key after '/' is empty"));
+    }
+    // Only ASCII is allowed above, so this cannot fail.
+    std::str::from_utf8(key).map_err(|_| bad("the key is not UTF-8"))
+}
+
+/// What went wrong with an MST operation: a bad key, a key or subtree a partial tree does not
+/// hold, or ops that do not match the tree.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MstError {
+    /// The key is not a valid repo path ([`check_key`]).
+    #[error("invalid MST key {key:?}: {reason}")]
+    InvalidKey {
+        /// The key (lossy UTF-8, cut after 1040 bytes).
+        key: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
+    /// A partial tree cannot tell where `key` is: the subtree where it would be is a stub
+    /// (a node whose block was not given).
+    #[error("MST key {key:?} is hidden by the missing node {stub}")]
+    Hidden {
+        /// The key (lossy UTF-8).
+        key: String,
+        /// The CID of the node that would have to be loaded.
+        stub: Cid,
+    },
+    /// The key to remove is not in the tree.
+    #[error("MST key {key:?} is not in the tree")]
+    NotFound {
+        /// The key (lossy UTF-8).
+        key: String,
+    },
+    /// Rebuilding the tree needs the contents of a node whose block was not given (the tree
+    /// changed around it, so it must be split or merged).
+    #[error("rebuilding the MST needs the missing node {stub}")]
+    NeedsNode {
+        /// The CID of the node that would have to be loaded.
+        stub: Cid,
+    },
+    /// An op given to [`Mst::proof_blocks`] does not match the tree after the commit.
+    #[error("op {action} {key:?} does not match the tree: {reason}")]
+    OpMismatch {
+        /// The op's key.
+        key: String,
+        /// `create`, `update` or `delete`.
+        action: &'static str,
+        /// What is wrong.
+        reason: &'static str,
+    },
+}
+
+fn lossy(key: &[u8]) -> String {
+    String::from_utf8_lossy(key).into_owned()
 }
 
 /// One element of a tree's in-order sequence.
@@ -41,6 +165,53 @@ pub(crate) enum Item {
         cid: Cid,
         layer: u32,
     },
+    /// A key known to have been in the tree, since removed: not part of the tree, but it still
+    /// separates what is before it from what is after it (a stub on one side holds only keys
+    /// on that side), so removing a key does not make its neighbours' places unknown.
+    Bound {
+        key: Vec<u8>,
+    },
+}
+
+impl<T: Elem> Elem for &T {
+    fn leaf(&self) -> Option<(&[u8], Cid, u32)> {
+        (*self).leaf()
+    }
+    fn stub(&self) -> Option<(Cid, u32)> {
+        (*self).stub()
+    }
+}
+
+/// What the node builder needs of a sequence element.
+trait Elem {
+    /// `(key, value, height)` of a leaf.
+    fn leaf(&self) -> Option<(&[u8], Cid, u32)>;
+    /// `(cid, layer)` of a stub.
+    fn stub(&self) -> Option<(Cid, u32)>;
+}
+
+impl Elem for Item {
+    fn leaf(&self) -> Option<(&[u8], Cid, u32)> {
+        match self {
+            Item::Leaf { key, value, height } => Some((key, *value, *height)),
+            Item::Stub { .. } | Item::Bound { .. } => None,
+        }
+    }
+    fn stub(&self) -> Option<(Cid, u32)> {
+        match self {
+            Item::Stub { cid, layer } => Some((*cid, *layer)),
+            Item::Leaf { .. } | Item::Bound { .. } => None,
+        }
+    }
+}
+
+impl Elem for (&[u8], Cid, u32) {
+    fn leaf(&self) -> Option<(&[u8], Cid, u32)> {
+        Some(*self)
+    }
+    fn stub(&self) -> Option<(Cid, u32)> {
+        None
+    }
 }
 
 #[derive(Deserialize)]
@@ -61,16 +232,50 @@ struct EntryData {
 /// Where a key is in a sequence.
 enum Position {
     Found(usize),
+    /// Absent, where a removed key was (an [`Item::Bound`]) at this index.
+    Removed(usize),
     /// Absent; inserting it goes at this index.
     Absent(usize),
-    /// Absent from the loaded part, but a stub covers the gap where it would be.
-    Unknown,
+    /// Absent from the loaded part, but this stub covers the gap where it would be.
+    Unknown(Cid),
 }
 
-/// The in-order sequence of a (partial) tree.
+/// A Merkle Search Tree known in part: its in-order sequence of leaves (key, value) and
+/// *stubs* (subtrees whose blocks were not given, known by CID and layer).
+///
+/// This is what a commit's CAR slice proves: load it with [`PartialTree::load`] at the
+/// commit's `data` root, undo the commit's ops ([`PartialTree::remove`] a created key,
+/// [`PartialTree::set`] an updated or deleted key back to its `prev`), and [`PartialTree::root`]
+/// gives the tree's root before the commit (sync 1.1 `prevData`). Keys are bytes here and are
+/// not checked against the repo-path rules ([`check_key`]).
+///
+/// ```
+/// use murmur_sync::{CarSlice, Cid, Mst, PartialTree, RAW, cid_for, write_car};
+/// use murmur_sync::Action;
+///
+/// let value = cid_for(RAW, b"record");
+/// let mut before = Mst::new();
+/// for i in 0..50 {
+///     before.insert(format!("app.example.post/{i:04}"), value).unwrap();
+/// }
+/// let mut after = before.clone();
+/// after.insert("app.example.post/new", value).unwrap();
+///
+/// // The commit carries only the blocks needed to undo its op.
+/// let ops = [("app.example.post/new", Action::Create)];
+/// let proof = after.proof_blocks(ops).unwrap();
+/// let car = write_car(after.root(), proof.iter().map(|(c, b)| (*c, b.as_slice())));
+/// let slice = CarSlice::parse(&car).unwrap();
+///
+/// let mut tree = PartialTree::load(&slice, after.root()).unwrap();
+/// assert_eq!(tree.root().unwrap(), after.root());
+/// assert_eq!(tree.get(b"app.example.post/new").unwrap(), Some(value));
+/// tree.remove(b"app.example.post/new").unwrap();
+/// assert_eq!(tree.root().unwrap(), before.root());
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub(crate) struct PartialTree {
-    pub items: Vec<Item>,
+pub struct PartialTree {
+    pub(crate) items: Vec<Item>,
 }
 
 fn mst_err(node: Cid, reason: impl Into<String>) -> SyncError {
@@ -81,11 +286,46 @@ fn mst_err(node: Cid, reason: impl Into<String>) -> SyncError {
 }
 
 impl PartialTree {
-    /// Flattens the tree rooted at `root` from the blocks in `car`; absent subtrees become stubs.
+    /// The empty tree (no leaves, no stubs).
+    ///
+    /// ```
+    /// use murmur_sync::PartialTree;
+    /// let root = PartialTree::new().root().unwrap();
+    /// assert_eq!(root.to_string(), "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm");
+    /// ```
+    pub fn new() -> PartialTree {
+        PartialTree::default()
+    }
+
+    /// Flattens the tree rooted at `root` from the blocks in `car`; subtrees whose blocks are
+    /// absent become stubs. Every node present is checked (DAG-CBOR, prefixes, keys strictly
+    /// increasing across the whole tree, all keys of a node of its height, each node one layer
+    /// below its parent).
+    ///
+    /// Errors: [`SyncError::MissingBlock`] if the root itself is absent, [`SyncError::Mst`]
+    /// for a malformed node.
+    ///
+    /// ```
+    /// use murmur_sync::{CarSlice, Mst, PartialTree, RAW, cid_for, write_car};
+    /// let mut mst = Mst::new();
+    /// mst.insert("app.example.post/a", cid_for(RAW, b"a")).unwrap();
+    /// let car = write_car(mst.root(), mst.blocks());
+    /// let tree = PartialTree::load(&CarSlice::parse(&car).unwrap(), mst.root()).unwrap();
+    /// assert!(tree.is_complete());
+    /// assert_eq!(tree.root().unwrap(), mst.root());
+    /// ```
     pub fn load(car: &CarSlice<'_>, root: Cid) -> Result<PartialTree, SyncError> {
+        PartialTree::load_with(|c| car.get(c), root)
+    }
+
+    /// [`PartialTree::load`] from any block source.
+    pub(crate) fn load_with<'a>(
+        lookup: impl Fn(&Cid) -> Option<&'a [u8]>,
+        root: Cid,
+    ) -> Result<PartialTree, SyncError> {
         let mut items = Vec::new();
         let mut seen = HashSet::new();
-        load_node(car, root, None, &mut items, &mut seen)?;
+        load_node(&lookup, root, None, &mut items, &mut seen)?;
         // Keys must be strictly increasing across the whole sequence.
         let mut last: Option<&[u8]> = None;
         for item in &items {
@@ -99,51 +339,76 @@ impl PartialTree {
         Ok(PartialTree { items })
     }
 
+    /// True when no subtree is missing: the whole tree is known.
+    pub fn is_complete(&self) -> bool {
+        !self.items.iter().any(|i| matches!(i, Item::Stub { .. }))
+    }
+
+    /// The leaves known, `(key, value)` in key order.
+    pub fn leaves(&self) -> impl Iterator<Item = (&[u8], Cid)> + '_ {
+        self.items.iter().filter_map(|i| match i {
+            Item::Leaf { key, value, .. } => Some((key.as_slice(), *value)),
+            Item::Stub { .. } | Item::Bound { .. } => None,
+        })
+    }
+
+    /// The CIDs of the subtrees whose blocks were not given, in key order.
+    pub fn stubs(&self) -> impl Iterator<Item = Cid> + '_ {
+        self.items.iter().filter_map(|i| match i {
+            Item::Stub { cid, .. } => Some(*cid),
+            Item::Leaf { .. } | Item::Bound { .. } => None,
+        })
+    }
+
     fn locate(&self, key: &[u8]) -> Position {
-        let mut stub_since_leaf = false;
+        let mut stub_since_leaf = None;
         for (i, item) in self.items.iter().enumerate() {
             match item {
-                Item::Stub { .. } => stub_since_leaf = true,
-                Item::Leaf { key: k, .. } => match k.as_slice().cmp(key) {
-                    std::cmp::Ordering::Less => stub_since_leaf = false,
+                Item::Stub { cid, .. } => stub_since_leaf = Some(*cid),
+                Item::Leaf { key: k, .. } | Item::Bound { key: k } => match k.as_slice().cmp(key) {
+                    std::cmp::Ordering::Less => stub_since_leaf = None,
+                    std::cmp::Ordering::Equal if matches!(item, Item::Bound { .. }) => {
+                        return Position::Removed(i);
+                    }
                     std::cmp::Ordering::Equal => return Position::Found(i),
                     std::cmp::Ordering::Greater => {
-                        return if stub_since_leaf {
-                            Position::Unknown
-                        } else {
-                            Position::Absent(i)
+                        return match stub_since_leaf {
+                            Some(stub) => Position::Unknown(stub),
+                            None => Position::Absent(i),
                         };
                     }
                 },
             }
         }
-        if stub_since_leaf {
-            Position::Unknown
-        } else {
-            Position::Absent(self.items.len())
+        match stub_since_leaf {
+            Some(stub) => Position::Unknown(stub),
+            None => Position::Absent(self.items.len()),
         }
     }
 
-    /// The value stored under `key`: `Ok(None)` if provably absent, `Err(())` if a stub hides it.
-    pub fn get(&self, key: &[u8]) -> Result<Option<Cid>, ()> {
+    /// The value stored under `key`: `Ok(None)` if provably absent, [`MstError::Hidden`] if a
+    /// stub covers the place where it would be.
+    pub fn get(&self, key: &[u8]) -> Result<Option<Cid>, MstError> {
         match self.locate(key) {
-            Position::Found(i) => match &self.items[i] {
-                Item::Leaf { value, .. } => Ok(Some(*value)),
-                Item::Stub { .. } => Err(()),
-            },
-            Position::Absent(_) => Ok(None),
-            Position::Unknown => Err(()),
+            Position::Found(i) => Ok(self.items[i].leaf().map(|(_, v, _)| v)),
+            Position::Absent(_) | Position::Removed(_) => Ok(None),
+            Position::Unknown(stub) => Err(MstError::Hidden {
+                key: lossy(key),
+                stub,
+            }),
         }
     }
 
-    /// Sets `key` to `value` (insert or replace). `Err(())` if a stub hides where it goes.
-    pub fn set(&mut self, key: &[u8], value: Cid) -> Result<(), ()> {
+    /// Sets `key` to `value` (insert or replace); returns the value it replaced.
+    /// [`MstError::Hidden`] if a stub covers the place where it goes.
+    pub fn set(&mut self, key: &[u8], value: Cid) -> Result<Option<Cid>, MstError> {
         match self.locate(key) {
             Position::Found(i) => {
+                let mut old = None;
                 if let Item::Leaf { value: v, .. } = &mut self.items[i] {
-                    *v = value;
+                    old = Some(std::mem::replace(v, value));
                 }
-                Ok(())
+                Ok(old)
             }
             Position::Absent(i) => {
                 self.items.insert(
@@ -154,45 +419,122 @@ impl PartialTree {
                         height: key_height(key),
                     },
                 );
-                Ok(())
+                Ok(None)
             }
-            Position::Unknown => Err(()),
+            Position::Removed(i) => {
+                self.items[i] = Item::Leaf {
+                    key: key.to_vec(),
+                    value,
+                    height: key_height(key),
+                };
+                Ok(None)
+            }
+            Position::Unknown(stub) => Err(MstError::Hidden {
+                key: lossy(key),
+                stub,
+            }),
         }
     }
 
-    /// Removes `key`; `Err(())` if it is not present.
-    pub fn remove(&mut self, key: &[u8]) -> Result<(), ()> {
+    /// Removes `key` and returns its value: [`MstError::NotFound`] if it is provably absent,
+    /// [`MstError::Hidden`] if a stub covers the place where it would be.
+    pub fn remove(&mut self, key: &[u8]) -> Result<Cid, MstError> {
         match self.locate(key) {
             Position::Found(i) => {
-                self.items.remove(i);
-                Ok(())
+                let bound = Item::Bound { key: key.to_vec() };
+                match std::mem::replace(&mut self.items[i], bound) {
+                    Item::Leaf { value, .. } => Ok(value),
+                    // locate only finds leaves.
+                    other => {
+                        self.items[i] = other;
+                        Err(MstError::NotFound { key: lossy(key) })
+                    }
+                }
             }
-            _ => Err(()),
+            Position::Absent(_) | Position::Removed(_) => {
+                Err(MstError::NotFound { key: lossy(key) })
+            }
+            Position::Unknown(stub) => Err(MstError::Hidden {
+                key: lossy(key),
+                stub,
+            }),
         }
     }
 
-    /// The root CID of the tree, rebuilt node by node. `Err(())` if building it needs the
-    /// contents of a stub.
-    pub fn root(&self) -> Result<Cid, ()> {
-        let items = &self.items[..];
-        let max_leaf = items
+    /// The root CID of the tree, rebuilt node by node. [`MstError::NeedsNode`] if building it
+    /// needs the contents of a stub (one that must be split or merged with its neighbours).
+    pub fn root(&self) -> Result<Cid, MstError> {
+        let built = if self.items.iter().any(|i| matches!(i, Item::Bound { .. })) {
+            build_root(&self.tree_items(), None)
+        } else {
+            build_root(&self.items, None)
+        };
+        built.map_err(|stub| MstError::NeedsNode { stub })
+    }
+
+    /// The leaves and stubs, without the bounds of removed keys.
+    fn tree_items(&self) -> Vec<&Item> {
+        self.items
             .iter()
-            .filter_map(|i| match i {
-                Item::Leaf { height, .. } => Some(*height),
-                Item::Stub { .. } => None,
-            })
-            .max();
-        match max_leaf {
-            None => match items {
-                [] => Ok(encode_node(None, &[])),
-                [Item::Stub { cid, .. }] => Ok(*cid),
-                _ => Err(()),
-            },
-            Some(layer) => build_node(items, layer),
+            .filter(|i| !matches!(i, Item::Bound { .. }))
+            .collect()
+    }
+
+    /// Replaces the stub `stub` by the entries and child stubs of its node, decoded from
+    /// `bytes` (which must hash to `stub`). Returns false if there is no such stub.
+    fn expand(&mut self, stub: Cid, bytes: &[u8]) -> Result<bool, SyncError> {
+        let Some(i) = self
+            .items
+            .iter()
+            .position(|it| matches!(it, Item::Stub { cid, .. } if *cid == stub))
+        else {
+            return Ok(false);
+        };
+        let Item::Stub { layer, .. } = self.items[i] else {
+            return Ok(false);
+        };
+        let node = decode_node(stub, bytes, Some(layer))?;
+        let mut out = Vec::with_capacity(2 * node.entries.len() + 1);
+        if let Some(layer) = node.layer {
+            let child = |c: Option<Cid>, out: &mut Vec<Item>| {
+                if let Some(cid) = c {
+                    out.push(Item::Stub {
+                        cid,
+                        layer: layer - 1,
+                    });
+                }
+            };
+            child(node.left, &mut out);
+            for (key, value, right) in node.entries {
+                out.push(Item::Leaf {
+                    key,
+                    value,
+                    height: layer,
+                });
+                child(right, &mut out);
+            }
         }
+        self.items.splice(i..=i, out);
+        Ok(true)
     }
 }
 
+/// The root of the tree over `items`; `Err(stub)` if that needs the contents of `stub`.
+/// With `blocks`, every node built is pushed there with its bytes (children first).
+fn build_root<T: Elem>(
+    items: &[T],
+    mut blocks: Option<&mut Vec<(Cid, Vec<u8>)>>,
+) -> Result<Cid, Cid> {
+    let max_leaf = items.iter().filter_map(|i| i.leaf().map(|l| l.2)).max();
+    match max_leaf {
+        None => match items {
+            [] => Ok(encode_node(None, &[], &mut blocks)),
+            [only] => only.stub().map(|s| s.0).ok_or(Cid::default()),
+            [first, ..] => Err(first.stub().map_or(Cid::default(), |s| s.0)),
+        },
+        Some(layer) => build_node(items, layer, &mut blocks),
+    }
+}
 /// One decoded MST node, its keys expanded and checked.
 struct Node {
     /// `None` only for the root of an empty tree (no entries, no subtree).
@@ -258,8 +600,8 @@ fn decode_node(cid: Cid, bytes: &[u8], expected_layer: Option<u32>) -> Result<No
     })
 }
 
-fn load_node(
-    car: &CarSlice<'_>,
+fn load_node<'a>(
+    lookup: &impl Fn(&Cid) -> Option<&'a [u8]>,
     cid: Cid,
     expected_layer: Option<u32>,
     out: &mut Vec<Item>,
@@ -268,7 +610,7 @@ fn load_node(
     if !seen.insert(cid) {
         return Err(mst_err(cid, "node is referenced twice"));
     }
-    let bytes = car.get(&cid).ok_or_else(|| SyncError::MissingBlock {
+    let bytes = lookup(&cid).ok_or_else(|| SyncError::MissingBlock {
         cid: cid.to_string(),
         what: "MST root",
     })?;
@@ -280,7 +622,7 @@ fn load_node(
     // reached for layer >= 1.
     let child = |c: Option<Cid>, out: &mut Vec<Item>, seen: &mut HashSet<Cid>| match c {
         None => Ok(()),
-        Some(c) if car.get(&c).is_some() => load_node(car, c, Some(layer - 1), out, seen),
+        Some(c) if lookup(&c).is_some() => load_node(lookup, c, Some(layer - 1), out, seen),
         Some(c) => {
             out.push(Item::Stub {
                 cid: c,
@@ -387,60 +729,77 @@ pub(crate) fn search<'a>(
     }
 }
 
+type Sink<'s> = Option<&'s mut Vec<(Cid, Vec<u8>)>>;
+
 /// Builds the node at `layer` holding `items` (whose leaves are all at most `layer` high).
-fn build_node(items: &[Item], layer: u32) -> Result<Cid, ()> {
+/// `Err(stub)`: a stub that would have to be opened.
+fn build_node<T: Elem>(items: &[T], layer: u32, blocks: &mut Sink<'_>) -> Result<Cid, Cid> {
     let mut left = None;
     let mut entries: Vec<(&[u8], Cid, Option<Cid>)> = Vec::new();
     let mut gap_start = 0;
     for (i, item) in items.iter().enumerate() {
-        if let Item::Leaf { key, value, height } = item {
-            if *height > layer {
-                return Err(());
+        if let Some((key, value, height)) = item.leaf()
+            && height == layer
+        {
+            // Leaves above `layer` cannot be here: the root is built at the highest leaf's
+            // layer and each gap holds only the leaves below its bounding entries.
+            let sub = build_subtree(&items[gap_start..i], layer, blocks)?;
+            match entries.last_mut() {
+                Some(last) => last.2 = sub,
+                None => left = sub,
             }
-            if *height == layer {
-                let sub = build_subtree(&items[gap_start..i], layer)?;
-                match entries.last_mut() {
-                    Some(last) => last.2 = sub,
-                    None => left = sub,
-                }
-                entries.push((key, *value, None));
-                gap_start = i + 1;
-            }
+            entries.push((key, value, None));
+            gap_start = i + 1;
         }
     }
-    let sub = build_subtree(&items[gap_start..], layer)?;
+    let sub = build_subtree(&items[gap_start..], layer, blocks)?;
     match entries.last_mut() {
         Some(last) => last.2 = sub,
         None => left = sub,
     }
-    Ok(encode_node(left, &entries))
+    Ok(encode_node(left, &entries, blocks))
 }
 
 /// Builds the subtree for a gap between leaves of a node at `parent_layer`.
-fn build_subtree(gap: &[Item], parent_layer: u32) -> Result<Option<Cid>, ()> {
-    if gap.is_empty() {
+fn build_subtree<T: Elem>(
+    gap: &[T],
+    parent_layer: u32,
+    blocks: &mut Sink<'_>,
+) -> Result<Option<Cid>, Cid> {
+    let Some(first) = gap.first() else {
         return Ok(None);
-    }
+    };
     if parent_layer == 0 {
-        return Err(());
+        // Only stubs can be below layer 0 (a leaf's height is at least 0).
+        return Err(gap
+            .iter()
+            .find_map(|i| i.stub().map(|s| s.0))
+            .unwrap_or_default());
     }
     let layer = parent_layer - 1;
-    if let [Item::Stub { cid, layer: l }] = gap
-        && *l == layer
+    if gap.len() == 1
+        && let Some((cid, l)) = first.stub()
+        && l == layer
     {
-        return Ok(Some(*cid));
+        return Ok(Some(cid));
     }
-    if gap
-        .iter()
-        .any(|i| matches!(i, Item::Stub { layer: l, .. } if *l >= layer))
-    {
-        return Err(());
+    if let Some((cid, _)) = gap.iter().filter_map(Elem::stub).find(|(_, l)| *l >= layer) {
+        return Err(cid);
     }
-    build_node(gap, layer).map(Some)
+    build_node(gap, layer, blocks).map(Some)
 }
 
-fn encode_node(left: Option<Cid>, entries: &[(&[u8], Cid, Option<Cid>)]) -> Cid {
-    cid_for(DAG_CBOR, &node_bytes(left, entries))
+fn encode_node(
+    left: Option<Cid>,
+    entries: &[(&[u8], Cid, Option<Cid>)],
+    blocks: &mut Sink<'_>,
+) -> Cid {
+    let bytes = node_bytes(left, entries);
+    let cid = cid_for(DAG_CBOR, &bytes);
+    if let Some(blocks) = blocks {
+        blocks.push((cid, bytes));
+    }
+    cid
 }
 
 /// The DAG-CBOR bytes of a node (keys prefix-compressed in order).
@@ -451,11 +810,7 @@ fn node_bytes(left: Option<Cid>, entries: &[(&[u8], Cid, Option<Cid>)]) -> Vec<u
     write_head(&mut out, 4, entries.len() as u64);
     let mut prev: &[u8] = &[];
     for (key, value, right) in entries {
-        let p = prev
-            .iter()
-            .zip(key.iter())
-            .take_while(|(a, b)| a == b)
-            .count();
+        let p = common_prefix_len(prev, key);
         write_head(&mut out, 5, 4);
         write_text(&mut out, "k");
         write_bytes(&mut out, &key[p..]);
@@ -478,6 +833,478 @@ fn node_bytes(left: Option<Cid>, entries: &[(&[u8], Cid, Option<Cid>)]) -> Vec<u
     out
 }
 
+/// A whole Merkle Search Tree: the (key, CID) entries of a repo, keys being repo paths
+/// `collection/rkey` ([`check_key`]). Its shape, root and node blocks are a function of its
+/// entries alone, whatever the order they were inserted in.
+///
+/// Nodes are computed when asked for: [`Mst::root`] and [`Mst::blocks`] hash every node (O(n));
+/// everything else works on the sorted entries.
+///
+/// ```
+/// use murmur_sync::{Mst, RAW, cid_for, write_car, CarSlice};
+///
+/// let record = cid_for(RAW, b"a record");
+/// let mut mst = Mst::new();
+/// assert_eq!(mst.insert("app.example.post/1", record).unwrap(), None);
+/// assert_eq!(mst.insert("app.example.post/2", record).unwrap(), None);
+/// assert!(mst.insert("not a path", record).is_err());
+/// assert_eq!(mst.len(), 2);
+///
+/// // Write it out as a CAR and read it back.
+/// let car = write_car(mst.root(), mst.blocks());
+/// let loaded = Mst::load(&CarSlice::parse(&car).unwrap(), mst.root()).unwrap();
+/// assert_eq!(loaded, mst);
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Mst {
+    /// key -> (value, key height).
+    entries: BTreeMap<String, (Cid, u32)>,
+}
+
+/// The difference between two trees ([`Mst::diff`]), each list in key order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MstDiff {
+    /// Keys only in the newer tree, with their CID.
+    pub created: Vec<(String, Cid)>,
+    /// Keys in both trees whose CID changed: (key, older CID, newer CID).
+    pub updated: Vec<(String, Cid, Cid)>,
+    /// Keys only in the older tree, with their CID there.
+    pub deleted: Vec<(String, Cid)>,
+}
+
+impl MstDiff {
+    /// True when the two trees hold the same entries.
+    pub fn is_empty(&self) -> bool {
+        self.created.is_empty() && self.updated.is_empty() && self.deleted.is_empty()
+    }
+}
+
+impl Mst {
+    /// The empty tree.
+    ///
+    /// ```
+    /// use murmur_sync::Mst;
+    /// assert_eq!(Mst::new().root().to_string(), "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm");
+    /// ```
+    pub fn new() -> Mst {
+        Mst::default()
+    }
+
+    /// The tree of `entries` (a later duplicate key replaces an earlier one).
+    /// [`MstError::InvalidKey`] for the first key that is not a repo path.
+    ///
+    /// ```
+    /// use murmur_sync::{Mst, RAW, cid_for};
+    /// let v = cid_for(RAW, b"x");
+    /// let mst = Mst::from_entries([("app.example.post/b", v), ("app.example.post/a", v)]).unwrap();
+    /// let keys: Vec<&str> = mst.entries().map(|(k, _)| k).collect();
+    /// assert_eq!(keys, ["app.example.post/a", "app.example.post/b"]);
+    /// ```
+    pub fn from_entries<K: AsRef<[u8]>>(
+        entries: impl IntoIterator<Item = (K, Cid)>,
+    ) -> Result<Mst, MstError> {
+        let mut mst = Mst::new();
+        for (key, value) in entries {
+            mst.insert(key, value)?;
+        }
+        Ok(mst)
+    }
+
+    /// Sets `key` to `value`; returns the value it replaced. [`MstError::InvalidKey`] (and
+    /// the tree unchanged) if the key is not a repo path.
+    ///
+    /// ```
+    /// use murmur_sync::{Mst, RAW, cid_for};
+    /// let (a, b) = (cid_for(RAW, b"a"), cid_for(RAW, b"b"));
+    /// let mut mst = Mst::new();
+    /// assert_eq!(mst.insert("app.example.post/x", a).unwrap(), None);
+    /// assert_eq!(mst.insert("app.example.post/x", b).unwrap(), Some(a));
+    /// ```
+    pub fn insert(&mut self, key: impl AsRef<[u8]>, value: Cid) -> Result<Option<Cid>, MstError> {
+        let key = check_key(key.as_ref())?;
+        if let Some(entry) = self.entries.get_mut(key) {
+            return Ok(Some(std::mem::replace(&mut entry.0, value)));
+        }
+        let height = key_height(key.as_bytes());
+        self.entries.insert(key.to_string(), (value, height));
+        Ok(None)
+    }
+
+    /// Removes `key`; returns its value, `None` if it was not there.
+    ///
+    /// ```
+    /// use murmur_sync::{Mst, RAW, cid_for};
+    /// let a = cid_for(RAW, b"a");
+    /// let mut mst = Mst::from_entries([("app.example.post/x", a)]).unwrap();
+    /// assert_eq!(mst.remove("app.example.post/x"), Some(a));
+    /// assert_eq!(mst.remove("app.example.post/x"), None);
+    /// assert_eq!(mst.root(), Mst::new().root());
+    /// ```
+    pub fn remove(&mut self, key: &str) -> Option<Cid> {
+        self.entries.remove(key).map(|(v, _)| v)
+    }
+
+    /// The value of `key`, if present.
+    ///
+    /// ```
+    /// use murmur_sync::{Mst, RAW, cid_for};
+    /// let a = cid_for(RAW, b"a");
+    /// let mst = Mst::from_entries([("app.example.post/x", a)]).unwrap();
+    /// assert_eq!(mst.get("app.example.post/x"), Some(a));
+    /// assert_eq!(mst.get("app.example.post/y"), None);
+    /// ```
+    pub fn get(&self, key: &str) -> Option<Cid> {
+        self.entries.get(key).map(|(v, _)| *v)
+    }
+
+    /// The number of entries.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when the tree has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The entries `(key, value)` in key order.
+    pub fn entries(&self) -> impl ExactSizeIterator<Item = (&str, Cid)> + '_ {
+        self.entries.iter().map(|(k, (v, _))| (k.as_str(), *v))
+    }
+
+    fn seq(&self) -> Vec<(&[u8], Cid, u32)> {
+        self.entries
+            .iter()
+            .map(|(k, (v, h))| (k.as_bytes(), *v, *h))
+            .collect()
+    }
+
+    /// The root CID (of the empty node `{e: [], l: null}` for the empty tree).
+    pub fn root(&self) -> Cid {
+        // A sequence of leaves only never needs a stub opened.
+        build_root(&self.seq(), None).unwrap_or_default()
+    }
+
+    /// Every node block of the tree, `(CID, DAG-CBOR bytes)`, children before their parent
+    /// (the root is last). With the records' blocks, this is what a CAR of the repo's data
+    /// holds ([`crate::write_car`]).
+    ///
+    /// ```
+    /// use murmur_sync::{Mst, RAW, cid_for};
+    /// let mst = Mst::from_entries((0..100).map(|i| (format!("app.example.post/{i}"), cid_for(RAW, b"r")))).unwrap();
+    /// let blocks = mst.blocks();
+    /// assert_eq!(blocks.last().unwrap().0, mst.root());
+    /// assert!(blocks.len() > 1);
+    /// ```
+    pub fn blocks(&self) -> Vec<(Cid, Vec<u8>)> {
+        let mut blocks = Vec::new();
+        let _ = build_root(&self.seq(), Some(&mut blocks));
+        blocks
+    }
+
+    /// Loads the complete tree rooted at `root` from the blocks of `car` (every node is
+    /// checked as [`PartialTree::load`] checks it, and every key with [`check_key`]).
+    ///
+    /// Errors: [`SyncError::MissingBlock`] naming the first node `car` lacks (`MST root` or
+    /// `MST node`), [`SyncError::Mst`] for a malformed node, an invalid key, or nodes shaped
+    /// otherwise than the MST of their keys (rebuilding them gives another root).
+    pub fn load(car: &CarSlice<'_>, root: Cid) -> Result<Mst, SyncError> {
+        let tree = PartialTree::load(car, root)?;
+        let mut entries = BTreeMap::new();
+        for item in tree.items {
+            match item {
+                Item::Bound { .. } => {}
+                Item::Leaf { key, value, height } => {
+                    let key = check_key(&key)
+                        .map_err(|e| mst_err(root, e.to_string()))?
+                        .to_string();
+                    entries.insert(key, (value, height));
+                }
+                Item::Stub { cid, .. } => {
+                    return Err(SyncError::MissingBlock {
+                        cid: cid.to_string(),
+                        what: "MST node",
+                    });
+                }
+            }
+        }
+        let mst = Mst { entries };
+        // The nodes are hash-checked, but their shape could still be one no MST has (an
+        // empty subtree node, say): the same entries would then have another root.
+        let rebuilt = mst.root();
+        if rebuilt != root {
+            return Err(mst_err(
+                root,
+                format!("the nodes are not the MST of their keys, which has root {rebuilt}"),
+            ));
+        }
+        Ok(mst)
+    }
+
+    /// What changed from `self` to `newer`: one merge walk over both sorted entry lists
+    /// (O(n + m), no hashing).
+    ///
+    /// ```
+    /// use murmur_sync::{Mst, RAW, cid_for};
+    /// let (a, b) = (cid_for(RAW, b"a"), cid_for(RAW, b"b"));
+    /// let old = Mst::from_entries([("c.x/1", a), ("c.x/2", a)]).unwrap();
+    /// let new = Mst::from_entries([("c.x/2", b), ("c.x/3", a)]).unwrap();
+    /// let diff = old.diff(&new);
+    /// assert_eq!(diff.created, [("c.x/3".to_string(), a)]);
+    /// assert_eq!(diff.updated, [("c.x/2".to_string(), a, b)]);
+    /// assert_eq!(diff.deleted, [("c.x/1".to_string(), a)]);
+    /// ```
+    pub fn diff(&self, newer: &Mst) -> MstDiff {
+        let mut diff = MstDiff::default();
+        let mut old = self.entries().peekable();
+        let mut new = newer.entries().peekable();
+        loop {
+            match (old.peek(), new.peek()) {
+                (None, None) => break,
+                (Some(&(k, v)), None) => {
+                    diff.deleted.push((k.to_string(), v));
+                    old.next();
+                }
+                (None, Some(&(k, v))) => {
+                    diff.created.push((k.to_string(), v));
+                    new.next();
+                }
+                (Some(&(ko, vo)), Some(&(kn, vn))) => match ko.cmp(kn) {
+                    std::cmp::Ordering::Less => {
+                        diff.deleted.push((ko.to_string(), vo));
+                        old.next();
+                    }
+                    std::cmp::Ordering::Greater => {
+                        diff.created.push((kn.to_string(), vn));
+                        new.next();
+                    }
+                    std::cmp::Ordering::Equal => {
+                        if vo != vn {
+                            diff.updated.push((ko.to_string(), vo, vn));
+                        }
+                        old.next();
+                        new.next();
+                    }
+                },
+            }
+        }
+        diff
+    }
+
+    /// The node blocks a commit's CAR slice must carry to prove `ops` (sync 1.1), `self`
+    /// being the tree after the commit: with exactly these blocks, [`PartialTree::load`] at
+    /// [`Mst::root`] finds every op's key (or its absence), and undoing the ops (remove a
+    /// created key, set an updated or deleted key back to its previous CID) rebuilds the
+    /// root before the commit. The record blocks and the signed commit are not included.
+    ///
+    /// The blocks are the root, the nodes on each op key's search path, and the nodes that
+    /// undoing the ops splits or merges (around a created key, the nodes on both sides that
+    /// merge when it is removed); no other, so dropping any one of them makes this crate's
+    /// inversion ([`PartialTree`], as [`crate::Verifier::verify_commit`] runs it) fail or
+    /// reach another root. It can be fewer than the reference implementation's covering
+    /// proof ([`Mst::covering_proof_blocks`]), never more: a commit for consumers that invert
+    /// the reference's way should carry that one. The root comes first, then nodes in the
+    /// order the proof needed them.
+    ///
+    /// Errors: [`MstError::InvalidKey`], or [`MstError::OpMismatch`] for an op the tree
+    /// contradicts (a created or updated key absent, a deleted key present) or a key given
+    /// twice. Cost: the whole tree is hashed once (as [`Mst::blocks`]).
+    ///
+    /// ```
+    /// use murmur_sync::{Action, Mst, RAW, cid_for};
+    /// let v = cid_for(RAW, b"r");
+    /// let mut mst = Mst::from_entries((0..1000).map(|i| (format!("app.example.post/{i:05}"), v))).unwrap();
+    /// mst.remove("app.example.post/00500");
+    /// let proof = mst.proof_blocks([("app.example.post/00500", Action::Delete)]).unwrap();
+    /// assert_eq!(proof[0].0, mst.root());
+    /// assert!(proof.len() < mst.blocks().len() / 10);
+    /// ```
+    pub fn proof_blocks<K: AsRef<[u8]>>(
+        &self,
+        ops: impl IntoIterator<Item = (K, Action)>,
+    ) -> Result<Vec<(Cid, Vec<u8>)>, MstError> {
+        let mut checked: Vec<(String, Action)> = Vec::new();
+        let mut keys = HashSet::new();
+        for (key, action) in ops {
+            let key = check_key(key.as_ref())?;
+            let mismatch = |reason| MstError::OpMismatch {
+                key: key.to_string(),
+                action: action.as_str(),
+                reason,
+            };
+            if !keys.insert(key.to_string()) {
+                return Err(mismatch("the key has another op in the same commit"));
+            }
+            match (action, self.entries.contains_key(key)) {
+                (Action::Create | Action::Update, false) => {
+                    return Err(mismatch("the key is not in the tree after the commit"));
+                }
+                (Action::Delete, true) => {
+                    return Err(mismatch("the key is still in the tree after the commit"));
+                }
+                _ => {}
+            }
+            checked.push((key.to_string(), action));
+        }
+        let (all, mut tree, mut opened) = self.opener()?;
+        let mut open = |tree: &mut PartialTree, stub: Cid| open_stub(&all, tree, &mut opened, stub);
+        // Any CID stands for the previous value: the shape depends on the keys only.
+        let placeholder = cid_for(RAW, b"");
+        for (key, action) in checked.iter().rev() {
+            loop {
+                let undone = match action {
+                    Action::Create => tree.remove(key.as_bytes()).map(drop),
+                    Action::Update | Action::Delete => {
+                        tree.set(key.as_bytes(), placeholder).map(drop)
+                    }
+                };
+                match undone {
+                    Ok(()) => break,
+                    Err(MstError::Hidden { stub, .. }) => open(&mut tree, stub)?,
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        loop {
+            let needed = tree.stubs_to_open(&all);
+            if needed.is_empty() {
+                match tree.root() {
+                    Ok(_) => break,
+                    // Not expected once no stub has to be opened; open it all the same.
+                    Err(MstError::NeedsNode { stub }) => open(&mut tree, stub)?,
+                    Err(e) => return Err(e),
+                }
+            }
+            for stub in needed {
+                open(&mut tree, stub)?;
+            }
+        }
+        Ok(opened)
+    }
+
+    /// The reference implementation's covering proof of `keys` in this tree (what
+    /// `@atproto/repo` puts in a commit's slice: `getCoveringProof` of each op's key): the
+    /// root, the nodes on each key's search path, and those on the paths to the keys just
+    /// before and after it. A superset of [`Mst::proof_blocks`] for the same keys (sometimes
+    /// larger: the paths to the neighbours are taken whether or not undoing the ops needs
+    /// them), for consumers whose inversion wants every neighbour loaded. The root comes
+    /// first. [`MstError::InvalidKey`] for a key that is not a repo path.
+    ///
+    /// ```
+    /// use murmur_sync::{Action, Mst, RAW, cid_for};
+    /// let v = cid_for(RAW, b"r");
+    /// let mst = Mst::from_entries((0..500).map(|i| (format!("app.example.post/{i:05}"), v))).unwrap();
+    /// let key = "app.example.post/00250";
+    /// let covering = mst.covering_proof_blocks([key]).unwrap();
+    /// let needed = mst.proof_blocks([(key, Action::Create)]).unwrap();
+    /// assert!(needed.iter().all(|b| covering.contains(b)));
+    /// ```
+    pub fn covering_proof_blocks<K: AsRef<[u8]>>(
+        &self,
+        keys: impl IntoIterator<Item = K>,
+    ) -> Result<Vec<(Cid, Vec<u8>)>, MstError> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        let mut targets: Vec<String> = Vec::new();
+        for key in keys {
+            let key = check_key(key.as_ref())?;
+            let before = self
+                .entries
+                .range::<str, _>((Unbounded, Excluded(key)))
+                .next_back();
+            let after = self
+                .entries
+                .range::<str, _>((Excluded(key), Unbounded))
+                .next();
+            targets.push(key.to_string());
+            targets.extend(before.into_iter().chain(after).map(|(k, _)| k.clone()));
+        }
+        let (all, mut tree, mut opened) = self.opener()?;
+        for key in targets {
+            while let Err(e) = tree.get(key.as_bytes()) {
+                match e {
+                    MstError::Hidden { stub, .. } => {
+                        open_stub(&all, &mut tree, &mut opened, stub)?;
+                    }
+                    e => return Err(e),
+                }
+            }
+        }
+        Ok(opened)
+    }
+
+    /// What the proofs start from: every node by CID, and the tree as its root opened.
+    #[allow(clippy::type_complexity)]
+    fn opener(
+        &self,
+    ) -> Result<(HashMap<Cid, Vec<u8>>, PartialTree, Vec<(Cid, Vec<u8>)>), MstError> {
+        let all: HashMap<Cid, Vec<u8>> = self.blocks().into_iter().collect();
+        let root = self.root();
+        let top = self.entries.values().map(|(_, h)| *h).max().unwrap_or(0);
+        let mut tree = PartialTree {
+            items: vec![Item::Stub {
+                cid: root,
+                layer: top,
+            }],
+        };
+        let mut opened = Vec::new();
+        // The root is always needed: the slice is loaded from it.
+        open_stub(&all, &mut tree, &mut opened, root)?;
+        Ok((all, tree, opened))
+    }
+}
+
+/// Opens the stub `stub` of `tree` with its block from `all`, noting the block in `opened`.
+fn open_stub(
+    all: &HashMap<Cid, Vec<u8>>,
+    tree: &mut PartialTree,
+    opened: &mut Vec<(Cid, Vec<u8>)>,
+    stub: Cid,
+) -> Result<(), MstError> {
+    let bytes = all.get(&stub).ok_or(MstError::NeedsNode { stub })?;
+    // Our own nodes decode; a failure here would be a bug, reported, not a panic.
+    match tree.expand(stub, bytes) {
+        Ok(true) => {
+            opened.push((stub, bytes.clone()));
+            Ok(())
+        }
+        _ => Err(MstError::NeedsNode { stub }),
+    }
+}
+
+impl PartialTree {
+    /// The stubs that rebuilding the tree must open: those that cannot stay whole subtrees.
+    ///
+    /// A stub at layer `l` stays a subtree only if it is alone in its gap: each neighbour in
+    /// the sequence is a leaf higher than `l` (or the end). A neighbour leaf at most `l` high,
+    /// or a neighbour stub at most at layer `l`, shares the node with it, and opening other
+    /// stubs can never change that (an opened stub at layer `m` <= `l` shows items at most
+    /// `m` high at its ends); so each stub found here is needed. A stub that is the whole
+    /// tree stays only if its node has entries (a root is never an entry-less node).
+    fn stubs_to_open(&self, blocks: &HashMap<Cid, Vec<u8>>) -> Vec<Cid> {
+        let low = |item: Option<&&Item>, l: u32| match item {
+            None | Some(Item::Bound { .. }) => false,
+            Some(Item::Leaf { height, .. }) => *height <= l,
+            Some(Item::Stub { layer, .. }) => *layer <= l,
+        };
+        let items = self.tree_items();
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            if let Item::Stub { cid, layer } = item {
+                let before = i.checked_sub(1).and_then(|j| items.get(j));
+                let after = items.get(i + 1);
+                let alone_without_entries = items.len() == 1
+                    && blocks
+                        .get(cid)
+                        .and_then(|b| decode_node(*cid, b, Some(*layer)).ok())
+                        .is_some_and(|n| n.entries.is_empty());
+                if low(before, *layer) || low(after, *layer) || alone_without_entries {
+                    out.push(*cid);
+                }
+            }
+        }
+        out
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,11 +1366,54 @@ mod tests {
                 leaf("c", 2),
             ],
         };
-        assert_eq!(tree.get(b"b"), Err(()));
-        assert_eq!(tree.set(b"b", cid_for(crate::car::RAW, &[3])), Err(()));
+        let stub = cid_for(crate::car::RAW, &[9]);
+        assert_eq!(
+            tree.get(b"b"),
+            Err(MstError::Hidden {
+                key: "b".into(),
+                stub
+            })
+        );
+        assert!(matches!(
+            tree.set(b"b", cid_for(crate::car::RAW, &[3])),
+            Err(MstError::Hidden { .. })
+        ));
+        assert_eq!(
+            tree.remove(b"0"),
+            Err(MstError::NotFound { key: "0".into() })
+        );
         assert_eq!(
             tree.get(b"a").unwrap(),
             Some(cid_for(crate::car::RAW, &[1]))
+        );
+    }
+
+    #[test]
+    fn a_removed_key_still_bounds_its_neighbours() {
+        let stub = cid_for(crate::car::RAW, &[9]);
+        let mut tree = PartialTree {
+            items: vec![
+                Item::Stub {
+                    cid: stub,
+                    layer: 0,
+                },
+                leaf("c/b", 1),
+                leaf("c/d", 2),
+            ],
+        };
+        // "c/c" is after "c/b", so not in the stub, before and after "c/b" is removed.
+        assert_eq!(tree.get(b"c/c"), Ok(None));
+        tree.remove(b"c/b").unwrap();
+        assert_eq!(tree.get(b"c/c"), Ok(None));
+        assert_eq!(tree.get(b"c/b"), Ok(None));
+        assert!(matches!(tree.get(b"c/a"), Err(MstError::Hidden { .. })));
+        assert!(tree.leaves().all(|(k, _)| k != b"c/b"));
+        // Setting it again restores the same tree.
+        tree.set(b"c/b", cid_for(crate::car::RAW, &[1])).unwrap();
+        assert_eq!(tree.items[1], leaf("c/b", 1));
+        assert_eq!(
+            tree.remove(b"c/x"),
+            Err(MstError::NotFound { key: "c/x".into() })
         );
     }
 

@@ -80,32 +80,18 @@ impl Verifier {
     pub async fn verify_repo(&self, did: &str, car: &[u8]) -> Result<VerifiedRepo, SyncError> {
         let car = CarSlice::parse(car)?;
         let (root, commit) = self.signed_root(&car, did).await?;
-        let tree = crate::mst::PartialTree::load(&car, commit.data)?;
-        let mut records = Vec::with_capacity(tree.items.len());
-        for item in tree.items {
-            match item {
-                crate::mst::Item::Leaf { key, value, .. } => {
-                    let path = String::from_utf8(key).map_err(|_| SyncError::Mst {
-                        node: commit.data.to_string(),
-                        reason: "a key is not UTF-8".into(),
-                    })?;
-                    let record = car.get(&value).ok_or_else(|| SyncError::MissingBlock {
-                        cid: value.to_string(),
-                        what: "record",
-                    })?;
-                    records.push(RepoRecord {
-                        path,
-                        cid: value,
-                        record: record.to_vec(),
-                    });
-                }
-                crate::mst::Item::Stub { cid, .. } => {
-                    return Err(SyncError::MissingBlock {
-                        cid: cid.to_string(),
-                        what: "MST node",
-                    });
-                }
-            }
+        let tree = crate::mst::Mst::load(&car, commit.data)?;
+        let mut records = Vec::with_capacity(tree.len());
+        for (path, cid) in tree.entries() {
+            let record = car.get(&cid).ok_or_else(|| SyncError::MissingBlock {
+                cid: cid.to_string(),
+                what: "record",
+            })?;
+            records.push(RepoRecord {
+                path: path.to_string(),
+                cid,
+                record: record.to_vec(),
+            });
         }
         Ok(VerifiedRepo {
             did: did.to_string(),
