@@ -19,11 +19,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::StreamExt;
-use murmur_sync::{Action, Cid, RepoRecord};
+use murmur_sync::{Action, Cid, Mst, MstDiff, RepoRecord};
 use tracing::{debug, info, warn};
 
 use crate::dispatch::{Completion, Job};
-use crate::index::{IndexChange, Missed};
+use crate::index::IndexChange;
 use crate::metrics::Metrics;
 use crate::op::{OpData, Origin};
 use crate::pipeline::Pipeline;
@@ -272,17 +272,35 @@ impl Pipeline {
         // Stream commits from here on follow the copy.
         self.verifier.resync(did, &repo.rev, Some(repo.data));
         let known = self.index.repo(did);
-        let missed = Missed::between(
-            &known.records,
-            repo.records.iter().map(|r| (r.path.as_str(), r.cid)),
-            |path| self.follows_path(path),
+        let known = Mst::from_entries(
+            known
+                .records
+                .iter()
+                .filter(|(path, _)| self.follows_path(path))
+                .map(|(path, cid)| (path.as_str(), *cid)),
         );
+        let now = Mst::from_entries(
+            repo.records
+                .iter()
+                .filter(|r| self.follows_path(&r.path))
+                .map(|r| (r.path.as_str(), r.cid)),
+        );
+        let missed = match (known, now) {
+            (Ok(known), Ok(now)) => known.diff(&now),
+            // Keys come from verified commits and a verified tree: this is a bug, not data.
+            (Err(e), _) | (_, Err(e)) => {
+                warn!(did, error = %e, "the repo copy cannot be compared with the record index");
+                lock(&gate.state).needed = None;
+                return;
+            }
+        };
+        let missed_ops = missed.created.len() + missed.updated.len() + missed.deleted.len();
         info!(
             did,
             rev = %repo.rev,
             origin = origin.as_str(),
             records = repo.records.len(),
-            ops = missed.len(),
+            ops = missed_ops,
             "repo copied; delivering what the watcher had not seen"
         );
         if origin == Origin::Resync {
@@ -304,7 +322,7 @@ impl Pipeline {
             state.needed = None;
             state.synced = Some(rev.clone());
         }
-        let ops = missed.in_key_order();
+        let ops = in_key_order(missed);
         // One more than the ops: the last decrement (after queueing) may finish the repo.
         let remaining = Arc::new(AtomicUsize::new(ops.len() + 1));
         let finish = RepoFinish {
@@ -498,27 +516,25 @@ impl RepoFinish {
     }
 }
 
-impl Missed {
-    /// The missed ops merged in key order: (path, action, new CID, CID the index had).
-    pub(crate) fn in_key_order(self) -> Vec<(String, Action, Option<Cid>, Option<Cid>)> {
-        let mut ops: Vec<(String, Action, Option<Cid>, Option<Cid>)> =
-            Vec::with_capacity(self.len());
-        ops.extend(
-            self.created
-                .into_iter()
-                .map(|(path, cid)| (path, Action::Create, Some(cid), None)),
-        );
-        ops.extend(
-            self.updated
-                .into_iter()
-                .map(|(path, old, new)| (path, Action::Update, Some(new), Some(old))),
-        );
-        ops.extend(
-            self.deleted
-                .into_iter()
-                .map(|(path, old)| (path, Action::Delete, None, Some(old))),
-        );
-        ops.sort_by(|a, b| a.0.cmp(&b.0));
-        ops
-    }
+/// A diff's ops merged in key order: (path, action, new CID, CID the index had).
+fn in_key_order(diff: MstDiff) -> Vec<(String, Action, Option<Cid>, Option<Cid>)> {
+    let mut ops: Vec<(String, Action, Option<Cid>, Option<Cid>)> =
+        Vec::with_capacity(diff.created.len() + diff.updated.len() + diff.deleted.len());
+    ops.extend(
+        diff.created
+            .into_iter()
+            .map(|(path, cid)| (path, Action::Create, Some(cid), None)),
+    );
+    ops.extend(
+        diff.updated
+            .into_iter()
+            .map(|(path, old, new)| (path, Action::Update, Some(new), Some(old))),
+    );
+    ops.extend(
+        diff.deleted
+            .into_iter()
+            .map(|(path, old)| (path, Action::Delete, None, Some(old))),
+    );
+    ops.sort_by(|a, b| a.0.cmp(&b.0));
+    ops
 }

@@ -221,53 +221,6 @@ fn apply_line(repos: &mut HashMap<String, RepoIndex>, line: &str) -> isize {
     }
 }
 
-/// What a fresh copy of a repo says was missed, against what the index holds: each list in
-/// key order.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub(crate) struct Missed {
-    /// Records the index does not have: (path, CID).
-    pub created: Vec<(String, Cid)>,
-    /// Records whose CID changed: (path, CID the index had, CID now).
-    pub updated: Vec<(String, Cid, Cid)>,
-    /// Records the index has and the repo no longer does: (path, CID the index had).
-    pub deleted: Vec<(String, Cid)>,
-}
-
-impl Missed {
-    /// Compares the index's records with the repo's `(path, cid)` records (in key order),
-    /// keeping only paths `wanted` admits.
-    pub(crate) fn between<'a>(
-        known: &BTreeMap<String, Cid>,
-        now: impl IntoIterator<Item = (&'a str, Cid)>,
-        wanted: impl Fn(&str) -> bool,
-    ) -> Missed {
-        let mut missed = Missed::default();
-        let mut seen = std::collections::HashSet::new();
-        for (path, cid) in now {
-            if !wanted(path) {
-                continue;
-            }
-            seen.insert(path);
-            match known.get(path) {
-                None => missed.created.push((path.to_string(), cid)),
-                Some(old) if *old != cid => missed.updated.push((path.to_string(), *old, cid)),
-                Some(_) => {}
-            }
-        }
-        for (path, cid) in known {
-            if !seen.contains(path.as_str()) && wanted(path) {
-                missed.deleted.push((path.clone(), *cid));
-            }
-        }
-        missed
-    }
-
-    /// How many ops this is.
-    pub(crate) fn len(&self) -> usize {
-        self.created.len() + self.updated.len() + self.deleted.len()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -310,19 +263,5 @@ mod tests {
         let repo = RecordIndex::open(&path).unwrap().repo("did:plc:a");
         assert_eq!(repo.records.get("c/3"), Some(&cid((4999 % 200) as u8)));
         assert_eq!(repo.baseline.as_deref(), Some("3rev"));
-    }
-
-    #[test]
-    fn missed_is_the_difference_in_key_order() {
-        let known: BTreeMap<String, Cid> = [("c/a", cid(1)), ("c/b", cid(2)), ("d/x", cid(5))]
-            .into_iter()
-            .map(|(p, c)| (p.to_string(), c))
-            .collect();
-        let now = [("c/b", cid(3)), ("c/c", cid(4)), ("e/y", cid(6))];
-        let missed = Missed::between(&known, now, |p| p.starts_with("c/"));
-        assert_eq!(missed.created, [("c/c".to_string(), cid(4))]);
-        assert_eq!(missed.updated, [("c/b".to_string(), cid(2), cid(3))]);
-        assert_eq!(missed.deleted, [("c/a".to_string(), cid(1))]);
-        assert_eq!(missed.len(), 3);
     }
 }
