@@ -54,7 +54,7 @@ pub struct WatcherBuilder {
     keep_proofs: bool,
     tail: Option<Box<dyn Handler>>,
     backfill: Option<crate::Backfill>,
-    record_index: bool,
+    record_index: Option<bool>,
 }
 
 impl Default for WatcherBuilder {
@@ -90,7 +90,7 @@ impl Default for WatcherBuilder {
             keep_proofs: false,
             tail: None,
             backfill: None,
-            record_index: true,
+            record_index: None,
         }
     }
 }
@@ -410,16 +410,17 @@ impl WatcherBuilder {
         self
     }
 
-    /// Whether the watcher keeps its record index (default on): for each repo, the path and
-    /// CID of every record its handlers have seen (about 100 bytes a record, in memory and
-    /// in `records.log` under the [`state_dir`](Self::state_dir)). With it, a gap in a
-    /// repo's stream (a broken rev chain, a `#sync`, a seq regression, an unprovable
-    /// `tooBig` commit) re-runs handlers for exactly the missed creates, updates and deletes,
-    /// once, marked [`Origin::Resync`](crate::Origin); this needs the index to be complete
-    /// for the repo: it was [backfilled](Self::backfill). Turn it off for a tail of a whole
-    /// network that needs neither.
+    /// Whether the watcher keeps its record index (default: on with a
+    /// [backfill](Self::backfill), off without): for each repo, the path and CID of every
+    /// record its handlers have seen (about 100 bytes a record, in memory and in
+    /// `records.log` under the [`state_dir`](Self::state_dir)). With it, a gap in a
+    /// backfilled repo's stream (a broken rev chain, a `#sync`, a seq regression, an
+    /// unprovable `tooBig` commit) re-runs handlers for exactly the missed creates, updates
+    /// and deletes, once, marked [`Origin::Resync`](crate::Origin), and a backfill resumed
+    /// after a crash does not repeat records. Without it a backfill still works, but a crash
+    /// mid-copy repeats the repo's records on restart.
     pub fn record_index(mut self, on: bool) -> Self {
-        self.record_index = on;
+        self.record_index = Some(on);
         self
     }
 
@@ -475,7 +476,8 @@ impl WatcherBuilder {
             Some(dir) => Arc::new(FileDeadLetterStore::new(dir.join("dead-letters.jsonl"))),
             None => Arc::new(MemoryDeadLetterStore::default()),
         });
-        let index = Arc::new(match (&self.state_dir, self.record_index) {
+        let keep_index = self.record_index.unwrap_or(self.backfill.is_some());
+        let index = Arc::new(match (&self.state_dir, keep_index) {
             (_, false) => crate::index::RecordIndex::disabled(),
             (Some(dir), true) => crate::index::RecordIndex::open(dir.join("records.log"))?,
             (None, true) => crate::index::RecordIndex::in_memory(),
