@@ -122,14 +122,21 @@ async fn a_watcher_started_after_500_records_delivers_each_once_and_then_the_liv
         assert_eq!(seen[path], [Origin::Backfill], "{path} comes from the copy");
     }
     for path in &during {
-        assert!(seen.contains_key(path), "{path} written during the backfill");
+        assert!(
+            seen.contains_key(path),
+            "{path} written during the backfill"
+        );
     }
     for path in &after {
         assert_eq!(seen[path], [Origin::Live], "{path} comes from the stream");
     }
     let progress = metrics.backfill();
     assert_eq!(
-        (progress.repos_total, progress.repos_done, progress.repos_failed),
+        (
+            progress.repos_total,
+            progress.repos_done,
+            progress.repos_failed
+        ),
         (1, 1, 0)
     );
     assert!(progress.records >= 500, "{progress:?}");

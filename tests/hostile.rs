@@ -912,7 +912,11 @@ async fn a_relay_losing_a_commit_is_resynced_and_handlers_get_exactly_what_was_m
         (p5.clone(), "create", Origin::Resync),
     ];
     missed.sort_by(|a, b| a.0.cmp(&b.0));
-    assert_eq!(seen[3..], missed[..], "the missed ops, once each, in key order");
+    assert_eq!(
+        seen[3..],
+        missed[..],
+        "the missed ops, once each, in key order"
+    );
     assert!(
         gaps.lock()
             .unwrap()

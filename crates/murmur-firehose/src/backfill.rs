@@ -126,9 +126,10 @@ impl Pipeline {
     /// Whether the index holds every record of `did` the watcher takes (a copy of the repo
     /// was delivered: a backfill, or a resync since).
     pub(crate) fn has_baseline(&self, did: &str) -> bool {
-        self.existing_gate(did)
-            .is_some_and(|g| lock(&g.state).synced.is_some())
-            || self.index.baseline(did).is_some()
+        let copied = self
+            .existing_gate(did)
+            .is_some_and(|g| lock(&g.state).synced.is_some());
+        self.index.is_enabled() && (copied || self.index.baseline(did).is_some())
     }
 
     /// The rev at or below which `did`'s ops are reflected in a copy already delivered
@@ -419,10 +420,9 @@ impl Pipeline {
             .filter(|d| self.filter.allows_repo(d) && seen.insert(d.clone()))
             .collect();
         let pending = self.await_copies(&dids);
-        self.metrics.backfill_repos_done.fetch_add(
-            (dids.len() - pending.len()) as u64,
-            Ordering::Relaxed,
-        );
+        self.metrics
+            .backfill_repos_done
+            .fetch_add((dids.len() - pending.len()) as u64, Ordering::Relaxed);
         self.metrics
             .backfill_repos_total
             .store(dids.len() as u64, Ordering::Relaxed);

@@ -97,6 +97,11 @@ impl RecordIndex {
         })
     }
 
+    /// Whether the index records anything.
+    pub(crate) fn is_enabled(&self) -> bool {
+        self.enabled
+    }
+
     /// A copy of what the index holds for `did`.
     pub(crate) fn repo(&self, did: &str) -> RepoIndex {
         lock(&self.state)
@@ -240,7 +245,9 @@ mod tests {
         index
             .change("did:plc:a", IndexChange::Put("c/2", cid(2)))
             .unwrap();
-        index.change("did:plc:a", IndexChange::Remove("c/1")).unwrap();
+        index
+            .change("did:plc:a", IndexChange::Remove("c/1"))
+            .unwrap();
         index.set_baseline("did:plc:a", "3rev").unwrap();
         drop(index);
         let mut text = std::fs::read_to_string(&path).unwrap();

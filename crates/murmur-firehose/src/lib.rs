@@ -76,6 +76,7 @@ mod source;
 mod watch_error;
 mod watcher;
 
+pub use backfill::{Backfill, BackfillProgress};
 pub use backoff::Backoff;
 pub use cursor::{CursorStore, FileCursorStore};
 pub use dead_letter::{DeadLetter, DeadLetterStore, FileDeadLetterStore, MemoryDeadLetterStore};
@@ -92,7 +93,6 @@ pub use handler::{BoxFuture, CallError, Handler, HandlerService, Layered};
 pub use hooks::{ErrorHook, GapHook, RejectedHook, ResyncHook};
 pub use metrics::{Metrics, MetricsSnapshot, SourceSnapshot};
 pub use murmur_macros::handler;
-pub use backfill::{Backfill, BackfillProgress};
 pub use op::{ACCOUNT_EVENTS, Action, IDENTITY_EVENTS, OpData, OpEvent, Origin, RepoEvent};
 pub use pipeline::{DEFAULT_MAX_SEQ_JUMP, MAX_SEQ};
 pub use reader::ERROR_FRAME_REPEATS;

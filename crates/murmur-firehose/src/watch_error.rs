@@ -158,7 +158,10 @@ impl std::fmt::Display for WatchError {
             ),
             WatchError::Feed { source, error } => write!(f, "{source}: {error}"),
             WatchError::Backfill { source, error } => {
-                write!(f, "{source}: backfill could not list the host's repos: {error}")
+                write!(
+                    f,
+                    "{source}: backfill could not list the host's repos: {error}"
+                )
             }
         }
     }

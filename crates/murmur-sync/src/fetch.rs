@@ -177,7 +177,9 @@ impl Verifier {
         let page: Page = serde_json::from_slice(&body)
             .map_err(|e| fail(format!("the answer is not a listRepos page: {e}")))?;
         Ok(RepoList {
-            cursor: page.cursor.filter(|c| !c.is_empty() && !page.repos.is_empty()),
+            cursor: page
+                .cursor
+                .filter(|c| !c.is_empty() && !page.repos.is_empty()),
             repos: page
                 .repos
                 .into_iter()
