@@ -906,7 +906,7 @@ async fn a_relay_losing_a_commit_is_resynced_and_handlers_get_exactly_what_was_m
         .map(|p| (p.clone(), "create", Origin::Backfill))
         .collect();
     assert_eq!(seen[..3], backfilled[..], "notes 1-3 from the first copy");
-    let mut missed = vec![
+    let mut missed = [
         (paths[1].clone(), "delete", Origin::Resync),
         (p4.clone(), "create", Origin::Resync),
         (p5.clone(), "create", Origin::Resync),

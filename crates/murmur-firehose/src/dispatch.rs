@@ -302,9 +302,8 @@ async fn run_job(rt: &Runtime, job: Job) {
             (_, None) => None,
         };
         if let Some(change) = change {
-            let change = &change;
             persist("record index write", || async {
-                rt.index.change(&data.did, change.clone())
+                rt.index.change(&data.did, change)
             })
             .await;
         }
