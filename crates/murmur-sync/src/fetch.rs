@@ -38,6 +38,40 @@ fn transport_reason(e: &reqwest::Error) -> String {
     reason
 }
 
+/// GETs `url` with `query` (within `timeout`, when given). A transport error is `fail`ed when
+/// the request could not be made as asked and `unavailable` otherwise; a passing status
+/// (5xx, 408, 429) is `unavailable`. Any other failing status is `Ok(Err((status, body)))`,
+/// with the first 300 characters of the body, for the caller to read.
+async fn get(
+    http: &reqwest::Client,
+    url: &str,
+    query: &[(&str, &str)],
+    timeout: Option<std::time::Duration>,
+    fail: impl Fn(String) -> SyncError,
+    unavailable: impl Fn(String) -> SyncError,
+) -> Result<Result<reqwest::Response, (reqwest::StatusCode, String)>, SyncError> {
+    let mut request = http.get(url).query(query);
+    if let Some(timeout) = timeout {
+        request = request.timeout(timeout);
+    }
+    let response = request.send().await.map_err(|e| {
+        if is_definitive(&e) {
+            fail(transport_reason(&e))
+        } else {
+            unavailable(transport_reason(&e))
+        }
+    })?;
+    let status = response.status();
+    if is_passing(status) {
+        return Err(unavailable(format!("HTTP {status}")));
+    }
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        return Ok(Err((status, body.trim().chars().take(300).collect())));
+    }
+    Ok(Ok(response))
+}
+
 /// GETs the DID document of `did` at `url`.
 pub(crate) async fn did_document(
     http: &reqwest::Client,
@@ -53,26 +87,19 @@ pub(crate) async fn did_document(
         url: url.to_string(),
         reason,
     };
-    let response = http.get(url).send().await.map_err(|e| {
-        if is_definitive(&e) {
-            fail(transport_reason(&e))
-        } else {
-            unavailable(transport_reason(&e))
-        }
-    })?;
-    let status = response.status();
-    if is_passing(status) {
-        return Err(unavailable(format!("HTTP {status}")));
-    }
-    if !status.is_success() {
-        let what =
-            if status == reqwest::StatusCode::NOT_FOUND || status == reqwest::StatusCode::GONE {
+    let response = match get(http, url, &[], None, &fail, &unavailable).await? {
+        Ok(response) => response,
+        Err((status, _)) => {
+            let what = if status == reqwest::StatusCode::NOT_FOUND
+                || status == reqwest::StatusCode::GONE
+            {
                 "the DID is unknown or tombstoned"
             } else {
                 "the directory refused the request"
             };
-        return Err(fail(format!("GET {url}: HTTP {status}: {what}")));
-    }
+            return Err(fail(format!("GET {url}: HTTP {status}: {what}")));
+        }
+    };
     let body = response
         .bytes()
         .await
@@ -134,30 +161,20 @@ impl Verifier {
         if let Some(cursor) = cursor {
             query.push(("cursor", cursor));
         }
-        let response = self
-            .resolver
-            .http()
-            .get(&url)
-            .query(&query)
-            .timeout(std::time::Duration::from_secs(60))
-            .send()
-            .await
-            .map_err(|e| {
-                if is_definitive(&e) {
-                    fail(transport_reason(&e))
-                } else {
-                    unavailable(transport_reason(&e))
-                }
-            })?;
-        let status = response.status();
-        if is_passing(status) {
-            return Err(unavailable(format!("HTTP {status}")));
-        }
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            let body: String = body.trim().chars().take(300).collect();
-            return Err(fail(format!("HTTP {status}: {body}")));
-        }
+        let timeout = Some(std::time::Duration::from_secs(60));
+        let response = match get(
+            self.resolver.http(),
+            &url,
+            &query,
+            timeout,
+            &fail,
+            &unavailable,
+        )
+        .await?
+        {
+            Ok(response) => response,
+            Err((status, body)) => return Err(fail(format!("HTTP {status}: {body}"))),
+        };
         let body = response
             .bytes()
             .await
@@ -252,35 +269,20 @@ impl Verifier {
             url: url.clone(),
             reason,
         };
-        let mut response = self
-            .resolver
-            .http()
-            .get(&url)
-            .query(query)
-            .timeout(std::time::Duration::from_secs(120))
-            .send()
-            .await
-            .map_err(|e| {
-                if is_definitive(&e) {
-                    fetch_err(transport_reason(&e))
-                } else {
-                    unavailable(transport_reason(&e))
+        let timeout = Some(std::time::Duration::from_secs(120));
+        let http = self.resolver.http();
+        let got = get(http, &url, query, timeout, &fetch_err, &unavailable).await?;
+        let mut response = match got {
+            Ok(response) => response,
+            Err((status, body)) => {
+                if status == reqwest::StatusCode::NOT_FOUND
+                    || (status == reqwest::StatusCode::BAD_REQUEST && body.contains("NotFound"))
+                {
+                    return Ok(None);
                 }
-            })?;
-        let status = response.status();
-        if is_passing(status) {
-            return Err(unavailable(format!("HTTP {status}")));
-        }
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            let body: String = body.trim().chars().take(300).collect();
-            if status == reqwest::StatusCode::NOT_FOUND
-                || (status == reqwest::StatusCode::BAD_REQUEST && body.contains("NotFound"))
-            {
-                return Ok(None);
+                return Err(fetch_err(format!("HTTP {status}: {body}")));
             }
-            return Err(fetch_err(format!("HTTP {status}: {body}")));
-        }
+        };
         let limit = self.limits.max_repo_bytes;
         let too_large = |size: usize| SyncError::TooLarge {
             what: "repo CAR",
