@@ -73,12 +73,15 @@ impl Fact {
 /// What is done once the task table is unlocked.
 enum After {
     Emit(TaskEvent),
-    Start {
-        job: Job,
-        rkey: String,
-        task_ref: crate::StrongRef,
-        lease: Duration,
-    },
+    Start(Box<Start>),
+}
+
+/// An attempt to start: the job, and the task's key, reference and lease.
+struct Start {
+    job: Job,
+    rkey: String,
+    task_ref: crate::StrongRef,
+    lease: Duration,
 }
 
 /// Facts held for a task not seen yet.
@@ -392,12 +395,6 @@ impl WorkerRuntime {
         }
     }
 
-    /// Facts held for tasks not seen yet (for tests and metrics).
-    #[cfg(test)]
-    fn pending_len(&self) -> usize {
-        lock(&self.pending).len()
-    }
-
     /// The one place a task moves on what the repos say about it (`uri` must be known).
     fn apply(
         &self,
@@ -450,12 +447,12 @@ impl WorkerRuntime {
                                 writer: self.writer.clone(),
                                 handed_off: Arc::new(AtomicBool::new(false)),
                             };
-                            after.push(After::Start {
+                            after.push(After::Start(Box::new(Start {
                                 job,
                                 rkey: k.rkey.clone(),
                                 task_ref: k.task_ref.clone(),
                                 lease: k.lease,
-                            });
+                            })));
                         }
                     }
                 } else {
@@ -523,12 +520,13 @@ impl WorkerRuntime {
         for a in after {
             match a {
                 After::Emit(event) => self.emit(event),
-                After::Start {
-                    job,
-                    rkey,
-                    task_ref,
-                    lease,
-                } => {
+                After::Start(start) => {
+                    let Start {
+                        job,
+                        rkey,
+                        task_ref,
+                        lease,
+                    } = *start;
                     let uri = job.task_uri.clone();
                     let attempt = job.attempt;
                     let handle = tokio::spawn(Arc::clone(self).run(job, rkey, task_ref, lease));
