@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use murmur_comms::agent::comms::{message, presence, profile};
 use murmur_comms::{
-    Assignment, Claim, Handoff, Message, Presence, Profile, Result as ResultC, Status, Task,
+    Ack, Assignment, Claim, Handoff, Message, Presence, Profile, Result as ResultC, Status, Task,
 };
 use murmur_firehose::{
-    AccountStatus, Created, Deleted, Handler, Metrics, OpEvent, Record, ShutdownHandle, Watcher,
-    WatcherBuilder,
+    AccountStatus, Backfill, Created, Deleted, Handler, Metrics, OpEvent, Origin, Record,
+    ShutdownHandle, Watcher, WatcherBuilder,
 };
 use murmur_pds::{Collection, Writer, Written};
 use tokio::sync::broadcast;
@@ -46,6 +46,7 @@ pub struct AgentBuilder {
     claim_policy: Arc<dyn ClaimPolicy>,
     claim_window: Duration,
     recover: bool,
+    backfill: Option<bool>,
     via_feed: bool,
 }
 
@@ -176,6 +177,33 @@ impl AgentBuilder {
         self
     }
 
+    /// Copies the swarm's repos when the agent starts, so a worker learns the tasks posted
+    /// before it joined (default: on for an agent with a [`worker`](Self::worker), off
+    /// otherwise). The repos copied are the [`peers`](Self::peers) (and the agent's own)
+    /// when there is an allowlist, else every repo the watched hosts list
+    /// (`com.atproto.sync.listRepos`); each is fetched whole (`getRepo`, verified), and its
+    /// `agent.comms` records the agent follows are delivered once, marked
+    /// [`Origin::Backfill`](crate::Origin), before that repo's later stream ops.
+    ///
+    /// The worker reads them as it reads the stream: a task with an ack at its key (closed),
+    /// an assignment at its key naming another worker (unless the requester recorded that
+    /// assignment's lapse), or a result by this agent is not claimed; an open one is
+    /// claimed like a fresh one, within the worker's capacity. An assignment naming this
+    /// agent (an earlier run of it) is run. Every other handler sees the copied records
+    /// too (profiles, presence, your own handlers: check [`Origin`](crate::Origin) if that
+    /// matters), except the requester role's, which rebuilds its open tasks from the repos
+    /// itself ([`recover`](Self::recover)).
+    ///
+    /// With a [`state_dir`](Self::state_dir), a restarted agent does not copy again the
+    /// repos an earlier run finished: it goes on from its stored stream cursor, so tasks
+    /// posted while it was down still reach it, but the open tasks it knew before the stop
+    /// are not delivered again. Costs one `getRepo` per repo (4 at a time), memory for one
+    /// repo's records while it is delivered, and a record index (about 100 bytes a record).
+    pub fn backfill(mut self, on: bool) -> Self {
+        self.backfill = Some(on);
+        self
+    }
+
     /// Adds a handler: any async fn or closure whose arguments are extractors, one of them
     /// [`Record<C>`](crate::Record) (creates and updates), [`Created<C>`](crate::Created),
     /// [`Updated<C>`](crate::Updated) or [`Deleted<C>`](crate::Deleted), whose collection
@@ -234,6 +262,7 @@ impl AgentBuilder {
             claim_policy,
             claim_window,
             recover,
+            backfill,
             via_feed,
         } = self;
         let did = writer.did().to_string();
@@ -288,27 +317,64 @@ impl AgentBuilder {
             )
         });
         if let Some(req) = &requester {
+            // The requester rebuilds its open tasks from the repos itself (`recover`): the
+            // records of a backfill are not for it; a resync's (missed live ops) are.
             collections.extend([Claim::NSID, Status::NSID, ResultC::NSID]);
             let r = Arc::clone(req);
             watcher = watcher.handler(move |rec: Created<Claim>, op: OpEvent| {
-                Arc::clone(&r).on_claim(rec.into_record(), op)
+                let r = Arc::clone(&r);
+                async move {
+                    if op.origin() == Origin::Backfill {
+                        return Ok(());
+                    }
+                    r.on_claim(rec.into_record(), op).await
+                }
             });
             let r = Arc::clone(req);
-            watcher = watcher
-                .handler(move |rec: Record<Status>, op: OpEvent| Arc::clone(&r).on_status(rec, op));
+            watcher = watcher.handler(move |rec: Record<Status>, op: OpEvent| {
+                let r = Arc::clone(&r);
+                async move {
+                    if op.origin() == Origin::Backfill {
+                        return Ok(());
+                    }
+                    r.on_status(rec, op).await
+                }
+            });
             let r = Arc::clone(req);
             watcher = watcher.handler(move |rec: Created<ResultC>, op: OpEvent| {
-                Arc::clone(&r).on_result(rec.into_record(), op)
+                let r = Arc::clone(&r);
+                async move {
+                    if op.origin() == Origin::Backfill {
+                        return Ok(());
+                    }
+                    r.on_result(rec.into_record(), op).await
+                }
             });
             collections.insert(Handoff::NSID);
             let r = Arc::clone(req);
             watcher = watcher.handler(move |rec: Created<Handoff>, op: OpEvent| {
-                Arc::clone(&r).on_handoff(rec.into_record(), op)
+                let r = Arc::clone(&r);
+                async move {
+                    if op.origin() == Origin::Backfill {
+                        return Ok(());
+                    }
+                    r.on_handoff(rec.into_record(), op).await
+                }
             });
         }
+        let backfill = backfill.unwrap_or(worker.is_some());
         let worker = worker.map(|w| WorkerRuntime::new(writer.clone(), w, events.clone()));
         if let Some(wk) = &worker {
-            collections.extend([Task::NSID, Assignment::NSID]);
+            // Acks close tasks; its own results tell an agent started again what it answered.
+            collections.extend([Task::NSID, Assignment::NSID, Ack::NSID, ResultC::NSID]);
+            let w = Arc::clone(wk);
+            watcher = watcher.handler(move |rec: Created<Ack>, op: OpEvent| {
+                Arc::clone(&w).on_ack(rec.into_record(), op)
+            });
+            let w = Arc::clone(wk);
+            watcher = watcher.handler(move |rec: Created<ResultC>, op: OpEvent| {
+                Arc::clone(&w).on_result(rec.into_record(), op)
+            });
             let w = Arc::clone(wk);
             watcher = watcher.handler(move |rec: Created<Task>, op: OpEvent| {
                 Arc::clone(&w).on_task(rec.into_record(), op)
@@ -338,6 +404,14 @@ impl AgentBuilder {
         }
         if let Some(seq) = start_cursor {
             watcher = watcher.start_cursor(seq);
+        }
+        if backfill {
+            let copy = match &peers {
+                Some(peers) => Backfill::dids(peers.iter().cloned().chain([did.clone()])),
+                None => Backfill::listed(),
+            };
+            // The watched hosts list the repos, also when the agent hears them via a feed.
+            watcher = watcher.backfill(copy.hosts(hosts.iter().cloned()));
         }
         if let Some(mut peers) = peers {
             peers.push(did.clone());
@@ -400,12 +474,15 @@ impl AgentBuilder {
             }));
         }
         if let Some(wk) = &worker {
-            // Frees slots held by unanswered claims.
+            // Frees slots held by unanswered claims, and forgets the facts held for tasks
+            // that did not arrive with the copies.
             let wk = Arc::clone(wk);
+            let metrics = Arc::clone(&metrics);
             background.push(tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                     wk.claim_more();
+                    wk.forget_stale(!backfill || metrics.backfill().finished);
                 }
             }));
         }
@@ -528,6 +605,7 @@ impl Agent {
             claim_policy: Arc::new(FirstCome),
             claim_window: Duration::ZERO,
             recover: true,
+            backfill: None,
             via_feed: false,
         }
     }

@@ -26,6 +26,13 @@
 //! watching leases, and assigns the rest ([`AgentBuilder::recover`],
 //! [`Agent::recovered_tasks`]).
 //!
+//! A worker that joins late learns the tasks posted before it started from the repos too:
+//! an agent with a worker copies its peers' repos (or every repo the watched hosts list)
+//! when it starts ([`AgentBuilder::backfill`]) and reads the copied records as it reads the
+//! stream. A task with an ack at its key is closed, one whose assignment names another
+//! worker is taken (until that assignment is withdrawn or its lapse recorded), one it
+//! answered already is done; the open ones are claimed like fresh ones.
+//!
 //! ```no_run
 //! use std::time::Duration;
 //! use murmur::{Agent, Job, TaskSpec, Worker};

@@ -91,7 +91,7 @@ fn deadline_at(datetime: &str) -> Instant {
 
 /// What an ack in the requester's own repo says.
 #[derive(Debug, PartialEq, Eq)]
-enum AckMeaning<'a> {
+pub(crate) enum AckMeaning<'a> {
     /// It closes the task at the ack's own record key: `accepted` (subject a result, at
     /// whatever key the worker wrote it) or `rejected` (subject the task: given up).
     Closes,
@@ -105,7 +105,9 @@ enum AckMeaning<'a> {
     Other,
 }
 
-fn ack_meaning<'a>(own_did: &str, ack: &'a ack::Record) -> AckMeaning<'a> {
+/// Shared with the worker, which reads the requesters' acks the same way (an ack at a task's
+/// key closes it; a lapse ack withdraws one assignment).
+pub(crate) fn ack_meaning<'a>(own_did: &str, ack: &'a ack::Record) -> AckMeaning<'a> {
     let Some((did, collection, key)) = parse_uri(&ack.subject.uri) else {
         return AckMeaning::Other;
     };

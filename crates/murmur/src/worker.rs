@@ -1,6 +1,16 @@
 //! The worker's side of the task protocol: claim open tasks up to a capacity, run assigned
 //! ones while renewing the lease with `status`, write one `result` per task key, and stand
 //! down when another worker wins or the assignment is withdrawn.
+//!
+//! Everything the repos say about a task after it was posted reaches the worker as a
+//! [`Fact`] (an ack at its key, the assignment at its key, a lapse ack, a withdrawal, a result
+//! by this worker), and one function, `apply`, moves the task on it: live from the stream,
+//! or from a copy of a repo (the watcher's backfill when the agent starts, a resync after a
+//! gap). A copy delivers a repo's records in key order, so a requester's acks and
+//! assignments come before its tasks: facts about a task not seen yet are held (only those
+//! from copies: a live fact about an unknown task is about a task this worker will never
+//! see) until the task arrives, and dropped once the backfill is over and they are older
+//! than [`PENDING_TTL`] (their task was deleted, or closed before the fact arrived).
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
@@ -11,14 +21,74 @@ use std::time::{Duration, Instant};
 use murmur_comms::agent::comms::{
     assignment, claim, defs, handoff, result as result_rec, status, task,
 };
-use murmur_comms::{Assignment, Claim, Handoff, Result as ResultC, Status, Task};
-use murmur_firehose::{BoxFuture, Deleted, HandlerError, OpEvent, Record};
+use murmur_comms::{Ack, Assignment, Claim, Handoff, Result as ResultC, Status, Task};
+use murmur_firehose::{BoxFuture, Deleted, HandlerError, OpEvent, Origin, Record};
 use murmur_pds::Writer;
 use tokio::sync::broadcast;
 use tokio::task::AbortHandle;
 
 use crate::lock;
+use crate::recovery::{AckMeaning, ack_meaning};
 use crate::task::TaskEvent;
+
+/// How long a fact about a task not seen yet is held once the backfill is over.
+pub(crate) const PENDING_TTL: Duration = Duration::from_secs(30);
+
+/// Something a repo says about a task (by its at-uri), from the stream or from a copy.
+#[derive(Debug, Clone)]
+pub(crate) enum Fact {
+    /// An ack at the task's key in the requester's repo: the task is closed (a result was
+    /// accepted, or it was given up). Nobody claims it any more.
+    Closed,
+    /// The assignment at the task's key.
+    Assigned {
+        worker: String,
+        attempt: u32,
+        cid: String,
+    },
+    /// The requester recorded the lapse of this assignment (a `rejected` ack of it): it is
+    /// withdrawn, even if its deletion has not happened or not arrived yet.
+    Lapsed { assignment_cid: String },
+    /// The assignment at the task's key was deleted (withdrawn).
+    Withdrawn,
+    /// This worker wrote a result for the task (in an earlier run, say).
+    Answered,
+}
+
+impl Fact {
+    /// The order facts held for a task not seen yet are applied in: a closing ack settles
+    /// everything; a lapse ack (which sorts before the assignment in a copy) applies to the
+    /// assignment it names.
+    fn rank(&self) -> u8 {
+        match self {
+            Fact::Closed => 0,
+            Fact::Assigned { .. } => 1,
+            Fact::Lapsed { .. } => 2,
+            Fact::Withdrawn => 3,
+            Fact::Answered => 4,
+        }
+    }
+}
+
+/// What is done once the task table is unlocked.
+enum After {
+    Emit(TaskEvent),
+    Start(Box<Start>),
+}
+
+/// An attempt to start: the job, and the task's key, reference and lease.
+struct Start {
+    job: Job,
+    rkey: String,
+    task_ref: crate::StrongRef,
+    lease: Duration,
+}
+
+/// Facts held for a task not seen yet.
+struct Pending {
+    since: Instant,
+    facts: Vec<Fact>,
+}
 
 /// One assigned task attempt, as the work function sees it.
 #[derive(Debug, Clone)]
@@ -174,6 +244,8 @@ struct Known {
     record: task::Record,
     lease: Duration,
     phase: Phase,
+    /// The CID of the assignment at the task's key, while there is one.
+    assignment: Option<String>,
     /// The handoff records (at-uris) we continued the task from: a redelivered one is not
     /// run twice.
     continued: HashSet<String>,
@@ -183,7 +255,10 @@ pub(crate) struct WorkerRuntime {
     did: String,
     writer: Writer,
     config: Worker,
+    /// The tasks seen and not closed. Locked before `pending`.
     tasks: Mutex<HashMap<String, Known>>,
+    /// Facts from copies about tasks not seen yet, by task at-uri.
+    pending: Mutex<HashMap<String, Pending>>,
     events: broadcast::Sender<TaskEvent>,
     stopped: AtomicBool,
 }
@@ -214,6 +289,7 @@ impl WorkerRuntime {
             writer,
             config,
             tasks: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
             events,
             stopped: AtomicBool::new(false),
         })
@@ -249,21 +325,223 @@ impl WorkerRuntime {
         let t: &task::Record = &rec;
         // Tasks this worker will not claim are still remembered: one may be handed to it.
         let claimable = self.claimable(t);
+        let mut after = Vec::new();
         {
             let mut tasks = lock(&self.tasks);
-            tasks.entry(rec.uri.clone()).or_insert_with(|| Known {
-                uri: rec.uri.clone(),
-                requester: op.data().did.clone(),
-                rkey: op.rkey().to_string(),
-                task_ref: rec.strong_ref(),
-                lease: crate::task::lease_of(t),
-                record: rec.value.clone(),
-                phase: if claimable { Phase::Open } else { Phase::Taken },
-                continued: HashSet::new(),
-            });
+            let held = lock(&self.pending).remove(&rec.uri);
+            let mut facts = held.map(|p| p.facts).unwrap_or_default();
+            facts.sort_by_key(Fact::rank);
+            if matches!(facts.first(), Some(Fact::Closed)) {
+                return Ok(()); // closed before we saw it: nothing to remember
+            }
+            if !tasks.contains_key(&rec.uri) {
+                tasks.insert(
+                    rec.uri.clone(),
+                    Known {
+                        uri: rec.uri.clone(),
+                        requester: op.data().did.clone(),
+                        rkey: op.rkey().to_string(),
+                        task_ref: rec.strong_ref(),
+                        lease: crate::task::lease_of(t),
+                        record: rec.value.clone(),
+                        phase: if claimable { Phase::Open } else { Phase::Taken },
+                        assignment: None,
+                        continued: HashSet::new(),
+                    },
+                );
+            }
+            for fact in facts {
+                self.apply(&mut tasks, &rec.uri, fact, &mut after);
+            }
         }
+        self.finish(after);
         self.claim_more();
         Ok(())
+    }
+
+    /// Moves the task `uri` on `fact`: at once if the task is known, else held until it
+    /// arrives when the fact comes from a copy of a repo (which delivers a requester's acks
+    /// and assignments before its tasks).
+    pub(crate) fn learn(self: &Arc<Self>, uri: &str, fact: Fact, origin: Origin) {
+        if self.stopped.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut after = Vec::new();
+        {
+            let mut tasks = lock(&self.tasks);
+            if tasks.contains_key(uri) {
+                self.apply(&mut tasks, uri, fact, &mut after);
+            } else if origin != Origin::Live {
+                lock(&self.pending)
+                    .entry(uri.to_string())
+                    .or_insert_with(|| Pending {
+                        since: Instant::now(),
+                        facts: Vec::new(),
+                    })
+                    .facts
+                    .push(fact);
+            }
+        }
+        self.finish(after);
+        self.claim_more();
+    }
+
+    /// Drops the facts held longer than [`PENDING_TTL`] for tasks that never arrived; only
+    /// once `copies_over` (the backfill is finished, or there is none), since until then
+    /// their tasks may still come.
+    pub(crate) fn forget_stale(&self, copies_over: bool) {
+        if copies_over {
+            lock(&self.pending).retain(|_, p| p.since.elapsed() < PENDING_TTL);
+        }
+    }
+
+    /// The one place a task moves on what the repos say about it (`uri` must be known).
+    fn apply(
+        &self,
+        tasks: &mut HashMap<String, Known>,
+        uri: &str,
+        fact: Fact,
+        after: &mut Vec<After>,
+    ) {
+        let Some(k) = tasks.get_mut(uri) else {
+            return;
+        };
+        match fact {
+            Fact::Closed => {
+                if let Phase::Running(n, h) = &k.phase {
+                    h.abort();
+                    after.push(After::Emit(TaskEvent::Abandoned {
+                        task: uri.to_string(),
+                        attempt: *n,
+                    }));
+                }
+                // Closed for good: forgotten (a task's records are not delivered twice).
+                tasks.remove(uri);
+            }
+            Fact::Answered => {
+                if !matches!(k.phase, Phase::Running(..)) {
+                    k.phase = Phase::Done;
+                }
+            }
+            Fact::Assigned {
+                worker,
+                attempt,
+                cid,
+            } => {
+                k.assignment = Some(cid);
+                if worker == self.did {
+                    match &k.phase {
+                        Phase::Running(n, _) if *n >= attempt => {}
+                        Phase::Done | Phase::HandedOff => {}
+                        _ => {
+                            if let Phase::Running(_, h) = &k.phase {
+                                h.abort();
+                            }
+                            let job = Job {
+                                task_uri: uri.to_string(),
+                                task_ref: k.task_ref.clone(),
+                                requester: k.requester.clone(),
+                                task: k.record.clone(),
+                                attempt,
+                                context: None,
+                                writer: self.writer.clone(),
+                                handed_off: Arc::new(AtomicBool::new(false)),
+                            };
+                            after.push(After::Start(Box::new(Start {
+                                job,
+                                rkey: k.rkey.clone(),
+                                task_ref: k.task_ref.clone(),
+                                lease: k.lease,
+                            })));
+                        }
+                    }
+                } else {
+                    match &k.phase {
+                        Phase::Claimed(_) | Phase::Open => {
+                            k.phase = Phase::Taken;
+                            after.push(After::Emit(TaskEvent::StoodDown {
+                                task: uri.to_string(),
+                                winner: worker,
+                            }));
+                        }
+                        Phase::Running(n, h) => {
+                            h.abort();
+                            let n = *n;
+                            k.phase = Phase::Taken;
+                            after.push(After::Emit(TaskEvent::Abandoned {
+                                task: uri.to_string(),
+                                attempt: n,
+                            }));
+                        }
+                        Phase::Taken | Phase::Done | Phase::HandedOff => {}
+                    }
+                }
+            }
+            Fact::Lapsed { assignment_cid } => {
+                if k.assignment.as_deref() == Some(assignment_cid.as_str()) {
+                    self.withdraw(k, after);
+                }
+            }
+            Fact::Withdrawn => {
+                if k.assignment.is_some() {
+                    self.withdraw(k, after);
+                }
+            }
+        }
+    }
+
+    /// The assignment was withdrawn (its lease lapsed): stop if we ran it, and treat the
+    /// task as open again, for this worker only if it may claim it (a task handed to it, or
+    /// of a type it does not take, is left to others).
+    fn withdraw(&self, k: &mut Known, after: &mut Vec<After>) {
+        k.assignment = None;
+        let reopened = if self.claimable(&k.record) {
+            Phase::Open
+        } else {
+            Phase::Taken
+        };
+        match &k.phase {
+            Phase::Running(n, h) => {
+                h.abort();
+                let n = *n;
+                k.phase = reopened;
+                after.push(After::Emit(TaskEvent::Abandoned {
+                    task: k.uri.clone(),
+                    attempt: n,
+                }));
+            }
+            Phase::Taken | Phase::Claimed(_) => k.phase = reopened,
+            Phase::Open | Phase::Done | Phase::HandedOff => {}
+        }
+    }
+
+    /// Emits the events and starts the attempts `apply` decided on.
+    fn finish(self: &Arc<Self>, after: Vec<After>) {
+        for a in after {
+            match a {
+                After::Emit(event) => self.emit(event),
+                After::Start(start) => {
+                    let Start {
+                        job,
+                        rkey,
+                        task_ref,
+                        lease,
+                    } = *start;
+                    let uri = job.task_uri.clone();
+                    let attempt = job.attempt;
+                    let handle = tokio::spawn(Arc::clone(self).run(job, rkey, task_ref, lease));
+                    let mut tasks = lock(&self.tasks);
+                    match tasks.get_mut(&uri) {
+                        Some(k) if !matches!(k.phase, Phase::Done) => {
+                            k.phase = Phase::Running(attempt, handle.abort_handle());
+                        }
+                        _ => handle.abort(), // finished or closed meanwhile
+                    }
+                    drop(tasks);
+                    self.emit(TaskEvent::Started { task: uri, attempt });
+                }
+            }
+        }
     }
 
     /// Claims open tasks while there are free slots. Each worker picks at random among
@@ -342,77 +620,57 @@ impl WorkerRuntime {
     ) -> Result<(), HandlerError> {
         let a: &assignment::Record = &rec;
         let uri = task_uri_of(&op.data().did, op.rkey());
-        if self.stopped.load(Ordering::SeqCst) || a.task.uri != uri {
+        if a.task.uri != uri {
             return Ok(()); // not the protocol's layout: the assignment must sit at the task's key
         }
-        let attempt = u32::try_from(a.attempt).unwrap_or(1);
-        let mut start = None;
-        {
-            let mut tasks = lock(&self.tasks);
-            let Some(k) = tasks.get_mut(&uri) else {
-                return Ok(());
-            };
-            if a.worker == self.did {
-                match &k.phase {
-                    Phase::Running(n, _) if *n >= attempt => {}
-                    Phase::Done | Phase::HandedOff => {}
-                    _ => {
-                        if let Phase::Running(_, h) = &k.phase {
-                            h.abort();
-                        }
-                        let job = Job {
-                            task_uri: uri.clone(),
-                            task_ref: k.task_ref.clone(),
-                            requester: k.requester.clone(),
-                            task: k.record.clone(),
-                            attempt,
-                            context: None,
-                            writer: self.writer.clone(),
-                            handed_off: Arc::new(AtomicBool::new(false)),
-                        };
-                        start = Some((job, k.rkey.clone(), k.task_ref.clone(), k.lease));
-                    }
-                }
-            } else {
-                match &k.phase {
-                    Phase::Claimed(_) | Phase::Open => {
-                        k.phase = Phase::Taken;
-                        drop(tasks);
-                        self.emit(TaskEvent::StoodDown {
-                            task: uri,
-                            winner: a.worker.clone(),
-                        });
-                    }
-                    Phase::Running(n, h) => {
-                        h.abort();
-                        let n = *n;
-                        k.phase = Phase::Taken;
-                        drop(tasks);
-                        self.emit(TaskEvent::Abandoned {
-                            task: uri,
-                            attempt: n,
-                        });
-                    }
-                    Phase::Taken | Phase::Done | Phase::HandedOff => {}
-                }
+        let fact = Fact::Assigned {
+            worker: a.worker.clone(),
+            attempt: u32::try_from(a.attempt).unwrap_or(1),
+            cid: rec.cid.to_string(),
+        };
+        self.learn(&uri, fact, op.origin());
+        Ok(())
+    }
+
+    /// An ack in a requester's repo: one at a task's key closes the task; a lapse ack
+    /// withdraws the assignment it names.
+    pub(crate) async fn on_ack(
+        self: Arc<Self>,
+        rec: Record<Ack>,
+        op: OpEvent,
+    ) -> Result<(), HandlerError> {
+        let requester = &op.data().did;
+        match ack_meaning(requester, &rec) {
+            AckMeaning::Closes => {
+                self.learn(
+                    &task_uri_of(requester, op.rkey()),
+                    Fact::Closed,
+                    op.origin(),
+                );
             }
-        }
-        if let Some((job, rkey, task_ref, lease)) = start {
-            let me = Arc::clone(&self);
-            let uri = job.task_uri.clone();
-            let handle = tokio::spawn(me.run(job, rkey, task_ref, lease));
-            let mut tasks = lock(&self.tasks);
-            if let Some(k) = tasks.get_mut(&uri) {
-                if matches!(k.phase, Phase::Done) {
-                    handle.abort();
-                } else {
-                    k.phase = Phase::Running(attempt, handle.abort_handle());
-                }
+            AckMeaning::Lapse {
+                task_key,
+                assignment_cid,
+                ..
+            } => {
+                let fact = Fact::Lapsed { assignment_cid };
+                self.learn(&task_uri_of(requester, task_key), fact, op.origin());
             }
-            drop(tasks);
-            self.emit(TaskEvent::Started { task: uri, attempt });
+            AckMeaning::Other => {}
         }
-        self.claim_more();
+        Ok(())
+    }
+
+    /// A result in this worker's own repo (written by an earlier run, or just now): the task
+    /// is answered, not to be claimed again.
+    pub(crate) async fn on_result(
+        self: Arc<Self>,
+        rec: Record<ResultC>,
+        op: OpEvent,
+    ) -> Result<(), HandlerError> {
+        if op.data().did == self.did {
+            self.learn(&rec.task.uri, Fact::Answered, op.origin());
+        }
         Ok(())
     }
 
@@ -429,6 +687,12 @@ impl WorkerRuntime {
         let start = {
             let mut tasks = lock(&self.tasks);
             let Some(k) = tasks.get_mut(&h.task.uri) else {
+                // In a copy of a repo, a handoff of a task not known is most often of one
+                // closed long ago: it is not waited for. (A task still open that was handed
+                // to an earlier run of this agent is reassigned when its lease lapses.)
+                if op.origin() == Origin::Backfill {
+                    return Ok(());
+                }
                 return Err(HandlerError::retry("handed a task not seen yet"));
             };
             // A task we handed off can come back (a reviewer returning a draft): continue it
@@ -474,41 +738,14 @@ impl WorkerRuntime {
         Ok(())
     }
 
-    /// The assignment was withdrawn (its lease lapsed): stop if we ran it, and treat the
-    /// task as open again.
+    /// The assignment was deleted: withdrawn (its lease lapsed).
     pub(crate) async fn on_assignment_deleted(
         self: Arc<Self>,
         deleted: Deleted<Assignment>,
         op: OpEvent,
     ) -> Result<(), HandlerError> {
         let uri = task_uri_of(&op.data().did, &deleted.rkey);
-        {
-            let mut tasks = lock(&self.tasks);
-            if let Some(k) = tasks.get_mut(&uri) {
-                // Open again, for this worker only if it may claim it (a task handed to it,
-                // or of a type it does not take, is left to others).
-                let reopened = if self.claimable(&k.record) {
-                    Phase::Open
-                } else {
-                    Phase::Taken
-                };
-                match &k.phase {
-                    Phase::Running(n, h) => {
-                        h.abort();
-                        let n = *n;
-                        k.phase = reopened;
-                        drop(tasks);
-                        self.emit(TaskEvent::Abandoned {
-                            task: uri,
-                            attempt: n,
-                        });
-                    }
-                    Phase::Taken | Phase::Claimed(_) => k.phase = reopened,
-                    Phase::Open | Phase::Done | Phase::HandedOff => {}
-                }
-            }
-        }
-        self.claim_more();
+        self.learn(&uri, Fact::Withdrawn, op.origin());
         Ok(())
     }
 
