@@ -859,7 +859,14 @@ async fn claim_policy_picks_its_worker_over_the_first_claim() {
             offers.iter().position(|o| o.worker == chosen)
         }
     };
-    let boss = agent(net, boss_w.clone(), &dids)
+    // The requester reads live (no replay from seq 0): otherwise it may still be catching up
+    // with the eager worker's host when the chosen worker, which learns of the task from its
+    // copy of the requester's repo, claims on the other host; then the second claim would be
+    // read first.
+    let boss = Agent::builder(boss_w.clone())
+        .watch_all(hosts(net))
+        .plc_url(net.plc_url())
+        .peers(dids.clone())
         .claim_window(Duration::from_secs(3))
         .claim_policy(policy)
         .start()
@@ -886,6 +893,12 @@ async fn claim_policy_picks_its_worker_over_the_first_claim() {
             Err(_) => panic!("the eager worker never claimed"),
         }
     }
+    // A claim sent is not yet a claim the requester has read (its stream of the eager
+    // worker's host takes a few hundred ms here), and the chosen worker, which learns of the
+    // task from its copy of the requester's repo, claims within ~100 ms of joining: it joins
+    // 2 s later, still inside the 3 s claim window (and a policy that sees only the eager
+    // claim waits for more anyway).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     let _b = agent(net, wb.clone(), &dids)
         .requester(false)
         .worker(sleeper(100))
