@@ -427,6 +427,32 @@ mod tests {
     }
 
     #[test]
+    fn backfill_progress_lines() {
+        let second = Duration::from_millis(1500);
+        let mut p = BackfillProgress::default();
+        assert_eq!(progress_line(&p, second), "backfill: listing repos (1.5 s)");
+        p.repos_total = 4;
+        p.repos_done = 1;
+        p.records = 120;
+        assert_eq!(
+            progress_line(&p, second),
+            "backfill: 1/4 repos, 120 records (1.5 s)"
+        );
+        assert_eq!(
+            progress_bar(&p, second),
+            "backfill [######..................] 1/4 repos, 120 records (1.5 s)"
+        );
+        p.repos_done = 3;
+        p.repos_failed = 1;
+        p.finished = true;
+        assert_eq!(
+            progress_line(&p, second),
+            "backfill finished: 4/4 repos, 1 failed, 120 records (1.5 s)"
+        );
+        assert!(progress_bar(&p, second).starts_with("backfill [########################] 4/4"));
+    }
+
+    #[test]
     fn an_unresolved_did_plc_with_the_public_plc_suggests_plc() {
         for cause in [unresolved(DID), unreachable(DID, DEFAULT_PLC_URL)] {
             let hint = plc_hint(true, DID, &cause).expect("a hint");
