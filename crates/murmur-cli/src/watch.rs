@@ -241,10 +241,10 @@ fn progress_bar(p: &BackfillProgress, elapsed: Duration) -> String {
     let over = p.repos_done + p.repos_failed;
     let filled = if p.finished {
         WIDTH
-    } else if p.repos_total == 0 {
-        0
     } else {
-        (over * WIDTH / p.repos_total).min(WIDTH)
+        (over * WIDTH)
+            .checked_div(p.repos_total)
+            .map_or(0, |n| n.min(WIDTH))
     };
     let line = progress_line(p, elapsed);
     let rest = line.split_once(": ").map_or(line.as_str(), |(_, r)| r);
