@@ -52,7 +52,8 @@ enum Command {
 /// at info, everything else at warn.
 const DEFAULT_LOG: &str = "warn,murmur=info";
 
-/// Logs go to stderr (stdout carries data, e.g. `murmur watch --json`), filtered by `RUST_LOG`.
+/// Logs go to stderr (stdout carries data, e.g. `murmur watch --json`), filtered by `RUST_LOG`,
+/// above `murmur watch --backfill`'s progress line when one is shown.
 fn init_logging() {
     let filter = match std::env::var("RUST_LOG") {
         Ok(spec) if !spec.trim().is_empty() => EnvFilter::try_new(&spec).unwrap_or_else(|e| {
@@ -63,7 +64,7 @@ fn init_logging() {
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(|| watch::status::Stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
 }

@@ -1,15 +1,16 @@
 //! `murmur watch`: tail verified record ops from PDS hosts or a relay, one line each.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use murmur_firehose::{
-    Action, BoxFuture, CallError, Handler, OpEvent, Rejection, Route, WatchError, Watcher,
-    WatcherBuilder,
+    Action, Backfill, BackfillProgress, BoxFuture, CallError, Handler, Metrics, OpEvent, Rejection,
+    Route, WatchError, Watcher, WatcherBuilder,
 };
 use murmur_sync::{DEFAULT_PLC_URL, SyncError, VerifyLevel};
 
@@ -47,6 +48,16 @@ pub struct WatchArgs {
     /// Print JSON lines (with the record) instead of text.
     #[arg(long)]
     json: bool,
+    /// First copy the repos (com.atproto.sync.getRepo, verified: hashes, signed commit,
+    /// complete MST) and print every record the filters admit once, marked `backfill`, then
+    /// go on with the stream (ops already in the copy are not printed again). The repos are
+    /// those given with --did, or else every repo the --pds hosts (or the --relay) list. With
+    /// --state a restart does not copy finished repos again. Progress goes to stderr.
+    #[arg(long)]
+    backfill: bool,
+    /// Repos copied at once during --backfill [default: 4].
+    #[arg(long, value_name = "N", requires = "backfill")]
+    backfill_concurrency: Option<usize>,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -97,6 +108,17 @@ fn builder(args: &WatchArgs) -> WatcherBuilder {
     if let Some(plc) = &args.plc {
         b = b.plc_url(plc);
     }
+    if args.backfill {
+        let mut backfill = if args.dids.is_empty() {
+            Backfill::listed()
+        } else {
+            Backfill::dids(args.dids.iter().cloned())
+        };
+        if let Some(n) = args.backfill_concurrency {
+            backfill = backfill.concurrency(n);
+        }
+        b = b.backfill(backfill);
+    }
     b.verification(match args.verify {
         VerifyArg::Full => VerifyLevel::Full,
         VerifyArg::Signature => VerifyLevel::SignatureOnly,
@@ -107,15 +129,29 @@ fn builder(args: &WatchArgs) -> WatcherBuilder {
 async fn watch(args: WatchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let default_plc = args.plc.is_none();
     let hinted = Arc::new(AtomicBool::new(false));
+    let progress_on_tty = std::io::stderr().is_terminal();
     let watcher = builder(&args)
-        .tail(Printer { json: args.json })
-        .on_gap(|gap| eprintln!("gap on {}: {:?} ({})", gap.source, gap.kind, gap.detail))
+        .tail(Printer {
+            json: args.json,
+            // Ops go below a progress line only when both share the terminal.
+            under_status: progress_on_tty && std::io::stdout().is_terminal(),
+        })
+        .on_gap(|gap| {
+            status::eprint(&format!(
+                "gap on {}: {:?} ({})",
+                gap.source, gap.kind, gap.detail
+            ))
+        })
         .on_rejected(move |what, why| {
             let hint = match why {
                 Rejection::Verification(cause) => plc_hint(default_plc, what.did(), cause),
                 _ => None,
             };
-            eprintln!("rejected {}: {why}{}", what.uri(), hint.unwrap_or_default());
+            status::eprint(&format!(
+                "rejected {}: {why}{}",
+                what.uri(),
+                hint.unwrap_or_default()
+            ));
         })
         .on_error(move |e| {
             // The library logs the error itself; the CLI adds what to do about it, once.
@@ -123,7 +159,7 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> 
                 && let Some(hint) = plc_hint(default_plc, did, error)
                 && !hinted.swap(true, Ordering::Relaxed)
             {
-                eprintln!("waiting to verify {did}:{hint}");
+                status::eprint(&format!("waiting to verify {did}:{hint}"));
             }
         })
         .build()?;
@@ -132,8 +168,159 @@ async fn watch(args: WatchArgs) -> Result<ExitCode, Box<dyn std::error::Error>> 
         crate::signal::interrupted().await;
         stop.shutdown();
     });
-    watcher.run().await?;
+    let progress = args.backfill.then(|| {
+        tokio::spawn(report_progress(
+            watcher.metrics(),
+            progress_on_tty,
+            Duration::from_secs(2),
+        ))
+    });
+    let result = watcher.run().await;
+    if let Some(progress) = progress {
+        progress.abort();
+        let _ = progress.await;
+        status::finish();
+    }
+    result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Shows how far the backfill has got on stderr until it is finished: a line redrawn in
+/// place on a terminal, otherwise a line every `every` and one when it is finished.
+async fn report_progress(metrics: Arc<Metrics>, tty: bool, every: Duration) {
+    let started = Instant::now();
+    let mut last_line = started;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let p = metrics.backfill();
+        let elapsed = started.elapsed();
+        if tty {
+            status::show(progress_bar(&p, elapsed));
+            if p.finished {
+                status::finish();
+                return;
+            }
+        } else if p.finished {
+            status::eprint(&progress_line(&p, elapsed));
+            return;
+        } else if last_line.elapsed() >= every {
+            last_line = Instant::now();
+            status::eprint(&progress_line(&p, elapsed));
+        }
+    }
+}
+
+/// `backfill: 3/10 repos, 1234 records (5.0 s)`, or `backfill finished: ...` at the end.
+fn progress_line(p: &BackfillProgress, elapsed: Duration) -> String {
+    let failed = if p.repos_failed > 0 {
+        format!(", {} failed", p.repos_failed)
+    } else {
+        String::new()
+    };
+    let state = if p.finished {
+        "backfill finished"
+    } else if p.repos_total == 0 {
+        return format!("backfill: listing repos ({:.1} s)", elapsed.as_secs_f64());
+    } else {
+        "backfill"
+    };
+    format!(
+        "{state}: {}/{} repos{failed}, {} records ({:.1} s)",
+        p.repos_done + p.repos_failed,
+        p.repos_total,
+        p.records,
+        elapsed.as_secs_f64()
+    )
+}
+
+/// The terminal form: `backfill [#######.............] 3/10 repos, 1234 records (5.0 s)`.
+fn progress_bar(p: &BackfillProgress, elapsed: Duration) -> String {
+    const WIDTH: u64 = 24;
+    let over = p.repos_done + p.repos_failed;
+    let filled = if p.finished {
+        WIDTH
+    } else {
+        (over * WIDTH)
+            .checked_div(p.repos_total)
+            .map_or(0, |n| n.min(WIDTH))
+    };
+    let line = progress_line(p, elapsed);
+    let rest = line.split_once(": ").map_or(line.as_str(), |(_, r)| r);
+    format!(
+        "backfill [{}{}] {rest}",
+        "#".repeat(filled as usize),
+        ".".repeat((WIDTH - filled) as usize)
+    )
+}
+
+/// A status line at the bottom of a terminal's stderr: whatever else is written to stderr
+/// (logs, gaps, rejections) or to stdout on the same terminal goes through [`above`], which
+/// clears the line first and draws it again after.
+pub(crate) mod status {
+    use std::io::Write;
+    use std::sync::{Mutex, MutexGuard};
+
+    /// The line shown, if any.
+    static LINE: Mutex<Option<String>> = Mutex::new(None);
+
+    fn line() -> MutexGuard<'static, Option<String>> {
+        LINE.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Draws `text` as the status line (replacing the one shown).
+    pub(crate) fn show(text: String) {
+        let mut line = line();
+        let mut err = std::io::stderr().lock();
+        let _ = write!(err, "\r\x1b[2K{text}");
+        let _ = err.flush();
+        *line = Some(text);
+    }
+
+    /// Leaves the status line as it is, ended by a newline: it is no longer redrawn.
+    pub(crate) fn finish() {
+        if line().take().is_some() {
+            let _ = writeln!(std::io::stderr());
+        }
+    }
+
+    /// Runs `write` (which must not log) with the status line cleared, then draws it again.
+    pub(crate) fn above<T>(write: impl FnOnce() -> T) -> T {
+        let line = line();
+        let mut err = std::io::stderr().lock();
+        if line.is_some() {
+            let _ = write!(err, "\r\x1b[2K");
+            let _ = err.flush();
+        }
+        let out = write();
+        if let Some(text) = &*line {
+            let _ = write!(err, "{text}");
+            let _ = err.flush();
+        }
+        out
+    }
+
+    /// `eprintln!` above the status line.
+    pub(crate) fn eprint(message: &str) {
+        above(|| {
+            let _ = writeln!(std::io::stderr(), "{message}");
+        });
+    }
+
+    /// Stderr for the log: each write goes above the status line.
+    pub(crate) struct Stderr;
+
+    impl Write for Stderr {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            above(|| std::io::stderr().write_all(buf))?;
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            std::io::stderr().flush()
+        }
+    }
 }
 
 /// What to add when a did:plc could not be resolved against the public PLC directory (not
@@ -156,6 +343,8 @@ fn plc_hint(default_plc: bool, did: &str, cause: &SyncError) -> Option<String> {
 /// Prints every op that passes the filters.
 struct Printer {
     json: bool,
+    /// Whether ops are written above the progress line (stdout and stderr on one terminal).
+    under_status: bool,
 }
 
 impl Handler for Printer {
@@ -188,21 +377,30 @@ impl Handler for Printer {
                 "uri": op.uri(),
                 "cid": d.cid.map(|c| c.to_string()),
                 "record": record,
+                "origin": op.origin().as_str(),
             })
             .to_string()
         } else {
             format!(
-                "{} {} {} {} {}",
+                "{} {} {} {} {} {}",
                 d.seq,
                 d.did,
                 d.action.as_str(),
                 d.path,
-                d.cid.map_or_else(|| "-".to_string(), |c| c.to_string())
+                d.cid.map_or_else(|| "-".to_string(), |c| c.to_string()),
+                op.origin().as_str()
             )
         };
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "{line}");
-        let _ = out.flush();
+        let print = || {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        };
+        if self.under_status {
+            status::above(print);
+        } else {
+            print();
+        }
         Box::pin(async { Ok(()) })
     }
 }
@@ -226,6 +424,32 @@ mod tests {
             url: format!("{url}/{did}"),
             reason: "connection failed".into(),
         }
+    }
+
+    #[test]
+    fn backfill_progress_lines() {
+        let second = Duration::from_millis(1500);
+        let mut p = BackfillProgress::default();
+        assert_eq!(progress_line(&p, second), "backfill: listing repos (1.5 s)");
+        p.repos_total = 4;
+        p.repos_done = 1;
+        p.records = 120;
+        assert_eq!(
+            progress_line(&p, second),
+            "backfill: 1/4 repos, 120 records (1.5 s)"
+        );
+        assert_eq!(
+            progress_bar(&p, second),
+            "backfill [######..................] 1/4 repos, 120 records (1.5 s)"
+        );
+        p.repos_done = 3;
+        p.repos_failed = 1;
+        p.finished = true;
+        assert_eq!(
+            progress_line(&p, second),
+            "backfill finished: 4/4 repos, 1 failed, 120 records (1.5 s)"
+        );
+        assert!(progress_bar(&p, second).starts_with("backfill [########################] 4/4"));
     }
 
     #[test]
