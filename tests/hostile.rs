@@ -790,17 +790,24 @@ async fn commits_of_an_inactive_account_are_not_delivered_until_it_is_active_aga
 }
 
 /// A relay in the middle that loses commits: each client connection is forwarded the live
-/// stream of PDS 0, except the `#commit` frames `lose` picks. Returns its ws:// base URL.
-async fn lossy_relay(net: &Devnet, lose: Arc<dyn Fn(&Frame) -> bool + Send + Sync>) -> String {
+/// stream of PDS 0, except the `#commit` frames `lose` picks, and the first connection also
+/// gets the frames sent on `inject`. Returns its ws:// base URL.
+async fn lossy_relay(
+    net: &Devnet,
+    lose: Arc<dyn Fn(&Frame) -> bool + Send + Sync>,
+    inject: Option<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>>,
+) -> String {
     let upstream = format!(
         "{}/xrpc/com.atproto.sync.subscribeRepos",
         net.pds(0).unwrap().url().replacen("http", "ws", 1)
     );
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("ws://{}", listener.local_addr().unwrap());
+    let mut inject = inject;
     tokio::spawn(async move {
         while let Ok((tcp, _)) = listener.accept().await {
             let (upstream, lose) = (upstream.clone(), Arc::clone(&lose));
+            let mut inject = inject.take();
             tokio::spawn(async move {
                 let Ok((mut from, _)) = tokio_tungstenite::connect_async(upstream).await else {
                     return;
@@ -808,7 +815,20 @@ async fn lossy_relay(net: &Devnet, lose: Arc<dyn Fn(&Frame) -> bool + Send + Syn
                 let Ok(mut to) = tokio_tungstenite::accept_async(tcp).await else {
                     return;
                 };
-                while let Some(Ok(msg)) = from.next().await {
+                loop {
+                    let injected = async {
+                        match inject.as_mut() {
+                            Some(rx) => rx.recv().await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    let msg = tokio::select! {
+                        msg = from.next() => match msg {
+                            Some(Ok(msg)) => msg,
+                            _ => return,
+                        },
+                        Some(frame) = injected => Message::Binary(frame.into()),
+                    };
                     if let Message::Binary(bytes) = &msg
                         && Frame::decode(bytes).is_ok_and(|f| lose(&f))
                     {
@@ -846,6 +866,7 @@ async fn a_relay_losing_a_commit_is_resynced_and_handlers_get_exactly_what_was_m
     let url = lossy_relay(
         net,
         Arc::new(move |f| matches!(f, Frame::Commit(c) if c.ops.iter().any(|op| op.path == lost))),
+        None,
     )
     .await;
 
@@ -926,4 +947,127 @@ async fn a_relay_losing_a_commit_is_resynced_and_handlers_get_exactly_what_was_m
     );
     let snapshot = metrics.snapshot();
     assert_eq!((snapshot.resyncs, snapshot.resync_ops), (1, 3));
+}
+
+/// A `#sync` for a backfilled repo (its signed commit at the repo's head, as a host sends
+/// after an import or a repair): the watcher copies the repo again and hands the handlers what
+/// changed since its index, here a create and a delete whose commit the relay lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sync_event_for_a_backfilled_repo_resyncs_it_through_the_handlers() {
+    use murmur_firehose::{Backfill, Origin};
+    let net = shared().await;
+    let (alice, writer) = account(net, "sync-resync").await;
+    let path = |uri: &str| format!("{}/{}", Note::NSID, uri.rsplit('/').next().unwrap());
+    let mut paths = Vec::new();
+    for n in 1..=3 {
+        paths.push(path(&writer.create::<Note>(&note(n)).await.unwrap().uri));
+    }
+    let rkey4 = writer.next_rkey();
+    let p4 = format!("{}/{rkey4}", Note::NSID);
+    let lost = p4.clone();
+    let (inject, injected) = tokio::sync::mpsc::unbounded_channel();
+    let url = lossy_relay(
+        net,
+        Arc::new(move |f| matches!(f, Frame::Commit(c) if c.ops.iter().any(|op| op.path == lost))),
+        Some(injected),
+    )
+    .await;
+
+    type Seen = Arc<Mutex<Vec<(String, &'static str, Origin)>>>;
+    let seen: Seen = Arc::default();
+    let (c, d) = (Arc::clone(&seen), Arc::clone(&seen));
+    let watcher = Watcher::builder()
+        .relay(&url)
+        .plc_url(net.plc_url())
+        .dids([alice.did.clone()])
+        .backfill(Backfill::dids([alice.did.clone()]))
+        .handler(move |_note: Created<Note>, op: OpEvent| {
+            c.lock()
+                .unwrap()
+                .push((op.data().path.clone(), "create", op.origin()));
+            async { Ok(()) }
+        })
+        .handler(move |_gone: Deleted<Note>, op: OpEvent| {
+            d.lock()
+                .unwrap()
+                .push((op.data().path.clone(), "delete", op.origin()));
+            async { Ok(()) }
+        })
+        .build()
+        .unwrap();
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    wait_for("the backfill", Duration::from_secs(30), || {
+        metrics.backfill().finished && seen.lock().unwrap().len() == 3
+    })
+    .await;
+
+    let mut batch = writer.batch();
+    batch
+        .create_with_rkey::<Note>(&rkey4, &note(4))
+        .unwrap()
+        .delete::<Note>(paths[1].rsplit('/').next().unwrap())
+        .unwrap();
+    batch.commit().await.unwrap();
+    // The #sync: the repo's signed head commit, alone in its CAR.
+    let pds = net.pds(0).unwrap().url();
+    let http = reqwest::Client::new();
+    let car = http
+        .get(format!(
+            "{pds}/xrpc/com.atproto.sync.getRepo?did={}",
+            alice.did
+        ))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let head: serde_json::Value = http
+        .get(format!(
+            "{pds}/xrpc/com.atproto.sync.getLatestCommit?did={}",
+            alice.did
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let slice = CarSlice::parse(&car).unwrap();
+    let root = slice.roots()[0];
+    let blocks = murmur_sync::write_car(root, [(root, slice.get(&root).unwrap())]);
+    let mut frame = serde_ipld_dagcbor::to_vec(&ipld_core::ipld!({"op": 1, "t": "#sync"})).unwrap();
+    frame.extend(
+        serde_ipld_dagcbor::to_vec(&ipld_core::ipld!({
+            "seq": 100_000_000,
+            "did": alice.did.clone(),
+            "blocks": Ipld::Bytes(blocks),
+            "rev": head["rev"].as_str().unwrap(),
+            "time": "2026-12-07T12:00:00.000Z",
+        }))
+        .unwrap(),
+    );
+    inject.send(frame).unwrap();
+    wait_for("the resynced ops", Duration::from_secs(30), || {
+        seen.lock().unwrap().len() >= 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+
+    let seen = seen.lock().unwrap().clone();
+    let mut missed = [
+        (paths[1].clone(), "delete", Origin::Resync),
+        (p4.clone(), "create", Origin::Resync),
+    ];
+    missed.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        seen[3..],
+        missed[..],
+        "the changes behind the #sync, once each"
+    );
+    assert!(metrics.snapshot().resyncs >= 1);
 }
