@@ -844,6 +844,47 @@ async fn lossy_relay(
     url
 }
 
+/// Each created or deleted note a watcher's handlers got: path, action, origin.
+type NoteOps = Arc<Mutex<Vec<(String, &'static str, murmur_firehose::Origin)>>>;
+
+/// A watcher of `did`'s notes through the relay at `url`, backfilled, recording into `seen`.
+fn backfilled_notes(
+    net: &Devnet,
+    url: &str,
+    did: &str,
+    seen: &NoteOps,
+) -> murmur_firehose::WatcherBuilder {
+    let (c, d) = (Arc::clone(seen), Arc::clone(seen));
+    Watcher::builder()
+        .relay(url)
+        .plc_url(net.plc_url())
+        .dids([did.to_string()])
+        .backfill(murmur_firehose::Backfill::dids([did.to_string()]))
+        .handler(move |_note: Created<Note>, op: OpEvent| {
+            c.lock()
+                .unwrap()
+                .push((op.data().path.clone(), "create", op.origin()));
+            async { Ok(()) }
+        })
+        .handler(move |_gone: Deleted<Note>, op: OpEvent| {
+            d.lock()
+                .unwrap()
+                .push((op.data().path.clone(), "delete", op.origin()));
+            async { Ok(()) }
+        })
+}
+
+/// One commit: creates note 4 at `rkey4` and deletes the note at `path2`.
+async fn create_4_delete_2(writer: &Writer, rkey4: &str, path2: &str) {
+    let mut batch = writer.batch();
+    batch
+        .create_with_rkey::<Note>(rkey4, &note(4))
+        .unwrap()
+        .delete::<Note>(path2.rsplit('/').next().unwrap())
+        .unwrap();
+    batch.commit().await.unwrap();
+}
+
 /// A relay loses one commit of a backfilled repo: the watcher sees the rev chain break,
 /// copies the repo again (getRepo from the real PDS), diffs it against the records its
 /// handlers saw, and hands them exactly the missed create and delete, once, marked
@@ -851,7 +892,7 @@ async fn lossy_relay(
 /// second time.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_losing_a_commit_is_resynced_and_handlers_get_exactly_what_was_missed() {
-    use murmur_firehose::{Backfill, Origin};
+    use murmur_firehose::Origin;
     let net = shared().await;
     let (alice, writer) = account(net, "resync").await;
     let path = |uri: &str| format!("{}/{}", Note::NSID, uri.rsplit('/').next().unwrap());
@@ -870,29 +911,12 @@ async fn a_relay_losing_a_commit_is_resynced_and_handlers_get_exactly_what_was_m
     )
     .await;
 
-    type Seen = Arc<Mutex<Vec<(String, &'static str, Origin)>>>;
-    let seen: Seen = Arc::default();
+    let seen: NoteOps = Arc::default();
     let gaps = Arc::new(Mutex::new(Vec::new()));
-    let (c, d, g) = (Arc::clone(&seen), Arc::clone(&seen), Arc::clone(&gaps));
+    let g = Arc::clone(&gaps);
     let state = tempfile::tempdir().unwrap();
-    let watcher = Watcher::builder()
-        .relay(&url)
-        .plc_url(net.plc_url())
-        .dids([alice.did.clone()])
-        .backfill(Backfill::dids([alice.did.clone()]))
+    let watcher = backfilled_notes(net, &url, &alice.did, &seen)
         .state_dir(state.path())
-        .handler(move |_note: Created<Note>, op: OpEvent| {
-            c.lock()
-                .unwrap()
-                .push((op.data().path.clone(), "create", op.origin()));
-            async { Ok(()) }
-        })
-        .handler(move |_gone: Deleted<Note>, op: OpEvent| {
-            d.lock()
-                .unwrap()
-                .push((op.data().path.clone(), "delete", op.origin()));
-            async { Ok(()) }
-        })
         .on_gap(move |gap| g.lock().unwrap().push(gap.kind.clone()))
         .build()
         .unwrap();
@@ -904,13 +928,7 @@ async fn a_relay_losing_a_commit_is_resynced_and_handlers_get_exactly_what_was_m
     })
     .await;
 
-    let mut batch = writer.batch();
-    batch
-        .create_with_rkey::<Note>(&rkey4, &note(4))
-        .unwrap()
-        .delete::<Note>(paths[1].rsplit('/').next().unwrap())
-        .unwrap();
-    batch.commit().await.unwrap();
+    create_4_delete_2(&writer, &rkey4, &paths[1]).await;
     let p5 = path(&writer.create::<Note>(&note(5)).await.unwrap().uri);
     wait_for("the resynced ops", Duration::from_secs(30), || {
         seen.lock().unwrap().len() >= 6
@@ -954,7 +972,7 @@ async fn a_relay_losing_a_commit_is_resynced_and_handlers_get_exactly_what_was_m
 /// changed since its index, here a create and a delete whose commit the relay lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sync_event_for_a_backfilled_repo_resyncs_it_through_the_handlers() {
-    use murmur_firehose::{Backfill, Origin};
+    use murmur_firehose::Origin;
     let net = shared().await;
     let (alice, writer) = account(net, "sync-resync").await;
     let path = |uri: &str| format!("{}/{}", Note::NSID, uri.rsplit('/').next().unwrap());
@@ -973,26 +991,8 @@ async fn a_sync_event_for_a_backfilled_repo_resyncs_it_through_the_handlers() {
     )
     .await;
 
-    type Seen = Arc<Mutex<Vec<(String, &'static str, Origin)>>>;
-    let seen: Seen = Arc::default();
-    let (c, d) = (Arc::clone(&seen), Arc::clone(&seen));
-    let watcher = Watcher::builder()
-        .relay(&url)
-        .plc_url(net.plc_url())
-        .dids([alice.did.clone()])
-        .backfill(Backfill::dids([alice.did.clone()]))
-        .handler(move |_note: Created<Note>, op: OpEvent| {
-            c.lock()
-                .unwrap()
-                .push((op.data().path.clone(), "create", op.origin()));
-            async { Ok(()) }
-        })
-        .handler(move |_gone: Deleted<Note>, op: OpEvent| {
-            d.lock()
-                .unwrap()
-                .push((op.data().path.clone(), "delete", op.origin()));
-            async { Ok(()) }
-        })
+    let seen: NoteOps = Arc::default();
+    let watcher = backfilled_notes(net, &url, &alice.did, &seen)
         .build()
         .unwrap();
     let metrics = watcher.metrics();
@@ -1003,13 +1003,7 @@ async fn a_sync_event_for_a_backfilled_repo_resyncs_it_through_the_handlers() {
     })
     .await;
 
-    let mut batch = writer.batch();
-    batch
-        .create_with_rkey::<Note>(&rkey4, &note(4))
-        .unwrap()
-        .delete::<Note>(paths[1].rsplit('/').next().unwrap())
-        .unwrap();
-    batch.commit().await.unwrap();
+    create_4_delete_2(&writer, &rkey4, &paths[1]).await;
     // The #sync: the repo's signed head commit, alone in its CAR.
     let pds = net.pds(0).unwrap().url();
     let http = reqwest::Client::new();

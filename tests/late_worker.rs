@@ -11,28 +11,7 @@ use murmur::comms::{Ack, Claim, Result as ResultC, Task};
 use murmur::pds::Writer;
 use murmur::{Agent, Job, TaskSpec, Worker};
 use murmur_devnet::Devnet;
-
-async fn shared() -> &'static Devnet {
-    tokio::task::spawn_blocking(|| Devnet::shared().unwrap_or_else(|e| panic!("{e}")))
-        .await
-        .unwrap()
-}
-
-async fn writer(net: &Devnet, pds: usize, name: &str) -> Writer {
-    let account = net
-        .create_account(pds, &net.unique_handle(name), "password-1")
-        .await
-        .unwrap();
-    Writer::login(&account.pds_url, &account.did, "password-1")
-        .await
-        .unwrap()
-}
-
-fn hosts(net: &Devnet) -> Vec<String> {
-    (0..2)
-        .map(|i| net.pds(i).unwrap().url().to_string())
-        .collect()
-}
+use murmur_e2e::{hosts, shared, writer};
 
 /// An agent hearing only `peers`, from the live stream on (no replay): what was written
 /// before it started reaches it only through the backfill.

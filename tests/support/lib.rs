@@ -70,6 +70,18 @@ pub async fn account(net: &Devnet, pds: usize, name: &str) -> (Account, murmur_p
     (account, writer)
 }
 
+/// A writer logged in to a new account on PDS `pds` of `net` (see [`account`]).
+pub async fn writer(net: &Devnet, pds: usize, name: &str) -> murmur_pds::Writer {
+    account(net, pds, name).await.1
+}
+
+/// The base URLs of the network's two PDS hosts.
+pub fn hosts(net: &Devnet) -> Vec<String> {
+    (0..2)
+        .map(|i| net.pds(i).unwrap().url().to_string())
+        .collect()
+}
+
 /// Polls `done` until it holds; fails the test naming `what` after `timeout`.
 pub async fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
