@@ -15,7 +15,7 @@ use murmur::{
     TaskSpec, Updated, Worker,
 };
 use murmur_devnet::Devnet;
-use murmur_e2e::{hosts, shared, writer};
+use murmur_e2e::{hosts, list_all, shared, writer};
 
 /// An agent on the shared network that hears only `peers`, replaying from the start so
 /// nothing written before its stream connected is missed.
@@ -597,25 +597,6 @@ async fn every_result_counted(requester: &Agent, workers: &[&Writer], already: u
             "{written} results in the repos, {already} accepted before, counted: {stats:?}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Every record of `C` in `writer`'s repo.
-async fn list_all<C: murmur::pds::Collection>(
-    writer: &Writer,
-) -> Vec<murmur::pds::Stored<C::Record>> {
-    let mut out = Vec::new();
-    let mut cursor = None;
-    loop {
-        let page = writer
-            .list::<C>(100, cursor.as_deref(), false)
-            .await
-            .unwrap();
-        out.extend(page.records);
-        match page.cursor {
-            Some(c) if !out.is_empty() => cursor = Some(c),
-            _ => return out,
-        }
     }
 }
 

@@ -11,7 +11,7 @@ use murmur::comms::{Ack, Claim, Result as ResultC, Task};
 use murmur::pds::Writer;
 use murmur::{Agent, Job, TaskSpec, Worker};
 use murmur_devnet::Devnet;
-use murmur_e2e::{hosts, shared, writer};
+use murmur_e2e::{hosts, list_all, shared, writer};
 
 /// An agent hearing only `peers`, from the live stream on (no replay): what was written
 /// before it started reaches it only through the backfill.
@@ -28,25 +28,6 @@ fn sleeper(ms: u64) -> Worker {
         Ok(serde_json::json!({ "n": job.payload_json()["n"] }))
     })
     .capabilities(["sleep", "hang"])
-}
-
-/// Every record of `C` in `writer`'s repo.
-async fn list_all<C: murmur::pds::Collection>(
-    writer: &Writer,
-) -> Vec<murmur::pds::Stored<C::Record>> {
-    let mut out = Vec::new();
-    let mut cursor = None;
-    loop {
-        let page = writer
-            .list::<C>(100, cursor.as_deref(), false)
-            .await
-            .unwrap();
-        out.extend(page.records);
-        match page.cursor {
-            Some(c) if !out.is_empty() => cursor = Some(c),
-            _ => return out,
-        }
-    }
 }
 
 /// For the tasks `keys` of `boss`: each closed by one accepted ack naming its one result

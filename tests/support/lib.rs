@@ -75,6 +75,25 @@ pub async fn writer(net: &Devnet, pds: usize, name: &str) -> murmur_pds::Writer 
     account(net, pds, name).await.1
 }
 
+/// Every record of `C` in `writer`'s repo.
+pub async fn list_all<C: murmur_pds::Collection>(
+    writer: &murmur_pds::Writer,
+) -> Vec<murmur_pds::Stored<C::Record>> {
+    let mut out = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = writer
+            .list::<C>(100, cursor.as_deref(), false)
+            .await
+            .unwrap();
+        out.extend(page.records);
+        match page.cursor {
+            Some(c) if !out.is_empty() => cursor = Some(c),
+            _ => return out,
+        }
+    }
+}
+
 /// The base URLs of the network's two PDS hosts.
 pub fn hosts(net: &Devnet) -> Vec<String> {
     (0..2)
