@@ -1065,3 +1065,94 @@ async fn a_sync_event_for_a_backfilled_repo_resyncs_it_through_the_handlers() {
     );
     assert!(metrics.snapshot().resyncs >= 1);
 }
+
+/// The relay's seq goes backwards (a reset): every backfilled repo may have missed events, so
+/// each is copied again and its handlers get what changed since its index, here a create
+/// and a delete whose commit the relay lost, with no broken rev chain to reveal it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seq_regression_resyncs_every_backfilled_repo_through_the_handlers() {
+    use murmur_firehose::Origin;
+    let net = shared().await;
+    let (alice, writer) = account(net, "regress-resync").await;
+    let (_bob, bob_writer) = account(net, "regress-other").await;
+    let path = |uri: &str| format!("{}/{}", Note::NSID, uri.rsplit('/').next().unwrap());
+    let mut paths = Vec::new();
+    for n in 1..=3 {
+        paths.push(path(&writer.create::<Note>(&note(n)).await.unwrap().uri));
+    }
+    let rkey4 = writer.next_rkey();
+    let p4 = format!("{}/{rkey4}", Note::NSID);
+    let lost = p4.clone();
+    let (inject, injected) = tokio::sync::mpsc::unbounded_channel();
+    let url = lossy_relay(
+        net,
+        Arc::new(move |f| matches!(f, Frame::Commit(c) if c.ops.iter().any(|op| op.path == lost))),
+        Some(injected),
+    )
+    .await;
+    let seen: NoteOps = Arc::default();
+    let gaps = Arc::new(Mutex::new(Vec::new()));
+    let g = Arc::clone(&gaps);
+    let watcher = backfilled_notes(net, &url, &alice.did, &seen)
+        .on_gap(move |gap| g.lock().unwrap().push(gap.kind.clone()))
+        .build()
+        .unwrap();
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+    wait_for("the backfill", Duration::from_secs(30), || {
+        metrics.backfill().finished && seen.lock().unwrap().len() == 3
+    })
+    .await;
+
+    create_4_delete_2(&writer, &rkey4, &paths[1]).await;
+    // A frame far ahead of the host's seqs (an #identity of another repo), then any real
+    // frame: the seq went backwards.
+    let mut frame =
+        serde_ipld_dagcbor::to_vec(&ipld_core::ipld!({"op": 1, "t": "#identity"})).unwrap();
+    frame.extend(
+        serde_ipld_dagcbor::to_vec(&ipld_core::ipld!({
+            "seq": 100_000_000,
+            "did": "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa",
+            "time": "2026-12-07T12:00:00.000Z",
+        }))
+        .unwrap(),
+    );
+    inject.send(frame).unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    bob_writer.create::<Note>(&note(99)).await.unwrap();
+    wait_for("the resynced ops", Duration::from_secs(30), || {
+        seen.lock().unwrap().len() >= 5
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+
+    let seen = seen.lock().unwrap().clone();
+    let mut missed = [
+        (paths[1].clone(), "delete", Origin::Resync),
+        (p4.clone(), "create", Origin::Resync),
+    ];
+    missed.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        seen[3..],
+        missed[..],
+        "the changes the relay lost, once each"
+    );
+    assert!(
+        gaps.lock()
+            .unwrap()
+            .iter()
+            .any(|k| matches!(k, GapKind::SeqRegression { .. })),
+        "the regression is reported"
+    );
+    assert!(
+        !gaps
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|k| matches!(k, GapKind::ChainBreak { .. })),
+        "no chain break revealed it"
+    );
+}
