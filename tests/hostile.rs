@@ -874,6 +874,50 @@ fn backfilled_notes(
         })
 }
 
+/// Notes 1-3 written to a repo, and a relay that will lose the commit creating note 4.
+struct LossyRelay {
+    /// The paths of notes 1-3.
+    paths: Vec<String>,
+    /// The record key note 4 will have, and its path.
+    rkey4: String,
+    p4: String,
+    /// The relay's ws:// base URL.
+    url: String,
+}
+
+/// Writes notes 1-3 with `writer` and starts a [`lossy_relay`] that loses the commit creating
+/// note 4 (written later at `rkey4`, see [`create_4_delete_2`]).
+async fn notes_and_a_lossy_relay(
+    net: &Devnet,
+    writer: &Writer,
+    inject: Option<tokio::sync::mpsc::UnboundedReceiver<Vec<u8>>>,
+) -> LossyRelay {
+    let mut paths = Vec::new();
+    for n in 1..=3 {
+        let uri = writer.create::<Note>(&note(n)).await.unwrap().uri;
+        paths.push(format!(
+            "{}/{}",
+            Note::NSID,
+            uri.rsplit('/').next().unwrap()
+        ));
+    }
+    let rkey4 = writer.next_rkey();
+    let p4 = format!("{}/{rkey4}", Note::NSID);
+    let lost = p4.clone();
+    let url = lossy_relay(
+        net,
+        Arc::new(move |f| matches!(f, Frame::Commit(c) if c.ops.iter().any(|op| op.path == lost))),
+        inject,
+    )
+    .await;
+    LossyRelay {
+        paths,
+        rkey4,
+        p4,
+        url,
+    }
+}
+
 /// One commit: creates note 4 at `rkey4` and deletes the note at `path2`.
 async fn create_4_delete_2(writer: &Writer, rkey4: &str, path2: &str) {
     let mut batch = writer.batch();
@@ -895,21 +939,10 @@ async fn a_relay_losing_a_commit_is_resynced_and_handlers_get_exactly_what_was_m
     use murmur_firehose::Origin;
     let net = shared().await;
     let (alice, writer) = account(net, "resync").await;
-    let path = |uri: &str| format!("{}/{}", Note::NSID, uri.rsplit('/').next().unwrap());
-    let mut paths = Vec::new();
-    for n in 1..=3 {
-        paths.push(path(&writer.create::<Note>(&note(n)).await.unwrap().uri));
-    }
     // The relay loses the commit that creates note 4 (and deletes note 2).
-    let rkey4 = writer.next_rkey();
-    let p4 = format!("{}/{rkey4}", Note::NSID);
-    let lost = p4.clone();
-    let url = lossy_relay(
-        net,
-        Arc::new(move |f| matches!(f, Frame::Commit(c) if c.ops.iter().any(|op| op.path == lost))),
-        None,
-    )
-    .await;
+    let lossy = notes_and_a_lossy_relay(net, &writer, None).await;
+    let (paths, rkey4, p4, url) = (lossy.paths, lossy.rkey4, lossy.p4, lossy.url);
+    let path = |uri: &str| format!("{}/{}", Note::NSID, uri.rsplit('/').next().unwrap());
 
     let seen: NoteOps = Arc::default();
     let gaps = Arc::new(Mutex::new(Vec::new()));
@@ -975,21 +1008,9 @@ async fn a_sync_event_for_a_backfilled_repo_resyncs_it_through_the_handlers() {
     use murmur_firehose::Origin;
     let net = shared().await;
     let (alice, writer) = account(net, "sync-resync").await;
-    let path = |uri: &str| format!("{}/{}", Note::NSID, uri.rsplit('/').next().unwrap());
-    let mut paths = Vec::new();
-    for n in 1..=3 {
-        paths.push(path(&writer.create::<Note>(&note(n)).await.unwrap().uri));
-    }
-    let rkey4 = writer.next_rkey();
-    let p4 = format!("{}/{rkey4}", Note::NSID);
-    let lost = p4.clone();
     let (inject, injected) = tokio::sync::mpsc::unbounded_channel();
-    let url = lossy_relay(
-        net,
-        Arc::new(move |f| matches!(f, Frame::Commit(c) if c.ops.iter().any(|op| op.path == lost))),
-        Some(injected),
-    )
-    .await;
+    let lossy = notes_and_a_lossy_relay(net, &writer, Some(injected)).await;
+    let (paths, rkey4, p4, url) = (lossy.paths, lossy.rkey4, lossy.p4, lossy.url);
 
     let seen: NoteOps = Arc::default();
     let watcher = backfilled_notes(net, &url, &alice.did, &seen)
@@ -1075,21 +1096,9 @@ async fn a_seq_regression_resyncs_every_backfilled_repo_through_the_handlers() {
     let net = shared().await;
     let (alice, writer) = account(net, "regress-resync").await;
     let (_bob, bob_writer) = account(net, "regress-other").await;
-    let path = |uri: &str| format!("{}/{}", Note::NSID, uri.rsplit('/').next().unwrap());
-    let mut paths = Vec::new();
-    for n in 1..=3 {
-        paths.push(path(&writer.create::<Note>(&note(n)).await.unwrap().uri));
-    }
-    let rkey4 = writer.next_rkey();
-    let p4 = format!("{}/{rkey4}", Note::NSID);
-    let lost = p4.clone();
     let (inject, injected) = tokio::sync::mpsc::unbounded_channel();
-    let url = lossy_relay(
-        net,
-        Arc::new(move |f| matches!(f, Frame::Commit(c) if c.ops.iter().any(|op| op.path == lost))),
-        Some(injected),
-    )
-    .await;
+    let lossy = notes_and_a_lossy_relay(net, &writer, Some(injected)).await;
+    let (paths, rkey4, p4, url) = (lossy.paths, lossy.rkey4, lossy.p4, lossy.url);
     let seen: NoteOps = Arc::default();
     let gaps = Arc::new(Mutex::new(Vec::new()));
     let g = Arc::clone(&gaps);

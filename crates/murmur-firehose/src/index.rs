@@ -113,6 +113,9 @@ impl RecordIndex {
 
     /// The baseline rev of `did`, if the index is complete for it.
     pub(crate) fn baseline(&self, did: &str) -> Option<String> {
+        if !self.enabled {
+            return None;
+        }
         lock(&self.state)
             .repos
             .get(did)
