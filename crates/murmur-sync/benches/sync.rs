@@ -1,8 +1,12 @@
 //! Throughput on frames recorded from the local PDS (tests/fixtures/corpus): decode + CID
 //! hash checks, Full verification, op proofs (built and verified; their sizes), and the raw
-//! k256 verify rate measured in the same run.
+//! k256 verify rate measured in the same run. Then Full verification on commits to a large
+//! repo (5,000 records), synthesized in-process: rounds of raw k256 verify and Full
+//! verification interleaved, their ratio against the 85% goal, and the time per commit of
+//! each stage (frame decode, CAR re-hash, signature, MST inversion).
 //!
-//! `cargo bench -p murmur-sync` (one core: everything runs on the calling thread).
+//! `cargo bench -p murmur-sync --bench sync` (one core: everything runs on the calling
+//! thread); `-- corpus` or `-- large` runs one of the two parts.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -32,8 +36,15 @@ fn frames() -> Vec<Vec<u8>> {
 }
 
 /// CPU time used by the calling thread (user + system), from /proc: on a shared machine this
-/// is what "one core" means; wall-clock rates are printed beside it.
+/// is what "one core" means; wall-clock rates are printed beside it. In nanoseconds from
+/// schedstat where the kernel keeps it, else in 10 ms ticks from stat.
 fn thread_cpu() -> Option<Duration> {
+    if let Some(ns) = std::fs::read_to_string("/proc/thread-self/schedstat")
+        .ok()
+        .and_then(|s| s.split(' ').next()?.parse::<u64>().ok())
+    {
+        return Some(Duration::from_nanos(ns));
+    }
     let stat = std::fs::read_to_string("/proc/thread-self/stat").ok()?;
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let rest = &stat[stat.rfind(')')? + 2..];
@@ -57,12 +68,16 @@ impl std::fmt::Display for Rate {
     }
 }
 
-fn measure(mut pass: impl FnMut() -> u64) -> Rate {
+fn measure(pass: impl FnMut() -> u64) -> Rate {
+    measure_for(RUN, pass)
+}
+
+fn measure_for(run: Duration, mut pass: impl FnMut() -> u64) -> Rate {
     pass(); // warm up
     let cpu0 = thread_cpu();
     let start = Instant::now();
     let mut n = 0u64;
-    while start.elapsed() < RUN {
+    while start.elapsed() < run {
         n += pass();
     }
     let wall = start.elapsed().as_secs_f64();
@@ -86,6 +101,17 @@ fn rate<T>(items: &[T], mut f: impl FnMut(&T)) -> Rate {
 }
 
 fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let wants = |part: &str| !args.iter().any(|a| a == "corpus" || a == "large") || args.iter().any(|a| a == part);
+    if wants("corpus") {
+        corpus_sections();
+    }
+    if wants("large") {
+        large_repo::section();
+    }
+}
+
+fn corpus_sections() {
     let all = frames();
     let agent_sized: Vec<Vec<u8>> = all
         .iter()
@@ -247,5 +273,376 @@ fn main() {
             "Full verification = {:.1}% of the raw k256 verify rate (wall)",
             ratio(full.wall, raw.wall)
         ),
+    }
+}
+
+/// Commits to a large repo, synthesized in-process: a repo of 5,000 records (likes, posts,
+/// follows, reposts under TID record keys, and a profile), then a run of commits on it, each
+/// signed with a k256 key and carrying the reference implementation's covering proof (what
+/// a PDS puts in `blocks`), wrapped as `#commit` frames.
+mod large_repo {
+    use super::*;
+    use ipld_core::ipld;
+    use ipld_core::ipld::Ipld;
+    use k256::ecdsa::SigningKey;
+    use murmur_lexicon::syntax::Tid;
+    use murmur_sync::{Cid, DAG_CBOR, Mst, cid_for, write_car};
+
+    const DID: &str = "did:plc:benchlargerepo00000000";
+    const RECORDS: usize = 5_000;
+    const ROUNDS: usize = 5;
+    const ROUND_RUN: Duration = Duration::from_millis(700);
+    const GOAL: f64 = 85.0;
+
+    /// A small deterministic PRNG (xorshift64*).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    fn now_micros() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as u64
+    }
+
+    const COLLECTIONS: [(&str, u64); 4] = [
+        ("app.bsky.feed.like", 50),
+        ("app.bsky.feed.post", 25),
+        ("app.bsky.graph.follow", 20),
+        ("app.bsky.feed.repost", 5),
+    ];
+
+    fn collection(rng: &mut Rng) -> &'static str {
+        let mut pick = rng.below(100);
+        for (name, weight) in COLLECTIONS {
+            if pick < weight {
+                return name;
+            }
+            pick -= weight;
+        }
+        COLLECTIONS[0].0
+    }
+
+    /// A record of `collection` as the app writes it (DAG-CBOR).
+    fn record(rng: &mut Rng, collection: &str, created: u64) -> Vec<u8> {
+        let created_at = format!("2026-12-0{}T{:02}:{:02}:{:02}.{:03}Z", 1 + created % 7, created % 24, created % 60, (created / 7) % 60, created % 1000);
+        let subject_uri = format!(
+            "at://did:plc:{:024x}/app.bsky.feed.post/{}",
+            rng.next() as u128 * 31,
+            Tid::from_parts(created / 3, (rng.next() & 0x3ff) as u16)
+        );
+        let subject_cid = cid_for(DAG_CBOR, &rng.next().to_be_bytes()).to_string();
+        let value = match collection {
+            "app.bsky.feed.post" => {
+                let words = ["agents", "coordinate", "over", "the", "firehose", "with", "signed", "commits", "and", "merkle", "search", "trees"];
+                let n = 8 + rng.below(40) as usize;
+                let text: Vec<&str> = (0..n).map(|_| words[rng.below(words.len() as u64) as usize]).collect();
+                ipld!({"$type": collection, "text": text.join(" "), "langs": ["en"], "createdAt": created_at})
+            }
+            "app.bsky.graph.follow" => ipld!({
+                "$type": collection,
+                "subject": format!("did:plc:{:024x}", rng.next() as u128 * 7),
+                "createdAt": created_at,
+            }),
+            "app.bsky.actor.profile" => ipld!({
+                "$type": collection,
+                "displayName": format!("Agent {}", rng.below(1000)),
+                "description": "A bench agent: it posts, likes and follows.",
+            }),
+            _ => ipld!({
+                "$type": collection,
+                "subject": {"uri": subject_uri, "cid": subject_cid},
+                "createdAt": created_at,
+            }),
+        };
+        serde_ipld_dagcbor::to_vec(&value).unwrap()
+    }
+
+    /// One op as the frame carries it, with the record block of a create or update.
+    struct Op {
+        action: Action,
+        path: String,
+        cid: Option<Cid>,
+        prev: Option<Cid>,
+        record: Option<Vec<u8>>,
+    }
+
+    /// Builds the `#commit` frames of `count` commits of `ops_per_commit` ops (a range: each
+    /// commit draws its count) on `repo`, which they change.
+    struct Writer {
+        rng: Rng,
+        key: SigningKey,
+        repo: Mst,
+        rev: String,
+        clock: u64,
+        seq: i64,
+    }
+
+    impl Writer {
+        fn new(key: SigningKey) -> Writer {
+            let mut rng = Rng(0x5eed_1a56_e4e9_0b0c);
+            let mut repo = Mst::new();
+            let year = 365 * 86_400 * 1_000_000u64;
+            let start = now_micros() - year - 86_400 * 1_000_000;
+            while repo.len() < RECORDS {
+                let c = collection(&mut rng);
+                let at = start + rng.below(year);
+                let key = format!("{c}/{}", Tid::from_parts(at, (rng.next() & 0x3ff) as u16));
+                let bytes = record(&mut rng, c, at);
+                repo.insert(&key, cid_for(DAG_CBOR, &bytes)).unwrap();
+            }
+            let mut rng2 = Rng(3);
+            let profile = record(&mut rng2, "app.bsky.actor.profile", 0);
+            repo.insert("app.bsky.actor.profile/self", cid_for(DAG_CBOR, &profile))
+                .unwrap();
+            let clock = now_micros() - 86_400 * 1_000_000;
+            Writer {
+                rng,
+                key,
+                repo,
+                rev: Tid::from_parts(clock, 0).to_string(),
+                clock,
+                seq: 1000,
+            }
+        }
+
+        fn next_tid(&mut self) -> String {
+            self.clock += 1_000 + self.rng.below(2_000_000);
+            Tid::from_parts(self.clock, (self.rng.next() & 0x3ff) as u16).to_string()
+        }
+
+        /// The ops of one commit: `n` ops, mostly creates (at the right edge of their
+        /// collection, as new TIDs are), some deletes of old records and profile updates.
+        fn ops(&mut self, n: usize) -> Vec<Op> {
+            let mut ops: Vec<Op> = Vec::new();
+            while ops.len() < n {
+                let pick = self.rng.below(10);
+                let op = if pick < 7 {
+                    let c = collection(&mut self.rng);
+                    let path = format!("{c}/{}", self.next_tid());
+                    let bytes = record(&mut self.rng, c, self.clock);
+                    Op { action: Action::Create, path, cid: Some(cid_for(DAG_CBOR, &bytes)), prev: None, record: Some(bytes) }
+                } else if pick < 9 {
+                    let i = self.rng.below(self.repo.len() as u64) as usize;
+                    let (path, prev) = self.repo.entries().nth(i).map(|(k, v)| (k.to_string(), v)).unwrap();
+                    Op { action: Action::Delete, path, cid: None, prev: Some(prev), record: None }
+                } else {
+                    let path = "app.bsky.actor.profile/self".to_string();
+                    let bytes = record(&mut self.rng, "app.bsky.actor.profile", self.clock);
+                    let prev = self.repo.get(&path);
+                    let action = if prev.is_some() { Action::Update } else { Action::Create };
+                    Op { action, path, cid: Some(cid_for(DAG_CBOR, &bytes)), prev, record: Some(bytes) }
+                };
+                if ops.iter().any(|o| o.path == op.path) || (op.action == Action::Delete && op.path.ends_with("/self")) {
+                    continue;
+                }
+                ops.push(op);
+            }
+            ops
+        }
+
+        /// Applies `ops` to the repo, signs the commit, and returns its `#commit` frame.
+        fn commit(&mut self, ops: Vec<Op>) -> Vec<u8> {
+            let prev_data = self.repo.root();
+            for op in &ops {
+                match op.cid {
+                    Some(cid) => {
+                        self.repo.insert(&op.path, cid).unwrap();
+                    }
+                    None => {
+                        self.repo.remove(&op.path);
+                    }
+                }
+            }
+            let data = self.repo.root();
+            let rev = self.next_tid();
+            let since = std::mem::replace(&mut self.rev, rev);
+            let unsigned = serde_ipld_dagcbor::to_vec(&ipld!({
+                "did": DID, "version": 3, "data": data, "rev": self.rev.clone(), "prev": null,
+            }))
+            .unwrap();
+            let sig: k256::ecdsa::Signature = k256::ecdsa::signature::Signer::sign(&self.key, &unsigned);
+            let signed = serde_ipld_dagcbor::to_vec(&ipld!({
+                "did": DID, "version": 3, "data": data, "rev": self.rev.clone(), "prev": null,
+                "sig": Ipld::Bytes(sig.to_bytes().to_vec()),
+            }))
+            .unwrap();
+            let commit = cid_for(DAG_CBOR, &signed);
+            let mut blocks: Vec<(Cid, Vec<u8>)> = vec![(commit, signed)];
+            blocks.extend(self.repo.covering_proof_blocks(ops.iter().map(|o| o.path.as_str())).unwrap());
+            for op in &ops {
+                if let (Some(cid), Some(bytes)) = (op.cid, &op.record) {
+                    blocks.push((cid, bytes.clone()));
+                }
+            }
+            let car = write_car(commit, blocks.iter().map(|(c, b)| (*c, b.as_slice())));
+            let link = |c: Option<Cid>| c.map_or(Ipld::Null, Ipld::Link);
+            let ops: Vec<Ipld> = ops
+                .iter()
+                .map(|o| ipld!({"action": o.action.as_str(), "path": o.path.clone(), "cid": link(o.cid), "prev": link(o.prev)}))
+                .collect();
+            self.seq += 1;
+            let header = serde_ipld_dagcbor::to_vec(&ipld!({"op": 1, "t": "#commit"})).unwrap();
+            let body = serde_ipld_dagcbor::to_vec(&ipld!({
+                "seq": self.seq, "rebase": false, "tooBig": false, "repo": DID, "commit": commit,
+                "rev": self.rev.clone(), "since": since, "blocks": Ipld::Bytes(car), "ops": ops,
+                "blobs": [], "prevData": prev_data, "time": "2026-12-07T12:00:00.000Z",
+            }))
+            .unwrap();
+            [header, body].concat()
+        }
+    }
+
+    fn median(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    }
+
+    fn min(v: &[f64]) -> f64 {
+        v.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+
+    /// Per CPU second when known, else per wall second.
+    fn per_sec(r: &Rate) -> f64 {
+        r.cpu.unwrap_or(r.wall)
+    }
+
+    pub fn section() {
+        let key = SigningKey::from_slice(&[0x42; 32]).unwrap();
+        let verifying = PublicKey::K256(*key.verifying_key());
+        let mut writer = Writer::new(key);
+        let mut sets: Vec<(&str, Vec<Vec<u8>>)> = Vec::new();
+        for (name, ops) in [("1 op", 1..=1usize), ("3-6 ops", 3..=6)] {
+            let mut frames = Vec::new();
+            for _ in 0..120 {
+                let n = *ops.start() + writer.rng.below((ops.end() - ops.start() + 1) as u64) as usize;
+                let ops = writer.ops(n);
+                frames.push(writer.commit(ops));
+            }
+            sets.push((name, frames));
+        }
+        println!();
+        println!("== Full verification on large-repo commits ({RECORDS} records, in-process, k256) ==");
+        let resolver = IdentityResolver::new();
+        resolver.pin(Identity { did: DID.to_string(), signing_key: verifying.clone(), handle: None, pds: None });
+        let resolver = Arc::new(resolver);
+        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let levels = [VerifyLevel::Full, VerifyLevel::SignatureOnly, VerifyLevel::None]
+            .map(|l| Verifier::new(resolver.clone()).with_level(l));
+        for (name, frames) in &sets {
+            let events: Vec<CommitEvent> = frames
+                .iter()
+                .map(|f| match Frame::decode(f).unwrap() {
+                    Frame::Commit(c) => *c,
+                    _ => unreachable!(),
+                })
+                .collect();
+            let n = events.len() as u64;
+            let (mut nodes, mut blocks, mut bytes) = (0, 0, 0);
+            for (f, c) in frames.iter().zip(&events) {
+                let car = CarSlice::parse(&c.blocks).unwrap();
+                blocks += car.len();
+                nodes += car.len() - 1 - c.ops.iter().filter(|o| o.cid.is_some()).count();
+                bytes += f.len();
+            }
+            println!(
+                "{name} commits: {n} frames, on average {} bytes, {:.1} blocks, {:.1} MST nodes",
+                bytes / n as usize,
+                blocks as f64 / n as f64,
+                nodes as f64 / n as f64
+            );
+            let signed: Vec<SignedCommit> = events
+                .iter()
+                .map(|c| SignedCommit::decode(CarSlice::parse(&c.blocks).unwrap().get(&c.commit).unwrap()).unwrap())
+                .collect();
+            let verify = |v: &Verifier, evs: &[CommitEvent]| {
+                runtime.block_on(async {
+                    for c in evs {
+                        v.forget(&c.repo);
+                        black_box(v.verify_commit(c).await.unwrap());
+                    }
+                })
+            };
+            let (mut raw, mut full, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+            let mut stage: [Vec<f64>; 5] = Default::default();
+            for _ in 0..ROUNDS {
+                let r = measure_for(ROUND_RUN, || {
+                    for c in &signed {
+                        verifying.verify(&c.unsigned, &c.sig).unwrap();
+                    }
+                    n
+                });
+                let f = measure_for(ROUND_RUN, || {
+                    runtime.block_on(async {
+                        for f in frames {
+                            let Frame::Commit(c) = Frame::decode(f).unwrap() else { unreachable!() };
+                            levels[0].forget(&c.repo);
+                            black_box(levels[0].verify_commit(&c).await.unwrap());
+                        }
+                    });
+                    n
+                });
+                raw.push(per_sec(&r));
+                full.push(per_sec(&f));
+                ratio.push(100.0 * per_sec(&f) / per_sec(&r));
+                // Stages, in microseconds per commit.
+                let us = |r: Rate| 1e6 / per_sec(&r);
+                stage[0].push(us(measure_for(ROUND_RUN, || {
+                    for f in frames {
+                        black_box(Frame::decode(f).unwrap());
+                    }
+                    n
+                })));
+                stage[1].push(us(measure_for(ROUND_RUN, || {
+                    for c in &events {
+                        black_box(CarSlice::parse(&c.blocks).unwrap());
+                    }
+                    n
+                })));
+                for (i, v) in levels.iter().enumerate() {
+                    stage[2 + i].push(us(measure_for(ROUND_RUN, || {
+                        verify(v, &events);
+                        n
+                    })));
+                }
+            }
+            let m: Vec<f64> = stage.iter().map(|s| median(s.clone())).collect();
+            println!(
+                "  raw k256 verify:        min {:>7.0} / median {:>7.0} signatures/s of CPU",
+                min(&raw),
+                median(raw.clone())
+            );
+            println!(
+                "  Full (decode + verify): min {:>7.0} / median {:>7.0} commits/s of CPU",
+                min(&full),
+                median(full.clone())
+            );
+            let verdict = if min(&ratio) >= GOAL { "met" } else { "not met" };
+            println!(
+                "  Full / raw k256:        min {:>6.1}% / median {:>6.1}% over {ROUNDS} interleaved rounds (goal {GOAL}%: {verdict})",
+                min(&ratio),
+                median(ratio.clone())
+            );
+            println!(
+                "  per commit (median, us): frame decode {:.1}; verify_commit at None {:.1} (of which CAR parse + re-hash {:.1}); signature (SignatureOnly - None) {:.1}; MST inversion (Full - SignatureOnly) {:.1}; raw k256 verify {:.1}",
+                m[0],
+                m[4],
+                m[1],
+                m[3] - m[4],
+                m[2] - m[3],
+                1e6 / median(raw.clone())
+            );
+        }
     }
 }
