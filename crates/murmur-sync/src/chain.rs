@@ -40,7 +40,14 @@ impl Chains {
     }
 
     pub(crate) fn set(&self, did: &str, rev: &str, data: Option<Cid>) {
-        self.lock().insert(
+        let mut chains = self.lock();
+        // The usual case, a DID seen before, moves its head in place: no new strings.
+        if let Some(head) = chains.get_mut(did) {
+            head.rev.replace_range(.., rev);
+            head.data = data;
+            return;
+        }
+        chains.insert(
             did.to_string(),
             ChainHead {
                 rev: rev.to_string(),

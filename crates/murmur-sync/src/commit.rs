@@ -3,6 +3,7 @@
 
 use cid::Cid;
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 
 use crate::car::CarSlice;
 use crate::frame::{Action, CommitEvent, Limits};
@@ -40,42 +41,97 @@ pub struct SignedCommit {
     pub unsigned: Vec<u8>,
 }
 
+/// The fields of a commit block, borrowed from it.
 #[derive(Deserialize)]
-struct CommitData {
-    did: String,
+struct CommitData<'a> {
+    did: &'a str,
     version: u64,
     data: Cid,
-    rev: String,
+    rev: &'a str,
     prev: Option<Cid>,
-    #[serde(with = "serde_bytes")]
-    sig: Vec<u8>,
+    sig: &'a [u8],
 }
 
-impl SignedCommit {
-    /// Decodes a commit block and computes the bytes its signature covers.
-    pub fn decode(block: &[u8]) -> Result<SignedCommit, SyncError> {
+/// A commit block decoded in place: its fields borrowed from the block, and what the
+/// signature covers known as the block's own byte ranges, so checking the signature copies
+/// nothing. What the verifier reads; [`SignedCommit`] is its owned form.
+pub(crate) struct CommitView<'a> {
+    pub did: &'a str,
+    pub version: u64,
+    pub data: Cid,
+    pub rev: &'a str,
+    pub prev: Option<Cid>,
+    pub sig: &'a [u8],
+    block: &'a [u8],
+    /// The entries of the block's map other than `sig`: (start, end) in `block`.
+    unsigned: Vec<(usize, usize)>,
+}
+
+impl<'a> CommitView<'a> {
+    /// Decodes a commit block.
+    pub fn decode(block: &'a [u8]) -> Result<CommitView<'a>, SyncError> {
         let spans = cbor::map_spans(block, 8, "commit block")?;
-        let c: CommitData = serde_ipld_dagcbor::from_slice(block)
+        let c: CommitData<'a> = serde_ipld_dagcbor::from_slice(block)
             .map_err(|e| SyncError::decode("commit block", e))?;
-        // Canonical DAG-CBOR minus one entry is the canonical encoding of the rest: drop `sig`
-        // and decrement the map length (the head stays one byte for the few commit fields).
-        let mut unsigned = Vec::with_capacity(block.len());
-        let kept = spans.entries.iter().filter(|(k, _, _)| *k != "sig").count();
-        cbor::write_head(&mut unsigned, 5, kept as u64);
-        for (key, start, end) in &spans.entries {
-            if *key != "sig" {
-                unsigned.extend_from_slice(&block[*start..*end]);
-            }
-        }
-        Ok(SignedCommit {
+        let unsigned = spans
+            .entries
+            .iter()
+            .filter(|(k, _, _)| *k != "sig")
+            .map(|(_, start, end)| (*start, *end))
+            .collect();
+        Ok(CommitView {
             did: c.did,
             version: c.version,
             data: c.data,
             rev: c.rev,
             prev: c.prev,
             sig: c.sig,
+            block,
             unsigned,
         })
+    }
+
+    /// The head of the unsigned commit's map. Canonical DAG-CBOR minus one entry is the
+    /// canonical encoding of the rest: drop `sig` and decrement the map length (the head
+    /// stays short for the few commit fields).
+    fn unsigned_head(&self) -> Vec<u8> {
+        let mut head = Vec::with_capacity(9);
+        cbor::write_head(&mut head, 5, self.unsigned.len() as u64);
+        head
+    }
+
+    /// The SHA-256 of the bytes the signature covers, hashed from the block's own bytes.
+    pub fn unsigned_digest(&self) -> [u8; 32] {
+        let mut hasher = Sha256::new();
+        hasher.update(self.unsigned_head());
+        for (start, end) in &self.unsigned {
+            hasher.update(&self.block[*start..*end]);
+        }
+        hasher.finalize().into()
+    }
+
+    /// The owned form, with the bytes the signature covers put together.
+    pub fn to_signed_commit(&self) -> SignedCommit {
+        let mut unsigned = self.unsigned_head();
+        for (start, end) in &self.unsigned {
+            unsigned.extend_from_slice(&self.block[*start..*end]);
+        }
+        SignedCommit {
+            did: self.did.to_string(),
+            version: self.version,
+            data: self.data,
+            rev: self.rev.to_string(),
+            prev: self.prev,
+            sig: self.sig.to_vec(),
+            unsigned,
+        }
+    }
+}
+
+impl SignedCommit {
+    /// Decodes a commit block and computes the bytes its signature covers.
+    pub fn decode(block: &[u8]) -> Result<SignedCommit, SyncError> {
+        CommitView::decode(block).map(|c| c.to_signed_commit())
     }
 }
 
@@ -180,10 +236,10 @@ pub struct VerifiedSync {
     pub commit: Cid,
 }
 
-/// The ops match the tree at `commit.data`, and undoing them gives `prevData`.
+/// The ops match the tree at `data` (the signed commit's), and undoing them gives `prevData`.
 pub(crate) fn check_inversion(
     car: &CarSlice<'_>,
-    commit: &SignedCommit,
+    data: Cid,
     ev: &CommitEvent,
 ) -> Result<(), SyncError> {
     let fail = |reason: String| SyncError::MstInversion {
@@ -191,8 +247,10 @@ pub(crate) fn check_inversion(
         rev: ev.rev.clone(),
         reason,
     };
-    let mut tree = PartialTree::load(car, commit.data)?;
-    if tree.root().ok() != Some(commit.data) {
+    let mut tree = PartialTree::load(car, data)?;
+    // Nodes loaded in the MST's own shape rebuild to their root by construction (and the
+    // builder reuses them); only a tree in a shape no MST has must be rebuilt to show it.
+    if !tree.loaded_canonical() && tree.root().ok() != Some(data) {
         return Err(fail(
             "the MST nodes do not rebuild to the commit's data root".into(),
         ));
@@ -239,7 +297,7 @@ pub(crate) fn check_inversion(
     let prev_data = match (ev.prev_data, &ev.since) {
         (Some(prev), _) => prev,
         // The first commit of a repo starts from the empty tree.
-        (None, None) => PartialTree::default().root().unwrap_or(commit.data),
+        (None, None) => PartialTree::default().root().unwrap_or(data),
         (None, Some(_)) => {
             return Err(fail(
                 "the event has no prevData (not a sync 1.1 event)".into(),
@@ -254,5 +312,51 @@ pub(crate) fn check_inversion(
         Err(e) => Err(fail(format!(
             "rebuilding the previous root needs a missing MST node ({e})"
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::car::{DAG_CBOR, cid_for};
+    use crate::crypto::PublicKey;
+
+    #[test]
+    fn the_unsigned_digest_is_the_hash_of_the_commit_without_sig() {
+        use k256::ecdsa::signature::Signer;
+        let key = k256::ecdsa::SigningKey::from_slice(&[3u8; 32]).unwrap();
+        let public = PublicKey::K256(*key.verifying_key());
+        let data = cid_for(DAG_CBOR, b"\xa0");
+        let unsigned = serde_ipld_dagcbor::to_vec(&ipld_core::ipld!({
+            "did": "did:plc:abc", "version": 3, "data": data, "rev": "3lon5dzeaihj2", "prev": null,
+        }))
+        .unwrap();
+        let sig: k256::ecdsa::Signature = key.sign(&unsigned);
+        let block = serde_ipld_dagcbor::to_vec(&ipld_core::ipld!({
+            "did": "did:plc:abc", "version": 3, "data": data, "rev": "3lon5dzeaihj2", "prev": null,
+            "sig": ipld_core::ipld::Ipld::Bytes(sig.to_bytes().to_vec()),
+        }))
+        .unwrap();
+        let view = CommitView::decode(&block).unwrap();
+        assert_eq!(
+            (view.did, view.version, view.data, view.rev, view.prev),
+            ("did:plc:abc", 3, data, "3lon5dzeaihj2", None)
+        );
+        assert_eq!(view.sig, sig.to_bytes().as_slice());
+        let digest: [u8; 32] = Sha256::digest(&unsigned).into();
+        assert_eq!(view.unsigned_digest(), digest);
+        public
+            .verify_prehash(&view.unsigned_digest(), view.sig)
+            .unwrap();
+        let owned = SignedCommit::decode(&block).unwrap();
+        assert_eq!(owned.unsigned, unsigned);
+        assert_eq!(owned, view.to_signed_commit());
+        assert_eq!(
+            (owned.did.as_str(), owned.rev.as_str(), owned.sig.as_slice()),
+            (view.did, view.rev, view.sig)
+        );
+        // Not a commit: typed errors.
+        assert!(CommitView::decode(&unsigned).is_err());
+        assert!(CommitView::decode(b"\x80").is_err());
     }
 }

@@ -1,5 +1,7 @@
 //! atproto signing keys: did:key / multikey decoding and low-S ECDSA verification (k256, p256).
 
+use sha2::{Digest, Sha256};
+
 use crate::SyncError;
 
 /// A repo signing public key (the `#atproto` verification method of a DID document).
@@ -112,7 +114,17 @@ impl PublicKey {
     /// Verifies a 64-byte compact (r || s) signature over `message` (hashed with SHA-256).
     /// High-S signatures are rejected, as atproto requires.
     pub fn verify(&self, message: &[u8], signature: &[u8]) -> Result<(), SignatureFault> {
-        use k256::ecdsa::signature::Verifier;
+        self.verify_prehash(&Sha256::digest(message).into(), signature)
+    }
+
+    /// [`PublicKey::verify`] of a message already hashed: `prehash` is its SHA-256 digest
+    /// (e.g. hashed from the pieces it is made of, without putting them together).
+    pub fn verify_prehash(
+        &self,
+        prehash: &[u8; 32],
+        signature: &[u8],
+    ) -> Result<(), SignatureFault> {
+        use k256::ecdsa::signature::hazmat::PrehashVerifier;
         match self {
             PublicKey::K256(key) => {
                 let sig = k256::ecdsa::Signature::from_slice(signature)
@@ -120,7 +132,7 @@ impl PublicKey {
                 if sig.normalize_s().is_some() {
                     return Err(SignatureFault::HighS);
                 }
-                key.verify(message, &sig)
+                key.verify_prehash(prehash, &sig)
                     .map_err(|_| SignatureFault::Mismatch)
             }
             PublicKey::P256(key) => {
@@ -129,7 +141,7 @@ impl PublicKey {
                 if sig.normalize_s().is_some() {
                     return Err(SignatureFault::HighS);
                 }
-                key.verify(message, &sig)
+                key.verify_prehash(prehash, &sig)
                     .map_err(|_| SignatureFault::Mismatch)
             }
         }
@@ -156,6 +168,48 @@ mod tests {
         ] {
             assert_eq!(PublicKey::from_did_key(k).unwrap().to_did_key(), k);
         }
+    }
+
+    #[test]
+    fn verify_prehash_is_verify_of_the_hashed_message() {
+        use k256::ecdsa::signature::Signer;
+        let msg = b"an unsigned commit";
+        let digest: [u8; 32] = Sha256::digest(msg).into();
+        let other: [u8; 32] = Sha256::digest(b"another commit").into();
+        let k = k256::ecdsa::SigningKey::from_slice(&[1u8; 32]).unwrap();
+        let k_sig: k256::ecdsa::Signature = k.sign(msg);
+        let p = p256::ecdsa::SigningKey::from_slice(&[1u8; 32]).unwrap();
+        let p_sig: p256::ecdsa::Signature = p.sign(msg);
+        let p_sig = p_sig.normalize_s().unwrap_or(p_sig);
+        for (key, sig) in [
+            (
+                PublicKey::K256(*k.verifying_key()),
+                k_sig.to_bytes().to_vec(),
+            ),
+            (
+                PublicKey::P256(*p.verifying_key()),
+                p_sig.to_bytes().to_vec(),
+            ),
+        ] {
+            assert_eq!(key.verify(msg, &sig), Ok(()));
+            assert_eq!(key.verify_prehash(&digest, &sig), Ok(()));
+            assert_eq!(
+                key.verify_prehash(&other, &sig),
+                Err(SignatureFault::Mismatch)
+            );
+            assert_eq!(
+                key.verify_prehash(&digest, &sig[..63]),
+                Err(SignatureFault::Malformed)
+            );
+        }
+        // The high-S twin of a valid signature.
+        let (r, s) = k_sig.split_scalars();
+        let high = k256::ecdsa::Signature::from_scalars(r, -*s).unwrap();
+        let key = PublicKey::K256(*k.verifying_key());
+        assert_eq!(
+            key.verify_prehash(&digest, &high.to_bytes()),
+            Err(SignatureFault::HighS)
+        );
     }
 
     #[test]

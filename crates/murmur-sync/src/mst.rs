@@ -12,7 +12,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use cid::Cid;
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::SyncError;
@@ -153,80 +152,125 @@ fn lossy(key: &[u8]) -> String {
     String::from_utf8_lossy(key).into_owned()
 }
 
-/// One element of a tree's in-order sequence.
+/// The origin of an item that no loaded node holds as it was loaded: a leaf inserted or set
+/// to another value, or a child of a stub opened since.
+const CHANGED: usize = usize::MAX;
+
+/// Where one key is in a tree's key buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Span {
+    start: usize,
+    end: usize,
+}
+
+impl Span {
+    /// The key's bytes in `keys`, the buffer it was written to.
+    fn get(self, keys: &[u8]) -> &[u8] {
+        &keys[self.start..self.end]
+    }
+
+    /// Writes `key` at the end of `keys`.
+    fn push(keys: &mut Vec<u8>, key: &[u8]) -> Span {
+        let start = keys.len();
+        keys.extend_from_slice(key);
+        Span {
+            start,
+            end: keys.len(),
+        }
+    }
+}
+
+/// One element of a tree's in-order sequence. A key is a [`Span`] of the tree's key buffer;
+/// `origin` is the item's index in the sequence as it was loaded ([`CHANGED`] if it was not
+/// loaded as it is now), which tells the builder which runs of items are loaded nodes
+/// unchanged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Item {
     Leaf {
-        key: Vec<u8>,
+        key: Span,
         value: Cid,
+        /// The key's MST height, hashed once.
         height: u32,
+        origin: usize,
     },
     Stub {
         cid: Cid,
         layer: u32,
+        origin: usize,
     },
     /// A key known to have been in the tree, since removed: not part of the tree, but it still
     /// separates what is before it from what is after it (a stub on one side holds only keys
     /// on that side), so removing a key does not make its neighbours' places unknown.
     Bound {
-        key: Vec<u8>,
+        key: Span,
+        height: u32,
     },
 }
 
 impl<T: Elem> Elem for &T {
-    fn leaf(&self) -> Option<(&[u8], Cid, u32)> {
-        (*self).leaf()
+    fn leaf<'k>(&'k self, keys: &'k [u8]) -> Option<(&'k [u8], Cid, u32)> {
+        (*self).leaf(keys)
     }
     fn stub(&self) -> Option<(Cid, u32)> {
         (*self).stub()
+    }
+    fn origin(&self) -> usize {
+        (*self).origin()
     }
 }
 
 /// What the node builder needs of a sequence element.
 trait Elem {
-    /// `(key, value, height)` of a leaf.
-    fn leaf(&self) -> Option<(&[u8], Cid, u32)>;
+    /// `(key, value, height)` of a leaf; `keys` is the key buffer of the tree it is in.
+    fn leaf<'k>(&'k self, keys: &'k [u8]) -> Option<(&'k [u8], Cid, u32)>;
     /// `(cid, layer)` of a stub.
     fn stub(&self) -> Option<(Cid, u32)>;
+    /// Its index in the sequence as loaded, [`CHANGED`] if none.
+    fn origin(&self) -> usize;
 }
 
 impl Elem for Item {
-    fn leaf(&self) -> Option<(&[u8], Cid, u32)> {
+    fn leaf<'k>(&'k self, keys: &'k [u8]) -> Option<(&'k [u8], Cid, u32)> {
         match self {
-            Item::Leaf { key, value, height } => Some((key, *value, *height)),
+            Item::Leaf {
+                key, value, height, ..
+            } => Some((key.get(keys), *value, *height)),
             Item::Stub { .. } | Item::Bound { .. } => None,
         }
     }
     fn stub(&self) -> Option<(Cid, u32)> {
         match self {
-            Item::Stub { cid, layer } => Some((*cid, *layer)),
+            Item::Stub { cid, layer, .. } => Some((*cid, *layer)),
             Item::Leaf { .. } | Item::Bound { .. } => None,
+        }
+    }
+    fn origin(&self) -> usize {
+        match self {
+            Item::Leaf { origin, .. } | Item::Stub { origin, .. } => *origin,
+            Item::Bound { .. } => CHANGED,
         }
     }
 }
 
 impl Elem for (&[u8], Cid, u32) {
-    fn leaf(&self) -> Option<(&[u8], Cid, u32)> {
+    fn leaf<'k>(&'k self, _: &'k [u8]) -> Option<(&'k [u8], Cid, u32)> {
         Some(*self)
     }
     fn stub(&self) -> Option<(Cid, u32)> {
         None
     }
+    fn origin(&self) -> usize {
+        CHANGED
+    }
 }
 
-#[derive(Deserialize)]
-struct NodeData {
-    l: Option<Cid>,
-    e: Vec<EntryData>,
-}
-
-#[derive(Deserialize)]
-struct EntryData {
-    p: usize,
-    #[serde(with = "serde_bytes")]
-    k: Vec<u8>,
-    v: Cid,
-    t: Option<Cid>,
+/// A node as it was loaded: the items `start..start + len` of the sequence, at `layer`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Loaded {
+    cid: Cid,
+    layer: u32,
+    start: usize,
+    len: usize,
 }
 
 /// Where a key is in a sequence.
@@ -273,10 +317,59 @@ enum Position {
 /// tree.remove(b"app.example.post/new").unwrap();
 /// assert_eq!(tree.root().unwrap(), before.root());
 /// ```
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+///
+/// Rebuilding is cheap where nothing changed: a run of items that was a loaded node, still
+/// unchanged and at the same layer, is that node again, and its CID is reused without
+/// encoding or hashing it (the nodes are checked canonical when loaded, so this is exactly
+/// what rebuilding it would give).
+#[derive(Debug, Clone, Default)]
 pub struct PartialTree {
     pub(crate) items: Vec<Item>,
+    /// Every key of `items`, whole, back to back. The blocks hold keys prefix-compressed (a
+    /// key is whole in them only at the start of a node), so the tree writes each key once
+    /// here: one buffer per tree, none per key.
+    keys: Vec<u8>,
+    /// The nodes loaded, by `start` (a parent before its first child, which starts with it).
+    loaded: Vec<Loaded>,
+    /// Loaded, with every node in the one shape the MST of its keys has: until something
+    /// changes, [`PartialTree::root`] is the root it was loaded from.
+    canonical: bool,
 }
+
+impl PartialEq for PartialTree {
+    /// The same sequence of leaves (key, value), stubs (CID, layer) and removed keys.
+    fn eq(&self, other: &PartialTree) -> bool {
+        self.items.len() == other.items.len()
+            && self
+                .items
+                .iter()
+                .zip(&other.items)
+                .all(|(a, b)| match (a, b) {
+                    (
+                        Item::Leaf {
+                            key: k1, value: v1, ..
+                        },
+                        Item::Leaf {
+                            key: k2, value: v2, ..
+                        },
+                    ) => self.key(*k1) == other.key(*k2) && v1 == v2,
+                    (
+                        Item::Stub {
+                            cid: c1, layer: l1, ..
+                        },
+                        Item::Stub {
+                            cid: c2, layer: l2, ..
+                        },
+                    ) => c1 == c2 && l1 == l2,
+                    (Item::Bound { key: k1, .. }, Item::Bound { key: k2, .. }) => {
+                        self.key(*k1) == other.key(*k2)
+                    }
+                    _ => false,
+                })
+    }
+}
+
+impl Eq for PartialTree {}
 
 fn mst_err(node: Cid, reason: impl Into<String>) -> SyncError {
     SyncError::Mst {
@@ -298,9 +391,12 @@ impl PartialTree {
     }
 
     /// Flattens the tree rooted at `root` from the blocks in `car`; subtrees whose blocks are
-    /// absent become stubs. Every node present is checked (DAG-CBOR, prefixes, keys strictly
-    /// increasing across the whole tree, all keys of a node of its height, each node one layer
-    /// below its parent).
+    /// absent become stubs. Every node present is checked: its bytes are the canonical
+    /// DAG-CBOR of an MST node (map `{e, l}`, entries `{k, p, t, v}`, shortest lengths, each
+    /// prefix `p` the whole prefix shared with the key before, keys of at most
+    /// [`MAX_KEY_LEN`] bytes), keys strictly increasing
+    /// across the whole tree, all keys of a node of its height, each node one layer below its
+    /// parent, no node referenced twice.
     ///
     /// Errors: [`SyncError::MissingBlock`] if the root itself is absent, [`SyncError::Mst`]
     /// for a malformed node.
@@ -323,20 +419,48 @@ impl PartialTree {
         lookup: impl Fn(&Cid) -> Option<&'a [u8]>,
         root: Cid,
     ) -> Result<PartialTree, SyncError> {
-        let mut items = Vec::new();
-        let mut seen = HashSet::new();
-        load_node(&lookup, root, None, &mut items, &mut seen)?;
-        // Keys must be strictly increasing across the whole sequence.
-        let mut last: Option<&[u8]> = None;
-        for item in &items {
-            if let Item::Leaf { key, .. } = item {
-                if last.is_some_and(|l| l >= key.as_slice()) {
-                    return Err(mst_err(root, "keys are not in strictly increasing order"));
-                }
-                last = Some(key);
-            }
+        let bytes = lookup(&root).ok_or_else(|| SyncError::MissingBlock {
+            cid: root.to_string(),
+            what: "MST root",
+        })?;
+        // Sized for a commit's slice (about ten nodes of a few entries each): a few
+        // allocations per tree, not one per key or per node.
+        let mut load = Load {
+            tree: PartialTree {
+                items: Vec::with_capacity(64),
+                keys: Vec::with_capacity(1024),
+                loaded: Vec::with_capacity(16),
+                canonical: true,
+            },
+            entries: Vec::with_capacity(32),
+            last: None,
+            root,
+        };
+        load_node(&lookup, &mut load, root, bytes, None)?;
+        let mut tree = load.tree;
+        // Keys strictly increasing (checked while loading) leave only nodes without keys to
+        // be referenced twice unnoticed.
+        let mut cids: Vec<&Cid> = tree.loaded.iter().map(|n| &n.cid).collect();
+        cids.sort_unstable();
+        if let Some(twice) = cids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(mst_err(*twice[0], "node is referenced twice"));
         }
-        Ok(PartialTree { items })
+        if !tree.canonical {
+            // Rebuilding it gives other nodes than those loaded: none can be reused.
+            tree.loaded.clear();
+        }
+        Ok(tree)
+    }
+
+    /// True when the tree was loaded ([`PartialTree::load`]) from nodes all in the shape the
+    /// MST of their keys has: [`PartialTree::root`] is then the root it was loaded from, until
+    /// the tree changes, without having to compute it.
+    pub(crate) fn loaded_canonical(&self) -> bool {
+        self.canonical
+    }
+
+    fn key(&self, span: Span) -> &[u8] {
+        span.get(&self.keys)
     }
 
     /// True when no subtree is missing: the whole tree is known.
@@ -347,7 +471,7 @@ impl PartialTree {
     /// The leaves known, `(key, value)` in key order.
     pub fn leaves(&self) -> impl Iterator<Item = (&[u8], Cid)> + '_ {
         self.items.iter().filter_map(|i| match i {
-            Item::Leaf { key, value, .. } => Some((key.as_slice(), *value)),
+            Item::Leaf { key, value, .. } => Some((self.key(*key), *value)),
             Item::Stub { .. } | Item::Bound { .. } => None,
         })
     }
@@ -363,21 +487,24 @@ impl PartialTree {
     fn locate(&self, key: &[u8]) -> Position {
         let mut stub_since_leaf = None;
         for (i, item) in self.items.iter().enumerate() {
-            match item {
-                Item::Stub { cid, .. } => stub_since_leaf = Some(*cid),
-                Item::Leaf { key: k, .. } | Item::Bound { key: k } => match k.as_slice().cmp(key) {
-                    std::cmp::Ordering::Less => stub_since_leaf = None,
-                    std::cmp::Ordering::Equal if matches!(item, Item::Bound { .. }) => {
-                        return Position::Removed(i);
-                    }
-                    std::cmp::Ordering::Equal => return Position::Found(i),
-                    std::cmp::Ordering::Greater => {
-                        return match stub_since_leaf {
-                            Some(stub) => Position::Unknown(stub),
-                            None => Position::Absent(i),
-                        };
-                    }
-                },
+            let (k, removed) = match item {
+                Item::Stub { cid, .. } => {
+                    stub_since_leaf = Some(*cid);
+                    continue;
+                }
+                Item::Leaf { key, .. } => (*key, false),
+                Item::Bound { key, .. } => (*key, true),
+            };
+            match self.key(k).cmp(key) {
+                std::cmp::Ordering::Less => stub_since_leaf = None,
+                std::cmp::Ordering::Equal if removed => return Position::Removed(i),
+                std::cmp::Ordering::Equal => return Position::Found(i),
+                std::cmp::Ordering::Greater => {
+                    return match stub_since_leaf {
+                        Some(stub) => Position::Unknown(stub),
+                        None => Position::Absent(i),
+                    };
+                }
             }
         }
         match stub_since_leaf {
@@ -390,7 +517,7 @@ impl PartialTree {
     /// stub covers the place where it would be.
     pub fn get(&self, key: &[u8]) -> Result<Option<Cid>, MstError> {
         match self.locate(key) {
-            Position::Found(i) => Ok(self.items[i].leaf().map(|(_, v, _)| v)),
+            Position::Found(i) => Ok(self.items[i].leaf(&self.keys).map(|(_, v, _)| v)),
             Position::Absent(_) | Position::Removed(_) => Ok(None),
             Position::Unknown(stub) => Err(MstError::Hidden {
                 key: lossy(key),
@@ -405,28 +532,36 @@ impl PartialTree {
         match self.locate(key) {
             Position::Found(i) => {
                 let mut old = None;
-                if let Item::Leaf { value: v, .. } = &mut self.items[i] {
+                if let Item::Leaf {
+                    value: v, origin, ..
+                } = &mut self.items[i]
+                {
+                    if *v != value {
+                        *origin = CHANGED;
+                    }
                     old = Some(std::mem::replace(v, value));
                 }
                 Ok(old)
             }
             Position::Absent(i) => {
-                self.items.insert(
-                    i,
-                    Item::Leaf {
-                        key: key.to_vec(),
-                        value,
-                        height: key_height(key),
-                    },
-                );
+                let leaf = Item::Leaf {
+                    key: Span::push(&mut self.keys, key),
+                    value,
+                    height: key_height(key),
+                    origin: CHANGED,
+                };
+                self.items.insert(i, leaf);
                 Ok(None)
             }
             Position::Removed(i) => {
-                self.items[i] = Item::Leaf {
-                    key: key.to_vec(),
-                    value,
-                    height: key_height(key),
-                };
+                if let Item::Bound { key, height } = self.items[i] {
+                    self.items[i] = Item::Leaf {
+                        key,
+                        value,
+                        height,
+                        origin: CHANGED,
+                    };
+                }
                 Ok(None)
             }
             Position::Unknown(stub) => Err(MstError::Hidden {
@@ -440,17 +575,18 @@ impl PartialTree {
     /// [`MstError::Hidden`] if a stub covers the place where it would be.
     pub fn remove(&mut self, key: &[u8]) -> Result<Cid, MstError> {
         match self.locate(key) {
-            Position::Found(i) => {
-                let bound = Item::Bound { key: key.to_vec() };
-                match std::mem::replace(&mut self.items[i], bound) {
-                    Item::Leaf { value, .. } => Ok(value),
-                    // locate only finds leaves.
-                    other => {
-                        self.items[i] = other;
-                        Err(MstError::NotFound { key: lossy(key) })
-                    }
+            Position::Found(i) => match self.items[i] {
+                Item::Leaf {
+                    key, value, height, ..
+                } => {
+                    self.items[i] = Item::Bound { key, height };
+                    Ok(value)
                 }
-            }
+                // locate only finds leaves.
+                Item::Stub { .. } | Item::Bound { .. } => {
+                    Err(MstError::NotFound { key: lossy(key) })
+                }
+            },
             Position::Absent(_) | Position::Removed(_) => {
                 Err(MstError::NotFound { key: lossy(key) })
             }
@@ -461,13 +597,19 @@ impl PartialTree {
         }
     }
 
-    /// The root CID of the tree, rebuilt node by node. [`MstError::NeedsNode`] if building it
-    /// needs the contents of a stub (one that must be split or merged with its neighbours).
+    /// The root CID of the tree, rebuilt node by node (loaded nodes that did not change are
+    /// reused, not rebuilt). [`MstError::NeedsNode`] if building it needs the contents of a
+    /// stub (one that must be split or merged with its neighbours).
     pub fn root(&self) -> Result<Cid, MstError> {
+        let mut build = Build {
+            keys: &self.keys,
+            loaded: &self.loaded,
+            blocks: None,
+        };
         let built = if self.items.iter().any(|i| matches!(i, Item::Bound { .. })) {
-            build_root(&self.tree_items(), None)
+            build.root(&self.tree_items())
         } else {
-            build_root(&self.items, None)
+            build.root(&self.items)
         };
         built.map_err(|stub| MstError::NeedsNode { stub })
     }
@@ -493,25 +635,28 @@ impl PartialTree {
         let Item::Stub { layer, .. } = self.items[i] else {
             return Ok(false);
         };
-        let node = decode_node(stub, bytes, Some(layer))?;
-        let mut out = Vec::with_capacity(2 * node.entries.len() + 1);
+        let mut entries = Vec::new();
+        let node = decode_node(stub, bytes, Some(layer), &mut self.keys, &mut entries)?;
+        let mut out = Vec::with_capacity(2 * entries.len() + 1);
         if let Some(layer) = node.layer {
             let child = |c: Option<Cid>, out: &mut Vec<Item>| {
                 if let Some(cid) = c {
                     out.push(Item::Stub {
                         cid,
                         layer: layer - 1,
+                        origin: CHANGED,
                     });
                 }
             };
             child(node.left, &mut out);
-            for (key, value, right) in node.entries {
+            for e in entries {
                 out.push(Item::Leaf {
-                    key,
-                    value,
+                    key: e.key,
+                    value: e.value,
                     height: layer,
+                    origin: CHANGED,
                 });
-                child(right, &mut out);
+                child(e.right, &mut out);
             }
         }
         self.items.splice(i..=i, out);
@@ -519,66 +664,215 @@ impl PartialTree {
     }
 }
 
-/// The root of the tree over `items`; `Err(stub)` if that needs the contents of `stub`.
-/// With `blocks`, every node built is pushed there with its bytes (children first).
-fn build_root<T: Elem>(
-    items: &[T],
-    mut blocks: Option<&mut Vec<(Cid, Vec<u8>)>>,
-) -> Result<Cid, Cid> {
-    let max_leaf = items.iter().filter_map(|i| i.leaf().map(|l| l.2)).max();
-    match max_leaf {
-        None => match items {
-            [] => Ok(encode_node(None, &[], &mut blocks)),
-            [only] => only.stub().map(|s| s.0).ok_or(Cid::default()),
-            [first, ..] => Err(first.stub().map_or(Cid::default(), |s| s.0)),
-        },
-        Some(layer) => build_node(items, layer, &mut blocks),
-    }
-}
-/// One decoded MST node, its keys expanded and checked.
+/// One decoded MST node: its layer (`None` only for the root of an empty tree), its left
+/// subtree, and how many entries it appended to the caller's entry list.
 struct Node {
-    /// `None` only for the root of an empty tree (no entries, no subtree).
     layer: Option<u32>,
     left: Option<Cid>,
-    /// (key, value, right subtree), keys strictly increasing.
-    entries: Vec<(Vec<u8>, Cid, Option<Cid>)>,
+    entries: usize,
 }
 
+/// One entry of a node: its key (whole, in the caller's key buffer), value and right subtree.
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    key: Span,
+    value: Cid,
+    right: Option<Cid>,
+}
+
+/// Reads the one encoding an MST node has in canonical DAG-CBOR; anything else is an error
+/// naming the node.
+struct NodeReader<'b> {
+    b: &'b [u8],
+    pos: usize,
+    cid: Cid,
+}
+
+impl<'b> NodeReader<'b> {
+    #[cold]
+    #[inline(never)]
+    fn fail(&self, reason: &str) -> SyncError {
+        mst_err(self.cid, format!("{reason} (at byte {})", self.pos))
+    }
+
+    /// Exactly the bytes `lit`.
+    fn literal(&mut self, lit: &[u8], reason: &'static str) -> Result<(), SyncError> {
+        if self.b.get(self.pos..self.pos + lit.len()) != Some(lit) {
+            return Err(self.fail(reason));
+        }
+        self.pos += lit.len();
+        Ok(())
+    }
+
+    /// A head of major type `major` in its shortest form: its argument.
+    fn head(&mut self, major: u8, reason: &'static str) -> Result<u64, SyncError> {
+        let Some(&first) = self.b.get(self.pos) else {
+            return Err(self.fail(reason));
+        };
+        if first >> 5 != major {
+            return Err(self.fail(reason));
+        }
+        let (arg, len) = match first & 0x1f {
+            info @ 0..=23 => (u64::from(info), 0),
+            info @ 24..=27 => {
+                let n = 1usize << (info - 24);
+                let Some(bytes) = self.b.get(self.pos + 1..self.pos + 1 + n) else {
+                    return Err(self.fail("the node ends inside an item head"));
+                };
+                let arg = bytes.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x));
+                (arg, n)
+            }
+            _ => return Err(self.fail("indefinite or reserved length (not DAG-CBOR)")),
+        };
+        let shortest = match len {
+            0 => true,
+            1 => arg >= 24,
+            2 => arg > 0xff,
+            4 => arg > 0xffff,
+            _ => arg > 0xffff_ffff,
+        };
+        if !shortest {
+            return Err(self
+                .fail("a length or integer is not in its shortest form (not canonical DAG-CBOR)"));
+        }
+        self.pos += 1 + len;
+        Ok(arg)
+    }
+
+    fn byte_string(&mut self, reason: &'static str) -> Result<&'b [u8], SyncError> {
+        let len = self.head(2, reason)?;
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| self.pos.checked_add(l))
+            .filter(|&e| e <= self.b.len());
+        let Some(end) = end else {
+            return Err(self.fail("a byte string runs past the end of the node"));
+        };
+        let out = &self.b[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn link_or_null(&mut self) -> Result<Option<Cid>, SyncError> {
+        if self.b.get(self.pos) == Some(&0xf6) {
+            self.pos += 1;
+            return Ok(None);
+        }
+        self.link().map(Some)
+    }
+
+    /// A CID link: tag 42 over a byte string holding 0x00 and the binary CID (read whole, so
+    /// in its one encoding: the varints are checked minimal).
+    fn link(&mut self) -> Result<Cid, SyncError> {
+        self.literal(&[0xd8, 42], "expected a CID link (tag 42) or null")?;
+        let bytes = self.byte_string("a CID link is not a byte string")?;
+        let Some((0, mut binary)) = bytes.split_first() else {
+            return Err(self.fail("a CID link lacks its 0x00 prefix"));
+        };
+        // The CIDs of a repo (v1, dag-cbor or raw, sha2-256) are built directly; the general
+        // reader below gives the same CID for these bytes, one varint byte at a time.
+        if let [1, codec @ (0x71 | 0x55), 0x12, 32, digest @ ..] = binary
+            && digest.len() == 32
+            && let Ok(hash) = multihash::Multihash::<64>::wrap(0x12, digest)
+        {
+            return Ok(Cid::new_v1(u64::from(*codec), hash));
+        }
+        match Cid::read_bytes(&mut binary) {
+            Ok(cid) if binary.is_empty() => Ok(cid),
+            _ => Err(self.fail("a CID link is not a valid CID")),
+        }
+    }
+}
+
+const NOT_A_NODE: &str = "not an MST node: expected the map {e, l}";
+const NOT_AN_ENTRY: &str = "not an MST entry: expected the map {k, p, t, v}";
+
 /// Decodes the node `cid` (whose bytes the CAR slice hash-checked) and checks it on its own:
-/// dag-cbor, prefixes, keys strictly increasing and all of one height, that height one below
-/// the parent's (`expected_layer`), no subtrees under layer 0.
-fn decode_node(cid: Cid, bytes: &[u8], expected_layer: Option<u32>) -> Result<Node, SyncError> {
+/// canonical DAG-CBOR of a node (so encoding its contents again gives exactly `bytes`),
+/// prefixes, keys strictly increasing and all of one height, that height one below the
+/// parent's (`expected_layer`), no subtrees under layer 0. Keys are written whole to `keys`,
+/// entries appended to `entries`.
+fn decode_node(
+    cid: Cid,
+    bytes: &[u8],
+    expected_layer: Option<u32>,
+    keys: &mut Vec<u8>,
+    entries: &mut Vec<Entry>,
+) -> Result<Node, SyncError> {
     if cid.codec() != DAG_CBOR {
         return Err(mst_err(cid, "node is not dag-cbor"));
     }
-    crate::cbor::item_end(bytes, 0, 8, "MST node")?;
-    let node: NodeData =
-        serde_ipld_dagcbor::from_slice(bytes).map_err(|e| mst_err(cid, e.to_string()))?;
-    let mut entries: Vec<(Vec<u8>, Cid, Option<Cid>)> = Vec::with_capacity(node.e.len());
-    for e in node.e {
-        let prev = entries.last().map_or(&[][..], |(k, _, _)| k.as_slice());
-        if e.p > prev.len() {
-            return Err(mst_err(
-                cid,
-                "prefix length is longer than the previous key",
-            ));
+    let first = entries.len();
+    let mut r = NodeReader {
+        b: bytes,
+        pos: 0,
+        cid,
+    };
+    r.literal(&[0xa2, 0x61, b'e'], NOT_A_NODE)?;
+    let count = r.head(4, NOT_A_NODE)?;
+    for _ in 0..count {
+        r.literal(&[0xa4, 0x61, b'k'], NOT_AN_ENTRY)?;
+        let suffix = r.byte_string(NOT_AN_ENTRY)?;
+        r.literal(&[0x61, b'p'], NOT_AN_ENTRY)?;
+        let p = r.head(0, NOT_AN_ENTRY)?;
+        r.literal(&[0x61, b't'], NOT_AN_ENTRY)?;
+        let right = r.link_or_null()?;
+        r.literal(&[0x61, b'v'], NOT_AN_ENTRY)?;
+        let value = r.link()?;
+        let prev = entries[first..].last().map(|e| e.key);
+        let prev_len = prev.map_or(0, |s| s.end - s.start);
+        let p = match usize::try_from(p) {
+            Ok(p) if p <= prev_len => p,
+            _ => {
+                return Err(mst_err(
+                    cid,
+                    "prefix length is longer than the previous key",
+                ));
+            }
+        };
+        if p + suffix.len() > MAX_KEY_LEN {
+            // Each key may repeat all of the one before: unbounded, a node of many entries
+            // would make keys of quadratic total size.
+            return Err(mst_err(cid, "a key is longer than 1024 bytes"));
         }
-        let mut key = prev[..e.p].to_vec();
-        key.extend_from_slice(&e.k);
-        if !entries.is_empty() && key.as_slice() <= prev {
-            return Err(mst_err(cid, "keys are not in strictly increasing order"));
+        let start = keys.len();
+        if let Some(prev) = prev {
+            keys.extend_from_within(prev.start..prev.start + p);
         }
-        entries.push((key, e.v, e.t));
+        keys.extend_from_slice(suffix);
+        let key = Span {
+            start,
+            end: keys.len(),
+        };
+        if let Some(prev) = prev {
+            let (key, prev) = (key.get(keys), prev.get(keys));
+            if key <= prev {
+                return Err(mst_err(cid, "keys are not in strictly increasing order"));
+            }
+            if prev.get(p).is_some() && prev.get(p) == suffix.first() {
+                return Err(mst_err(
+                    cid,
+                    "prefix length is not the whole prefix shared with the previous key (not canonical)",
+                ));
+            }
+        }
+        entries.push(Entry { key, value, right });
     }
-    let layer = match entries.first() {
-        Some((k, _, _)) => key_height(k),
+    r.literal(&[0x61, b'l'], NOT_A_NODE)?;
+    let left = r.link_or_null()?;
+    if r.pos != bytes.len() {
+        return Err(r.fail("trailing bytes after the node"));
+    }
+    let mine = &entries[first..];
+    let layer = match mine.first() {
+        Some(e) => key_height(e.key.get(keys)),
         None => match expected_layer {
             Some(l) => l,
-            None if node.l.is_none() => {
+            None if left.is_none() => {
                 return Ok(Node {
                     layer: None,
                     left: None,
-                    entries,
+                    entries: 0,
                 });
             }
             None => return Err(mst_err(cid, "root node has no entries")),
@@ -587,60 +881,117 @@ fn decode_node(cid: Cid, bytes: &[u8], expected_layer: Option<u32>) -> Result<No
     if expected_layer.is_some_and(|l| l != layer) {
         return Err(mst_err(cid, "node is not one layer below its parent"));
     }
-    if entries.iter().any(|(k, _, _)| key_height(k) != layer) {
+    // Each key hashed once (the first above), its height kept by the caller as the layer.
+    if mine
+        .iter()
+        .skip(1)
+        .any(|e| key_height(e.key.get(keys)) != layer)
+    {
         return Err(mst_err(cid, "keys of different heights in one node"));
     }
-    if layer == 0 && (node.l.is_some() || entries.iter().any(|(_, _, t)| t.is_some())) {
+    if layer == 0 && (left.is_some() || mine.iter().any(|e| e.right.is_some())) {
         return Err(mst_err(cid, "layer-0 node has a subtree"));
     }
     Ok(Node {
         layer: Some(layer),
-        left: node.l,
-        entries,
+        left,
+        entries: mine.len(),
     })
+}
+
+/// A tree being loaded: the tree so far, the entries of the nodes being walked, the last
+/// leaf's key (keys must increase across the whole tree).
+struct Load {
+    tree: PartialTree,
+    entries: Vec<Entry>,
+    last: Option<Span>,
+    root: Cid,
 }
 
 fn load_node<'a>(
     lookup: &impl Fn(&Cid) -> Option<&'a [u8]>,
+    load: &mut Load,
     cid: Cid,
+    bytes: &[u8],
     expected_layer: Option<u32>,
-    out: &mut Vec<Item>,
-    seen: &mut HashSet<Cid>,
 ) -> Result<(), SyncError> {
-    if !seen.insert(cid) {
-        return Err(mst_err(cid, "node is referenced twice"));
-    }
-    let bytes = lookup(&cid).ok_or_else(|| SyncError::MissingBlock {
-        cid: cid.to_string(),
-        what: "MST root",
-    })?;
-    let node = decode_node(cid, bytes, expected_layer)?;
+    let first = load.entries.len();
+    let node = decode_node(
+        cid,
+        bytes,
+        expected_layer,
+        &mut load.tree.keys,
+        &mut load.entries,
+    )?;
     let Some(layer) = node.layer else {
         return Ok(());
     };
-    // Below layer 0 there are no subtrees (checked by decode_node), so `layer - 1` is only
-    // reached for layer >= 1.
-    let child = |c: Option<Cid>, out: &mut Vec<Item>, seen: &mut HashSet<Cid>| match c {
-        None => Ok(()),
-        Some(c) if lookup(&c).is_some() => load_node(lookup, c, Some(layer - 1), out, seen),
-        Some(c) => {
-            out.push(Item::Stub {
-                cid: c,
-                layer: layer - 1,
-            });
-            Ok(())
+    if expected_layer.is_some() && node.entries == 0 && node.left.is_none() {
+        // An empty subtree: well-formed, but no MST has one (a gap without keys has no
+        // subtree), so rebuilding the tree gives another root.
+        load.tree.canonical = false;
+    }
+    let slot = load.tree.loaded.len();
+    let start = load.tree.items.len();
+    load.tree.loaded.push(Loaded {
+        cid,
+        layer,
+        start,
+        len: 0,
+    });
+    load_child(lookup, load, cid, node.left, layer)?;
+    for i in first..first + node.entries {
+        let Entry { key, value, right } = load.entries[i];
+        if let Some(last) = load.last
+            && last.get(&load.tree.keys) >= key.get(&load.tree.keys)
+        {
+            return Err(mst_err(
+                load.root,
+                "keys are not in strictly increasing order",
+            ));
         }
-    };
-    child(node.left, out, seen)?;
-    for (key, value, right) in node.entries {
-        out.push(Item::Leaf {
+        load.last = Some(key);
+        let origin = load.tree.items.len();
+        load.tree.items.push(Item::Leaf {
             key,
             value,
             height: layer,
+            origin,
         });
-        child(right, out, seen)?;
+        load_child(lookup, load, cid, right, layer)?;
     }
+    load.entries.truncate(first);
+    load.tree.loaded[slot].len = load.tree.items.len() - start;
     Ok(())
+}
+
+/// Loads the subtree `child` of the node `parent` at `layer`, or notes it as a stub.
+fn load_child<'a>(
+    lookup: &impl Fn(&Cid) -> Option<&'a [u8]>,
+    load: &mut Load,
+    parent: Cid,
+    child: Option<Cid>,
+    layer: u32,
+) -> Result<(), SyncError> {
+    let Some(child) = child else {
+        return Ok(());
+    };
+    // decode_node rejects subtrees under layer 0.
+    let Some(layer) = layer.checked_sub(1) else {
+        return Err(mst_err(parent, "layer-0 node has a subtree"));
+    };
+    match lookup(&child) {
+        Some(bytes) => load_node(lookup, load, child, bytes, Some(layer)),
+        None => {
+            let origin = load.tree.items.len();
+            load.tree.items.push(Item::Stub {
+                cid: child,
+                layer,
+                origin,
+            });
+            Ok(())
+        }
+    }
 }
 
 /// The result of searching one key from an MST root: the nodes visited, root first, and the
@@ -668,9 +1019,10 @@ pub(crate) fn search<'a>(
     let mut nodes: Vec<(Cid, &'a [u8])> = Vec::new();
     let mut cid = root;
     let mut expected_layer = None;
+    let (mut keys, mut entries) = (Vec::new(), Vec::new());
     // Exclusive bounds on the keys of the current node, from the entries around the pointer
     // that led to it.
-    let (mut lo, mut hi): (Option<Vec<u8>>, Option<Vec<u8>>) = (None, None);
+    let (mut lo, mut hi): (Option<Span>, Option<Span>) = (None, None);
     loop {
         let bytes = car.get(&cid).ok_or_else(|| SyncError::MissingBlock {
             cid: cid.to_string(),
@@ -681,125 +1033,173 @@ pub(crate) fn search<'a>(
             },
         })?;
         nodes.push((cid, bytes));
-        let node = decode_node(cid, bytes, expected_layer)?;
+        entries.clear();
+        let node = decode_node(cid, bytes, expected_layer, &mut keys, &mut entries)?;
         let Some(layer) = node.layer else {
             return Ok(Search { nodes, value: None });
         };
-        if let (Some(lo), Some((first, _, _))) = (&lo, node.entries.first())
-            && first <= lo
+        if let (Some(lo), Some(first)) = (lo, entries.first())
+            && first.key.get(&keys) <= lo.get(&keys)
         {
             return Err(mst_err(
                 cid,
                 "keys are not above the parent's key before them",
             ));
         }
-        if let (Some(hi), Some((last, _, _))) = (&hi, node.entries.last())
-            && last >= hi
+        if let (Some(hi), Some(last)) = (hi, entries.last())
+            && last.key.get(&keys) >= hi.get(&keys)
         {
             return Err(mst_err(
                 cid,
                 "keys are not below the parent's key after them",
             ));
         }
-        let i = node.entries.partition_point(|(k, _, _)| k.as_slice() < key);
-        if let Some((k, value, _)) = node.entries.get(i)
-            && k.as_slice() == key
+        let i = entries.partition_point(|e| e.key.get(&keys) < key);
+        if let Some(e) = entries.get(i)
+            && e.key.get(&keys) == key
         {
             return Ok(Search {
                 nodes,
-                value: Some(*value),
+                value: Some(e.value),
             });
         }
         let next = match i.checked_sub(1) {
             None => node.left,
-            Some(before) => node.entries[before].2,
+            Some(before) => entries[before].right,
         };
         let Some(next) = next else {
             return Ok(Search { nodes, value: None });
         };
         if let Some(before) = i.checked_sub(1) {
-            lo = Some(node.entries[before].0.clone());
+            lo = Some(entries[before].key);
         }
-        if let Some((after, _, _)) = node.entries.get(i) {
-            hi = Some(after.clone());
+        if let Some(after) = entries.get(i) {
+            hi = Some(after.key);
         }
-        // decode_node rejects subtrees under layer 0, so layer >= 1 here.
-        expected_layer = Some(layer - 1);
+        // decode_node rejects subtrees under layer 0.
+        let Some(below) = layer.checked_sub(1) else {
+            return Err(mst_err(cid, "layer-0 node has a subtree"));
+        };
+        expected_layer = Some(below);
         cid = next;
     }
 }
 
-type Sink<'s> = Option<&'s mut Vec<(Cid, Vec<u8>)>>;
+/// Builds nodes from a sequence: `keys` is the key buffer of the items' tree, `loaded` the
+/// nodes as loaded (a run of items that is one of them unchanged is that node again, its CID
+/// reused), `blocks` collects each node built with its bytes (children first).
+struct Build<'t> {
+    keys: &'t [u8],
+    loaded: &'t [Loaded],
+    blocks: Option<&'t mut Vec<(Cid, Vec<u8>)>>,
+}
 
-/// Builds the node at `layer` holding `items` (whose leaves are all at most `layer` high).
-/// `Err(stub)`: a stub that would have to be opened.
-fn build_node<T: Elem>(items: &[T], layer: u32, blocks: &mut Sink<'_>) -> Result<Cid, Cid> {
-    let mut left = None;
-    let mut entries: Vec<(&[u8], Cid, Option<Cid>)> = Vec::new();
-    let mut gap_start = 0;
-    for (i, item) in items.iter().enumerate() {
-        if let Some((key, value, height)) = item.leaf()
-            && height == layer
-        {
-            // Leaves above `layer` cannot be here: the root is built at the highest leaf's
-            // layer and each gap holds only the leaves below its bounding entries.
-            let sub = build_subtree(&items[gap_start..i], layer, blocks)?;
-            match entries.last_mut() {
-                Some(last) => last.2 = sub,
-                None => left = sub,
-            }
-            entries.push((key, value, None));
-            gap_start = i + 1;
+impl Build<'_> {
+    /// The root of the tree over `items`; `Err(stub)` if that needs the contents of `stub`.
+    fn root<T: Elem>(&mut self, items: &[T]) -> Result<Cid, Cid> {
+        let max_leaf = items
+            .iter()
+            .filter_map(|i| i.leaf(self.keys).map(|l| l.2))
+            .max();
+        match max_leaf {
+            None => match items {
+                [] => Ok(self.encode(None, &[])),
+                [only] => only.stub().map(|s| s.0).ok_or(Cid::default()),
+                [first, ..] => Err(first.stub().map_or(Cid::default(), |s| s.0)),
+            },
+            Some(layer) => match self.reuse(items, layer) {
+                Some(cid) => Ok(cid),
+                None => self.node(items, layer),
+            },
         }
     }
-    let sub = build_subtree(&items[gap_start..], layer, blocks)?;
-    match entries.last_mut() {
-        Some(last) => last.2 = sub,
-        None => left = sub,
-    }
-    Ok(encode_node(left, &entries, blocks))
-}
 
-/// Builds the subtree for a gap between leaves of a node at `parent_layer`.
-fn build_subtree<T: Elem>(
-    gap: &[T],
-    parent_layer: u32,
-    blocks: &mut Sink<'_>,
-) -> Result<Option<Cid>, Cid> {
-    let Some(first) = gap.first() else {
-        return Ok(None);
-    };
-    if parent_layer == 0 {
-        // Only stubs can be below layer 0 (a leaf's height is at least 0).
-        return Err(gap
+    /// The CID of the loaded node that `items` are at `layer`, if they are all its items
+    /// unchanged.
+    fn reuse<T: Elem>(&self, items: &[T], layer: u32) -> Option<Cid> {
+        let first = items.first()?.origin();
+        if first == CHANGED {
+            return None;
+        }
+        let at = self.loaded.partition_point(|n| n.start < first);
+        let node = self.loaded[at..]
             .iter()
-            .find_map(|i| i.stub().map(|s| s.0))
-            .unwrap_or_default());
+            .take_while(|n| n.start == first)
+            .find(|n| n.layer == layer)?;
+        let unchanged = node.len == items.len()
+            && items
+                .iter()
+                .zip(first..)
+                .all(|(item, origin)| item.origin() == origin);
+        unchanged.then_some(node.cid)
     }
-    let layer = parent_layer - 1;
-    if gap.len() == 1
-        && let Some((cid, l)) = first.stub()
-        && l == layer
-    {
-        return Ok(Some(cid));
-    }
-    if let Some((cid, _)) = gap.iter().filter_map(Elem::stub).find(|(_, l)| *l >= layer) {
-        return Err(cid);
-    }
-    build_node(gap, layer, blocks).map(Some)
-}
 
-fn encode_node(
-    left: Option<Cid>,
-    entries: &[(&[u8], Cid, Option<Cid>)],
-    blocks: &mut Sink<'_>,
-) -> Cid {
-    let bytes = node_bytes(left, entries);
-    let cid = cid_for(DAG_CBOR, &bytes);
-    if let Some(blocks) = blocks {
-        blocks.push((cid, bytes));
+    /// Builds the node at `layer` holding `items` (whose leaves are all at most `layer` high).
+    /// `Err(stub)`: a stub that would have to be opened.
+    fn node<T: Elem>(&mut self, items: &[T], layer: u32) -> Result<Cid, Cid> {
+        let keys = self.keys;
+        let mut left = None;
+        let mut entries: Vec<(&[u8], Cid, Option<Cid>)> = Vec::new();
+        let mut gap_start = 0;
+        for (i, item) in items.iter().enumerate() {
+            if let Some((key, value, height)) = item.leaf(keys)
+                && height == layer
+            {
+                // Leaves above `layer` cannot be here: the root is built at the highest leaf's
+                // layer and each gap holds only the leaves below its bounding entries.
+                let sub = self.subtree(&items[gap_start..i], layer)?;
+                match entries.last_mut() {
+                    Some(last) => last.2 = sub,
+                    None => left = sub,
+                }
+                entries.push((key, value, None));
+                gap_start = i + 1;
+            }
+        }
+        let sub = self.subtree(&items[gap_start..], layer)?;
+        match entries.last_mut() {
+            Some(last) => last.2 = sub,
+            None => left = sub,
+        }
+        Ok(self.encode(left, &entries))
     }
-    cid
+
+    /// Builds the subtree for a gap between leaves of a node at `parent_layer`.
+    fn subtree<T: Elem>(&mut self, gap: &[T], parent_layer: u32) -> Result<Option<Cid>, Cid> {
+        let Some(first) = gap.first() else {
+            return Ok(None);
+        };
+        if parent_layer == 0 {
+            // Only stubs can be below layer 0 (a leaf's height is at least 0).
+            return Err(gap
+                .iter()
+                .find_map(|i| i.stub().map(|s| s.0))
+                .unwrap_or_default());
+        }
+        let layer = parent_layer - 1;
+        if gap.len() == 1
+            && let Some((cid, l)) = first.stub()
+            && l == layer
+        {
+            return Ok(Some(cid));
+        }
+        if let Some(cid) = self.reuse(gap, layer) {
+            return Ok(Some(cid));
+        }
+        if let Some((cid, _)) = gap.iter().filter_map(Elem::stub).find(|(_, l)| *l >= layer) {
+            return Err(cid);
+        }
+        self.node(gap, layer).map(Some)
+    }
+
+    fn encode(&mut self, left: Option<Cid>, entries: &[(&[u8], Cid, Option<Cid>)]) -> Cid {
+        let bytes = node_bytes(left, entries);
+        let cid = cid_for(DAG_CBOR, &bytes);
+        if let Some(blocks) = &mut self.blocks {
+            blocks.push((cid, bytes));
+        }
+        cid
+    }
 }
 
 /// The DAG-CBOR bytes of a node (keys prefix-compressed in order).
@@ -981,8 +1381,13 @@ impl Mst {
 
     /// The root CID (of the empty node `{e: [], l: null}` for the empty tree).
     pub fn root(&self) -> Cid {
+        let mut build = Build {
+            keys: &[],
+            loaded: &[],
+            blocks: None,
+        };
         // A sequence of leaves only never needs a stub opened.
-        build_root(&self.seq(), None).unwrap_or_default()
+        build.root(&self.seq()).unwrap_or_default()
     }
 
     /// Every node block of the tree, `(CID, DAG-CBOR bytes)`, children before their parent
@@ -998,7 +1403,12 @@ impl Mst {
     /// ```
     pub fn blocks(&self) -> Vec<(Cid, Vec<u8>)> {
         let mut blocks = Vec::new();
-        let _ = build_root(&self.seq(), Some(&mut blocks));
+        let mut build = Build {
+            keys: &[],
+            loaded: &[],
+            blocks: Some(&mut blocks),
+        };
+        let _ = build.root(&self.seq());
         blocks
     }
 
@@ -1011,14 +1421,16 @@ impl Mst {
     pub fn load(car: &CarSlice<'_>, root: Cid) -> Result<Mst, SyncError> {
         let tree = PartialTree::load(car, root)?;
         let mut entries = BTreeMap::new();
-        for item in tree.items {
+        for item in &tree.items {
             match item {
                 Item::Bound { .. } => {}
-                Item::Leaf { key, value, height } => {
-                    let key = check_key(&key)
+                Item::Leaf {
+                    key, value, height, ..
+                } => {
+                    let key = check_key(tree.key(*key))
                         .map_err(|e| mst_err(root, e.to_string()))?
                         .to_string();
-                    entries.insert(key, (value, height));
+                    entries.insert(key, (*value, *height));
                 }
                 Item::Stub { cid, .. } => {
                     return Err(SyncError::MissingBlock {
@@ -1029,8 +1441,12 @@ impl Mst {
             }
         }
         let mst = Mst { entries };
-        // The nodes are hash-checked, but their shape could still be one no MST has (an
-        // empty subtree node, say): the same entries would then have another root.
+        if tree.loaded_canonical() {
+            // Every node is the canonical node of its keys: rebuilding gives `root` again.
+            return Ok(mst);
+        }
+        // The nodes are hash-checked, but their shape is one no MST has (an empty subtree
+        // node): the same entries have another root.
         let rebuilt = mst.root();
         if rebuilt != root {
             return Err(mst_err(
@@ -1244,7 +1660,9 @@ impl Mst {
             items: vec![Item::Stub {
                 cid: root,
                 layer: top,
+                origin: CHANGED,
             }],
+            ..PartialTree::default()
         };
         let mut opened = Vec::new();
         // The root is always needed: the slice is loaded from it.
@@ -1289,14 +1707,17 @@ impl PartialTree {
         let items = self.tree_items();
         let mut out = Vec::new();
         for (i, item) in items.iter().enumerate() {
-            if let Item::Stub { cid, layer } = item {
+            if let Item::Stub { cid, layer, .. } = item {
                 let before = i.checked_sub(1).and_then(|j| items.get(j));
                 let after = items.get(i + 1);
                 let alone_without_entries = items.len() == 1
                     && blocks
                         .get(cid)
-                        .and_then(|b| decode_node(*cid, b, Some(*layer)).ok())
-                        .is_some_and(|n| n.entries.is_empty());
+                        .and_then(|b| {
+                            decode_node(*cid, b, Some(*layer), &mut Vec::new(), &mut Vec::new())
+                                .ok()
+                        })
+                        .is_some_and(|n| n.entries == 0);
                 if low(before, *layer) || low(after, *layer) || alone_without_entries {
                     out.push(*cid);
                 }
@@ -1309,18 +1730,37 @@ impl PartialTree {
 mod tests {
     use super::*;
 
-    fn leaf(key: &str, n: u8) -> Item {
-        Item::Leaf {
-            key: key.as_bytes().to_vec(),
-            value: cid_for(crate::car::RAW, &[n]),
-            height: key_height(key.as_bytes()),
+    /// An item of a hand-made sequence: a leaf `(key, value n)` or a stub.
+    enum Spec<'s> {
+        Leaf(&'s str, u8),
+        Stub(Cid, u32),
+    }
+
+    fn tree_of(spec: &[Spec<'_>]) -> PartialTree {
+        let mut tree = PartialTree::new();
+        for s in spec {
+            let item = match s {
+                Spec::Leaf(key, n) => Item::Leaf {
+                    key: Span::push(&mut tree.keys, key.as_bytes()),
+                    value: cid_for(crate::car::RAW, &[*n]),
+                    height: key_height(key.as_bytes()),
+                    origin: CHANGED,
+                },
+                Spec::Stub(cid, layer) => Item::Stub {
+                    cid: *cid,
+                    layer: *layer,
+                    origin: CHANGED,
+                },
+            };
+            tree.items.push(item);
         }
+        tree
     }
 
     #[test]
     fn empty_tree_root_is_the_spec_cid() {
         // The empty MST node {e: [], l: null}, as in the atproto reference implementation.
-        let root = PartialTree { items: vec![] }.root().unwrap();
+        let root = PartialTree::new().root().unwrap();
         assert_eq!(
             root.to_string(),
             "bafyreie5737gdxlw5i64vzichcalba3z2v5n6icifvx5xytvske7mr3hpm"
@@ -1332,7 +1772,7 @@ mod tests {
         let keys: Vec<String> = (0..300)
             .map(|i| format!("agent.comms.task/{i:06}"))
             .collect();
-        let mut tree = PartialTree { items: vec![] };
+        let mut tree = PartialTree::new();
         for (i, k) in keys.iter().enumerate() {
             tree.set(k.as_bytes(), cid_for(crate::car::RAW, &[i as u8]))
                 .unwrap();
@@ -1346,7 +1786,7 @@ mod tests {
         other.remove(b"agent.comms.task/zzz").unwrap();
         assert_eq!(other.root().unwrap(), full);
         // Order of insertion does not matter: the shape is a function of the keys.
-        let mut rev = PartialTree { items: vec![] };
+        let mut rev = PartialTree::new();
         for (i, k) in keys.iter().enumerate().rev() {
             rev.set(k.as_bytes(), cid_for(crate::car::RAW, &[i as u8]))
                 .unwrap();
@@ -1356,16 +1796,11 @@ mod tests {
 
     #[test]
     fn a_stub_in_the_way_is_reported() {
-        let mut tree = PartialTree {
-            items: vec![
-                leaf("a", 1),
-                Item::Stub {
-                    cid: cid_for(crate::car::RAW, &[9]),
-                    layer: 0,
-                },
-                leaf("c", 2),
-            ],
-        };
+        let mut tree = tree_of(&[
+            Spec::Leaf("a", 1),
+            Spec::Stub(cid_for(crate::car::RAW, &[9]), 0),
+            Spec::Leaf("c", 2),
+        ]);
         let stub = cid_for(crate::car::RAW, &[9]);
         assert_eq!(
             tree.get(b"b"),
@@ -1391,16 +1826,12 @@ mod tests {
     #[test]
     fn a_removed_key_still_bounds_its_neighbours() {
         let stub = cid_for(crate::car::RAW, &[9]);
-        let mut tree = PartialTree {
-            items: vec![
-                Item::Stub {
-                    cid: stub,
-                    layer: 0,
-                },
-                leaf("c/b", 1),
-                leaf("c/d", 2),
-            ],
-        };
+        let spec = [
+            Spec::Stub(stub, 0),
+            Spec::Leaf("c/b", 1),
+            Spec::Leaf("c/d", 2),
+        ];
+        let mut tree = tree_of(&spec);
         // "c/c" is after "c/b", so not in the stub, before and after "c/b" is removed.
         assert_eq!(tree.get(b"c/c"), Ok(None));
         tree.remove(b"c/b").unwrap();
@@ -1410,7 +1841,8 @@ mod tests {
         assert!(tree.leaves().all(|(k, _)| k != b"c/b"));
         // Setting it again restores the same tree.
         tree.set(b"c/b", cid_for(crate::car::RAW, &[1])).unwrap();
-        assert_eq!(tree.items[1], leaf("c/b", 1));
+        assert_eq!(tree, tree_of(&spec));
+        assert!(matches!(tree.items[1], Item::Leaf { height, .. } if height == key_height(b"c/b")));
         assert_eq!(
             tree.remove(b"c/x"),
             Err(MstError::NotFound { key: "c/x".into() })
@@ -1528,5 +1960,240 @@ mod tests {
         let car = CarSlice::parse(&bytes).unwrap();
         let err = search(&car, bad.0, x.as_bytes()).unwrap_err();
         assert!(matches!(err, SyncError::Mst { .. }), "{err}");
+    }
+
+    /// A small deterministic PRNG (xorshift64*).
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+        }
+        /// Keys sharing long prefixes (one collection, record keys on a few stems), so that
+        /// nodes compress most of each key away.
+        fn key(&mut self) -> String {
+            const STEMS: [&str; 3] = ["3kaaaaaaa", "3kaaaab", "3l"];
+            let stem = STEMS[(self.next() % 3) as usize];
+            format!("app.bsky.feed.like/{stem}{:x}", self.next() % 100_000)
+        }
+        fn value(&mut self) -> Cid {
+            cid_for(crate::car::RAW, &self.next().to_be_bytes())
+        }
+    }
+
+    fn car_of_blocks(root: Cid, blocks: &[(Cid, Vec<u8>)]) -> Vec<u8> {
+        crate::car::write_car(root, blocks.iter().map(|(c, d)| (*c, d.as_slice())))
+    }
+
+    /// The root of `tree` rebuilt with the nodes built collected, and rebuilt from scratch
+    /// (no loaded node reused).
+    fn rebuild(tree: &PartialTree) -> (Cid, Vec<Cid>, Cid) {
+        let mut built = Vec::new();
+        let items = tree.tree_items();
+        let mut build = Build {
+            keys: &tree.keys,
+            loaded: &tree.loaded,
+            blocks: Some(&mut built),
+        };
+        let root = build.root(&items).unwrap();
+        let mut scratch = Build {
+            keys: &tree.keys,
+            loaded: &[],
+            blocks: None,
+        };
+        let from_scratch = scratch.root(&items).unwrap();
+        (
+            root,
+            built.into_iter().map(|(c, _)| c).collect(),
+            from_scratch,
+        )
+    }
+
+    #[test]
+    fn decoded_nodes_encode_back_to_their_bytes_with_keys_whole_and_heights_hashed_once() {
+        let mut rng = Rng(11);
+        let mut mst = Mst::new();
+        for _ in 0..600 {
+            mst.insert(rng.key(), rng.value()).unwrap();
+        }
+        let blocks = mst.blocks();
+        for (cid, bytes) in &blocks {
+            let (mut keys, mut entries) = (Vec::new(), Vec::new());
+            // A node without entries has its parent's layer less one: any will do here.
+            let entryless = bytes.starts_with(&[0xa2, 0x61, b'e', 0x80]);
+            let expected = entryless.then_some(7);
+            let node = decode_node(*cid, bytes, expected, &mut keys, &mut entries).unwrap();
+            let whole: Vec<(&[u8], Cid, Option<Cid>)> = entries
+                .iter()
+                .map(|e| (e.key.get(&keys), e.value, e.right))
+                .collect();
+            assert_eq!(node_bytes(node.left, &whole), *bytes, "{cid}");
+            for e in &entries {
+                assert_eq!(Some(key_height(e.key.get(&keys))), node.layer);
+            }
+        }
+        let car = car_of_blocks(mst.root(), &blocks);
+        let tree = PartialTree::load(&CarSlice::parse(&car).unwrap(), mst.root()).unwrap();
+        assert!(tree.loaded_canonical());
+        assert_eq!(tree.loaded.len(), blocks.len());
+        let leaves: Vec<(&[u8], Cid)> = tree.leaves().collect();
+        let expected: Vec<(&[u8], Cid)> = mst.entries().map(|(k, v)| (k.as_bytes(), v)).collect();
+        assert_eq!(leaves, expected);
+        // Each key is in the buffer once, whole, and its height is the one hashing gives.
+        assert_eq!(
+            tree.keys.len(),
+            mst.entries().map(|(k, _)| k.len()).sum::<usize>()
+        );
+        for item in &tree.items {
+            if let Item::Leaf { key, height, .. } = item {
+                assert_eq!(*height, key_height(tree.key(*key)));
+            }
+        }
+        // Loaded unchanged, the tree is its root without building anything.
+        assert_eq!(rebuild(&tree), (mst.root(), vec![], mst.root()));
+    }
+
+    #[test]
+    fn untouched_nodes_keep_their_cids_and_only_changed_ones_are_built() {
+        let mut rng = Rng(23);
+        for case in 0..60 {
+            let mut old = Mst::new();
+            for _ in 0..(50 + 40 * case) {
+                old.insert(rng.key(), rng.value()).unwrap();
+            }
+            let keys: Vec<String> = old.entries().map(|(k, _)| k.to_string()).collect();
+            let mut new = old.clone();
+            // A create, an update and a delete, or one of them.
+            let created = rng.key();
+            let updated = keys[(rng.next() % keys.len() as u64) as usize].clone();
+            let deleted = keys[(rng.next() % keys.len() as u64) as usize].clone();
+            let mut ops = Vec::new();
+            if old.get(&created).is_none() && (case % 3 != 1) {
+                new.insert(&created, rng.value()).unwrap();
+                ops.push((created, Action::Create));
+            }
+            if case % 3 != 2 && updated != deleted {
+                new.insert(&updated, rng.value()).unwrap();
+                ops.push((updated, Action::Update));
+            }
+            if case % 3 != 0 && new.remove(&deleted).is_some() {
+                ops.push((deleted, Action::Delete));
+            }
+            // The whole tree, and the proof's part of it.
+            let proof = new
+                .proof_blocks(ops.iter().map(|(k, a)| (k.as_str(), *a)))
+                .unwrap();
+            for blocks in [new.blocks(), proof] {
+                let car = car_of_blocks(new.root(), &blocks);
+                let slice = CarSlice::parse(&car).unwrap();
+                let mut tree = PartialTree::load(&slice, new.root()).unwrap();
+                assert!(tree.loaded_canonical(), "case {case}");
+                assert_eq!(rebuild(&tree), (new.root(), vec![], new.root()));
+                for (key, action) in ops.iter().rev() {
+                    match action {
+                        Action::Create => tree.remove(key.as_bytes()).map(drop),
+                        _ => tree.set(key.as_bytes(), old.get(key).unwrap()).map(drop),
+                    }
+                    .unwrap();
+                }
+                let (root, built, from_scratch) = rebuild(&tree);
+                assert_eq!(
+                    (root, from_scratch),
+                    (old.root(), old.root()),
+                    "case {case}"
+                );
+                // Built: exactly the old tree's nodes the new one does not have; every other
+                // node of the old tree is a node loaded unchanged, reused.
+                let new_nodes: HashSet<Cid> = new.blocks().into_iter().map(|(c, _)| c).collect();
+                let mut changed: Vec<Cid> = old
+                    .blocks()
+                    .into_iter()
+                    .map(|(c, _)| c)
+                    .filter(|c| !new_nodes.contains(c))
+                    .collect();
+                let mut built = built;
+                built.sort();
+                changed.sort();
+                assert_eq!(built, changed, "case {case}: {ops:?}");
+                assert_eq!(tree.root(), Ok(old.root()));
+            }
+        }
+    }
+
+    #[test]
+    fn a_key_removed_and_set_again_keeps_its_height() {
+        let mut rng = Rng(5);
+        let mut mst = Mst::new();
+        for _ in 0..200 {
+            mst.insert(rng.key(), rng.value()).unwrap();
+        }
+        let car = car_of_blocks(mst.root(), &mst.blocks());
+        let mut tree = PartialTree::load(&CarSlice::parse(&car).unwrap(), mst.root()).unwrap();
+        let (key, value) = mst
+            .entries()
+            .find(|(k, _)| key_height(k.as_bytes()) > 0)
+            .unwrap();
+        let buffer = tree.keys.len();
+        tree.remove(key.as_bytes()).unwrap();
+        assert_ne!(tree.root(), Ok(mst.root()));
+        tree.set(key.as_bytes(), value).unwrap();
+        // The removed key's place, bytes and height are taken back: nothing written again.
+        assert_eq!(tree.keys.len(), buffer);
+        let height = tree.items.iter().find_map(|i| match i {
+            Item::Leaf { key: k, height, .. } if tree.key(*k) == key.as_bytes() => Some(*height),
+            _ => None,
+        });
+        assert_eq!(height, Some(key_height(key.as_bytes())));
+        assert_eq!(tree.root(), Ok(mst.root()));
+    }
+
+    #[test]
+    fn non_canonical_encodings_are_rejected_and_odd_shapes_rebuilt() {
+        let k0 = key_at(0, "c/a");
+        let k1 = key_at(0, "c/b");
+        let good = node(None, &[(&k0, None), (&k1, None)]);
+        let load = |bytes: &[u8]| {
+            let cid = cid_for(DAG_CBOR, bytes);
+            let car = car_of(cid, &[&(cid, bytes.to_vec())]);
+            PartialTree::load(&CarSlice::parse(&car).unwrap(), cid)
+        };
+        assert!(load(&good.1).unwrap().loaded_canonical());
+        // The same node with one length in a longer form than needed, a field added, a byte
+        // after it: each is the same node under another CID, so no MST has it.
+        let long_array = [&[0xa2, 0x61, b'e', 0x98, 2][..], &good.1[4..]].concat();
+        let extra_field = [&[0xa3][..], &good.1[1..], &[0x61, b'x', 0xf6][..]].concat();
+        let trailing = [&good.1[..], &[0xf6][..]].concat();
+        for (bytes, reason) in [
+            (long_array, "shortest form"),
+            (extra_field, "expected the map {e, l}"),
+            (trailing, "trailing bytes"),
+        ] {
+            match load(&bytes) {
+                Err(SyncError::Mst { reason: r, .. }) => assert!(r.contains(reason), "{r}"),
+                other => panic!("{reason}: {other:?}"),
+            }
+        }
+        // A key longer than any repo path.
+        let long = key_at(0, &format!("c/{}", "x".repeat(1020)));
+        assert!(long.len() > MAX_KEY_LEN);
+        match load(&node(None, &[(&long, None)]).1) {
+            Err(SyncError::Mst { reason, .. }) => assert!(reason.contains("1024"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+        // An empty node below a key: well-formed, loaded, but not the MST's shape, so the
+        // tree is rebuilt (to another root) rather than taken as loaded.
+        let k_top = key_at(1, "c/m");
+        let empty = node(None, &[]);
+        let parent = node(None, &[(&k_top, Some(empty.0))]);
+        let bytes = car_of(parent.0, &[&parent, &empty]);
+        let tree = PartialTree::load(&CarSlice::parse(&bytes).unwrap(), parent.0).unwrap();
+        assert!(!tree.loaded_canonical());
+        assert_eq!(tree.leaves().count(), 1);
+        let rebuilt = tree.root().unwrap();
+        assert_ne!(rebuilt, parent.0);
+        assert_eq!(rebuilt, node(None, &[(&k_top, None)]).0);
     }
 }

@@ -9,7 +9,8 @@ use cid::Cid;
 use crate::car::CarSlice;
 use crate::chain::{ChainHead, Chains};
 use crate::commit::{
-    SignedCommit, VerifiedCommit, VerifiedOp, VerifiedSync, VerifyLevel, check_inversion,
+    CommitView, SignedCommit, VerifiedCommit, VerifiedOp, VerifiedSync, VerifyLevel,
+    check_inversion,
 };
 use crate::frame::{Action, CommitEvent, Limits, SyncEvent};
 use crate::proof::RevRule;
@@ -152,7 +153,7 @@ impl Verifier {
                 .check_signed(&car, &ev.commit, &ev.repo, &ev.rev)
                 .await?;
             if self.level == VerifyLevel::Full {
-                match check_inversion(&car, &commit, ev) {
+                match check_inversion(&car, commit.data, ev) {
                     Ok(()) => {}
                     // The slice of a tooBig commit may lack what inversion needs: prove each
                     // op from the repo instead.
@@ -330,8 +331,9 @@ impl Verifier {
                 Ok((root, commit))
             }
             _ => {
-                let rev = SignedCommit::decode(block)?.rev;
-                Ok((root, self.check_signed(car, &root, did, &rev).await?))
+                let rev = CommitView::decode(block)?.rev;
+                let commit = self.check_signed(car, &root, did, rev).await?;
+                Ok((root, commit.to_signed_commit()))
             }
         }
     }
@@ -350,29 +352,31 @@ impl Verifier {
                 cid: root.to_string(),
                 what: "commit",
             })?;
-            SignedCommit::decode(block)?
+            CommitView::decode(block)?
         } else {
             self.check_signed(&car, &root, &ev.did, &ev.rev).await?
         };
-        self.resync(&ev.did, &commit.rev, Some(commit.data));
+        self.resync(&ev.did, commit.rev, Some(commit.data));
         Ok(VerifiedSync {
             seq: ev.seq,
             did: ev.did.clone(),
-            rev: commit.rev,
+            rev: commit.rev.to_string(),
             data: commit.data,
             commit: root,
         })
     }
 
     /// The commit block matches the event and carries a valid signature of the DID's key
-    /// (refreshing the key once if the cached one fails).
-    async fn check_signed(
+    /// (refreshing the key once if the cached one fails). The key is the one the resolver
+    /// parsed once for the DID; the check is one SHA-256 of the unsigned commit, hashed from
+    /// the block's own bytes, and one ECDSA verification of that digest.
+    async fn check_signed<'a>(
         &self,
-        car: &CarSlice<'_>,
+        car: &CarSlice<'a>,
         commit_cid: &Cid,
         did: &str,
         rev: &str,
-    ) -> Result<SignedCommit, SyncError> {
+    ) -> Result<CommitView<'a>, SyncError> {
         if car.roots() != [*commit_cid] {
             return Err(SyncError::CommitMismatch {
                 field: "commit",
@@ -384,12 +388,12 @@ impl Verifier {
             cid: commit_cid.to_string(),
             what: "commit",
         })?;
-        let commit = SignedCommit::decode(block)?;
-        for (field, signed, event) in [("did", &commit.did, did), ("rev", &commit.rev, rev)] {
+        let commit = CommitView::decode(block)?;
+        for (field, signed, event) in [("did", commit.did, did), ("rev", commit.rev, rev)] {
             if signed != event {
                 return Err(SyncError::CommitMismatch {
                     field,
-                    signed: signed.clone(),
+                    signed: signed.to_string(),
                     event: event.to_string(),
                 });
             }
@@ -402,7 +406,8 @@ impl Verifier {
             });
         }
         let identity = self.resolver.resolve(did).await?;
-        if let Err(fault) = identity.signing_key.verify(&commit.unsigned, &commit.sig) {
+        let digest = commit.unsigned_digest();
+        if let Err(fault) = identity.signing_key.verify_prehash(&digest, commit.sig) {
             let bad = |fault: crate::SignatureFault| SyncError::BadSignature {
                 did: did.to_string(),
                 commit: commit_cid.to_string(),
@@ -419,7 +424,7 @@ impl Verifier {
                 .await?;
             fresh
                 .signing_key
-                .verify(&commit.unsigned, &commit.sig)
+                .verify_prehash(&digest, commit.sig)
                 .map_err(bad)?;
         }
         Ok(commit)
