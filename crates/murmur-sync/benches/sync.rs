@@ -675,7 +675,7 @@ mod large_repo {
                 });
                 evs.len() as u64
             };
-            const KINDS: [&str; 7] = [
+            const KINDS: [&str; 9] = [
                 "raw k256 verify",
                 "Full (decode + verify_commit)",
                 "frame decode",
