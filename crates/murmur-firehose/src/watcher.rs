@@ -246,8 +246,8 @@ impl WatcherBuilder {
         self
     }
 
-    /// How many repos' events are verified and routed at once (default: one per core, at
-    /// most 4, with verification on; 1 with [`VerifyLevel::None`](murmur_sync::VerifyLevel::None)).
+    /// How many repos' events are verified and routed at once (default 1). On a busy
+    /// connection with Full verification, the number of cores the watcher may use.
     ///
     /// Each repo's events are handled in stream order (its rev chain is checked commit after
     /// commit); events of different repos from the same connection are verified in
@@ -528,19 +528,8 @@ impl WatcherBuilder {
         let handlers: Vec<_> = self.handlers.into_iter().map(&entry).collect();
         let tail = self.tail.map(&entry);
         let (shutdown, _) = watch::channel(false);
-        let level = self
-            .verifier
-            .as_ref()
-            .map_or(self.verification, |v| v.level());
-        let repo_concurrency = self.repo_concurrency.unwrap_or_else(|| {
-            if level == murmur_sync::VerifyLevel::None {
-                1
-            } else {
-                std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
-            }
-        });
         Ok(Watcher {
-            repo_concurrency,
+            repo_concurrency: self.repo_concurrency.unwrap_or(1),
             sources: self.sources,
             feeds: self.feeds,
             backfill: self.backfill,
