@@ -1,11 +1,13 @@
 //! Remembers which ops were fully handled, so a restart does not run their handlers again.
 
 use std::collections::{HashSet, VecDeque};
-use std::io::Write;
+use std::io::{BufRead, Write};
 use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use tokio::sync::Mutex;
+use sha2::{Digest, Sha256};
+use tokio::sync::oneshot;
 
 use crate::FirehoseError;
 use crate::cursor::write_atomically;
@@ -32,8 +34,16 @@ pub trait DedupStore: Send + Sync + 'static {
 
 /// A dedup store that appends keys to a file and keeps the newest `capacity` in memory.
 ///
-/// Appends survive the process being killed (they are in the kernel's page cache once
-/// `write` returns); call [`FileDedupStore::with_fsync`] to also survive power loss.
+/// An [`insert`](DedupStore::insert) returns once its line is written to the file, so a key
+/// survives the process being killed (it is in the kernel's page cache once `write`
+/// returns); call [`FileDedupStore::with_fsync`] to also survive power loss. Inserts that
+/// arrive while a write is under way are written together by the next one (group commit):
+/// one `write` (and one fsync) for the whole group, each insert still returning only once
+/// its own line is written.
+///
+/// In memory each key is 128 bits of its SHA-256 (did, rev and path), not its text; the
+/// file keeps the text (`did rev path` per line), so it stays readable and is rewritten
+/// with only the kept keys once it holds twice the capacity.
 #[derive(Debug)]
 pub struct FileDedupStore {
     path: PathBuf,
@@ -42,13 +52,40 @@ pub struct FileDedupStore {
     inner: Mutex<DedupState>,
 }
 
+/// 128 bits of SHA-256 over a key's did, rev and path: the key as the store remembers it.
+type KeyDigest = u128;
+
+fn digest_of(did: &str, rev: &str, path: &str) -> KeyDigest {
+    let mut h = Sha256::new();
+    for part in [did, rev, path] {
+        h.update(part.as_bytes());
+        h.update([0]);
+    }
+    let out = h.finalize();
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&out[..16]);
+    u128::from_le_bytes(first)
+}
+
+/// Lines accepted but not written yet, and who waits for them.
+#[derive(Debug, Default)]
+struct Batch {
+    text: Vec<u8>,
+    keys: Vec<KeyDigest>,
+    waiting: Vec<oneshot::Sender<Result<(), String>>>,
+}
+
 #[derive(Debug, Default)]
 struct DedupState {
-    keys: HashSet<OpKey>,
-    order: VecDeque<OpKey>,
+    keys: HashSet<KeyDigest>,
+    order: VecDeque<KeyDigest>,
     file: Option<std::fs::File>,
     /// Lines in the file; it is rewritten with only the kept keys at twice the capacity.
     lines: usize,
+    /// The next group to write.
+    batch: Batch,
+    /// Whether an insert is writing a group now (the others add to `batch` and wait).
+    writing: bool,
 }
 
 impl FileDedupStore {
@@ -63,25 +100,18 @@ impl FileDedupStore {
         capacity: usize,
     ) -> Result<Self, FirehoseError> {
         let path = path.into();
+        let capacity = capacity.max(1);
         let mut state = DedupState::default();
-        match std::fs::read_to_string(&path) {
-            Ok(text) => {
-                for line in text.lines() {
+        match std::fs::File::open(&path) {
+            Ok(file) => {
+                for line in std::io::BufReader::new(file).split(b'\n') {
+                    let line = line.map_err(|e| FirehoseError::store(&path, e))?;
                     state.lines += 1;
-                    let mut parts = line.splitn(3, ' ');
-                    if let (Some(did), Some(rev), Some(p)) =
-                        (parts.next(), parts.next(), parts.next())
-                    {
-                        state.remember(
-                            OpKey {
-                                did: did.into(),
-                                rev: rev.into(),
-                                path: p.into(),
-                            },
-                            capacity,
-                        );
+                    // A torn last line (killed mid-write) is skipped: its op reruns,
+                    // at-least-once.
+                    if let Some(key) = parse_line(&line) {
+                        state.remember(key, capacity);
                     }
-                    // A torn last line (killed mid-write) is skipped: its op reruns, at-least-once.
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -89,34 +119,163 @@ impl FileDedupStore {
         }
         Ok(FileDedupStore {
             path,
-            capacity: capacity.max(1),
+            capacity,
             fsync: false,
             inner: Mutex::new(state),
         })
     }
 
-    /// Fsync after every insert (slower; survives power loss).
+    /// Fsync after every write (slower; survives power loss). Inserts written together
+    /// share one fsync.
     pub fn with_fsync(mut self) -> Self {
         self.fsync = true;
         self
     }
 
-    fn compact(&self, state: &mut DedupState) -> Result<(), FirehoseError> {
-        let mut text = String::new();
-        for k in &state.order {
-            text.push_str(&format!("{} {} {}\n", k.did, k.rev, k.path));
+    fn state(&self) -> MutexGuard<'_, DedupState> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Writes groups until none is waiting. Called by the insert that found no write under
+    /// way; the others wait for their group's outcome.
+    fn write_groups(&self) {
+        loop {
+            let (batch, compact) = {
+                let mut state = self.state();
+                if state.batch.keys.is_empty() {
+                    state.writing = false;
+                    return;
+                }
+                let batch = std::mem::take(&mut state.batch);
+                let compact = state.lines + batch.keys.len() >= 2 * self.capacity;
+                if !compact && state.file.is_none() {
+                    match self.open_for_append() {
+                        Ok(file) => state.file = Some(file),
+                        Err(e) => {
+                            drop(state);
+                            fail(batch, &e);
+                            continue;
+                        }
+                    }
+                }
+                (batch, compact)
+            };
+            // The file is only touched by the one insert writing (`writing` is set), so the
+            // lock is not held across the system calls.
+            let written = if compact {
+                self.compact_with(&batch)
+            } else {
+                let mut file = self.state().file.take();
+                let result = file.as_mut().map_or(Ok(()), |f| self.append(f, &batch.text));
+                self.state().file = file;
+                result
+            };
+            match written {
+                Ok(()) => {
+                    let mut state = self.state();
+                    if compact {
+                        state.file = None;
+                    } else {
+                        state.lines += batch.keys.len();
+                    }
+                    for &key in &batch.keys {
+                        state.remember(key, self.capacity);
+                    }
+                    if compact {
+                        state.lines = state.order.len();
+                    }
+                    drop(state);
+                    for tx in batch.waiting {
+                        let _ = tx.send(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    // Not remembered: the inserts fail and are retried by their callers.
+                    self.state().file = None;
+                    fail(batch, &e);
+                }
+            }
+        }
+    }
+
+    fn open_for_append(&self) -> Result<std::fs::File, String> {
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        }
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .map_err(|e| e.to_string())
+    }
+
+    fn append(&self, file: &mut std::fs::File, text: &[u8]) -> Result<(), String> {
+        file.write_all(text).map_err(|e| e.to_string())?;
+        if self.fsync {
+            file.sync_data().map_err(|e| e.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the file with the keys kept after `batch` is remembered, and `batch`'s
+    /// lines: the file holds the text the memory does not.
+    fn compact_with(&self, batch: &Batch) -> Result<(), String> {
+        let mut kept: HashSet<KeyDigest> = {
+            let state = self.state();
+            let mut order = state.order.clone();
+            order.extend(batch.keys.iter().copied());
+            let drop = order.len().saturating_sub(self.capacity);
+            order.into_iter().skip(drop).collect()
+        };
+        let mut text = Vec::new();
+        let mut keep = |line: &[u8]| {
+            // Each kept key once, at its first line.
+            if let Some(key) = parse_line(line)
+                && kept.remove(&key)
+            {
+                text.extend_from_slice(line);
+                text.push(b'\n');
+            }
+        };
+        match std::fs::File::open(&self.path) {
+            Ok(file) => {
+                for line in std::io::BufReader::new(file).split(b'\n') {
+                    keep(&line.map_err(|e| e.to_string())?);
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e.to_string()),
+        }
+        for line in batch.text.split(|&b| b == b'\n') {
+            keep(line);
         }
         let dir = self.path.parent().map(PathBuf::from).unwrap_or_default();
-        write_atomically(&dir, &self.path, text.as_bytes())?;
-        state.file = None;
-        state.lines = state.order.len();
-        Ok(())
+        write_atomically(&dir, &self.path, &text).map_err(|e| e.to_string())
+    }
+}
+
+/// Answers every insert of a group that could not be written.
+fn fail(batch: Batch, error: &str) {
+    for tx in batch.waiting {
+        let _ = tx.send(Err(error.to_string()));
+    }
+}
+
+/// The key of one `did rev path` line, or `None` for a torn or foreign line.
+fn parse_line(line: &[u8]) -> Option<KeyDigest> {
+    let line = std::str::from_utf8(line).ok()?;
+    let mut parts = line.splitn(3, ' ');
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(did), Some(rev), Some(path)) if !did.is_empty() && !rev.is_empty() => {
+            Some(digest_of(did, rev, path))
+        }
+        _ => None,
     }
 }
 
 impl DedupState {
-    fn remember(&mut self, key: OpKey, capacity: usize) {
-        if self.keys.insert(key.clone()) {
+    fn remember(&mut self, key: KeyDigest, capacity: usize) {
+        if self.keys.insert(key) {
             self.order.push_back(key);
         }
         while self.order.len() > capacity {
@@ -130,41 +289,42 @@ impl DedupState {
 #[async_trait]
 impl DedupStore for FileDedupStore {
     async fn contains(&self, key: &OpKey) -> Result<bool, FirehoseError> {
-        Ok(self.inner.lock().await.keys.contains(key))
+        let digest = digest_of(&key.did, &key.rev, &key.path);
+        Ok(self.state().keys.contains(&digest))
     }
 
     async fn insert(&self, key: OpKey) -> Result<(), FirehoseError> {
-        let mut state = self.inner.lock().await;
-        if state.keys.contains(&key) {
-            return Ok(());
-        }
-        let line = format!("{} {} {}\n", key.did, key.rev, key.path);
-        state.remember(key, self.capacity);
-        if state.lines >= 2 * self.capacity {
-            return self.compact(&mut state);
-        }
-        if state.file.is_none() {
-            if let Some(dir) = self.path.parent() {
-                std::fs::create_dir_all(dir).map_err(|e| FirehoseError::store(dir, e))?;
+        let digest = digest_of(&key.did, &key.rev, &key.path);
+        let (tx, rx) = oneshot::channel();
+        let lead = {
+            let mut state = self.state();
+            if state.keys.contains(&digest) {
+                return Ok(());
             }
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)
-                .map_err(|e| FirehoseError::store(&self.path, e))?;
-            state.file = Some(file);
-        }
-        state.lines += 1;
-        let Some(file) = state.file.as_mut() else {
-            unreachable!("opened above")
+            let batch = &mut state.batch;
+            for (i, part) in [&key.did, &key.rev, &key.path].into_iter().enumerate() {
+                if i > 0 {
+                    batch.text.push(b' ');
+                }
+                batch.text.extend_from_slice(part.as_bytes());
+            }
+            batch.text.push(b'\n');
+            batch.keys.push(digest);
+            batch.waiting.push(tx);
+            !std::mem::replace(&mut state.writing, true)
         };
-        file.write_all(line.as_bytes())
-            .map_err(|e| FirehoseError::store(&self.path, e))?;
-        if self.fsync {
-            file.sync_data()
-                .map_err(|e| FirehoseError::store(&self.path, e))?;
+        if lead {
+            // Short appends to the page cache: done on this thread, as before.
+            self.write_groups();
         }
-        Ok(())
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(reason)) => Err(FirehoseError::store(&self.path, reason)),
+            Err(_) => Err(FirehoseError::store(
+                &self.path,
+                "the write of this key was abandoned",
+            )),
+        }
     }
 }
 
@@ -210,5 +370,77 @@ mod tests {
         std::fs::write(&path, text).unwrap();
         let store = FileDedupStore::open_with_capacity(&path, 10).unwrap();
         assert!(store.contains(&key(49)).await.unwrap());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_inserts_are_all_written_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dedup.log");
+        let store = std::sync::Arc::new(FileDedupStore::open(&path).unwrap());
+        let mut tasks = Vec::new();
+        for t in 0..8u32 {
+            let store = std::sync::Arc::clone(&store);
+            tasks.push(tokio::spawn(async move {
+                for i in 0..250 {
+                    let k = key(t * 1000 + i);
+                    store.insert(k.clone()).await.unwrap();
+                    // Written before insert returned: a kill -9 now would keep it.
+                    let text = std::fs::read_to_string(store.path.clone()).unwrap();
+                    assert!(text.contains(&format!(" {}\n", k.path)), "{k:?} not in the file");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text.lines().count(), 2000);
+        drop(store);
+        let store = FileDedupStore::open(&path).unwrap();
+        for t in 0..8u32 {
+            for i in 0..250 {
+                assert!(store.contains(&key(t * 1000 + i)).await.unwrap());
+            }
+        }
+        assert!(!store.contains(&key(999)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_an_error_naming_the_file_and_remembers_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("state");
+        let path = blocker.join("dedup.log");
+        let store = FileDedupStore::open(&path).unwrap();
+        // The store's directory becomes a file: nothing can be written under it.
+        std::fs::write(&blocker, b"not a directory").unwrap();
+        let err = store.insert(key(1)).await.unwrap_err();
+        assert!(err.to_string().contains("dedup.log"), "{err}");
+        assert!(!store.contains(&key(1)).await.unwrap());
+        // Once the directory can be made, the retried insert lands.
+        std::fs::remove_file(&blocker).unwrap();
+        store.insert(key(1)).await.unwrap();
+        assert!(store.contains(&key(1)).await.unwrap());
+        assert!(FileDedupStore::open(&path).unwrap().contains(&key(1)).await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn compaction_keeps_the_newest_keys_with_their_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dedup.log");
+        let store = FileDedupStore::open_with_capacity(&path, 10).unwrap();
+        for i in 0..45 {
+            store.insert(key(i)).await.unwrap();
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.lines().count() <= 20, "{text}");
+        assert!(text.contains("agent.comms.task/44\n"), "{text}");
+        drop(store);
+        let store = FileDedupStore::open_with_capacity(&path, 10).unwrap();
+        for i in 35..45 {
+            assert!(store.contains(&key(i)).await.unwrap(), "{i}");
+        }
+        for i in 0..30 {
+            assert!(!store.contains(&key(i)).await.unwrap(), "{i}");
+        }
     }
 }

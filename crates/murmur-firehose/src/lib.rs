@@ -71,6 +71,7 @@ mod op;
 mod pipeline;
 mod progress;
 mod reader;
+mod repo_lanes;
 mod route;
 mod source;
 mod watch_error;

@@ -11,6 +11,7 @@ use tracing::{debug, error, info, warn};
 use crate::dispatch::{Completion, Dispatcher, HandlerEntry, Job};
 use crate::hooks::{ErrorHook, GapHook, RejectedHook, ResyncHook};
 use crate::op::{ACCOUNT_EVENTS, IDENTITY_EVENTS, OpData, RepoEvent, StateMap};
+use crate::progress::EventToken;
 use crate::{
     Action, Backoff, Filter, Gap, GapKind, Metrics, OpEvent, Rejected, Rejection, SourceError,
     WatchError,
@@ -39,6 +40,32 @@ pub(crate) fn check_seq_range(seq: i64) -> Result<(), String> {
     } else {
         Ok(())
     }
+}
+
+/// An event of one repo read from a source, waiting to be handled in that repo's order.
+pub(crate) struct ReadEvent {
+    /// The source's index.
+    pub index: usize,
+    /// The source's URL.
+    pub url: Arc<str>,
+    /// A `#commit`, `#sync`, `#identity` or `#account` frame.
+    pub frame: Frame,
+    /// Its place in the source's progress, begun with one unit of work: handling it.
+    pub token: EventToken,
+}
+
+impl ReadEvent {
+    /// The repo the event is about.
+    pub(crate) fn did(&self) -> &str {
+        self.frame.did().unwrap_or_default()
+    }
+}
+
+/// Which event of which source a piece of work belongs to.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EventRef {
+    index: usize,
+    token: EventToken,
 }
 
 /// Where a source's reader is.
@@ -90,15 +117,17 @@ pub(crate) struct Pipeline {
 }
 
 impl Pipeline {
-    /// Handles one frame of source `index`. An `Err` asks the reader to reconnect (after an
-    /// error frame).
-    pub(crate) async fn process(
+    /// Reads one frame of source `index`: decodes it, checks its seq and handles what
+    /// concerns the whole stream (`#info`, gaps in the seqs). An event of one repo is
+    /// returned, registered in the source's progress, for [`Pipeline::handle`] to run in
+    /// that repo's order. An `Err` asks the reader to reconnect (after an error frame).
+    pub(crate) async fn read(
         &self,
         index: usize,
-        url: &str,
+        url: &Arc<str>,
         bytes: &[u8],
         position: &mut ReadPosition,
-    ) -> Result<(), SourceError> {
+    ) -> Result<Option<ReadEvent>, SourceError> {
         self.metrics.frame_in(index);
         let frame = match Frame::decode(bytes) {
             Ok(frame) => frame,
@@ -110,9 +139,10 @@ impl Pipeline {
                     source: url.to_string(),
                     error: Arc::new(e),
                 });
-                return Ok(());
+                return Ok(None);
             }
         };
+        let url: &str = url;
         if let Some(seq) = frame.seq() {
             if let Err(reason) = self.check_seq(seq, position.connection_last) {
                 // A seq no server sends must not become the cursor: skip the frame.
@@ -123,7 +153,7 @@ impl Pipeline {
                     previous: position.connection_last,
                     reason,
                 });
-                return Ok(());
+                return Ok(None);
             }
             if let Some(last) = position.cursor
                 && seq <= last
@@ -143,12 +173,51 @@ impl Pipeline {
             }
         }
         match frame {
-            Frame::Commit(commit) => self.commit(index, url, &commit).await,
+            Frame::Info(info) => {
+                if info.is_outdated_cursor() {
+                    self.gap(
+                        url,
+                        GapKind::OutdatedCursor,
+                        info.message.unwrap_or_default(),
+                    );
+                }
+                Ok(None)
+            }
+            Frame::Unknown { t } => {
+                debug!(source = url, t, "unknown message type ignored");
+                Ok(None)
+            }
+            frame => {
+                let seq = frame.seq().unwrap_or_default();
+                let token = lock(&self.dispatcher.runtime().progress[index]).begin(seq, 1);
+                Ok(Some(ReadEvent {
+                    index,
+                    url: Arc::from(url),
+                    frame,
+                    token,
+                }))
+            }
+        }
+    }
+
+    /// Handles one event of one repo, read by [`Pipeline::read`]: after the repo's earlier
+    /// events, independently of other repos' events.
+    pub(crate) async fn handle(&self, event: ReadEvent) {
+        let ReadEvent {
+            index,
+            url,
+            frame,
+            token,
+        } = event;
+        let ev = EventRef { index, token };
+        let url: &str = &url;
+        match frame {
+            Frame::Commit(commit) => self.commit(ev, url, &commit).await,
             Frame::Sync(sync) if !self.filter.allows_repo(&sync.did) => {
                 // A repo nobody watches: keep its chain current without verifying (as for
                 // its commits), so a host that cannot resolve it never holds the stream.
                 self.verifier.resync(&sync.did, &sync.rev, None);
-                self.finish_event(index, sync.seq);
+                self.finish_event(ev);
             }
             Frame::Sync(sync) => {
                 let verified = self
@@ -163,22 +232,15 @@ impl Pipeline {
                         self.resync_if_complete(&sync.did).await;
                     }
                 }
-                self.finish_event(index, sync.seq);
+                self.finish_event(ev);
             }
             Frame::Identity(identity) => {
                 let event = RepoEvent::Identity {
                     handle: identity.handle.clone(),
                 };
                 self.note_repo_event(url, &identity.did, &event);
-                self.repo_event(
-                    index,
-                    url,
-                    &identity.did,
-                    identity.seq,
-                    &identity.time,
-                    event,
-                )
-                .await;
+                self.repo_event(ev, url, &identity.did, identity.seq, &identity.time, event)
+                    .await;
             }
             Frame::Account(account) => {
                 let event = RepoEvent::Account {
@@ -186,21 +248,12 @@ impl Pipeline {
                     status: account.status.clone(),
                 };
                 self.note_repo_event(url, &account.did, &event);
-                self.repo_event(index, url, &account.did, account.seq, &account.time, event)
+                self.repo_event(ev, url, &account.did, account.seq, &account.time, event)
                     .await;
             }
-            Frame::Info(info) => {
-                if info.is_outdated_cursor() {
-                    self.gap(
-                        url,
-                        GapKind::OutdatedCursor,
-                        info.message.unwrap_or_default(),
-                    );
-                }
-            }
-            Frame::Unknown { t } => debug!(source = url, t, "unknown message type ignored"),
+            // Not returned by `read`.
+            Frame::Info(_) | Frame::Unknown { .. } => self.finish_event(ev),
         }
-        Ok(())
     }
 
     fn check_seq(&self, seq: i64, previous: Option<i64>) -> Result<(), String> {
@@ -287,7 +340,7 @@ impl Pipeline {
     /// collection and action filters do not.
     async fn repo_event(
         &self,
-        index: usize,
+        ev: EventRef,
         url: &str,
         did: &str,
         seq: i64,
@@ -296,14 +349,14 @@ impl Pipeline {
     ) {
         let handlers = self.repo_event_handlers(did, &event);
         if handlers.is_empty() {
-            self.finish_event(index, seq);
+            self.finish_event(ev);
             return;
         }
         // Not a commit: the event's time stands in for a rev, so the idempotency key
         // (did, time, kind/seq) of one event stays unique when a source's seqs restart.
         let data = OpData::repo_event(url, did, seq, time, event);
         let op = OpEvent::new(data, Arc::clone(&self.state));
-        self.submit(index, seq, vec![(op, handlers)]).await;
+        self.submit(ev, vec![(op, handlers)]).await;
     }
 
     /// The handlers an `#identity` or `#account` event of `did` goes to: those routed to its
@@ -370,7 +423,7 @@ impl Pipeline {
         lock(&self.inactive).contains_key(did)
     }
 
-    async fn commit(&self, index: usize, url: &str, commit: &CommitEvent) {
+    async fn commit(&self, ev: EventRef, url: &str, commit: &CommitEvent) {
         let seq = commit.seq;
         if let Some(status) = lock(&self.inactive).get(&commit.repo) {
             debug!(source = url, did = %commit.repo, seq, status, "commit of an inactive account not delivered");
@@ -378,7 +431,7 @@ impl Pipeline {
             if let Err(e) = self.verifier.observe_commit(commit) {
                 self.chain_problem(url, commit, &e);
             }
-            self.finish_event(index, seq);
+            self.finish_event(ev);
             return;
         }
         let repo_allowed = self.filter.allows_repo(&commit.repo);
@@ -391,7 +444,7 @@ impl Pipeline {
         if repo_allowed && self.is_reflected(&commit.repo, &commit.rev) {
             // A copy of the repo delivered already includes this commit.
             Metrics::inc(&self.metrics.reflected_skipped);
-            self.finish_event(index, seq);
+            self.finish_event(ev);
             return;
         }
         if !wanted {
@@ -403,14 +456,14 @@ impl Pipeline {
                     self.sync_in_background(&commit.repo);
                 }
             }
-            self.finish_event(index, seq);
+            self.finish_event(ev);
             return;
         }
         // A copy this repo needs goes first; it may include this commit.
         self.settle(&commit.repo).await;
         if self.is_reflected(&commit.repo, &commit.rev) {
             Metrics::inc(&self.metrics.reflected_skipped);
-            self.finish_event(index, seq);
+            self.finish_event(ev);
             return;
         }
         let verified = self
@@ -427,7 +480,7 @@ impl Pipeline {
                     // Its ops could not be proven: a copy of the repo shows what changed.
                     self.resync_if_complete(&commit.repo).await;
                 }
-                self.finish_event(index, seq);
+                self.finish_event(ev);
                 return;
             }
         };
@@ -442,7 +495,7 @@ impl Pipeline {
             );
             if self.resync_if_complete(&commit.repo).await {
                 // The copy delivered what was missed, this commit included.
-                self.finish_event(index, seq);
+                self.finish_event(ev);
                 return;
             }
         }
@@ -481,15 +534,12 @@ impl Pipeline {
             };
             jobs.push((OpEvent::new(data, Arc::clone(&self.state)), handlers));
         }
-        self.submit(index, seq, jobs).await;
+        self.submit(ev, jobs).await;
     }
 
     /// Queues the jobs of one event; the event is done when all of them are.
-    async fn submit(&self, index: usize, seq: i64, jobs: Vec<(OpEvent, Vec<Arc<HandlerEntry>>)>) {
-        let event = self.dispatcher.runtime().progress[index]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .begin(seq, jobs.len());
+    async fn submit(&self, ev: EventRef, jobs: Vec<(OpEvent, Vec<Arc<HandlerEntry>>)>) {
+        lock(&self.dispatcher.runtime().progress[ev.index]).resolve(ev.token, jobs.len());
         for (op, handlers) in jobs {
             Metrics::inc(&self.metrics.ops_matched);
             // Waits while the queue is full: the socket is read no faster than handlers run.
@@ -498,8 +548,8 @@ impl Pipeline {
                 op,
                 handlers,
                 completion: Completion::Event {
-                    source: index,
-                    event,
+                    source: ev.index,
+                    event: ev.token,
                 },
                 _permit: permit,
             });
@@ -541,11 +591,8 @@ impl Pipeline {
     }
 
     /// An event with no ops to run is done as soon as it is read.
-    fn finish_event(&self, index: usize, seq: i64) {
-        self.dispatcher.runtime().progress[index]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .begin(seq, 0);
+    fn finish_event(&self, ev: EventRef) {
+        lock(&self.dispatcher.runtime().progress[ev.index]).resolve(ev.token, 0);
     }
 
     fn chain_problem(&self, url: &str, commit: &CommitEvent, e: &SyncError) {

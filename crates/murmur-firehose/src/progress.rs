@@ -39,6 +39,16 @@ impl Progress {
         token
     }
 
+    /// The event `token`, begun with one unit of work for reading it, turned out to have
+    /// `ops` ops to run: the reading unit is done and the ops are now what it waits for.
+    pub(crate) fn resolve(&mut self, token: EventToken, ops: usize) {
+        if let Ok(i) = self.pending.binary_search_by_key(&token, |&(t, _, _)| t) {
+            let left = &mut self.pending[i].2;
+            *left = left.saturating_sub(1) + ops;
+        }
+        self.advance();
+    }
+
     /// One op of the event `token` finished (handled, dead-lettered or rejected).
     pub(crate) fn finish(&mut self, token: EventToken) {
         if let Ok(i) = self.pending.binary_search_by_key(&token, |&(t, _, _)| t) {
@@ -109,6 +119,24 @@ mod tests {
         assert_eq!(p.low_water(), None);
         p.finish(a);
         assert_eq!(p.low_water(), Some(7));
+    }
+
+    #[test]
+    fn events_resolved_out_of_arrival_order_keep_the_cursor_behind_the_first() {
+        let mut p = Progress::resume_from(Some(10));
+        // Read in this order, each with one unit for its reading (verification).
+        let a = p.begin(11, 1);
+        let b = p.begin(12, 1);
+        let c = p.begin(13, 1);
+        // Another repo's lane is faster: 13 and 12 are resolved first.
+        p.resolve(c, 0);
+        p.resolve(b, 2);
+        assert_eq!(p.low_water(), Some(10), "11 is still being verified");
+        p.resolve(a, 0);
+        assert_eq!(p.low_water(), Some(11), "12's ops still run");
+        p.finish(b);
+        p.finish(b);
+        assert_eq!(p.low_water(), Some(13));
     }
 
     #[test]

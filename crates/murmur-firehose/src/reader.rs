@@ -9,6 +9,7 @@ use tokio::sync::watch;
 use tracing::info;
 
 use crate::pipeline::{Pipeline, ReadPosition};
+use crate::repo_lanes::RepoLanes;
 use crate::{Backoff, FirehoseError, Source, SourceError, WatchError};
 
 /// How many times in a row a server may answer a connection with the same error frame
@@ -24,6 +25,9 @@ pub(crate) struct SourceReader {
     pub(crate) connect_timeout: Duration,
     pub(crate) healthy_after: Duration,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// Where events go to be handled on several cores; `None` handles each event before the
+    /// next frame is read.
+    pub(crate) lanes: Option<Arc<RepoLanes>>,
 }
 
 /// The error frame a server answered the last connection(s) with, and how many in a row.
@@ -57,6 +61,7 @@ impl RepeatedErrorFrame {
 impl SourceReader {
     pub(crate) async fn run(mut self, start: Option<i64>) -> Result<(), FirehoseError> {
         let url = self.source.url().to_string();
+        let shared_url: Arc<str> = Arc::from(url.as_str());
         // Reconnects continue after the last event read, not from the start-up cursor:
         // events read but not yet handled are still queued in this process.
         let mut position = ReadPosition {
@@ -93,7 +98,7 @@ impl SourceReader {
                                 // stoppable. An event cut short here is not finished, so
                                 // the cursor stays before it.
                                 let processed = tokio::select! {
-                                    r = self.pipeline.process(self.index, &url, &bytes, &mut position) => r,
+                                    r = handle_frame(&self.pipeline, self.lanes.as_ref(), self.index, &shared_url, &bytes, &mut position) => r,
                                     _ = stopped(&mut self.shutdown) => return Ok(()),
                                 };
                                 match processed {
@@ -181,6 +186,26 @@ impl SourceReader {
             }
         }
     }
+}
+
+/// Reads one frame of source `index` and handles its event here, or queues it in its repo's
+/// lane.
+async fn handle_frame(
+    pipeline: &Pipeline,
+    lanes: Option<&Arc<RepoLanes>>,
+    index: usize,
+    url: &Arc<str>,
+    bytes: &[u8],
+    position: &mut ReadPosition,
+) -> Result<(), SourceError> {
+    let Some(event) = pipeline.read(index, url, bytes, position).await? else {
+        return Ok(());
+    };
+    match lanes {
+        Some(lanes) => lanes.push(event).await,
+        None => pipeline.handle(event).await,
+    }
+    Ok(())
 }
 
 /// Resolves once shutdown was requested (the watch value is not held across the await).

@@ -15,6 +15,7 @@ use crate::hooks::{ErrorHook, GapHook, RejectedHook, ResyncHook};
 use crate::op::StateMap;
 use crate::pipeline::{DEFAULT_MAX_SEQ_JUMP, Pipeline, check_seq_range};
 use crate::progress::Progress;
+use crate::repo_lanes::RepoLanes;
 use crate::reader::{SourceReader, stopped};
 use crate::{
     Action, Backoff, CursorStore, DeadLetterStore, DedupStore, DidAllowlist, FileCursorStore,
@@ -55,6 +56,7 @@ pub struct WatcherBuilder {
     tail: Option<Box<dyn Handler>>,
     backfill: Option<crate::Backfill>,
     record_index: Option<bool>,
+    repo_concurrency: Option<usize>,
 }
 
 impl Default for WatcherBuilder {
@@ -91,6 +93,7 @@ impl Default for WatcherBuilder {
             tail: None,
             backfill: None,
             record_index: None,
+            repo_concurrency: None,
         }
     }
 }
@@ -240,6 +243,20 @@ impl WatcherBuilder {
     /// The PLC directory used to resolve `did:plc` identities (default: the public one).
     pub fn plc_url(mut self, url: impl Into<String>) -> Self {
         self.plc_url = Some(url.into());
+        self
+    }
+
+    /// How many repos' events are verified and routed at once (default 1). On a busy
+    /// connection with Full verification, the number of cores the watcher may use.
+    ///
+    /// Each repo's events are handled in stream order (its rev chain is checked commit after
+    /// commit); events of different repos from the same connection are verified in
+    /// parallel, on as many of the runtime's threads. With 1, each event is handled before
+    /// the next frame is read. Either way the stored cursor never passes an event that is
+    /// not finished, and at most 64 events per source wait between the socket and
+    /// verification.
+    pub fn repo_concurrency(mut self, n: usize) -> Self {
+        self.repo_concurrency = Some(n.max(1));
         self
     }
 
@@ -512,6 +529,7 @@ impl WatcherBuilder {
         let tail = self.tail.map(&entry);
         let (shutdown, _) = watch::channel(false);
         Ok(Watcher {
+            repo_concurrency: self.repo_concurrency.unwrap_or(1),
             sources: self.sources,
             feeds: self.feeds,
             backfill: self.backfill,
@@ -571,6 +589,8 @@ pub struct Watcher {
     connect_timeout: Duration,
     healthy_after: Duration,
     shutdown: Arc<watch::Sender<bool>>,
+    /// Repos whose events are handled at once (see [`WatcherBuilder::repo_concurrency`]).
+    repo_concurrency: usize,
 }
 
 /// Stops a running watcher gracefully: stop reading, drain handlers, persist cursors.
@@ -657,7 +677,15 @@ impl Watcher {
             self.pipeline.await_copies(dids);
         }
         let mut readers = tokio::task::JoinSet::new();
+        let lane_workers = Arc::new(tokio::sync::Semaphore::new(self.repo_concurrency));
         for (i, (source, start)) in self.sources.iter().zip(starts).enumerate() {
+            let lanes = (self.repo_concurrency > 1).then(|| {
+                RepoLanes::new(
+                    Arc::clone(&self.pipeline),
+                    Arc::clone(&lane_workers),
+                    self.shutdown.subscribe(),
+                )
+            });
             let reader = SourceReader {
                 index: i,
                 source: Arc::clone(source),
@@ -666,6 +694,7 @@ impl Watcher {
                 connect_timeout: self.connect_timeout,
                 healthy_after: self.healthy_after,
                 shutdown: self.shutdown.subscribe(),
+                lanes,
             };
             readers.spawn(reader.run(start));
         }

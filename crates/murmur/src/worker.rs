@@ -477,11 +477,20 @@ impl WorkerRuntime {
                     }
                 }
             }
+            // The lapse of an assignment this worker never saw (it came and went before this
+            // worker listened, or before a copy it read) opens the task again all the same;
+            // only the lapse of another assignment than the one known is stale.
             Fact::Lapsed { assignment_cid } => {
-                if k.assignment.as_deref() == Some(assignment_cid.as_str()) {
+                if k
+                    .assignment
+                    .as_deref()
+                    .is_none_or(|known| known == assignment_cid.as_str())
+                {
                     self.withdraw(k, after);
                 }
             }
+            // After the lapse ack the deletion changes nothing (the claim this worker may
+            // have sent since stands).
             Fact::Withdrawn => {
                 if k.assignment.is_some() {
                     self.withdraw(k, after);

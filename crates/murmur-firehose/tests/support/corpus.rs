@@ -43,7 +43,77 @@ pub fn pass(recorded: &[Vec<u8>], pass: usize, first_seq: i64) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Like [`pass`], but every commit (and `#sync`) is signed again by `key` for its new DID, so
+/// the pass verifies at `VerifyLevel::Full` with `key` pinned for each of its DIDs
+/// ([`dids`] lists them).
+pub fn signed_pass(
+    recorded: &[Vec<u8>],
+    pass: usize,
+    first_seq: i64,
+    key: &k256::ecdsa::SigningKey,
+) -> Vec<Vec<u8>> {
+    recorded
+        .iter()
+        .zip(first_seq..)
+        .map(|(frame, seq)| rewrite_signed(frame, seq, pass, Some(key)))
+        .collect()
+}
+
+/// The DIDs the frames are about, each once.
+pub fn dids(frames: &[Vec<u8>]) -> Vec<String> {
+    let mut out: Vec<String> = frames
+        .iter()
+        .filter_map(|f| murmur_sync::Frame::decode(f).ok()?.did().map(str::to_string))
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 fn rewrite(frame: &[u8], seq: i64, pass: usize) -> Vec<u8> {
+    rewrite_signed(frame, seq, pass, None)
+}
+
+/// Signs the commit block of a `#commit`'s or `#sync`'s CAR slice again for `did`: the
+/// block's `did` is replaced and its signature made by `key`; the slice gets the new block
+/// and root, the frame the new commit CID.
+fn resign(fields: &mut std::collections::BTreeMap<String, Ipld>, did: &str, key: &k256::ecdsa::SigningKey) {
+    let Some(Ipld::Bytes(car)) = fields.get("blocks") else {
+        return;
+    };
+    let slice = murmur_sync::CarSlice::parse(car).expect("recorded CAR slice");
+    let root = slice.roots()[0];
+    let mut blocks: Vec<(cid::Cid, Vec<u8>)> =
+        slice.blocks().map(|(c, b)| (*c, b.to_vec())).collect();
+    let at = blocks.iter().position(|(c, _)| *c == root).expect("commit block");
+    let mut commit: Ipld = serde_ipld_dagcbor::from_slice(&blocks[at].1).expect("commit");
+    let Ipld::Map(map) = &mut commit else {
+        panic!("commit is not a map")
+    };
+    map.insert("did".into(), Ipld::String(did.to_string()));
+    map.remove("sig");
+    let unsigned = serde_ipld_dagcbor::to_vec(&commit).expect("unsigned commit");
+    let sig: k256::ecdsa::Signature = k256::ecdsa::signature::Signer::sign(key, &unsigned);
+    let Ipld::Map(map) = &mut commit else {
+        unreachable!()
+    };
+    map.insert("sig".into(), Ipld::Bytes(sig.to_bytes().to_vec()));
+    let block = serde_ipld_dagcbor::to_vec(&commit).expect("signed commit");
+    let cid = murmur_sync::cid_for(murmur_sync::DAG_CBOR, &block);
+    blocks[at] = (cid, block);
+    let car = murmur_sync::write_car(cid, blocks.iter().map(|(c, b)| (*c, b.as_slice())));
+    fields.insert("blocks".into(), Ipld::Bytes(car));
+    if fields.contains_key("commit") {
+        fields.insert("commit".into(), Ipld::Link(cid));
+    }
+}
+
+fn rewrite_signed(
+    frame: &[u8],
+    seq: i64,
+    pass: usize,
+    key: Option<&k256::ecdsa::SigningKey>,
+) -> Vec<u8> {
     let mut reader = frame;
     let header: Ipld = serde_ipld_dagcbor::de::from_reader_once(&mut reader).expect("header");
     let mut body: Ipld = serde_ipld_dagcbor::de::from_reader_once(&mut reader).expect("body");
@@ -53,10 +123,13 @@ fn rewrite(frame: &[u8], seq: i64, pass: usize) -> Vec<u8> {
     if fields.contains_key("seq") {
         fields.insert("seq".into(), Ipld::Integer(seq.into()));
     }
-    for key in ["repo", "did"] {
-        if let Some(Ipld::String(did)) = fields.get(key) {
+    for field in ["repo", "did"] {
+        if let Some(Ipld::String(did)) = fields.get(field) {
             let did = did_for_pass(did, pass);
-            fields.insert(key.into(), Ipld::String(did));
+            fields.insert(field.into(), Ipld::String(did.clone()));
+            if let Some(key) = key {
+                resign(fields, &did, key);
+            }
         }
     }
     let mut out = serde_ipld_dagcbor::to_vec(&header).expect("header");
