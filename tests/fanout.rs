@@ -227,7 +227,6 @@ async fn a_slow_subscriber_holds_the_upstream_cursor_and_a_leaving_one_releases_
         .build()
         .unwrap();
     let slow_stop = slow_watcher.shutdown_handle();
-    let fast_stop = fast_watcher.shutdown_handle();
     let fast_running = tokio::spawn(fast_watcher.run());
     let slow_running = tokio::spawn(slow_watcher.run());
     let metrics = fanout.metrics();
@@ -266,7 +265,7 @@ async fn a_slow_subscriber_holds_the_upstream_cursor_and_a_leaving_one_releases_
     // ticks (it writes every 200 ms) while they went through.
     let bob_last = seq_of(&bob.did, 2);
     assert!(bob_last > held_seq);
-    let fast_alice = |seen: &Seen| -> Vec<u64> {
+    let alice_notes = |seen: &Seen| -> Vec<u64> {
         seen.lock()
             .unwrap()
             .iter()
@@ -280,16 +279,16 @@ async fn a_slow_subscriber_holds_the_upstream_cursor_and_a_leaving_one_releases_
         cursor()
     );
     // Per DID, everyone waits for the slow one: the fast one has alice's 0..=5, not 6.
-    assert_eq!(fast_alice(&fast), (0..=5).collect::<Vec<_>>());
+    assert_eq!(alice_notes(&fast), (0..=5).collect::<Vec<_>>());
 
     // Released: everything goes through, once, in order, and the cursor passes it all.
     release.send_replace(true);
     wait_for("alice's notes at both", Duration::from_secs(30), || {
-        fast_alice(&fast).len() == 10 && fast_alice(&slow).len() == 10
+        alice_notes(&fast).len() == 10 && alice_notes(&slow).len() == 10
     })
     .await;
-    assert_eq!(fast_alice(&fast), (0..10).collect::<Vec<_>>());
-    assert_eq!(fast_alice(&slow), (0..10).collect::<Vec<_>>());
+    assert_eq!(alice_notes(&fast), (0..10).collect::<Vec<_>>());
+    assert_eq!(alice_notes(&slow), (0..10).collect::<Vec<_>>());
     let last = seq_of(&alice.did, 9).max(bob_last);
     wait_for("the cursor past every note", Duration::from_secs(30), || {
         cursor() >= last
@@ -301,15 +300,14 @@ async fn a_slow_subscriber_holds_the_upstream_cursor_and_a_leaving_one_releases_
     slow_running.await.unwrap().unwrap();
     write_notes(&alice_writer, 10..13, 1).await;
     wait_for("notes after the slow one left", Duration::from_secs(30), || {
-        fast_alice(&fast).len() == 13
+        alice_notes(&fast).len() == 13
     })
     .await;
     assert_eq!(fanout.subscribers(), 1);
-    assert_eq!(fast_alice(&slow).len(), 10, "a subscriber that left gets nothing");
+    assert_eq!(alice_notes(&slow).len(), 10, "a subscriber that left gets nothing");
 
     // Shutting the fan-out down ends the remaining subscriber's feed: its watcher stops.
     fanout.shutdown();
     upstream.await.unwrap().unwrap();
     fast_running.await.unwrap().unwrap();
-    drop(fast_stop);
 }

@@ -1,82 +1,5 @@
 //! In-process fan-out: one verified watcher over the hosts, its ops handed to many watchers
 //! (or Agents) of the same process as a [`Feed`] each.
-//!
-//! A watcher per agent opens one `subscribeRepos` socket per host and verifies every commit
-//! itself, so N agents in one process cost the PDS hosts N subscriptions and the process N
-//! verifications of each commit. A [`Fanout`] reads each host once, verifies each commit
-//! once, and hands every op that passes its filter to each [`FanoutSubscriber`]; a subscriber
-//! is a [`Feed`], so any watcher ([`WatcherBuilder::feed`](crate::WatcherBuilder::feed)) or
-//! Agent (`AgentBuilder::feed`) takes one, with its own filter, handlers, retries, dedup
-//! store and dead letters.
-//!
-//! The contract, beside the watcher's own (see the crate docs):
-//!
-//! - **Joining.** A subscriber receives every op (and every `#identity`/`#account` event and
-//!   gap) the upstream hands out from the moment [`Fanout::subscriber`] returned it, in the
-//!   upstream's per-DID order. Subscribers made before [`Fanout::run`] see the stream from
-//!   the upstream's cursor (its stored cursor, else its
-//!   [`start_cursor`](FanoutBuilder::start_cursor)); one made later joins the live stream
-//!   where the upstream is, and sees nothing earlier: copy the repos with a
-//!   [`Backfill`](crate::Backfill) (give it [`hosts`](crate::Backfill::hosts) or
-//!   [`dids`](crate::Backfill::dids): a subscriber has no hosts of its own to list) if it
-//!   needs them. A subscriber counts as connected (what a backfill and an Agent's recovery
-//!   wait for) once every upstream source has connected.
-//! - **Completion and the cursor.** The upstream finishes an op only when every subscriber's
-//!   watcher has finished it (its [`Delivered`](crate::Delivered) callback ran: handled,
-//!   unwanted, duplicate, dead-lettered or rejected). The upstream's cursor and dedup store
-//!   therefore never pass an op a running subscriber has not finished, and a process that
-//!   dies leaves the unfinished ops to be read again on restart (each subscriber's own dedup
-//!   store, if it has one, skips what it had finished).
-//! - **Order.** The upstream hands out one op of a DID at a time (its lanes are per DID) and
-//!   waits for all subscribers before the DID's next op: each subscriber sees each DID's ops
-//!   in repo order. Different DIDs go on concurrently, up to the upstream's
-//!   [`concurrency`](FanoutBuilder::concurrency).
-//! - **Backpressure on all.** A slow subscriber slows every subscriber: the DID it is slow on
-//!   waits for it everywhere, and once the upstream's lanes or queue are full, reading the
-//!   sockets waits too. A subscriber that is created and never run holds the upstream the
-//!   same way: create a subscriber only for a watcher about to run.
-//! - **Leaving.** A subscriber that stops (its watcher shut down, dropped or killed, or the
-//!   subscriber dropped unused) leaves: the upstream stops waiting for it at once, also for
-//!   the ops it had been handed and not finished. It has no cursor of its own: a new
-//!   subscriber joins where the upstream is.
-//! - **Shutdown.** [`Fanout::shutdown`] stops the upstream gracefully: it reads nothing more,
-//!   waits until the subscribers have finished what it handed out, persists its cursor, and
-//!   then ends every subscriber's feed (a watcher whose only source is the fan-out stops,
-//!   draining; if the upstream failed, the feed fails with its error and stops the watcher).
-//! - **Trust.** Subscribers do not verify again: they trust the in-process upstream, which
-//!   checks every commit (signature, MST proof, rev chain) at its
-//!   [`verification`](FanoutBuilder::verification) level. Rejected records never reach
-//!   subscribers (see [`on_rejected`](FanoutBuilder::on_rejected)); each subscriber's typed
-//!   handlers still decode and validate records against their lexicons.
-//! - **Gaps.** Every gap the upstream reports goes to every subscriber
-//!   ([`FeedSink::gap`](crate::FeedSink::gap)): its `on_gap` hook sees it, and a subscriber
-//!   that copied the repo (a backfill) resyncs it after a chain break.
-//!
-//! ```no_run
-//! use murmur_firehose::{Fanout, OpEvent, Watcher};
-//!
-//! # async fn demo() -> Result<(), murmur_firehose::FirehoseError> {
-//! let fanout = Fanout::builder()
-//!     .pds("http://localhost:2583")
-//!     .pds("http://localhost:2584")
-//!     .plc_url("http://localhost:2582")
-//!     .collections(["agent.comms.*"])
-//!     .build()?;
-//! let mut watchers = Vec::new();
-//! for name in ["a", "b", "c"] {
-//!     let watcher = Watcher::builder()
-//!         .feed(fanout.subscriber(name))
-//!         .tail(|op: OpEvent| async move {
-//!             println!("{}", op.uri());
-//!             Ok(())
-//!         })
-//!         .build()?;
-//!     watchers.push(tokio::spawn(watcher.run()));
-//! }
-//! let upstream = fanout.clone();
-//! tokio::spawn(async move { upstream.run().await });
-//! # Ok(()) }
-//! ```
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -270,8 +193,85 @@ impl FanoutBuilder {
     }
 }
 
-/// One verified watcher over the hosts whose ops go to many in-process subscribers. See the
-/// [module docs](self) for the contract. Cheap to clone (shared).
+/// One verified watcher over the hosts whose ops go to many in-process subscribers. Cheap to
+/// clone (shared).
+///
+/// A watcher per agent opens one `subscribeRepos` socket per host and verifies every commit
+/// itself, so N agents in one process cost the PDS hosts N subscriptions and the process N
+/// verifications of each commit. A [`Fanout`] reads each host once, verifies each commit
+/// once, and hands every op that passes its filter to each [`FanoutSubscriber`]; a subscriber
+/// is a [`Feed`], so any watcher ([`WatcherBuilder::feed`](crate::WatcherBuilder::feed)) or
+/// Agent (`AgentBuilder::feed`) takes one, with its own filter, handlers, retries, dedup
+/// store and dead letters.
+///
+/// The contract, beside the watcher's own (see the crate docs):
+///
+/// - **Joining.** A subscriber receives every op (and every `#identity`/`#account` event and
+///   gap) the upstream hands out from the moment [`Fanout::subscriber`] returned it, in the
+///   upstream's per-DID order. Subscribers made before [`Fanout::run`] see the stream from
+///   the upstream's cursor (its stored cursor, else its
+///   [`start_cursor`](FanoutBuilder::start_cursor)); one made later joins the live stream
+///   where the upstream is, and sees nothing earlier: copy the repos with a
+///   [`Backfill`](crate::Backfill) (give it [`hosts`](crate::Backfill::hosts) or
+///   [`dids`](crate::Backfill::dids): a subscriber has no hosts of its own to list) if it
+///   needs them. A subscriber counts as connected (what a backfill and an Agent's recovery
+///   wait for) once every upstream source has connected.
+/// - **Completion and the cursor.** The upstream finishes an op only when every subscriber's
+///   watcher has finished it (its [`Delivered`](crate::Delivered) callback ran: handled,
+///   unwanted, duplicate, dead-lettered or rejected). The upstream's cursor and dedup store
+///   therefore never pass an op a running subscriber has not finished, and a process that
+///   dies leaves the unfinished ops to be read again on restart (each subscriber's own dedup
+///   store, if it has one, skips what it had finished).
+/// - **Order.** The upstream hands out one op of a DID at a time (its lanes are per DID) and
+///   waits for all subscribers before the DID's next op: each subscriber sees each DID's ops
+///   in repo order. Different DIDs go on concurrently, up to the upstream's
+///   [`concurrency`](FanoutBuilder::concurrency).
+/// - **Backpressure on all.** A slow subscriber slows every subscriber: the DID it is slow on
+///   waits for it everywhere, and once the upstream's lanes or queue are full, reading the
+///   sockets waits too. A subscriber that is created and never run holds the upstream the
+///   same way: create a subscriber only for a watcher about to run.
+/// - **Leaving.** A subscriber that stops (its watcher shut down, dropped or killed, or the
+///   subscriber dropped unused) leaves: the upstream stops waiting for it at once, also for
+///   the ops it had been handed and not finished. It has no cursor of its own: a new
+///   subscriber joins where the upstream is.
+/// - **Shutdown.** [`Fanout::shutdown`] stops the upstream gracefully: it reads nothing more,
+///   waits until the subscribers have finished what it handed out, persists its cursor, and
+///   then ends every subscriber's feed (a watcher whose only source is the fan-out stops,
+///   draining; if the upstream failed, the feed fails with its error and stops the watcher).
+/// - **Trust.** Subscribers do not verify again: they trust the in-process upstream, which
+///   checks every commit (signature, MST proof, rev chain) at its
+///   [`verification`](FanoutBuilder::verification) level. Rejected records never reach
+///   subscribers (see [`on_rejected`](FanoutBuilder::on_rejected)); each subscriber's typed
+///   handlers still decode and validate records against their lexicons.
+/// - **Gaps.** Every gap the upstream reports goes to every subscriber
+///   ([`FeedSink::gap`](crate::FeedSink::gap)): its `on_gap` hook sees it, and a subscriber
+///   that copied the repo (a backfill) resyncs it after a chain break.
+///
+/// ```no_run
+/// use murmur_firehose::{Fanout, OpEvent, Watcher};
+///
+/// # async fn demo() -> Result<(), murmur_firehose::FirehoseError> {
+/// let fanout = Fanout::builder()
+///     .pds("http://localhost:2583")
+///     .pds("http://localhost:2584")
+///     .plc_url("http://localhost:2582")
+///     .collections(["agent.comms.*"])
+///     .build()?;
+/// let mut watchers = Vec::new();
+/// for name in ["a", "b", "c"] {
+///     let watcher = Watcher::builder()
+///         .feed(fanout.subscriber(name))
+///         .tail(|op: OpEvent| async move {
+///             println!("{}", op.uri());
+///             Ok(())
+///         })
+///         .build()?;
+///     watchers.push(tokio::spawn(watcher.run()));
+/// }
+/// let upstream = fanout.clone();
+/// tokio::spawn(async move { upstream.run().await });
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Fanout {
     hub: Arc<Hub>,
@@ -298,7 +298,7 @@ impl Fanout {
         }
     }
 
-    /// A new subscriber, receiving every op handed out from now on (see the module docs):
+    /// A new subscriber, receiving every op handed out from now on (see [`Fanout`]):
     /// give it to one watcher ([`WatcherBuilder::feed`](crate::WatcherBuilder::feed)) or
     /// Agent, and run that soon, since the upstream waits for it. Its feed name (and the
     /// [`OpData::source`] of its ops) is `fanout:{name}`.
@@ -331,7 +331,7 @@ impl Fanout {
         self.shutdown.clone()
     }
 
-    /// Stops the upstream gracefully (see the module docs); [`run`](Self::run) returns once
+    /// Stops the upstream gracefully (see [`Fanout`]); [`run`](Self::run) returns once
     /// the subscribers have finished what it handed out.
     pub fn shutdown(&self) {
         self.shutdown.shutdown();
@@ -478,9 +478,13 @@ pub struct FanoutSubscriber {
     id: u64,
     name: String,
     hub: Arc<Hub>,
-    #[allow(clippy::type_complexity)]
-    inbox: Mutex<Option<(mpsc::Receiver<Handed>, mpsc::UnboundedReceiver<Gap>)>>,
+    /// Taken by the feed's run.
+    inbox: Mutex<Option<Inbox>>,
 }
+
+/// A subscriber's ends of its channels: ops, and gaps (unbounded: the upstream reports them
+/// from a hook that cannot wait).
+type Inbox = (mpsc::Receiver<Handed>, mpsc::UnboundedReceiver<Gap>);
 
 impl std::fmt::Debug for FanoutSubscriber {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
