@@ -311,3 +311,99 @@ async fn a_slow_subscriber_holds_the_upstream_cursor_and_a_leaving_one_releases_
     upstream.await.unwrap().unwrap();
     fast_running.await.unwrap().unwrap();
 }
+
+/// Agents on one fan-out: a coordinator hears it from the start; two workers join after the
+/// tasks were posted (live from where the fan-out is) and learn them from their backfill,
+/// which copies the peers' repos through the hosts the agents watch. Every task is done once,
+/// and the PDS hosts serve the fan-out's subscriptions alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_on_one_fanout_late_workers_backfill_and_complete_every_task_once() {
+    use murmur::{Agent, Job, TaskSpec, Worker};
+    const TASKS: usize = 20;
+    let net = shared().await;
+    let hosts = murmur_e2e::hosts(net);
+    let boss_w = murmur_e2e::writer(net, 0, "fan3-boss").await;
+    let w1 = murmur_e2e::writer(net, 0, "fan3-w1").await;
+    let w2 = murmur_e2e::writer(net, 1, "fan3-w2").await;
+    let peers: Vec<String> = [&boss_w, &w1, &w2]
+        .iter()
+        .map(|w| w.did().to_string())
+        .collect();
+    let mut upstream = Fanout::builder()
+        .plc_url(net.plc_url())
+        .dids(peers.clone())
+        .collections(["agent.comms.*"]);
+    for h in &hosts {
+        upstream = upstream.pds(h);
+    }
+    let fanout = upstream.build().unwrap();
+    let running = {
+        let f = fanout.clone();
+        tokio::spawn(async move { f.run().await })
+    };
+    let agent = |writer: Writer, name: &str| {
+        Agent::builder(writer)
+            .watch_all(hosts.clone())
+            .plc_url(net.plc_url())
+            .peers(peers.clone())
+            .feed(fanout.subscriber(name))
+    };
+    let boss = agent(boss_w.clone(), "boss").start().await.unwrap();
+    let specs = (0..TASKS).map(|n| {
+        TaskSpec::new("echo")
+            .payload(serde_json::json!({ "n": n }))
+            .lease(Duration::from_secs(20))
+            .max_attempts(3)
+    });
+    let handles = boss.request_many(specs, 10).await.unwrap();
+    let up = fanout.metrics();
+    let task_ops = |m: &murmur_firehose::Metrics| m.snapshot().handled;
+    // The fan-out has handed the tasks out (to the coordinator alone) before the workers join.
+    wait_for("the tasks handed out", Duration::from_secs(30), || {
+        task_ops(&up) >= TASKS as u64
+    })
+    .await;
+
+    let mut workers = Vec::new();
+    for (w, name) in [(&w1, "w1"), (&w2, "w2")] {
+        let worker = agent(w.clone(), name)
+            .requester(false)
+            .worker(
+                Worker::new(|job: Job| async move { Ok(job.payload_json()) })
+                    .capabilities(["echo"])
+                    .max_concurrent(4),
+            )
+            .start()
+            .await
+            .unwrap();
+        workers.push(worker);
+    }
+    let mut outputs = std::collections::HashSet::new();
+    for h in handles {
+        let result = h.await_result(Duration::from_secs(120)).await.unwrap();
+        outputs.insert(result.output_json()["n"].as_u64().unwrap());
+    }
+    assert_eq!(outputs.len(), TASKS);
+    for w in &workers {
+        let copied = w.metrics().backfill();
+        assert!(copied.finished, "{copied:?}");
+        assert!(copied.records >= TASKS as u64, "the tasks came from the copy: {copied:?}");
+        assert!(w.metrics().sources().is_empty(), "an agent opened a socket");
+    }
+    assert!(boss.metrics().sources().is_empty(), "an agent opened a socket");
+    assert_eq!(up.sources().len(), hosts.len());
+    wait_for("every result counted", Duration::from_secs(20), || {
+        let s = boss.task_stats();
+        s.done >= TASKS as u64
+    })
+    .await;
+    let stats = boss.task_stats();
+    assert_eq!(stats.done, TASKS as u64, "{stats:?}");
+    assert_eq!(stats.duplicates, 0, "{stats:?}");
+
+    for w in workers.iter().chain([&boss]) {
+        w.shutdown().await;
+    }
+    fanout.shutdown();
+    running.await.unwrap().unwrap();
+}
