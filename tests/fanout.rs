@@ -39,7 +39,11 @@ fn assert_exactly_once_in_order(who: &str, seen: &[(String, u64)], expected: &Ha
         let want: Vec<u64> = (0..*count).collect();
         assert_eq!(got, want, "{who}: notes of {did}, exactly once, in order");
     }
-    assert_eq!(per_did.len(), expected.len(), "{who}: notes from other repos");
+    assert_eq!(
+        per_did.len(),
+        expected.len(),
+        "{who}: notes from other repos"
+    );
 }
 
 fn count(seen: &Seen) -> usize {
@@ -66,8 +70,7 @@ fn note_watcher(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn watchers_on_one_fanout_each_see_every_op_once_in_order_over_one_subscription_per_host()
-{
+async fn watchers_on_one_fanout_each_see_every_op_once_in_order_over_one_subscription_per_host() {
     let net = shared().await;
     let mut accounts = Vec::new();
     for (pds, name) in [(0, "fan1a"), (0, "fan1b"), (1, "fan1c")] {
@@ -127,9 +130,11 @@ async fn watchers_on_one_fanout_each_see_every_op_once_in_order_over_one_subscri
     for w in writes {
         w.await.unwrap();
     }
-    wait_for("every note at every watcher", Duration::from_secs(90), || {
-        count(&seen[0]) >= 360 && count(&seen[1]) >= 360 && count(&seen[2]) >= 240
-    })
+    wait_for(
+        "every note at every watcher",
+        Duration::from_secs(90),
+        || count(&seen[0]) >= 360 && count(&seen[1]) >= 360 && count(&seen[2]) >= 240,
+    )
     .await;
     wait_for("the identity events", Duration::from_secs(30), || {
         let ids = identities.lock().unwrap();
@@ -242,9 +247,11 @@ async fn a_slow_subscriber_holds_the_upstream_cursor_and_a_leaving_one_releases_
 
     // Ten notes of alice, one commit each.
     write_notes(&alice_writer, 0..10, 1).await;
-    wait_for("the slow subscriber at note 5", Duration::from_secs(30), || {
-        held.lock().unwrap().is_some()
-    })
+    wait_for(
+        "the slow subscriber at note 5",
+        Duration::from_secs(30),
+        || held.lock().unwrap().is_some(),
+    )
     .await;
     let held_seq = held.lock().unwrap().unwrap();
     let seq_of = |did: &str, n: u64| seqs.lock().unwrap()[&(did.to_string(), n)];
@@ -257,7 +264,13 @@ async fn a_slow_subscriber_holds_the_upstream_cursor_and_a_leaving_one_releases_
     // Bob's notes go on meanwhile (another DID), at both subscribers, past alice's seq.
     write_notes(&bob_writer, 0..3, 1).await;
     wait_for("bob's notes at both", Duration::from_secs(30), || {
-        let bob_at = |seen: &Seen| seen.lock().unwrap().iter().filter(|(d, _)| *d == bob.did).count();
+        let bob_at = |seen: &Seen| {
+            seen.lock()
+                .unwrap()
+                .iter()
+                .filter(|(d, _)| *d == bob.did)
+                .count()
+        };
         bob_at(&fast) == 3 && bob_at(&slow) == 3
     })
     .await;
@@ -290,21 +303,29 @@ async fn a_slow_subscriber_holds_the_upstream_cursor_and_a_leaving_one_releases_
     assert_eq!(alice_notes(&fast), (0..10).collect::<Vec<_>>());
     assert_eq!(alice_notes(&slow), (0..10).collect::<Vec<_>>());
     let last = seq_of(&alice.did, 9).max(bob_last);
-    wait_for("the cursor past every note", Duration::from_secs(30), || {
-        cursor() >= last
-    })
+    wait_for(
+        "the cursor past every note",
+        Duration::from_secs(30),
+        || cursor() >= last,
+    )
     .await;
 
     // The slow one leaves; the fan-out no longer waits for it.
     slow_stop.shutdown();
     slow_running.await.unwrap().unwrap();
     write_notes(&alice_writer, 10..13, 1).await;
-    wait_for("notes after the slow one left", Duration::from_secs(30), || {
-        alice_notes(&fast).len() == 13
-    })
+    wait_for(
+        "notes after the slow one left",
+        Duration::from_secs(30),
+        || alice_notes(&fast).len() == 13,
+    )
     .await;
     assert_eq!(fanout.subscribers(), 1);
-    assert_eq!(alice_notes(&slow).len(), 10, "a subscriber that left gets nothing");
+    assert_eq!(
+        alice_notes(&slow).len(),
+        10,
+        "a subscriber that left gets nothing"
+    );
 
     // Shutting the fan-out down ends the remaining subscriber's feed: its watcher stops.
     fanout.shutdown();
@@ -387,10 +408,16 @@ async fn agents_on_one_fanout_late_workers_backfill_and_complete_every_task_once
     for w in &workers {
         let copied = w.metrics().backfill();
         assert!(copied.finished, "{copied:?}");
-        assert!(copied.records >= TASKS as u64, "the tasks came from the copy: {copied:?}");
+        assert!(
+            copied.records >= TASKS as u64,
+            "the tasks came from the copy: {copied:?}"
+        );
         assert!(w.metrics().sources().is_empty(), "an agent opened a socket");
     }
-    assert!(boss.metrics().sources().is_empty(), "an agent opened a socket");
+    assert!(
+        boss.metrics().sources().is_empty(),
+        "an agent opened a socket"
+    );
     assert_eq!(up.sources().len(), hosts.len());
     wait_for("every result counted", Duration::from_secs(20), || {
         let s = boss.task_stats();

@@ -208,8 +208,10 @@ fn over_the_bus_a_sigkilled_coordinator_process_is_restarted_and_recovers_its_ta
 #[test]
 fn swarm_in_direct_mode_prints_the_same_json_summary() {
     let net = Devnet::shared().unwrap_or_else(|e| panic!("{e}"));
-    for (flag, subscriptions) in [(None, "shared"), (Some("--separate-subscriptions"), "separate")]
-    {
+    for (flag, subscriptions) in [
+        (None, "shared"),
+        (Some("--separate-subscriptions"), "separate"),
+    ] {
         let mut args: Vec<String> = ["--workers", "2", "--tasks", "10", "--work-ms", "20"]
             .map(String::from)
             .to_vec();

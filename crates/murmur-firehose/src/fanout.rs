@@ -10,8 +10,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::feed::{Feed, FeedSink};
 use crate::{
-    Action, Backoff, CursorStore, FirehoseError, Gap, Metrics, OpData, OpEvent,
-    Rejected, Rejection, ShutdownHandle, Source, WatchError, Watcher, WatcherBuilder,
+    Action, Backoff, CursorStore, FirehoseError, Gap, Metrics, OpData, OpEvent, Rejected,
+    Rejection, ShutdownHandle, Source, WatchError, Watcher, WatcherBuilder,
 };
 
 /// Ops waiting for one subscriber's watcher to take them (default).

@@ -18,7 +18,9 @@ use tokio::sync::watch;
 use crate::dispatch::Completion;
 use crate::op::{ACCOUNT_EVENTS, IDENTITY_EVENTS, OpData};
 use crate::pipeline::Pipeline;
-use crate::{Action, Filter, FirehoseError, Gap, GapKind, OpEvent, Rejected, Rejection, WatchError};
+use crate::{
+    Action, Filter, FirehoseError, Gap, GapKind, OpEvent, Rejected, Rejection, WatchError,
+};
 
 /// A place ops come from one by one, each acknowledged when its handlers are done. Add one
 /// with [`WatcherBuilder::feed`](crate::WatcherBuilder::feed).

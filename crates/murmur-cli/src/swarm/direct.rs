@@ -161,11 +161,7 @@ pub(super) async fn swarm(
             if let Some(f) = &fanout {
                 restarted = restarted.feed(f.subscriber("coordinator-restarted"));
             }
-            boss = restarted
-                .plc_url(plc)
-                .peers(peers.clone())
-                .start()
-                .await?;
+            boss = restarted.plc_url(plc).peers(peers.clone()).start().await?;
             if let Some(r) = boss.recovery() {
                 closed_before = (args.tasks as u64).saturating_sub(r.open as u64);
                 report.say(format_args!(
