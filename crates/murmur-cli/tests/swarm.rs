@@ -208,15 +208,51 @@ fn over_the_bus_a_sigkilled_coordinator_process_is_restarted_and_recovers_its_ta
 #[test]
 fn swarm_in_direct_mode_prints_the_same_json_summary() {
     let net = Devnet::shared().unwrap_or_else(|e| panic!("{e}"));
-    let mut args: Vec<String> = ["--workers", "2", "--tasks", "10", "--work-ms", "20"]
-        .map(String::from)
-        .to_vec();
+    for (flag, subscriptions) in [
+        (None, "shared"),
+        (Some("--separate-subscriptions"), "separate"),
+    ] {
+        let mut args: Vec<String> = ["--workers", "2", "--tasks", "10", "--work-ms", "20"]
+            .map(String::from)
+            .to_vec();
+        args.extend(flag.map(String::from));
+        args.extend(network_args(net));
+        let (summary, seen, _) = run_swarm(&args, Duration::from_secs(300));
+        assert_eq!(summary["mode"], "direct", "{summary}");
+        assert_eq!(summary["subscriptions"], subscriptions, "{summary}");
+        assert_exactly_once(&summary, 10);
+        assert_eq!(summary["workers"], 2, "{summary}");
+        assert!(seen.is_empty(), "direct mode starts no agent processes");
+    }
+}
+
+#[test]
+fn direct_mode_on_a_shared_subscription_survives_a_killed_worker_and_a_restarted_coordinator() {
+    let net = Devnet::shared().unwrap_or_else(|e| panic!("{e}"));
+    let mut args: Vec<String> = [
+        "--workers",
+        "3",
+        "--tasks",
+        "30",
+        "--kill",
+        "1",
+        "--restart-coordinator",
+        "--work-ms",
+        "50",
+        "--timeout",
+        "180",
+    ]
+    .map(String::from)
+    .to_vec();
     args.extend(network_args(net));
-    let (summary, seen, _) = run_swarm(&args, Duration::from_secs(300));
-    assert_eq!(summary["mode"], "direct", "{summary}");
-    assert_exactly_once(&summary, 10);
-    assert_eq!(summary["workers"], 2, "{summary}");
-    assert!(seen.is_empty(), "direct mode starts no agent processes");
+    let (summary, _, stderr) = run_swarm(&args, Duration::from_secs(300));
+    assert_eq!(summary["subscriptions"], "shared", "{summary}");
+    assert_exactly_once(&summary, 30);
+    assert_eq!(summary["killed"], 1, "{summary}");
+    assert!(
+        stderr.contains("coordinator restarted"),
+        "no restart in:\n{stderr}"
+    );
 }
 
 #[test]

@@ -18,7 +18,9 @@ use tokio::sync::watch;
 use crate::dispatch::Completion;
 use crate::op::{ACCOUNT_EVENTS, IDENTITY_EVENTS, OpData};
 use crate::pipeline::Pipeline;
-use crate::{Action, Filter, FirehoseError, Gap, OpEvent, Rejected, Rejection, WatchError};
+use crate::{
+    Action, Filter, FirehoseError, Gap, GapKind, OpEvent, Rejected, Rejection, WatchError,
+};
 
 /// A place ops come from one by one, each acknowledged when its handlers are done. Add one
 /// with [`WatcherBuilder::feed`](crate::WatcherBuilder::feed).
@@ -115,9 +117,23 @@ impl FeedSink {
         self.pipeline.reject_feed_op(op, rejection);
     }
 
-    /// Reports a gap the upstream announced.
+    /// Reports a gap the upstream announced. After a chain break in a repo this watcher
+    /// holds a complete copy of (a [`Backfill`](crate::Backfill)), the repo is copied again
+    /// and the missed ops delivered ([`Origin::Resync`](crate::Origin)) before its next op,
+    /// as for a chain break the watcher finds itself.
     pub fn gap(&self, gap: Gap) {
+        let broken = match &gap.kind {
+            GapKind::ChainBreak { did } => Some(did.clone()),
+            _ => None,
+        };
         self.pipeline.report_gap(gap);
+        if let Some(did) = broken
+            && self.pipeline.filter.allows_repo(&did)
+            && self.pipeline.has_baseline(&did)
+        {
+            self.pipeline.needs_copy(&did, crate::Origin::Resync);
+            self.pipeline.sync_in_background(&did);
+        }
     }
 
     /// Reports trouble the feed handled by its policy (a reconnect, a skipped message).

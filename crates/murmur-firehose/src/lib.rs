@@ -60,6 +60,7 @@ mod dedup;
 mod dispatch;
 mod error;
 mod extract;
+mod fanout;
 mod feed;
 mod filter;
 mod gap;
@@ -87,6 +88,7 @@ pub use extract::{
     AccountStatus, Author, CommitInfo, Created, Deleted, FromOp, Identity, Record, RecordRef,
     State, Updated,
 };
+pub use fanout::{Fanout, FanoutBuilder, FanoutSubscriber};
 pub use feed::{Delivered, Feed, FeedConnected, FeedSink, OnDelivered};
 pub use filter::{CollectionPattern, DidAllowlist, Filter};
 pub use gap::{Gap, GapKind};

@@ -72,9 +72,12 @@ impl AgentBuilder {
     }
 
     /// Hears the swarm through `feed` instead of subscribing to the PDS hosts itself: e.g.
-    /// murmur-bus's `BusSource`, a durable consumer of a hub's verified stream. The hosts
-    /// ([`watch`](Self::watch)) are still where it looks up repos (recovery, candidates);
-    /// writes still go to the agent's own PDS.
+    /// murmur-bus's `BusSource`, a durable consumer of a hub's verified stream, or a
+    /// [`Fanout`](murmur_firehose::Fanout) subscriber, one verified subscription per host
+    /// shared by the agents of this process. The hosts ([`watch`](Self::watch)) are still
+    /// where it looks up repos (recovery, candidates, the [`backfill`](Self::backfill)'s
+    /// listing); writes still go to the agent's own PDS. [`start_cursor`](Self::start_cursor)
+    /// does not apply: the feed's upstream keeps the position.
     pub fn feed(mut self, feed: impl murmur_firehose::Feed) -> Self {
         self.watcher = self.watcher.feed(feed);
         self.via_feed = true;

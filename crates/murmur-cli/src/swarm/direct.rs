@@ -1,9 +1,13 @@
-//! Direct mode: every agent in this process, each subscribed to every PDS host itself.
+//! Direct mode: every agent in this process. By default they share one verified subscription
+//! per PDS host: a [`Fanout`] reads and verifies each commit once and hands its ops to every
+//! agent's watcher. With `--separate-subscriptions` each agent subscribes to every host and
+//! verifies every commit itself (what the benchmark compares against).
 
 use std::time::{Duration, Instant};
 
-use murmur::Agent;
+use murmur::firehose::{Fanout, FanoutSubscriber};
 use murmur::pds::Writer;
+use murmur::{Agent, AgentBuilder};
 
 use super::summary::{Outcome, Report, count, worker_event};
 use super::{
@@ -27,14 +31,42 @@ pub(super) async fn swarm(
     let mut peers: Vec<String> = worker_writers.iter().map(|w| w.did().to_string()).collect();
     peers.push(coordinator.did().to_string());
 
+    let fanout = if args.separate_subscriptions {
+        report.subscriptions("separate");
+        None
+    } else {
+        report.subscriptions("shared");
+        let mut upstream = Fanout::builder()
+            .plc_url(plc)
+            .start_cursor(0)
+            .dids(peers.iter().cloned())
+            .collections(["agent.comms.*"]);
+        for host in hosts {
+            upstream = upstream.pds(host);
+        }
+        Some(upstream.build()?)
+    };
+    // Every agent's subscriber exists before the upstream starts, so each hears the whole
+    // stream (the upstream waits for the agents not started yet; none waits on the stream to
+    // start).
+    let mut worker_feeds: Vec<Option<FanoutSubscriber>> = (0..args.workers)
+        .map(|i| fanout.as_ref().map(|f| f.subscriber(&format!("worker{i}"))))
+        .collect();
+    let boss_feed = fanout.as_ref().map(|f| f.subscriber("coordinator"));
+    let upstream = fanout.clone().map(|f| {
+        tokio::spawn(async move {
+            if let Err(err) = f.run().await {
+                eprintln!("the shared subscription stopped: {err}");
+            }
+        })
+    });
+
     let mut workers = Vec::new();
     for (i, w) in worker_writers.into_iter().enumerate() {
         let name = format!("worker{i}");
         report.add_worker(w.did(), &name, w.pds_url());
-        let agent = Agent::builder(w)
-            .watch_all(hosts.iter().cloned())
+        let agent = hear(Agent::builder(w), hosts, worker_feeds[i].take())
             .plc_url(plc)
-            .start_cursor(0)
             .peers(peers.clone())
             .requester(false)
             .worker(square_worker(args.work_ms, args.concurrency))
@@ -47,21 +79,24 @@ pub(super) async fn swarm(
     let coordinator_pds = coordinator.pds_url().to_string();
     let coordinator_session = coordinator.session();
     let coordinator_writer = coordinator.clone();
-    let mut boss = Agent::builder(coordinator)
-        .watch_all(hosts.iter().cloned())
+    let mut boss = hear(Agent::builder(coordinator), hosts, boss_feed)
         .plc_url(plc)
-        .start_cursor(0)
         .peers(peers.clone())
         .start()
         .await?;
 
     workers_online(&boss, args.workers).await?;
     report.say(format_args!(
-        "swarm: 1 coordinator on {}, {} workers on {} PDS host(s), {} tasks",
+        "swarm: 1 coordinator on {}, {} workers on {} PDS host(s), {} tasks; {}",
         hosts[0],
         args.workers,
         hosts.len(),
-        args.tasks
+        args.tasks,
+        if fanout.is_some() {
+            "the agents share one verified subscription per host"
+        } else {
+            "each agent subscribes to every host itself"
+        }
     ));
 
     // Per-worker progress from the workers' own events.
@@ -121,12 +156,12 @@ pub(super) async fn swarm(
             // Same identity, its saved session, no local state, live stream only.
             let writer = Writer::builder(coordinator_pds.as_str())
                 .with_session(coordinator_session.clone())?;
-            boss = Agent::builder(writer)
-                .watch_all(hosts.iter().cloned())
-                .plc_url(plc)
-                .peers(peers.clone())
-                .start()
-                .await?;
+            // Live stream only: it joins the shared subscription where that is now.
+            let mut restarted = Agent::builder(writer).watch_all(hosts.iter().cloned());
+            if let Some(f) = &fanout {
+                restarted = restarted.feed(f.subscriber("coordinator-restarted"));
+            }
+            boss = restarted.plc_url(plc).peers(peers.clone()).start().await?;
             if let Some(r) = boss.recovery() {
                 closed_before = (args.tasks as u64).saturating_sub(r.open as u64);
                 report.say(format_args!(
@@ -180,7 +215,22 @@ pub(super) async fn swarm(
         w.shutdown().await;
     }
     boss.shutdown().await;
+    if let (Some(fanout), Some(upstream)) = (&fanout, upstream) {
+        fanout.shutdown();
+        let _ = upstream.await;
+    }
     Ok(ok)
+}
+
+/// How an agent hears the swarm: through its subscriber of the shared subscription, or
+/// (without one) by subscribing to every host itself from the start of the streams. The
+/// hosts are where it reads repos either way.
+fn hear(agent: AgentBuilder, hosts: &[String], feed: Option<FanoutSubscriber>) -> AgentBuilder {
+    let agent = agent.watch_all(hosts.iter().cloned());
+    match feed {
+        Some(feed) => agent.feed(feed),
+        None => agent.start_cursor(0),
+    }
 }
 
 /// A duration in whole milliseconds.

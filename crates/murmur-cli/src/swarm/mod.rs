@@ -2,8 +2,9 @@
 //! tasks through the record-only task protocol, with live progress and an exactly-once summary.
 //!
 //! Two modes, one summary ([`summary`]):
-//! - direct (default, [`direct`]): every agent runs in this process and subscribes to every
-//!   PDS host itself;
+//! - direct (default, [`direct`]): every agent runs in this process; they share one verified
+//!   subscription per PDS host (an in-process `Fanout`), or with `--separate-subscriptions`
+//!   each subscribes to every host itself;
 //! - `--bus [URL]` ([`bus`]): this process is a launcher. It starts the network (and a NATS
 //!   server when no URL is given), runs the hub, creates the accounts, and starts each agent
 //!   as a process of its own (`murmur swarm-agent`, [`agent`]) that hears the swarm through
@@ -57,6 +58,11 @@ pub struct SwarmArgs {
     /// local nats-server is started; a given server must be nats-server 2.10 or newer.
     #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "")]
     bus: Option<String>,
+    /// Direct mode: every agent subscribes to every PDS host and verifies every commit itself
+    /// (one socket per agent per host), instead of all agents sharing one verified
+    /// subscription per host through an in-process fan-out. For comparison.
+    #[arg(long, conflicts_with = "bus")]
+    separate_subscriptions: bool,
     /// Print the summary as one JSON object on stdout (the human output goes to stderr).
     #[arg(long)]
     json: bool,

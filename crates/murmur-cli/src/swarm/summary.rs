@@ -145,6 +145,8 @@ pub(crate) struct Outcome {
 pub(crate) struct Report {
     json: bool,
     mode: &'static str,
+    /// Direct mode: `shared` (one fan-out) or `separate` (a subscription per agent).
+    subscriptions: Option<&'static str>,
     tasks: usize,
     /// Worker DID -> (name, PDS host).
     names: BTreeMap<String, (String, String)>,
@@ -163,6 +165,7 @@ impl Report {
         Report {
             json,
             mode,
+            subscriptions: None,
             tasks,
             names: BTreeMap::new(),
             pids: BTreeMap::new(),
@@ -179,6 +182,11 @@ impl Report {
         } else {
             println!("{text}");
         }
+    }
+
+    /// Says how the agents hear the PDS hosts (direct mode): `shared` or `separate`.
+    pub fn subscriptions(&mut self, how: &'static str) {
+        self.subscriptions = Some(how);
     }
 
     /// Names a worker.
@@ -278,7 +286,13 @@ impl Report {
         if outcome.timed_out {
             self.say("timed out (--timeout) before every task was done");
         }
-        self.say(format_args!("summary ({} mode)", self.mode));
+        match self.subscriptions {
+            Some(how) => self.say(format_args!(
+                "summary ({} mode, {how} subscriptions)",
+                self.mode
+            )),
+            None => self.say(format_args!("summary ({} mode)", self.mode)),
+        }
         self.say(format_args!(
             "  tasks done   {} / {}  in {:.1} s ({per_s:.1} tasks/s; posting took {:.1} s)",
             s.done,
@@ -321,6 +335,7 @@ impl Report {
             let ms_f = |d: Option<Duration>| d.map(|d| d.as_secs_f64() * 1000.0);
             let object = serde_json::json!({
                 "mode": self.mode,
+                "subscriptions": self.subscriptions,
                 "workers": self.names.len(),
                 "tasks": self.tasks,
                 "done": s.done,
