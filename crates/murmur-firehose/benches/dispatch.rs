@@ -59,7 +59,12 @@ fn main() {
     let key = k256::ecdsa::SigningKey::from_slice(&[42u8; 32]).expect("bench key");
     let mut signed = Vec::with_capacity(recorded.len() * signed_passes);
     for p in 0..signed_passes {
-        signed.extend(corpus::signed_pass(&recorded, p, signed.len() as i64 + 1, &key));
+        signed.extend(corpus::signed_pass(
+            &recorded,
+            p,
+            signed.len() as i64 + 1,
+            &key,
+        ));
     }
     let dids = corpus::dids(&signed);
     println!(
@@ -109,7 +114,11 @@ fn main() {
         for (i, setup) in setups.iter().enumerate() {
             let input = if setup.signed { &signed } else { &frames };
             let rate = run(*setup, input, &dids, &pinned);
-            println!("  round {}: {:<38} {rate:>9.0} events/s", round + 1, setup.name);
+            println!(
+                "  round {}: {:<38} {rate:>9.0} events/s",
+                round + 1,
+                setup.name
+            );
             rates[i].push(rate);
         }
     }
@@ -126,7 +135,11 @@ fn main() {
     let (_, with_state) = stat(&rates[1]);
     println!(
         "  goal: with a state dir >= 100,000 events/s (median {with_state:.0}: {})",
-        if with_state >= 100_000.0 { "met" } else { "NOT met" }
+        if with_state >= 100_000.0 {
+            "met"
+        } else {
+            "NOT met"
+        }
     );
     let (_, one) = stat(&rates[2]);
     let (_, two) = stat(&rates[3]);

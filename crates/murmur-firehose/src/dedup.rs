@@ -166,7 +166,9 @@ impl FileDedupStore {
                 self.compact_with(&batch)
             } else {
                 let mut file = self.state().file.take();
-                let result = file.as_mut().map_or(Ok(()), |f| self.append(f, &batch.text));
+                let result = file
+                    .as_mut()
+                    .map_or(Ok(()), |f| self.append(f, &batch.text));
                 self.state().file = file;
                 result
             };
@@ -386,7 +388,10 @@ mod tests {
                     store.insert(k.clone()).await.unwrap();
                     // Written before insert returned: a kill -9 now would keep it.
                     let text = std::fs::read_to_string(store.path.clone()).unwrap();
-                    assert!(text.contains(&format!(" {}\n", k.path)), "{k:?} not in the file");
+                    assert!(
+                        text.contains(&format!(" {}\n", k.path)),
+                        "{k:?} not in the file"
+                    );
                 }
             }));
         }
@@ -420,7 +425,13 @@ mod tests {
         std::fs::remove_file(&blocker).unwrap();
         store.insert(key(1)).await.unwrap();
         assert!(store.contains(&key(1)).await.unwrap());
-        assert!(FileDedupStore::open(&path).unwrap().contains(&key(1)).await.unwrap());
+        assert!(
+            FileDedupStore::open(&path)
+                .unwrap()
+                .contains(&key(1))
+                .await
+                .unwrap()
+        );
     }
 
     #[tokio::test]

@@ -46,7 +46,9 @@ impl RepoLanes {
         })
     }
 
-    fn lanes(&self) -> MutexGuard<'_, HashMap<String, VecDeque<(ReadEvent, OwnedSemaphorePermit)>>> {
+    fn lanes(
+        &self,
+    ) -> MutexGuard<'_, HashMap<String, VecDeque<(ReadEvent, OwnedSemaphorePermit)>>> {
         self.lanes.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -15,8 +15,8 @@ use crate::hooks::{ErrorHook, GapHook, RejectedHook, ResyncHook};
 use crate::op::StateMap;
 use crate::pipeline::{DEFAULT_MAX_SEQ_JUMP, Pipeline, check_seq_range};
 use crate::progress::Progress;
-use crate::repo_lanes::RepoLanes;
 use crate::reader::{SourceReader, stopped};
+use crate::repo_lanes::RepoLanes;
 use crate::{
     Action, Backoff, CursorStore, DeadLetterStore, DedupStore, DidAllowlist, FileCursorStore,
     FileDeadLetterStore, FileDedupStore, Filter, FirehoseError, Gap, Handler,

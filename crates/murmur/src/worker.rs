@@ -481,8 +481,7 @@ impl WorkerRuntime {
             // worker listened, or before a copy it read) opens the task again all the same;
             // only the lapse of another assignment than the one known is stale.
             Fact::Lapsed { assignment_cid } => {
-                if k
-                    .assignment
+                if k.assignment
                     .as_deref()
                     .is_none_or(|known| known == assignment_cid.as_str())
                 {

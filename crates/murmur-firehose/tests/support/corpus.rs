@@ -63,7 +63,12 @@ pub fn signed_pass(
 pub fn dids(frames: &[Vec<u8>]) -> Vec<String> {
     let mut out: Vec<String> = frames
         .iter()
-        .filter_map(|f| murmur_sync::Frame::decode(f).ok()?.did().map(str::to_string))
+        .filter_map(|f| {
+            murmur_sync::Frame::decode(f)
+                .ok()?
+                .did()
+                .map(str::to_string)
+        })
         .collect();
     out.sort();
     out.dedup();
@@ -77,7 +82,11 @@ fn rewrite(frame: &[u8], seq: i64, pass: usize) -> Vec<u8> {
 /// Signs the commit block of a `#commit`'s or `#sync`'s CAR slice again for `did`: the
 /// block's `did` is replaced and its signature made by `key`; the slice gets the new block
 /// and root, the frame the new commit CID.
-fn resign(fields: &mut std::collections::BTreeMap<String, Ipld>, did: &str, key: &k256::ecdsa::SigningKey) {
+fn resign(
+    fields: &mut std::collections::BTreeMap<String, Ipld>,
+    did: &str,
+    key: &k256::ecdsa::SigningKey,
+) {
     let Some(Ipld::Bytes(car)) = fields.get("blocks") else {
         return;
     };
@@ -85,7 +94,10 @@ fn resign(fields: &mut std::collections::BTreeMap<String, Ipld>, did: &str, key:
     let root = slice.roots()[0];
     let mut blocks: Vec<(cid::Cid, Vec<u8>)> =
         slice.blocks().map(|(c, b)| (*c, b.to_vec())).collect();
-    let at = blocks.iter().position(|(c, _)| *c == root).expect("commit block");
+    let at = blocks
+        .iter()
+        .position(|(c, _)| *c == root)
+        .expect("commit block");
     let mut commit: Ipld = serde_ipld_dagcbor::from_slice(&blocks[at].1).expect("commit");
     let Ipld::Map(map) = &mut commit else {
         panic!("commit is not a map")
