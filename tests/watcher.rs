@@ -589,7 +589,7 @@ impl murmur_firehose::Source for Replay {
         let items: Vec<_> = self
             .0
             .iter()
-            .map(|f| Ok(murmur_firehose::SourceMessage::Frame(f.clone())))
+            .map(|f| Ok(murmur_firehose::SourceMessage::Frame(f.clone().into())))
             .collect();
         Ok(Box::pin(
             futures_util::stream::iter(items).chain(futures_util::stream::pending()),

@@ -125,7 +125,7 @@ impl Pipeline {
         &self,
         index: usize,
         url: &Arc<str>,
-        bytes: &[u8],
+        bytes: &murmur_sync::Bytes,
         position: &mut ReadPosition,
     ) -> Result<Option<ReadEvent>, SourceError> {
         self.metrics.frame_in(index);
@@ -501,7 +501,7 @@ impl Pipeline {
         }
         let proof = self
             .keep_proofs
-            .then(|| Arc::<[u8]>::from(commit.blocks.as_slice()));
+            .then(|| Arc::<[u8]>::from(&commit.blocks[..]));
         let mut jobs = Vec::new();
         for op in verified.ops {
             // A collection is an NSID, never `#...`: such a path must not reach the

@@ -12,8 +12,9 @@ use tokio_tungstenite::tungstenite::{self, Message};
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum SourceMessage {
-    /// A binary event-stream frame (DAG-CBOR header + body), as subscribeRepos sends.
-    Frame(Vec<u8>),
+    /// A binary event-stream frame (DAG-CBOR header + body), as subscribeRepos sends; the
+    /// decoded event's CAR slice shares this buffer.
+    Frame(murmur_sync::Bytes),
 }
 
 /// Why a source could not connect or stopped reading.
@@ -153,7 +154,7 @@ impl Source for SubscribeRepos {
                             Err(_) => Err(SourceError::Idle(idle)),
                             Ok(None) => Err(SourceError::Closed(None)),
                             Ok(Some(Err(e))) => Err(SourceError::Transport(e.to_string())),
-                            Ok(Some(Ok(Message::Binary(bytes)))) => Ok(SourceMessage::Frame(bytes.into())),
+                            Ok(Some(Ok(Message::Binary(bytes)))) => Ok(SourceMessage::Frame(bytes)),
                             Ok(Some(Ok(Message::Close(frame)))) => {
                                 Err(SourceError::Closed(frame.map(|f| f.reason.to_string())))
                             }

@@ -141,7 +141,7 @@ fn corpus_sections() {
     let cars: Vec<Vec<u8>> = agent_sized
         .iter()
         .map(|f| match Frame::decode(f).unwrap() {
-            Frame::Commit(c) => c.blocks,
+            Frame::Commit(c) => c.blocks.to_vec(),
             _ => unreachable!(),
         })
         .collect();

@@ -2,10 +2,10 @@
 
 use cid::Cid;
 use multihash::Multihash;
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::SyncError;
+use crate::cbor::Reader;
 
 /// Multicodec of DAG-CBOR blocks.
 pub const DAG_CBOR: u64 = 0x71;
@@ -21,12 +21,8 @@ pub struct CarSlice<'a> {
     blocks: Vec<(Cid, &'a [u8])>,
 }
 
-#[derive(Deserialize)]
-struct CarHeader {
-    version: u64,
-    roots: Vec<Cid>,
-}
-
+#[cold]
+#[inline(never)]
 fn car_err(offset: usize, reason: impl Into<String>) -> SyncError {
     SyncError::Car {
         offset,
@@ -34,7 +30,14 @@ fn car_err(offset: usize, reason: impl Into<String>) -> SyncError {
     }
 }
 
+#[inline]
 fn varint(b: &[u8], pos: usize) -> Result<(u64, usize), SyncError> {
+    // Sections under 128 bytes and the CAR header: one byte.
+    if let Some(&byte) = b.get(pos)
+        && byte < 0x80
+    {
+        return Ok((u64::from(byte), pos + 1));
+    }
     let mut value = 0u64;
     for i in 0..9 {
         let byte = *b
@@ -100,14 +103,46 @@ pub fn cid_for(codec: u64, data: &[u8]) -> Cid {
 /// Checks that `cid` is the hash of `data` (CIDv1, dag-cbor or raw, sha2-256).
 pub fn check_block(cid: &Cid, data: &[u8]) -> Result<(), SyncError> {
     check_cid_kind(cid)?;
-    let actual = cid_for(cid.codec(), data);
-    if actual != *cid {
-        return Err(SyncError::CidMismatch {
-            cid: cid.to_string(),
-            actual: actual.to_string(),
-        });
+    let digest = Sha256::digest(data);
+    if cid.hash().digest() != digest.as_slice() {
+        return Err(cid_mismatch(cid, &digest));
     }
     Ok(())
+}
+
+#[cold]
+#[inline(never)]
+fn cid_mismatch(cid: &Cid, digest: &[u8]) -> SyncError {
+    let mh = Multihash::<64>::wrap(SHA2_256, digest).expect("a 32-byte digest fits in 64");
+    SyncError::CidMismatch {
+        cid: cid.to_string(),
+        actual: Cid::new_v1(cid.codec(), mh).to_string(),
+    }
+}
+
+/// The binary form of every CID atproto accepts: CIDv1, a one-byte codec (dag-cbor or
+/// raw), sha2-256 with its 32-byte digest.
+const ATPROTO_CID_LEN: usize = 36;
+
+/// The codec of `b` if it is a CID in atproto's binary form ([`ATPROTO_CID_LEN`] bytes).
+#[inline]
+fn atproto_cid_codec(b: &[u8]) -> Option<u8> {
+    match *b {
+        [1, codec @ (0x71 | 0x55), 0x12, 32, ..] if b.len() == ATPROTO_CID_LEN => Some(codec),
+        _ => None,
+    }
+}
+
+/// Parses a binary CID that fills `b` exactly; atproto's form without the generic decoder.
+#[inline]
+pub(crate) fn cid_from_bytes(b: &[u8]) -> Option<Cid> {
+    if let Some(codec) = atproto_cid_codec(b) {
+        let mh = Multihash::<64>::wrap(SHA2_256, &b[4..]).ok()?;
+        return Some(Cid::new_v1(u64::from(codec), mh));
+    }
+    let mut rest = b;
+    let cid = Cid::read_bytes(&mut rest).ok()?;
+    rest.is_empty().then_some(cid)
 }
 
 fn check_cid_kind(cid: &Cid) -> Result<(), SyncError> {
@@ -126,8 +161,43 @@ fn check_cid_kind(cid: &Cid) -> Result<(), SyncError> {
     })
 }
 
+/// Decodes the CAR header `{roots: [CID...], version: 1}`: its roots. Offsets in errors are
+/// relative to the header.
+fn parse_header(b: &[u8]) -> Result<Vec<Cid>, SyncError> {
+    const MAX_DEPTH: usize = 4;
+    let mut r = Reader::new(b, "CAR header");
+    let (mut roots, mut version) = (None, None);
+    for _ in 0..r.map(1, MAX_DEPTH)? {
+        let key_at = r.pos();
+        match r.text()? {
+            "roots" if roots.is_none() => {
+                let n = r.array(2, MAX_DEPTH)?;
+                let mut list = Vec::with_capacity(n);
+                for _ in 0..n {
+                    list.push(r.cid()?);
+                }
+                roots = Some(list);
+            }
+            "version" if version.is_none() => version = Some(r.uint()?),
+            "roots" | "version" => return Err(car_err(key_at, "header: duplicate key")),
+            _ => r.skip(1, MAX_DEPTH)?,
+        }
+    }
+    if !r.at_end() {
+        return Err(car_err(r.pos(), "header: trailing bytes"));
+    }
+    match (roots, version) {
+        (Some(roots), Some(1)) => Ok(roots),
+        (_, Some(v)) if v != 1 => Err(car_err(0, format!("version {v} is not 1"))),
+        (None, _) => Err(car_err(0, "header: missing field `roots`")),
+        (Some(_), _) => Err(car_err(0, "header: missing field `version`")),
+    }
+}
+
 impl<'a> CarSlice<'a> {
     /// Parses a CAR v1 slice and re-hashes every block.
+    ///
+    /// One pass over the input; blocks are borrowed from it, not copied.
     pub fn parse(bytes: &'a [u8]) -> Result<Self, SyncError> {
         let (header_len, pos) = varint(bytes, 0)?;
         let header_end = usize::try_from(header_len)
@@ -135,13 +205,15 @@ impl<'a> CarSlice<'a> {
             .and_then(|l| pos.checked_add(l))
             .filter(|&e| e <= bytes.len())
             .ok_or_else(|| car_err(0, "header length runs past the end"))?;
-        crate::cbor::item_end(&bytes[pos..header_end], 0, 4, "CAR header")?;
-        let header: CarHeader = serde_ipld_dagcbor::from_slice(&bytes[pos..header_end])
-            .map_err(|e| car_err(pos, format!("header: {e}")))?;
-        if header.version != 1 {
-            return Err(car_err(pos, format!("version {} is not 1", header.version)));
-        }
-        let mut blocks = Vec::new();
+        let roots = parse_header(&bytes[pos..header_end]).map_err(|e| match e {
+            SyncError::Car { offset, reason } => SyncError::Car {
+                offset: pos + offset,
+                reason,
+            },
+            e => e,
+        })?;
+        // Commit slices carry about one block per 500 bytes.
+        let mut blocks = Vec::with_capacity((bytes.len() / 512).clamp(4, 64));
         let mut pos = header_end;
         while pos < bytes.len() {
             let (len, data_start) = varint(bytes, pos)?;
@@ -151,20 +223,34 @@ impl<'a> CarSlice<'a> {
                 .filter(|&e| e <= bytes.len())
                 .ok_or_else(|| car_err(pos, "block length runs past the end"))?;
             let section = &bytes[data_start..end];
-            let mut reader = section;
-            let cid = Cid::read_bytes(&mut reader)
-                .map_err(|e| car_err(data_start, format!("block CID: {e}")))?;
-            let data = &section[section.len() - reader.len()..];
-            check_block(&cid, data)?;
-            blocks.push((cid, data));
+            let block = match section.get(..ATPROTO_CID_LEN).and_then(atproto_cid_codec) {
+                // The usual case: compare the digest in place, build the CID once it matched.
+                Some(codec) => {
+                    let (cid, data) = section.split_at(ATPROTO_CID_LEN);
+                    let digest = Sha256::digest(data);
+                    if cid[4..] != digest[..] {
+                        let cid = cid_from_bytes(cid).expect("an atproto CID");
+                        return Err(cid_mismatch(&cid, &digest));
+                    }
+                    let mh = Multihash::<64>::wrap(SHA2_256, &digest)
+                        .expect("a 32-byte digest fits in 64");
+                    (Cid::new_v1(u64::from(codec), mh), data)
+                }
+                None => {
+                    let mut reader = section;
+                    let cid = Cid::read_bytes(&mut reader)
+                        .map_err(|e| car_err(data_start, format!("block CID: {e}")))?;
+                    let data = &section[section.len() - reader.len()..];
+                    check_block(&cid, data)?;
+                    (cid, data)
+                }
+            };
+            blocks.push(block);
             pos = end;
         }
-        blocks.sort_unstable_by_key(|b| b.0);
+        blocks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         blocks.dedup_by(|a, b| a.0 == b.0);
-        Ok(CarSlice {
-            roots: header.roots,
-            blocks,
-        })
+        Ok(CarSlice { roots, blocks })
     }
 
     /// The header's roots (a commit slice has one: the commit CID).
@@ -265,5 +351,73 @@ mod tests {
         let empty = write_car(root, std::iter::empty::<(Cid, &[u8])>());
         let slice = CarSlice::parse(&empty).unwrap();
         assert_eq!((slice.roots(), slice.len()), (&[root][..], 0));
+    }
+
+    /// A CAR with this header (DAG-CBOR) and one block section of raw bytes.
+    fn car_with(header: &ipld_core::ipld::Ipld, section: &[u8]) -> Vec<u8> {
+        let header = serde_ipld_dagcbor::to_vec(header).unwrap();
+        let mut out = Vec::new();
+        write_varint(&mut out, header.len() as u64);
+        out.extend_from_slice(&header);
+        write_varint(&mut out, section.len() as u64);
+        out.extend_from_slice(section);
+        out
+    }
+
+    #[test]
+    fn a_bad_header_is_a_typed_error() {
+        let cid = cid_for(DAG_CBOR, &[0xa0]);
+        let mut section = cid.to_bytes();
+        section.push(0xa0);
+        let ok = car_with(&ipld_core::ipld!({"roots": [cid], "version": 1}), &section);
+        assert_eq!(CarSlice::parse(&ok).unwrap().roots(), &[cid]);
+        for (header, reason) in [
+            (ipld_core::ipld!({"roots": [cid], "version": 2}), "version 2"),
+            (ipld_core::ipld!({"version": 1}), "roots"),
+            (ipld_core::ipld!({"roots": [cid]}), "version"),
+            (ipld_core::ipld!({"roots": ["x"], "version": 1}), "CID"),
+            (ipld_core::ipld!([cid]), "map"),
+        ] {
+            let err = CarSlice::parse(&car_with(&header, &section)).unwrap_err();
+            let message = err.to_string();
+            assert!(
+                matches!(err, SyncError::Car { .. } | SyncError::Cbor { .. }),
+                "{header:?}: {message}"
+            );
+            assert!(message.contains(reason), "{header:?}: {message}");
+        }
+    }
+
+    #[test]
+    fn a_mismatch_names_both_cids_and_foreign_cids_are_refused() {
+        let data = vec![0xa1, 0x61, 0x61, 0x01];
+        let cid = cid_for(DAG_CBOR, &data);
+        let other = cid_for(DAG_CBOR, &[0xa0]);
+        // Raw blocks hash like dag-cbor ones; only the codec differs.
+        let raw = cid_for(RAW, &data);
+        let slice = car(&cid, &[(raw, data.clone())]);
+        assert_eq!(CarSlice::parse(&slice).unwrap().get(&raw), Some(&data[..]));
+        let forged = car(&cid, &[(other, data.clone())]);
+        match CarSlice::parse(&forged) {
+            Err(SyncError::CidMismatch { cid: claimed, actual }) => {
+                assert_eq!((claimed, actual), (other.to_string(), cid.to_string()));
+            }
+            r => panic!("{r:?}"),
+        }
+        assert!(check_block(&other, &data).is_err());
+        assert!(check_block(&cid, &data).is_ok());
+        // A CID of another hash or codec goes through the generic decoder and is refused.
+        let sha512 = Multihash::<64>::wrap(0x13, &[7; 64]).unwrap();
+        for foreign in [Cid::new_v1(DAG_CBOR, sha512), Cid::new_v1(0x70, *cid.hash())] {
+            let err = CarSlice::parse(&car(&cid, &[(foreign, data.clone())])).unwrap_err();
+            assert!(matches!(err, SyncError::UnsupportedCid { .. }), "{err}");
+        }
+        // Binary CIDs parse the same through the fast path and the generic decoder.
+        for c in [cid, raw, Cid::new_v1(0x70, *cid.hash())] {
+            assert_eq!(cid_from_bytes(&c.to_bytes()), Some(c));
+            let mut longer = c.to_bytes();
+            longer.push(0);
+            assert_eq!(cid_from_bytes(&longer), None);
+        }
     }
 }

@@ -9,31 +9,40 @@ use crate::SyncError;
 pub(crate) const MAX_TRACKED_DEPTH: usize = 128;
 
 /// Reads one item head at `pos`: (major type, argument, position after the head).
+#[inline]
 fn head(b: &[u8], pos: usize, context: &'static str) -> Result<(u8, u64, usize), SyncError> {
-    let err = |offset, reason| SyncError::Cbor {
-        context,
-        offset,
-        reason,
+    let Some(&first) = b.get(pos) else {
+        return Err(cbor_err(context, pos, "unexpected end of input"));
     };
-    let first = *b.get(pos).ok_or(err(pos, "unexpected end of input"))?;
     let major = first >> 5;
     let info = first & 0x1f;
     let (arg, len) = match info {
         0..=23 => (u64::from(info), 0),
         24..=27 => {
             let n = 1usize << (info - 24);
-            let bytes = b
-                .get(pos + 1..pos + 1 + n)
-                .ok_or(err(pos, "unexpected end of input in item head"))?;
+            let Some(bytes) = b.get(pos + 1..pos + 1 + n) else {
+                return Err(cbor_err(context, pos, "unexpected end of input in item head"));
+            };
             (
                 bytes.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)),
                 n,
             )
         }
-        31 => return Err(err(pos, "indefinite-length items are not DAG-CBOR")),
-        _ => return Err(err(pos, "reserved additional information value")),
+        31 => return Err(cbor_err(context, pos, "indefinite-length items are not DAG-CBOR")),
+        _ => return Err(cbor_err(context, pos, "reserved additional information value")),
     };
     Ok((major, arg, pos + 1 + len))
+}
+
+/// The error for malformed or unexpected DAG-CBOR; built only on the failure path.
+#[cold]
+#[inline(never)]
+pub(crate) fn cbor_err(context: &'static str, offset: usize, reason: &'static str) -> SyncError {
+    SyncError::Cbor {
+        context,
+        offset,
+        reason,
+    }
 }
 
 /// Returns the end offset of the single item starting at `pos`, checking that it is complete,
@@ -57,22 +66,16 @@ pub(crate) fn item_end(
             0 | 1 => 0,
             2 | 3 => {
                 let len = usize::try_from(arg).unwrap_or(usize::MAX);
-                pos =
-                    pos.checked_add(len)
-                        .filter(|&end| end <= b.len())
-                        .ok_or(SyncError::Cbor {
-                            context,
-                            offset: start,
-                            reason: "string runs past the end of input",
-                        })?;
+                pos = pos
+                    .checked_add(len)
+                    .filter(|&end| end <= b.len())
+                    .ok_or_else(|| cbor_err(context, start, "string runs past the end of input"))?;
                 0
             }
             4 => arg,
-            5 => arg.checked_mul(2).ok_or(SyncError::Cbor {
-                context,
-                offset: start,
-                reason: "map length overflows",
-            })?,
+            5 => arg
+                .checked_mul(2)
+                .ok_or_else(|| cbor_err(context, start, "map length overflows"))?,
             6 => {
                 if arg != 42 {
                     return Err(SyncError::Cbor {
@@ -146,11 +149,7 @@ pub(crate) fn map_spans<'a>(
         let kend = kpos
             .checked_add(usize::try_from(klen).unwrap_or(usize::MAX))
             .filter(|&e| e <= b.len())
-            .ok_or(SyncError::Cbor {
-                context,
-                offset: start,
-                reason: "map key runs past the end of input",
-            })?;
+            .ok_or_else(|| cbor_err(context, start, "map key runs past the end of input"))?;
         let key = std::str::from_utf8(&b[kpos..kend]).map_err(|_| SyncError::Cbor {
             context,
             offset: kpos,
@@ -168,6 +167,205 @@ pub(crate) fn map_spans<'a>(
         });
     }
     Ok(MapSpans { entries })
+}
+
+/// A cursor that decodes one DAG-CBOR input in a single pass, borrowing strings and byte
+/// strings from it: the decoder behind [`crate::Frame::decode`] and [`crate::CarSlice::parse`].
+///
+/// Every method checks what it reads (type, bounds, UTF-8) and fails with
+/// [`SyncError::Cbor`] naming the context and the byte offset; errors are built only when
+/// something is wrong. Nesting is tracked by the caller (see [`Reader::enter`]).
+pub(crate) struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+    context: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(b: &'a [u8], context: &'static str) -> Self {
+        Reader::at(b, 0, context)
+    }
+
+    /// A reader of `b` whose next item starts at `pos` (offsets stay those of `b`).
+    pub(crate) fn at(b: &'a [u8], pos: usize, context: &'static str) -> Self {
+        Reader { b, pos, context }
+    }
+
+    /// The offset of the next item.
+    pub(crate) fn pos(&self) -> usize {
+        self.pos
+    }
+
+    /// True when every byte has been read.
+    pub(crate) fn at_end(&self) -> bool {
+        self.pos == self.b.len()
+    }
+
+    /// The error for the item starting at `offset`.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn err(&self, offset: usize, reason: &'static str) -> SyncError {
+        cbor_err(self.context, offset, reason)
+    }
+
+    /// Reads a head of major type `major`: its argument. `what` names the expected item.
+    #[inline]
+    fn expect(&mut self, major: u8, what: &'static str) -> Result<u64, SyncError> {
+        let start = self.pos;
+        let (m, arg, next) = head(self.b, start, self.context)?;
+        if m != major {
+            return Err(self.err(start, what));
+        }
+        self.pos = next;
+        Ok(arg)
+    }
+
+    /// Reads `len` bytes of string payload.
+    #[inline]
+    fn payload(&mut self, start: usize, len: u64) -> Result<&'a [u8], SyncError> {
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| self.pos.checked_add(l))
+            .filter(|&e| e <= self.b.len());
+        let Some(end) = end else {
+            return Err(self.err(start, "string runs past the end of input"));
+        };
+        let out = &self.b[self.pos..end];
+        self.pos = end;
+        Ok(out)
+    }
+
+    /// Checks that a container of `count` items (`per_item` CBOR items each) can fit in the
+    /// bytes left, and that entering it at `depth` (1 for a top-level container) stays within
+    /// `max_depth`, as [`item_end`] counts it (empty containers do not nest).
+    pub(crate) fn enter(
+        &self,
+        start: usize,
+        count: u64,
+        per_item: u64,
+        depth: usize,
+        max_depth: usize,
+    ) -> Result<usize, SyncError> {
+        let left = (self.b.len() - self.pos) as u64;
+        if count.saturating_mul(per_item) > left {
+            return Err(self.err(
+                start,
+                "container claims more items than there are bytes",
+            ));
+        }
+        if count > 0 && depth > max_depth.min(MAX_TRACKED_DEPTH - 1) {
+            return Err(SyncError::TooDeep {
+                context: self.context,
+                limit: max_depth.min(MAX_TRACKED_DEPTH - 1),
+            });
+        }
+        // Fits in the input, so it fits in usize.
+        Ok(count as usize)
+    }
+
+    /// Reads a map head entered at `depth`: the number of entries.
+    pub(crate) fn map(&mut self, depth: usize, max_depth: usize) -> Result<usize, SyncError> {
+        let start = self.pos;
+        let n = self.expect(5, "expected a map")?;
+        self.enter(start, n, 2, depth, max_depth)
+    }
+
+    /// Reads an array head entered at `depth`: the number of items.
+    pub(crate) fn array(&mut self, depth: usize, max_depth: usize) -> Result<usize, SyncError> {
+        let start = self.pos;
+        let n = self.expect(4, "expected an array")?;
+        self.enter(start, n, 1, depth, max_depth)
+    }
+
+    /// Reads a text string.
+    #[inline]
+    pub(crate) fn text(&mut self) -> Result<&'a str, SyncError> {
+        let start = self.pos;
+        let len = self.expect(3, "expected a text string")?;
+        let bytes = self.payload(start, len)?;
+        std::str::from_utf8(bytes).map_err(|_| self.err(start, "text string is not UTF-8"))
+    }
+
+    /// Reads a byte string: its offsets in the input.
+    pub(crate) fn bytes(&mut self) -> Result<std::ops::Range<usize>, SyncError> {
+        let start = self.pos;
+        let len = self.expect(2, "expected a byte string")?;
+        let data_start = self.pos;
+        self.payload(start, len)?;
+        Ok(data_start..self.pos)
+    }
+
+    /// Reads an integer that fits in an `i64`.
+    pub(crate) fn int(&mut self) -> Result<i64, SyncError> {
+        let start = self.pos;
+        let (major, arg, next) = head(self.b, start, self.context)?;
+        let value = match major {
+            0 => i64::try_from(arg).ok(),
+            1 => i64::try_from(arg).ok().map(|n| -1 - n),
+            _ => return Err(self.err(start, "expected an integer")),
+        };
+        let Some(value) = value else {
+            return Err(self.err(start, "integer does not fit in 64 signed bits"));
+        };
+        self.pos = next;
+        Ok(value)
+    }
+
+    /// Reads an unsigned integer.
+    pub(crate) fn uint(&mut self) -> Result<u64, SyncError> {
+        self.expect(0, "expected an unsigned integer")
+    }
+
+    /// Reads `true` or `false`.
+    pub(crate) fn bool(&mut self) -> Result<bool, SyncError> {
+        let value = match self.b.get(self.pos) {
+            Some(0xf4) => false,
+            Some(0xf5) => true,
+            _ => return Err(self.err(self.pos, "expected a boolean")),
+        };
+        self.pos += 1;
+        Ok(value)
+    }
+
+    /// Consumes a `null` if one is next: true when it did.
+    #[inline]
+    pub(crate) fn null(&mut self) -> bool {
+        let null = self.b.get(self.pos) == Some(&0xf6);
+        self.pos += usize::from(null);
+        null
+    }
+
+    /// Reads a CID link: tag 42 over a byte string holding 0x00 and the binary CID.
+    #[inline]
+    pub(crate) fn cid(&mut self) -> Result<Cid, SyncError> {
+        let start = self.pos;
+        if self.b.get(start..start + 2) != Some(&[0xd8, 42][..]) {
+            return Err(self.err(start, "expected a CID (tag 42)"));
+        }
+        self.pos += 2;
+        let range = self.bytes()?;
+        match self.b[range].split_first() {
+            Some((0, cid)) => {
+                crate::car::cid_from_bytes(cid).ok_or_else(|| self.err(start, "invalid CID"))
+            }
+            _ => Err(self.err(start, "CID link lacks its 0x00 prefix")),
+        }
+    }
+
+    /// Skips one item of any kind, checking it as [`item_end`] does, nested inside `depth`
+    /// containers.
+    pub(crate) fn skip(&mut self, depth: usize, max_depth: usize) -> Result<(), SyncError> {
+        let left = max_depth.min(MAX_TRACKED_DEPTH - 1).saturating_sub(depth);
+        self.pos = item_end(self.b, self.pos, left, self.context).map_err(|e| match e {
+            // Report the limit in force, not what was left of it at this depth.
+            SyncError::TooDeep { context, .. } => SyncError::TooDeep {
+                context,
+                limit: max_depth.min(MAX_TRACKED_DEPTH - 1),
+            },
+            e => e,
+        })?;
+        Ok(())
+    }
 }
 
 /// Writes a CBOR item head with the shortest argument encoding (as DAG-CBOR requires).

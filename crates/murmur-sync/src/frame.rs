@@ -1,9 +1,11 @@
 //! Event-stream frames of `com.atproto.sync.subscribeRepos`: header `{op, t}` + DAG-CBOR body.
 
+use bytes::Bytes;
 use cid::Cid;
 use serde::Deserialize;
 
-use crate::{StreamError, SyncError, cbor};
+use crate::cbor::{self, Reader};
+use crate::{StreamError, SyncError};
 
 /// Size and shape limits applied while decoding (defaults from the atproto specs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -106,7 +108,7 @@ impl RepoOp {
 
 /// A `#commit` event. `repo` and `ops` are available without touching `blocks`, so a consumer
 /// can pre-filter before any CAR parsing or verification.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CommitEvent {
     /// Stream sequence number.
     pub seq: i64,
@@ -118,18 +120,16 @@ pub struct CommitEvent {
     pub rev: String,
     /// The rev of the previous commit of this repo, `None` for the first.
     pub since: Option<String>,
-    /// A CAR v1 slice: the commit, changed MST nodes and new records.
-    #[serde(with = "serde_bytes")]
-    pub blocks: Vec<u8>,
+    /// A CAR v1 slice: the commit, changed MST nodes and new records. When the frame was
+    /// decoded from a [`Bytes`], this shares its buffer (no copy; cloning is cheap).
+    pub blocks: Bytes,
     /// What changed.
     pub ops: Vec<RepoOp>,
     /// The MST root before this commit (sync 1.1).
-    #[serde(rename = "prevData", default)]
     pub prev_data: Option<Cid>,
     /// When the server emitted the event (RFC 3339).
     pub time: String,
     /// Deprecated: blocks were left out because the commit was too large.
-    #[serde(rename = "tooBig", default)]
     pub too_big: bool,
 }
 
@@ -141,15 +141,15 @@ impl CommitEvent {
 }
 
 /// A `#sync` event: the repo's current signed commit, with no diff.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct SyncEvent {
     /// Stream sequence number.
     pub seq: i64,
     /// The repo DID.
     pub did: String,
-    /// A CAR v1 slice whose root is the commit block.
-    #[serde(with = "serde_bytes")]
-    pub blocks: Vec<u8>,
+    /// A CAR v1 slice whose root is the commit block (shares the frame's buffer when the
+    /// frame was decoded from a [`Bytes`]).
+    pub blocks: Bytes,
     /// The commit's rev.
     pub rev: String,
     /// When the server emitted the event.
@@ -204,93 +204,81 @@ impl InfoEvent {
 }
 
 #[derive(Deserialize)]
-struct Header {
-    op: i64,
-    #[serde(default)]
-    t: Option<String>,
-}
-
-#[derive(Deserialize)]
 struct ErrorBody {
     error: String,
     #[serde(default)]
     message: Option<String>,
 }
 
+/// The bytes of one frame, as [`Frame::decode`] takes them: `[u8]` and `Vec<u8>` (the CAR
+/// slice of a `#commit` or `#sync` is copied out once), or [`Bytes`], as tokio-tungstenite
+/// and async-nats hand frames over (the decoded event shares the buffer: no copy).
+pub trait FrameBytes: sealed::Sealed {
+    /// The frame's bytes, and the shared buffer holding them if there is one.
+    #[doc(hidden)]
+    fn frame_parts(&self) -> (&[u8], Option<&Bytes>);
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for [u8] {}
+    impl<const N: usize> Sealed for [u8; N] {}
+    impl Sealed for Vec<u8> {}
+    impl Sealed for bytes::Bytes {}
+    impl<T: Sealed + ?Sized> Sealed for &T {}
+}
+
+impl FrameBytes for [u8] {
+    fn frame_parts(&self) -> (&[u8], Option<&Bytes>) {
+        (self, None)
+    }
+}
+
+impl<const N: usize> FrameBytes for [u8; N] {
+    fn frame_parts(&self) -> (&[u8], Option<&Bytes>) {
+        (self, None)
+    }
+}
+
+impl FrameBytes for Vec<u8> {
+    fn frame_parts(&self) -> (&[u8], Option<&Bytes>) {
+        (self, None)
+    }
+}
+
+impl FrameBytes for Bytes {
+    fn frame_parts(&self) -> (&[u8], Option<&Bytes>) {
+        (self, Some(self))
+    }
+}
+
+impl<T: FrameBytes + ?Sized> FrameBytes for &T {
+    fn frame_parts(&self) -> (&[u8], Option<&Bytes>) {
+        (**self).frame_parts()
+    }
+}
+
 impl Frame {
     /// Decodes one frame with the default [`Limits`].
     ///
     /// An error frame (op -1) becomes `Err(SyncError::Stream(..))`; an unknown message type
-    /// becomes `Ok(Frame::Unknown { .. })`.
-    pub fn decode(bytes: &[u8]) -> Result<Frame, SyncError> {
+    /// becomes `Ok(Frame::Unknown { .. })`. Give it a [`Bytes`] and the `blocks` of a
+    /// `#commit` or `#sync` are a view of the same buffer; from a slice they are copied once.
+    pub fn decode<B: FrameBytes + ?Sized>(bytes: &B) -> Result<Frame, SyncError> {
         Frame::decode_with(bytes, &Limits::default())
     }
 
     /// Decodes one frame with the given limits.
-    pub fn decode_with(bytes: &[u8], limits: &Limits) -> Result<Frame, SyncError> {
-        if bytes.len() > limits.max_frame_bytes {
-            return Err(SyncError::TooLarge {
-                what: "frame",
-                size: bytes.len(),
-                limit: limits.max_frame_bytes,
-            });
-        }
-        let split = cbor::item_end(bytes, 0, limits.max_depth, "frame header")?;
-        let (head_bytes, body) = bytes.split_at(split);
-        let end = cbor::item_end(body, 0, limits.max_depth, "frame body")?;
-        if end != body.len() {
-            return Err(SyncError::Cbor {
-                context: "frame body",
-                offset: split + end,
-                reason: "trailing bytes after the body",
-            });
-        }
-        let header: Header = serde_ipld_dagcbor::from_slice(head_bytes)
-            .map_err(|e| SyncError::decode("frame header", e))?;
-        match header.op {
-            1 => {}
-            -1 => {
-                let err: ErrorBody = serde_ipld_dagcbor::from_slice(body)
-                    .map_err(|e| SyncError::decode("error frame body", e))?;
-                let message = err.message;
-                return Err(SyncError::Stream(match err.error.as_str() {
-                    "FutureCursor" => StreamError::FutureCursor { message },
-                    "ConsumerTooSlow" => StreamError::ConsumerTooSlow { message },
-                    "OutdatedCursor" => StreamError::OutdatedCursor { message },
-                    _ => StreamError::Other {
-                        error: err.error,
-                        message,
-                    },
-                }));
-            }
-            op => return Err(SyncError::Frame(format!("op is {op}, expected 1 or -1"))),
-        }
-        let t = header
-            .t
-            .ok_or_else(|| SyncError::Frame("message frame without `t`".into()))?;
-        let frame = match t.as_str() {
-            "#commit" => {
-                let c: CommitEvent = body_of(body, "#commit body")?;
-                if c.ops.len() > limits.max_ops {
-                    return Err(SyncError::TooManyOps {
-                        count: c.ops.len(),
-                        limit: limits.max_ops,
-                    });
-                }
-                check_blocks(&c.blocks, limits)?;
-                Frame::Commit(Box::new(c))
-            }
-            "#sync" => {
-                let s: SyncEvent = body_of(body, "#sync body")?;
-                check_blocks(&s.blocks, limits)?;
-                Frame::Sync(s)
-            }
-            "#identity" => Frame::Identity(body_of(body, "#identity body")?),
-            "#account" => Frame::Account(body_of(body, "#account body")?),
-            "#info" => Frame::Info(body_of(body, "#info body")?),
-            _ => Frame::Unknown { t },
-        };
-        Ok(frame)
+    ///
+    /// `#commit` and `#sync` bodies are read in one pass that checks them as it goes
+    /// (well-formed DAG-CBOR, nesting, the limits, every field's type); nothing but the
+    /// strings of the event is copied.
+    pub fn decode_with<B: FrameBytes + ?Sized>(
+        bytes: &B,
+        limits: &Limits,
+    ) -> Result<Frame, SyncError> {
+        let (bytes, shared) = bytes.frame_parts();
+        decode_frame(bytes, shared, limits)
     }
 
     /// The stream sequence number, for the message types that have one.
@@ -316,6 +304,96 @@ impl Frame {
     }
 }
 
+fn decode_frame(b: &[u8], shared: Option<&Bytes>, limits: &Limits) -> Result<Frame, SyncError> {
+    if b.len() > limits.max_frame_bytes {
+        return Err(SyncError::TooLarge {
+            what: "frame",
+            size: b.len(),
+            limit: limits.max_frame_bytes,
+        });
+    }
+    let max_depth = limits.max_depth;
+    let mut r = Reader::new(b, "frame header");
+    let (mut op, mut t) = (None, None);
+    for _ in 0..r.map(1, max_depth)? {
+        let key_at = r.pos();
+        match r.text()? {
+            "op" if op.is_none() => op = Some(r.int()?),
+            "t" if t.is_none() => t = Some(r.text()?),
+            "op" | "t" => return Err(r.err(key_at, "duplicate key in the header")),
+            _ => r.skip(1, max_depth)?,
+        }
+    }
+    let split = r.pos();
+    let body = &b[split..];
+    let Some(op) = op else {
+        return Err(SyncError::Decode {
+            context: "frame header",
+            reason: "missing field `op`".into(),
+        });
+    };
+    let blocks_of = |range: std::ops::Range<usize>| -> Bytes {
+        match shared {
+            Some(frame) => frame.slice(range),
+            None => Bytes::copy_from_slice(&b[range]),
+        }
+    };
+    match (op, t) {
+        (1, Some("#commit")) => {
+            let commit = commit_body(b, split, limits)?;
+            Ok(Frame::Commit(Box::new(commit.into_event(blocks_of))))
+        }
+        (1, Some("#sync")) => {
+            let sync = sync_body(b, split, limits)?;
+            Ok(Frame::Sync(sync.into_event(blocks_of)))
+        }
+        (1, Some(t)) => {
+            check_body(body, split, limits)?;
+            Ok(match t {
+                "#identity" => Frame::Identity(body_of(body, "#identity body")?),
+                "#account" => Frame::Account(body_of(body, "#account body")?),
+                "#info" => Frame::Info(body_of(body, "#info body")?),
+                _ => Frame::Unknown { t: t.to_string() },
+            })
+        }
+        (1, None) => {
+            check_body(body, split, limits)?;
+            Err(SyncError::Frame("message frame without `t`".into()))
+        }
+        (-1, _) => {
+            check_body(body, split, limits)?;
+            let err: ErrorBody = body_of(body, "error frame body")?;
+            let message = err.message;
+            Err(SyncError::Stream(match err.error.as_str() {
+                "FutureCursor" => StreamError::FutureCursor { message },
+                "ConsumerTooSlow" => StreamError::ConsumerTooSlow { message },
+                "OutdatedCursor" => StreamError::OutdatedCursor { message },
+                _ => StreamError::Other {
+                    error: err.error,
+                    message,
+                },
+            }))
+        }
+        (op, _) => {
+            check_body(body, split, limits)?;
+            Err(SyncError::Frame(format!("op is {op}, expected 1 or -1")))
+        }
+    }
+}
+
+/// Checks that `body` is one complete DAG-CBOR item within the nesting limit.
+fn check_body(body: &[u8], split: usize, limits: &Limits) -> Result<(), SyncError> {
+    let end = cbor::item_end(body, 0, limits.max_depth, "frame body")?;
+    if end != body.len() {
+        return Err(SyncError::Cbor {
+            context: "frame body",
+            offset: split + end,
+            reason: "trailing bytes after the body",
+        });
+    }
+    Ok(())
+}
+
 fn body_of<T: serde::de::DeserializeOwned>(
     body: &[u8],
     context: &'static str,
@@ -323,15 +401,226 @@ fn body_of<T: serde::de::DeserializeOwned>(
     serde_ipld_dagcbor::from_slice(body).map_err(|e| SyncError::decode(context, e))
 }
 
-fn check_blocks(blocks: &[u8], limits: &Limits) -> Result<(), SyncError> {
-    if blocks.len() > limits.max_blocks_bytes {
+#[cold]
+#[inline(never)]
+fn missing(context: &'static str, field: &'static str) -> SyncError {
+    SyncError::Decode {
+        context,
+        reason: format!("missing field `{field}`"),
+    }
+}
+
+fn check_blocks(len: usize, limits: &Limits) -> Result<(), SyncError> {
+    if len > limits.max_blocks_bytes {
         return Err(SyncError::TooLarge {
             what: "blocks",
-            size: blocks.len(),
+            size: len,
             limit: limits.max_blocks_bytes,
         });
     }
     Ok(())
+}
+
+/// Stores the value of a map key seen for the first time; a repeated key is an error.
+fn once<'a, T>(
+    r: &mut Reader<'a>,
+    slot: &mut Option<T>,
+    key_at: usize,
+    read: impl FnOnce(&mut Reader<'a>) -> Result<T, SyncError>,
+) -> Result<(), SyncError> {
+    if slot.is_some() {
+        return Err(r.err(key_at, "duplicate key"));
+    }
+    *slot = Some(read(r)?);
+    Ok(())
+}
+
+/// A nullable field: `null` is `None`.
+fn nullable<'a, T>(
+    r: &mut Reader<'a>,
+    read: impl FnOnce(&mut Reader<'a>) -> Result<T, SyncError>,
+) -> Result<Option<T>, SyncError> {
+    if r.null() { Ok(None) } else { read(r).map(Some) }
+}
+
+/// A `#commit` body as read, borrowing its strings from the frame.
+struct CommitBody<'a> {
+    seq: i64,
+    repo: &'a str,
+    commit: Cid,
+    rev: &'a str,
+    since: Option<&'a str>,
+    blocks: std::ops::Range<usize>,
+    ops: Vec<RepoOp>,
+    prev_data: Option<Cid>,
+    time: &'a str,
+    too_big: bool,
+}
+
+impl CommitBody<'_> {
+    fn into_event(self, blocks: impl FnOnce(std::ops::Range<usize>) -> Bytes) -> CommitEvent {
+        CommitEvent {
+            seq: self.seq,
+            repo: self.repo.to_owned(),
+            commit: self.commit,
+            rev: self.rev.to_owned(),
+            since: self.since.map(str::to_owned),
+            blocks: blocks(self.blocks),
+            ops: self.ops,
+            prev_data: self.prev_data,
+            time: self.time.to_owned(),
+            too_big: self.too_big,
+        }
+    }
+}
+
+/// Reads the `#commit` body starting at `start` of `frame` (a map, nesting at most 3 deep:
+/// body, ops, op) in one pass; offsets and ranges are the frame's.
+fn commit_body<'a>(
+    frame: &'a [u8],
+    start: usize,
+    limits: &Limits,
+) -> Result<CommitBody<'a>, SyncError> {
+    const CONTEXT: &str = "#commit body";
+    let max_depth = limits.max_depth;
+    let mut r = Reader::at(frame, start, CONTEXT);
+    let (mut seq, mut repo, mut commit, mut rev, mut since) = (None, None, None, None, None);
+    let (mut blocks, mut ops, mut prev_data, mut time, mut too_big) = (None, None, None, None, None);
+    for _ in 0..r.map(1, max_depth)? {
+        let key_at = r.pos();
+        match r.text()? {
+            "seq" => once(&mut r, &mut seq, key_at, Reader::int)?,
+            "repo" => once(&mut r, &mut repo, key_at, Reader::text)?,
+            "commit" => once(&mut r, &mut commit, key_at, Reader::cid)?,
+            "rev" => once(&mut r, &mut rev, key_at, Reader::text)?,
+            "since" => once(&mut r, &mut since, key_at, |r| nullable(r, Reader::text))?,
+            "blocks" => once(&mut r, &mut blocks, key_at, |r| {
+                let range = r.bytes()?;
+                check_blocks(range.len(), limits)?;
+                Ok(range)
+            })?,
+            "ops" => once(&mut r, &mut ops, key_at, |r| repo_ops(r, limits))?,
+            "prevData" => once(&mut r, &mut prev_data, key_at, |r| nullable(r, Reader::cid))?,
+            "time" => once(&mut r, &mut time, key_at, Reader::text)?,
+            "tooBig" => once(&mut r, &mut too_big, key_at, Reader::bool)?,
+            _ => r.skip(1, max_depth)?,
+        }
+    }
+    if !r.at_end() {
+        return Err(r.err(r.pos(), "trailing bytes after the body"));
+    }
+    Ok(CommitBody {
+        seq: seq.ok_or_else(|| missing(CONTEXT, "seq"))?,
+        repo: repo.ok_or_else(|| missing(CONTEXT, "repo"))?,
+        commit: commit.ok_or_else(|| missing(CONTEXT, "commit"))?,
+        rev: rev.ok_or_else(|| missing(CONTEXT, "rev"))?,
+        since: since.flatten(),
+        blocks: blocks.ok_or_else(|| missing(CONTEXT, "blocks"))?,
+        ops: ops.ok_or_else(|| missing(CONTEXT, "ops"))?,
+        prev_data: prev_data.flatten(),
+        time: time.ok_or_else(|| missing(CONTEXT, "time"))?,
+        too_big: too_big.unwrap_or(false),
+    })
+}
+
+/// Reads `ops`: an array of `{action, path, cid, prev}` maps, at most `limits.max_ops`.
+fn repo_ops(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<RepoOp>, SyncError> {
+    const CONTEXT: &str = "#commit op";
+    let max_depth = limits.max_depth;
+    let count = r.array(2, max_depth)?;
+    if count > limits.max_ops {
+        return Err(SyncError::TooManyOps {
+            count,
+            limit: limits.max_ops,
+        });
+    }
+    let mut ops = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (mut action, mut path, mut cid, mut prev) = (None, None, None, None);
+        for _ in 0..r.map(3, max_depth)? {
+            let key_at = r.pos();
+            match r.text()? {
+                "action" => once(r, &mut action, key_at, |r| {
+                    let at = r.pos();
+                    match r.text()? {
+                        "create" => Ok(Action::Create),
+                        "update" => Ok(Action::Update),
+                        "delete" => Ok(Action::Delete),
+                        _ => Err(r.err(at, "action is not create, update or delete")),
+                    }
+                })?,
+                "path" => once(r, &mut path, key_at, Reader::text)?,
+                "cid" => once(r, &mut cid, key_at, |r| nullable(r, Reader::cid))?,
+                "prev" => once(r, &mut prev, key_at, |r| nullable(r, Reader::cid))?,
+                _ => r.skip(3, max_depth)?,
+            }
+        }
+        ops.push(RepoOp {
+            action: action.ok_or_else(|| missing(CONTEXT, "action"))?,
+            path: path.ok_or_else(|| missing(CONTEXT, "path"))?.to_owned(),
+            cid: cid.flatten(),
+            prev: prev.flatten(),
+        });
+    }
+    Ok(ops)
+}
+
+/// A `#sync` body as read, borrowing its strings from the frame.
+struct SyncBody<'a> {
+    seq: i64,
+    did: &'a str,
+    blocks: std::ops::Range<usize>,
+    rev: &'a str,
+    time: &'a str,
+}
+
+impl SyncBody<'_> {
+    fn into_event(self, blocks: impl FnOnce(std::ops::Range<usize>) -> Bytes) -> SyncEvent {
+        SyncEvent {
+            seq: self.seq,
+            did: self.did.to_owned(),
+            blocks: blocks(self.blocks),
+            rev: self.rev.to_owned(),
+            time: self.time.to_owned(),
+        }
+    }
+}
+
+/// Reads the `#sync` body starting at `start` of `frame` in one pass.
+fn sync_body<'a>(
+    frame: &'a [u8],
+    start: usize,
+    limits: &Limits,
+) -> Result<SyncBody<'a>, SyncError> {
+    const CONTEXT: &str = "#sync body";
+    let max_depth = limits.max_depth;
+    let mut r = Reader::at(frame, start, CONTEXT);
+    let (mut seq, mut did, mut blocks, mut rev, mut time) = (None, None, None, None, None);
+    for _ in 0..r.map(1, max_depth)? {
+        let key_at = r.pos();
+        match r.text()? {
+            "seq" => once(&mut r, &mut seq, key_at, Reader::int)?,
+            "did" => once(&mut r, &mut did, key_at, Reader::text)?,
+            "blocks" => once(&mut r, &mut blocks, key_at, |r| {
+                let range = r.bytes()?;
+                check_blocks(range.len(), limits)?;
+                Ok(range)
+            })?,
+            "rev" => once(&mut r, &mut rev, key_at, Reader::text)?,
+            "time" => once(&mut r, &mut time, key_at, Reader::text)?,
+            _ => r.skip(1, max_depth)?,
+        }
+    }
+    if !r.at_end() {
+        return Err(r.err(r.pos(), "trailing bytes after the body"));
+    }
+    Ok(SyncBody {
+        seq: seq.ok_or_else(|| missing(CONTEXT, "seq"))?,
+        did: did.ok_or_else(|| missing(CONTEXT, "did"))?,
+        blocks: blocks.ok_or_else(|| missing(CONTEXT, "blocks"))?,
+        rev: rev.ok_or_else(|| missing(CONTEXT, "rev"))?,
+        time: time.ok_or_else(|| missing(CONTEXT, "time"))?,
+    })
 }
 
 #[cfg(test)]
@@ -433,6 +722,304 @@ mod tests {
         assert!(matches!(
             Frame::decode(&deep),
             Err(SyncError::TooDeep { .. })
+        ));
+    }
+
+    use std::collections::BTreeMap;
+
+    use ipld_core::ipld::Ipld;
+
+    use crate::{DAG_CBOR, cid_for, write_car};
+
+    fn text(s: &str) -> Ipld {
+        Ipld::String(s.into())
+    }
+
+    /// A well-formed `#commit` body (two ops, one of them a delete) with a real CAR slice.
+    fn commit_body() -> BTreeMap<String, Ipld> {
+        let record = vec![0xa1, 0x61, 0x61, 0x01];
+        let record_cid = cid_for(DAG_CBOR, &record);
+        let commit = vec![0xa0];
+        let commit_cid = cid_for(DAG_CBOR, &commit);
+        let car = write_car(commit_cid, [(commit_cid, commit), (record_cid, record)]);
+        let op = |action: &str, path: &str, cid: Option<Cid>| {
+            Ipld::Map(BTreeMap::from([
+                ("action".to_string(), text(action)),
+                ("path".to_string(), text(path)),
+                ("cid".to_string(), cid.map_or(Ipld::Null, Ipld::Link)),
+            ]))
+        };
+        BTreeMap::from([
+            ("seq".to_string(), Ipld::Integer(42)),
+            ("repo".to_string(), text("did:plc:abc")),
+            ("commit".to_string(), Ipld::Link(commit_cid)),
+            ("rev".to_string(), text("3kabcdefghij2")),
+            ("since".to_string(), Ipld::Null),
+            ("blocks".to_string(), Ipld::Bytes(car)),
+            (
+                "ops".to_string(),
+                Ipld::List(vec![
+                    op("create", "agent.comms.task/3k1", Some(record_cid)),
+                    op("delete", "agent.comms.task/3k0", None),
+                ]),
+            ),
+            ("prevData".to_string(), Ipld::Null),
+            ("time".to_string(), text("2026-12-07T12:00:00.000Z")),
+            ("tooBig".to_string(), Ipld::Bool(false)),
+            // Fields this crate does not use are skipped.
+            ("rebase".to_string(), Ipld::Bool(false)),
+            ("blobs".to_string(), Ipld::List(vec![])),
+        ])
+    }
+
+    fn commit_frame(body: BTreeMap<String, Ipld>) -> Vec<u8> {
+        let body = serde_ipld_dagcbor::to_vec(&Ipld::Map(body)).unwrap();
+        frame(1, Some("#commit"), &body)
+    }
+
+    #[test]
+    fn commit_decodes_the_same_from_bytes_and_slices_and_shares_the_buffer() {
+        let f = commit_frame(commit_body());
+        let Frame::Commit(c) = Frame::decode(&f).unwrap() else {
+            panic!("not a commit")
+        };
+        assert_eq!((c.seq, c.repo.as_str(), c.rev.as_str()), (42, "did:plc:abc", "3kabcdefghij2"));
+        assert_eq!((c.since.as_deref(), c.prev_data, c.too_big), (None, None, false));
+        assert_eq!(c.ops.len(), 2);
+        assert_eq!((c.ops[0].action, c.ops[0].rkey()), (Action::Create, "3k1"));
+        assert_eq!((c.ops[1].action, c.ops[1].cid), (Action::Delete, None));
+        let car = crate::CarSlice::parse(&c.blocks).unwrap();
+        assert_eq!(car.roots(), &[c.commit]);
+
+        let shared = Bytes::from(f.clone());
+        let Frame::Commit(from_bytes) = Frame::decode(&shared).unwrap() else {
+            panic!("not a commit")
+        };
+        assert_eq!(from_bytes, c);
+        // The CAR slice is a view of the frame's buffer, not a copy.
+        let frame_range = shared.as_ptr_range();
+        assert!(frame_range.contains(&from_bytes.blocks.as_ptr()));
+        assert!(!f.as_ptr_range().contains(&c.blocks.as_ptr()));
+    }
+
+    #[test]
+    fn commit_with_since_prev_data_and_too_big_decodes() {
+        let mut body = commit_body();
+        let prev = cid_for(DAG_CBOR, b"\xa0");
+        body.insert("since".into(), text("3kabcdefghij1"));
+        body.insert("prevData".into(), Ipld::Link(prev));
+        body.insert("tooBig".into(), Ipld::Bool(true));
+        let Frame::Commit(c) = Frame::decode(&commit_frame(body)).unwrap() else {
+            panic!("not a commit")
+        };
+        assert_eq!(c.since.as_deref(), Some("3kabcdefghij1"));
+        assert_eq!((c.prev_data, c.too_big), (Some(prev), true));
+        // Absent optional fields are `None`/false, as null ones are.
+        let mut body = commit_body();
+        for key in ["since", "prevData", "tooBig"] {
+            body.remove(key);
+        }
+        let Frame::Commit(c) = Frame::decode(&commit_frame(body)).unwrap() else {
+            panic!("not a commit")
+        };
+        assert_eq!((c.since, c.prev_data, c.too_big), (None, None, false));
+    }
+
+    #[test]
+    fn a_commit_missing_a_required_field_names_it() {
+        for field in ["seq", "repo", "commit", "rev", "blocks", "ops", "time"] {
+            let mut body = commit_body();
+            body.remove(field);
+            let err = Frame::decode(&commit_frame(body)).unwrap_err();
+            assert!(
+                matches!(&err, SyncError::Decode { context: "#commit body", reason } if reason.contains(field)),
+                "{field}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_commit_field_of_the_wrong_type_is_a_typed_error() {
+        for (field, value) in [
+            ("seq", text("42")),
+            ("repo", Ipld::Integer(1)),
+            ("commit", text("bafy")),
+            ("rev", Ipld::Null),
+            ("since", Ipld::Integer(3)),
+            ("blocks", text("car")),
+            ("ops", Ipld::Map(BTreeMap::new())),
+            ("ops", Ipld::List(vec![text("create")])),
+            ("prevData", Ipld::Bytes(vec![0, 1])),
+            ("time", Ipld::Bool(true)),
+            ("tooBig", Ipld::Integer(1)),
+            ("seq", Ipld::Integer(i128::from(u64::MAX))),
+        ] {
+            let mut body = commit_body();
+            body.insert(field.into(), value.clone());
+            let err = Frame::decode(&commit_frame(body)).unwrap_err();
+            assert!(
+                matches!(err, SyncError::Cbor { context: "#commit body", .. }),
+                "{field} = {value:?}: {err}"
+            );
+        }
+        let mut body = commit_body();
+        let Some(Ipld::List(ops)) = body.get_mut("ops") else {
+            unreachable!()
+        };
+        let Ipld::Map(op) = &mut ops[0] else {
+            unreachable!()
+        };
+        op.insert("action".into(), text("upsert"));
+        let err = Frame::decode(&commit_frame(body)).unwrap_err();
+        assert!(matches!(err, SyncError::Cbor { reason, .. } if reason.contains("action")), "{err}");
+        let mut body = commit_body();
+        let Some(Ipld::List(ops)) = body.get_mut("ops") else {
+            unreachable!()
+        };
+        let Ipld::Map(op) = &mut ops[1] else {
+            unreachable!()
+        };
+        op.remove("path");
+        let err = Frame::decode(&commit_frame(body)).unwrap_err();
+        assert!(
+            matches!(&err, SyncError::Decode { context: "#commit op", reason } if reason.contains("path")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_repeated_key_is_an_error() {
+        let body = serde_ipld_dagcbor::to_vec(&Ipld::Map(commit_body())).unwrap();
+        // Append a second `seq` entry: bump the map's entry count and add the pair at the end.
+        let mut twice = body.clone();
+        assert_eq!(twice[0], 0xa0 | 12);
+        twice[0] += 1;
+        write_text(&mut twice, "seq");
+        write_head(&mut twice, 0, 7);
+        let err = Frame::decode(&frame(1, Some("#commit"), &twice)).unwrap_err();
+        assert!(matches!(err, SyncError::Cbor { reason: "duplicate key", .. }), "{err}");
+        let mut header_twice = frame(1, Some("#commit"), &[]);
+        header_twice[0] += 1;
+        write_text(&mut header_twice, "op");
+        write_head(&mut header_twice, 0, 1);
+        header_twice.extend_from_slice(&body);
+        assert!(matches!(
+            Frame::decode(&header_twice),
+            Err(SyncError::Cbor { context: "frame header", .. })
+        ));
+    }
+
+    #[test]
+    fn commit_limits_are_enforced_before_anything_is_built() {
+        let f = commit_frame(commit_body());
+        let few_ops = Limits {
+            max_ops: 1,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            Frame::decode_with(&f, &few_ops),
+            Err(SyncError::TooManyOps { count: 2, limit: 1 })
+        ));
+        let small_blocks = Limits {
+            max_blocks_bytes: 10,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            Frame::decode_with(&f, &small_blocks),
+            Err(SyncError::TooLarge { what: "blocks", .. })
+        ));
+        // Body, ops and op maps nest three deep.
+        let shallow = Limits {
+            max_depth: 2,
+            ..Limits::default()
+        };
+        assert!(matches!(
+            Frame::decode_with(&f, &shallow),
+            Err(SyncError::TooDeep { limit: 2, .. })
+        ));
+        let three = Limits {
+            max_depth: 3,
+            ..Limits::default()
+        };
+        assert!(Frame::decode_with(&f, &three).is_ok());
+        // An unknown field nesting too deep is caught while it is skipped.
+        let mut body = commit_body();
+        let nested = |item| Ipld::List(vec![item]);
+        body.insert("extra".into(), nested(nested(nested(Ipld::Null))));
+        assert!(matches!(
+            Frame::decode_with(&commit_frame(body), &three),
+            Err(SyncError::TooDeep { limit: 3, .. })
+        ));
+        // A count no input of this size can hold is refused before allocating for it.
+        let mut huge = frame(1, Some("#commit"), &[]);
+        write_head(&mut huge, 5, 1);
+        write_text(&mut huge, "ops");
+        write_head(&mut huge, 4, u64::from(u32::MAX));
+        assert!(matches!(Frame::decode(&huge), Err(SyncError::Cbor { .. })));
+    }
+
+    #[test]
+    fn every_truncation_and_trailing_byte_of_a_commit_is_an_error() {
+        let f = commit_frame(commit_body());
+        for cut in 0..f.len() {
+            assert!(Frame::decode(&f[..cut]).is_err(), "cut {cut}");
+            assert!(Frame::decode(&Bytes::copy_from_slice(&f[..cut])).is_err(), "cut {cut}");
+        }
+        let mut trailing = f.clone();
+        trailing.push(0xf6);
+        assert!(matches!(
+            Frame::decode(&trailing),
+            Err(SyncError::Cbor { reason, .. }) if reason.contains("trailing")
+        ));
+    }
+
+    #[test]
+    fn sync_decodes_from_bytes_sharing_the_buffer() {
+        let commit = vec![0xa0];
+        let cid = cid_for(DAG_CBOR, &commit);
+        let body = Ipld::Map(BTreeMap::from([
+            ("seq".to_string(), Ipld::Integer(7)),
+            ("did".to_string(), text("did:plc:abc")),
+            ("blocks".to_string(), Ipld::Bytes(write_car(cid, [(cid, commit)]))),
+            ("rev".to_string(), text("3kabcdefghij2")),
+            ("time".to_string(), text("2026-12-07T12:00:00.000Z")),
+        ]));
+        let f = Bytes::from(frame(1, Some("#sync"), &serde_ipld_dagcbor::to_vec(&body).unwrap()));
+        let Frame::Sync(s) = Frame::decode(&f).unwrap() else {
+            panic!("not a sync")
+        };
+        assert_eq!((s.seq, s.did.as_str(), s.rev.as_str()), (7, "did:plc:abc", "3kabcdefghij2"));
+        assert!(f.as_ptr_range().contains(&s.blocks.as_ptr()));
+        assert_eq!(crate::CarSlice::parse(&s.blocks).unwrap().roots(), &[cid]);
+        assert_eq!(Frame::decode(&f[..]).unwrap(), Frame::Sync(s));
+        for cut in 0..f.len() {
+            assert!(Frame::decode(&f[..cut]).is_err(), "cut {cut}");
+        }
+        let Ipld::Map(mut missing) = body else {
+            unreachable!()
+        };
+        missing.remove("did");
+        let f = frame(1, Some("#sync"), &serde_ipld_dagcbor::to_vec(&missing).unwrap());
+        assert!(matches!(
+            Frame::decode(&f),
+            Err(SyncError::Decode { context: "#sync body", reason }) if reason.contains("did")
+        ));
+    }
+
+    #[test]
+    fn a_header_without_op_is_a_typed_error() {
+        let mut f = Vec::new();
+        write_head(&mut f, 5, 1);
+        write_text(&mut f, "t");
+        write_text(&mut f, "#commit");
+        f.extend_from_slice(&map(&[("x", "y")]));
+        assert!(matches!(
+            Frame::decode(&f),
+            Err(SyncError::Decode { context: "frame header", .. })
+        ));
+        assert!(matches!(
+            Frame::decode(&frame(1, None, &map(&[("x", "y")]))),
+            Err(SyncError::Frame(_))
         ));
     }
 }

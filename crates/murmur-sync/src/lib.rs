@@ -11,6 +11,8 @@
 //!    event ([`CommitEvent`], [`SyncEvent`], [`IdentityEvent`], [`AccountEvent`],
 //!    [`InfoEvent`], or `Unknown`). Error frames (op -1) are `Err(SyncError::Stream(..))`.
 //!    [`Limits`] (frame 5 MB, blocks 2 MB, 200 ops, record 1 MB, nesting 32) are enforced.
+//!    `#commit` and `#sync` bodies are read in one pass; given the frame as a [`Bytes`] (as
+//!    WebSocket and NATS clients hand it over), their CAR slice is a view of it, not a copy.
 //! 2. Pre-filter for free: `commit.repo` and `commit.ops` (`action`, `path`) are decoded,
 //!    the CAR slice in `commit.blocks` is not. For a commit nobody wants, call
 //!    [`Verifier::observe_commit`] so the DID's rev chain still moves on.
@@ -91,6 +93,7 @@ mod repo;
 mod verify;
 
 pub use car::{CarSlice, DAG_CBOR, RAW, check_block, cid_for, write_car};
+pub use bytes::Bytes;
 pub use chain::{ChainHead, tid_micros};
 pub use cid::Cid;
 pub use commit::{
@@ -100,7 +103,8 @@ pub use crypto::{PublicKey, SignatureFault};
 pub use error::{StreamError, SyncError};
 pub use fetch::{ListedRepo, RepoList};
 pub use frame::{
-    AccountEvent, Action, CommitEvent, Frame, IdentityEvent, InfoEvent, Limits, RepoOp, SyncEvent,
+    AccountEvent, Action, CommitEvent, Frame, FrameBytes, IdentityEvent, InfoEvent, Limits, RepoOp,
+    SyncEvent,
 };
 pub use identity::{DEFAULT_PLC_URL, Identity, IdentityResolver};
 pub use mst::{

@@ -160,7 +160,7 @@ async fn record_block_swapped_under_its_cid_is_a_cid_mismatch() {
     let b = blocks.iter_mut().find(|(c, _)| *c == record).unwrap();
     let text = b.1.windows(9).position(|w| w == b"summarise").unwrap();
     b.1[text] = b'S';
-    ev.blocks = car(&ev.commit, &blocks);
+    ev.blocks = car(&ev.commit, &blocks).into();
     let err = verifier(VerifyLevel::Full)
         .verify_commit(&ev)
         .await
@@ -178,7 +178,7 @@ async fn record_replaced_with_another_block_does_not_match_the_mst() {
     let fake_cid = cid_for(DAG_CBOR, &fake);
     let mut blocks = blocks_of(&ev);
     blocks.push((fake_cid, fake));
-    ev.blocks = car(&ev.commit, &blocks);
+    ev.blocks = car(&ev.commit, &blocks).into();
     ev.ops[0].cid = Some(fake_cid);
     let err = verifier(VerifyLevel::Full)
         .verify_commit(&ev)

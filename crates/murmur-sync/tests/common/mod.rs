@@ -11,8 +11,17 @@ use murmur_sync::{
     SignedCommit, Verifier, VerifyLevel, cid_for, write_car,
 };
 
+/// The corpus of small repos (tests/devnet.rs records it).
+pub const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/corpus");
+/// The corpus of commits on grown repos (examples/record_realistic_corpus.rs records it).
+pub const REALISTIC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/corpus-realistic");
+
 pub fn corpus() -> Vec<Vec<u8>> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/corpus");
+    frames_in(CORPUS)
+}
+
+/// The length-prefixed frames of `dir`/frames.bin.
+pub fn frames_in(dir: &str) -> Vec<Vec<u8>> {
     let bytes = std::fs::read(format!("{dir}/frames.bin")).unwrap();
     let mut frames = Vec::new();
     let mut rest = &bytes[..];
@@ -25,7 +34,11 @@ pub fn corpus() -> Vec<Vec<u8>> {
 }
 
 pub fn keys() -> Vec<(String, String)> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/corpus");
+    keys_in(CORPUS)
+}
+
+/// The DIDs' signing keys (did:key) recorded in `dir`/keys.json.
+pub fn keys_in(dir: &str) -> Vec<(String, String)> {
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(format!("{dir}/keys.json")).unwrap())
             .unwrap();
@@ -46,8 +59,13 @@ pub fn pin(resolver: &IdentityResolver, did: &str, key: PublicKey) {
 }
 
 pub fn verifier(level: VerifyLevel) -> Verifier {
+    verifier_for(CORPUS, level)
+}
+
+/// A verifier with the keys of the corpus in `dir` pinned (no network).
+pub fn verifier_for(dir: &str, level: VerifyLevel) -> Verifier {
     let resolver = IdentityResolver::new().with_plc_url("http://127.0.0.1:9");
-    for (did, key) in keys() {
+    for (did, key) in keys_in(dir) {
         pin(&resolver, &did, PublicKey::from_did_key(&key).unwrap());
     }
     Verifier::new(Arc::new(resolver)).with_level(level)
@@ -106,6 +124,6 @@ pub fn resign(ev: &CommitEvent, sign: impl Fn(&[u8]) -> Vec<u8>) -> CommitEvent 
     let (new_cid, blocks) = resign_car(&ev.blocks, sign);
     let mut out = ev.clone();
     out.commit = new_cid;
-    out.blocks = blocks;
+    out.blocks = blocks.into();
     out
 }
