@@ -26,7 +26,11 @@ const GOAL_RATE: f64 = 250_000.0;
 const GOAL_VS_JACQUARD: f64 = 2.0;
 
 fn corpus_dir() -> String {
-    concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/corpus-realistic").to_string()
+    concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/corpus-realistic"
+    )
+    .to_string()
 }
 
 /// The recorded frames, each in a buffer of its own (as a WebSocket client hands them over).
@@ -255,7 +259,9 @@ fn main() {
         }
     }
 
-    println!("\ndecode + CID re-hash, {ROUNDS} interleaved rounds of {ROUND:?} each (frames/s of CPU; wall in brackets):");
+    println!(
+        "\ndecode + CID re-hash, {ROUNDS} interleaved rounds of {ROUND:?} each (frames/s of CPU; wall in brackets):"
+    );
     let cpu = |i: usize| samples[i].iter().map(|s| s.cpu).collect::<Vec<_>>();
     let wall = |i: usize| samples[i].iter().map(|s| s.wall).collect::<Vec<_>>();
     for (i, (name, _)) in contenders.iter().enumerate() {

@@ -248,7 +248,7 @@ impl<'a> CarSlice<'a> {
             blocks.push(block);
             pos = end;
         }
-        blocks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        blocks.sort_unstable_by_key(|b| b.0);
         blocks.dedup_by(|a, b| a.0 == b.0);
         Ok(CarSlice { roots, blocks })
     }
@@ -372,7 +372,10 @@ mod tests {
         let ok = car_with(&ipld_core::ipld!({"roots": [cid], "version": 1}), &section);
         assert_eq!(CarSlice::parse(&ok).unwrap().roots(), &[cid]);
         for (header, reason) in [
-            (ipld_core::ipld!({"roots": [cid], "version": 2}), "version 2"),
+            (
+                ipld_core::ipld!({"roots": [cid], "version": 2}),
+                "version 2",
+            ),
             (ipld_core::ipld!({"version": 1}), "roots"),
             (ipld_core::ipld!({"roots": [cid]}), "version"),
             (ipld_core::ipld!({"roots": ["x"], "version": 1}), "CID"),
@@ -399,7 +402,10 @@ mod tests {
         assert_eq!(CarSlice::parse(&slice).unwrap().get(&raw), Some(&data[..]));
         let forged = car(&cid, &[(other, data.clone())]);
         match CarSlice::parse(&forged) {
-            Err(SyncError::CidMismatch { cid: claimed, actual }) => {
+            Err(SyncError::CidMismatch {
+                cid: claimed,
+                actual,
+            }) => {
                 assert_eq!((claimed, actual), (other.to_string(), cid.to_string()));
             }
             r => panic!("{r:?}"),
@@ -408,7 +414,10 @@ mod tests {
         assert!(check_block(&cid, &data).is_ok());
         // A CID of another hash or codec goes through the generic decoder and is refused.
         let sha512 = Multihash::<64>::wrap(0x13, &[7; 64]).unwrap();
-        for foreign in [Cid::new_v1(DAG_CBOR, sha512), Cid::new_v1(0x70, *cid.hash())] {
+        for foreign in [
+            Cid::new_v1(DAG_CBOR, sha512),
+            Cid::new_v1(0x70, *cid.hash()),
+        ] {
             let err = CarSlice::parse(&car(&cid, &[(foreign, data.clone())])).unwrap_err();
             assert!(matches!(err, SyncError::UnsupportedCid { .. }), "{err}");
         }

@@ -21,15 +21,31 @@ fn head(b: &[u8], pos: usize, context: &'static str) -> Result<(u8, u64, usize),
         24..=27 => {
             let n = 1usize << (info - 24);
             let Some(bytes) = b.get(pos + 1..pos + 1 + n) else {
-                return Err(cbor_err(context, pos, "unexpected end of input in item head"));
+                return Err(cbor_err(
+                    context,
+                    pos,
+                    "unexpected end of input in item head",
+                ));
             };
             (
                 bytes.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x)),
                 n,
             )
         }
-        31 => return Err(cbor_err(context, pos, "indefinite-length items are not DAG-CBOR")),
-        _ => return Err(cbor_err(context, pos, "reserved additional information value")),
+        31 => {
+            return Err(cbor_err(
+                context,
+                pos,
+                "indefinite-length items are not DAG-CBOR",
+            ));
+        }
+        _ => {
+            return Err(cbor_err(
+                context,
+                pos,
+                "reserved additional information value",
+            ));
+        }
     };
     Ok((major, arg, pos + 1 + len))
 }
@@ -248,10 +264,7 @@ impl<'a> Reader<'a> {
     ) -> Result<usize, SyncError> {
         let left = (self.b.len() - self.pos) as u64;
         if count.saturating_mul(per_item) > left {
-            return Err(self.err(
-                start,
-                "container claims more items than there are bytes",
-            ));
+            return Err(self.err(start, "container claims more items than there are bytes"));
         }
         if count > 0 && depth > max_depth.min(MAX_TRACKED_DEPTH - 1) {
             return Err(SyncError::TooDeep {

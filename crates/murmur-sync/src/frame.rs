@@ -440,7 +440,11 @@ fn nullable<'a, T>(
     r: &mut Reader<'a>,
     read: impl FnOnce(&mut Reader<'a>) -> Result<T, SyncError>,
 ) -> Result<Option<T>, SyncError> {
-    if r.null() { Ok(None) } else { read(r).map(Some) }
+    if r.null() {
+        Ok(None)
+    } else {
+        read(r).map(Some)
+    }
 }
 
 /// A `#commit` body as read, borrowing its strings from the frame.
@@ -485,7 +489,8 @@ fn commit_body<'a>(
     let max_depth = limits.max_depth;
     let mut r = Reader::at(frame, start, CONTEXT);
     let (mut seq, mut repo, mut commit, mut rev, mut since) = (None, None, None, None, None);
-    let (mut blocks, mut ops, mut prev_data, mut time, mut too_big) = (None, None, None, None, None);
+    let (mut blocks, mut ops, mut prev_data, mut time, mut too_big) =
+        (None, None, None, None, None);
     for _ in 0..r.map(1, max_depth)? {
         let key_at = r.pos();
         match r.text()? {
@@ -783,8 +788,14 @@ mod tests {
         let Frame::Commit(c) = Frame::decode(&f).unwrap() else {
             panic!("not a commit")
         };
-        assert_eq!((c.seq, c.repo.as_str(), c.rev.as_str()), (42, "did:plc:abc", "3kabcdefghij2"));
-        assert_eq!((c.since.as_deref(), c.prev_data, c.too_big), (None, None, false));
+        assert_eq!(
+            (c.seq, c.repo.as_str(), c.rev.as_str()),
+            (42, "did:plc:abc", "3kabcdefghij2")
+        );
+        assert_eq!(
+            (c.since.as_deref(), c.prev_data, c.too_big),
+            (None, None, false)
+        );
         assert_eq!(c.ops.len(), 2);
         assert_eq!((c.ops[0].action, c.ops[0].rkey()), (Action::Create, "3k1"));
         assert_eq!((c.ops[1].action, c.ops[1].cid), (Action::Delete, None));
@@ -858,7 +869,13 @@ mod tests {
             body.insert(field.into(), value.clone());
             let err = Frame::decode(&commit_frame(body)).unwrap_err();
             assert!(
-                matches!(err, SyncError::Cbor { context: "#commit body", .. }),
+                matches!(
+                    err,
+                    SyncError::Cbor {
+                        context: "#commit body",
+                        ..
+                    }
+                ),
                 "{field} = {value:?}: {err}"
             );
         }
@@ -871,7 +888,10 @@ mod tests {
         };
         op.insert("action".into(), text("upsert"));
         let err = Frame::decode(&commit_frame(body)).unwrap_err();
-        assert!(matches!(err, SyncError::Cbor { reason, .. } if reason.contains("action")), "{err}");
+        assert!(
+            matches!(err, SyncError::Cbor { reason, .. } if reason.contains("action")),
+            "{err}"
+        );
         let mut body = commit_body();
         let Some(Ipld::List(ops)) = body.get_mut("ops") else {
             unreachable!()
@@ -897,7 +917,16 @@ mod tests {
         write_text(&mut twice, "seq");
         write_head(&mut twice, 0, 7);
         let err = Frame::decode(&frame(1, Some("#commit"), &twice)).unwrap_err();
-        assert!(matches!(err, SyncError::Cbor { reason: "duplicate key", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                SyncError::Cbor {
+                    reason: "duplicate key",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let mut header_twice = frame(1, Some("#commit"), &[]);
         header_twice[0] += 1;
         write_text(&mut header_twice, "op");
@@ -905,7 +934,10 @@ mod tests {
         header_twice.extend_from_slice(&body);
         assert!(matches!(
             Frame::decode(&header_twice),
-            Err(SyncError::Cbor { context: "frame header", .. })
+            Err(SyncError::Cbor {
+                context: "frame header",
+                ..
+            })
         ));
     }
 
@@ -963,7 +995,10 @@ mod tests {
         let f = commit_frame(commit_body());
         for cut in 0..f.len() {
             assert!(Frame::decode(&f[..cut]).is_err(), "cut {cut}");
-            assert!(Frame::decode(&Bytes::copy_from_slice(&f[..cut])).is_err(), "cut {cut}");
+            assert!(
+                Frame::decode(&Bytes::copy_from_slice(&f[..cut])).is_err(),
+                "cut {cut}"
+            );
         }
         let mut trailing = f.clone();
         trailing.push(0xf6);
@@ -980,15 +1015,25 @@ mod tests {
         let body = Ipld::Map(BTreeMap::from([
             ("seq".to_string(), Ipld::Integer(7)),
             ("did".to_string(), text("did:plc:abc")),
-            ("blocks".to_string(), Ipld::Bytes(write_car(cid, [(cid, commit)]))),
+            (
+                "blocks".to_string(),
+                Ipld::Bytes(write_car(cid, [(cid, commit)])),
+            ),
             ("rev".to_string(), text("3kabcdefghij2")),
             ("time".to_string(), text("2026-12-07T12:00:00.000Z")),
         ]));
-        let f = Bytes::from(frame(1, Some("#sync"), &serde_ipld_dagcbor::to_vec(&body).unwrap()));
+        let f = Bytes::from(frame(
+            1,
+            Some("#sync"),
+            &serde_ipld_dagcbor::to_vec(&body).unwrap(),
+        ));
         let Frame::Sync(s) = Frame::decode(&f).unwrap() else {
             panic!("not a sync")
         };
-        assert_eq!((s.seq, s.did.as_str(), s.rev.as_str()), (7, "did:plc:abc", "3kabcdefghij2"));
+        assert_eq!(
+            (s.seq, s.did.as_str(), s.rev.as_str()),
+            (7, "did:plc:abc", "3kabcdefghij2")
+        );
         assert!(f.as_ptr_range().contains(&s.blocks.as_ptr()));
         assert_eq!(crate::CarSlice::parse(&s.blocks).unwrap().roots(), &[cid]);
         assert_eq!(Frame::decode(&f[..]).unwrap(), Frame::Sync(s));
@@ -999,7 +1044,11 @@ mod tests {
             unreachable!()
         };
         missing.remove("did");
-        let f = frame(1, Some("#sync"), &serde_ipld_dagcbor::to_vec(&missing).unwrap());
+        let f = frame(
+            1,
+            Some("#sync"),
+            &serde_ipld_dagcbor::to_vec(&missing).unwrap(),
+        );
         assert!(matches!(
             Frame::decode(&f),
             Err(SyncError::Decode { context: "#sync body", reason }) if reason.contains("did")
@@ -1015,7 +1064,10 @@ mod tests {
         f.extend_from_slice(&map(&[("x", "y")]));
         assert!(matches!(
             Frame::decode(&f),
-            Err(SyncError::Decode { context: "frame header", .. })
+            Err(SyncError::Decode {
+                context: "frame header",
+                ..
+            })
         ));
         assert!(matches!(
             Frame::decode(&frame(1, None, &map(&[("x", "y")]))),

@@ -92,8 +92,8 @@ mod proof;
 mod repo;
 mod verify;
 
-pub use car::{CarSlice, DAG_CBOR, RAW, check_block, cid_for, write_car};
 pub use bytes::Bytes;
+pub use car::{CarSlice, DAG_CBOR, RAW, check_block, cid_for, write_car};
 pub use chain::{ChainHead, tid_micros};
 pub use cid::Cid;
 pub use commit::{

@@ -54,7 +54,11 @@ fn truncated_frames_are_errors_not_panics() {
     let frames = frames_in(REALISTIC);
     for f in frames.iter().step_by(97) {
         for cut in 0..f.len() {
-            assert!(Frame::decode(&f[..cut]).is_err(), "cut {cut} of {}", f.len());
+            assert!(
+                Frame::decode(&f[..cut]).is_err(),
+                "cut {cut} of {}",
+                f.len()
+            );
         }
     }
 }

@@ -193,7 +193,8 @@ impl Source for Replay {
 
     async fn connect(&self, _cursor: Option<i64>) -> Result<MessageStream, SourceError> {
         let frames = Arc::clone(&self.frames);
-        let items = (0..frames.len()).map(move |i| Ok(SourceMessage::Frame(frames[i].clone().into())));
+        let items =
+            (0..frames.len()).map(move |i| Ok(SourceMessage::Frame(frames[i].clone().into())));
         Ok(Box::pin(
             futures_util::stream::iter(items).chain(futures_util::stream::pending()),
         ))

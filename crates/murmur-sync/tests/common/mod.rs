@@ -14,7 +14,10 @@ use murmur_sync::{
 /// The corpus of small repos (tests/devnet.rs records it).
 pub const CORPUS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/corpus");
 /// The corpus of commits on grown repos (examples/record_realistic_corpus.rs records it).
-pub const REALISTIC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/corpus-realistic");
+pub const REALISTIC: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/tests/fixtures/corpus-realistic"
+);
 
 pub fn corpus() -> Vec<Vec<u8>> {
     frames_in(CORPUS)
