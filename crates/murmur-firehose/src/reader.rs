@@ -195,7 +195,7 @@ async fn handle_frame(
     lanes: Option<&Arc<RepoLanes>>,
     index: usize,
     url: &Arc<str>,
-    bytes: &[u8],
+    bytes: &murmur_sync::Bytes,
     position: &mut ReadPosition,
 ) -> Result<(), SourceError> {
     let Some(event) = pipeline.read(index, url, bytes, position).await? else {

@@ -1,4 +1,5 @@
-//! Decode + CID re-hash throughput on realistic traffic (tests/fixtures/corpus-realistic:
+//! Decode + CID re-hash throughput on realistic traffic (murmur-sync's
+//! tests/fixtures/corpus-realistic:
 //! commits on repos of ~5,000 records), murmur beside jacquard 0.12 doing the same work, in
 //! interleaved rounds on the calling thread (one core). Each figure is printed beside its
 //! goal; rates are frames per second of this thread's CPU time (wall-clock beside them).
@@ -7,7 +8,7 @@
 //! block of its CAR slice against its CID (sha2-256). The ceiling is sha2-256 alone over the
 //! same blocks, measured in the same rounds.
 //!
-//! `cargo bench -p murmur-sync --bench decode`
+//! `cargo bench -p murmur-bench --bench decode`
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -28,7 +29,7 @@ const GOAL_VS_JACQUARD: f64 = 2.0;
 fn corpus_dir() -> String {
     concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/corpus-realistic"
+        "/../murmur-sync/tests/fixtures/corpus-realistic"
     )
     .to_string()
 }
