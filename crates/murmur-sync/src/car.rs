@@ -104,7 +104,7 @@ pub fn cid_for(codec: u64, data: &[u8]) -> Cid {
 pub fn check_block(cid: &Cid, data: &[u8]) -> Result<(), SyncError> {
     check_cid_kind(cid)?;
     let digest = Sha256::digest(data);
-    if cid.hash().digest() != &digest[..] {
+    if *cid.hash().digest() != digest[..] {
         return Err(cid_mismatch(cid, &digest));
     }
     Ok(())
