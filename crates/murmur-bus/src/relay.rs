@@ -280,6 +280,8 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let stats = &shared.stats;
     let mut cursor = None;
     let full = stats.consumers.load(Ordering::Relaxed) >= shared.config.max_consumers as u64;
+    // The handshake callback's error type is tungstenite's (an HTTP response), large or not.
+    #[allow(clippy::result_large_err)]
     let callback = |request: &Request, response: Response| {
         if request.uri().path() != SUBSCRIBE_REPOS_PATH {
             return Err(http_error(

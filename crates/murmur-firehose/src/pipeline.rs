@@ -245,16 +245,10 @@ impl Pipeline {
                     handle: identity.handle.clone(),
                 };
                 self.note_repo_event(url, &identity.did, &event);
-                self.repo_event(
-                    ev,
-                    url,
-                    &identity.did,
-                    identity.seq,
-                    &identity.time,
-                    event,
-                    raw,
-                )
-                .await;
+                let mut data =
+                    OpData::repo_event(url, &identity.did, identity.seq, &identity.time, event);
+                data.frame = raw;
+                self.repo_event(ev, data).await;
             }
             Frame::Account(account) => {
                 let event = RepoEvent::Account {
@@ -262,16 +256,10 @@ impl Pipeline {
                     status: account.status.clone(),
                 };
                 self.note_repo_event(url, &account.did, &event);
-                self.repo_event(
-                    ev,
-                    url,
-                    &account.did,
-                    account.seq,
-                    &account.time,
-                    event,
-                    raw,
-                )
-                .await;
+                let mut data =
+                    OpData::repo_event(url, &account.did, account.seq, &account.time, event);
+                data.frame = raw;
+                self.repo_event(ev, data).await;
             }
             // Not returned by `read`.
             Frame::Info(_) | Frame::Unknown { .. } => self.finish_event(ev),
@@ -359,26 +347,18 @@ impl Pipeline {
     /// Hands an `#identity` or `#account` event to the handlers that take it ([`Identity`](crate::Identity),
     /// [`AccountStatus`](crate::AccountStatus)) and, with `identity_events(true)`, to the
     /// tail: in the DID's lane, in stream order with its commits. The DID filter applies;
-    /// collection and action filters do not.
-    async fn repo_event(
-        &self,
-        ev: EventRef,
-        url: &str,
-        did: &str,
-        seq: i64,
-        time: &str,
-        event: RepoEvent,
-        raw: Option<Arc<[u8]>>,
-    ) {
-        let handlers = self.repo_event_handlers(did, &event);
+    /// collection and action filters do not. `data` is the event as
+    /// [`OpData::repo_event`] makes it: its time stands in for a rev, so the idempotency key
+    /// (did, time, kind/seq) of one event stays unique when a source's seqs restart.
+    async fn repo_event(&self, ev: EventRef, data: OpData) {
+        let handlers = match &data.repo_event {
+            Some(event) => self.repo_event_handlers(&data.did, event),
+            None => Vec::new(),
+        };
         if handlers.is_empty() {
             self.finish_event(ev);
             return;
         }
-        // Not a commit: the event's time stands in for a rev, so the idempotency key
-        // (did, time, kind/seq) of one event stays unique when a source's seqs restart.
-        let mut data = OpData::repo_event(url, did, seq, time, event);
-        data.frame = raw;
         let op = OpEvent::new(data, Arc::clone(&self.state));
         self.submit(ev, vec![(op, handlers)]).await;
     }
