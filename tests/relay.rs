@@ -463,3 +463,119 @@ async fn atproto_sync_firehose_accepts_every_commit_of_the_relay() {
     hub.task.abort();
     cleanup(&settings).await;
 }
+
+/// The relay's other sync endpoints: listHosts names both hosts, listRepos (paged across
+/// hosts) and getRepoStatus find the test's accounts, getRecord and getRepo lead to the host
+/// that has the repo, requestCrawl is refused with a typed error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_answers_the_sync_queries() {
+    let net = shared().await;
+    let settings = settings("xrpc");
+    let hub = start_hub(net, &settings, RelayConfig::default()).await;
+    let (alice, alice_w) = account(net, 0, "xrpca").await;
+    let (bob, _bob_w) = account(net, 1, "xrpcb").await;
+    let created = alice_w.create::<Note>(&note(1)).await.unwrap();
+    let base = format!("http://{}/xrpc", hub.addr);
+    let http = reqwest::Client::new();
+    let get = |method: &str, query: Vec<(&str, String)>| {
+        http.get(format!("{base}/{method}")).query(&query).send()
+    };
+
+    let hosts: serde_json::Value = get("com.atproto.sync.listHosts", vec![])
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = hosts["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["hostname"].as_str().unwrap())
+        .collect();
+    for host in net.pds_hosts() {
+        let url = host.url();
+        let name = url.split_once("://").unwrap().1.trim_end_matches('/');
+        assert!(names.contains(&name), "{name} not in {hosts}");
+    }
+
+    // listRepos, two repos a page, across both hosts.
+    let mut dids = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1000 {
+        let mut query = vec![("limit", "2".to_string())];
+        if let Some(c) = &cursor {
+            query.push(("cursor", c.clone()));
+        }
+        let response = get("com.atproto.sync.listRepos", query).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let page: serde_json::Value = response.json().await.unwrap();
+        let repos = page["repos"].as_array().unwrap();
+        assert!(repos.len() <= 2);
+        dids.extend(repos.iter().map(|r| r["did"].as_str().unwrap().to_string()));
+        match page["cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert!(dids.contains(&alice.did) && dids.contains(&bob.did));
+    let unique: std::collections::HashSet<_> = dids.iter().collect();
+    assert_eq!(unique.len(), dids.len(), "a repo listed twice");
+
+    let status: serde_json::Value = get(
+        "com.atproto.sync.getRepoStatus",
+        vec![("did", bob.did.clone())],
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(status["did"], bob.did.as_str());
+    assert_eq!(status["active"], true);
+    let missing = get(
+        "com.atproto.sync.getRepoStatus",
+        vec![("did", "did:plc:nobodyhere".to_string())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    // getRecord: redirected to alice's host, which answers with the record's proof (a CAR).
+    let rkey = created.rkey.clone();
+    let record = get(
+        "com.atproto.sync.getRecord",
+        vec![
+            ("did", alice.did.clone()),
+            ("collection", "test.murmur.note".into()),
+            ("rkey", rkey),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(record.status(), 200);
+    assert!(
+        record.url().as_str().starts_with(net.pds(0).unwrap().url()),
+        "{}",
+        record.url()
+    );
+    assert!(!record.bytes().await.unwrap().is_empty());
+    let repo = get("com.atproto.sync.getRepo", vec![("did", bob.did.clone())])
+        .await
+        .unwrap();
+    assert_eq!(repo.status(), 200);
+    assert!(repo.url().as_str().starts_with(net.pds(1).unwrap().url()));
+
+    let crawl = http
+        .post(format!("{base}/com.atproto.sync.requestCrawl"))
+        .json(&serde_json::json!({"hostname": "pds.example"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(crawl.status(), 501);
+    let body: serde_json::Value = crawl.json().await.unwrap();
+    assert_eq!(body["error"], "MethodNotImplemented");
+
+    hub.task.abort();
+    cleanup(&settings).await;
+}

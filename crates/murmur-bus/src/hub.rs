@@ -172,16 +172,14 @@ impl HubBuilder {
                 .await
                 .map_err(|e| BusError::js(format!("create key-value bucket {bucket_name}"), e))?,
         };
-        let relay = match self.serve_relay {
-            Some((addr, config)) => {
-                ensure_frame_stream(&js, &self.stream, &subjects, max_payload).await?;
-                Some(Relay::bind_with(addr, js.clone(), &self.stream, &subjects, config).await?)
-            }
-            None => None,
-        };
+        let relay_js = js.clone();
+        let relay_subjects = subjects.clone();
+        if self.serve_relay.is_some() {
+            ensure_frame_stream(&js, &self.stream, &subjects, max_payload).await?;
+        }
         let publisher = Arc::new(Publisher {
             js,
-            frames: relay.as_ref().map(|_| Mutex::default()),
+            frames: self.serve_relay.as_ref().map(|_| Mutex::default()),
             subjects,
             max_payload,
             stats: Arc::default(),
@@ -190,7 +188,7 @@ impl HubBuilder {
         let gap_publisher = Arc::clone(&publisher);
         let mut builder: WatcherBuilder = Watcher::builder()
             .keep_proofs(true)
-            .keep_frames(relay.is_some())
+            .keep_frames(self.serve_relay.is_some())
             .identity_events(true)
             .cursor_store(KvCursorStore::new(bucket, bucket_name))
             // A publish that fails (NATS down, a stream electing a leader) is retried until it
@@ -224,6 +222,24 @@ impl HubBuilder {
             builder = builder.start_cursor(seq);
         }
         let watcher = builder.build()?;
+        let relay = match self.serve_relay {
+            Some((addr, config)) => {
+                let hosts = self.sources.clone();
+                let metrics = Some(watcher.metrics());
+                let relay = Relay::bind_with(
+                    addr,
+                    relay_js,
+                    &self.stream,
+                    &relay_subjects,
+                    config,
+                    hosts,
+                    metrics,
+                )
+                .await?;
+                Some(relay)
+            }
+            None => None,
+        };
         info!(nats = %nats, stream = %self.stream.name, sources = self.sources.len() + self.relays.len(), "hub ready");
         Ok(Hub {
             watcher,

@@ -95,6 +95,7 @@ mod error;
 mod hub;
 mod message;
 pub mod relay;
+mod relay_http;
 mod stream;
 pub mod subject;
 

@@ -16,6 +16,12 @@
 //!   from the oldest kept;
 //! - a cursor ahead of the stream: the error frame `FutureCursor`, and the connection closes.
 //!
+//! The same address answers the relay's other sync endpoints: `listHosts` (the hub's hosts,
+//! with the last seq read from each), `listRepos` (every host's repos, one host after the
+//! other) and `getRepoStatus` from the hosts; `getRepo` and `getRecord` redirect (HTTP 302)
+//! to the host that has the repo; `requestCrawl` is refused with `MethodNotImplemented` (the
+//! hub's hosts are fixed when it starts).
+//!
 //! Slow consumers: frames are read from the stream only as fast as the consumer's socket takes
 //! them, so a consumer costs the same memory however far behind it is. A consumer whose socket
 //! takes no frame for [`RelayConfig::write_timeout`], or that fell more than
@@ -96,6 +102,7 @@ pub struct Relay {
 
 struct Shared {
     js: jetstream::Context,
+    hosts: crate::relay_http::Hosts,
     stream: String,
     filter: String,
     config: RelayConfig,
@@ -112,7 +119,17 @@ impl Relay {
         config: RelayConfig,
     ) -> Result<Relay, BusError> {
         let subjects = settings.subjects()?;
-        Self::bind_with(addr, js, settings, &subjects, config).await
+        Self::bind_with(addr, js, settings, &subjects, config, Vec::new(), None).await
+    }
+
+    /// The PDS hosts whose repos the frame stream carries (`http(s)://host` or their
+    /// `subscribeRepos` URLs): `listHosts`, `listRepos` and `getRepoStatus` answer from them,
+    /// `getRepo` and `getRecord` redirect to them. A hub's relay has its hub's hosts.
+    pub fn with_hosts(mut self, hosts: Vec<String>) -> Self {
+        if let Some(shared) = Arc::get_mut(&mut self.shared) {
+            shared.hosts = crate::relay_http::Hosts::new(hosts, None);
+        }
+        self
     }
 
     pub(crate) async fn bind_with(
@@ -121,6 +138,8 @@ impl Relay {
         settings: &StreamSettings,
         subjects: &Subjects,
         config: RelayConfig,
+        hosts: Vec<String>,
+        metrics: Option<Arc<murmur_firehose::Metrics>>,
     ) -> Result<Relay, BusError> {
         let stream = settings.frame_stream();
         js.get_stream(&stream)
@@ -146,6 +165,7 @@ impl Relay {
             listener,
             shared: Arc::new(Shared {
                 js,
+                hosts: crate::relay_http::Hosts::new(hosts, metrics),
                 stream,
                 filter: subjects.frames_all(),
                 config,
@@ -274,9 +294,17 @@ impl Drop for Connected {
     }
 }
 
-/// One consumer's connection: handshake, cursor, then frames until it leaves or is dropped.
+/// One connection: a plain XRPC request (see `relay_http`), or a consumer of the event
+/// stream: handshake, cursor, then frames until it leaves or is dropped.
 async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
+    let Some(head) = crate::relay_http::peek_head(&tcp).await else {
+        return;
+    };
+    if !crate::relay_http::is_upgrade(&head) {
+        crate::relay_http::serve(&shared.hosts, tcp, head).await;
+        return;
+    }
     let stats = &shared.stats;
     let mut cursor = None;
     let full = stats.consumers.load(Ordering::Relaxed) >= shared.config.max_consumers as u64;
