@@ -9,6 +9,11 @@
 //! over all the hub's PDS hosts has one numbering, and a consumer's cursor is a stream
 //! sequence.
 //!
+//! Not relayed (yet): `#sync` events and commits without ops (a new account's first commit),
+//! which the watcher verifies but hands to no handler, and frames larger than a NATS message
+//! (the server's `max_payload`, 1 MB by default). A verifying consumer sees the next commit
+//! of such a repo as the start of its chain (murmur's watcher: a chain break, then a resync).
+//!
 //! Cursor semantics (the atproto event-stream spec):
 //! - no cursor: live events only;
 //! - a cursor inside the window: every event after it, then live;
