@@ -11,8 +11,9 @@
 //!
 //! Not relayed (yet): `#sync` events and commits without ops (a new account's first commit),
 //! which the watcher verifies but hands to no handler, and frames larger than a NATS message
-//! (the server's `max_payload`, 1 MB by default). A verifying consumer sees the next commit
-//! of such a repo as the start of its chain (murmur's watcher: a chain break, then a resync).
+//! (the server's `max_payload`, 1 MB by default). A verifying consumer that already follows
+//! such a repo sees its next commit break the chain (murmur's watcher reports the gap and
+//! resyncs the repo); one that does not yet takes the next commit as the chain's start.
 //!
 //! Cursor semantics (the atproto event-stream spec):
 //! - no cursor: live events only;
