@@ -36,6 +36,14 @@ pub enum BusError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The relay could not listen on its address.
+    #[error("relay: cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address asked for.
+        addr: String,
+        /// Why.
+        reason: String,
+    },
     /// The configuration is inconsistent.
     #[error("bus configuration: {0}")]
     Config(String),

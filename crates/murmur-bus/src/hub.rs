@@ -11,8 +11,10 @@
 //! watcher's counters are copied to the recorder every second; publish counters move as
 //! publishes are acknowledged.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -25,7 +27,8 @@ use tracing::{debug, info, warn};
 use crate::BusError;
 use crate::cursor::KvCursorStore;
 use crate::message::BusMessage;
-use crate::stream::{StreamSettings, connect, ensure_streams};
+use crate::relay::{Relay, RelayConfig, RelayStats};
+use crate::stream::{StreamSettings, connect, ensure_frame_stream, ensure_streams};
 use crate::subject::Subjects;
 
 /// The hub's metrics, one per line (also shown by `murmur hub --help`).
@@ -55,6 +58,10 @@ Hub-wide:
   murmur_hub_sources               gauge    sources watched
   murmur_hub_sources_connected     gauge    sources connected now
   murmur_hub_verifications_waiting gauge    events waiting for a host to verify them
+Relay (murmur hub --relay-addr ADDR):
+  murmur_relay_consumers           gauge    subscribeRepos consumers connected now
+  murmur_relay_frames_total        counter  frames sent, over all consumers
+  murmur_relay_too_slow_total      counter  consumers dropped with ConsumerTooSlow
 Totals over sources: sum without(source) (...), e.g. sum(rate(murmur_hub_published_total[1m])).
 ";
 
@@ -79,6 +86,7 @@ pub struct HubBuilder {
     stream: StreamSettings,
     name: Option<String>,
     start_cursor: Option<i64>,
+    serve_relay: Option<(SocketAddr, RelayConfig)>,
 }
 
 impl HubBuilder {
@@ -125,8 +133,17 @@ impl HubBuilder {
         self
     }
 
+    /// Also serves `com.atproto.sync.subscribeRepos` on `addr` (a relay for private networks,
+    /// see [`Relay`]): the hub then stores the original frame of every verified event in the
+    /// frame stream ([`StreamSettings::frame_stream`]) and serves it, with its own seq, to
+    /// any number of consumers. Port 0 picks a free port ([`Hub::relay_addr`]).
+    pub fn serve_relay(mut self, addr: SocketAddr, config: RelayConfig) -> Self {
+        self.serve_relay = Some((addr, config));
+        self
+    }
+
     /// Connects to NATS, creates the streams and the cursor bucket if missing, and builds
-    /// the watcher.
+    /// the watcher (and binds the relay's address, with [`serve_relay`](Self::serve_relay)).
     pub async fn build(self) -> Result<Hub, BusError> {
         let nats = self
             .nats
@@ -155,8 +172,14 @@ impl HubBuilder {
                 .await
                 .map_err(|e| BusError::js(format!("create key-value bucket {bucket_name}"), e))?,
         };
+        let relay_js = js.clone();
+        let relay_subjects = subjects.clone();
+        if self.serve_relay.is_some() {
+            ensure_frame_stream(&js, &self.stream, &subjects, max_payload).await?;
+        }
         let publisher = Arc::new(Publisher {
             js,
+            frames: self.serve_relay.as_ref().map(|_| Mutex::default()),
             subjects,
             max_payload,
             stats: Arc::default(),
@@ -165,6 +188,7 @@ impl HubBuilder {
         let gap_publisher = Arc::clone(&publisher);
         let mut builder: WatcherBuilder = Watcher::builder()
             .keep_proofs(true)
+            .keep_frames(self.serve_relay.is_some())
             .identity_events(true)
             .cursor_store(KvCursorStore::new(bucket, bucket_name))
             // A publish that fails (NATS down, a stream electing a leader) is retried until it
@@ -198,11 +222,30 @@ impl HubBuilder {
             builder = builder.start_cursor(seq);
         }
         let watcher = builder.build()?;
+        let relay = match self.serve_relay {
+            Some((addr, config)) => {
+                let hosts = self.sources.clone();
+                let metrics = Some(watcher.metrics());
+                let relay = Relay::bind_with(
+                    addr,
+                    relay_js,
+                    &self.stream,
+                    &relay_subjects,
+                    config,
+                    hosts,
+                    metrics,
+                )
+                .await?;
+                Some(relay)
+            }
+            None => None,
+        };
         info!(nats = %nats, stream = %self.stream.name, sources = self.sources.len() + self.relays.len(), "hub ready");
         Ok(Hub {
             watcher,
             publisher,
             client,
+            relay,
         })
     }
 }
@@ -216,6 +259,7 @@ pub struct Hub {
     watcher: Watcher,
     publisher: Arc<Publisher>,
     client: async_nats::Client,
+    relay: Option<Relay>,
 }
 
 impl Hub {
@@ -234,6 +278,17 @@ impl Hub {
         Arc::clone(&self.publisher.stats)
     }
 
+    /// The address the relay listens on, when the hub serves one
+    /// ([`HubBuilder::serve_relay`]).
+    pub fn relay_addr(&self) -> Option<SocketAddr> {
+        self.relay.as_ref().map(Relay::local_addr)
+    }
+
+    /// The relay's counters, when the hub serves one.
+    pub fn relay_stats(&self) -> Option<Arc<RelayStats>> {
+        self.relay.as_ref().map(Relay::stats)
+    }
+
     /// The watcher's metrics (seq and time lag, rejections, reconnects).
     pub fn watcher_metrics(&self) -> Arc<murmur_firehose::Metrics> {
         self.watcher.metrics()
@@ -250,6 +305,9 @@ impl Hub {
             }
         });
         let _gauges = AbortOnDrop(gauges.abort_handle());
+        let _relay = self
+            .relay
+            .map(|relay| AbortOnDrop(tokio::spawn(relay.run()).abort_handle()));
         let result = self.watcher.run().await;
         let _ = self.client.flush().await;
         result.map_err(BusError::from)
@@ -313,13 +371,54 @@ pub struct HubStats {
 
 struct Publisher {
     js: jetstream::Context,
+    /// With a relay: per DID, the last event whose frame the stream stored (a commit's rev,
+    /// or a repo event's path), so a commit's frame is published once for all its ops.
+    frames: Option<Mutex<HashMap<String, String>>>,
     subjects: Subjects,
     max_payload: usize,
     stats: Arc<HubStats>,
 }
 
 impl Publisher {
+    /// Publishes the original frame of the event `op` came from, once per event (before the
+    /// op itself, so a relay consumer never sees an op the frame stream lacks).
+    async fn publish_frame(&self, op: &OpData) -> Result<(), HandlerError> {
+        let (Some(frames), Some(frame)) = (&self.frames, &op.frame) else {
+            return Ok(());
+        };
+        let key = match op.repo_event {
+            Some(_) => format!("{} {}", op.rev, op.path),
+            None => op.rev.clone(),
+        };
+        let done = |frames: &Mutex<HashMap<String, String>>| {
+            frames
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&op.did)
+                .is_some_and(|last| *last == key)
+        };
+        if done(frames) {
+            return Ok(());
+        }
+        let source = &*op.source;
+        let Some(subject) = self.subjects.frame(&op.did) else {
+            return Ok(());
+        };
+        if frame.len() + subject.len() + HEADROOM > self.max_payload {
+            warn!(did = %op.did, rev = %op.rev, size = frame.len(), "frame larger than a NATS message; not relayed");
+            return Ok(());
+        }
+        let id = format!("frame {} {key}", op.did);
+        self.send(source, subject, &id, frame.to_vec()).await?;
+        frames
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(op.did.clone(), key);
+        Ok(())
+    }
+
     async fn publish(&self, op: &OpData) -> Result<(), HandlerError> {
+        self.publish_frame(op).await?;
         let subject = match &op.repo_event {
             Some(murmur_firehose::RepoEvent::Identity { .. }) => {
                 self.subjects.repo_event(&op.did, "identity")

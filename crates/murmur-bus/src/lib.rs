@@ -54,6 +54,16 @@
 //!   again later, so nothing is dropped.
 //! - A forged or altered message fails its proof and never reaches a handler.
 //!
+//! # Relay
+//! A hub built with [`HubBuilder::serve_relay`] is also a relay for private networks: it
+//! stores the original frame of every verified `#commit`, `#identity` and `#account` event in
+//! the frame stream (`{NAME}_FRAMES`, subjects `{prefix}-frame.{partition}.{did}`) and serves
+//! `com.atproto.sync.subscribeRepos` from it: one merged stream over all its PDS hosts,
+//! numbered by the frame stream's sequence, with the spec's cursor semantics
+//! (`OutdatedCursor`, `FutureCursor`) and slow consumers dropped with `ConsumerTooSlow`.
+//! Verifying clients (murmur's watcher with `.relay(url)`, `@atproto/sync`) accept its
+//! commits: they are the PDS's signed commits and CAR slices, unchanged. See [`relay`].
+//!
 //! # Metrics
 //! The hub's metrics (per source: publish counts and rate, seq and time lag, rejections;
 //! hub-wide: sources connected) go through the `metrics` facade; the names are in
@@ -84,6 +94,8 @@ mod cursor;
 mod error;
 mod hub;
 mod message;
+pub mod relay;
+mod relay_http;
 mod stream;
 pub mod subject;
 
@@ -92,7 +104,9 @@ pub use cursor::{KvCursorStore, key_for};
 pub use error::BusError;
 pub use hub::{Hub, HubBuilder, HubStats, METRICS_HELP};
 pub use message::{BusMessage, FORMAT_VERSION, MessageKind};
+pub use relay::{Relay, RelayConfig, RelayStats};
 pub use stream::{
-    MIN_SERVER_VERSION, StreamSettings, connect, delete_streams, ensure_streams, open_stream,
+    MIN_SERVER_VERSION, StreamSettings, connect, delete_streams, ensure_frame_stream,
+    ensure_streams, open_stream,
 };
 pub use subject::Subjects;

@@ -62,6 +62,12 @@ impl StreamSettings {
         )
     }
 
+    /// The frame stream's name (`{name}_FRAMES`): the original frames of the verified events,
+    /// which the hub's relay serves, numbered by this stream's sequence.
+    pub fn frame_stream(&self) -> String {
+        format!("{}_FRAMES", self.name)
+    }
+
     /// The key-value bucket of the hub's cursors.
     pub fn cursor_bucket(&self) -> String {
         format!("{}_HUB", self.name)
@@ -93,7 +99,11 @@ pub async fn delete_streams(
     settings: &StreamSettings,
 ) -> Result<(), BusError> {
     let mut first_error = None;
-    for name in [settings.name.clone(), settings.dead_letter_stream()] {
+    for name in [
+        settings.name.clone(),
+        settings.dead_letter_stream(),
+        settings.frame_stream(),
+    ] {
         if let Err(e) = js.delete_stream(&name).await
             && !is_not_found(&e)
         {
@@ -169,6 +179,31 @@ pub async fn ensure_streams(
         )
     })?;
     Subjects::new(&settings.prefix, partitions).map_err(|e| BusError::Config(e.to_string()))
+}
+
+/// Creates the frame stream (see [`StreamSettings::frame_stream`]) if missing: the same
+/// replicas, replay window and duplicate window as the bus stream.
+pub async fn ensure_frame_stream(
+    js: &jetstream::Context,
+    settings: &StreamSettings,
+    subjects: &Subjects,
+    max_payload: usize,
+) -> Result<(), BusError> {
+    let config = stream::Config {
+        name: settings.frame_stream(),
+        description: Some("murmur relay: original subscribeRepos frames of verified events".into()),
+        subjects: vec![subjects.frames_all()],
+        storage: stream::StorageType::File,
+        num_replicas: settings.replicas,
+        max_age: settings.max_age,
+        duplicate_window: settings.duplicate_window.min(settings.max_age),
+        max_message_size: i32::try_from(max_payload).unwrap_or(i32::MAX),
+        ..Default::default()
+    };
+    js.get_or_create_stream(config)
+        .await
+        .map_err(|e| BusError::js(format!("create stream {}", settings.frame_stream()), e))?;
+    Ok(())
 }
 
 /// Reads the layout of an existing bus stream (consumers do not create it).

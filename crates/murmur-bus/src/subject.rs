@@ -160,6 +160,24 @@ impl Subjects {
         })
     }
 
+    /// The subject of a relay frame of `did` (`{prefix}-frame.{partition}.{did}`, in the
+    /// frame stream); `None` when the DID cannot be a token.
+    pub fn frame(&self, did: &str) -> Option<String> {
+        let did_token = encode_did(did);
+        is_token(&did_token).then(|| {
+            format!(
+                "{}-frame.{}.{did_token}",
+                self.prefix,
+                partition_of(did, self.partitions)
+            )
+        })
+    }
+
+    /// Every subject of the frame stream (`{prefix}-frame.>`).
+    pub fn frames_all(&self) -> String {
+        format!("{}-frame.>", self.prefix)
+    }
+
     /// The subject of gap reports.
     pub fn gap(&self) -> String {
         format!("{}.gap", self.prefix)

@@ -1,5 +1,6 @@
 //! `murmur hub`: verify once, fan out. Watches PDS hosts (or a relay) and publishes every
-//! verified op, with its proof, to a NATS JetStream stream.
+//! verified op, with its proof, to a NATS JetStream stream; with `--relay-addr`, also serves
+//! `com.atproto.sync.subscribeRepos` from it.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -46,6 +47,11 @@ pub struct HubArgs {
     /// (the metrics are listed below).
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Also serve com.atproto.sync.subscribeRepos at ws://ADDR (a relay for private
+    /// networks: one merged stream of the verified events of every watched host, numbered by
+    /// the hub, e.g. 127.0.0.1:2470).
+    #[arg(long, value_name = "ADDR")]
+    relay_addr: Option<SocketAddr>,
 }
 
 /// Runs the hub until Ctrl-C or SIGTERM (then publishes in flight finish and cursors are
@@ -80,7 +86,13 @@ pub fn run(args: HubArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         for url in &args.relay {
             builder = builder.relay(url);
         }
+        if let Some(addr) = args.relay_addr {
+            builder = builder.serve_relay(addr, murmur_bus::RelayConfig::default());
+        }
         let hub = builder.build().await?;
+        if let Some(addr) = hub.relay_addr() {
+            eprintln!("relay: ws://{addr}/xrpc/com.atproto.sync.subscribeRepos");
+        }
         let stop = hub.shutdown_handle();
         tokio::spawn(async move {
             let signal = crate::signal::interrupted().await;

@@ -358,6 +358,88 @@ async fn a_hub_killed_with_sigkill_and_restarted_publishes_each_op_once_and_serv
     );
 }
 
+/// `murmur hub --relay-addr ADDR` serves `subscribeRepos` at ADDR: a client replaying from
+/// cursor 0 gets the PDS's signed commits of the records written, numbered by the hub.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn murmur_hub_relay_addr_serves_subscribe_repos() {
+    use futures_util::StreamExt;
+
+    let net = tokio::task::spawn_blocking(|| Devnet::shared().map_err(|e| e.to_string()))
+        .await
+        .unwrap()
+        .unwrap();
+    let server = tokio::task::spawn_blocking(|| NatsServer::start(Default::default()))
+        .await
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let id = fastrand::u32(..);
+    let relay = free_addr();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_murmur"));
+    command
+        .args(["hub", "--nats", server.url(), "--plc", net.plc_url()])
+        .args(["--pds", net.pds(0).unwrap().url()])
+        .args(["--stream", &format!("T_RELAYCLI_{id:08x}")])
+        .args(["--prefix", &format!("t{id:08x}"), "--relay-addr", &relay])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = command.spawn().expect("start murmur hub");
+    let stderr = Lines::new(child.stderr.take().unwrap());
+    let _child = Reaper(child);
+    // Ready when it answers listHosts (and it is connected to its host).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let hosts = reqwest::get(format!("http://{relay}/xrpc/com.atproto.sync.listHosts")).await;
+        if let Ok(response) = hosts
+            && let Ok(body) = response.text().await
+            && body.contains("\"seq\"")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the relay did not come up: {}",
+            stderr.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let alice = net
+        .create_account(0, &net.unique_handle("relaycli"), "pw-1")
+        .await
+        .unwrap();
+    for n in 0..3 {
+        create_record(&alice, COLLECTION, &format!("relay {n}")).await;
+    }
+    let url = format!("ws://{relay}/xrpc/com.atproto.sync.subscribeRepos?cursor=0");
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut commits = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while commits.len() < 3 {
+        let next = tokio::time::timeout_at(deadline, socket.next()).await;
+        let Ok(Some(Ok(tokio_tungstenite::tungstenite::Message::Binary(bytes)))) = next else {
+            panic!(
+                "{} of 3 commits: {next:?}; hub: {}",
+                commits.len(),
+                stderr.dump()
+            );
+        };
+        if let murmur_sync::Frame::Commit(commit) = murmur_sync::Frame::decode(&bytes).unwrap()
+            && commit.repo == alice.did
+        {
+            commits.push(commit);
+        }
+    }
+    assert!(
+        commits
+            .iter()
+            .all(|c| c.ops.len() == 1 && c.ops[0].path.starts_with(COLLECTION))
+    );
+    assert!(
+        commits
+            .windows(2)
+            .all(|w| w[0].seq < w[1].seq && w[1].since.as_deref() == Some(w[0].rev.as_str()))
+    );
+}
+
 #[test]
 fn hub_help_lists_its_metrics() {
     let out = Command::new(env!("CARGO_BIN_EXE_murmur"))

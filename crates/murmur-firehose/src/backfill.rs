@@ -370,6 +370,7 @@ impl Pipeline {
                 record,
                 repo_event: None,
                 proof: None,
+                frame: None,
                 origin,
             };
             Metrics::inc(&self.metrics.ops_matched);

@@ -70,6 +70,11 @@ pub struct OpData {
     /// ([`WatcherBuilder::keep_proofs`](crate::WatcherBuilder::keep_proofs)), shared by the
     /// commit's ops; `None` otherwise.
     pub proof: Option<Arc<[u8]>>,
+    /// The original `subscribeRepos` frame (header and body, as the source sent it) of the
+    /// verified `#commit`, `#identity` or `#account` event this op came from, when the watcher
+    /// keeps frames ([`WatcherBuilder::keep_frames`](crate::WatcherBuilder::keep_frames)):
+    /// shared by the commit's ops; `None` otherwise and for ops from a copy of the repo.
+    pub frame: Option<Arc<[u8]>>,
     /// How the op reached the watcher: from the stream, or from a copy of the repo (a
     /// backfill, or a resync after a gap).
     pub origin: Origin,
@@ -130,6 +135,7 @@ impl OpData {
             record: None,
             repo_event: None,
             proof: None,
+            frame: None,
             origin: Origin::Live,
         }
     }

@@ -52,6 +52,8 @@ pub(crate) struct ReadEvent {
     pub frame: Frame,
     /// Its place in the source's progress, begun with one unit of work: handling it.
     pub token: EventToken,
+    /// The frame's bytes as read, when the watcher keeps frames.
+    pub raw: Option<Arc<[u8]>>,
 }
 
 impl ReadEvent {
@@ -98,6 +100,8 @@ pub(crate) struct Pipeline {
     pub max_seq_jump: i64,
     /// Whether ops carry their commit's CAR slice ([`OpData::proof`]).
     pub keep_proofs: bool,
+    /// Whether ops carry their event's original frame ([`OpData::frame`]).
+    pub keep_frames: bool,
     /// DIDs whose repo is being re-fetched.
     pub resyncing: Arc<Mutex<HashSet<String>>>,
     /// Repos whose last `#account` event said they are not active, with the status given:
@@ -195,6 +199,7 @@ impl Pipeline {
                     url: Arc::from(url),
                     frame,
                     token,
+                    raw: self.keep_frames.then(|| Arc::from(&bytes[..])),
                 }))
             }
         }
@@ -208,11 +213,12 @@ impl Pipeline {
             url,
             frame,
             token,
+            raw,
         } = event;
         let ev = EventRef { index, token };
         let url: &str = &url;
         match frame {
-            Frame::Commit(commit) => self.commit(ev, url, &commit).await,
+            Frame::Commit(commit) => self.commit(ev, url, &commit, raw).await,
             Frame::Sync(sync) if !self.filter.allows_repo(&sync.did) => {
                 // A repo nobody watches: keep its chain current without verifying (as for
                 // its commits), so a host that cannot resolve it never holds the stream.
@@ -239,8 +245,10 @@ impl Pipeline {
                     handle: identity.handle.clone(),
                 };
                 self.note_repo_event(url, &identity.did, &event);
-                self.repo_event(ev, url, &identity.did, identity.seq, &identity.time, event)
-                    .await;
+                let mut data =
+                    OpData::repo_event(url, &identity.did, identity.seq, &identity.time, event);
+                data.frame = raw;
+                self.repo_event(ev, data).await;
             }
             Frame::Account(account) => {
                 let event = RepoEvent::Account {
@@ -248,8 +256,10 @@ impl Pipeline {
                     status: account.status.clone(),
                 };
                 self.note_repo_event(url, &account.did, &event);
-                self.repo_event(ev, url, &account.did, account.seq, &account.time, event)
-                    .await;
+                let mut data =
+                    OpData::repo_event(url, &account.did, account.seq, &account.time, event);
+                data.frame = raw;
+                self.repo_event(ev, data).await;
             }
             // Not returned by `read`.
             Frame::Info(_) | Frame::Unknown { .. } => self.finish_event(ev),
@@ -337,24 +347,18 @@ impl Pipeline {
     /// Hands an `#identity` or `#account` event to the handlers that take it ([`Identity`](crate::Identity),
     /// [`AccountStatus`](crate::AccountStatus)) and, with `identity_events(true)`, to the
     /// tail: in the DID's lane, in stream order with its commits. The DID filter applies;
-    /// collection and action filters do not.
-    async fn repo_event(
-        &self,
-        ev: EventRef,
-        url: &str,
-        did: &str,
-        seq: i64,
-        time: &str,
-        event: RepoEvent,
-    ) {
-        let handlers = self.repo_event_handlers(did, &event);
+    /// collection and action filters do not. `data` is the event as
+    /// [`OpData::repo_event`] makes it: its time stands in for a rev, so the idempotency key
+    /// (did, time, kind/seq) of one event stays unique when a source's seqs restart.
+    async fn repo_event(&self, ev: EventRef, data: OpData) {
+        let handlers = match &data.repo_event {
+            Some(event) => self.repo_event_handlers(&data.did, event),
+            None => Vec::new(),
+        };
         if handlers.is_empty() {
             self.finish_event(ev);
             return;
         }
-        // Not a commit: the event's time stands in for a rev, so the idempotency key
-        // (did, time, kind/seq) of one event stays unique when a source's seqs restart.
-        let data = OpData::repo_event(url, did, seq, time, event);
         let op = OpEvent::new(data, Arc::clone(&self.state));
         self.submit(ev, vec![(op, handlers)]).await;
     }
@@ -423,7 +427,7 @@ impl Pipeline {
         lock(&self.inactive).contains_key(did)
     }
 
-    async fn commit(&self, ev: EventRef, url: &str, commit: &CommitEvent) {
+    async fn commit(&self, ev: EventRef, url: &str, commit: &CommitEvent, raw: Option<Arc<[u8]>>) {
         let seq = commit.seq;
         if let Some(status) = lock(&self.inactive).get(&commit.repo) {
             debug!(source = url, did = %commit.repo, seq, status, "commit of an inactive account not delivered");
@@ -530,6 +534,7 @@ impl Pipeline {
                 record: op.record,
                 repo_event: None,
                 proof: proof.clone(),
+                frame: raw.clone(),
                 origin: crate::Origin::Live,
             };
             jobs.push((OpEvent::new(data, Arc::clone(&self.state)), handlers));
@@ -627,6 +632,7 @@ impl Pipeline {
                     record: None,
                     repo_event: None,
                     proof: None,
+                    frame: None,
                     origin: crate::Origin::Live,
                 };
                 let op = Rejected::Op(OpEvent::new(data, Arc::clone(&self.state)));

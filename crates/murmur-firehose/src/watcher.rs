@@ -53,6 +53,7 @@ pub struct WatcherBuilder {
     verification_retry: Backoff,
     max_seq_jump: i64,
     keep_proofs: bool,
+    keep_frames: bool,
     tail: Option<Box<dyn Handler>>,
     backfill: Option<crate::Backfill>,
     record_index: Option<bool>,
@@ -90,6 +91,7 @@ impl Default for WatcherBuilder {
             verification_retry: Backoff::default(),
             max_seq_jump: DEFAULT_MAX_SEQ_JUMP,
             keep_proofs: false,
+            keep_frames: false,
             tail: None,
             backfill: None,
             record_index: None,
@@ -300,6 +302,15 @@ impl WatcherBuilder {
     /// commit's ops are handled.
     pub fn keep_proofs(mut self, on: bool) -> Self {
         self.keep_proofs = on;
+        self
+    }
+
+    /// Whether each delivered op carries the original frame of its event in
+    /// [`OpData::frame`](crate::OpData::frame), so the verified events can be passed on as
+    /// the source sent them (what murmur-bus's relay serves). Off by default: it keeps a copy
+    /// of each frame until its event is handled.
+    pub fn keep_frames(mut self, on: bool) -> Self {
+        self.keep_frames = on;
         self
     }
 
@@ -556,6 +567,7 @@ impl WatcherBuilder {
                 verify_retry: self.verification_retry,
                 max_seq_jump: self.max_seq_jump,
                 keep_proofs: self.keep_proofs,
+                keep_frames: self.keep_frames,
                 resyncing: Arc::default(),
                 inactive: Mutex::default(),
                 resync_slots: Arc::new(tokio::sync::Semaphore::new(

@@ -258,6 +258,83 @@ impl<T: FrameBytes + ?Sized> FrameBytes for &T {
     }
 }
 
+/// Splits a frame into its header and body bytes (each one complete DAG-CBOR item, nothing
+/// after the body), without decoding either: what a relay needs to pass a frame on with a
+/// body of its own (a new `seq`).
+pub fn split_frame(bytes: &[u8]) -> Result<(&[u8], &[u8]), SyncError> {
+    let limits = Limits::default();
+    let split = cbor::item_end(bytes, 0, limits.max_depth, "frame header")?;
+    let (head, body) = bytes.split_at(split);
+    let end = cbor::item_end(body, 0, limits.max_depth, "frame body")?;
+    if end != body.len() {
+        return Err(SyncError::Cbor {
+            context: "frame body",
+            offset: split + end,
+            reason: "trailing bytes after the body",
+        });
+    }
+    Ok((head, body))
+}
+
+/// The same frame with its body's `seq` set to `seq`, every other byte kept as it was: what
+/// a relay sends for an event it numbers itself (the `seq` is not signed; the commit and its
+/// CAR slice are passed on untouched). Fails on a frame without a top-level integer `seq`.
+pub fn with_seq(frame: &[u8], seq: u64) -> Result<Vec<u8>, SyncError> {
+    let (head, body) = split_frame(frame)?;
+    let spans = cbor::map_spans(body, Limits::default().max_depth, "frame body")?;
+    let (_, start, end) = spans
+        .entries
+        .iter()
+        .find(|(key, _, _)| *key == "seq")
+        .copied()
+        .ok_or_else(|| SyncError::Frame("the body has no seq".into()))?;
+    // DAG-CBOR writes the key "seq" as one head byte and three bytes of text.
+    let value = start + 4;
+    if body.get(value).is_none_or(|b| b >> 5 != 0) {
+        return Err(SyncError::Frame(
+            "the body's seq is not an unsigned integer".into(),
+        ));
+    }
+    let mut out = Vec::with_capacity(frame.len() + 8);
+    out.extend_from_slice(head);
+    out.extend_from_slice(&body[..value]);
+    cbor::write_head(&mut out, 0, seq);
+    out.extend_from_slice(&body[end..]);
+    Ok(out)
+}
+
+/// An error frame (header `{op: -1}`, body `{error, message}`): what a server sends before it
+/// closes a stream it will not serve (`FutureCursor`, `ConsumerTooSlow`).
+pub fn error_frame(error: &str, message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32 + error.len() + message.len());
+    cbor::write_head(&mut out, 5, 1);
+    cbor::write_text(&mut out, "op");
+    cbor::write_head(&mut out, 1, 0);
+    cbor::write_head(&mut out, 5, 2);
+    cbor::write_text(&mut out, "error");
+    cbor::write_text(&mut out, error);
+    cbor::write_text(&mut out, "message");
+    cbor::write_text(&mut out, message);
+    out
+}
+
+/// An `#info` frame (header `{op: 1, t: "#info"}`, body `{name, message}`), e.g.
+/// `OutdatedCursor`.
+pub fn info_frame(name: &str, message: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + name.len() + message.len());
+    cbor::write_head(&mut out, 5, 2);
+    cbor::write_text(&mut out, "t");
+    cbor::write_text(&mut out, "#info");
+    cbor::write_text(&mut out, "op");
+    cbor::write_head(&mut out, 0, 1);
+    cbor::write_head(&mut out, 5, 2);
+    cbor::write_text(&mut out, "name");
+    cbor::write_text(&mut out, name);
+    cbor::write_text(&mut out, "message");
+    cbor::write_text(&mut out, message);
+    out
+}
+
 impl Frame {
     /// Decodes one frame with the default [`Limits`].
     ///
@@ -659,6 +736,58 @@ mod tests {
             write_text(&mut out, v);
         }
         out
+    }
+
+    #[test]
+    fn written_error_and_info_frames_decode() {
+        assert!(matches!(
+            Frame::decode(&error_frame("FutureCursor", "ahead")).unwrap_err(),
+            SyncError::Stream(StreamError::FutureCursor { message: Some(ref m) }) if m == "ahead"
+        ));
+        assert!(matches!(
+            Frame::decode(&error_frame("ConsumerTooSlow", "slow")).unwrap_err(),
+            SyncError::Stream(StreamError::ConsumerTooSlow { .. })
+        ));
+        match Frame::decode(&info_frame("OutdatedCursor", "old")).unwrap() {
+            Frame::Info(info) => {
+                assert!(info.is_outdated_cursor());
+                assert_eq!(info.message.as_deref(), Some("old"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn with_seq_replaces_only_the_seq() {
+        // {seq, did, time, handle}: seq small, then renumbered past one-byte heads.
+        let mut body = Vec::new();
+        write_head(&mut body, 5, 4);
+        write_text(&mut body, "did");
+        write_text(&mut body, "did:plc:abc");
+        write_text(&mut body, "seq");
+        write_head(&mut body, 0, 7);
+        write_text(&mut body, "time");
+        write_text(&mut body, "2024-01-01T00:00:00Z");
+        write_text(&mut body, "handle");
+        write_text(&mut body, "a.test");
+        let original = frame(1, Some("#identity"), &body);
+        for seq in [0, 23, 24, 70_000, 1 << 40] {
+            let renumbered = with_seq(&original, seq).unwrap();
+            match Frame::decode(&renumbered).unwrap() {
+                Frame::Identity(i) => {
+                    assert_eq!(i.seq, seq as i64);
+                    assert_eq!(i.did, "did:plc:abc");
+                    assert_eq!(i.handle.as_deref(), Some("a.test"));
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(with_seq(&renumbered, 7).unwrap(), original);
+        }
+        let no_seq = frame(1, Some("#identity"), &map(&[("did", "x")]));
+        assert!(matches!(with_seq(&no_seq, 1), Err(SyncError::Frame(_))));
+        let text_seq = frame(1, Some("#identity"), &map(&[("seq", "x")]));
+        assert!(matches!(with_seq(&text_seq, 1), Err(SyncError::Frame(_))));
+        assert!(with_seq(&original[..original.len() - 1], 1).is_err());
     }
 
     #[test]

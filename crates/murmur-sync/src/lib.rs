@@ -104,7 +104,7 @@ pub use error::{StreamError, SyncError};
 pub use fetch::{ListedRepo, RepoList};
 pub use frame::{
     AccountEvent, Action, CommitEvent, Frame, FrameBytes, IdentityEvent, InfoEvent, Limits, RepoOp,
-    SyncEvent,
+    SyncEvent, error_frame, info_frame, split_frame, with_seq,
 };
 pub use identity::{DEFAULT_PLC_URL, Identity, IdentityResolver};
 pub use mst::{

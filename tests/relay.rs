@@ -1,0 +1,581 @@
+//! The hub's relay (`murmur-bus`, `Hub::builder().serve_relay(..)`) against the real local
+//! network and a real nats-server: murmur's own watcher reads it with `.relay(url)` and Full
+//! verification and gets every record once, in order per DID; the cursor cases of the
+//! event-stream spec (replay, `OutdatedCursor`, `FutureCursor`); a consumer that stops reading
+//! is dropped with `ConsumerTooSlow`.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use futures_util::StreamExt;
+use murmur_bus::{Hub, RelayConfig, RelayStats, StreamSettings};
+use murmur_devnet::Devnet;
+use murmur_e2e::{Note, account, note, shared, wait_for};
+use murmur_firehose::{Author, HandlerError, Record, Rejected, Rejection, Watcher};
+use murmur_sync::{Frame, StreamError, SyncError};
+use tokio_tungstenite::tungstenite::Message;
+
+fn nats_url() -> String {
+    static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SERVER
+        .get_or_init(|| {
+            if let Ok(url) = std::env::var("MURMUR_TEST_NATS") {
+                return url;
+            }
+            // Started once for the test binary; it dies with the process.
+            let server = Box::leak(Box::new(
+                murmur_devnet::nats::NatsServer::start(Default::default())
+                    .unwrap_or_else(|e| panic!("{e}")),
+            ));
+            server.url().to_string()
+        })
+        .clone()
+}
+
+/// A stream and prefix of the test's own.
+fn settings(tag: &str) -> StreamSettings {
+    let id = fastrand::u32(..);
+    StreamSettings {
+        name: format!("R_{}_{id:08x}", tag.to_uppercase()),
+        prefix: format!("r{id:08x}"),
+        partitions: 4,
+        ..Default::default()
+    }
+}
+
+async fn cleanup(settings: &StreamSettings) {
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let _ = murmur_bus::delete_streams(&jetstream::new(client), settings).await;
+}
+
+struct RunningHub {
+    addr: SocketAddr,
+    stats: Arc<RelayStats>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A hub over every host of `net`, serving a relay on a free loopback port.
+async fn start_hub(net: &Devnet, settings: &StreamSettings, config: RelayConfig) -> RunningHub {
+    let mut builder = Hub::builder()
+        .nats(nats_url())
+        .plc_url(net.plc_url())
+        .stream(settings.clone())
+        .serve_relay("127.0.0.1:0".parse().unwrap(), config);
+    for host in net.pds_hosts() {
+        builder = builder.pds(host.url());
+    }
+    let hub = builder.build().await.unwrap();
+    let addr = hub.relay_addr().unwrap();
+    let stats = hub.relay_stats().unwrap();
+    let metrics = hub.watcher_metrics();
+    let task = tokio::spawn(async move { hub.run().await.unwrap() });
+    let hosts = net.pds_hosts().len() as u64;
+    wait_for(
+        "the hub to connect to every host",
+        Duration::from_secs(30),
+        || metrics.snapshot().sources_connected >= hosts,
+    )
+    .await;
+    RunningHub { addr, stats, task }
+}
+
+type Seen = Arc<Mutex<Vec<(String, u64)>>>;
+
+/// murmur's watcher on the relay, Full verification (the default), every note recorded.
+fn relay_watcher(
+    addr: SocketAddr,
+    plc: &str,
+    cursor: Option<i64>,
+    seen: Seen,
+    rejected: Arc<Mutex<Vec<String>>>,
+) -> Watcher {
+    let mut builder = Watcher::builder()
+        .relay(&format!("ws://{addr}"))
+        .plc_url(plc)
+        .verification(murmur_sync::VerifyLevel::Full)
+        .collections(["test.murmur.*"])
+        .handler(move |note: Record<Note>, from: Author| {
+            let seen = Arc::clone(&seen);
+            async move {
+                seen.lock().unwrap().push((from.0, note.n));
+                Ok::<_, HandlerError>(())
+            }
+        })
+        .on_rejected(move |r: &Rejected, why: &Rejection| {
+            rejected
+                .lock()
+                .unwrap()
+                .push(format!("{} {why:?}", r.uri()));
+        });
+    if let Some(cursor) = cursor {
+        builder = builder.start_cursor(cursor);
+    }
+    builder.build().unwrap()
+}
+
+fn order_of(seen: &Seen, did: &str) -> Vec<u64> {
+    seen.lock()
+        .unwrap()
+        .iter()
+        .filter(|(d, _)| d == did)
+        .map(|(_, n)| *n)
+        .collect()
+}
+
+/// Frames read from the relay by a plain WebSocket client, until `n` frames or `timeout`.
+async fn read_frames(
+    addr: SocketAddr,
+    cursor: Option<i64>,
+    n: usize,
+    timeout: Duration,
+) -> Vec<Result<Frame, SyncError>> {
+    let url = match cursor {
+        Some(c) => format!("ws://{addr}/xrpc/com.atproto.sync.subscribeRepos?cursor={c}"),
+        None => format!("ws://{addr}/xrpc/com.atproto.sync.subscribeRepos"),
+    };
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut frames = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while frames.len() < n {
+        match tokio::time::timeout_at(deadline, socket.next()).await {
+            Ok(Some(Ok(Message::Binary(bytes)))) => frames.push(Frame::decode(&bytes)),
+            Ok(Some(Ok(_))) => {}
+            Ok(None) | Ok(Some(Err(_))) | Err(_) => break,
+        }
+    }
+    frames
+}
+
+fn seq_of(frame: &Result<Frame, SyncError>) -> u64 {
+    frame.as_ref().unwrap().seq().unwrap() as u64
+}
+
+/// The relay serves one merged stream over both hosts; murmur's watcher reads it with Full
+/// verification and handles every note once, in order per DID; a second watcher replaying
+/// from cursor 0 gets them all again, once; the cursor cases follow the spec.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn murmur_watcher_reads_the_relay_with_full_verification() {
+    let net = shared().await;
+    let settings = settings("watch");
+    let hub = start_hub(net, &settings, RelayConfig::default()).await;
+    let (alice, alice_w) = account(net, 0, "rela").await;
+    let (bob, bob_w) = account(net, 1, "relb").await;
+
+    let seen: Seen = Arc::default();
+    let rejected = Arc::new(Mutex::new(Vec::new()));
+    let watcher = relay_watcher(
+        hub.addr,
+        net.plc_url(),
+        None,
+        Arc::clone(&seen),
+        Arc::clone(&rejected),
+    );
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let live = tokio::spawn(watcher.run());
+    wait_for("the watcher to connect", Duration::from_secs(30), || {
+        metrics.snapshot().sources_connected >= 1
+    })
+    .await;
+
+    for n in 0..15 {
+        alice_w.create::<Note>(&note(n)).await.unwrap();
+        bob_w.create::<Note>(&note(100 + n)).await.unwrap();
+    }
+    wait_for(
+        "30 notes through the relay",
+        Duration::from_secs(60),
+        || order_of(&seen, &alice.did).len() + order_of(&seen, &bob.did).len() >= 30,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(order_of(&seen, &alice.did), (0..15).collect::<Vec<_>>());
+    assert_eq!(order_of(&seen, &bob.did), (100..115).collect::<Vec<_>>());
+    assert!(
+        rejected.lock().unwrap().is_empty(),
+        "{:?}",
+        rejected.lock().unwrap()
+    );
+    let snapshot = metrics.snapshot();
+    assert_eq!(
+        snapshot.gaps, 0,
+        "no gap on a relay that passes every commit"
+    );
+    stop.shutdown();
+    live.await.unwrap().unwrap();
+
+    // Replay from cursor 0: every note again, once, in order per DID.
+    let replayed: Seen = Arc::default();
+    let watcher = relay_watcher(
+        hub.addr,
+        net.plc_url(),
+        Some(0),
+        Arc::clone(&replayed),
+        Arc::clone(&rejected),
+    );
+    let stop = watcher.shutdown_handle();
+    let replay = tokio::spawn(watcher.run());
+    wait_for("30 notes replayed", Duration::from_secs(60), || {
+        order_of(&replayed, &alice.did).len() + order_of(&replayed, &bob.did).len() >= 30
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(order_of(&replayed, &alice.did), (0..15).collect::<Vec<_>>());
+    assert_eq!(
+        order_of(&replayed, &bob.did),
+        (100..115).collect::<Vec<_>>()
+    );
+    assert!(rejected.lock().unwrap().is_empty());
+    stop.shutdown();
+    replay.await.unwrap().unwrap();
+
+    // The frames: one merged numbering, the relay's own (1, 2, 3, ...).
+    let client = async_nats::connect(nats_url()).await.unwrap();
+    let js = jetstream::new(client);
+    let mut frames = js.get_stream(settings.frame_stream()).await.unwrap();
+    let last = frames.info().await.unwrap().state.last_sequence;
+    assert!(last >= 30, "{last} frames stored");
+    let all = read_frames(hub.addr, Some(0), last as usize, Duration::from_secs(20)).await;
+    let seqs: Vec<u64> = all.iter().map(seq_of).collect();
+    assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
+    // A cursor inside the window: what comes after it.
+    let after = read_frames(hub.addr, Some(10), 3, Duration::from_secs(20)).await;
+    assert_eq!(
+        after.iter().map(seq_of).collect::<Vec<_>>(),
+        vec![11, 12, 13]
+    );
+    // A cursor ahead of the stream: the error frame FutureCursor, then the end.
+    let ahead = read_frames(hub.addr, Some(last as i64 + 5), 2, Duration::from_secs(20)).await;
+    assert_eq!(ahead.len(), 1, "{ahead:?}");
+    assert!(
+        matches!(
+            ahead[0],
+            Err(SyncError::Stream(StreamError::FutureCursor { .. }))
+        ),
+        "{ahead:?}"
+    );
+    // A cursor older than the window: #info OutdatedCursor, then from the oldest kept.
+    frames.purge().sequence(6).await.unwrap();
+    let old = read_frames(hub.addr, Some(2), 3, Duration::from_secs(20)).await;
+    match &old[0] {
+        Ok(Frame::Info(info)) => assert!(info.is_outdated_cursor(), "{info:?}"),
+        other => panic!("expected OutdatedCursor, got {other:?}"),
+    }
+    assert_eq!(old[1..].iter().map(seq_of).collect::<Vec<_>>(), vec![6, 7]);
+    assert_eq!(
+        hub.stats
+            .outdated_cursors
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    assert_eq!(
+        hub.stats
+            .future_cursors
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    hub.task.abort();
+    cleanup(&settings).await;
+}
+
+/// A consumer that stops reading is dropped with ConsumerTooSlow; the relay does not hold
+/// its backlog, and the other consumers go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_stops_reading_is_dropped() {
+    let net = shared().await;
+    let settings = settings("slow");
+    let config = RelayConfig {
+        write_timeout: Duration::from_secs(1),
+        send_buffer: Some(4096),
+        ..Default::default()
+    };
+    let hub = start_hub(net, &settings, config).await;
+    let (_alice, alice_w) = account(net, 0, "slow").await;
+
+    // A client with a tiny receive window that reads nothing.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let tcp = socket.connect(hub.addr).await.unwrap();
+    let url = format!("ws://{}/xrpc/com.atproto.sync.subscribeRepos", hub.addr);
+    let (mut stalled, _) = tokio_tungstenite::client_async(url, tcp).await.unwrap();
+    wait_for("the consumer to connect", Duration::from_secs(10), || {
+        hub.stats
+            .consumers
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    })
+    .await;
+
+    let writes = tokio::spawn(async move {
+        for n in 0..200 {
+            alice_w.create::<Note>(&note(n)).await.unwrap();
+            if hub_done() {
+                break;
+            }
+        }
+    });
+    wait_for(
+        "the stalled consumer to be dropped",
+        Duration::from_secs(120),
+        || {
+            hub.stats
+                .too_slow
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 1
+        },
+    )
+    .await;
+    DONE.store(true, std::sync::atomic::Ordering::Relaxed);
+    wait_for("its connection to close", Duration::from_secs(10), || {
+        hub.stats
+            .consumers
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 0
+    })
+    .await;
+    writes.await.unwrap();
+    // What it reads now ends: frames the kernel held, then ConsumerTooSlow or a reset,
+    // never an endless stream.
+    let mut frames = 0;
+    let mut ending = None;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stalled.next()).await {
+            Ok(Some(Ok(Message::Binary(bytes)))) => match Frame::decode(&bytes) {
+                Ok(_) => frames += 1,
+                Err(e) => {
+                    ending = Some(format!("{e}"));
+                    assert!(
+                        matches!(e, SyncError::Stream(StreamError::ConsumerTooSlow { .. })),
+                        "{e}"
+                    );
+                }
+            },
+            Ok(Some(Ok(_))) => {}
+            Ok(None) | Ok(Some(Err(_))) => break,
+            Err(_) => panic!("the dropped connection is still open after {frames} frames"),
+        }
+    }
+    assert!(
+        frames < 200,
+        "it got everything: {frames} frames ({ending:?})"
+    );
+
+    hub.task.abort();
+    cleanup(&settings).await;
+}
+
+static DONE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+fn hub_done() -> bool {
+    DONE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The official `@atproto/sync` Firehose (TypeScript, its verification on: signature and
+/// MST proof of every commit), run under the local network's Node, replays the relay from
+/// cursor 0 and accepts every commit: each note once, in order per DID, no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn atproto_sync_firehose_accepts_every_commit_of_the_relay() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+
+    let net = shared().await;
+    let settings = settings("ts");
+    let hub = start_hub(net, &settings, RelayConfig::default()).await;
+    let (alice, alice_w) = account(net, 0, "tsa").await;
+    let (bob, bob_w) = account(net, 1, "tsb").await;
+    for n in 0..10 {
+        alice_w.create::<Note>(&note(n)).await.unwrap();
+        bob_w.create::<Note>(&note(100 + n)).await.unwrap();
+    }
+    // The client replays from cursor 0 and goes on live until it has all 20.
+    let install = tokio::task::spawn_blocking(murmur_devnet::provision)
+        .await
+        .unwrap()
+        .expect("the local network's node install");
+    let input = serde_json::json!({
+        "service": format!("ws://{}", hub.addr),
+        "plcUrl": net.plc_url(),
+        "cursor": 0,
+        "collection": "test.murmur.note",
+        "dids": [&alice.did, &bob.did],
+        "expect": 20,
+        "timeoutMs": 60_000,
+    });
+    let out = tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(&install.node)
+            .current_dir(&install.dir)
+            .args([
+                "--input-type=module",
+                "-e",
+                include_str!("relay_ts/firehose.mjs"),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start node");
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.to_string().as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "node failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("node prints JSON");
+    let errors = result["errors"].as_array().unwrap();
+    assert!(
+        errors.is_empty(),
+        "@atproto/sync reported errors: {errors:?}"
+    );
+    let events = result["events"].as_array().unwrap();
+    let notes_of = |did: &str| -> Vec<u64> {
+        events
+            .iter()
+            .filter(|e| e["did"] == did && e["event"] == "create")
+            .map(|e| e["n"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(
+        notes_of(&alice.did),
+        (0..10).collect::<Vec<_>>(),
+        "{events:?}"
+    );
+    assert_eq!(
+        notes_of(&bob.did),
+        (100..110).collect::<Vec<_>>(),
+        "{events:?}"
+    );
+    // The seqs it saw are the relay's, increasing.
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+
+    hub.task.abort();
+    cleanup(&settings).await;
+}
+
+/// The relay's other sync endpoints: listHosts names both hosts, listRepos (paged across
+/// hosts) and getRepoStatus find the test's accounts, getRecord and getRepo lead to the host
+/// that has the repo, requestCrawl is refused with a typed error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_answers_the_sync_queries() {
+    let net = shared().await;
+    let settings = settings("xrpc");
+    let hub = start_hub(net, &settings, RelayConfig::default()).await;
+    let (alice, alice_w) = account(net, 0, "xrpca").await;
+    let (bob, _bob_w) = account(net, 1, "xrpcb").await;
+    let created = alice_w.create::<Note>(&note(1)).await.unwrap();
+    let base = format!("http://{}/xrpc", hub.addr);
+    let http = reqwest::Client::new();
+    let get = |method: &str, query: Vec<(&str, String)>| {
+        http.get(format!("{base}/{method}")).query(&query).send()
+    };
+
+    let hosts: serde_json::Value = get("com.atproto.sync.listHosts", vec![])
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = hosts["hosts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["hostname"].as_str().unwrap())
+        .collect();
+    for host in net.pds_hosts() {
+        let url = host.url();
+        let name = url.split_once("://").unwrap().1.trim_end_matches('/');
+        assert!(names.contains(&name), "{name} not in {hosts}");
+    }
+
+    // listRepos, two repos a page, across both hosts.
+    let mut dids = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1000 {
+        let mut query = vec![("limit", "2".to_string())];
+        if let Some(c) = &cursor {
+            query.push(("cursor", c.clone()));
+        }
+        let response = get("com.atproto.sync.listRepos", query).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let page: serde_json::Value = response.json().await.unwrap();
+        let repos = page["repos"].as_array().unwrap();
+        assert!(repos.len() <= 2);
+        dids.extend(repos.iter().map(|r| r["did"].as_str().unwrap().to_string()));
+        match page["cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert!(dids.contains(&alice.did) && dids.contains(&bob.did));
+    let unique: std::collections::HashSet<_> = dids.iter().collect();
+    assert_eq!(unique.len(), dids.len(), "a repo listed twice");
+
+    let status: serde_json::Value = get(
+        "com.atproto.sync.getRepoStatus",
+        vec![("did", bob.did.clone())],
+    )
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(status["did"], bob.did.as_str());
+    assert_eq!(status["active"], true);
+    let missing = get(
+        "com.atproto.sync.getRepoStatus",
+        vec![("did", "did:plc:nobodyhere".to_string())],
+    )
+    .await
+    .unwrap();
+    assert_eq!(missing.status(), 404);
+
+    // getRecord: redirected to alice's host, which answers with the record's proof (a CAR).
+    let rkey = created.rkey.clone();
+    let record = get(
+        "com.atproto.sync.getRecord",
+        vec![
+            ("did", alice.did.clone()),
+            ("collection", "test.murmur.note".into()),
+            ("rkey", rkey),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(record.status(), 200);
+    assert!(
+        record.url().as_str().starts_with(net.pds(0).unwrap().url()),
+        "{}",
+        record.url()
+    );
+    assert!(!record.bytes().await.unwrap().is_empty());
+    let repo = get("com.atproto.sync.getRepo", vec![("did", bob.did.clone())])
+        .await
+        .unwrap();
+    assert_eq!(repo.status(), 200);
+    assert!(repo.url().as_str().starts_with(net.pds(1).unwrap().url()));
+
+    let crawl = http
+        .post(format!("{base}/com.atproto.sync.requestCrawl"))
+        .json(&serde_json::json!({"hostname": "pds.example"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(crawl.status(), 501);
+    let body: serde_json::Value = crawl.json().await.unwrap();
+    assert_eq!(body["error"], "MethodNotImplemented");
+
+    hub.task.abort();
+    cleanup(&settings).await;
+}
