@@ -160,7 +160,7 @@ impl KeyPair {
 
     /// Opens `sealed` as agent `did` with this key alone (see [`Keyring::open`]).
     pub fn open(&self, did: &str, sealed: &Sealed, ctx: &Context) -> Result<Vec<u8>, OpenError> {
-        self.open_data(did, &sealed.data, ctx, None)
+        self.open_data(did, &sealed.data, ctx)
     }
 
     pub(crate) fn open_data(
@@ -168,14 +168,12 @@ impl KeyPair {
         did: &str,
         sealed: &SealedData,
         ctx: &Context,
-        ciphertext: Option<&[u8]>,
     ) -> Result<Vec<u8>, OpenError> {
         crate::scheme::open(
             did,
             |id| (id == self.public.id).then(|| self.secret.clone()),
             sealed,
             ctx,
-            ciphertext,
         )
     }
 }
@@ -358,16 +356,6 @@ impl Keyring {
 
     /// Opens `sealed` (found in `ctx`) as this keyring's agent.
     pub fn open(&self, sealed: &Sealed, ctx: &Context) -> Result<Vec<u8>, OpenError> {
-        self.open_with(sealed, ctx, None)
-    }
-
-    /// Opens `sealed` whose ciphertext is `ciphertext` (a sealed blob's bytes) when given.
-    pub fn open_with(
-        &self,
-        sealed: &Sealed,
-        ctx: &Context,
-        ciphertext: Option<&[u8]>,
-    ) -> Result<Vec<u8>, OpenError> {
         let ring = self.read();
         crate::scheme::open(
             &ring.did,
@@ -379,7 +367,6 @@ impl Keyring {
             },
             &sealed.data,
             ctx,
-            ciphertext,
         )
     }
 }

@@ -167,20 +167,17 @@ pub fn seal(plaintext: &[u8], recipients: &[Recipient], ctx: &Context) -> Result
         scheme: SCHEME.to_string(),
         context: ctx.digest(),
         recipients: keys,
-        ciphertext: Some(b64(&ciphertext)),
-        blob: None,
+        ciphertext: b64(&ciphertext),
     }
     .into())
 }
 
-/// Opens `sealed` as agent `did`, whose secret keys `secret_for` finds by key id; the
-/// ciphertext is `ciphertext` when given (a sealed blob's bytes), else the inline one.
+/// Opens `sealed` as agent `did`, whose secret keys `secret_for` finds by key id.
 pub(crate) fn open(
     did: &str,
     secret_for: impl Fn(&str) -> Option<<Kem as hpke::Kem>::PrivateKey>,
     sealed: &SealedData,
     ctx: &Context,
-    ciphertext: Option<&[u8]>,
 ) -> Result<Vec<u8>, OpenError> {
     if sealed.scheme != SCHEME {
         return Err(OpenError::UnsupportedScheme(
@@ -226,20 +223,16 @@ pub(crate) fn open(
     if content_key.len() != 32 {
         return Err(OpenError::Tampered);
     }
-    let inline;
-    let ciphertext = match (ciphertext, &sealed.ciphertext) {
-        (Some(bytes), _) => bytes,
-        (None, Some(text)) => {
-            inline = unb64(text).ok_or(OpenError::Malformed("ciphertext is not base64url"))?;
-            &inline
-        }
-        (None, None) => return Err(OpenError::Malformed("no ciphertext")),
-    };
+    let ciphertext =
+        unb64(&sealed.ciphertext).ok_or(OpenError::Malformed("ciphertext is not base64url"))?;
+    if ciphertext.len() < 16 {
+        return Err(OpenError::Malformed("ciphertext is shorter than its tag"));
+    }
     ChaCha20Poly1305::new(Key::from_slice(&content_key))
         .decrypt(
             Nonce::from_slice(&[0u8; 12]),
             Payload {
-                msg: ciphertext,
+                msg: &ciphertext,
                 aad: &aad,
             },
         )
@@ -328,7 +321,6 @@ mod tests {
                 "did:plc:bob",
                 &forged,
                 &Context::new("did:plc:mallory", "agent.comms.task", "payload"),
-                None
             ),
             Err(OpenError::Tampered)
         );
@@ -343,7 +335,7 @@ mod tests {
             b64(&bytes)
         };
         let mut ct = sealed.data.clone();
-        ct.ciphertext = Some(flip(ct.ciphertext.as_deref().unwrap()));
+        ct.ciphertext = flip(&ct.ciphertext);
         let mut key = sealed.data.clone();
         key.recipients[0].data.key = flip(&key.recipients[0].key);
         let mut enc = sealed.data.clone();
@@ -358,7 +350,7 @@ mod tests {
             ("list", list),
         ] {
             assert_eq!(
-                bob.open_data("did:plc:bob", &data, &ctx(), None),
+                bob.open_data("did:plc:bob", &data, &ctx()),
                 Err(OpenError::Tampered),
                 "{name}"
             );
@@ -371,25 +363,25 @@ mod tests {
         let mut scheme = sealed.data.clone();
         scheme.scheme = "rot13".into();
         assert_eq!(
-            bob.open_data("did:plc:bob", &scheme, &ctx(), None),
+            bob.open_data("did:plc:bob", &scheme, &ctx()),
             Err(OpenError::UnsupportedScheme("rot13".into()))
         );
         let mut b = sealed.data.clone();
-        b.ciphertext = Some("!!".into());
+        b.ciphertext = "!!".into();
         assert!(matches!(
-            bob.open_data("did:plc:bob", &b, &ctx(), None),
+            bob.open_data("did:plc:bob", &b, &ctx()),
             Err(OpenError::Malformed(_))
         ));
         let mut short = sealed.data.clone();
         short.recipients[0].data.enc = b64(&[1, 2, 3]);
         assert!(matches!(
-            bob.open_data("did:plc:bob", &short, &ctx(), None),
+            bob.open_data("did:plc:bob", &short, &ctx()),
             Err(OpenError::Malformed(_))
         ));
         let mut none = sealed.data.clone();
-        none.ciphertext = None;
+        none.ciphertext = String::new();
         assert!(matches!(
-            bob.open_data("did:plc:bob", &none, &ctx(), None),
+            bob.open_data("did:plc:bob", &none, &ctx()),
             Err(OpenError::Malformed(_))
         ));
     }
