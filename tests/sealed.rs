@@ -422,3 +422,61 @@ async fn after_a_rotation_new_payloads_use_the_new_key_and_old_ones_still_open()
     alice.shutdown().await;
     bob.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_task_is_not_handed_off_in_the_clear() {
+    let net = shared().await;
+    let w_alice = writer(net, 0, "halice").await;
+    let w_bob = writer(net, 1, "hbob").await;
+    let dids: Vec<String> = [&w_alice, &w_bob]
+        .iter()
+        .map(|w| w.did().to_string())
+        .collect();
+    let bob = agent(net, w_bob.clone(), &dids)
+        .requester(false)
+        .worker(
+            Worker::new(|job: Job| async move {
+                let refused = job
+                    .hand_off(
+                        "did:plc:someoneelse",
+                        "busy",
+                        serde_json::json!({"state": 1}),
+                    )
+                    .await
+                    .unwrap_err();
+                Ok(serde_json::json!({ "refused": refused.to_string() }))
+            })
+            .capabilities(["pass"]),
+        )
+        .start()
+        .await
+        .unwrap();
+    let alice = agent(net, w_alice.clone(), &dids).start().await.unwrap();
+    let bob_did = bob.did().to_string();
+    wait_for("bob's profile", Duration::from_secs(20), || {
+        alice
+            .registry()
+            .get(&bob_did)
+            .is_some_and(|a| a.profile.is_some())
+    })
+    .await;
+    let result = alice
+        .request(
+            TaskSpec::new("pass")
+                .payload(serde_json::json!({ "secret": 1 }))
+                .sealed_for([bob_did.as_str()]),
+        )
+        .await
+        .unwrap()
+        .await_result(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let refused = result.output_json()["refused"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(refused.contains("cannot be handed off"), "{refused}");
+    assert!(list_all::<murmur::comms::Handoff>(&w_bob).await.is_empty());
+    alice.shutdown().await;
+    bob.shutdown().await;
+}

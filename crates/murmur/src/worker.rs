@@ -116,12 +116,25 @@ pub struct Job {
 impl Job {
     /// Hands the task to agent `to` with the state needed to continue (`agent.comms.handoff`).
     /// This worker then writes no result; `to` continues, renews the lease and answers.
+    /// A sealed task ([`Job::sealed`]) is refused with
+    /// [`AgentError::InvalidArgument`](crate::AgentError::InvalidArgument): `to` could not
+    /// read it, and the context would be public.
     pub async fn hand_off(
         &self,
         to: &str,
         reason: impl Into<String>,
         context: serde_json::Value,
     ) -> Result<murmur_pds::Written, crate::AgentError> {
+        if self.sealed {
+            // The payload is sealed for this worker alone and the handoff's context would be
+            // public: refuse rather than leak.
+            return Err(crate::AgentError::InvalidArgument {
+                what: "handoff",
+                message:
+                    "a sealed task cannot be handed off: its payload is sealed for this worker only"
+                        .into(),
+            });
+        }
         let record = handoff::RecordData {
             task: self.task_ref.clone(),
             assignment: None,
