@@ -438,6 +438,7 @@ async fn registry_lists_live_agents_and_drops_offline_ones() {
             accepted_nsids: None,
             operator: None,
             max_concurrent_tasks: Some(2),
+            encryption_keys: None,
             created_at: murmur::now(),
         })
         .presence_every(Duration::from_secs(5))

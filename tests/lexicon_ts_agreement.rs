@@ -47,7 +47,8 @@ fn comms_cases() -> Vec<(&'static str, Value)> {
     let valid = vec![
         (
             "agent.comms.profile",
-            json!({"name": "translator", "capabilities": ["translate"], "acceptedNsids": ["agent.comms.task"], "operator": "did:plc:operator1"}),
+            json!({"name": "translator", "capabilities": ["translate"], "acceptedNsids": ["agent.comms.task"], "operator": "did:plc:operator1",
+                "encryptionKeys": [{"id": "k1", "scheme": "hpke-x25519-sha256-chacha20poly1305", "publicKey": "AAAA"}]}),
         ),
         (
             "agent.comms.presence",
@@ -126,6 +127,19 @@ fn comms_cases() -> Vec<(&'static str, Value)> {
         (nsid, r)
     };
     let more = vec![
+        // Encryption keys in a profile: a missing field, a too-long id, too many keys.
+        edit("agent.comms.profile", &|r| {
+            r["encryptionKeys"][0]
+                .as_object_mut()
+                .unwrap()
+                .remove("publicKey");
+        }),
+        edit("agent.comms.profile", &|r| {
+            r["encryptionKeys"][0]["id"] = json!("k".repeat(65))
+        }),
+        edit("agent.comms.profile", &|r| {
+            r["encryptionKeys"] = json!(vec![r["encryptionKeys"][0].clone(); 9])
+        }),
         edit("agent.comms.task", &|r| r["priority"] = json!(101)),
         edit("agent.comms.task", &|r| r["assignee"] = json!("bob")),
         edit("agent.comms.task", &|r| {

@@ -256,6 +256,39 @@ fn direct_mode_on_a_shared_subscription_survives_a_killed_worker_and_a_restarted
 }
 
 #[test]
+fn sealed_swarm_loses_nothing_and_leaves_no_readable_payload_in_the_repos() {
+    let net = Devnet::shared().unwrap_or_else(|e| panic!("{e}"));
+    let mut args: Vec<String> = [
+        "--sealed",
+        "--restart-coordinator",
+        "--workers",
+        "3",
+        "--tasks",
+        "30",
+        "--work-ms",
+        "30",
+        "--timeout",
+        "180",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(network_args(net));
+    let (summary, _, stderr) = run_swarm(&args, Duration::from_secs(300));
+    assert_exactly_once(&summary, 30);
+    // 30 tasks and 30 results read back, none readable.
+    assert_eq!(summary["sealed"]["checked"], 60, "{summary}");
+    assert_eq!(summary["sealed"]["plaintext_visible"], 0, "{summary}");
+    // Every worker did some: each task was sealed for one of them.
+    for w in summary["per_worker"].as_array().unwrap() {
+        assert!(w["done"].as_u64().unwrap() >= 1, "{summary}");
+    }
+    assert!(
+        stderr.contains("coordinator restarted"),
+        "no restart in:\n{stderr}"
+    );
+}
+
+#[test]
 fn a_bad_bus_url_is_a_clear_error() {
     for (url, why) in [
         ("http://127.0.0.1:4222", "not a nats:// URL"),

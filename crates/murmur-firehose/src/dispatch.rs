@@ -19,7 +19,7 @@ use crate::hooks::RejectedHook;
 use crate::progress::{EventToken, Progress};
 use crate::{
     Backoff, DeadLetter, DeadLetterStore, DedupStore, Handler, HandlerError, Metrics, OpEvent,
-    Rejected,
+    Rejected, Rejection,
 };
 
 /// One op and the handlers it goes to.
@@ -333,7 +333,12 @@ async fn run_handler(rt: &Runtime, entry: &Arc<HandlerEntry>, op: &OpEvent) -> D
     };
     if let Some(CallError::Rejected(rejection)) = error.downcast_ref::<CallError>() {
         rt.metrics.rejected_from(&op.data().source);
-        warn!(handler = name, reason = %rejection, "op rejected; it never reached the handler");
+        if matches!(rejection, Rejection::NotForMe { .. }) {
+            // Someone else's sealed mail: expected, not worth a warning.
+            debug!(handler = name, reason = %rejection, "op not for this agent");
+        } else {
+            warn!(handler = name, reason = %rejection, "op rejected; it never reached the handler");
+        }
         if let Some(hook) = &rt.on_rejected {
             hook(&Rejected::Op(op.clone()), rejection);
         }

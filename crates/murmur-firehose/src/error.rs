@@ -157,6 +157,27 @@ pub enum Rejection {
         /// `collection/rkey`.
         path: String,
     },
+    /// The record holds a payload sealed for other agents (`agent.comms.defs#sealed`), or
+    /// this watcher has no [`Keyring`](murmur_seal::Keyring) state: not for this agent.
+    /// Someone else's mail rather than an attack; an [`Unsealed`](crate::Unsealed) handler
+    /// is not called for it.
+    #[error("record {path} is sealed for other agents")]
+    NotForMe {
+        /// `collection/rkey`.
+        path: String,
+    },
+    /// A sealed payload addressed to this agent did not open: tampered, copied from another
+    /// record or repo, sealed to a key this agent does not hold, or malformed. The reason
+    /// says which.
+    #[error("sealed field {field} of record {path} did not open: {reason}")]
+    Sealed {
+        /// `collection/rkey`.
+        path: String,
+        /// The record field holding the sealed payload.
+        field: String,
+        /// Why it did not open.
+        reason: murmur_seal::OpenError,
+    },
 }
 
 /// What was rejected: one op of a commit, or a whole `#sync` event.

@@ -124,6 +124,156 @@ where
     }
 }
 
+/// A created or updated record of collection `C` whose sealed payloads
+/// (`agent.comms.defs#sealed`, in any top-level field) were opened for this agent: the
+/// handler sees plaintext. Records with nothing sealed pass through as they are.
+///
+/// The agent's keys come from the watcher's state: `.state(keyring)` with a
+/// [`murmur_seal::Keyring`]. A record sealed for others is rejected as
+/// [`Rejection::NotForMe`] (as is every sealed record when there is no keyring); one that
+/// does not open (tampered, copied from another record or repo, unknown key id) as
+/// [`Rejection::Sealed`] with the reason. Neither reaches the handler; both reach
+/// `on_rejected`.
+#[non_exhaustive]
+pub struct Unsealed<C: Collection> {
+    /// The record with its sealed fields replaced by their plaintext.
+    pub record: Record<C>,
+    /// The fields that were sealed (empty when the record was public).
+    pub sealed: Vec<String>,
+}
+
+impl<C: Collection> Unsealed<C> {
+    /// The plaintext record.
+    pub fn into_inner(self) -> C::Record {
+        self.record.value
+    }
+
+    /// The [`Record`] (plaintext) it holds.
+    pub fn into_record(self) -> Record<C> {
+        self.record
+    }
+
+    /// Whether any field was sealed.
+    pub fn was_sealed(&self) -> bool {
+        !self.sealed.is_empty()
+    }
+}
+
+impl<C: Collection> Deref for Unsealed<C> {
+    type Target = Record<C>;
+    fn deref(&self) -> &Record<C> {
+        &self.record
+    }
+}
+
+impl<C: Collection> std::fmt::Debug for Unsealed<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Unsealed")
+            .field("uri", &self.record.uri)
+            .field("sealed", &self.sealed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C> FromOp for Unsealed<C>
+where
+    C: Collection + Send + 'static,
+    C::Record: Validate + Send,
+{
+    const ROUTE: Option<Route> = Some(Route::records::<C>());
+
+    fn from_op(op: &OpEvent) -> Result<Self, Rejection> {
+        let record = Record::<C>::from_op(op)?;
+        let keys = op.state.get::<murmur_seal::Keyring>();
+        let Record { value, uri, cid } = record;
+        let (value, sealed) = unseal::<C>(value, &op.data().did, keys, &op.data().path)?;
+        Ok(Unsealed {
+            record: Record { value, uri, cid },
+            sealed,
+        })
+    }
+}
+
+/// Opens the sealed top-level fields of `value`, a `C` record in `author`'s repo, with
+/// `keys`: the plaintext record and the names of the fields that were sealed. The one
+/// place sealed records are opened: the [`Unsealed`] extractor and reads of records from
+/// repos both use it. `path` (`collection/rkey`) is for the rejection.
+pub fn unseal<C: Collection>(
+    value: C::Record,
+    author: &str,
+    keys: Option<&murmur_seal::Keyring>,
+    path: &str,
+) -> Result<(C::Record, Vec<String>), Rejection>
+where
+    C::Record: Validate,
+{
+    let reject = |field: &str, reason: murmur_seal::OpenError| Rejection::Sealed {
+        path: path.to_string(),
+        field: field.to_string(),
+        reason,
+    };
+    let mut json = serde_json::to_value(&value).map_err(|e| Rejection::Decode {
+        path: path.to_string(),
+        nsid: C::NSID,
+        reason: e.to_string(),
+    })?;
+    let Some(fields) = json.as_object_mut() else {
+        return Err(Rejection::Decode {
+            path: path.to_string(),
+            nsid: C::NSID,
+            reason: "the record is not an object".into(),
+        });
+    };
+    let mut sealed = Vec::new();
+    for (field, v) in fields.iter_mut() {
+        if v.get("$type").and_then(|t| t.as_str()) != Some(murmur_seal::SEALED_TYPE) {
+            continue;
+        }
+        let Some(keys) = keys else {
+            return Err(Rejection::NotForMe {
+                path: path.to_string(),
+            });
+        };
+        let envelope: murmur_seal::Sealed = serde_json::from_value(v.clone()).map_err(|_| {
+            reject(
+                field,
+                murmur_seal::OpenError::Malformed("not a #sealed object"),
+            )
+        })?;
+        if envelope.validate().is_err() {
+            return Err(reject(
+                field,
+                murmur_seal::OpenError::Malformed("breaks agent.comms.defs#sealed"),
+            ));
+        }
+        let ctx = murmur_seal::Context::new(author, C::NSID, field.as_str());
+        let plaintext = keys.open(&envelope, &ctx).map_err(|e| match e {
+            murmur_seal::OpenError::NotForMe { .. } => Rejection::NotForMe {
+                path: path.to_string(),
+            },
+            other => reject(field, other),
+        })?;
+        *v = serde_json::from_slice(&plaintext)
+            .map_err(|e| reject(field, murmur_seal::OpenError::NotJson(e.to_string())))?;
+        sealed.push(field.clone());
+    }
+    if sealed.is_empty() {
+        return Ok((value, sealed));
+    }
+    let opened: C::Record = serde_json::from_value(json).map_err(|e| {
+        reject(
+            &sealed.join(","),
+            murmur_seal::OpenError::NotJson(e.to_string()),
+        )
+    })?;
+    opened.validate().map_err(|e| Rejection::Lexicon {
+        path: path.to_string(),
+        nsid: C::NSID,
+        reason: e.to_string(),
+    })?;
+    Ok((opened, sealed))
+}
+
 /// A created record of collection `C`: a [`Record`] whose handler sees creates only.
 ///
 /// Derefs to the [`Record`] (and on to the record value).

@@ -86,7 +86,7 @@ pub use dedup::{DedupStore, FileDedupStore, OpKey};
 pub use error::{FirehoseError, HandlerError, Rejected, Rejection};
 pub use extract::{
     AccountStatus, Author, CommitInfo, Created, Deleted, FromOp, Identity, Record, RecordRef,
-    State, Updated,
+    State, Unsealed, Updated, unseal,
 };
 pub use fanout::{Fanout, FanoutBuilder, FanoutSubscriber};
 pub use feed::{Delivered, Feed, FeedConnected, FeedSink, OnDelivered};

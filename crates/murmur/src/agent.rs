@@ -11,10 +11,11 @@ use murmur_comms::{
     Ack, Assignment, Claim, Handoff, Message, Presence, Profile, Result as ResultC, Status, Task,
 };
 use murmur_firehose::{
-    AccountStatus, Backfill, Created, Deleted, Handler, Metrics, OpEvent, Origin, Record,
-    ShutdownHandle, Watcher, WatcherBuilder,
+    AccountStatus, Action, Backfill, Created, Deleted, Handler, Metrics, OpEvent, Origin, Record,
+    ShutdownHandle, Unsealed, Watcher, WatcherBuilder,
 };
 use murmur_pds::{Collection, Writer, Written};
+use murmur_seal::Keyring;
 use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
@@ -25,6 +26,7 @@ use crate::recovery::Candidates;
 use crate::registry::Registry;
 use crate::repos::Repos;
 use crate::requester::{Choosing, Requester};
+use crate::sealing::KeyDirectory;
 use crate::task::{Recovery, TaskEvent, TaskHandle, TaskSpec, TaskStats};
 use crate::worker::{Worker, WorkerRuntime};
 
@@ -48,6 +50,13 @@ pub struct AgentBuilder {
     recover: bool,
     backfill: Option<bool>,
     via_feed: bool,
+    keys: Option<Keys>,
+}
+
+/// Where the agent's encryption keys come from.
+enum Keys {
+    Ring(Keyring),
+    File(PathBuf),
 }
 
 impl std::fmt::Debug for AgentBuilder {
@@ -129,6 +138,21 @@ impl AgentBuilder {
     /// Works on tasks posted by others, as `worker` describes.
     pub fn worker(mut self, worker: Worker) -> Self {
         self.worker = Some(worker);
+        self
+    }
+
+    /// The agent's encryption keys, kept by the application: it can then seal payloads
+    /// ([`TaskSpec::sealed_for`], [`Agent::send_sealed`]) and open those sealed for it; its
+    /// profile lists the public keys. The keyring must be this agent's DID's.
+    pub fn keyring(mut self, keys: Keyring) -> Self {
+        self.keys = Some(Keys::Ring(keys));
+        self
+    }
+
+    /// Like [`keyring`](Self::keyring), with the keys in a 0600 file at `path` (e.g. beside
+    /// the session file), made with a new key the first time.
+    pub fn key_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.keys = Some(Keys::File(path.into()));
         self
     }
 
@@ -239,6 +263,19 @@ impl AgentBuilder {
         self
     }
 
+    /// Called for every op that never reached a handler, with the reason: failed
+    /// verification or lexicon checks, or a sealed payload that is not for this agent
+    /// ([`Rejection::NotForMe`](murmur_firehose::Rejection::NotForMe)) or does not open
+    /// ([`Rejection::Sealed`](murmur_firehose::Rejection::Sealed): tampered, copied from
+    /// another record, unknown key id).
+    pub fn on_rejected(
+        mut self,
+        hook: impl Fn(&murmur_firehose::Rejected, &murmur_firehose::Rejection) + Send + Sync + 'static,
+    ) -> Self {
+        self.watcher = self.watcher.on_rejected(hook);
+        self
+    }
+
     /// Shared state for `State<S>` handler arguments.
     pub fn state<S: Clone + Send + Sync + 'static>(mut self, state: S) -> Self {
         self.watcher = self.watcher.state(state);
@@ -267,8 +304,42 @@ impl AgentBuilder {
             recover,
             backfill,
             via_feed,
+            keys,
         } = self;
         let did = writer.did().to_string();
+        let keys = match keys {
+            None => None,
+            Some(Keys::Ring(ring)) if ring.did() != did => {
+                return Err(AgentError::InvalidArgument {
+                    what: "keyring",
+                    message: format!("it holds the keys of {}, not of {did}", ring.did()),
+                });
+            }
+            Some(Keys::Ring(ring)) => Some(ring),
+            Some(Keys::File(path)) => Some(Keyring::load_or_create(path, &did)?),
+        };
+        if let Some(ring) = &keys {
+            // The `Unsealed` extractor finds the keys in the watcher's state.
+            watcher = watcher.state(ring.clone());
+        }
+        // With keys, the profile is published (it carries the public keys).
+        let profile = match (&keys, profile) {
+            (Some(ring), profile) => {
+                let mut profile = profile.unwrap_or_else(|| profile::RecordData {
+                    name: did.chars().take(64).collect(),
+                    description: None,
+                    capabilities: None,
+                    accepted_nsids: None,
+                    operator: None,
+                    max_concurrent_tasks: None,
+                    encryption_keys: None,
+                    created_at: String::new(),
+                });
+                profile.encryption_keys = Some(ring.profile_keys());
+                Some(profile)
+            }
+            (None, profile) => profile,
+        };
         if hosts.is_empty() {
             hosts.push(writer.pds_url().to_string());
         }
@@ -303,6 +374,7 @@ impl AgentBuilder {
 
         let repos = Repos::new(plc_url.as_deref());
         repos.host(&did, writer.pds_url());
+        let directory = KeyDirectory::new(&did, keys.clone(), registry.clone(), Arc::clone(&repos));
         let candidates = Candidates {
             peers: peers.clone(),
             hosts: hosts.clone(),
@@ -317,6 +389,7 @@ impl AgentBuilder {
                 },
                 registry.clone(),
                 repos,
+                keys.clone(),
             )
         });
         if let Some(req) = &requester {
@@ -344,10 +417,12 @@ impl AgentBuilder {
                 }
             });
             let r = Arc::clone(req);
-            watcher = watcher.handler(move |rec: Created<ResultC>, op: OpEvent| {
+            // Results are opened for the requester when sealed (one sealed for others, or
+            // that does not open, goes to `on_rejected` and never reaches it).
+            watcher = watcher.handler(move |rec: Unsealed<ResultC>, op: OpEvent| {
                 let r = Arc::clone(&r);
                 async move {
-                    if op.origin() == Origin::Backfill {
+                    if op.origin() == Origin::Backfill || op.data().action != Action::Create {
                         return Ok(());
                     }
                     r.on_result(rec.into_record(), op).await
@@ -366,7 +441,8 @@ impl AgentBuilder {
             });
         }
         let backfill = backfill.unwrap_or(worker.is_some());
-        let worker = worker.map(|w| WorkerRuntime::new(writer.clone(), w, events.clone()));
+        let worker = worker
+            .map(|w| WorkerRuntime::new(writer.clone(), w, events.clone(), Arc::clone(&directory)));
         if let Some(wk) = &worker {
             // Acks close tasks; its own results tell an agent started again what it answered.
             collections.extend([Task::NSID, Assignment::NSID, Ack::NSID, ResultC::NSID]);
@@ -379,8 +455,17 @@ impl AgentBuilder {
                 Arc::clone(&w).on_result(rec.into_record(), op)
             });
             let w = Arc::clone(wk);
-            watcher = watcher.handler(move |rec: Created<Task>, op: OpEvent| {
-                Arc::clone(&w).on_task(rec.into_record(), op)
+            // A sealed task is opened for the worker; one sealed for others (or that does not
+            // open) never reaches it, so it is never claimed.
+            watcher = watcher.handler(move |rec: Unsealed<Task>, op: OpEvent| {
+                let w = Arc::clone(&w);
+                async move {
+                    if op.data().action != Action::Create {
+                        return Ok(());
+                    }
+                    let sealed = rec.was_sealed();
+                    w.on_task(rec.into_record(), op, sealed).await
+                }
             });
             let w = Arc::clone(wk);
             watcher = watcher.handler(move |rec: Record<Assignment>, op: OpEvent| {
@@ -502,6 +587,9 @@ impl AgentBuilder {
                 shutdown,
                 background: Mutex::new(background),
                 _temp_dir: temp_dir,
+                keys,
+                directory,
+                profile: Mutex::new(None),
             }),
         };
         if let Some(profile) = profile {
@@ -540,6 +628,10 @@ struct Inner {
     shutdown: ShutdownHandle,
     background: Mutex<Vec<JoinHandle<()>>>,
     _temp_dir: Option<tempfile::TempDir>,
+    keys: Option<Keyring>,
+    directory: Arc<KeyDirectory>,
+    /// The profile last published, republished with the new keys on a rotation.
+    profile: Mutex<Option<profile::RecordData>>,
 }
 
 impl Drop for Inner {
@@ -610,6 +702,7 @@ impl Agent {
             recover: true,
             backfill: None,
             via_feed: false,
+            keys: None,
         }
     }
 
@@ -716,7 +809,94 @@ impl Agent {
             .requester
             .as_ref()
             .ok_or(AgentError::NotARequester)?;
-        req.post(task.into()).await
+        let spec = self.seal_spec(task.into()).await?;
+        req.post(spec).await
+    }
+
+    /// Seals the payload of a spec made with [`TaskSpec::sealed_for`].
+    async fn seal_spec(&self, mut spec: TaskSpec) -> Result<TaskSpec, AgentError> {
+        if let Some((dids, payload)) = spec.take_sealing() {
+            self.inner.keys.as_ref().ok_or(AgentError::NoKeyring)?;
+            let sealed = self
+                .inner
+                .directory
+                .seal_json(&payload, &dids, Task::NSID, "payload")
+                .await?;
+            spec.set_payload(sealed);
+        }
+        Ok(spec)
+    }
+
+    /// Sends `payload` sealed for `to` (and this agent) as an `agent.comms.message`: the
+    /// message, its recipients (`to`) and time are public, the payload is not. Recipients
+    /// read it with an [`Unsealed<Message>`](murmur_firehose::Unsealed) handler argument.
+    pub async fn send_sealed(
+        &self,
+        to: &[&str],
+        payload: serde_json::Value,
+    ) -> Result<Written, AgentError> {
+        self.inner.keys.as_ref().ok_or(AgentError::NoKeyring)?;
+        let dids: Vec<String> = to.iter().map(|d| d.to_string()).collect();
+        let sealed = self
+            .inner
+            .directory
+            .seal_json(&payload, &dids, Message::NSID, "payload")
+            .await?;
+        self.send_message(message::RecordData {
+            to: Some(dids),
+            thread: None,
+            reply_to: None,
+            text: None,
+            payload_type: None,
+            payload: Some(sealed),
+            created_at: crate::now(),
+        })
+        .await
+    }
+
+    /// Seals `value` for `to` (and this agent) as field `field` of a `C` record of this
+    /// agent: the `agent.comms.defs#sealed` object to put in that field (an `unknown` one,
+    /// such as a handoff's `context`). The context is bound: the object opens only in that
+    /// field of that record type of this repo.
+    pub async fn seal_for<C: Collection>(
+        &self,
+        to: &[&str],
+        field: &str,
+        value: &serde_json::Value,
+    ) -> Result<atrium_api::types::Unknown, AgentError> {
+        self.inner.keys.as_ref().ok_or(AgentError::NoKeyring)?;
+        let dids: Vec<String> = to.iter().map(|d| d.to_string()).collect();
+        self.inner
+            .directory
+            .seal_json(value, &dids, C::NSID, field)
+            .await
+    }
+
+    /// The agent's encryption keys, when it has some.
+    pub fn keyring(&self) -> Option<&Keyring> {
+        self.inner.keys.as_ref()
+    }
+
+    /// Rotates the agent's encryption key: a new current key, the old ones kept (payloads
+    /// sealed to them still open), and the profile published again so that others seal to
+    /// the new key. Returns the new public key.
+    pub async fn rotate_keys(&self) -> Result<murmur_seal::PublicKey, AgentError> {
+        let ring = self.inner.keys.as_ref().ok_or(AgentError::NoKeyring)?;
+        let key = ring.rotate()?;
+        let profile = lock(&self.inner.profile).clone();
+        let mut profile = profile.unwrap_or_else(|| profile::RecordData {
+            name: self.inner.did.chars().take(64).collect(),
+            description: None,
+            capabilities: None,
+            accepted_nsids: None,
+            operator: None,
+            max_concurrent_tasks: None,
+            encryption_keys: None,
+            created_at: String::new(),
+        });
+        profile.encryption_keys = Some(ring.profile_keys());
+        self.publish_profile(profile).await?;
+        Ok(key)
     }
 
     /// Posts many tasks at once, `chunk` per commit (applyWrites, at most 200), and returns
@@ -732,20 +912,34 @@ impl Agent {
             .requester
             .as_ref()
             .ok_or(AgentError::NotARequester)?;
-        req.post_many(tasks.into_iter().map(Into::into).collect(), chunk)
-            .await
+        let mut specs = Vec::new();
+        for spec in tasks {
+            specs.push(self.seal_spec(spec.into()).await?);
+        }
+        req.post_many(specs, chunk).await
     }
 
-    /// Writes the agent's profile (`agent.comms.profile/self`).
+    /// Writes the agent's profile (`agent.comms.profile/self`). An agent with encryption
+    /// keys lists them (`encryptionKeys`) when the profile names none.
     pub async fn publish_profile(
         &self,
-        profile: profile::RecordData,
+        mut profile: profile::RecordData,
     ) -> Result<Written, AgentError> {
-        Ok(self
+        if let Some(ring) = &self.inner.keys
+            && profile.encryption_keys.is_none()
+        {
+            profile.encryption_keys = Some(ring.profile_keys());
+        }
+        if profile.created_at.is_empty() {
+            profile.created_at = crate::now();
+        }
+        let written = self
             .inner
             .writer
-            .put::<Profile>("self", &profile.into_record(), None)
-            .await?)
+            .put::<Profile>("self", &profile.clone().into_record(), None)
+            .await?;
+        *lock(&self.inner.profile) = Some(profile);
+        Ok(written)
     }
 
     /// Writes the agent's presence (`agent.comms.presence/self`), valid for `ttl`.

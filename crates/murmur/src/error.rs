@@ -76,4 +76,26 @@ pub enum AgentError {
         /// What is wrong with it.
         message: String,
     },
+
+    /// Sealing needs this agent's encryption keys: build it with `.keyring(..)` or
+    /// `.key_file(..)`.
+    #[error(
+        "this agent has no encryption keys; build it with .keyring(..) or .key_file(..) to seal or open payloads"
+    )]
+    NoKeyring,
+
+    /// A recipient's encryption key could not be found.
+    #[error(
+        "no encryption key for {did}: {reason}; it must publish encryptionKeys in its agent.comms.profile"
+    )]
+    NoEncryptionKey {
+        /// The recipient.
+        did: String,
+        /// Why not.
+        reason: String,
+    },
+
+    /// Sealing a payload or using the key file failed (no key material in the message).
+    #[error(transparent)]
+    Seal(#[from] murmur_seal::Error),
 }

@@ -63,6 +63,7 @@ mod recovery;
 mod registry;
 mod repos;
 mod requester;
+mod sealing;
 mod task;
 mod worker;
 
@@ -86,12 +87,14 @@ pub use murmur_firehose as firehose;
 pub use murmur_lexicon as lexicon;
 /// The writer: typed record writes to a PDS (re-export of `murmur-pds`).
 pub use murmur_pds as pds;
+/// Sealed payloads: encryption keys, seal and open (re-export of `murmur-seal`).
+pub use murmur_seal as seal;
 /// Event-stream frames and commit verification (re-export of `murmur-sync`).
 pub use murmur_sync as sync;
 
 pub use murmur_firehose::{
     AccountStatus, Author, CommitInfo, Created, Deleted, Handler, HandlerError, OpEvent, Record,
-    RecordRef, State, Updated, handler,
+    RecordRef, State, Unsealed, Updated, handler,
 };
 
 /// Items the `#[handler]` macro expands to; not part of the public API.

@@ -68,6 +68,8 @@ pub(crate) struct Requester {
     choosing: Choosing,
     pub(crate) registry: Registry,
     pub(crate) repos: Arc<Repos>,
+    /// This agent's encryption keys, to open sealed results read from repos.
+    pub(crate) keys: Option<murmur_seal::Keyring>,
     /// While recovering: events about tasks of ours not rebuilt yet, replayed afterwards.
     pub(crate) deferred: Mutex<Option<Vec<Deferred>>>,
     pub(crate) recovered: Mutex<Vec<TaskHandle>>,
@@ -85,9 +87,11 @@ impl Requester {
         choosing: Choosing,
         registry: Registry,
         repos: Arc<Repos>,
+        keys: Option<murmur_seal::Keyring>,
     ) -> Arc<Self> {
         let did = writer.did().to_string();
         Arc::new(Requester {
+            keys,
             prefix: format!("at://{did}/{}/", Task::NSID),
             did,
             writer,
@@ -281,12 +285,27 @@ impl Requester {
                         .as_deref()
                         .is_none_or(|c| c == found.value.task.cid.as_ref().to_string()) =>
                 {
-                    return Some(Answer {
-                        worker: holder.clone(),
-                        uri: found.uri,
-                        cid: found.cid,
-                        record: found.value,
-                    });
+                    // A sealed result is opened as the stream's would be; one that does
+                    // not open is not accepted.
+                    let path = format!("{}/{rkey}", ResultC::NSID);
+                    match murmur_firehose::unseal::<ResultC>(
+                        found.value,
+                        holder,
+                        self.keys.as_ref(),
+                        &path,
+                    ) {
+                        Ok((record, _)) => {
+                            return Some(Answer {
+                                worker: holder.clone(),
+                                uri: found.uri,
+                                cid: found.cid,
+                                record,
+                            });
+                        }
+                        Err(err) => {
+                            tracing::warn!(task = %rkey, repo = %holder, reason = %err, "result read from the repo does not open");
+                        }
+                    }
                 }
                 Ok(_) => {}
                 Err(err) => {

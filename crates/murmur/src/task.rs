@@ -23,6 +23,7 @@ use crate::AgentError;
 #[derive(Debug, Clone)]
 pub struct TaskSpec {
     record: task::RecordData,
+    sealed_for: Option<Vec<String>>,
 }
 
 impl TaskSpec {
@@ -40,6 +41,7 @@ impl TaskSpec {
                 priority: None,
                 created_at: String::new(),
             },
+            sealed_for: None,
         }
     }
 
@@ -53,6 +55,46 @@ impl TaskSpec {
     pub fn payload(mut self, payload: serde_json::Value) -> Self {
         self.record.payload = crate::to_unknown(payload);
         self
+    }
+
+    /// Seals the payload (`agent.comms.defs#sealed`) so that only these agents and the
+    /// requester can read it; their keys are looked up from their profiles when the task
+    /// is posted. The task itself stays public (everyone sees that it exists, its type,
+    /// title and who it is sealed for); a worker claims it only if it can open it, and its
+    /// result is sealed for the requester. Needs an agent with encryption keys
+    /// ([`AgentBuilder::keyring`](crate::AgentBuilder::keyring)).
+    ///
+    /// ```
+    /// let spec = murmur::TaskSpec::new("review")
+    ///     .payload(serde_json::json!({"diff": "secret"}))
+    ///     .sealed_for(["did:plc:bob"]);
+    /// assert_eq!(spec.recipients(), Some(&["did:plc:bob".to_string()][..]));
+    /// ```
+    pub fn sealed_for(mut self, dids: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.sealed_for = Some(dids.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// The agents the payload will be sealed for, if it is sealed.
+    pub fn recipients(&self) -> Option<&[String]> {
+        self.sealed_for.as_deref()
+    }
+
+    /// Takes the recipients and the plaintext payload, to seal it before posting.
+    pub(crate) fn take_sealing(&mut self) -> Option<(Vec<String>, serde_json::Value)> {
+        let dids = self.sealed_for.take()?;
+        let payload = self
+            .record
+            .payload
+            .take()
+            .and_then(|p| serde_json::to_value(p).ok())
+            .unwrap_or(serde_json::Value::Null);
+        Some((dids, payload))
+    }
+
+    /// Sets the (sealed) payload object.
+    pub(crate) fn set_payload(&mut self, payload: atrium_api::types::Unknown) {
+        self.record.payload = Some(payload);
     }
 
     /// Only this agent should claim the task.
@@ -94,7 +136,10 @@ impl TaskSpec {
 
 impl From<task::RecordData> for TaskSpec {
     fn from(record: task::RecordData) -> Self {
-        TaskSpec { record }
+        TaskSpec {
+            record,
+            sealed_for: None,
+        }
     }
 }
 

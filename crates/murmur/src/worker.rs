@@ -29,6 +29,7 @@ use tokio::task::AbortHandle;
 
 use crate::lock;
 use crate::recovery::{AckMeaning, ack_meaning};
+use crate::sealing::KeyDirectory;
 use crate::task::TaskEvent;
 
 /// How long a fact about a task not seen yet is held once the backfill is over.
@@ -105,6 +106,9 @@ pub struct Job {
     pub attempt: u32,
     /// The state handed over with the task, when another agent handed it off to this one.
     pub context: Option<serde_json::Value>,
+    /// Whether the task's payload was sealed (`task.payload` is the opened plaintext). Its
+    /// result is then sealed for the requester.
+    pub sealed: bool,
     writer: Writer,
     handed_off: Arc<AtomicBool>,
 }
@@ -112,12 +116,25 @@ pub struct Job {
 impl Job {
     /// Hands the task to agent `to` with the state needed to continue (`agent.comms.handoff`).
     /// This worker then writes no result; `to` continues, renews the lease and answers.
+    /// A sealed task ([`Job::sealed`]) is refused with
+    /// [`AgentError::InvalidArgument`](crate::AgentError::InvalidArgument): `to` could not
+    /// read it, and the context would be public.
     pub async fn hand_off(
         &self,
         to: &str,
         reason: impl Into<String>,
         context: serde_json::Value,
     ) -> Result<murmur_pds::Written, crate::AgentError> {
+        if self.sealed {
+            // The payload is sealed for this worker alone and the handoff's context would be
+            // public: refuse rather than leak.
+            return Err(crate::AgentError::InvalidArgument {
+                what: "handoff",
+                message:
+                    "a sealed task cannot be handed off: its payload is sealed for this worker only"
+                        .into(),
+            });
+        }
         let record = handoff::RecordData {
             task: self.task_ref.clone(),
             assignment: None,
@@ -249,6 +266,8 @@ struct Known {
     /// The handoff records (at-uris) we continued the task from: a redelivered one is not
     /// run twice.
     continued: HashSet<String>,
+    /// Whether its payload was sealed (and opened for us).
+    sealed: bool,
 }
 
 pub(crate) struct WorkerRuntime {
@@ -261,6 +280,8 @@ pub(crate) struct WorkerRuntime {
     pending: Mutex<HashMap<String, Pending>>,
     events: broadcast::Sender<TaskEvent>,
     stopped: AtomicBool,
+    /// Seals the results of sealed tasks for their requesters.
+    keys: Arc<KeyDirectory>,
 }
 
 fn slots_used(tasks: &HashMap<String, Known>) -> usize {
@@ -283,6 +304,7 @@ impl WorkerRuntime {
         writer: Writer,
         config: Worker,
         events: broadcast::Sender<TaskEvent>,
+        keys: Arc<KeyDirectory>,
     ) -> Arc<Self> {
         Arc::new(WorkerRuntime {
             did: writer.did().to_string(),
@@ -292,6 +314,7 @@ impl WorkerRuntime {
             pending: Mutex::new(HashMap::new()),
             events,
             stopped: AtomicBool::new(false),
+            keys,
         })
     }
 
@@ -317,10 +340,12 @@ impl WorkerRuntime {
             .count()
     }
 
+    /// A task from the stream or a copy; `sealed` when its payload was sealed and opened.
     pub(crate) async fn on_task(
         self: Arc<Self>,
         rec: Record<Task>,
         op: OpEvent,
+        sealed: bool,
     ) -> Result<(), HandlerError> {
         let t: &task::Record = &rec;
         // Tasks this worker will not claim are still remembered: one may be handed to it.
@@ -347,6 +372,7 @@ impl WorkerRuntime {
                         phase: if claimable { Phase::Open } else { Phase::Taken },
                         assignment: None,
                         continued: HashSet::new(),
+                        sealed,
                     },
                 );
             }
@@ -444,6 +470,7 @@ impl WorkerRuntime {
                                 task: k.record.clone(),
                                 attempt,
                                 context: None,
+                                sealed: k.sealed,
                                 writer: self.writer.clone(),
                                 handed_off: Arc::new(AtomicBool::new(false)),
                             };
@@ -721,6 +748,7 @@ impl WorkerRuntime {
                     .context
                     .as_ref()
                     .and_then(|c| serde_json::to_value(c).ok()),
+                sealed: k.sealed,
                 writer: self.writer.clone(),
                 handed_off: Arc::new(AtomicBool::new(false)),
             }
@@ -799,6 +827,7 @@ impl WorkerRuntime {
             }))
         };
         let handed_off = Arc::clone(&job.handed_off);
+        let (sealed, requester) = (job.sealed, job.requester.clone());
         let outcome = (self.config.work)(job).await;
         drop(renewer);
         if handed_off.load(Ordering::SeqCst) {
@@ -811,20 +840,49 @@ impl WorkerRuntime {
             self.claim_more();
             return;
         }
-        let (outcome_name, output, error) = match outcome {
-            Ok(out) => ("success", crate::to_unknown(out), None),
-            Err(message) => (
-                "failure",
-                None,
-                Some(
-                    defs::ErrorData {
-                        code: "internal".into(),
-                        message,
-                        retryable: Some(false),
-                    }
-                    .into(),
-                ),
-            ),
+        let error_of = |message: String| {
+            Some(
+                defs::ErrorData {
+                    code: "internal".into(),
+                    message,
+                    retryable: Some(false),
+                }
+                .into(),
+            )
+        };
+        let (outcome_name, output, error) = match (outcome, sealed) {
+            (Ok(out), false) => ("success", crate::to_unknown(out), None),
+            (Err(message), false) => ("failure", None, error_of(message)),
+            // A sealed task's output, and its error message, are sealed for the requester.
+            (outcome, true) => {
+                let (name, plain) = match outcome {
+                    Ok(out) => ("success", out),
+                    Err(message) => ("failure", serde_json::json!({ "error": message })),
+                };
+                match self
+                    .keys
+                    .seal_json(
+                        &plain,
+                        &[requester],
+                        <ResultC as murmur_pds::Collection>::NSID,
+                        "output",
+                    )
+                    .await
+                {
+                    Ok(sealed) => (
+                        name,
+                        Some(sealed),
+                        (name == "failure")
+                            .then(|| "sealed in the output".to_string())
+                            .and_then(error_of),
+                    ),
+                    Err(err) => (
+                        "failure",
+                        None,
+                        error_of(format!("the result could not be sealed: {err}")),
+                    ),
+                }
+            }
         };
         let record = result_rec::RecordData {
             task: task_ref,

@@ -211,7 +211,7 @@ async fn coordinator(spec: &AgentSpec) -> Result<(), Box<dyn std::error::Error>>
     }
     emit(&AgentLine::Online);
 
-    let poster = post_tasks(&boss, spec.tasks, spec.lease);
+    let poster = post_tasks(&boss, spec.tasks, spec.lease, Vec::new());
     follow(
         spec,
         &boss,

@@ -7,13 +7,30 @@ use std::time::{Duration, Instant};
 
 use murmur::firehose::{Fanout, FanoutSubscriber};
 use murmur::pds::Writer;
+use murmur::seal::{KeyPair, Keyring};
 use murmur::{Agent, AgentBuilder};
 
 use super::summary::{Outcome, Report, count, worker_event};
 use super::{
-    SwarmArgs, account, closed_by_ack, merged, post_tasks, square_worker, worker_host,
-    worker_profile, workers_online,
+    SwarmArgs, account, closed_by_ack, merged, plaintext_check, post_tasks, square_worker,
+    worker_host, worker_profile, workers_online,
 };
+
+/// With `--sealed`, an agent has encryption keys (its profile publishes the public half).
+fn keys(agent: AgentBuilder, ring: Option<&Keyring>) -> AgentBuilder {
+    match ring {
+        Some(ring) => agent.keyring(ring.clone()),
+        None => agent,
+    }
+}
+
+/// A fresh key pair for `did` with `--sealed`.
+fn new_ring(sealed: bool, did: &str) -> Result<Option<Keyring>, murmur::seal::Error> {
+    if !sealed {
+        return Ok(None);
+    }
+    Ok(Some(Keyring::from_keys(did, vec![KeyPair::generate()?])?))
+}
 
 /// Runs the swarm in this process; true when nothing was lost or duplicated and every task
 /// was closed by an accepted ack.
@@ -62,28 +79,37 @@ pub(super) async fn swarm(
     });
 
     let mut workers = Vec::new();
+    let kept_writers = worker_writers.clone();
     for (i, w) in worker_writers.into_iter().enumerate() {
         let name = format!("worker{i}");
         report.add_worker(w.did(), &name, w.pds_url());
-        let agent = hear(Agent::builder(w), hosts, worker_feeds[i].take())
-            .plc_url(plc)
-            .peers(peers.clone())
-            .requester(false)
-            .worker(square_worker(args.work_ms, args.concurrency))
-            .profile(worker_profile(&name, args.concurrency))
-            .presence_every(Duration::from_secs(5))
-            .start()
-            .await?;
+        let ring = new_ring(args.sealed, w.did())?;
+        let agent = keys(
+            hear(Agent::builder(w), hosts, worker_feeds[i].take()),
+            ring.as_ref(),
+        )
+        .plc_url(plc)
+        .peers(peers.clone())
+        .requester(false)
+        .worker(square_worker(args.work_ms, args.concurrency))
+        .profile(worker_profile(&name, args.concurrency))
+        .presence_every(Duration::from_secs(5))
+        .start()
+        .await?;
         workers.push(agent);
     }
     let coordinator_pds = coordinator.pds_url().to_string();
     let coordinator_session = coordinator.session();
     let coordinator_writer = coordinator.clone();
-    let mut boss = hear(Agent::builder(coordinator), hosts, boss_feed)
-        .plc_url(plc)
-        .peers(peers.clone())
-        .start()
-        .await?;
+    let boss_ring = new_ring(args.sealed, coordinator.did())?;
+    let mut boss = keys(
+        hear(Agent::builder(coordinator), hosts, boss_feed),
+        boss_ring.as_ref(),
+    )
+    .plc_url(plc)
+    .peers(peers.clone())
+    .start()
+    .await?;
 
     workers_online(&boss, args.workers).await?;
     report.say(format_args!(
@@ -114,7 +140,15 @@ pub(super) async fn swarm(
     }
 
     let run_started = Instant::now();
-    let posters = vec![post_tasks(&boss, args.tasks, args.lease)];
+    if args.sealed {
+        report.say("sealed: each task sealed for one worker (round robin) and the coordinator; each result for the coordinator");
+    }
+    let sealed_for: Vec<String> = if args.sealed {
+        workers.iter().map(|w| w.did().to_string()).collect()
+    } else {
+        Vec::new()
+    };
+    let posters = vec![post_tasks(&boss, args.tasks, args.lease, sealed_for)];
 
     // Kill workers in the middle of a task.
     let mut killed = Vec::new();
@@ -157,7 +191,10 @@ pub(super) async fn swarm(
             let writer = Writer::builder(coordinator_pds.as_str())
                 .with_session(coordinator_session.clone())?;
             // Live stream only: it joins the shared subscription where that is now.
-            let mut restarted = Agent::builder(writer).watch_all(hosts.iter().cloned());
+            let mut restarted = keys(
+                Agent::builder(writer).watch_all(hosts.iter().cloned()),
+                boss_ring.as_ref(),
+            );
             if let Some(f) = &fanout {
                 restarted = restarted.feed(f.subscriber("coordinator-restarted"));
             }
@@ -198,6 +235,10 @@ pub(super) async fn swarm(
         None => boss.task_stats(),
     };
     let closed = closed_by_ack(&coordinator_writer).await?;
+    if args.sealed {
+        let (checked, visible) = plaintext_check(&coordinator_writer, &kept_writers).await?;
+        report.sealed(checked, visible);
+    }
     for p in posters {
         p.abort();
     }

@@ -63,6 +63,13 @@ pub struct SwarmArgs {
     /// subscription per host through an in-process fan-out. For comparison.
     #[arg(long, conflicts_with = "bus")]
     separate_subscriptions: bool,
+    /// Seal every task for one worker (round robin) and every result for the coordinator
+    /// (agent.comms.defs#sealed, HPKE): only those two can read them; the other workers see
+    /// that a task exists and leave it. The run ends with a check that no task payload or
+    /// result output in the repos is readable. Direct mode; a sealed task waits for its one
+    /// worker, so it does not combine with --kill.
+    #[arg(long, conflicts_with_all = ["bus", "kill"])]
+    sealed: bool,
     /// Print the summary as one JSON object on stdout (the human output goes to stderr).
     #[arg(long)]
     json: bool,
@@ -164,19 +171,69 @@ fn worker_profile(name: &str, concurrency: usize) -> profile::RecordData {
         accepted_nsids: Some(vec!["agent.comms.task".into()]),
         operator: None,
         max_concurrent_tasks: i64::try_from(concurrency).ok(),
+        encryption_keys: None,
         created_at: murmur::now(),
     }
 }
 
-/// The demo's tasks: square 0..total.
-fn task_specs(total: usize, lease: u64) -> impl Iterator<Item = TaskSpec> {
+/// The demo's tasks: square 0..total; with `sealed_for`, task `n` is sealed for worker
+/// `n mod len` of them.
+fn task_specs(total: usize, lease: u64, sealed_for: Vec<String>) -> impl Iterator<Item = TaskSpec> {
     (0..total).map(move |n| {
-        TaskSpec::new("square")
+        let spec = TaskSpec::new("square")
             .title(format!("square {n}"))
             .payload(serde_json::json!({ "n": n }))
             .lease(Duration::from_secs(lease))
-            .max_attempts(5)
+            .max_attempts(5);
+        match sealed_for.get(n % sealed_for.len().max(1)) {
+            Some(worker) => spec.sealed_for([worker.clone()]),
+            None => spec,
+        }
     })
+}
+
+/// Reads the repos after a sealed run: every task payload of the coordinator and every
+/// result output of the workers must be a sealed object with no plaintext field in sight.
+/// Returns (records checked, records whose payload is readable).
+async fn plaintext_check(
+    coordinator: &Writer,
+    workers: &[Writer],
+) -> Result<(usize, usize), murmur::pds::Error> {
+    let readable = |value: Option<serde_json::Value>| {
+        let Some(value) = value else {
+            return false; // no payload at all: nothing to read
+        };
+        let sealed = value.get("$type").and_then(|t| t.as_str()) == Some(murmur::seal::SEALED_TYPE)
+            && value.get("ciphertext").is_some();
+        let text = value.to_string();
+        !sealed
+            || ["\"n\"", "\"square\"", "\"error\""]
+                .iter()
+                .any(|k| text.contains(k))
+    };
+    let mut checked = 0;
+    let mut visible = 0;
+    for task in list_all::<Task>(coordinator).await? {
+        checked += 1;
+        let payload = task
+            .value
+            .payload
+            .as_ref()
+            .and_then(|p| serde_json::to_value(p).ok());
+        visible += usize::from(payload.is_none() || readable(payload));
+    }
+    for worker in workers {
+        for result in list_all::<ResultC>(worker).await? {
+            checked += 1;
+            let output = result
+                .value
+                .output
+                .as_ref()
+                .and_then(|o| serde_json::to_value(o).ok());
+            visible += usize::from(readable(output));
+        }
+    }
+    Ok((checked, visible))
 }
 
 /// Waits until the coordinator sees all `workers` workers' presences (then every worker's
@@ -203,10 +260,14 @@ fn post_tasks(
     boss: &murmur::Agent,
     total: usize,
     lease: u64,
+    sealed_for: Vec<String>,
 ) -> tokio::task::JoinHandle<Vec<murmur::TaskHandle>> {
     let boss = boss.clone();
     tokio::spawn(async move {
-        match boss.request_many(task_specs(total, lease), 20).await {
+        match boss
+            .request_many(task_specs(total, lease, sealed_for), 20)
+            .await
+        {
             Ok(handles) => handles,
             Err(err) => {
                 eprintln!("posting tasks failed: {err}");

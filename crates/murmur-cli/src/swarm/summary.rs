@@ -156,6 +156,8 @@ pub(crate) struct Report {
     /// Worker DID -> (claims, results) from the workers' own events.
     per_worker: Arc<Mutex<BTreeMap<String, (u64, u64)>>>,
     last: String,
+    /// `--sealed`: (records checked, records with a readable payload) in the repos.
+    sealed: Option<(usize, usize)>,
 }
 
 impl Report {
@@ -172,6 +174,7 @@ impl Report {
             killed: Vec::new(),
             per_worker: Arc::default(),
             last: String::new(),
+            sealed: None,
         }
     }
 
@@ -193,6 +196,12 @@ impl Report {
     pub fn add_worker(&mut self, did: &str, name: &str, host: &str) {
         self.names
             .insert(did.to_string(), (name.to_string(), host.to_string()));
+    }
+
+    /// `--sealed`: `checked` task and result records were read back from the repos, and
+    /// `visible` of them had a readable payload (a failed run when not 0).
+    pub fn sealed(&mut self, checked: usize, visible: usize) {
+        self.sealed = Some((checked, visible));
     }
 
     /// Records an agent process's pid.
@@ -280,7 +289,10 @@ impl Report {
         let p50 = s.latency_quantile(0.5);
         let p99 = s.latency_quantile(0.99);
         let per_s = s.done as f64 / elapsed.as_secs_f64();
-        let ok = lost == 0 && s.duplicates == 0 && outcome.closed == self.tasks;
+        let ok = lost == 0
+            && s.duplicates == 0
+            && outcome.closed == self.tasks
+            && self.sealed.is_none_or(|(_, visible)| visible == 0);
         let ms = |d: Option<Duration>| d.map_or("-".into(), |d| format!("{} ms", d.as_millis()));
         self.say("");
         if outcome.timed_out {
@@ -306,6 +318,11 @@ impl Report {
             outcome.closed, self.tasks
         ));
         self.say(format_args!("  duplicates   {}", s.duplicates));
+        if let Some((checked, visible)) = self.sealed {
+            self.say(format_args!(
+                "  sealed       {checked} task/result records read back from the repos, {visible} with a readable payload"
+            ));
+        }
         self.say(format_args!(
             "  assignments  {} ({} lease(s) lapsed and reassigned, {} given up)",
             s.assignments, s.lease_expiries, s.given_up
@@ -354,6 +371,9 @@ impl Report {
                 "timed_out": outcome.timed_out,
                 "ok": ok,
                 "processes": self.pids,
+                "sealed": self.sealed.map(|(checked, visible)| serde_json::json!({
+                    "checked": checked, "plaintext_visible": visible,
+                })),
                 "per_worker": per_worker,
             });
             println!("{object}");
