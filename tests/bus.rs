@@ -19,53 +19,9 @@ use async_nats::jetstream;
 use murmur_bus::{BusMessage, BusSource, Hub, StartAt, StreamSettings};
 use murmur_devnet::Devnet;
 use murmur_devnet::nats::{NatsCluster, NatsServer};
+use murmur_e2e::nats::{cleanup, servers, settings, url as nats_url};
 use murmur_e2e::{Note, account, note, shared, wait_for};
 use murmur_firehose::{Author, CommitInfo, HandlerError, Record, Rejected, Rejection, Watcher};
-
-fn nats_url() -> String {
-    static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SERVER
-        .get_or_init(|| {
-            if let Ok(url) = std::env::var("MURMUR_TEST_NATS") {
-                return url;
-            }
-            // Started once for the test binary; it dies with the process.
-            let server = Box::leak(Box::new(
-                murmur_devnet::nats::NatsServer::start(Default::default())
-                    .unwrap_or_else(|e| panic!("{e}")),
-            ));
-            server.url().to_string()
-        })
-        .clone()
-}
-
-/// A stream and prefix of the test's own.
-fn settings(tag: &str) -> StreamSettings {
-    let id = fastrand::u32(..);
-    StreamSettings {
-        name: format!("T_{}_{id:08x}", tag.to_uppercase()),
-        prefix: format!("t{id:08x}"),
-        partitions: 4,
-        ..Default::default()
-    }
-}
-
-/// Deletes a test's streams and bucket.
-async fn cleanup(settings: &StreamSettings) {
-    cleanup_on(&nats_url(), settings).await;
-}
-
-/// Deletes a test's streams and bucket on the server(s) `nats` (comma-separated).
-async fn cleanup_on(nats: &str, settings: &StreamSettings) {
-    let client = async_nats::connect(servers(nats)).await.unwrap();
-    // Best effort: a cluster that lost a node may refuse; the servers die with the test.
-    let _ = murmur_bus::delete_streams(&jetstream::new(client), settings).await;
-}
-
-/// The URLs of a comma-separated server list, for `async_nats::connect`.
-fn servers(nats: &str) -> Vec<String> {
-    nats.split(',').map(str::to_string).collect()
-}
 
 fn hub(net: &Devnet, nats: &str, settings: &StreamSettings) -> murmur_bus::HubBuilder {
     let mut builder = Hub::builder()

@@ -12,43 +12,11 @@ use async_nats::jetstream;
 use futures_util::StreamExt;
 use murmur_bus::{Hub, RelayConfig, RelayStats, StreamSettings};
 use murmur_devnet::Devnet;
+use murmur_e2e::nats::{cleanup, settings, url as nats_url};
 use murmur_e2e::{Note, account, note, shared, wait_for};
 use murmur_firehose::{Author, HandlerError, Record, Rejected, Rejection, Watcher};
 use murmur_sync::{Frame, StreamError, SyncError};
 use tokio_tungstenite::tungstenite::Message;
-
-fn nats_url() -> String {
-    static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SERVER
-        .get_or_init(|| {
-            if let Ok(url) = std::env::var("MURMUR_TEST_NATS") {
-                return url;
-            }
-            // Started once for the test binary; it dies with the process.
-            let server = Box::leak(Box::new(
-                murmur_devnet::nats::NatsServer::start(Default::default())
-                    .unwrap_or_else(|e| panic!("{e}")),
-            ));
-            server.url().to_string()
-        })
-        .clone()
-}
-
-/// A stream and prefix of the test's own.
-fn settings(tag: &str) -> StreamSettings {
-    let id = fastrand::u32(..);
-    StreamSettings {
-        name: format!("R_{}_{id:08x}", tag.to_uppercase()),
-        prefix: format!("r{id:08x}"),
-        partitions: 4,
-        ..Default::default()
-    }
-}
-
-async fn cleanup(settings: &StreamSettings) {
-    let client = async_nats::connect(nats_url()).await.unwrap();
-    let _ = murmur_bus::delete_streams(&jetstream::new(client), settings).await;
-}
 
 struct RunningHub {
     addr: SocketAddr,

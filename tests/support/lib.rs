@@ -1,5 +1,6 @@
 //! Shared support for the workspace end-to-end tests: the fixture collection
-//! `test.murmur.note`, the shared local network, and waiting on what a test can observe.
+//! `test.murmur.note`, the shared local network, waiting on what a test can observe, and
+//! the NATS server and streams of the bus and relay tests ([`nats`]).
 
 use std::time::{Duration, Instant};
 
@@ -168,5 +169,52 @@ pub mod bench {
             sorted.first().copied().unwrap_or(f64::NAN),
             percentile(&sorted, 0.5),
         )
+    }
+}
+
+/// NATS for the bus and relay tests: one nats-server per test binary, and a stream of each
+/// test's own.
+pub mod nats {
+    use murmur_bus::StreamSettings;
+
+    /// The test binary's NATS server: `MURMUR_TEST_NATS`, or murmur-devnet's pinned
+    /// nats-server on a free loopback port, started once and dying with the process.
+    pub fn url() -> String {
+        static SERVER: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        SERVER
+            .get_or_init(|| {
+                if let Ok(url) = std::env::var("MURMUR_TEST_NATS") {
+                    return url;
+                }
+                let server = Box::leak(Box::new(
+                    murmur_devnet::nats::NatsServer::start(Default::default())
+                        .unwrap_or_else(|e| panic!("{e}")),
+                ));
+                server.url().to_string()
+            })
+            .clone()
+    }
+
+    /// A stream and subject prefix of the test's own (`tag` names it in the stream's name).
+    pub fn settings(tag: &str) -> StreamSettings {
+        let id = fastrand::u32(..);
+        StreamSettings {
+            name: format!("T_{}_{id:08x}", tag.to_uppercase()),
+            prefix: format!("t{id:08x}"),
+            partitions: 4,
+            ..Default::default()
+        }
+    }
+
+    /// Deletes a test's streams and bucket on the test binary's server (best effort: the
+    /// server dies with the test binary anyway).
+    pub async fn cleanup(settings: &StreamSettings) {
+        let client = async_nats::connect(url()).await.unwrap();
+        let _ = murmur_bus::delete_streams(&async_nats::jetstream::new(client), settings).await;
+    }
+
+    /// The URLs of a comma-separated server list, for `async_nats::connect`.
+    pub fn servers(nats: &str) -> Vec<String> {
+        nats.split(',').map(str::to_string).collect()
     }
 }
