@@ -2,9 +2,7 @@
 //! node install) and ours accept and reject the same records, for every file of `lexicons/`
 //! and for the interop catalog.
 
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 
 use murmur_lexicon::LexiconSet;
 use serde_json::{Value, json};
@@ -268,31 +266,8 @@ fn typescript_verdicts(
         "lexicons": docs,
         "cases": cases.iter().map(|(nsid, record)| json!({"nsid": nsid, "record": record})).collect::<Vec<_>>(),
     });
-    let mut child = Command::new(&install.node)
-        .current_dir(&install.dir)
-        .args([
-            "--input-type=module",
-            "-e",
-            include_str!("lexicon_ts/check.mjs"),
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start node");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "node failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("node prints a JSON array")
+    let out = murmur_e2e::run_node_script(install, include_str!("lexicon_ts/check.mjs"), &input);
+    serde_json::from_slice(&out).expect("node prints a JSON array")
 }
 
 fn check_agreement(dir: &Path, cases: Vec<(&'static str, Value)>) {

@@ -13,7 +13,7 @@ use futures_util::StreamExt;
 use murmur_bus::{Hub, RelayConfig, RelayStats, StreamSettings};
 use murmur_devnet::Devnet;
 use murmur_e2e::nats::{cleanup, settings, url as nats_url};
-use murmur_e2e::{Note, account, note, shared, wait_for};
+use murmur_e2e::{Note, account, note, run_node_script, shared, wait_for};
 use murmur_firehose::{Author, HandlerError, Record, Rejected, Rejection, Watcher};
 use murmur_sync::{Frame, StreamError, SyncError};
 use tokio_tungstenite::tungstenite::Message;
@@ -346,9 +346,6 @@ fn hub_done() -> bool {
 /// cursor 0 and accepts every commit: each note once, in order per DID, no error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn atproto_sync_firehose_accepts_every_commit_of_the_relay() {
-    use std::io::Write;
-    use std::process::{Command, Stdio};
-
     let net = shared().await;
     let settings = settings("ts");
     let hub = start_hub(net, &settings, RelayConfig::default()).await;
@@ -373,34 +370,11 @@ async fn atproto_sync_firehose_accepts_every_commit_of_the_relay() {
         "timeoutMs": 60_000,
     });
     let out = tokio::task::spawn_blocking(move || {
-        let mut child = Command::new(&install.node)
-            .current_dir(&install.dir)
-            .args([
-                "--input-type=module",
-                "-e",
-                include_str!("relay_ts/firehose.mjs"),
-            ])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start node");
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(input.to_string().as_bytes())
-            .unwrap();
-        child.wait_with_output().unwrap()
+        run_node_script(&install, include_str!("relay_ts/firehose.mjs"), &input)
     })
     .await
     .unwrap();
-    assert!(
-        out.status.success(),
-        "node failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout).expect("node prints JSON");
+    let result: serde_json::Value = serde_json::from_slice(&out).expect("node prints JSON");
     let errors = result["errors"].as_array().unwrap();
     assert!(
         errors.is_empty(),

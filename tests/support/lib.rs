@@ -172,6 +172,39 @@ pub mod bench {
     }
 }
 
+/// Runs an ES module `script` under the local network's Node install (in its directory, so
+/// its pinned npm packages resolve), with `input` as JSON on stdin; panics with node's
+/// stderr if it fails, and returns its stdout.
+pub fn run_node_script(
+    install: &murmur_devnet::NodeInstall,
+    script: &str,
+    input: &serde_json::Value,
+) -> Vec<u8> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(&install.node)
+        .current_dir(&install.dir)
+        .args(["--input-type=module", "-e", script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start node");
+    child
+        .stdin
+        .take()
+        .expect("node's stdin")
+        .write_all(input.to_string().as_bytes())
+        .expect("write node's input");
+    let out = child.wait_with_output().expect("node's output");
+    assert!(
+        out.status.success(),
+        "node failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// NATS for the bus and relay tests: one nats-server per test binary, and a stream of each
 /// test's own.
 pub mod nats {
