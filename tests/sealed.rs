@@ -31,6 +31,18 @@ fn agent(net: &Devnet, writer: Writer, peers: &[String]) -> murmur::AgentBuilder
         .keyring(ring)
 }
 
+/// Waits until `agent` has seen `did`'s profile (its encryption keys): sealing to `did`
+/// needs them.
+async fn profile_seen(agent: &Agent, did: &str) {
+    wait_for(&format!("{did}'s profile"), Duration::from_secs(20), || {
+        agent
+            .registry()
+            .get(did)
+            .is_some_and(|a| a.profile.is_some())
+    })
+    .await;
+}
+
 type Rejections = Arc<Mutex<Vec<(String, Rejection)>>>;
 
 fn collect(into: &Rejections) -> impl Fn(&Rejected, &Rejection) + Send + Sync + 'static {
@@ -99,13 +111,7 @@ async fn a_sealed_task_is_read_by_its_worker_and_requester_only() {
     let alice = agent(net, w_alice.clone(), &dids).start().await.unwrap();
     // Alice seals to Bob's key from his profile: wait until it is published.
     let bob_did = bob.did().to_string();
-    wait_for("bob's profile", Duration::from_secs(20), || {
-        alice
-            .registry()
-            .get(&bob_did)
-            .is_some_and(|a| a.profile.is_some())
-    })
-    .await;
+    profile_seen(&alice, &bob_did).await;
 
     let handle = alice
         .request(
@@ -228,13 +234,7 @@ async fn tampered_and_copied_payloads_are_rejected_with_their_reasons() {
         .await
         .unwrap();
     let bob_did = bob.did().to_string();
-    wait_for("bob's profile", Duration::from_secs(20), || {
-        alice
-            .registry()
-            .get(&bob_did)
-            .is_some_and(|a| a.profile.is_some())
-    })
-    .await;
+    profile_seen(&alice, &bob_did).await;
 
     // The genuine one opens.
     let good = alice
@@ -453,13 +453,7 @@ async fn a_sealed_task_is_not_handed_off_in_the_clear() {
         .unwrap();
     let alice = agent(net, w_alice.clone(), &dids).start().await.unwrap();
     let bob_did = bob.did().to_string();
-    wait_for("bob's profile", Duration::from_secs(20), || {
-        alice
-            .registry()
-            .get(&bob_did)
-            .is_some_and(|a| a.profile.is_some())
-    })
-    .await;
+    profile_seen(&alice, &bob_did).await;
     let result = alice
         .request(
             TaskSpec::new("pass")
