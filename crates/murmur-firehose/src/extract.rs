@@ -254,24 +254,32 @@ where
             other => reject(field, other),
         })?;
         *v = serde_json::from_slice(&plaintext)
-            .map_err(|e| reject(field, murmur_seal::OpenError::NotJson(e.to_string())))?;
+            .map_err(|e| reject(field, plaintext_json_error(&e)))?;
         sealed.push(field.clone());
     }
     if sealed.is_empty() {
         return Ok((value, sealed));
     }
-    let opened: C::Record = serde_json::from_value(json).map_err(|e| {
-        reject(
-            &sealed.join(","),
-            murmur_seal::OpenError::NotJson(e.to_string()),
-        )
-    })?;
+    let opened: C::Record = serde_json::from_value(json)
+        .map_err(|e| reject(&sealed.join(","), plaintext_json_error(&e)))?;
     opened.validate().map_err(|e| Rejection::Lexicon {
         path: path.to_string(),
         nsid: C::NSID,
         reason: e.to_string(),
     })?;
     Ok((opened, sealed))
+}
+
+/// What is wrong with an opened payload's JSON, without quoting it: serde's messages can
+/// carry the plaintext (`invalid type: string "…"`), and rejections are logged.
+fn plaintext_json_error(e: &serde_json::Error) -> murmur_seal::OpenError {
+    use serde_json::error::Category;
+    murmur_seal::OpenError::NotJson(match e.classify() {
+        Category::Syntax | Category::Eof | Category::Io => {
+            format!("not JSON (line {}, column {})", e.line(), e.column())
+        }
+        Category::Data => "JSON that does not fit the record type (content not shown)".into(),
+    })
 }
 
 /// A created record of collection `C`: a [`Record`] whose handler sees creates only.
@@ -529,5 +537,25 @@ impl<S: Clone + Send + Sync + 'static> FromOp for State<S> {
 
     fn required_state() -> Option<(std::any::TypeId, &'static str)> {
         Some((std::any::TypeId::of::<S>(), std::any::type_name::<S>()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plaintext_json_error;
+
+    #[test]
+    fn errors_about_opened_payloads_never_quote_the_plaintext() {
+        // serde's own message quotes the value; the rejection's must not.
+        let wrong_type = serde_json::from_value::<u64>(serde_json::json!("TOPSECRET")).unwrap_err();
+        assert!(wrong_type.to_string().contains("TOPSECRET"));
+        let said = plaintext_json_error(&wrong_type).to_string();
+        assert!(!said.contains("TOPSECRET"), "{said}");
+        assert!(said.contains("does not fit the record type"), "{said}");
+
+        let not_json = serde_json::from_slice::<serde_json::Value>(b"TOPSECRET").unwrap_err();
+        let said = plaintext_json_error(&not_json).to_string();
+        assert!(!said.contains("TOPSECRET"), "{said}");
+        assert!(said.contains("not JSON (line 1, column 1)"), "{said}");
     }
 }
