@@ -51,6 +51,9 @@ use crate::BusError;
 use crate::stream::StreamSettings;
 use crate::subject::Subjects;
 
+/// Frames one consumer's ordered consumer pulls ahead of its socket.
+const RELAY_PULL_BATCH: i64 = 32;
+
 /// The path the relay serves the event stream on.
 pub const SUBSCRIBE_REPOS_PATH: &str = "/xrpc/com.atproto.sync.subscribeRepos";
 
@@ -313,7 +316,11 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     }
     let stats = &shared.stats;
     let mut cursor = None;
-    let full = stats.consumers.load(Ordering::Relaxed) >= shared.config.max_consumers as u64;
+    // Counted before the handshake, so handshakes at once cannot all get past the limit.
+    let full =
+        stats.consumers.fetch_add(1, Ordering::Relaxed) >= shared.config.max_consumers as u64;
+    metrics::gauge!("murmur_relay_consumers").increment(1.0);
+    let _connected = Connected(Arc::clone(stats));
     // The handshake callback's error type is tungstenite's (an HTTP response), large or not.
     #[allow(clippy::result_large_err)]
     let callback = |request: &Request, response: Response| {
@@ -344,9 +351,6 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
                 return;
             }
         };
-    stats.consumers.fetch_add(1, Ordering::Relaxed);
-    metrics::gauge!("murmur_relay_consumers").increment(1.0);
-    let _connected = Connected(Arc::clone(stats));
     let (mut sink, mut incoming) = socket.split();
     let closing = |error: &str, message: &str| {
         Message::Binary(murmur_sync::error_frame(error, message).into())
@@ -413,6 +417,9 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         .create_consumer(OrderedConfig {
             filter_subject: shared.filter.clone(),
             deliver_policy,
+            // The client pulls this many frames ahead of the socket (500 by default): a
+            // small batch bounds what one consumer holds, whatever the frames' size.
+            max_batch: RELAY_PULL_BATCH,
             ..Default::default()
         })
         .await;

@@ -262,10 +262,11 @@ where
     }
     let opened: C::Record = serde_json::from_value(json)
         .map_err(|e| reject(&sealed.join(","), plaintext_json_error(&e)))?;
+    // The lexicon's messages can quote the value: only where it broke is said.
     opened.validate().map_err(|e| Rejection::Lexicon {
         path: path.to_string(),
         nsid: C::NSID,
-        reason: e.to_string(),
+        reason: format!("the opened payload breaks the lexicon at {}", e.path),
     })?;
     Ok((opened, sealed))
 }

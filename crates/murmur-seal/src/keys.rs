@@ -270,9 +270,15 @@ impl Keyring {
                         )));
                     }
                 }
-                // serde_json's messages quote no input values, so no key leaks through them.
-                let file: KeyFile = serde_json::from_slice(&bytes)
-                    .map_err(|e| file_err(format!("not a murmur keyring ({e})")))?;
+                // serde_json's messages can quote a value (`invalid type: string "…"`), which
+                // here may be a key: only where the file broke is said.
+                let file: KeyFile = serde_json::from_slice(&bytes).map_err(|e| {
+                    file_err(format!(
+                        "not a murmur keyring (line {}, column {})",
+                        e.line(),
+                        e.column()
+                    ))
+                })?;
                 if file.did != did {
                     return Err(file_err(format!(
                         "it holds the keys of {}, not of {did}",
@@ -498,6 +504,16 @@ mod tests {
             Keyring::load_or_create(&path, "did:plc:bob"),
             Err(Error::KeyFile { .. })
         ));
+        // A key where a list belongs: serde would quote it; the error does not.
+        std::fs::write(
+            &path,
+            b"{\"did\":\"did:plc:bob\",\"keys\":\"SECRETKEYTEXT\"}",
+        )
+        .unwrap();
+        let err = Keyring::load_or_create(&path, "did:plc:bob").unwrap_err();
+        assert!(matches!(err, Error::KeyFile { .. }), "{err}");
+        assert!(!err.to_string().contains("SECRETKEYTEXT"), "{err}");
+        assert!(!format!("{err:?}").contains("SECRETKEYTEXT"), "{err:?}");
     }
 
     #[test]

@@ -288,7 +288,13 @@ pub fn with_seq(frame: &[u8], seq: u64) -> Result<Vec<u8>, SyncError> {
         .find(|(key, _, _)| *key == "seq")
         .copied()
         .ok_or_else(|| SyncError::Frame("the body has no seq".into()))?;
-    // DAG-CBOR writes the key "seq" as one head byte and three bytes of text.
+    // DAG-CBOR writes the key "seq" as one head byte and three bytes of text; a longer
+    // head (not the shortest form) would put the value elsewhere, so it is refused.
+    if body.get(start..start + 4) != Some(&b"\x63seq"[..]) {
+        return Err(SyncError::Frame(
+            "the body's seq key is not in its shortest form".into(),
+        ));
+    }
     let value = start + 4;
     if body.get(value).is_none_or(|b| b >> 5 != 0) {
         return Err(SyncError::Frame(
@@ -788,6 +794,21 @@ mod tests {
         let text_seq = frame(1, Some("#identity"), &map(&[("seq", "x")]));
         assert!(matches!(with_seq(&text_seq, 1), Err(SyncError::Frame(_))));
         assert!(with_seq(&original[..original.len() - 1], 1).is_err());
+        // The key "seq" with a longer head than it needs (7a 00 00 00 03): refused, not
+        // renumbered over the key's length.
+        let mut long_key = Vec::new();
+        write_head(&mut long_key, 5, 2);
+        write_text(&mut long_key, "did");
+        write_text(&mut long_key, "did:plc:abc");
+        long_key.extend_from_slice(&[0x7a, 0, 0, 0, 3]);
+        long_key.extend_from_slice(b"seq");
+        write_head(&mut long_key, 0, 3);
+        let long_key = frame(1, Some("#identity"), &long_key);
+        assert!(
+            matches!(with_seq(&long_key, 9), Err(SyncError::Frame(ref m)) if m.contains("shortest")),
+            "{:?}",
+            with_seq(&long_key, 9)
+        );
     }
 
     #[test]

@@ -156,12 +156,28 @@ impl Requester {
             }
             Action::ReadAccepted { result_uri, worker } => {
                 let found = match self.repos.get::<ResultC>(&worker, rkey).await {
-                    Ok(Some(found)) if found.uri == result_uri => Some(Answer {
-                        worker: worker.clone(),
-                        uri: found.uri,
-                        cid: found.cid,
-                        record: found.value,
-                    }),
+                    // A sealed result is opened as the stream's would be; one that does not
+                    // open is not an answer.
+                    Ok(Some(found)) if found.uri == result_uri => {
+                        let path = format!("{}/{rkey}", ResultC::NSID);
+                        match murmur_firehose::unseal::<ResultC>(
+                            found.value,
+                            &worker,
+                            self.keys.as_ref(),
+                            &path,
+                        ) {
+                            Ok((record, _)) => Some(Answer {
+                                worker: worker.clone(),
+                                uri: found.uri,
+                                cid: found.cid,
+                                record,
+                            }),
+                            Err(err) => {
+                                tracing::warn!(task = %rkey, repo = %worker, reason = %err, "the accepted result read from the repo does not open");
+                                None
+                            }
+                        }
+                    }
                     other => {
                         tracing::warn!(task = %rkey, accepted = %result_uri, ?other, "the accepted result could not be read back");
                         None
