@@ -369,6 +369,9 @@ pub struct HubStats {
     pub publish_errors: AtomicI64,
 }
 
+/// DIDs whose last stored frame the hub remembers (see [`Publisher::publish_frame`]).
+const FRAMES_REMEMBERED: usize = 100_000;
+
 struct Publisher {
     js: jetstream::Context,
     /// With a relay: per DID, the last event whose frame the stream stored (a commit's rev,
@@ -410,10 +413,13 @@ impl Publisher {
         }
         let id = format!("frame {} {key}", op.did);
         self.send(source, subject, &id, frame.to_vec()).await?;
-        frames
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(op.did.clone(), key);
+        let mut frames = frames.lock().unwrap_or_else(|e| e.into_inner());
+        // Bounded: forgetting only means a commit's frame may be sent again for its next
+        // op, with the same message id, which the stream's duplicate window drops.
+        if frames.len() >= FRAMES_REMEMBERED && !frames.contains_key(&op.did) {
+            frames.clear();
+        }
+        frames.insert(op.did.clone(), key);
         Ok(())
     }
 

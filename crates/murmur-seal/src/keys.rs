@@ -310,10 +310,13 @@ impl Keyring {
                 let ring = Ring {
                     did: did.to_string(),
                     keys: vec![KeyPair::generate()?],
-                    path: Some(path),
+                    path: Some(path.clone()),
                 };
-                ring.save()?;
-                Ok(Keyring::new(ring))
+                if ring.write(false)? {
+                    Ok(Keyring::new(ring))
+                } else {
+                    Self::load_or_create(path, did)
+                }
             }
             Err(e) => Err(file_err(format!("cannot read it: {e}"))),
         }
@@ -378,9 +381,16 @@ impl Keyring {
 }
 
 impl Ring {
+    /// Writes the file (mode 0600, atomically), replacing what is there.
     fn save(&self) -> Result<(), Error> {
+        self.write(true).map(|_| ())
+    }
+
+    /// Writes the file (mode 0600, atomically). With `replace` false, a file already there
+    /// (another process made it meanwhile) is kept: `Ok(false)`.
+    fn write(&self, replace: bool) -> Result<bool, Error> {
         let Some(path) = &self.path else {
-            return Ok(());
+            return Ok(true);
         };
         let file_err = |message: String| Error::KeyFile {
             path: path.clone(),
@@ -405,7 +415,7 @@ impl Ring {
         std::fs::create_dir_all(&dir)
             .map_err(|e| file_err(format!("cannot create its directory: {e}")))?;
         let tmp = temp_path(&dir, path);
-        let write = || -> std::io::Result<()> {
+        let write = || -> std::io::Result<bool> {
             let mut options = std::fs::OpenOptions::new();
             options.write(true).create_new(true);
             #[cfg(unix)]
@@ -416,7 +426,18 @@ impl Ring {
             let mut f = options.open(&tmp)?;
             f.write_all(&json)?;
             f.sync_all()?;
-            std::fs::rename(&tmp, path)
+            if replace {
+                return std::fs::rename(&tmp, path).map(|()| true);
+            }
+            // A link fails where a file already is, so two processes making the first key
+            // at once end with one file, and the slower one reads it.
+            let linked = match std::fs::hard_link(&tmp, path) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(e),
+            };
+            std::fs::remove_file(&tmp)?;
+            Ok(linked)
         };
         write().map_err(|e| {
             let _ = std::fs::remove_file(&tmp);
@@ -488,6 +509,31 @@ mod tests {
         assert!(!format!("{again:?}").contains(&secret));
         assert!(!format!("{:?}", again.read().keys[0]).contains(&secret));
         assert!(format!("{again:?}").contains(again.current().id()));
+    }
+
+    #[test]
+    fn processes_making_the_first_key_at_once_share_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let ids: Vec<String> = std::thread::scope(|s| {
+            let makers: Vec<_> = (0..8)
+                .map(|_| {
+                    s.spawn(|| {
+                        Keyring::load_or_create(&path, "did:plc:bob")
+                            .unwrap()
+                            .current()
+                            .id()
+                            .to_string()
+                    })
+                })
+                .collect();
+            makers.into_iter().map(|m| m.join().unwrap()).collect()
+        });
+        assert!(ids.iter().all(|id| *id == ids[0]), "{ids:?}");
+        let on_disk = Keyring::load_or_create(&path, "did:plc:bob").unwrap();
+        assert_eq!(on_disk.current().id(), ids[0]);
+        // No temporary file is left beside it.
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]
