@@ -116,7 +116,14 @@ struct Shared {
     filter: String,
     config: RelayConfig,
     stats: Arc<RelayStats>,
+    /// Connections not yet known to be consumers (their request head is awaited) and plain
+    /// HTTP requests being answered: bounded, so a flood of idle or XRPC connections cannot
+    /// grow memory or fan out fetches to the hosts without limit.
+    unsorted: tokio::sync::Semaphore,
 }
+
+/// Connections at once whose request head is awaited or whose plain HTTP request is served.
+const MAX_UNSORTED_CONNECTIONS: usize = 256;
 
 impl Relay {
     /// Listens on `addr` and serves the frame stream of the bus `settings` describes (which
@@ -179,6 +186,7 @@ impl Relay {
                 filter: subjects.frames_all(),
                 config,
                 stats: Arc::default(),
+                unsorted: tokio::sync::Semaphore::new(MAX_UNSORTED_CONNECTIONS),
             }),
         })
     }
@@ -307,6 +315,10 @@ impl Drop for Connected {
 /// stream: handshake, cursor, then frames until it leaves or is dropped.
 async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let _ = tcp.set_nodelay(true);
+    let Ok(unsorted) = shared.unsorted.try_acquire() else {
+        debug!(%peer, "relay: too many connections awaiting their request; closed");
+        return;
+    };
     let Some(head) = crate::relay_http::peek_head(&tcp).await else {
         return;
     };
@@ -314,6 +326,8 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
         crate::relay_http::serve(&shared.hosts, tcp, head).await;
         return;
     }
+    // A consumer: from here `max_consumers` bounds it.
+    drop(unsorted);
     let stats = &shared.stats;
     let mut cursor = None;
     // Counted before the handshake, so handshakes at once cannot all get past the limit.

@@ -63,7 +63,7 @@ pub(crate) fn is_upgrade(head: &[u8]) -> bool {
 /// connection closed or sent no complete head within `MAX_HEAD` bytes or 10 s.
 pub(crate) async fn peek_head(tcp: &TcpStream) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; MAX_HEAD];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
         let n = tokio::time::timeout_at(deadline, tcp.peek(&mut buf))
             .await
