@@ -60,7 +60,7 @@ pub(crate) fn is_upgrade(head: &[u8]) -> bool {
 }
 
 /// Reads as much of the request head as has arrived, without consuming it; `None` when the
-/// connection closed or sent no complete head within `MAX_HEAD` bytes or 10 s.
+/// connection closed or sent no complete head within `MAX_HEAD` bytes or 5 s.
 pub(crate) async fn peek_head(tcp: &TcpStream) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; MAX_HEAD];
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
