@@ -212,8 +212,8 @@ impl<'a> CarSlice<'a> {
             },
             e => e,
         })?;
-        // Commit slices carry about one block per 500 bytes.
-        let mut blocks = Vec::with_capacity((bytes.len() / 512).clamp(4, 64));
+        // Commit slices carry about one block per 400-500 bytes.
+        let mut blocks = Vec::with_capacity((bytes.len() / 384).clamp(4, 64));
         let mut pos = header_end;
         while pos < bytes.len() {
             let (len, data_start) = varint(bytes, pos)?;
@@ -248,7 +248,8 @@ impl<'a> CarSlice<'a> {
             blocks.push(block);
             pos = end;
         }
-        blocks.sort_unstable_by_key(|b| b.0);
+        // By reference: a key function would copy each CID (80 bytes) per comparison.
+        blocks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         blocks.dedup_by(|a, b| a.0 == b.0);
         Ok(CarSlice { roots, blocks })
     }
