@@ -389,12 +389,23 @@ impl TaskState {
         if !self.same_version(&offer.record.task.cid) {
             return vec![]; // a claim on another version of the task
         }
-        if !matches!(self.phase, Phase::Open) || self.stale(&offer) {
+        // While a lapse is recorded and withdrawn, a worker that saw the lapse ack may claim
+        // at once: its claim is kept and weighed when the task opens (`withdrawn`).
+        let lapsing = matches!(self.phase, Phase::Lapsing { .. });
+        if !(matches!(self.phase, Phase::Open) || lapsing) || self.stale(&offer) {
             return vec![]; // someone already won this attempt, or an earlier one
         }
         if !self.offers.iter().any(|o| o.claim.uri == offer.claim.uri) {
             self.offers.push(offer);
         }
+        if lapsing {
+            return vec![];
+        }
+        self.weigh()
+    }
+
+    /// Decides now (no claim window) or arms the window once for the claims in `offers`.
+    fn weigh(&mut self) -> Vec<Action> {
         if self.window.is_zero() {
             self.decide()
         } else if self.deciding {
@@ -541,10 +552,19 @@ impl TaskState {
         }
         if self.attempt >= self.max_attempts {
             self.phase = Phase::Exhausted;
+            self.offers.clear();
             self.give_up()
         } else {
             self.phase = Phase::Open;
-            vec![]
+            // Claims that came while the lapse was handled: those made after it stand (the
+            // lapse time is known now); a worker that sent one does not claim again.
+            let offers = std::mem::take(&mut self.offers);
+            self.offers = offers.into_iter().filter(|o| !self.stale(o)).collect();
+            if self.offers.is_empty() {
+                vec![]
+            } else {
+                self.weigh()
+            }
         }
     }
 

@@ -197,6 +197,37 @@ fn a_lapsed_lease_is_withdrawn_and_the_next_claim_gets_the_task() {
 }
 
 #[test]
+fn a_claim_made_after_the_lapse_while_it_is_withdrawn_is_weighed_when_the_task_opens() {
+    let t0 = Instant::now();
+    let mut t = task(3, Duration::ZERO);
+    assign(&mut t, "did:plc:a", "c1", t0);
+    let late = t0 + LEASE * 2;
+    t.step(Input::Tick, late);
+    t.step(Input::Searched(None), late);
+    let at = Utc::now() - chrono::TimeDelta::seconds(1);
+    t.step(Input::LapseRecorded(Ok(at)), late);
+    assert!(matches!(t.phase, Phase::Lapsing { .. }));
+    // Worker b saw the lapse ack and claimed before the withdrawal was written; a claim
+    // made before the lapse (an earlier attempt's) is not kept.
+    let fresh = claim_at("did:plc:b", "c2", at + chrono::TimeDelta::milliseconds(5));
+    let old = claim_at("did:plc:c", "c0", at - chrono::TimeDelta::milliseconds(5));
+    assert!(t.step(Input::Claim(fresh.clone()), late).is_empty());
+    assert!(t.step(Input::Claim(old), late).is_empty());
+    let actions = t.step(Input::Withdrawn(Ok(())), late);
+    let [
+        Action::Choose {
+            offers, attempt, ..
+        },
+    ] = actions.as_slice()
+    else {
+        panic!("expected b's claim to be weighed, got {actions:?}");
+    };
+    assert_eq!(*attempt, 2);
+    assert_eq!(offers.len(), 1);
+    assert_eq!(offers[0].worker, "did:plc:b");
+}
+
+#[test]
 fn a_lapse_that_cannot_be_recorded_or_withdrawn_is_tried_again_on_the_next_tick() {
     let t0 = Instant::now();
     let mut t = task(3, Duration::ZERO);
