@@ -250,17 +250,26 @@ async fn a_three_node_cluster_keeps_an_r3_stream_writable_while_a_node_is_down()
     assert_eq!(names, ["n0", "n1", "n2"]);
 
     let js = connect(urls).await;
-    let mut stream = within(
-        "create R3 stream",
-        js.create_stream(stream::Config {
-            name: "TASKS".into(),
-            subjects: vec!["tasks.>".into()],
-            num_replicas: 3,
-            ..Default::default()
-        }),
-    )
-    .await
-    .expect("create an R3 stream");
+    // A cluster just up may not have elected its JetStream meta leader yet: the create
+    // request then times out, and is sent again (creating the same stream is idempotent).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut stream = loop {
+        let created = within(
+            "create R3 stream",
+            js.get_or_create_stream(stream::Config {
+                name: "TASKS".into(),
+                subjects: vec!["tasks.>".into()],
+                num_replicas: 3,
+                ..Default::default()
+            }),
+        )
+        .await;
+        match created {
+            Ok(stream) => break stream,
+            Err(e) => assert!(Instant::now() < deadline, "create an R3 stream: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
     // A new R3 stream answers only once its replicas have elected a leader; until then a
     // publish is refused (StreamNotFound / no responders), so the first one retries too.
     let first = publish_until_stored(&js, "tasks.1", "one", "tasks-1").await;
