@@ -59,12 +59,12 @@ fn candidates() -> Vec<PathBuf> {
     let cargo_home = std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")));
-    if let Some(home) = cargo_home {
-        if let Ok(registries) = std::fs::read_dir(home.join("registry").join("src")) {
-            let mut registries: Vec<PathBuf> = registries.flatten().map(|e| e.path()).collect();
-            registries.sort();
-            out.extend(registries.into_iter().map(|r| r.join(&package).join(FILE)));
-        }
+    if let Some(home) = cargo_home
+        && let Ok(registries) = std::fs::read_dir(home.join("registry").join("src"))
+    {
+        let mut registries: Vec<PathBuf> = registries.flatten().map(|e| e.path()).collect();
+        registries.sort();
+        out.extend(registries.into_iter().map(|r| r.join(&package).join(FILE)));
     }
     if let Some(dir) = std::env::var_os("CARGO_MANIFEST_DIR") {
         let vendor = Path::new(&dir).join("..");

@@ -26,6 +26,7 @@ use tracing::{debug, info, warn};
 
 use crate::BusError;
 use crate::cursor::KvCursorStore;
+use crate::jetstream::{JetstreamConfig, JetstreamServer, JetstreamStats};
 use crate::message::BusMessage;
 use crate::relay::{Relay, RelayConfig, RelayStats};
 use crate::stream::{StreamSettings, connect, ensure_frame_stream, ensure_streams};
@@ -62,6 +63,10 @@ Relay (murmur hub --relay-addr ADDR):
   murmur_relay_consumers           gauge    subscribeRepos consumers connected now
   murmur_relay_frames_total        counter  frames sent, over all consumers
   murmur_relay_too_slow_total      counter  consumers dropped with ConsumerTooSlow
+Jetstream (murmur hub --jetstream-addr ADDR):
+  murmur_jetstream_subscribers     gauge    /subscribe subscribers connected now
+  murmur_jetstream_events_total    counter  events sent, over all subscribers
+  murmur_jetstream_too_slow_total  counter  subscribers dropped for being too slow
 Totals over sources: sum without(source) (...), e.g. sum(rate(murmur_hub_published_total[1m])).
 ";
 
@@ -87,6 +92,7 @@ pub struct HubBuilder {
     name: Option<String>,
     start_cursor: Option<i64>,
     serve_relay: Option<(SocketAddr, RelayConfig)>,
+    serve_jetstream: Option<(SocketAddr, JetstreamConfig)>,
 }
 
 impl HubBuilder {
@@ -142,6 +148,14 @@ impl HubBuilder {
         self
     }
 
+    /// Also serves Jetstream's `/subscribe` on `addr` (JSON events filtered by collection and
+    /// DID, see [`JetstreamServer`]), from the same frame stream as the relay. Port 0 picks a
+    /// free port ([`Hub::jetstream_addr`]).
+    pub fn serve_jetstream(mut self, addr: SocketAddr, config: JetstreamConfig) -> Self {
+        self.serve_jetstream = Some((addr, config));
+        self
+    }
+
     /// Connects to NATS, creates the streams and the cursor bucket if missing, and builds
     /// the watcher (and binds the relay's address, with [`serve_relay`](Self::serve_relay)).
     pub async fn build(self) -> Result<Hub, BusError> {
@@ -174,12 +188,14 @@ impl HubBuilder {
         };
         let relay_js = js.clone();
         let relay_subjects = subjects.clone();
-        if self.serve_relay.is_some() {
+        // The relay and Jetstream both serve the original frames.
+        let keep_frames = self.serve_relay.is_some() || self.serve_jetstream.is_some();
+        if keep_frames {
             ensure_frame_stream(&js, &self.stream, &subjects, max_payload).await?;
         }
         let publisher = Arc::new(Publisher {
             js,
-            frames: self.serve_relay.as_ref().map(|_| Mutex::default()),
+            frames: keep_frames.then(Mutex::default),
             subjects,
             max_payload,
             stats: Arc::default(),
@@ -188,7 +204,7 @@ impl HubBuilder {
         let gap_publisher = Arc::clone(&publisher);
         let mut builder: WatcherBuilder = Watcher::builder()
             .keep_proofs(true)
-            .keep_frames(self.serve_relay.is_some())
+            .keep_frames(keep_frames)
             .identity_events(true)
             .cursor_store(KvCursorStore::new(bucket, bucket_name))
             // A publish that fails (NATS down, a stream electing a leader) is retried until it
@@ -228,7 +244,7 @@ impl HubBuilder {
                 let metrics = Some(watcher.metrics());
                 let relay = Relay::bind_with(
                     addr,
-                    relay_js,
+                    relay_js.clone(),
                     &self.stream,
                     &relay_subjects,
                     config,
@@ -240,12 +256,20 @@ impl HubBuilder {
             }
             None => None,
         };
+        let jetstream = match self.serve_jetstream {
+            Some((addr, config)) => Some(
+                JetstreamServer::bind_with(addr, relay_js, &self.stream, &relay_subjects, config)
+                    .await?,
+            ),
+            None => None,
+        };
         info!(nats = %nats, stream = %self.stream.name, sources = self.sources.len() + self.relays.len(), "hub ready");
         Ok(Hub {
             watcher,
             publisher,
             client,
             relay,
+            jetstream,
         })
     }
 }
@@ -260,6 +284,7 @@ pub struct Hub {
     publisher: Arc<Publisher>,
     client: async_nats::Client,
     relay: Option<Relay>,
+    jetstream: Option<JetstreamServer>,
 }
 
 impl Hub {
@@ -289,6 +314,17 @@ impl Hub {
         self.relay.as_ref().map(Relay::stats)
     }
 
+    /// The address Jetstream's `/subscribe` listens on, when the hub serves it
+    /// ([`HubBuilder::serve_jetstream`]).
+    pub fn jetstream_addr(&self) -> Option<SocketAddr> {
+        self.jetstream.as_ref().map(JetstreamServer::local_addr)
+    }
+
+    /// The Jetstream endpoint's counters, when the hub serves it.
+    pub fn jetstream_stats(&self) -> Option<Arc<JetstreamStats>> {
+        self.jetstream.as_ref().map(JetstreamServer::stats)
+    }
+
     /// The watcher's metrics (seq and time lag, rejections, reconnects).
     pub fn watcher_metrics(&self) -> Arc<murmur_firehose::Metrics> {
         self.watcher.metrics()
@@ -308,6 +344,9 @@ impl Hub {
         let _relay = self
             .relay
             .map(|relay| AbortOnDrop(tokio::spawn(relay.run()).abort_handle()));
+        let _jetstream = self
+            .jetstream
+            .map(|server| AbortOnDrop(tokio::spawn(server.run()).abort_handle()));
         let result = self.watcher.run().await;
         let _ = self.client.flush().await;
         result.map_err(BusError::from)

@@ -93,6 +93,7 @@ mod consumer;
 mod cursor;
 mod error;
 mod hub;
+pub mod jetstream;
 mod message;
 pub mod relay;
 mod relay_http;
@@ -103,6 +104,7 @@ pub use consumer::{BusSource, StartAt};
 pub use cursor::{KvCursorStore, key_for};
 pub use error::BusError;
 pub use hub::{Hub, HubBuilder, HubStats, METRICS_HELP};
+pub use jetstream::{JetstreamConfig, JetstreamServer, JetstreamStats};
 pub use message::{BusMessage, FORMAT_VERSION, MessageKind};
 pub use relay::{Relay, RelayConfig, RelayStats};
 pub use stream::{

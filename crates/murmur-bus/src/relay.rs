@@ -271,7 +271,7 @@ fn cursor_of(query: Option<&str>) -> Result<Option<i64>, String> {
 }
 
 /// An XRPC error answer (`{"error", "message"}`) to a handshake.
-fn http_error(status: u16, error: &str, message: &str) -> ErrorResponse {
+pub(crate) fn http_error(status: u16, error: &str, message: &str) -> ErrorResponse {
     let body = format!(
         "{{\"error\":{},\"message\":{}}}",
         json_string(error),

@@ -1,6 +1,7 @@
 //! `murmur hub`: verify once, fan out. Watches PDS hosts (or a relay) and publishes every
 //! verified op, with its proof, to a NATS JetStream stream; with `--relay-addr`, also serves
-//! `com.atproto.sync.subscribeRepos` from it.
+//! `com.atproto.sync.subscribeRepos` from it, and with `--jetstream-addr` Jetstream's
+//! `/subscribe`.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -52,6 +53,11 @@ pub struct HubArgs {
     /// the hub, e.g. 127.0.0.1:2470).
     #[arg(long, value_name = "ADDR")]
     relay_addr: Option<SocketAddr>,
+    /// Also serve Jetstream's /subscribe at ws://ADDR (JSON events filtered by collection and
+    /// DID in the server, cursors in unix microseconds, zstd with Jetstream's dictionary), for
+    /// agents in other languages, e.g. 127.0.0.1:6008.
+    #[arg(long, value_name = "ADDR")]
+    jetstream_addr: Option<SocketAddr>,
 }
 
 /// Runs the hub until Ctrl-C or SIGTERM (then publishes in flight finish and cursors are
@@ -89,9 +95,15 @@ pub fn run(args: HubArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         if let Some(addr) = args.relay_addr {
             builder = builder.serve_relay(addr, murmur_bus::RelayConfig::default());
         }
+        if let Some(addr) = args.jetstream_addr {
+            builder = builder.serve_jetstream(addr, murmur_bus::JetstreamConfig::default());
+        }
         let hub = builder.build().await?;
         if let Some(addr) = hub.relay_addr() {
             eprintln!("relay: ws://{addr}/xrpc/com.atproto.sync.subscribeRepos");
+        }
+        if let Some(addr) = hub.jetstream_addr() {
+            eprintln!("jetstream: ws://{addr}/subscribe");
         }
         let stop = hub.shutdown_handle();
         tokio::spawn(async move {
