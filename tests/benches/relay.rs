@@ -12,13 +12,17 @@
 //! 2. **Memory per consumer**: the process's resident memory with 32 consumers connected,
 //!    live and idle, and with 32 consumers that stopped reading in the middle of a replay,
 //!    against none (consumers' own client buffers included).
+//! 3. **Jetstream events served per second** (the hub's `/subscribe` on the same frames) to 1,
+//!    8 and 32 subscribers replaying every event, plain JSON and zstd-compressed with
+//!    Jetstream's dictionary: each subscriber's connection decodes each frame, turns its op
+//!    into JSON (the record from DAG-CBOR) and, compressed, runs zstd.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream;
 use futures_util::StreamExt;
-use murmur_bus::{Relay, RelayConfig, StreamSettings};
+use murmur_bus::{JetstreamConfig, JetstreamServer, Relay, RelayConfig, StreamSettings};
 use murmur_devnet::nats::NatsServer;
 use murmur_devnet::{Devnet, DevnetConfig};
 use murmur_e2e::bench::env_or;
@@ -73,6 +77,21 @@ async fn consume(addr: SocketAddr, n: u64) -> u64 {
     while got < n {
         match socket.next().await {
             Some(Ok(Message::Binary(_))) => got += 1,
+            Some(Ok(_)) => {}
+            _ => break,
+        }
+    }
+    got
+}
+
+/// A Jetstream subscriber replaying every event until it has `n`; returns when done.
+async fn subscribe(addr: SocketAddr, n: u64, compress: bool) -> u64 {
+    let url = format!("ws://{addr}/subscribe?cursor=1&compress={compress}");
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.expect("jetstream");
+    let mut got = 0;
+    while got < n {
+        match socket.next().await {
+            Some(Ok(Message::Binary(_) | Message::Text(_))) => got += 1,
             Some(Ok(_)) => {}
             _ => break,
         }
@@ -202,6 +221,38 @@ async fn main() {
         stats.too_slow.load(std::sync::atomic::Ordering::Relaxed)
     );
     drop(stalled);
+    server.abort();
+
+    let jetstream = JetstreamServer::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        js.clone(),
+        &settings,
+        JetstreamConfig::default(),
+    )
+    .await
+    .unwrap();
+    let addr = jetstream.local_addr();
+    let server = tokio::spawn(jetstream.run());
+    for compress in [false, true] {
+        for subscribers in [1u64, 8, 32] {
+            let started = Instant::now();
+            let tasks: Vec<_> = (0..subscribers)
+                .map(|_| tokio::spawn(subscribe(addr, frames, compress)))
+                .collect();
+            let mut total = 0;
+            for task in tasks {
+                total += task.await.unwrap();
+            }
+            let secs = started.elapsed().as_secs_f64();
+            assert_eq!(total, subscribers * frames, "every subscriber got every event");
+            println!(
+                "jetstream events served ({}), {subscribers:>2} subscriber(s) replaying {frames} each: {:>9.0} events/s in all, {:>8.0} per subscriber ({secs:.2} s)",
+                if compress { "zstd" } else { "plain" },
+                total as f64 / secs,
+                frames as f64 / secs
+            );
+        }
+    }
     server.abort();
     let _ = murmur_bus::delete_streams(&js, &settings).await;
     tokio::task::spawn_blocking(move || drop((net, nats)))

@@ -64,6 +64,12 @@
 //! Verifying clients (murmur's watcher with `.relay(url)`, `@atproto/sync`) accept its
 //! commits: they are the PDS's signed commits and CAR slices, unchanged. See [`relay`].
 //!
+//! # Jetstream
+//! A hub built with [`HubBuilder::serve_jetstream`] serves Jetstream's `/subscribe` from the
+//! same frame stream: one JSON event per record op, filtered in the server by collection and
+//! DID, cursors in unix microseconds, zstd with Jetstream's dictionary, `options_update` on a
+//! live connection. Existing Jetstream clients connect unchanged. See [`jetstream`].
+//!
 //! # Metrics
 //! The hub's metrics (per source: publish counts and rate, seq and time lag, rejections;
 //! hub-wide: sources connected) go through the `metrics` facade; the names are in
