@@ -521,3 +521,101 @@ async fn the_relay_answers_the_sync_queries() {
     hub.task.abort();
     cleanup(&settings).await;
 }
+
+/// `requestCrawl` with a crawl policy: a host it does not allow is refused (403), a host that
+/// is not a PDS too (400); an allowed PDS is watched from then on: `listHosts` names it, and
+/// its records (written before the request as well as after) come through the relay,
+/// verified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_crawl_adds_an_allowed_host() {
+    let net = shared().await;
+    let settings = settings("crawl");
+    let second = net.pds(1).unwrap().url().to_string();
+    let second_authority = second.split_once("://").unwrap().1.to_string();
+    let hub = Hub::builder()
+        .nats(nats_url())
+        .plc_url(net.plc_url())
+        .stream(settings.clone())
+        .pds(net.pds(0).unwrap().url())
+        .serve_relay("127.0.0.1:0".parse().unwrap(), RelayConfig::default())
+        .allow_crawl(murmur_bus::CrawlPolicy::allow([
+            second_authority.clone(),
+            "127.0.0.1:1".into(),
+        ]))
+        .build()
+        .await
+        .unwrap();
+    let addr = hub.relay_addr().unwrap();
+    let task = tokio::spawn(async move { hub.run().await.unwrap() });
+    let (bob, bob_w) = account(net, 1, "crawlb").await;
+    bob_w.create::<Note>(&note(500)).await.unwrap();
+
+    let seen: Seen = Arc::default();
+    let rejected = Arc::new(Mutex::new(Vec::new()));
+    let watcher = relay_watcher(
+        addr,
+        net.plc_url(),
+        None,
+        Arc::clone(&seen),
+        Arc::clone(&rejected),
+    );
+    let metrics = watcher.metrics();
+    let stop = watcher.shutdown_handle();
+    let watching = tokio::spawn(watcher.run());
+    wait_for("the watcher to connect", Duration::from_secs(30), || {
+        metrics.snapshot().sources_connected >= 1
+    })
+    .await;
+
+    let http = reqwest::Client::new();
+    let crawl = |hostname: String| {
+        http.post(format!("http://{addr}/xrpc/com.atproto.sync.requestCrawl"))
+            .json(&serde_json::json!({ "hostname": hostname }))
+            .send()
+    };
+    let refused = crawl("pds.example.com".into()).await.unwrap();
+    assert_eq!(refused.status(), 403);
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["error"], "HostNotAllowed", "{body}");
+    // Allowed, but nothing answers there as a PDS.
+    let not_a_pds = crawl("127.0.0.1:1".into()).await.unwrap();
+    assert_eq!(not_a_pds.status(), 400);
+    let bad = crawl("not a host".into()).await.unwrap();
+    assert_eq!(bad.status(), 400);
+
+    let accepted = crawl(second_authority.clone()).await.unwrap();
+    assert_eq!(accepted.status(), 200, "{:?}", accepted.text().await);
+    let hosts: serde_json::Value = http
+        .get(format!("http://{addr}/xrpc/com.atproto.sync.listHosts"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        hosts["hosts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["hostname"] == second_authority.as_str()),
+        "{hosts}"
+    );
+    // Asking again changes nothing.
+    assert_eq!(crawl(second_authority).await.unwrap().status(), 200);
+
+    bob_w.create::<Note>(&note(501)).await.unwrap();
+    wait_for(
+        "bob's notes through the crawled host",
+        Duration::from_secs(60),
+        || order_of(&seen, &bob.did).len() >= 2,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(order_of(&seen, &bob.did), [500, 501]);
+    assert!(rejected.lock().unwrap().is_empty());
+    stop.shutdown();
+    watching.await.unwrap().unwrap();
+    task.abort();
+    cleanup(&settings).await;
+}

@@ -87,7 +87,9 @@ async fn consume(addr: SocketAddr, n: u64) -> u64 {
 /// A Jetstream subscriber replaying every event until it has `n`; returns when done.
 async fn subscribe(addr: SocketAddr, n: u64, compress: bool) -> u64 {
     let url = format!("ws://{addr}/subscribe?cursor=1&compress={compress}");
-    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.expect("jetstream");
+    let (mut socket, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("jetstream");
     let mut got = 0;
     while got < n {
         match socket.next().await {
@@ -244,7 +246,11 @@ async fn main() {
                 total += task.await.unwrap();
             }
             let secs = started.elapsed().as_secs_f64();
-            assert_eq!(total, subscribers * frames, "every subscriber got every event");
+            assert_eq!(
+                total,
+                subscribers * frames,
+                "every subscriber got every event"
+            );
             println!(
                 "jetstream events served ({}), {subscribers:>2} subscriber(s) replaying {frames} each: {:>9.0} events/s in all, {:>8.0} per subscriber ({secs:.2} s)",
                 if compress { "zstd" } else { "plain" },

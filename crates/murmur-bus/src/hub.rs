@@ -29,6 +29,7 @@ use crate::cursor::KvCursorStore;
 use crate::jetstream::{JetstreamConfig, JetstreamServer, JetstreamStats};
 use crate::message::BusMessage;
 use crate::relay::{Relay, RelayConfig, RelayStats};
+use crate::relay_http::CrawlPolicy;
 use crate::stream::{StreamSettings, connect, ensure_frame_stream, ensure_streams};
 use crate::subject::Subjects;
 
@@ -93,6 +94,7 @@ pub struct HubBuilder {
     start_cursor: Option<i64>,
     serve_relay: Option<(SocketAddr, RelayConfig)>,
     serve_jetstream: Option<(SocketAddr, JetstreamConfig)>,
+    allow_crawl: CrawlPolicy,
 }
 
 impl HubBuilder {
@@ -156,6 +158,17 @@ impl HubBuilder {
         self
     }
 
+    /// Lets `com.atproto.sync.requestCrawl` on the relay add PDS hosts at run time: those
+    /// matching `policy` (default: none, and the relay answers `requestCrawl` with
+    /// `MethodNotImplemented`). A host is added once it answers `describeServer` as a PDS; the
+    /// hub then watches it from the start of what it still has (or from its stored cursor) and
+    /// the relay lists it in `listHosts`. Crawled hosts are not remembered across restarts:
+    /// name the ones to keep with [`pds`](Self::pds).
+    pub fn allow_crawl(mut self, policy: CrawlPolicy) -> Self {
+        self.allow_crawl = policy;
+        self
+    }
+
     /// Connects to NATS, creates the streams and the cursor bucket if missing, and builds
     /// the watcher (and binds the relay's address, with [`serve_relay`](Self::serve_relay)).
     pub async fn build(self) -> Result<Hub, BusError> {
@@ -200,44 +213,25 @@ impl HubBuilder {
             max_payload,
             stats: Arc::default(),
         });
-        let tail_publisher = Arc::clone(&publisher);
-        let gap_publisher = Arc::clone(&publisher);
-        let mut builder: WatcherBuilder = Watcher::builder()
-            .keep_proofs(true)
-            .keep_frames(keep_frames)
-            .identity_events(true)
-            .cursor_store(KvCursorStore::new(bucket, bucket_name))
-            // A publish that fails (NATS down, a stream electing a leader) is retried until it
-            // goes through: an op is never dead-lettered for an outage, and the cursor waits
-            // for it. Retries stay frequent, so the hub catches up soon after NATS is back.
-            .retry(PUBLISH_RETRY)
-            .tail(move |op: OpEvent| {
-                let publisher = Arc::clone(&tail_publisher);
-                async move { publisher.publish(op.data()).await }
-            })
-            .on_gap(move |gap| {
-                let publisher = Arc::clone(&gap_publisher);
-                let message = BusMessage::from_gap(gap);
-                let source = gap.source.clone();
-                tokio::spawn(async move { publisher.publish_gap(&source, message).await });
-            })
-            // Counted per source from the watcher's metrics (see Hub::run).
-            .on_rejected(|rejected, why| {
-                debug!(did = rejected.did(), reason = %why, "not published: rejected");
-            });
-        for url in &self.sources {
-            builder = builder.pds(url);
-        }
-        for url in &self.relays {
-            builder = builder.relay(url);
-        }
-        if let Some(plc) = self.plc_url {
-            builder = builder.plc_url(plc);
-        }
-        if let Some(seq) = self.start_cursor {
-            builder = builder.start_cursor(seq);
-        }
-        let watcher = builder.build()?;
+        let recipe = Arc::new(WatcherRecipe {
+            publisher: Arc::clone(&publisher),
+            bucket,
+            bucket_name,
+            plc_url: self.plc_url,
+            keep_frames,
+        });
+        let watcher = recipe.watcher(&self.sources, &self.relays, self.start_cursor)?;
+        let (crawl, crawl_requests) = match (&self.serve_relay, self.allow_crawl.is_closed()) {
+            (Some(_), false) => {
+                let (requests, received) = tokio::sync::mpsc::channel(16);
+                let crawl = crate::relay_http::Crawl {
+                    policy: self.allow_crawl.clone(),
+                    requests,
+                };
+                (Some(crawl), Some(received))
+            }
+            _ => (None, None),
+        };
         let relay = match self.serve_relay {
             Some((addr, config)) => {
                 let hosts = self.sources.clone();
@@ -248,8 +242,7 @@ impl HubBuilder {
                     &self.stream,
                     &relay_subjects,
                     config,
-                    hosts,
-                    metrics,
+                    crate::relay_http::Hosts::new(hosts, metrics).with_crawl(crawl),
                 )
                 .await?;
                 Some(relay)
@@ -270,8 +263,119 @@ impl HubBuilder {
             client,
             relay,
             jetstream,
+            crawl: crawl_requests.map(|requests| (recipe, requests)),
         })
     }
+}
+
+/// How the hub makes a watcher of its sources: verified, keeping proofs (and frames, for the
+/// relay and Jetstream), publishing every op, `#identity`, `#account` and gap, cursors in the
+/// bucket. One for the hosts it starts with, one more per host `requestCrawl` adds.
+struct WatcherRecipe {
+    publisher: Arc<Publisher>,
+    bucket: jetstream::kv::Store,
+    bucket_name: String,
+    plc_url: Option<String>,
+    keep_frames: bool,
+}
+
+impl WatcherRecipe {
+    fn watcher(
+        &self,
+        pds: &[String],
+        relays: &[String],
+        start_cursor: Option<i64>,
+    ) -> Result<Watcher, BusError> {
+        let tail_publisher = Arc::clone(&self.publisher);
+        let gap_publisher = Arc::clone(&self.publisher);
+        let mut builder: WatcherBuilder = Watcher::builder()
+            .keep_proofs(true)
+            .keep_frames(self.keep_frames)
+            .identity_events(true)
+            .cursor_store(KvCursorStore::new(
+                self.bucket.clone(),
+                self.bucket_name.clone(),
+            ))
+            // A publish that fails (NATS down, a stream electing a leader) is retried until it
+            // goes through: an op is never dead-lettered for an outage, and the cursor waits
+            // for it. Retries stay frequent, so the hub catches up soon after NATS is back.
+            .retry(PUBLISH_RETRY)
+            .tail(move |op: OpEvent| {
+                let publisher = Arc::clone(&tail_publisher);
+                async move { publisher.publish(op.data()).await }
+            })
+            .on_gap(move |gap| {
+                let publisher = Arc::clone(&gap_publisher);
+                let message = BusMessage::from_gap(gap);
+                let source = gap.source.clone();
+                tokio::spawn(async move { publisher.publish_gap(&source, message).await });
+            })
+            // Counted per source from the watcher's metrics (see Hub::run).
+            .on_rejected(|rejected, why| {
+                debug!(did = rejected.did(), reason = %why, "not published: rejected");
+            });
+        for url in pds {
+            builder = builder.pds(url);
+        }
+        for url in relays {
+            builder = builder.relay(url);
+        }
+        if let Some(plc) = &self.plc_url {
+            builder = builder.plc_url(plc);
+        }
+        if let Some(seq) = start_cursor {
+            builder = builder.start_cursor(seq);
+        }
+        Ok(builder.build()?)
+    }
+}
+
+/// Watches the hosts `requestCrawl` adds, each with a watcher of its own (from the start of
+/// what the host still has, unless its cursor is in the bucket), until `stop` says the hub is
+/// stopping; then stops them and waits for their cursors to be stored.
+async fn crawl_hosts(
+    recipe: Arc<WatcherRecipe>,
+    mut requests: tokio::sync::mpsc::Receiver<crate::relay_http::CrawlRequest>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut watched: HashMap<String, Arc<murmur_firehose::Metrics>> = HashMap::new();
+    let mut running = tokio::task::JoinSet::new();
+    let mut handles: Vec<ShutdownHandle> = Vec::new();
+    loop {
+        tokio::select! {
+            request = requests.recv() => {
+                let Some(request) = request else { break };
+                if let Some(metrics) = watched.get(&request.url) {
+                    let _ = request.answer.send(Ok(Arc::clone(metrics)));
+                    continue;
+                }
+                match recipe.watcher(std::slice::from_ref(&request.url), &[], Some(0)) {
+                    Ok(watcher) => {
+                        info!(host = %request.url, "requestCrawl: watching a new host");
+                        let metrics = watcher.metrics();
+                        handles.push(watcher.shutdown_handle());
+                        let url = request.url.clone();
+                        running.spawn(async move {
+                            if let Err(e) = watcher.run().await {
+                                warn!(host = %url, error = %e, "crawled host's watcher stopped");
+                            }
+                        });
+                        watched.insert(request.url, Arc::clone(&metrics));
+                        let _ = request.answer.send(Ok(metrics));
+                    }
+                    Err(e) => {
+                        let _ = request.answer.send(Err(e.to_string()));
+                    }
+                }
+            }
+            _ = stop.wait_for(|stopping| *stopping) => break,
+            Some(_) = running.join_next(), if !running.is_empty() => {}
+        }
+    }
+    for handle in &handles {
+        handle.shutdown();
+    }
+    while running.join_next().await.is_some() {}
 }
 
 /// Watches PDS hosts or relays with the verified watcher and publishes every verified op (with
@@ -285,6 +389,11 @@ pub struct Hub {
     client: async_nats::Client,
     relay: Option<Relay>,
     jetstream: Option<JetstreamServer>,
+    /// With a crawl policy: how to watch a crawled host, and the relay's requests.
+    crawl: Option<(
+        Arc<WatcherRecipe>,
+        tokio::sync::mpsc::Receiver<crate::relay_http::CrawlRequest>,
+    )>,
 }
 
 impl Hub {
@@ -347,7 +456,15 @@ impl Hub {
         let _jetstream = self
             .jetstream
             .map(|server| AbortOnDrop(tokio::spawn(server.run()).abort_handle()));
+        let (stopping, stop) = tokio::sync::watch::channel(false);
+        let crawled = self
+            .crawl
+            .map(|(recipe, requests)| tokio::spawn(crawl_hosts(recipe, requests, stop)));
         let result = self.watcher.run().await;
+        stopping.send_replace(true);
+        if let Some(crawled) = crawled {
+            let _ = crawled.await;
+        }
         let _ = self.client.flush().await;
         result.map_err(BusError::from)
     }

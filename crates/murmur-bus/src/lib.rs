@@ -113,6 +113,7 @@ pub use hub::{Hub, HubBuilder, HubStats, METRICS_HELP};
 pub use jetstream::{JetstreamConfig, JetstreamServer, JetstreamStats};
 pub use message::{BusMessage, FORMAT_VERSION, MessageKind};
 pub use relay::{Relay, RelayConfig, RelayStats};
+pub use relay_http::CrawlPolicy;
 pub use stream::{
     MIN_SERVER_VERSION, StreamSettings, connect, delete_streams, ensure_frame_stream,
     ensure_streams, open_stream,

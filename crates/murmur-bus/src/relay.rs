@@ -25,8 +25,9 @@
 //! The same address answers the relay's other sync endpoints: `listHosts` (the hub's hosts,
 //! with the last seq read from each), `listRepos` (every host's repos, one host after the
 //! other) and `getRepoStatus` from the hosts; `getRepo` and `getRecord` redirect (HTTP 302)
-//! to the host that has the repo; `requestCrawl` is refused with `MethodNotImplemented` (the
-//! hub's hosts are fixed when it starts).
+//! to the host that has the repo; `requestCrawl` adds a PDS host the hub's crawl policy
+//! allows ([`HubBuilder::allow_crawl`](crate::HubBuilder::allow_crawl)), and is refused with
+//! `MethodNotImplemented` when it allows none.
 //!
 //! Slow consumers: frames are read from the stream only as fast as the consumer's socket takes
 //! them, so a consumer costs the same memory however far behind it is. A consumer whose socket
@@ -135,7 +136,8 @@ impl Relay {
         config: RelayConfig,
     ) -> Result<Relay, BusError> {
         let subjects = settings.subjects()?;
-        Self::bind_with(addr, js, settings, &subjects, config, Vec::new(), None).await
+        let hosts = crate::relay_http::Hosts::new(Vec::new(), None);
+        Self::bind_with(addr, js, settings, &subjects, config, hosts).await
     }
 
     /// The PDS hosts whose repos the frame stream carries (`http(s)://host` or their
@@ -154,8 +156,7 @@ impl Relay {
         settings: &StreamSettings,
         subjects: &Subjects,
         config: RelayConfig,
-        hosts: Vec<String>,
-        metrics: Option<Arc<murmur_firehose::Metrics>>,
+        hosts: crate::relay_http::Hosts,
     ) -> Result<Relay, BusError> {
         let stream = settings.frame_stream();
         js.get_stream(&stream)
@@ -181,7 +182,7 @@ impl Relay {
             listener,
             shared: Arc::new(Shared {
                 js,
-                hosts: crate::relay_http::Hosts::new(hosts, metrics),
+                hosts,
                 stream,
                 filter: subjects.frames_all(),
                 config,

@@ -1,9 +1,10 @@
 //! The relay's plain XRPC endpoints (everything but `subscribeRepos`): `listHosts`,
 //! `listRepos` and `getRepoStatus` answered from the hub's PDS hosts, `getRepo` and
-//! `getRecord` redirected to the host that has the repo, `requestCrawl` refused (the hub's
-//! hosts are fixed when it starts). One request per connection (`Connection: close`).
+//! `getRecord` redirected to the host that has the repo, `requestCrawl` adding a host the
+//! hub's crawl policy allows (refused when it allows none). One request per connection
+//! (`Connection: close`).
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -13,12 +14,126 @@ use tokio::net::TcpStream;
 /// The largest request head read.
 const MAX_HEAD: usize = 16 * 1024;
 
-/// What the endpoints need: the hosts' base URLs (`http://host:port`) and, for `listHosts`,
-/// the watcher's per-source figures.
+/// What the endpoints need: the hosts' base URLs (`http://host:port`; hosts added by
+/// `requestCrawl` join them) and, for `listHosts`, the watchers' per-source figures.
 pub(crate) struct Hosts {
-    pub urls: Vec<String>,
-    pub metrics: Option<Arc<murmur_firehose::Metrics>>,
+    urls: RwLock<Vec<String>>,
+    metrics: RwLock<Vec<Arc<murmur_firehose::Metrics>>>,
     pub http: reqwest::Client,
+    pub crawl: Option<Crawl>,
+}
+
+/// Which hosts `requestCrawl` may add, and the way to the hub that watches them.
+pub(crate) struct Crawl {
+    pub policy: CrawlPolicy,
+    pub requests: tokio::sync::mpsc::Sender<CrawlRequest>,
+}
+
+/// A host `requestCrawl` asked for, passed to the hub; the answer says when it is watched
+/// (with its watcher's figures) or why not.
+pub(crate) struct CrawlRequest {
+    /// The host's base URL (`https://host[:port]`).
+    pub url: String,
+    pub answer: tokio::sync::oneshot::Sender<Result<Arc<murmur_firehose::Metrics>, String>>,
+}
+
+/// The hosts `com.atproto.sync.requestCrawl` may add to a hub at run time (see
+/// [`HubBuilder::allow_crawl`](crate::HubBuilder::allow_crawl)). Each pattern is a host
+/// (`pds.example.com`: any port), a host and port (`localhost:2583`), a domain's subdomains
+/// (`*.example.com`), or `*` (any host: only where every caller is trusted).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CrawlPolicy {
+    patterns: Vec<String>,
+}
+
+impl CrawlPolicy {
+    /// A policy allowing the hosts that match any of `patterns`.
+    pub fn allow(patterns: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        CrawlPolicy {
+            patterns: patterns
+                .into_iter()
+                .map(|p| p.into().to_ascii_lowercase())
+                .collect(),
+        }
+    }
+
+    /// Whether no host may be added.
+    pub fn is_closed(&self) -> bool {
+        self.patterns.is_empty()
+    }
+
+    /// Whether `authority` (`host` or `host:port`, lowercase) may be added.
+    pub fn allows(&self, authority: &str) -> bool {
+        let host = host_part(authority);
+        self.patterns.iter().any(|p| {
+            p == "*"
+                || p == authority
+                || p == host
+                || p.strip_prefix("*.").is_some_and(|domain| {
+                    host.len() > domain.len() + 1
+                        && host.ends_with(domain)
+                        && host.as_bytes()[host.len() - domain.len() - 1] == b'.'
+                })
+        })
+    }
+}
+
+/// The host of `host[:port]` (an IPv6 literal keeps its brackets).
+fn host_part(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return authority
+            .find(']')
+            .map_or(authority, |end| &authority[..=end]);
+    }
+    authority
+        .rsplit_once(':')
+        .map_or(authority, |(host, _)| host)
+}
+
+/// The base URL and authority of the host a `requestCrawl` names: a hostname (`host` or
+/// `host:port`, as the spec has it; loopback names get `http://`, others `https://`) or, for
+/// convenience, a URL with an `http(s)://` or `ws(s)://` scheme and no path.
+pub(crate) fn crawl_target(hostname: &str) -> Result<(String, String), String> {
+    let given = hostname.trim().trim_end_matches('/');
+    let (scheme, authority) = match given.split_once("://") {
+        Some(("http" | "ws", rest)) => (Some("http"), rest),
+        Some(("https" | "wss", rest)) => (Some("https"), rest),
+        Some((other, _)) => return Err(format!("scheme {other:?} is not http(s) or ws(s)")),
+        None => (None, given),
+    };
+    let authority = authority.to_ascii_lowercase();
+    let host = host_part(&authority);
+    let port = authority[host.len()..].strip_prefix(':');
+    let host_ok = if host.starts_with('[') {
+        host.len() > 2
+            && host[1..host.len() - 1]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+    } else {
+        !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+            })
+    };
+    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
+    if !host_ok || !port_ok || authority[host.len()..].chars().any(|c| c == '/') {
+        return Err(format!(
+            "{hostname:?} is not a hostname (host or host:port)"
+        ));
+    }
+    let loopback = host == "localhost"
+        || host.ends_with(".localhost")
+        || host.starts_with("127.")
+        || host == "[::1]";
+    let scheme = scheme.unwrap_or(if loopback { "http" } else { "https" });
+    Ok((format!("{scheme}://{authority}"), authority))
 }
 
 impl Hosts {
@@ -45,10 +160,34 @@ impl Hosts {
             })
             .collect();
         Hosts {
-            urls,
-            metrics,
+            urls: RwLock::new(urls),
+            metrics: RwLock::new(metrics.into_iter().collect()),
             http,
+            crawl: None,
         }
+    }
+
+    /// With `requestCrawl` allowed (by `crawl`'s policy).
+    pub(crate) fn with_crawl(mut self, crawl: Option<Crawl>) -> Self {
+        self.crawl = crawl;
+        self
+    }
+
+    /// The hosts' base URLs now.
+    pub(crate) fn urls(&self) -> Vec<String> {
+        self.urls.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Adds a host (crawled at run time) and its watcher's figures.
+    fn add(&self, url: String, metrics: Arc<murmur_firehose::Metrics>) {
+        let mut urls = self.urls.write().unwrap_or_else(|e| e.into_inner());
+        if !urls.contains(&url) {
+            urls.push(url);
+        }
+        self.metrics
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(metrics);
     }
 }
 
@@ -140,11 +279,18 @@ pub(crate) async fn serve(hosts: &Hosts, mut tcp: TcpStream, head: Vec<u8>) {
                 None => error(400, "InvalidRequest", "did is required"),
             }
         }
-        ("POST", "/xrpc/com.atproto.sync.requestCrawl") => error(
-            501,
-            "MethodNotImplemented",
-            "this relay crawls the hosts it was started with; add a host with murmur hub --pds",
-        ),
+        ("POST", "/xrpc/com.atproto.sync.requestCrawl") => match &hosts.crawl {
+            Some(crawl) => match read_body(&mut tcp, &text).await {
+                Ok(body) => request_crawl(hosts, crawl, &body).await,
+                Err(reply) => reply,
+            },
+            None => error(
+                501,
+                "MethodNotImplemented",
+                "this relay crawls the hosts it was started with (its hub allows no \
+                 requestCrawl; see murmur hub --allow-crawl)",
+            ),
+        },
         (_, "/xrpc/com.atproto.sync.subscribeRepos") => error(
             400,
             "InvalidRequest",
@@ -164,7 +310,9 @@ pub(crate) async fn serve(hosts: &Hosts, mut tcp: TcpStream, head: Vec<u8>) {
         200 => "OK",
         302 => "Found",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
+        413 => "Payload Too Large",
         501 => "Not Implemented",
         502 => "Bad Gateway",
         _ => "Error",
@@ -184,6 +332,101 @@ enum Reply {
 
 fn error(status: u16, error: &str, message: &str) -> Reply {
     Reply::Json(status, json!({ "error": error, "message": message }))
+}
+
+/// The largest request body read (a `requestCrawl` input is a hostname).
+const MAX_BODY: usize = 4 * 1024;
+
+/// Reads the body the head announces with `Content-Length` (at most [`MAX_BODY`], within 5 s).
+async fn read_body(tcp: &mut TcpStream, head: &str) -> Result<Vec<u8>, Reply> {
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.trim()
+                .eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse::<usize>().ok())?
+        })
+        .ok_or_else(|| {
+            error(
+                400,
+                "InvalidRequest",
+                "a JSON body with Content-Length is required",
+            )
+        })?;
+    if length > MAX_BODY {
+        return Err(error(
+            413,
+            "InvalidRequest",
+            &format!("the body is over {MAX_BODY} bytes"),
+        ));
+    }
+    let mut body = vec![0u8; length];
+    match tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut body)).await {
+        Ok(Ok(_)) => Ok(body),
+        _ => Err(error(400, "InvalidRequest", "the body did not arrive")),
+    }
+}
+
+/// `requestCrawl`: checks the host against the policy and that it answers as a PDS
+/// (`describeServer`), then has the hub watch it; answers once it is watched.
+async fn request_crawl(hosts: &Hosts, crawl: &Crawl, body: &[u8]) -> Reply {
+    let hostname = match serde_json::from_slice::<Value>(body) {
+        Ok(input) => match input["hostname"].as_str() {
+            Some(h) => h.to_string(),
+            None => return error(400, "InvalidRequest", "hostname (a string) is required"),
+        },
+        Err(e) => return error(400, "InvalidRequest", &format!("the body is not JSON: {e}")),
+    };
+    let (url, authority) = match crawl_target(&hostname) {
+        Ok(target) => target,
+        Err(why) => return error(400, "InvalidRequest", &why),
+    };
+    if !crawl.policy.allows(&authority) {
+        return error(
+            403,
+            "HostNotAllowed",
+            &format!("{authority} is not a host this relay may crawl"),
+        );
+    }
+    if hosts.urls().contains(&url) {
+        return Reply::Json(200, json!({}));
+    }
+    let describe = format!("{url}/xrpc/com.atproto.server.describeServer");
+    let is_pds = match hosts.http.get(&describe).send().await {
+        Ok(r) if r.status().is_success() => r
+            .json::<Value>()
+            .await
+            .is_ok_and(|v| v["did"].as_str().is_some()),
+        _ => false,
+    };
+    if !is_pds {
+        return error(
+            400,
+            "InvalidRequest",
+            &format!("{url} does not answer com.atproto.server.describeServer as a PDS"),
+        );
+    }
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let request = CrawlRequest {
+        url: url.clone(),
+        answer,
+    };
+    if crawl.requests.send(request).await.is_err() {
+        return error(503, "Unavailable", "the hub is stopping");
+    }
+    match tokio::time::timeout(Duration::from_secs(30), answered).await {
+        Ok(Ok(Ok(metrics))) => {
+            hosts.add(url, metrics);
+            Reply::Json(200, json!({}))
+        }
+        Ok(Ok(Err(why))) => error(400, "InvalidRequest", &why),
+        _ => error(
+            503,
+            "Unavailable",
+            "the hub did not start watching the host in time",
+        ),
+    }
 }
 
 /// Percent-decoding of a query component (`+` is a space).
@@ -211,13 +454,15 @@ fn decode(s: &str) -> String {
 
 /// `listHosts`: the hub's hosts, with the last seq read from each.
 fn list_hosts(hosts: &Hosts) -> Value {
-    let sources = hosts
+    let sources: Vec<_> = hosts
         .metrics
-        .as_ref()
-        .map(|m| m.sources())
-        .unwrap_or_default();
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .flat_map(|m| m.sources())
+        .collect();
     let list: Vec<Value> = hosts
-        .urls
+        .urls()
         .iter()
         .map(|url| {
             let hostname = url
@@ -258,9 +503,10 @@ async fn list_repos(hosts: &Hosts, cursor: Option<&str>, limit: Option<&str>) ->
             None => return error(400, "InvalidRequest", "not a cursor of this relay"),
         },
     };
+    let urls = hosts.urls();
     let mut repos = Vec::new();
-    while index < hosts.urls.len() && repos.len() < limit as usize {
-        let url = format!("{}/xrpc/com.atproto.sync.listRepos", hosts.urls[index]);
+    while index < urls.len() && repos.len() < limit as usize {
+        let url = format!("{}/xrpc/com.atproto.sync.listRepos", urls[index]);
         let mut query = vec![("limit", (limit as usize - repos.len()).to_string())];
         if !host_cursor.is_empty() {
             query.push(("cursor", host_cursor.clone()));
@@ -274,7 +520,7 @@ async fn list_repos(hosts: &Hosts, cursor: Option<&str>, limit: Option<&str>) ->
                 return error(
                     502,
                     "UpstreamFailure",
-                    &format!("{} answered {}", hosts.urls[index], r.status()),
+                    &format!("{} answered {}", urls[index], r.status()),
                 );
             }
             Err(e) => return error(502, "UpstreamFailure", &e.to_string()),
@@ -293,7 +539,7 @@ async fn list_repos(hosts: &Hosts, cursor: Option<&str>, limit: Option<&str>) ->
         }
     }
     let mut body = json!({ "repos": repos });
-    if index < hosts.urls.len() {
+    if index < urls.len() {
         body["cursor"] = json!(format!("{index}:{host_cursor}"));
     }
     Reply::Json(200, body)
@@ -301,7 +547,7 @@ async fn list_repos(hosts: &Hosts, cursor: Option<&str>, limit: Option<&str>) ->
 
 /// The host that has `did` and its `getRepoStatus` answer.
 async fn host_of(hosts: &Hosts, did: &str) -> Option<(String, Value)> {
-    for host in &hosts.urls {
+    for host in hosts.urls() {
         let url = format!("{host}/xrpc/com.atproto.sync.getRepoStatus");
         let Ok(r) = hosts.http.get(&url).query(&[("did", did)]).send().await else {
             continue;
@@ -309,7 +555,7 @@ async fn host_of(hosts: &Hosts, did: &str) -> Option<(String, Value)> {
         if r.status().is_success()
             && let Ok(status) = r.json::<Value>().await
         {
-            return Some((host.clone(), status));
+            return Some((host, status));
         }
     }
     None
@@ -348,8 +594,58 @@ mod tests {
             None,
         );
         assert_eq!(
-            hosts.urls,
+            hosts.urls(),
             ["http://localhost:2583", "http://h:1", "https://pds.example"]
         );
+    }
+
+    #[test]
+    fn crawl_targets_are_hostnames() {
+        let target = |h: &str| crawl_target(h).map(|(url, _)| url);
+        assert_eq!(
+            target("pds.example.com"),
+            Ok("https://pds.example.com".into())
+        );
+        assert_eq!(
+            target("PDS.Example.com:8443"),
+            Ok("https://pds.example.com:8443".into())
+        );
+        assert_eq!(target("localhost:2583"), Ok("http://localhost:2583".into()));
+        assert_eq!(target("127.0.0.1:2583"), Ok("http://127.0.0.1:2583".into()));
+        assert_eq!(target("[::1]:2583"), Ok("http://[::1]:2583".into()));
+        assert_eq!(target("ws://h:1/"), Ok("http://h:1".into()));
+        assert_eq!(target("wss://h.example"), Ok("https://h.example".into()));
+        for bad in [
+            "",
+            "ftp://h",
+            "h/xrpc",
+            "https://h/path",
+            "h:0",
+            "h:99999",
+            "-h.example",
+            "h..example",
+            "user@h",
+            "h example",
+            "[zz]:1",
+        ] {
+            assert!(crawl_target(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_crawl_policy_matches_hosts() {
+        let policy = CrawlPolicy::allow(["*.Example.com", "localhost:2583", "pds.internal"]);
+        assert!(policy.allows("a.example.com"));
+        assert!(policy.allows("a.b.example.com:443"));
+        assert!(!policy.allows("example.com"));
+        assert!(!policy.allows("badexample.com"));
+        assert!(policy.allows("localhost:2583"));
+        assert!(!policy.allows("localhost:2584"));
+        assert!(policy.allows("pds.internal"));
+        assert!(policy.allows("pds.internal:8080"));
+        assert!(!policy.allows("pds.internal.evil"));
+        assert!(CrawlPolicy::allow(["*"]).allows("anything:1"));
+        assert!(CrawlPolicy::default().is_closed());
+        assert!(!CrawlPolicy::default().allows("localhost"));
     }
 }

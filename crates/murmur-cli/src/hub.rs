@@ -58,6 +58,11 @@ pub struct HubArgs {
     /// agents in other languages, e.g. 127.0.0.1:6008.
     #[arg(long, value_name = "ADDR")]
     jetstream_addr: Option<SocketAddr>,
+    /// Let com.atproto.sync.requestCrawl on the relay add PDS hosts matching PATTERN at run
+    /// time (repeatable): a host (pds.example.com), host:port (localhost:2583), subdomains
+    /// (*.example.com), or * for any. Without it the relay refuses requestCrawl.
+    #[arg(long, value_name = "PATTERN", requires = "relay_addr")]
+    allow_crawl: Vec<String>,
 }
 
 /// Runs the hub until Ctrl-C or SIGTERM (then publishes in flight finish and cursors are
@@ -94,6 +99,9 @@ pub fn run(args: HubArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         if let Some(addr) = args.relay_addr {
             builder = builder.serve_relay(addr, murmur_bus::RelayConfig::default());
+        }
+        if !args.allow_crawl.is_empty() {
+            builder = builder.allow_crawl(murmur_bus::CrawlPolicy::allow(args.allow_crawl.clone()));
         }
         if let Some(addr) = args.jetstream_addr {
             builder = builder.serve_jetstream(addr, murmur_bus::JetstreamConfig::default());
