@@ -156,7 +156,11 @@ impl Reader {
             .await;
         let bytes = match result {
             Ok(bytes) => bytes,
-            Err(Error::Xrpc { error, .. }) if error == "BlobNotFound" => {
+            // The lexicon's error name, or what the reference PDS answers instead.
+            Err(Error::Xrpc { error, message, .. })
+                if error == "BlobNotFound"
+                    || (error == "InvalidRequest" && message == "Blob not found") =>
+            {
                 return Err(Error::BlobNotFound {
                     did: did.to_string(),
                     cid: cid_text,

@@ -365,9 +365,7 @@ async fn a_referenced_blob_reads_back_from_the_pds_checked_against_its_cid() {
         .await
         .unwrap();
     let (cid, size) = match &blob {
-        murmur_pds::BlobRef::Typed(atrium_api::types::TypedBlobRef::Blob(b)) => {
-            (b.r#ref.0, b.size as usize)
-        }
+        murmur_pds::BlobRef::Typed(atrium_api::types::TypedBlobRef::Blob(b)) => (b.r#ref.0, b.size),
         other => panic!("an untyped blob ref: {other:?}"),
     };
     assert_eq!(cid, murmur_pds::blob_cid(&payload), "local CID = PDS CID");

@@ -138,12 +138,7 @@ impl SealedBlobs {
             )));
         }
         let (cid, max) = match &sealed.blob {
-            BlobRef::Typed(TypedBlobRef::Blob(b)) => (
-                b.r#ref.0,
-                usize::try_from(b.size)
-                    .unwrap_or(usize::MAX)
-                    .min(MAX_SEALED_BLOB),
-            ),
+            BlobRef::Typed(TypedBlobRef::Blob(b)) => (b.r#ref.0, b.size.min(MAX_SEALED_BLOB)),
             BlobRef::Untyped(b) => (
                 b.cid
                     .parse::<Cid>()
@@ -163,7 +158,6 @@ impl SealedBlobs {
             }));
         }
         let read = |source: murmur_pds::Error| AgentError::BlobRead {
-            did: author.to_string(),
             cid: cid.to_string(),
             source,
         };

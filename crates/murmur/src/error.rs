@@ -114,13 +114,12 @@ pub enum AgentError {
         reason: murmur_seal::OpenError,
     },
 
-    /// A sealed blob could not be read intact from its author's PDS: not there, larger than
-    /// its ref says, bytes that do not hash to its CID
-    /// ([`murmur_pds::Error::BlobMismatch`]), or the PDS unreachable.
-    #[error("could not read blob {cid} of {did}: {source}")]
+    /// A sealed blob could not be read intact from its author's PDS: not there
+    /// ([`murmur_pds::Error::BlobNotFound`], naming the repo), larger than its ref says,
+    /// bytes that do not hash to its CID ([`murmur_pds::Error::BlobMismatch`]), or the PDS
+    /// unreachable.
+    #[error("could not read blob {cid}: {source}")]
     BlobRead {
-        /// The repo the blob was read from.
-        did: String,
         /// The blob's CID.
         cid: String,
         /// The read's error.
