@@ -679,19 +679,20 @@ async fn a_sealed_blob_opens_for_its_recipient_only_and_not_once_tampered_or_cop
             }
         }
     }
-    let carol_got = carol_opened.lock().unwrap();
-    let not_hers = outcome_of(&carol_got, &good.uri);
-    assert!(
-        matches!(
-            not_hers,
-            Err(AgentError::BlobOpen {
-                reason: OpenError::NotForMe { .. },
-                ..
-            })
-        ),
-        "{not_hers:?}"
-    );
-    drop(carol_got);
+    {
+        let carol_got = carol_opened.lock().unwrap();
+        let not_hers = outcome_of(&carol_got, &good.uri);
+        assert!(
+            matches!(
+                not_hers,
+                Err(AgentError::BlobOpen {
+                    reason: OpenError::NotForMe { .. },
+                    ..
+                })
+            ),
+            "{not_hers:?}"
+        );
+    }
     for a in [alice, bob, carol] {
         a.shutdown().await;
     }

@@ -9,7 +9,6 @@ use atrium_api::client::AtpServiceClient;
 use atrium_api::com::atproto::{repo, sync};
 use atrium_api::types::string::AtIdentifier;
 use atrium_api::types::{Collection, LimitedNonZeroU8, LimitedNonZeroU16};
-
 use ipld_core::cid::{Cid, Version};
 
 use crate::arguments::{did_identifier, nsid, record_key};
@@ -19,8 +18,8 @@ use crate::session::SessionCell;
 use crate::{Error, Page, Result, Stored};
 
 /// Reads records of any repo on one PDS, without an account: `getRecord`, `listRecords`,
-/// blobs (`getBlob`, checked against their CID) and the repos the host serves (`listRepos`). Reads are retried like the writer's.
-/// Cheap to clone.
+/// blobs (`getBlob`, checked against their CID) and the repos the host serves
+/// (`listRepos`). Reads are retried like the writer's. Cheap to clone.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), murmur_pds::Error> {
@@ -113,8 +112,8 @@ impl Reader {
 
     /// The blob `cid` of `did`'s repo (`com.atproto.sync.getBlob`), its bytes checked
     /// against the CID ([`Error::BlobNotFound`] when the PDS has no such blob, for that repo
-    /// or not yet referenced by a record). At most `max_bytes` are read
-    /// (pass the `size` of the blob's ref): a larger answer is [`Error::ResponseTooLarge`].
+    /// or not yet referenced by a record). At most `max_bytes` are read (pass the `size` of
+    /// the blob's ref): a larger answer is [`Error::ResponseTooLarge`].
     /// Bytes that do not hash to `cid` are [`Error::BlobMismatch`], never returned. Only blob
     /// CIDs (CIDv1, raw, sha2-256) are asked for; another is [`Error::InvalidArgument`] and
     /// nothing is sent.

@@ -205,10 +205,11 @@ impl Call {
         self.meta.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// GETs the query `nsid` with `params` (name, value) and returns its body, reading at most `max` bytes
-    /// of it: a larger body (announced or streamed) fails with [`BodyTooLarge`] before it is
-    /// all in memory. Errors come as atrium's, so the retry loop sorts them as for any call.
-    /// (atrium's own calls read the whole body, whatever its size.)
+    /// GETs the query `nsid` with `params` (name, value) and returns its body, reading at
+    /// most `max` bytes of it: a larger body (announced or streamed) fails with
+    /// [`BodyTooLarge`] before it is all in memory. Errors come as atrium's, so the retry loop
+    /// sorts them as for any call. (atrium's own calls read the whole body, whatever its
+    /// size, and parse a JSON-typed one: a blob's bytes must come back as they are.)
     pub(crate) async fn get_capped<E: serde::de::DeserializeOwned + std::fmt::Debug>(
         &self,
         nsid: &str,

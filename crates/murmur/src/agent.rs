@@ -143,7 +143,8 @@ impl AgentBuilder {
     }
 
     /// The agent's encryption keys, kept by the application: it can then seal payloads
-    /// ([`TaskSpec::sealed_for`], [`Agent::send_sealed`]) and open those sealed for it; its
+    /// ([`TaskSpec::sealed_for`], [`Agent::send_sealed`]) and files
+    /// ([`Agent::sealed_blobs`]), and open those sealed for it; its
     /// profile lists the public keys. The keyring must be this agent's DID's.
     pub fn keyring(mut self, keys: Keyring) -> Self {
         self.keys = Some(Keys::Ring(keys));

@@ -75,7 +75,8 @@ impl SealedBlobs {
     /// of this agent, uploads the ciphertext as a blob (`application/octet-stream`), and
     /// returns the `agent.comms.defs#sealedBlob` envelope to put in that field (an `unknown`
     /// one: a message's payload, a result's output). The envelope opens only there, in this
-    /// agent's repo.
+    /// agent's repo. Keep it in the clear, not inside a `#sealed` payload (such as the output
+    /// of a sealed task's result): a PDS keeps only the blobs its records visibly point to.
     ///
     /// Recipients' keys are found as for [`Agent::seal_for`](crate::Agent::seal_for). The
     /// ciphertext must fit the PDS's upload limit ([`murmur_pds::Error::BlobTooLarge`],
