@@ -1,7 +1,8 @@
 //! Sealed payloads against the real local network (2 PDS hosts): a sealed task and its
 //! result readable by the requester and the worker only, while a third agent sees the
 //! records and not the payloads; tampered and copied payloads rejected with their reasons;
-//! a key rotation.
+//! a key rotation; a sealed blob opened by its recipient only, tampered and copied ones
+//! refused.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,7 +12,10 @@ use murmur::comms::{Claim, Message, Result as ResultC, Task};
 use murmur::firehose::{Rejected, Rejection};
 use murmur::pds::Writer;
 use murmur::seal::{Keyring, OpenError};
-use murmur::{Agent, Job, Record, TaskSpec, Unsealed, Worker};
+use murmur::{
+    Agent, AgentError, Author, HandlerError, Job, Record, SealedBlobs, State, TaskSpec, Unsealed,
+    Worker,
+};
 use murmur_devnet::Devnet;
 use murmur_e2e::{hosts, list_all, shared, wait_for, writer};
 
@@ -473,4 +477,223 @@ async fn a_sealed_task_is_not_handed_off_in_the_clear() {
     assert!(list_all::<murmur::comms::Handoff>(&w_bob).await.is_empty());
     alice.shutdown().await;
     bob.shutdown().await;
+}
+
+/// Marks the plaintext of a sealed file, so that any copy of it in the clear shows.
+const MARKER: &[u8] = b"PLAINTEXT-MARKER";
+
+/// `len` random bytes with [`MARKER`] every 4 KiB.
+fn secret_file(len: usize) -> Vec<u8> {
+    let mut file: Vec<u8> = (0..len).map(|_| fastrand::u8(..)).collect();
+    for at in (0..len - MARKER.len()).step_by(4096) {
+        file[at..at + MARKER.len()].copy_from_slice(MARKER);
+    }
+    file
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// What a handler got opening the sealed blob of each message: (message uri, outcome).
+type Opened = Arc<Mutex<Vec<(String, Result<Vec<u8>, AgentError>)>>>;
+
+/// A handler: opens the sealed blob in a message's payload, as the agent it runs in.
+async fn open_into(
+    into: Opened,
+    m: Record<Message>,
+    from: Author,
+    blobs: State<SealedBlobs>,
+) -> Result<(), HandlerError> {
+    if let Some(payload) = &m.value.payload {
+        let outcome = blobs.open::<Message>(&from.0, "payload", payload).await;
+        into.lock().unwrap().push((m.uri.clone(), outcome));
+    }
+    Ok(())
+}
+
+fn outcome_of<'a>(
+    opened: &'a [(String, Result<Vec<u8>, AgentError>)],
+    uri: &str,
+) -> &'a Result<Vec<u8>, AgentError> {
+    &opened
+        .iter()
+        .find(|(u, _)| u == uri)
+        .unwrap_or_else(|| panic!("nothing opened for {uri}"))
+        .1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_blob_opens_for_its_recipient_only_and_not_once_tampered_or_copied() {
+    let net = shared().await;
+    let w_alice = writer(net, 0, "balice").await;
+    let w_bob = writer(net, 1, "bbob").await;
+    let w_carol = writer(net, 0, "bcarol").await;
+    let dids: Vec<String> = [&w_alice, &w_bob, &w_carol]
+        .iter()
+        .map(|w| w.did().to_string())
+        .collect();
+    let file = secret_file(300 * 1024);
+
+    let bob_opened: Opened = Arc::default();
+    let bob = {
+        let into = Arc::clone(&bob_opened);
+        agent(net, w_bob.clone(), &dids)
+            .requester(false)
+            .handler(
+                move |m: Record<Message>, from: Author, blobs: State<SealedBlobs>| {
+                    open_into(Arc::clone(&into), m, from, blobs)
+                },
+            )
+            .start()
+            .await
+            .unwrap()
+    };
+    let carol_opened: Opened = Arc::default();
+    let carol = {
+        let into = Arc::clone(&carol_opened);
+        agent(net, w_carol.clone(), &dids)
+            .requester(false)
+            .handler(
+                move |m: Record<Message>, from: Author, blobs: State<SealedBlobs>| {
+                    open_into(Arc::clone(&into), m, from, blobs)
+                },
+            )
+            .start()
+            .await
+            .unwrap()
+    };
+    let alice = agent(net, w_alice.clone(), &dids)
+        .requester(false)
+        .start()
+        .await
+        .unwrap();
+    let bob_did = bob.did().to_string();
+    profile_seen(&alice, &bob_did).await;
+
+    // Alice seals the file for Bob into a message; Carol hears the message too.
+    let envelope = alice
+        .sealed_blobs()
+        .seal::<Message>(&[&bob_did], "payload", &file)
+        .await
+        .unwrap();
+    let envelope = serde_json::to_value(&envelope).unwrap();
+    assert_eq!(envelope["$type"], "agent.comms.defs#sealedBlob");
+    let good = w_alice
+        .create::<Message>(&message_with(&bob_did, envelope.clone()))
+        .await
+        .unwrap();
+
+    // What the PDS holds and serves to anyone: ciphertext only, 16 bytes longer.
+    let blob = &envelope["blob"];
+    assert_eq!(blob["mimeType"], "application/octet-stream");
+    let size = blob["size"].as_u64().unwrap() as usize;
+    assert_eq!(size, file.len() + 16);
+    let cid: murmur::pds::Cid = blob["ref"]["$link"].as_str().unwrap().parse().unwrap();
+    let raw = murmur::pds::Reader::new(w_alice.pds_url())
+        .unwrap()
+        .get_blob(alice.did(), &cid, size)
+        .await
+        .unwrap();
+    assert_eq!(raw.len(), size);
+    assert!(contains(&file, MARKER));
+    assert!(!contains(&raw, MARKER), "the blob holds plaintext");
+    assert!(
+        !contains(&raw, &file[1000..1064]),
+        "the blob holds plaintext"
+    );
+
+    // The same envelope pointing to the ciphertext with one byte changed, uploaded anew.
+    let mut changed = raw.clone();
+    changed[size / 2] ^= 1;
+    let changed = w_alice
+        .upload_blob(changed, "application/octet-stream")
+        .await
+        .unwrap();
+    let mut tampered = envelope.clone();
+    tampered["blob"] = serde_json::to_value(&changed).unwrap();
+    let bad = w_alice
+        .create::<Message>(&message_with(&bob_did, tampered))
+        .await
+        .unwrap();
+
+    // Carol copies the ciphertext and the envelope into a message of her own repo.
+    let copy = w_carol
+        .upload_blob(raw.clone(), "application/octet-stream")
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::to_value(&copy).unwrap(),
+        *blob,
+        "same bytes, same CID"
+    );
+    let copied = w_carol
+        .create::<Message>(&message_with(&bob_did, envelope.clone()))
+        .await
+        .unwrap();
+
+    wait_for(
+        "bob's and carol's outcomes",
+        Duration::from_secs(60),
+        || {
+            let seen = |opened: &Opened, uris: &[&str]| {
+                let o = opened.lock().unwrap();
+                uris.iter().all(|uri| o.iter().any(|(u, _)| u == uri))
+            };
+            seen(&bob_opened, &[&good.uri, &bad.uri, &copied.uri])
+                && seen(&carol_opened, &[&good.uri])
+        },
+    )
+    .await;
+    {
+        let bob_got = bob_opened.lock().unwrap();
+        match outcome_of(&bob_got, &good.uri) {
+            Ok(bytes) => assert!(bytes == &file, "bob opened other bytes"),
+            Err(e) => panic!("bob could not open his file: {e}"),
+        }
+        let tampered = outcome_of(&bob_got, &bad.uri);
+        assert!(
+            matches!(
+                tampered,
+                Err(AgentError::BlobOpen {
+                    reason: OpenError::Tampered,
+                    ..
+                })
+            ),
+            "{tampered:?}"
+        );
+        let copied = outcome_of(&bob_got, &copied.uri);
+        assert!(
+            matches!(
+                copied,
+                Err(AgentError::BlobOpen {
+                    reason: OpenError::WrongContext,
+                    ..
+                })
+            ),
+            "{copied:?}"
+        );
+        for (_, outcome) in bob_got.iter() {
+            if let Err(e) = outcome {
+                assert!(!e.to_string().contains("PLAINTEXT"), "{e}");
+            }
+        }
+    }
+    {
+        let carol_got = carol_opened.lock().unwrap();
+        let not_hers = outcome_of(&carol_got, &good.uri);
+        assert!(
+            matches!(
+                not_hers,
+                Err(AgentError::BlobOpen {
+                    reason: OpenError::NotForMe { .. },
+                    ..
+                })
+            ),
+            "{not_hers:?}"
+        );
+    }
+    for a in [alice, bob, carol] {
+        a.shutdown().await;
+    }
 }

@@ -14,7 +14,7 @@ use murmur_backoff::Backoff;
 use serde::Serialize;
 
 use crate::session::{Seen, Session, SessionCell};
-use crate::transport::{Call, RateLimit, Transport};
+use crate::transport::{BodyTooLarge, Call, RateLimit, Transport};
 use crate::{Error, Result, Secret, Swap};
 
 /// How the writer authenticates a call.
@@ -50,6 +50,8 @@ enum Failure {
     },
     Protocol(String),
     Redirect(CrossHostRedirect),
+    /// A body over the caller's cap ([`Call::get_capped`](crate::transport::Call)).
+    TooLarge(usize),
 }
 
 /// Sorts an atrium error into a [`Failure`].
@@ -88,6 +90,9 @@ fn classify<E: Serialize + fmt::Debug + fmt::Display>(err: atrium_api::xrpc::Err
         X::HttpClient(e) => {
             if let Some(refused) = find_source::<CrossHostRedirect>(e.as_ref()) {
                 return Failure::Redirect(refused.clone());
+            }
+            if let Some(over) = find_source::<BodyTooLarge>(e.as_ref()) {
+                return Failure::TooLarge(over.limit);
             }
             let sent = match e.downcast_ref::<reqwest::Error>() {
                 Some(re) => !re.is_connect(),
@@ -403,6 +408,9 @@ impl Client {
                 Failure::Protocol(message) => return Err(Error::Protocol { nsid, message }),
                 Failure::Redirect(CrossHostRedirect { from, to }) => {
                     return Err(Error::RedirectRefused { from, to });
+                }
+                Failure::TooLarge(limit) => {
+                    return Err(Error::ResponseTooLarge { nsid, limit });
                 }
             }
         }

@@ -17,7 +17,9 @@ pub const MAX_RECORD_CBOR_BYTES: usize = 1024 * 1024;
 pub const MAX_REQUEST_JSON_BYTES: usize = 1_000_000;
 
 const DAG_CBOR: u64 = 0x71;
-const SHA2_256: u64 = 0x12;
+/// The multicodec of a blob's CID: raw bytes.
+pub(crate) const RAW: u64 = 0x55;
+pub(crate) const SHA2_256: u64 = 0x12;
 
 /// A record ready to send.
 #[derive(Debug, Clone)]
@@ -139,6 +141,17 @@ pub(crate) fn cid_of(cbor: &[u8]) -> Cid {
     let mh =
         ipld_core::cid::multihash::Multihash::<64>::wrap(SHA2_256, &digest).unwrap_or_default();
     Cid::new_v1(DAG_CBOR, mh)
+}
+
+/// The CID a blob has (CIDv1, raw, sha2-256 of its bytes): what the PDS computes on upload,
+/// and what [`Reader::get_blob`](crate::Reader::get_blob) checks the bytes it is served
+/// against.
+pub fn blob_cid(bytes: &[u8]) -> Cid {
+    let digest = Sha256::digest(bytes);
+    // A 32-byte digest always fits the 64-byte multihash.
+    let mh =
+        ipld_core::cid::multihash::Multihash::<64>::wrap(SHA2_256, &digest).unwrap_or_default();
+    Cid::new_v1(RAW, mh)
 }
 
 /// The atproto data model has no floats; report the first one with its path.
@@ -304,5 +317,16 @@ mod tests {
         assert_eq!(base64(b"fo"), "Zm8");
         assert_eq!(base64(b"foo"), "Zm9v");
         assert_eq!(base64(b"foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn blob_cid_is_raw_sha256_cidv1() {
+        // The well-known CID of no bytes at all.
+        assert_eq!(
+            blob_cid(b"").to_string(),
+            "bafkreihdwdcefgh4dqkjv67uzcmw7ojee6xedzdetojuzjevtenxquvyku"
+        );
+        assert_ne!(blob_cid(b"a"), blob_cid(b"b"));
+        assert_eq!(blob_cid(b"a").codec(), RAW);
     }
 }

@@ -170,6 +170,42 @@ pub enum Error {
         message: String,
     },
 
+    /// The PDS's answer was larger than the caller allows (a blob over the size its ref
+    /// declares, or over the cap given to [`Reader::get_blob`](crate::Reader::get_blob));
+    /// reading stopped there and nothing of it is returned.
+    #[error(
+        "the PDS's answer to {nsid} is over the {limit} bytes allowed; it was not read further"
+    )]
+    ResponseTooLarge {
+        /// The XRPC method.
+        nsid: &'static str,
+        /// The cap it broke.
+        limit: usize,
+    },
+
+    /// The PDS has no blob with this CID in this repo (or it is not referenced by a record
+    /// yet: a PDS serves only blobs a record points to).
+    #[error("the PDS has no blob {cid} in the repo of {did}")]
+    BlobNotFound {
+        /// The repo.
+        did: String,
+        /// The CID asked for.
+        cid: String,
+    },
+
+    /// The bytes the PDS served for a blob do not hash to the blob's CID: a broken or
+    /// hostile server. They were discarded.
+    #[error(
+        "the PDS served bytes for blob {cid} of {did} that do not hash to that CID; \
+         they were discarded"
+    )]
+    BlobMismatch {
+        /// The repo the blob was read from.
+        did: String,
+        /// The CID asked for.
+        cid: String,
+    },
+
     /// A record read back does not decode into the requested type.
     #[error("{uri} does not decode as {nsid}: {message}")]
     Decode {

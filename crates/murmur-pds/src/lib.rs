@@ -76,7 +76,9 @@ mod written;
 pub use atrium_api::types::{BlobRef, Collection};
 pub use batch::{Batch, BatchOutcome, BatchWritten, MAX_BATCH_WRITES};
 pub use client::RetryPolicy;
-pub use encode::{MAX_RECORD_CBOR_BYTES, MAX_REQUEST_JSON_BYTES, record_cid, record_cid_untyped};
+pub use encode::{
+    MAX_RECORD_CBOR_BYTES, MAX_REQUEST_JSON_BYTES, blob_cid, record_cid, record_cid_untyped,
+};
 pub use error::{Error, Result, Swap};
 pub use ipld_core::cid::Cid;
 pub use login::WriterBuilder;

@@ -9,16 +9,17 @@ use atrium_api::client::AtpServiceClient;
 use atrium_api::com::atproto::{repo, sync};
 use atrium_api::types::string::AtIdentifier;
 use atrium_api::types::{Collection, LimitedNonZeroU8, LimitedNonZeroU16};
+use ipld_core::cid::{Cid, Version};
 
 use crate::arguments::{did_identifier, nsid, record_key};
 use crate::client::{Auth, Client, Replay, RetryPolicy};
-use crate::encode;
+use crate::encode::{self, RAW, SHA2_256, blob_cid};
 use crate::session::SessionCell;
 use crate::{Error, Page, Result, Stored};
 
 /// Reads records of any repo on one PDS, without an account: `getRecord`, `listRecords`,
-/// and the repos the host serves (`listRepos`). Reads are retried like the writer's.
-/// Cheap to clone.
+/// blobs (`getBlob`, checked against their CID) and the repos the host serves
+/// (`listRepos`). Reads are retried like the writer's. Cheap to clone.
 ///
 /// ```no_run
 /// # async fn demo() -> Result<(), murmur_pds::Error> {
@@ -107,6 +108,72 @@ impl Reader {
                 reverse,
             )
             .await
+    }
+
+    /// The blob `cid` of `did`'s repo (`com.atproto.sync.getBlob`), its bytes checked
+    /// against the CID ([`Error::BlobNotFound`] when the PDS has no such blob, for that repo
+    /// or not yet referenced by a record). At most `max_bytes` are read (pass the `size` of
+    /// the blob's ref): a larger answer is [`Error::ResponseTooLarge`].
+    /// Bytes that do not hash to `cid` are [`Error::BlobMismatch`], never returned. Only blob
+    /// CIDs (CIDv1, raw, sha2-256) are asked for; another is [`Error::InvalidArgument`] and
+    /// nothing is sent.
+    pub async fn get_blob(&self, did: &str, cid: &Cid, max_bytes: usize) -> Result<Vec<u8>> {
+        did_identifier(did)?;
+        let hash = cid.hash();
+        if cid.version() != Version::V1
+            || cid.codec() != RAW
+            || hash.code() != SHA2_256
+            || hash.size() != 32
+        {
+            return Err(Error::InvalidArgument {
+                what: "blob CID",
+                message: format!(
+                    "{cid}: a blob's CID is CIDv1 with the raw codec (0x55) and sha2-256"
+                ),
+            });
+        }
+        let cid_text = cid.to_string();
+        let result = self
+            .client
+            .xrpc(
+                None,
+                sync::get_blob::NSID,
+                Auth::None,
+                Replay::Idempotent,
+                |call| {
+                    let (did, cid) = (did.to_string(), cid_text.clone());
+                    async move {
+                        call.get_capped::<sync::get_blob::Error>(
+                            sync::get_blob::NSID,
+                            &[("did", did.as_str()), ("cid", cid.as_str())],
+                            max_bytes,
+                        )
+                        .await
+                    }
+                },
+            )
+            .await;
+        let bytes = match result {
+            Ok(bytes) => bytes,
+            // The lexicon's error name, or what the reference PDS answers instead.
+            Err(Error::Xrpc { error, message, .. })
+                if error == "BlobNotFound"
+                    || (error == "InvalidRequest" && message == "Blob not found") =>
+            {
+                return Err(Error::BlobNotFound {
+                    did: did.to_string(),
+                    cid: cid_text,
+                });
+            }
+            Err(e) => return Err(e),
+        };
+        if blob_cid(&bytes) != *cid {
+            return Err(Error::BlobMismatch {
+                did: did.to_string(),
+                cid: cid_text,
+            });
+        }
+        Ok(bytes)
     }
 
     /// DIDs of the repos this host serves, `limit` (1..=1000) at a time. Pass the returned

@@ -134,6 +134,8 @@ fn parse_http_date(v: &str) -> Option<SystemTime> {
 #[derive(Clone)]
 pub(crate) struct Transport {
     client: ReqwestClient,
+    /// The same HTTP client, for the bodies read with a cap ([`Call::get_capped`]).
+    http: reqwest::Client,
     base: Arc<str>,
     requests: Arc<AtomicU64>,
 }
@@ -143,8 +145,9 @@ impl Transport {
         let base = base.trim_end_matches('/');
         Transport {
             client: atrium_xrpc_client::reqwest::ReqwestClientBuilder::new(base)
-                .client(http)
+                .client(http.clone())
                 .build(),
+            http,
             base: base.into(),
             requests: Arc::new(AtomicU64::new(0)),
         }
@@ -162,6 +165,7 @@ impl Transport {
     pub(crate) fn call(&self, token: Option<String>) -> Call {
         Call {
             client: self.client.clone(),
+            http: self.http.clone(),
             token,
             meta: Arc::new(Mutex::new(None)),
             requests: self.requests.clone(),
@@ -173,14 +177,93 @@ impl Transport {
 #[derive(Clone)]
 pub(crate) struct Call {
     client: ReqwestClient,
+    http: reqwest::Client,
     token: Option<String>,
     pub(crate) meta: Arc<Mutex<Option<ResponseMeta>>>,
     requests: Arc<AtomicU64>,
 }
 
+/// Error bodies are short JSON; more than this is not read.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// A response body over the caller's cap: the call stops reading it.
+#[derive(Debug, Clone)]
+pub(crate) struct BodyTooLarge {
+    pub(crate) limit: usize,
+}
+
+impl std::fmt::Display for BodyTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the response body is over {} bytes", self.limit)
+    }
+}
+
+impl std::error::Error for BodyTooLarge {}
+
 impl Call {
     pub(crate) fn meta(&self) -> Option<ResponseMeta> {
         self.meta.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// GETs the query `nsid` with `params` (name, value) and returns its body, reading at
+    /// most `max` bytes of it: a larger body (announced or streamed) fails with
+    /// [`BodyTooLarge`] before it is all in memory. Errors come as atrium's, so the retry loop
+    /// sorts them as for any call. (atrium's own calls read the whole body, whatever its
+    /// size, and parse a JSON-typed one: a blob's bytes must come back as they are.)
+    pub(crate) async fn get_capped<E: serde::de::DeserializeOwned + std::fmt::Debug>(
+        &self,
+        nsid: &str,
+        params: &[(&str, &str)],
+        max: usize,
+    ) -> atrium_api::xrpc::Result<Vec<u8>, E> {
+        use atrium_api::xrpc::Error as X;
+        use atrium_api::xrpc::error::{XrpcError, XrpcErrorKind};
+        let http_error = |e: Box<dyn std::error::Error + Send + Sync>| X::HttpClient(e);
+        let url = format!("{}/xrpc/{nsid}", self.client.base_uri());
+        let mut request = self.http.get(&url).query(params);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        tracing::trace!(%nsid, "xrpc request (capped body)");
+        let mut response = request.send().await.map_err(|e| http_error(e.into()))?;
+        let status = response.status();
+        {
+            let mut head = Response::builder().status(status.as_u16());
+            for (k, v) in response.headers() {
+                head = head.header(k.as_str(), v.as_bytes());
+            }
+            if let Ok(head) = head.body(()) {
+                let meta = ResponseMeta::from_response(&head, SystemTime::now());
+                *self.meta.lock().unwrap_or_else(|p| p.into_inner()) = Some(meta);
+            }
+        }
+        let cap = if status.is_success() {
+            max
+        } else {
+            MAX_ERROR_BODY
+        };
+        if response.content_length().is_some_and(|n| n > cap as u64) && status.is_success() {
+            return Err(http_error(Box::new(BodyTooLarge { limit: cap })));
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(|e| http_error(e.into()))? {
+            if body.len() + chunk.len() > cap {
+                if !status.is_success() {
+                    break;
+                }
+                return Err(http_error(Box::new(BodyTooLarge { limit: cap })));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        if status.is_success() {
+            return Ok(body);
+        }
+        Err(X::XrpcResponse(XrpcError {
+            status: atrium_api::xrpc::http::StatusCode::from_u16(status.as_u16())
+                .unwrap_or(atrium_api::xrpc::http::StatusCode::BAD_GATEWAY),
+            error: serde_json::from_slice::<XrpcErrorKind<E>>(&body).ok(),
+        }))
     }
 }
 

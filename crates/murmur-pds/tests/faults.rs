@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use murmur_devnet::{Devnet, DevnetConfig};
-use murmur_pds::{Error, RetryPolicy, Secret, Session, Writer};
+use murmur_pds::{Error, Reader, RetryPolicy, Secret, Session, Writer, blob_cid};
 use support::{Note, Notes};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -305,4 +305,56 @@ async fn a_create_replayed_after_a_lost_answer_is_not_duplicated() {
     assert!(matches!(err, Error::Xrpc { status: 500, .. }), "{err:?}");
     let page = w.list::<Notes>(10, None, false).await.unwrap();
     assert_eq!(page.records.len(), 1);
+}
+
+#[tokio::test]
+async fn a_blob_is_returned_only_when_its_bytes_hash_to_its_cid() {
+    let did = "did:plc:aaaaaaaaaaaaaaaaaaaaaaaa";
+    let content = "the bytes of a blob";
+    let cid = blob_cid(content.as_bytes());
+    let (url, hits) = stub(vec![
+        (200, vec![], content.into()),
+        // One byte changed: a broken or hostile server.
+        (200, vec![], "the bytes of a blub".into()),
+        (200, vec![], "x".repeat(1000)),
+        (
+            400,
+            vec![],
+            r#"{"error":"BlobNotFound","message":"Blob not found"}"#.into(),
+        ),
+    ])
+    .await;
+    let reader = Reader::with_http_client(&url, None, RetryPolicy::none()).unwrap();
+    assert_eq!(
+        reader.get_blob(did, &cid, 1024).await.unwrap(),
+        content.as_bytes()
+    );
+    let err = reader.get_blob(did, &cid, 1024).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::BlobMismatch { did: d, cid: c } if d == did && *c == cid.to_string()),
+        "{err:?}"
+    );
+    let err = reader.get_blob(did, &cid, 100).await.unwrap_err();
+    assert!(
+        matches!(err, Error::ResponseTooLarge { limit: 100, .. }),
+        "{err:?}"
+    );
+    let err = reader.get_blob(did, &cid, 1024).await.unwrap_err();
+    assert!(matches!(err, Error::BlobNotFound { .. }), "{err:?}");
+    assert_eq!(hits.load(Ordering::SeqCst), 4);
+
+    // A record's CID (dag-cbor) is not a blob's: refused before any request.
+    let record: murmur_pds::Cid = CID.parse().unwrap();
+    let err = reader.get_blob(did, &record, 1024).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidArgument {
+                what: "blob CID",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(hits.load(Ordering::SeqCst), 4);
 }

@@ -353,6 +353,45 @@ async fn blob_upload_referenced_from_a_record_and_limit_checked_first() {
 }
 
 #[tokio::test]
+async fn a_referenced_blob_reads_back_from_the_pds_checked_against_its_cid() {
+    let net = shared();
+    let acct = account(net, "blobread").await;
+    let w = Writer::login(&acct.pds_url, &acct.handle, &acct.password)
+        .await
+        .unwrap();
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+    let blob = w
+        .upload_blob(payload.clone(), "application/octet-stream")
+        .await
+        .unwrap();
+    let (cid, size) = match &blob {
+        murmur_pds::BlobRef::Typed(atrium_api::types::TypedBlobRef::Blob(b)) => (b.r#ref.0, b.size),
+        other => panic!("an untyped blob ref: {other:?}"),
+    };
+    assert_eq!(cid, murmur_pds::blob_cid(&payload), "local CID = PDS CID");
+    let mut n = note("with attachment");
+    n.attachment = Some(blob);
+    w.create::<Notes>(&n).await.unwrap();
+
+    let reader = murmur_pds::Reader::new(&acct.pds_url).unwrap();
+    assert_eq!(
+        reader.get_blob(&acct.did, &cid, size).await.unwrap(),
+        payload
+    );
+    let err = reader
+        .get_blob(&acct.did, &cid, size - 1)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::ResponseTooLarge { limit, .. } if limit == size - 1),
+        "{err:?}"
+    );
+    let absent = murmur_pds::blob_cid(b"never uploaded");
+    let err = reader.get_blob(&acct.did, &absent, 1024).await.unwrap_err();
+    assert!(matches!(err, Error::BlobNotFound { .. }), "{err:?}");
+}
+
+#[tokio::test]
 async fn tokens_never_appear_in_debug_output() {
     let net = shared();
     let acct = account(net, "debug").await;

@@ -12,7 +12,9 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::scheme::{Context, SCHEME};
-use crate::{EncryptionKey, EncryptionKeyData, Error, OpenError, Sealed, SealedData, b64, unb64};
+use crate::{
+    EncryptionKey, EncryptionKeyData, Error, OpenError, Sealed, SealedBlob, SealedData, b64, unb64,
+};
 
 pub(crate) type Kem = hpke::kem::X25519HkdfSha256;
 
@@ -173,6 +175,24 @@ impl KeyPair {
             did,
             |id| (id == self.public.id).then(|| self.secret.clone()),
             sealed,
+            ctx,
+        )
+    }
+
+    /// Opens the file of `sealed`, whose blob holds `ciphertext`, as agent `did` with this
+    /// key alone (see [`Keyring::open_blob`]).
+    pub fn open_blob(
+        &self,
+        did: &str,
+        sealed: &SealedBlob,
+        ciphertext: &[u8],
+        ctx: &Context,
+    ) -> Result<Vec<u8>, OpenError> {
+        crate::blob::open(
+            did,
+            |id| (id == self.public.id).then(|| self.secret.clone()),
+            &sealed.data,
+            ciphertext,
             ctx,
         )
     }
@@ -375,6 +395,31 @@ impl Keyring {
                     .map(|k| k.secret.clone())
             },
             &sealed.data,
+            ctx,
+        )
+    }
+
+    /// Opens the file of `sealed` (found in `ctx`) as this keyring's agent. `ciphertext` is
+    /// the blob's bytes, fetched from the author's PDS and checked against the blob's CID
+    /// (`murmur_pds::Reader::get_blob` does both). A blob whose bytes were changed, or an
+    /// envelope copied from another record or repo, does not open.
+    pub fn open_blob(
+        &self,
+        sealed: &SealedBlob,
+        ciphertext: &[u8],
+        ctx: &Context,
+    ) -> Result<Vec<u8>, OpenError> {
+        let ring = self.read();
+        crate::blob::open(
+            &ring.did,
+            |id| {
+                ring.keys
+                    .iter()
+                    .find(|k| k.id() == id)
+                    .map(|k| k.secret.clone())
+            },
+            &sealed.data,
+            ciphertext,
             ctx,
         )
     }

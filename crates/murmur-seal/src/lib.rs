@@ -11,6 +11,12 @@
 //!
 //! What stays public: who wrote it, who it is for, when, its size, and the record it sits in.
 //!
+//! A file too large for a record is sealed the same way as a blob ([`seal_blob`]): the blob
+//! on the PDS holds only the ciphertext, and the record carries an
+//! `agent.comms.defs#sealedBlob` envelope (the blob ref and the sealed content keys). The
+//! file opens with [`Keyring::open_blob`] once its bytes are fetched and checked against
+//! the blob's CID. Public besides the above: the ciphertext's size, the file's plus 16 bytes.
+//!
 //! ```
 //! use murmur_seal::{Context, KeyPair, OpenError, Recipient, seal};
 //!
@@ -27,17 +33,20 @@
 //! assert!(matches!(bob.open("did:plc:bob", &sealed, &copied), Err(OpenError::WrongContext)));
 //! ```
 
+mod blob;
 mod error;
 mod keys;
 mod scheme;
 
+pub use blob::{BlobKeys, SEALED_BLOB_MIME_TYPE, SEALED_BLOB_TYPE, seal_blob};
 pub use error::{Error, OpenError};
 pub use keys::{KeyPair, Keyring, PublicKey};
 pub use scheme::{Context, Recipient, SCHEME, SEALED_TYPE, seal};
 
 /// The lexicon types of a sealed payload (generated in `murmur-comms`).
 pub use murmur_comms::agent::comms::defs::{
-    EncryptionKey, EncryptionKeyData, Sealed, SealedData, SealedKey, SealedKeyData,
+    EncryptionKey, EncryptionKeyData, Sealed, SealedBlob, SealedBlobData, SealedData, SealedKey,
+    SealedKeyData,
 };
 
 /// Unpadded base64url, the encoding of every binary field of a sealed payload.

@@ -1,5 +1,7 @@
 //! The construction: seal once, a content key per recipient, all bound to the context.
 
+use std::borrow::Cow;
+
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{ChaCha20Poly1305, Key, Nonce};
 use hpke::{Deserializable, OpModeR, OpModeS, Serializable};
@@ -15,11 +17,33 @@ pub const SCHEME: &str = "hpke-x25519-sha256-chacha20poly1305";
 /// The `$type` of a sealed payload placed in a record's `unknown` field.
 pub const SEALED_TYPE: &str = "agent.comms.defs#sealed";
 
-/// HPKE's `info`: what the derived key is for, so it serves nothing else.
-const INFO: &[u8] = b"agent.comms.defs#sealed content key";
-/// The associated data's leading label (a version for the encoding below).
-const LABEL: &[u8] = b"murmur-sealed-v1";
 const MAX_RECIPIENTS: usize = 100;
+
+/// What is sealed: a record's payload (`#sealed`) or a file (`#sealedBlob`). Each kind has its
+/// own HPKE `info` and associated-data label, so a ciphertext of one never opens as the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Payload,
+    Blob,
+}
+
+impl Kind {
+    /// HPKE's `info`: what the derived key is for, so it serves nothing else.
+    fn info(self) -> &'static [u8] {
+        match self {
+            Kind::Payload => b"agent.comms.defs#sealed content key",
+            Kind::Blob => b"agent.comms.defs#sealedBlob content key",
+        }
+    }
+
+    /// The associated data's leading label (a version for the encoding below).
+    fn label(self) -> &'static [u8] {
+        match self {
+            Kind::Payload => b"murmur-sealed-v1",
+            Kind::Blob => b"murmur-sealed-blob-v1",
+        }
+    }
+}
 
 type HpkeAead = hpke::aead::ChaCha20Poly1305;
 type HpkeKdf = hpke::kdf::HkdfSha256;
@@ -53,24 +77,24 @@ impl Context {
     }
 
     /// Length-prefixed, so no two contexts encode alike.
-    fn encode(&self, out: &mut Vec<u8>) {
-        put(out, LABEL);
+    fn encode(&self, kind: Kind, out: &mut Vec<u8>) {
+        put(out, kind.label());
         put(out, self.author.as_bytes());
         put(out, self.collection.as_bytes());
         put(out, self.field.as_bytes());
     }
 
     /// The public digest stored in the payload: unpadded base64url of SHA-256's first 16 bytes.
-    fn digest(&self) -> String {
+    pub(crate) fn digest(&self, kind: Kind) -> String {
         let mut bytes = Vec::new();
-        self.encode(&mut bytes);
+        self.encode(kind, &mut bytes);
         b64(&Sha256::digest(&bytes)[..16])
     }
 
     /// The associated data of both encryptions: context, scheme and recipient list.
-    fn aad<'a>(&self, recipients: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<u8> {
+    fn aad<'a>(&self, kind: Kind, recipients: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<u8> {
         let mut out = Vec::new();
-        self.encode(&mut out);
+        self.encode(kind, &mut out);
         put(&mut out, SCHEME.as_bytes());
         for (did, key_id) in recipients {
             put(&mut out, did.as_bytes());
@@ -109,6 +133,34 @@ impl Recipient {
 /// Errors: no recipients or more than 100, a recipient key HPKE refuses, the system RNG
 /// failing. A recipient listed twice (same DID and key id) is sealed to once.
 pub fn seal(plaintext: &[u8], recipients: &[Recipient], ctx: &Context) -> Result<Sealed, Error> {
+    let parts = seal_parts(Kind::Payload, plaintext, recipients, ctx)?;
+    Ok(SealedData {
+        scheme: SCHEME.to_string(),
+        context: parts.context,
+        recipients: parts.keys,
+        ciphertext: b64(&parts.ciphertext),
+    }
+    .into())
+}
+
+/// A sealing's output, before it is put in its lexicon type.
+pub(crate) struct Parts {
+    /// The context digest.
+    pub(crate) context: String,
+    /// The content key, sealed to each recipient.
+    pub(crate) keys: Vec<SealedKey>,
+    /// The content with its 16-byte tag.
+    pub(crate) ciphertext: Vec<u8>,
+}
+
+/// The construction, for either kind: one content key encrypts `plaintext`, HPKE seals
+/// that key to each recipient, both under the same associated data.
+pub(crate) fn seal_parts(
+    kind: Kind,
+    plaintext: &[u8],
+    recipients: &[Recipient],
+    ctx: &Context,
+) -> Result<Parts, Error> {
     let mut unique: Vec<&Recipient> = Vec::with_capacity(recipients.len());
     for r in recipients {
         if !unique
@@ -124,7 +176,7 @@ pub fn seal(plaintext: &[u8], recipients: &[Recipient], ctx: &Context) -> Result
     if unique.len() > MAX_RECIPIENTS {
         return Err(Error::TooManyRecipients(unique.len()));
     }
-    let aad = ctx.aad(unique.iter().map(|r| (r.did.as_str(), r.key.id())));
+    let aad = ctx.aad(kind, unique.iter().map(|r| (r.did.as_str(), r.key.id())));
 
     let mut content_key = Zeroizing::new([0u8; 32]);
     rng::fill(content_key.as_mut())?;
@@ -150,7 +202,7 @@ pub fn seal(plaintext: &[u8], recipients: &[Recipient], ctx: &Context) -> Result
         let (enc, wrapped) = hpke::single_shot_seal::<HpkeAead, HpkeKdf, Kem, _>(
             &OpModeS::Base,
             &pk,
-            INFO,
+            kind.info(),
             content_key.as_ref(),
             &aad,
             &mut rng::os(),
@@ -163,13 +215,18 @@ pub fn seal(plaintext: &[u8], recipients: &[Recipient], ctx: &Context) -> Result
             key: b64(&wrapped),
         }));
     }
-    Ok(SealedData {
-        scheme: SCHEME.to_string(),
-        context: ctx.digest(),
-        recipients: keys,
-        ciphertext: b64(&ciphertext),
-    }
-    .into())
+    Ok(Parts {
+        context: ctx.digest(kind),
+        keys,
+        ciphertext,
+    })
+}
+
+/// What opening reads of an envelope besides the ciphertext.
+pub(crate) struct Envelope<'a> {
+    pub(crate) scheme: &'a str,
+    pub(crate) context: &'a str,
+    pub(crate) recipients: &'a [SealedKey],
 }
 
 /// Opens `sealed` as agent `did`, whose secret keys `secret_for` finds by key id.
@@ -178,6 +235,29 @@ pub(crate) fn open(
     secret_for: impl Fn(&str) -> Option<<Kem as hpke::Kem>::PrivateKey>,
     sealed: &SealedData,
     ctx: &Context,
+) -> Result<Vec<u8>, OpenError> {
+    let envelope = Envelope {
+        scheme: &sealed.scheme,
+        context: &sealed.context,
+        recipients: &sealed.recipients,
+    };
+    open_parts(Kind::Payload, did, secret_for, &envelope, ctx, || {
+        unb64(&sealed.ciphertext)
+            .map(Cow::Owned)
+            .ok_or(OpenError::Malformed("ciphertext is not base64url"))
+    })
+}
+
+/// Opens an envelope of either kind as agent `did`. The checks that need no decryption come
+/// first (scheme, recipient, key id, context), then the content key, then `ciphertext()`,
+/// which is only asked for once the key opened.
+pub(crate) fn open_parts<'c>(
+    kind: Kind,
+    did: &str,
+    secret_for: impl Fn(&str) -> Option<<Kem as hpke::Kem>::PrivateKey>,
+    sealed: &Envelope<'_>,
+    ctx: &Context,
+    ciphertext: impl FnOnce() -> Result<Cow<'c, [u8]>, OpenError>,
 ) -> Result<Vec<u8>, OpenError> {
     if sealed.scheme != SCHEME {
         return Err(OpenError::UnsupportedScheme(
@@ -196,10 +276,11 @@ pub(crate) fn open(
         .ok_or_else(|| OpenError::UnknownKey {
             key_id: mine[0].key_id.chars().take(64).collect(),
         })?;
-    if sealed.context != ctx.digest() {
+    if sealed.context != ctx.digest(kind) {
         return Err(OpenError::WrongContext);
     }
     let aad = ctx.aad(
+        kind,
         sealed
             .recipients
             .iter()
@@ -214,7 +295,7 @@ pub(crate) fn open(
             &OpModeR::Base,
             &sk,
             &enc,
-            INFO,
+            kind.info(),
             &wrapped,
             &aad,
         )
@@ -223,8 +304,7 @@ pub(crate) fn open(
     if content_key.len() != 32 {
         return Err(OpenError::Tampered);
     }
-    let ciphertext =
-        unb64(&sealed.ciphertext).ok_or(OpenError::Malformed("ciphertext is not base64url"))?;
+    let ciphertext = ciphertext()?;
     if ciphertext.len() < 16 {
         return Err(OpenError::Malformed("ciphertext is shorter than its tag"));
     }
@@ -315,7 +395,8 @@ mod tests {
         }
         // A copier who also rewrites the context digest gets no further: the AEADs fail.
         let mut forged = sealed.data.clone();
-        forged.context = Context::new("did:plc:mallory", "agent.comms.task", "payload").digest();
+        forged.context =
+            Context::new("did:plc:mallory", "agent.comms.task", "payload").digest(Kind::Payload);
         assert_eq!(
             bob.open_data(
                 "did:plc:bob",

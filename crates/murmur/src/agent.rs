@@ -20,6 +20,7 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::AgentError;
+use crate::blobs::SealedBlobs;
 use crate::lock;
 use crate::policy::{ClaimPolicy, FirstCome};
 use crate::recovery::Candidates;
@@ -142,7 +143,8 @@ impl AgentBuilder {
     }
 
     /// The agent's encryption keys, kept by the application: it can then seal payloads
-    /// ([`TaskSpec::sealed_for`], [`Agent::send_sealed`]) and open those sealed for it; its
+    /// ([`TaskSpec::sealed_for`], [`Agent::send_sealed`]) and files
+    /// ([`Agent::sealed_blobs`]), and open those sealed for it; its
     /// profile lists the public keys. The keyring must be this agent's DID's.
     pub fn keyring(mut self, keys: Keyring) -> Self {
         self.keys = Some(Keys::Ring(keys));
@@ -375,6 +377,14 @@ impl AgentBuilder {
         let repos = Repos::new(plc_url.as_deref());
         repos.host(&did, writer.pds_url());
         let directory = KeyDirectory::new(&did, keys.clone(), registry.clone(), Arc::clone(&repos));
+        let blobs = SealedBlobs::new(
+            writer.clone(),
+            keys.clone(),
+            Arc::clone(&directory),
+            Arc::clone(&repos),
+        );
+        // Handlers open sealed blobs with a `State<SealedBlobs>` argument.
+        watcher = watcher.state(blobs.clone());
         let candidates = Candidates {
             peers: peers.clone(),
             hosts: hosts.clone(),
@@ -589,6 +599,7 @@ impl AgentBuilder {
                 _temp_dir: temp_dir,
                 keys,
                 directory,
+                blobs,
                 profile: Mutex::new(None),
             }),
         };
@@ -630,6 +641,7 @@ struct Inner {
     _temp_dir: Option<tempfile::TempDir>,
     keys: Option<Keyring>,
     directory: Arc<KeyDirectory>,
+    blobs: SealedBlobs,
     /// The profile last published, republished with the new keys on a rotation.
     profile: Mutex<Option<profile::RecordData>>,
 }
@@ -870,6 +882,13 @@ impl Agent {
             .directory
             .seal_json(value, &dids, C::NSID, field)
             .await
+    }
+
+    /// Seals files for other agents and opens those sealed for this one (sealed blobs,
+    /// `agent.comms.defs#sealedBlob`). Handlers get the same with a
+    /// `State<SealedBlobs>` argument.
+    pub fn sealed_blobs(&self) -> &SealedBlobs {
+        &self.inner.blobs
     }
 
     /// The agent's encryption keys, when it has some.

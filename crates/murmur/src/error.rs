@@ -98,4 +98,41 @@ pub enum AgentError {
     /// Sealing a payload or using the key file failed (no key material in the message).
     #[error(transparent)]
     Seal(#[from] murmur_seal::Error),
+
+    /// A sealed blob did not open for this agent: not a recipient
+    /// ([`OpenError::NotForMe`](murmur_seal::OpenError::NotForMe)), tampered with, copied
+    /// from another record or repo ([`OpenError::WrongContext`](murmur_seal::OpenError::WrongContext)),
+    /// or sealed to a key this agent does not hold. The message names no content.
+    #[error("sealed blob {cid} of {did} did not open: {reason}")]
+    BlobOpen {
+        /// The repo (author) the envelope is in.
+        did: String,
+        /// The blob's CID.
+        cid: String,
+        /// Why it did not open.
+        #[source]
+        reason: murmur_seal::OpenError,
+    },
+
+    /// A sealed blob could not be read intact from its author's PDS: not there
+    /// ([`murmur_pds::Error::BlobNotFound`], naming the repo), larger than its ref says,
+    /// bytes that do not hash to its CID ([`murmur_pds::Error::BlobMismatch`]), or the PDS
+    /// unreachable.
+    #[error("could not read blob {cid}: {source}")]
+    BlobRead {
+        /// The blob's CID.
+        cid: String,
+        /// The read's error.
+        #[source]
+        source: murmur_pds::Error,
+    },
+
+    /// The PDS hosting a DID could not be found (PLC or did:web look-up).
+    #[error("could not find the PDS of {did}: {message}; check the PLC directory URL (.plc_url)")]
+    Resolve {
+        /// The DID.
+        did: String,
+        /// What went wrong.
+        message: String,
+    },
 }

@@ -56,6 +56,7 @@
 //! ```
 
 mod agent;
+mod blobs;
 mod error;
 mod policy;
 mod protocol;
@@ -68,6 +69,7 @@ mod task;
 mod worker;
 
 pub use agent::{Agent, AgentBuilder};
+pub use blobs::SealedBlobs;
 pub use error::AgentError;
 pub use policy::{ClaimContext, ClaimOffer, ClaimPolicy, FirstCome};
 pub use registry::{AgentInfo, Registry};

@@ -84,6 +84,17 @@ impl KeyDirectory {
         Ok(key)
     }
 
+    /// This agent and `dids`, each once, with the keys to seal to.
+    pub(crate) async fn recipients(&self, dids: &[String]) -> Result<Vec<Recipient>, AgentError> {
+        let mut recipients = vec![Recipient::new(&self.did, self.key_of(&self.did).await?)];
+        for did in dids {
+            if recipients.iter().all(|r| &r.did != did) {
+                recipients.push(Recipient::new(did, self.key_of(did).await?));
+            }
+        }
+        Ok(recipients)
+    }
+
     /// Seals `value` for `dids` and this agent, as field `field` of a `collection` record
     /// of this agent's repo: the `agent.comms.defs#sealed` object to put in that field.
     pub(crate) async fn seal_json(
@@ -93,28 +104,29 @@ impl KeyDirectory {
         collection: &str,
         field: &str,
     ) -> Result<atrium_api::types::Unknown, AgentError> {
-        let mut recipients = vec![Recipient::new(&self.did, self.key_of(&self.did).await?)];
-        for did in dids {
-            if recipients.iter().all(|r| &r.did != did) {
-                recipients.push(Recipient::new(did, self.key_of(did).await?));
-            }
-        }
+        let recipients = self.recipients(dids).await?;
         let plaintext = serde_json::to_vec(value).map_err(|e| AgentError::InvalidArgument {
             what: "sealed payload",
             message: e.to_string(),
         })?;
         let ctx = Context::new(&self.did, collection, field);
         let sealed = murmur_seal::seal(&plaintext, &recipients, &ctx)?;
-        let mut json = serde_json::to_value(&sealed).map_err(|e| AgentError::InvalidArgument {
-            what: "sealed payload",
-            message: e.to_string(),
-        })?;
-        if let Some(obj) = json.as_object_mut() {
-            obj.insert("$type".into(), murmur_seal::SEALED_TYPE.into());
-        }
-        serde_json::from_value(json).map_err(|e| AgentError::InvalidArgument {
-            what: "sealed payload",
-            message: e.to_string(),
-        })
+        to_typed_unknown(&sealed, murmur_seal::SEALED_TYPE)
     }
+}
+
+/// A sealed envelope as the `unknown` field value it goes in: its JSON with `$type` set.
+pub(crate) fn to_typed_unknown(
+    envelope: &impl serde::Serialize,
+    type_name: &str,
+) -> Result<atrium_api::types::Unknown, AgentError> {
+    let invalid = |e: serde_json::Error| AgentError::InvalidArgument {
+        what: "sealed payload",
+        message: e.to_string(),
+    };
+    let mut json = serde_json::to_value(envelope).map_err(invalid)?;
+    if let Some(obj) = json.as_object_mut() {
+        obj.insert("$type".into(), type_name.into());
+    }
+    serde_json::from_value(json).map_err(invalid)
 }
