@@ -619,3 +619,49 @@ async fn request_crawl_adds_an_allowed_host() {
     task.abort();
     cleanup(&settings).await;
 }
+
+/// A new account's first commit (no ops) and the `#sync` the PDS sends with it are verified
+/// and relayed like other events, so a relay consumer sees the repo's whole rev chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_accounts_first_commit_and_sync_are_relayed() {
+    let net = shared().await;
+    let settings = settings("sync");
+    let hub = start_hub(net, &settings, RelayConfig::default()).await;
+    let (carol, carol_w) = account(net, 0, "syncc").await;
+    carol_w.create::<Note>(&note(7)).await.unwrap();
+
+    let mut seen = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < deadline {
+        let frames = read_frames(hub.addr, Some(0), usize::MAX, Duration::from_secs(2)).await;
+        seen = frames
+            .into_iter()
+            .filter_map(|f| f.ok())
+            .filter_map(|f| match f {
+                Frame::Commit(c) if c.repo == carol.did => {
+                    Some(format!("commit {} ops", c.ops.len()))
+                }
+                Frame::Sync(s) if s.did == carol.did => Some("sync".to_string()),
+                Frame::Identity(i) if i.did == carol.did => Some("identity".to_string()),
+                Frame::Account(a) if a.did == carol.did => Some("account".to_string()),
+                _ => None,
+            })
+            .collect();
+        if seen.iter().any(|s| s == "commit 1 ops") {
+            break;
+        }
+    }
+    assert_eq!(
+        seen,
+        [
+            "identity",
+            "account",
+            "commit 0 ops",
+            "sync",
+            "commit 1 ops"
+        ],
+        "carol's events through the relay, in the PDS's order"
+    );
+    hub.task.abort();
+    cleanup(&settings).await;
+}

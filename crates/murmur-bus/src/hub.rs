@@ -581,6 +581,10 @@ impl Publisher {
 
     async fn publish(&self, op: &OpData) -> Result<(), HandlerError> {
         self.publish_frame(op).await?;
+        if op.repo_event.as_ref().is_some_and(|e| e.is_frame_only()) {
+            // A #sync or an empty commit: for the relay's frame stream only.
+            return Ok(());
+        }
         let subject = match &op.repo_event {
             Some(murmur_firehose::RepoEvent::Identity { .. }) => {
                 self.subjects.repo_event(&op.did, "identity")

@@ -56,9 +56,9 @@
 //!
 //! # Relay
 //! A hub built with [`HubBuilder::serve_relay`] is also a relay for private networks: it
-//! stores the original frame of every verified `#commit`, `#identity` and `#account` event in
-//! the frame stream (`{NAME}_FRAMES`, subjects `{prefix}-frame.{partition}.{did}`) and serves
-//! `com.atproto.sync.subscribeRepos` from it: one merged stream over all its PDS hosts,
+//! stores the original frame of every verified `#commit` (those without ops included),
+//! `#sync`, `#identity` and `#account` event in the frame stream (`{NAME}_FRAMES`, subjects
+//! `{prefix}-frame.{partition}.{did}`) and serves `com.atproto.sync.subscribeRepos` from it: one merged stream over all its PDS hosts,
 //! numbered by the frame stream's sequence, with the spec's cursor semantics
 //! (`OutdatedCursor`, `FutureCursor`) and slow consumers dropped with `ConsumerTooSlow`.
 //! Verifying clients (murmur's watcher with `.relay(url)`, `@atproto/sync`) accept its

@@ -9,11 +9,11 @@
 //! over all the hub's PDS hosts has one numbering, and a consumer's cursor is a stream
 //! sequence.
 //!
-//! Not relayed (yet): `#sync` events and commits without ops (a new account's first commit),
-//! which the watcher verifies but hands to no handler, and frames larger than a NATS message
-//! (the server's `max_payload`, 1 MB by default). A verifying consumer that already follows
-//! such a repo sees its next commit break the chain (murmur's watcher reports the gap and
-//! resyncs the repo); one that does not yet takes the next commit as the chain's start.
+//! `#sync` events and commits without ops (a new account's first commit) are verified and
+//! relayed like the others. Not relayed: frames larger than a NATS message (the server's
+//! `max_payload`, 1 MB by default). A verifying consumer that already follows such a repo sees
+//! its next commit break the chain (murmur's watcher reports the gap and resyncs the repo);
+//! one that does not yet takes the next commit as the chain's start.
 //!
 //! Cursor semantics (the atproto event-stream spec):
 //! - no cursor: live events only;

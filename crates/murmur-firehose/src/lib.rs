@@ -96,7 +96,10 @@ pub use handler::{BoxFuture, CallError, Handler, HandlerService, Layered};
 pub use hooks::{ErrorHook, GapHook, RejectedHook, ResyncHook};
 pub use metrics::{Metrics, MetricsSnapshot, SourceSnapshot};
 pub use murmur_macros::handler;
-pub use op::{ACCOUNT_EVENTS, Action, IDENTITY_EVENTS, OpData, OpEvent, Origin, RepoEvent};
+pub use op::{
+    ACCOUNT_EVENTS, Action, EMPTY_COMMITS, IDENTITY_EVENTS, OpData, OpEvent, Origin, RepoEvent,
+    SYNC_EVENTS,
+};
 pub use pipeline::{DEFAULT_MAX_SEQ_JUMP, MAX_SEQ};
 pub use reader::ERROR_FRAME_REPEATS;
 pub use route::Route;

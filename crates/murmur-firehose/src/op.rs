@@ -149,22 +149,16 @@ impl OpData {
         time: impl Into<String>,
         event: RepoEvent,
     ) -> Self {
-        let kind = match event {
-            RepoEvent::Identity { .. } => IDENTITY_EVENTS,
-            RepoEvent::Account { .. } => ACCOUNT_EVENTS,
-        };
         let time = time.into();
+        // A sync or an empty commit has a rev of its own; the others' time stands in for one.
+        let rev = match &event {
+            RepoEvent::Sync { rev } | RepoEvent::EmptyCommit { rev } => rev.clone(),
+            _ => time.clone(),
+        };
+        let path = format!("{}/{seq}", event.kind());
         OpData {
             repo_event: Some(event),
-            ..OpData::new(
-                source,
-                did,
-                time.clone(),
-                seq,
-                time,
-                Action::Update,
-                format!("{kind}/{seq}"),
-            )
+            ..OpData::new(source, did, rev, seq, time, Action::Update, path)
         }
     }
 
@@ -187,7 +181,8 @@ impl OpData {
     }
 }
 
-/// What an `#identity` or `#account` event says about a repo.
+/// What an `#identity` or `#account` event says about a repo (or, for a relay, a verified
+/// `#sync` or empty commit whose frame is passed on).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum RepoEvent {
@@ -203,6 +198,20 @@ pub enum RepoEvent {
         /// Why not (`takendown`, `suspended`, `deactivated`, `deleted`, ...).
         status: Option<String>,
     },
+    /// A verified `#sync`: the repo's current signed commit, which replaces its rev chain.
+    /// Passed on only by a watcher that keeps frames
+    /// ([`WatcherBuilder::keep_frames`](crate::WatcherBuilder::keep_frames)), to its tail,
+    /// so a relay can serve the frame; handlers never get it.
+    Sync {
+        /// The commit's rev.
+        rev: String,
+    },
+    /// A verified `#commit` that changed no record (a new account's first commit). Passed on
+    /// as [`RepoEvent::Sync`] is, so a relay's consumers see an unbroken rev chain.
+    EmptyCommit {
+        /// The commit's rev.
+        rev: String,
+    },
 }
 
 /// The pseudo-collection of `#identity` events in [`OpData::path`] and routes. NSIDs never
@@ -210,6 +219,29 @@ pub enum RepoEvent {
 pub const IDENTITY_EVENTS: &str = "#identity";
 /// The pseudo-collection of `#account` events (see [`IDENTITY_EVENTS`]).
 pub const ACCOUNT_EVENTS: &str = "#account";
+/// The pseudo-collection of verified `#sync` events ([`RepoEvent::Sync`]).
+pub const SYNC_EVENTS: &str = "#sync";
+/// The pseudo-collection of verified commits without ops ([`RepoEvent::EmptyCommit`]).
+pub const EMPTY_COMMITS: &str = "#commit";
+
+impl RepoEvent {
+    /// The event's pseudo-collection: [`IDENTITY_EVENTS`], [`ACCOUNT_EVENTS`],
+    /// [`SYNC_EVENTS`] or [`EMPTY_COMMITS`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RepoEvent::Identity { .. } => IDENTITY_EVENTS,
+            RepoEvent::Account { .. } => ACCOUNT_EVENTS,
+            RepoEvent::Sync { .. } => SYNC_EVENTS,
+            RepoEvent::EmptyCommit { .. } => EMPTY_COMMITS,
+        }
+    }
+
+    /// Whether it only carries a frame for a relay ([`RepoEvent::Sync`],
+    /// [`RepoEvent::EmptyCommit`]): no handler takes it.
+    pub fn is_frame_only(&self) -> bool {
+        matches!(self, RepoEvent::Sync { .. } | RepoEvent::EmptyCommit { .. })
+    }
+}
 
 impl OpEvent {
     pub(crate) fn new(data: OpData, state: Arc<StateMap>) -> Self {

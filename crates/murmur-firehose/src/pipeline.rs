@@ -236,6 +236,17 @@ impl Pipeline {
                     // The repo changed in ways the stream does not show: copy it again.
                     Ok(_) => {
                         self.resync_if_complete(&sync.did).await;
+                        if self.keep_frames {
+                            // Passed on for a relay, after the copy.
+                            let event = RepoEvent::Sync {
+                                rev: sync.rev.clone(),
+                            };
+                            let mut data =
+                                OpData::repo_event(url, &sync.did, sync.seq, &sync.time, event);
+                            data.frame = raw;
+                            self.repo_event(ev, data).await;
+                            return;
+                        }
                     }
                 }
                 self.finish_event(ev);
@@ -377,6 +388,14 @@ impl Pipeline {
         let (kind, tail_wants) = match event {
             RepoEvent::Identity { .. } => (IDENTITY_EVENTS, self.filter.identity_events),
             RepoEvent::Account { .. } => (ACCOUNT_EVENTS, self.filter.account_events),
+            // Frames for a relay: the tail only, never a handler.
+            RepoEvent::Sync { .. } | RepoEvent::EmptyCommit { .. } => {
+                return if self.keep_frames {
+                    self.tail.iter().cloned().collect()
+                } else {
+                    Vec::new()
+                };
+            }
         };
         let tail = self.tail.iter().filter(|_| tail_wants);
         self.routes(kind, Action::Update)
@@ -393,6 +412,7 @@ impl Pipeline {
             RepoEvent::Account { active, status } => {
                 self.track_account(url, did, *active, status.as_deref())
             }
+            RepoEvent::Sync { .. } | RepoEvent::EmptyCommit { .. } => {}
         }
     }
 
@@ -449,6 +469,10 @@ impl Pipeline {
             // A copy of the repo delivered already includes this commit.
             Metrics::inc(&self.metrics.reflected_skipped);
             self.finish_event(ev);
+            return;
+        }
+        if repo_allowed && commit.ops.is_empty() && self.keep_frames && self.tail.is_some() {
+            self.empty_commit(ev, url, commit, raw).await;
             return;
         }
         if !wanted {
@@ -540,6 +564,45 @@ impl Pipeline {
             jobs.push((OpEvent::new(data, Arc::clone(&self.state)), handlers));
         }
         self.submit(ev, jobs).await;
+    }
+
+    /// A commit without ops, for a watcher that keeps frames: verified like any commit, then
+    /// passed to the tail as [`RepoEvent::EmptyCommit`] so a relay serves its frame.
+    async fn empty_commit(
+        &self,
+        ev: EventRef,
+        url: &str,
+        commit: &CommitEvent,
+        raw: Option<Arc<[u8]>>,
+    ) {
+        self.settle(&commit.repo).await;
+        let verified = self
+            .until_verified(url, &commit.repo, commit.seq, || {
+                self.verifier.verify_commit(commit)
+            })
+            .await;
+        match verified {
+            Err(e) => {
+                self.reject_commit(url, commit, e);
+                self.finish_event(ev);
+            }
+            Ok(verified) => {
+                if let Some(reason) = &verified.chain_break {
+                    let kind = GapKind::ChainBreak {
+                        did: commit.repo.clone(),
+                    };
+                    self.gap(url, kind, reason.clone());
+                    self.resync_if_complete(&commit.repo).await;
+                }
+                let event = RepoEvent::EmptyCommit {
+                    rev: commit.rev.clone(),
+                };
+                let mut data =
+                    OpData::repo_event(url, &commit.repo, commit.seq, &commit.time, event);
+                data.frame = raw;
+                self.repo_event(ev, data).await;
+            }
+        }
     }
 
     /// Queues the jobs of one event; the event is done when all of them are.
