@@ -304,17 +304,76 @@ async fn compressed_events_open_with_jetstreams_dictionary() {
     cleanup(&settings).await;
 }
 
+/// Every op of a batch has a `time_us` of its own, increasing in stream order, and a cursor
+/// in the middle of a commit resumes at that op (inclusive), not at the commit's first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_op_has_a_time_of_its_own_and_a_cursor_resumes_inside_a_commit() {
+    let net = shared().await;
+    let settings = settings("jetstreamt");
+    let hub = start_hub(net, &settings).await;
+    let (fay, fay_w) = account(net, 1, "jsf").await;
+    let t0 = now_us();
+    let mut batch = fay_w.batch();
+    for n in 0..3 {
+        batch.create::<Note>(&note(n)).unwrap();
+    }
+    batch.commit().await.unwrap();
+    fay_w.create::<Note>(&note(3)).await.unwrap();
+    wait_until_served(hub.addr, t0, &fay.did, 3).await;
+
+    let read = |cursor: i64, n: usize| {
+        let url = format!(
+            "ws://{}/subscribe?wantedDids={}&cursor={cursor}",
+            hub.addr, fay.did
+        );
+        async move {
+            let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+            let mut events = Vec::new();
+            while events.len() < n {
+                match tokio::time::timeout(Duration::from_secs(30), socket.next()).await {
+                    Ok(Some(Ok(Message::Text(text)))) => {
+                        let event: Value = serde_json::from_str(&text).unwrap();
+                        events.push((
+                            event["time_us"].as_i64().unwrap(),
+                            event["commit"]["record"]["n"].as_u64().unwrap(),
+                        ));
+                    }
+                    other => panic!("{other:?}"),
+                }
+            }
+            events
+        }
+    };
+    let all = read(t0, 4).await;
+    assert_eq!(all.iter().map(|e| e.1).collect::<Vec<_>>(), [0, 1, 2, 3]);
+    assert!(
+        all.windows(2).all(|w| w[0].0 < w[1].0),
+        "strictly increasing: {all:?}"
+    );
+    // Resume at the batch's second op: it comes again, then the rest; not the first.
+    let resumed = read(all[1].0, 3).await;
+    assert_eq!(resumed, all[1..].to_vec());
+
+    hub.task.abort();
+    cleanup(&settings).await;
+}
+
 type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// The `n` of the next note a plain subscriber gets.
+/// The `n` of the next note a plain subscriber gets (the account's `identity` and `account`
+/// events, which may reach the stream after a live subscriber connected, are passed over).
 async fn next_n(socket: &mut Socket) -> Option<u64> {
-    match tokio::time::timeout(Duration::from_secs(30), socket.next()).await {
-        Ok(Some(Ok(Message::Text(text)))) => {
-            let event: Value = serde_json::from_str(&text).unwrap();
-            event["commit"]["record"]["n"].as_u64()
+    loop {
+        match tokio::time::timeout(Duration::from_secs(30), socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let event: Value = serde_json::from_str(&text).unwrap();
+                if event["kind"] == "commit" {
+                    return event["commit"]["record"]["n"].as_u64();
+                }
+            }
+            other => panic!("{other:?}"),
         }
-        other => panic!("{other:?}"),
     }
 }
 

@@ -665,3 +665,127 @@ async fn a_new_accounts_first_commit_and_sync_are_relayed() {
     hub.task.abort();
     cleanup(&settings).await;
 }
+
+/// A host that answers as a PDS but does not host the repo it sends: serves `describeServer`
+/// and, on `subscribeRepos`, the given frames; counts the frames it sent.
+async fn impostor_host(
+    frames: Vec<Vec<u8>>,
+    sent: Arc<std::sync::atomic::AtomicUsize>,
+) -> SocketAddr {
+    use futures_util::SinkExt;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let (frames, sent) = (frames.clone(), Arc::clone(&sent));
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                for _ in 0..50 {
+                    let n = tcp.peek(&mut buf).await.unwrap_or(0);
+                    head = buf[..n].to_vec();
+                    if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                if text.contains("upgrade: websocket") {
+                    let Ok(mut socket) = tokio_tungstenite::accept_async(tcp).await else {
+                        return;
+                    };
+                    for frame in frames {
+                        if socket.send(Message::Binary(frame.into())).await.is_ok() {
+                            sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                    }
+                    while let Some(Ok(_)) = socket.next().await {}
+                } else {
+                    let _ = tcp.read(&mut buf).await;
+                    let body = r#"{"did":"did:web:impostor.localhost","availableUserDomains":[]}"#;
+                    let response = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        body.len()
+                    );
+                    let _ = tcp.write_all(response.as_bytes()).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A crawled host may speak only for the repos it hosts: one that replays another host's
+/// genuine, signed commit (and an `#account` event of that repo) has both refused, and the
+/// relay never serves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crawled_host_cannot_speak_for_repos_it_does_not_host() {
+    let net = shared().await;
+    let settings = settings("impostor");
+    // The hub watches only the second host; alice lives on the first.
+    let (alice, alice_w) = account(net, 0, "impa").await;
+    alice_w.create::<Note>(&note(9)).await.unwrap();
+    let pds0 = net.pds(0).unwrap().url().replacen("http", "ws", 1);
+    let (mut stream, _) = tokio_tungstenite::connect_async(format!(
+        "{pds0}/xrpc/com.atproto.sync.subscribeRepos?cursor=0"
+    ))
+    .await
+    .unwrap();
+    let mut stolen = Vec::new();
+    while stolen.len() < 2 {
+        let Some(Ok(Message::Binary(bytes))) = stream.next().await else {
+            panic!("the first host's stream ended")
+        };
+        match Frame::decode(&bytes).unwrap() {
+            Frame::Commit(c) if c.repo == alice.did && !c.ops.is_empty() => {
+                stolen.push(bytes.to_vec())
+            }
+            Frame::Account(a) if a.did == alice.did && stolen.is_empty() => {
+                stolen.push(bytes.to_vec())
+            }
+            _ => {}
+        }
+    }
+    let sent = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let impostor = impostor_host(stolen, Arc::clone(&sent)).await;
+
+    let hub = Hub::builder()
+        .nats(nats_url())
+        .plc_url(net.plc_url())
+        .stream(settings.clone())
+        .pds(net.pds(1).unwrap().url())
+        .serve_relay("127.0.0.1:0".parse().unwrap(), RelayConfig::default())
+        .allow_crawl(murmur_bus::CrawlPolicy::allow([impostor.to_string()]))
+        .build()
+        .await
+        .unwrap();
+    let addr = hub.relay_addr().unwrap();
+    let task = tokio::spawn(async move { hub.run().await.unwrap() });
+    let crawled = reqwest::Client::new()
+        .post(format!("http://{addr}/xrpc/com.atproto.sync.requestCrawl"))
+        .json(&serde_json::json!({ "hostname": impostor.to_string() }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(crawled.status(), 200, "{:?}", crawled.text().await);
+    wait_for(
+        "the impostor to send its frames to the hub",
+        Duration::from_secs(30),
+        || sent.load(std::sync::atomic::Ordering::SeqCst) >= 2,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let relayed = read_frames(addr, Some(0), usize::MAX, Duration::from_secs(2)).await;
+    let of_alice: Vec<_> = relayed
+        .iter()
+        .filter_map(|f| f.as_ref().ok())
+        .filter(|f| f.did() == Some(alice.did.as_str()))
+        .collect();
+    assert!(
+        of_alice.is_empty(),
+        "relayed from the impostor: {of_alice:?}"
+    );
+    task.abort();
+    cleanup(&settings).await;
+}

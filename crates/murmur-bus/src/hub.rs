@@ -209,6 +209,7 @@ impl HubBuilder {
         let publisher = Arc::new(Publisher {
             js,
             frames: keep_frames.then(Mutex::default),
+            next_time_us: Mutex::default(),
             subjects,
             max_payload,
             stats: Arc::default(),
@@ -220,7 +221,7 @@ impl HubBuilder {
             plc_url: self.plc_url,
             keep_frames,
         });
-        let watcher = recipe.watcher(&self.sources, &self.relays, self.start_cursor)?;
+        let watcher = recipe.watcher(&self.sources, &self.relays, self.start_cursor, false)?;
         let (crawl, crawl_requests) = match (&self.serve_relay, self.allow_crawl.is_closed()) {
             (Some(_), false) => {
                 let (requests, received) = tokio::sync::mpsc::channel(16);
@@ -280,17 +281,21 @@ struct WatcherRecipe {
 }
 
 impl WatcherRecipe {
+    /// A watcher of `pds` hosts and `relays`; with `authoritative`, each DID's events are
+    /// taken only from its own PDS (for hosts the operator did not name: crawled ones).
     fn watcher(
         &self,
         pds: &[String],
         relays: &[String],
         start_cursor: Option<i64>,
+        authoritative: bool,
     ) -> Result<Watcher, BusError> {
         let tail_publisher = Arc::clone(&self.publisher);
         let gap_publisher = Arc::clone(&self.publisher);
         let mut builder: WatcherBuilder = Watcher::builder()
             .keep_proofs(true)
             .keep_frames(self.keep_frames)
+            .authoritative_hosts(authoritative)
             .identity_events(true)
             .cursor_store(KvCursorStore::new(
                 self.bucket.clone(),
@@ -331,36 +336,39 @@ impl WatcherRecipe {
 }
 
 /// Watches the hosts `requestCrawl` adds, each with a watcher of its own (from the start of
-/// what the host still has, unless its cursor is in the bucket), until `stop` says the hub is
-/// stopping; then stops them and waits for their cursors to be stored.
+/// what the host still has, unless its cursor is in the bucket) that takes a DID's events
+/// only if the host is the DID's PDS, until `stop` says the hub is stopping; then stops them
+/// and waits for their cursors to be stored.
 async fn crawl_hosts(
     recipe: Arc<WatcherRecipe>,
     mut requests: tokio::sync::mpsc::Receiver<crate::relay_http::CrawlRequest>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut watched: HashMap<String, Arc<murmur_firehose::Metrics>> = HashMap::new();
+    let mut watched: HashMap<String, (Arc<murmur_firehose::Metrics>, ShutdownHandle)> =
+        HashMap::new();
     let mut running = tokio::task::JoinSet::new();
-    let mut handles: Vec<ShutdownHandle> = Vec::new();
     loop {
         tokio::select! {
             request = requests.recv() => {
                 let Some(request) = request else { break };
-                if let Some(metrics) = watched.get(&request.url) {
+                if let Some((metrics, _)) = watched.get(&request.url) {
                     let _ = request.answer.send(Ok(Arc::clone(metrics)));
                     continue;
                 }
-                match recipe.watcher(std::slice::from_ref(&request.url), &[], Some(0)) {
+                let hosts = std::slice::from_ref(&request.url);
+                match recipe.watcher(hosts, &[], Some(0), true) {
                     Ok(watcher) => {
                         info!(host = %request.url, "requestCrawl: watching a new host");
                         let metrics = watcher.metrics();
-                        handles.push(watcher.shutdown_handle());
+                        let handle = watcher.shutdown_handle();
                         let url = request.url.clone();
                         running.spawn(async move {
                             if let Err(e) = watcher.run().await {
                                 warn!(host = %url, error = %e, "crawled host's watcher stopped");
                             }
+                            url
                         });
-                        watched.insert(request.url, Arc::clone(&metrics));
+                        watched.insert(request.url, (Arc::clone(&metrics), handle));
                         let _ = request.answer.send(Ok(metrics));
                     }
                     Err(e) => {
@@ -369,9 +377,15 @@ async fn crawl_hosts(
                 }
             }
             _ = stop.wait_for(|stopping| *stopping) => break,
-            Some(_) = running.join_next(), if !running.is_empty() => {}
+            Some(ended) = running.join_next(), if !running.is_empty() => {
+                // A watcher that stopped by itself: a new requestCrawl starts it again.
+                if let Ok(url) = ended {
+                    watched.remove(&url);
+                }
+            }
         }
     }
+    let handles: Vec<ShutdownHandle> = watched.into_values().map(|(_, h)| h).collect();
     for handle in &handles {
         handle.shutdown();
     }
@@ -533,6 +547,8 @@ struct Publisher {
     /// With a relay: per DID, the last event whose frame the stream stored (a commit's rev,
     /// or a repo event's path), so a commit's frame is published once for all its ops.
     frames: Option<Mutex<HashMap<String, String>>>,
+    /// The next microsecond free for a frame's Jetstream events (see `reserve_time_us`).
+    next_time_us: Mutex<i64>,
     subjects: Subjects,
     max_payload: usize,
     stats: Arc<HubStats>,
@@ -568,7 +584,19 @@ impl Publisher {
             return Ok(());
         }
         let id = format!("frame {} {key}", op.did);
-        self.send(source, subject, &id, frame.to_vec()).await?;
+        // Jetstream numbers each op of the frame with a microsecond of its own.
+        let events = match murmur_sync::Frame::decode(&frame[..]) {
+            Ok(murmur_sync::Frame::Commit(commit)) => commit.ops.len().max(1),
+            _ => 1,
+        };
+        let time_us = self.reserve_time_us(events);
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            crate::jetstream::TIME_US_HEADER,
+            time_us.to_string().as_str(),
+        );
+        self.send_with(source, subject, &id, frame.to_vec(), headers)
+            .await?;
         let mut frames = frames.lock().unwrap_or_else(|e| e.into_inner());
         // Bounded: forgetting only means a commit's frame may be sent again for its next
         // op, with the same message id, which the stream's duplicate window drops.
@@ -646,6 +674,19 @@ impl Publisher {
         }
     }
 
+    /// The first of `n` microseconds no frame had before (from now, or just after the last
+    /// reserved when frames come faster than one per microsecond): the `time_us` of a
+    /// frame's Jetstream events, unique and increasing in the order frames are stored.
+    fn reserve_time_us(&self, n: usize) -> i64 {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        let mut next = self.next_time_us.lock().unwrap_or_else(|e| e.into_inner());
+        let start = now.max(*next);
+        *next = start.saturating_add(i64::try_from(n).unwrap_or(i64::MAX));
+        start
+    }
+
     async fn send(
         &self,
         source: &str,
@@ -653,7 +694,18 @@ impl Publisher {
         id: &str,
         payload: Vec<u8>,
     ) -> Result<(), HandlerError> {
-        let mut headers = HeaderMap::new();
+        self.send_with(source, subject, id, payload, HeaderMap::new())
+            .await
+    }
+
+    async fn send_with(
+        &self,
+        source: &str,
+        subject: String,
+        id: &str,
+        payload: Vec<u8>,
+        mut headers: HeaderMap,
+    ) -> Result<(), HandlerError> {
         headers.insert(async_nats::header::NATS_MESSAGE_ID, id);
         let failed = |e: &dyn std::fmt::Display| {
             warn!(source, subject = %subject, id, error = %e, "publish failed; retrying");

@@ -8,11 +8,12 @@
 //!   `cid`), and `identity` and `account` events;
 //! - `wantedCollections` (exact NSIDs or `prefix.*`, at most 100) and `wantedDids` (at most
 //!   10,000), filtered in the server; identity and account events pass any collection filter;
-//! - `cursor`: unix microseconds; events are numbered by the time the frame stream stored
-//!   them (`time_us`), so a cursor maps onto the stream's start time exactly: replay starts at
-//!   the first event stored at or after it (the event at the cursor comes again, as in
-//!   Jetstream: a consumer dedups). A cursor older than the stream starts at its oldest event;
-//!   one in the future, or none, is live;
+//! - `cursor`: unix microseconds. Every event has a `time_us` of its own, increasing in stream
+//!   order (the hub reserves one microsecond per op when it stores a frame, from the time it
+//!   stores it), so a cursor maps onto the stream's start time: replay starts at the first
+//!   event whose `time_us` is at or after the cursor (the event at the cursor comes again, as
+//!   in Jetstream). A cursor older than the stream starts at its oldest event; one in the
+//!   future, or none, is live;
 //! - `compress=true` (or the header `Socket-Encoding: zstd`): every message a zstd frame made
 //!   with Jetstream's own dictionary, sent binary; otherwise text;
 //! - `requireHello=true`: nothing is sent until the subscriber's first `options_update`;
@@ -49,6 +50,17 @@ use crate::BusError;
 use crate::relay::http_error;
 use crate::stream::StreamSettings;
 use crate::subject::Subjects;
+
+/// The header the hub stores each frame with: the `time_us` of its first Jetstream event (the
+/// frame's op `i` is `time_us + i`), reserved when the frame is stored so every event has a
+/// microsecond of its own, increasing in stream order. A frame without it (stored by an older
+/// hub) uses the time the stream stored it.
+pub const TIME_US_HEADER: &str = "Murmur-Time-Us";
+
+/// How far before a cursor the stream is read from, so events whose reserved time is a little
+/// ahead of the time the stream stored them are not missed; those before the cursor are then
+/// skipped.
+const CURSOR_SLACK_US: i64 = 2_000_000;
 
 /// Frames one connection's ordered consumer pulls ahead of its socket.
 const PULL_BATCH: i64 = 32;
@@ -197,8 +209,8 @@ impl JetstreamServer {
     }
 }
 
-/// The events one stored frame makes, each stamped `time_us`: one per op of a `#commit`, one
-/// for an `#identity` or `#account`. Frames of other kinds make none. A record whose block is
+/// The events one stored frame makes: one per op of a `#commit` (op `i` stamped
+/// `time_us + i`), one for an `#identity` or `#account` (stamped `time_us`). Frames of other kinds make none. A record whose block is
 /// missing or is not data-model DAG-CBOR makes no event (the hub verified the commit, so this
 /// does not happen with frames it stored) and is reported in the error list.
 pub fn events_of_frame(frame: &[u8], time_us: i64) -> Result<Vec<Event>, String> {
@@ -208,11 +220,16 @@ pub fn events_of_frame(frame: &[u8], time_us: i64) -> Result<Vec<Event>, String>
         time_us,
         body,
     };
+    let op_event = |i: usize, did: &str, body| Event {
+        did: did.to_string(),
+        time_us: time_us.saturating_add(i64::try_from(i).unwrap_or(i64::MAX)),
+        body,
+    };
     Ok(match decoded {
         murmur_sync::Frame::Commit(commit) => {
             let car = murmur_sync::CarSlice::parse(&commit.blocks).map_err(|e| e.to_string())?;
             let mut events = Vec::with_capacity(commit.ops.len());
-            for op in &commit.ops {
+            for (i, op) in commit.ops.iter().enumerate() {
                 let (record, cid) = match (op.action, op.cid) {
                     (murmur_sync::Action::Delete, _) => (None, None),
                     (_, None) => return Err(format!("{}: a write without a cid", op.path)),
@@ -233,7 +250,8 @@ pub fn events_of_frame(frame: &[u8], time_us: i64) -> Result<Vec<Event>, String>
                     murmur_sync::Action::Update => Operation::Update,
                     murmur_sync::Action::Delete => Operation::Delete,
                 };
-                events.push(event(
+                events.push(op_event(
+                    i,
                     &commit.repo,
                     EventBody::Commit(Commit {
                         rev: commit.rev.clone(),
@@ -275,9 +293,9 @@ pub fn events_of_frame(frame: &[u8], time_us: i64) -> Result<Vec<Event>, String>
 fn deliver_policy(cursor: Option<i64>, now_us: i64) -> DeliverPolicy {
     match cursor {
         Some(cursor) if cursor <= now_us => {
-            let start =
-                time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(cursor.max(0)) * 1_000)
-                    .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+            let from = cursor.saturating_sub(CURSOR_SLACK_US).max(0);
+            let start = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(from) * 1_000)
+                .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
             DeliverPolicy::ByStartTime { start_time: start }
         }
         _ => DeliverPolicy::New,
@@ -301,10 +319,16 @@ impl Drop for Connected {
     }
 }
 
+/// A close frame (code 1008) with `reason` cut to the 123 bytes a close frame can carry, at
+/// a character boundary.
 fn close(reason: &str) -> Message {
+    let mut end = reason.len().min(123);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
     Message::Close(Some(CloseFrame {
         code: CloseCode::Policy,
-        reason: Utf8Bytes::from(reason.chars().take(120).collect::<String>()),
+        reason: Utf8Bytes::from(reason[..end].to_string()),
     }))
 }
 
@@ -348,7 +372,9 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             Err(e) => Err(http_error(400, "InvalidRequest", &e.to_string())),
         }
     };
-    let config = WebSocketConfig::default().max_message_size(Some(MAX_SUBSCRIBER_MESSAGE));
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_SUBSCRIBER_MESSAGE))
+        .max_frame_size(Some(MAX_SUBSCRIBER_MESSAGE));
     let handshake = tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config));
     let socket = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Ok(Ok(socket)) => socket,
@@ -397,10 +423,14 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             return;
         }
     };
+    // A cursor in the future is live; one in the past replays from it (the stream is read
+    // from a little before it, and what is before it skipped).
+    let connected_at = now_us();
+    let skip_before = options.cursor.filter(|c| *c <= connected_at);
     let consumer = stream
         .create_consumer(OrderedConfig {
             filter_subject: shared.filter.clone(),
-            deliver_policy: deliver_policy(options.cursor, now_us()),
+            deliver_policy: deliver_policy(options.cursor, connected_at),
             max_batch: PULL_BATCH,
             ..Default::default()
         })
@@ -433,9 +463,17 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
                     }
                     None => return,
                 };
+                let reserved = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get(TIME_US_HEADER))
+                    .and_then(|v| v.as_str().parse::<i64>().ok());
                 let (time_us, pending) = match message.info() {
                     Ok(info) => (
-                        i64::try_from(info.published.unix_timestamp_nanos() / 1_000).unwrap_or(0),
+                        reserved.unwrap_or_else(|| {
+                            i64::try_from(info.published.unix_timestamp_nanos() / 1_000)
+                                .unwrap_or(0)
+                        }),
                         info.pending,
                     ),
                     Err(e) => {
@@ -456,7 +494,8 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
                         continue;
                     }
                 };
-                for event in events.iter().filter(|e| filter.matches(e)) {
+                let after_cursor = |e: &&Event| skip_before.is_none_or(|c| e.time_us >= c);
+                for event in events.iter().filter(after_cursor).filter(|e| filter.matches(e)) {
                     let json = event.to_json();
                     let limit = options.max_message_size_bytes;
                     if limit > 0 && json.len() as u64 > limit {
@@ -544,7 +583,7 @@ mod tests {
             DeliverPolicy::ByStartTime { start_time } => {
                 assert_eq!(
                     start_time.unix_timestamp_nanos(),
-                    (now - 5_000_000) as i128 * 1000
+                    (now - 5_000_000 - CURSOR_SLACK_US) as i128 * 1000
                 )
             }
             other => panic!("{other:?}"),
@@ -578,13 +617,14 @@ mod tests {
             if let murmur_sync::Frame::Commit(commit) = murmur_sync::Frame::decode(frame).unwrap() {
                 ops += commit.ops.len();
                 assert_eq!(events.len(), commit.ops.len());
-                for (event, op) in events.iter().zip(&commit.ops) {
+                for (i, (event, op)) in events.iter().zip(&commit.ops).enumerate() {
                     let EventBody::Commit(c) = &event.body else {
                         panic!("a commit")
                     };
                     assert_eq!(
                         (event.did.as_str(), event.time_us),
-                        (commit.repo.as_str(), 42)
+                        (commit.repo.as_str(), 42 + i as i64),
+                        "op {i} has a microsecond of its own"
                     );
                     assert_eq!(format!("{}/{}", c.collection, c.rkey), op.path);
                     assert_eq!(c.rev, commit.rev);

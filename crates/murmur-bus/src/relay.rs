@@ -357,7 +357,9 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
             Err(message) => Err(http_error(400, "InvalidRequest", &message)),
         }
     };
-    let config = WebSocketConfig::default().max_message_size(Some(64 * 1024));
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(64 * 1024))
+        .max_frame_size(Some(64 * 1024));
     let socket =
         match tokio_tungstenite::accept_hdr_async_with_config(tcp, callback, Some(config)).await {
             Ok(socket) => socket,

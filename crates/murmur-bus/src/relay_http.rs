@@ -18,7 +18,11 @@ const MAX_HEAD: usize = 16 * 1024;
 /// `requestCrawl` join them) and, for `listHosts`, the watchers' per-source figures.
 pub(crate) struct Hosts {
     urls: RwLock<Vec<String>>,
-    metrics: RwLock<Vec<Arc<murmur_firehose::Metrics>>>,
+    /// The hosts the hub started with (crawled hosts join `urls` after them).
+    configured: usize,
+    metrics: Option<Arc<murmur_firehose::Metrics>>,
+    /// Per crawled host, its watcher's figures (replaced when its watcher is started again).
+    crawled: RwLock<std::collections::HashMap<String, Arc<murmur_firehose::Metrics>>>,
     pub http: reqwest::Client,
     pub crawl: Option<Crawl>,
 }
@@ -91,8 +95,11 @@ fn host_part(authority: &str) -> &str {
 }
 
 /// The base URL and authority of the host a `requestCrawl` names: a hostname (`host` or
-/// `host:port`, as the spec has it; loopback names get `http://`, others `https://`) or, for
-/// convenience, a URL with an `http(s)://` or `ws(s)://` scheme and no path.
+/// `host:port`, as the spec has it) or, for convenience, a URL with an `http(s)://` or
+/// `ws(s)://` scheme and no path. Loopback hosts (`localhost`, `127.0.0.0/8`, `[::1]`) are
+/// reached over `http`, every other host over `https` only (its events are not signed all
+/// the way: `#identity` and `#account` must not cross a network in the clear). A port that is
+/// the scheme's default is dropped, so one host has one spelling.
 pub(crate) fn crawl_target(hostname: &str) -> Result<(String, String), String> {
     let given = hostname.trim().trim_end_matches('/');
     let (scheme, authority) = match given.split_once("://") {
@@ -103,38 +110,83 @@ pub(crate) fn crawl_target(hostname: &str) -> Result<(String, String), String> {
     };
     let authority = authority.to_ascii_lowercase();
     let host = host_part(&authority);
-    let port = authority[host.len()..].strip_prefix(':');
-    let host_ok = if host.starts_with('[') {
-        host.len() > 2
-            && host[1..host.len() - 1]
-                .bytes()
-                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
-    } else {
-        !host.is_empty()
-            && host.len() <= 253
-            && host.split('.').all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    && !label.starts_with('-')
-                    && !label.ends_with('-')
-            })
+    let port = match &authority[host.len()..] {
+        "" => None,
+        rest => match rest.strip_prefix(':').map(str::parse::<u16>) {
+            Some(Ok(port)) if port > 0 => Some(port),
+            _ => {
+                return Err(format!(
+                    "{hostname:?} is not a hostname (host or host:port)"
+                ));
+            }
+        },
     };
-    let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|p| p > 0));
-    if !host_ok || !port_ok || authority[host.len()..].chars().any(|c| c == '/') {
+    let ip = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host)
+        .parse::<std::net::IpAddr>()
+        .ok();
+    let host_ok = match ip {
+        Some(std::net::IpAddr::V6(_)) => host.starts_with('['),
+        Some(std::net::IpAddr::V4(_)) => true,
+        None => {
+            !host.is_empty()
+                && host.len() <= 253
+                && host.split('.').all(|label| {
+                    !label.is_empty()
+                        && label.len() <= 63
+                        && label
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                        && !label.starts_with('-')
+                        && !label.ends_with('-')
+                })
+        }
+    };
+    if !host_ok {
         return Err(format!(
             "{hostname:?} is not a hostname (host or host:port)"
         ));
     }
-    let loopback = host == "localhost"
-        || host.ends_with(".localhost")
-        || host.starts_with("127.")
-        || host == "[::1]";
-    let scheme = scheme.unwrap_or(if loopback { "http" } else { "https" });
+    let loopback = host == "localhost" || ip.is_some_and(|ip| ip.is_loopback());
+    let scheme = match (scheme, loopback) {
+        (Some("http"), false) => {
+            return Err(format!(
+                "{hostname:?}: a host that is not on this machine is crawled over https only"
+            ));
+        }
+        (Some(scheme), _) => scheme,
+        (None, true) => "http",
+        (None, false) => "https",
+    };
+    let authority = match port {
+        Some(443) if scheme == "https" => host.to_string(),
+        Some(80) if scheme == "http" => host.to_string(),
+        Some(port) => format!("{host}:{port}"),
+        None => host.to_string(),
+    };
     Ok((format!("{scheme}://{authority}"), authority))
 }
+
+/// Whether two base URLs are the same host (scheme aside, default ports made explicit).
+fn same_host(a: &str, b: &str) -> bool {
+    let key = |url: &str| {
+        let (scheme, rest) = url.split_once("://").unwrap_or(("https", url));
+        let rest = rest.trim_end_matches('/').to_ascii_lowercase();
+        let host = host_part(&rest).to_string();
+        let port = match rest[host.len()..].strip_prefix(':') {
+            Some(port) => port.to_string(),
+            None if matches!(scheme, "http" | "ws") => "80".into(),
+            None => "443".into(),
+        };
+        (host, port)
+    };
+    key(a) == key(b)
+}
+
+/// Most hosts `requestCrawl` may add to one hub.
+pub(crate) const MAX_CRAWLED_HOSTS: usize = 1000;
 
 impl Hosts {
     pub(crate) fn new(urls: Vec<String>, metrics: Option<Arc<murmur_firehose::Metrics>>) -> Self {
@@ -143,7 +195,7 @@ impl Hosts {
             .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
-        let urls = urls
+        let urls: Vec<String> = urls
             .into_iter()
             .map(|u| {
                 let u = u.trim_end_matches('/');
@@ -160,8 +212,10 @@ impl Hosts {
             })
             .collect();
         Hosts {
+            configured: urls.len(),
             urls: RwLock::new(urls),
-            metrics: RwLock::new(metrics.into_iter().collect()),
+            metrics,
+            crawled: RwLock::default(),
             http,
             crawl: None,
         }
@@ -182,12 +236,22 @@ impl Hosts {
     fn add(&self, url: String, metrics: Arc<murmur_firehose::Metrics>) {
         let mut urls = self.urls.write().unwrap_or_else(|e| e.into_inner());
         if !urls.contains(&url) {
-            urls.push(url);
+            urls.push(url.clone());
         }
-        self.metrics
+        self.crawled
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .push(metrics);
+            .insert(url, metrics);
+    }
+
+    /// The figures of every watcher: the hub's, then each crawled host's.
+    fn all_metrics(&self) -> Vec<Arc<murmur_firehose::Metrics>> {
+        let crawled = self.crawled.read().unwrap_or_else(|e| e.into_inner());
+        self.metrics
+            .iter()
+            .cloned()
+            .chain(crawled.values().cloned())
+            .collect()
     }
 }
 
@@ -389,15 +453,41 @@ async fn request_crawl(hosts: &Hosts, crawl: &Crawl, body: &[u8]) -> Reply {
             &format!("{authority} is not a host this relay may crawl"),
         );
     }
-    if hosts.urls().contains(&url) {
+    // A host the hub started with is watched already; a crawled one is checked by the hub
+    // (its watcher may have stopped, and is then started again).
+    let known = hosts.urls();
+    if known[..hosts.configured.min(known.len())]
+        .iter()
+        .any(|u| same_host(u, &url))
+    {
         return Reply::Json(200, json!({}));
     }
+    let url = known
+        .iter()
+        .find(|u| same_host(u, &url))
+        .cloned()
+        .unwrap_or(url);
+    if known.len() >= MAX_CRAWLED_HOSTS {
+        return error(
+            400,
+            "InvalidRequest",
+            &format!("this relay watches {} hosts, its most", known.len()),
+        );
+    }
     let describe = format!("{url}/xrpc/com.atproto.server.describeServer");
-    let is_pds = match hosts.http.get(&describe).send().await {
-        Ok(r) if r.status().is_success() => r
-            .json::<Value>()
+    let asked = hosts
+        .http
+        .get(&describe)
+        .timeout(Duration::from_secs(5))
+        .send();
+    let is_pds = match asked.await {
+        Ok(r) if r.status().is_success() && r.content_length().is_none_or(|n| n <= 64 * 1024) => r
+            .bytes()
             .await
-            .is_ok_and(|v| v["did"].as_str().is_some()),
+            .ok()
+            .filter(|b| b.len() <= 64 * 1024)
+            .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+            .is_some_and(|v| v["did"].as_str().is_some()),
         _ => false,
     };
     if !is_pds {
@@ -455,9 +545,7 @@ fn decode(s: &str) -> String {
 /// `listHosts`: the hub's hosts, with the last seq read from each.
 fn list_hosts(hosts: &Hosts) -> Value {
     let sources: Vec<_> = hosts
-        .metrics
-        .read()
-        .unwrap_or_else(|e| e.into_inner())
+        .all_metrics()
         .iter()
         .flat_map(|m| m.sources())
         .collect();
@@ -613,8 +701,22 @@ mod tests {
         assert_eq!(target("localhost:2583"), Ok("http://localhost:2583".into()));
         assert_eq!(target("127.0.0.1:2583"), Ok("http://127.0.0.1:2583".into()));
         assert_eq!(target("[::1]:2583"), Ok("http://[::1]:2583".into()));
-        assert_eq!(target("ws://h:1/"), Ok("http://h:1".into()));
+        assert_eq!(
+            target("pds.example.com:443"),
+            Ok("https://pds.example.com".into())
+        );
+        assert_eq!(target("ws://localhost:1/"), Ok("http://localhost:1".into()));
         assert_eq!(target("wss://h.example"), Ok("https://h.example".into()));
+        // Not on this machine: https only, whatever the name looks like.
+        assert!(target("http://h.example").is_err());
+        assert!(target("ws://127.0.0.1.example.com").is_err());
+        assert_eq!(
+            target("127.0.0.1.example.com"),
+            Ok("https://127.0.0.1.example.com".into())
+        );
+        assert!(same_host("http://localhost:80", "http://localhost"));
+        assert!(same_host("https://h.example", "http://h.example:443"));
+        assert!(!same_host("https://h.example", "https://h.example:8443"));
         for bad in [
             "",
             "ftp://h",
@@ -627,6 +729,12 @@ mod tests {
             "user@h",
             "h example",
             "[zz]:1",
+            "[::1]@evil.example",
+            "[::1]x",
+            "::1",
+            "[::1]@evil.example",
+            "[::1]x",
+            "::1",
         ] {
             assert!(crawl_target(bad).is_err(), "{bad:?}");
         }

@@ -102,6 +102,9 @@ pub(crate) struct Pipeline {
     pub keep_proofs: bool,
     /// Whether ops carry their event's original frame ([`OpData::frame`]).
     pub keep_frames: bool,
+    /// Events of a DID are taken only from its own PDS (see
+    /// [`WatcherBuilder::authoritative_hosts`](crate::WatcherBuilder::authoritative_hosts)).
+    pub authoritative_hosts: bool,
     /// DIDs whose repo is being re-fetched.
     pub resyncing: Arc<Mutex<HashSet<String>>>,
     /// Repos whose last `#account` event said they are not active, with the status given:
@@ -217,6 +220,27 @@ impl Pipeline {
         } = event;
         let ev = EventRef { index, token };
         let url: &str = &url;
+        if self.authoritative_hosts
+            && let Some(did) = frame.did()
+            && self.filter.allows_repo(did)
+        {
+            let seq = frame.seq().unwrap_or_default();
+            let checked = self
+                .until_verified(url, did, seq, || self.check_host(url, did))
+                .await;
+            if let Err(e) = checked {
+                match &frame {
+                    Frame::Commit(commit) => self.reject_commit(url, commit, e),
+                    Frame::Sync(sync) => self.reject_sync(url, sync, e),
+                    _ => {
+                        warn!(source = url, did, seq, error = %e, "event not taken");
+                        self.metrics.rejected_from(url);
+                    }
+                }
+                self.finish_event(ev);
+                return;
+            }
+        }
         match frame {
             Frame::Commit(commit) => self.commit(ev, url, &commit, raw).await,
             Frame::Sync(sync) if !self.filter.allows_repo(&sync.did) => {
@@ -274,6 +298,20 @@ impl Pipeline {
             }
             // Not returned by `read`.
             Frame::Info(_) | Frame::Unknown { .. } => self.finish_event(ev),
+        }
+    }
+
+    /// Whether the source at `url` is `did`'s PDS (see `authoritative_hosts`).
+    async fn check_host(&self, url: &str, did: &str) -> Result<(), SyncError> {
+        let identity = self.verifier.resolver().resolve(did).await?;
+        let source_host = authority(url);
+        match identity.pds.as_deref() {
+            Some(pds) if source_host.is_some() && authority(pds) == source_host => Ok(()),
+            pds => Err(SyncError::NotAuthoritative {
+                did: did.to_string(),
+                source_host: source_host.unwrap_or_else(|| url.to_string()),
+                pds: pds.unwrap_or("none").to_string(),
+            }),
         }
     }
 
@@ -885,5 +923,51 @@ fn log_watch_error(error: &WatchError) {
         WatchError::Backfill { source, error } => {
             warn!(target: TARGET, source, error = %error, "backfill could not list the host's repos")
         }
+    }
+}
+
+/// The `host:port` a URL points at, lowercase, with the scheme's default port made explicit
+/// (`ws`/`http` 80, `wss`/`https` 443), so `https://pds.example` and
+/// `wss://pds.example:443/xrpc/...` compare equal. `None` without a known scheme.
+fn authority(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
+        "http" | "ws" => 80,
+        "https" | "wss" => 443,
+        _ => return None,
+    };
+    let authority = rest.split(['/', '?', '#']).next()?.to_ascii_lowercase();
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    let has_port = match authority.rfind(':') {
+        Some(i) => !authority[i..].contains(']'),
+        None => false,
+    };
+    Some(if has_port {
+        authority
+    } else {
+        format!("{authority}:{default_port}")
+    })
+}
+
+#[cfg(test)]
+mod authority_tests {
+    use super::authority;
+
+    #[test]
+    fn authorities_compare_across_schemes_and_default_ports() {
+        let same = |a: &str, b: &str| authority(a).is_some() && authority(a) == authority(b);
+        assert!(same(
+            "https://PDS.example",
+            "wss://pds.example:443/xrpc/com.atproto.sync.subscribeRepos"
+        ));
+        assert!(same("http://localhost:2583", "ws://localhost:2583/xrpc/x"));
+        assert!(same("http://[::1]:80/", "ws://[::1]/x"));
+        assert!(!same("https://pds.example", "ws://pds.example/xrpc"));
+        assert!(!same("https://pds.example", "https://pds.example.evil"));
+        assert!(!same("https://a@pds.example", "https://pds.example"));
+        assert_eq!(authority("pds.example"), None);
+        assert_eq!(authority("ftp://pds.example"), None);
     }
 }

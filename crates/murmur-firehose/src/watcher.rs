@@ -54,6 +54,7 @@ pub struct WatcherBuilder {
     max_seq_jump: i64,
     keep_proofs: bool,
     keep_frames: bool,
+    authoritative_hosts: bool,
     tail: Option<Box<dyn Handler>>,
     backfill: Option<crate::Backfill>,
     record_index: Option<bool>,
@@ -92,6 +93,7 @@ impl Default for WatcherBuilder {
             max_seq_jump: DEFAULT_MAX_SEQ_JUMP,
             keep_proofs: false,
             keep_frames: false,
+            authoritative_hosts: false,
             tail: None,
             backfill: None,
             record_index: None,
@@ -305,10 +307,26 @@ impl WatcherBuilder {
         self
     }
 
+    /// Takes a DID's events only from its own PDS: an event whose DID's document names
+    /// another `#atproto_pds` endpoint than the source's host is rejected
+    /// ([`SyncError::NotAuthoritative`](murmur_sync::SyncError::NotAuthoritative)) before
+    /// anything else is done with it, as a relay must for hosts it does not control (a host
+    /// could otherwise replay other repos' old commits or speak for their `#identity` and
+    /// `#account`). For sources that are PDS hosts, not relays. Off by default.
+    pub fn authoritative_hosts(mut self, on: bool) -> Self {
+        self.authoritative_hosts = on;
+        self
+    }
+
     /// Whether each delivered op carries the original frame of its event in
     /// [`OpData::frame`](crate::OpData::frame), so the verified events can be passed on as
     /// the source sent them (what murmur-bus's relay serves). Off by default: it keeps a copy
     /// of each frame until its event is handled.
+    ///
+    /// With it on, the tail also gets, for their frames, the verified events that change no
+    /// record: [`RepoEvent::Sync`](crate::RepoEvent::Sync) (path `#sync/{seq}`) and
+    /// [`RepoEvent::EmptyCommit`](crate::RepoEvent::EmptyCommit) (path `#commit/{seq}`), both
+    /// with action `Update` and no CID ([`RepoEvent::is_frame_only`](crate::RepoEvent::is_frame_only)).
     pub fn keep_frames(mut self, on: bool) -> Self {
         self.keep_frames = on;
         self
@@ -568,6 +586,7 @@ impl WatcherBuilder {
                 max_seq_jump: self.max_seq_jump,
                 keep_proofs: self.keep_proofs,
                 keep_frames: self.keep_frames,
+                authoritative_hosts: self.authoritative_hosts,
                 resyncing: Arc::default(),
                 inactive: Mutex::default(),
                 resync_slots: Arc::new(tokio::sync::Semaphore::new(

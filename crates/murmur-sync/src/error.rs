@@ -264,6 +264,17 @@ pub enum SyncError {
         /// The transport error or HTTP status.
         reason: String,
     },
+    /// An event of a DID came from a host that is not the DID's PDS (its DID document's
+    /// `#atproto_pds` endpoint): a host may only speak for the repos it hosts.
+    #[error("{did} is hosted at {pds}, not at {source_host}: its events from there are not taken")]
+    NotAuthoritative {
+        /// The DID.
+        did: String,
+        /// The host the event came from.
+        source_host: String,
+        /// The DID's PDS, from its DID document (`none` when it names none).
+        pds: String,
+    },
     /// A repo or record proof could not be fetched (`com.atproto.sync.getRepo`/`getRecord`)
     /// for a reason retrying will not fix (e.g. HTTP 400).
     #[error("cannot fetch the repo of {did} from {url}: {reason}")]
