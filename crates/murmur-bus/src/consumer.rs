@@ -10,7 +10,7 @@ use async_nats::jetstream::{self, AckKind, consumer};
 use async_trait::async_trait;
 use futures_util::StreamExt;
 use murmur_firehose::{
-    Backoff, Delivered, Feed, FeedSink, FirehoseError, OpData, Rejection, WatchError,
+    Backoff, Delivered, Feed, FeedSink, FirehoseError, OpData, Provenance, Rejection, WatchError,
 };
 use murmur_sync::{Action, SyncError};
 use tokio::sync::Notify;
@@ -409,9 +409,13 @@ impl BusSource {
         }
         let message = Arc::new(message);
         let heartbeat = in_progress(Arc::clone(&message), self.ack_wait);
-        if data.repo_event.is_none()
-            && (!self.trust_hub || data.record.is_none() && data.action != Action::Delete)
-        {
+        let verify = data.repo_event.is_none()
+            && (!self.trust_hub || data.record.is_none() && data.action != Action::Delete);
+        if data.repo_event.is_none() && !verify {
+            // Taken as the hub published it.
+            data = data.with_provenance(Provenance::Unverified);
+        }
+        if verify {
             match self.verify(sink, &mut data).await {
                 Ok(()) => {}
                 Err(e) => {

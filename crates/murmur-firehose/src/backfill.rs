@@ -372,6 +372,7 @@ impl Pipeline {
                 proof: None,
                 frame: None,
                 origin,
+                provenance: self.provenance(),
             };
             Metrics::inc(&self.metrics.ops_matched);
             let permit = self.dispatcher.reserve().await;

@@ -37,16 +37,23 @@ impl FileCursorStore {
 }
 
 /// A file name that identifies `source` readably: `ws://localhost:2583/...` -> `localhost_2583`.
+/// A path other than `subscribeRepos`'s is kept (`ws://hub:6008/subscribe` ->
+/// `hub_6008_subscribe`), so a Jetstream feed and a `subscribeRepos` source on one host keep
+/// cursors of their own (one counts microseconds, the other seqs).
 pub(crate) fn file_name_for(source: &str) -> String {
-    let trimmed = source
-        .split("://")
-        .nth(1)
-        .unwrap_or(source)
-        .split('/')
+    let rest = source.split("://").nth(1).unwrap_or(source);
+    let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let path = path
+        .split(['?', '#'])
         .next()
-        .unwrap_or(source);
-    trimmed
-        .chars()
+        .unwrap_or("")
+        .trim_end_matches('/');
+    let name = if path.is_empty() || path == "xrpc/com.atproto.sync.subscribeRepos" {
+        host.to_string()
+    } else {
+        format!("{host}/{path}")
+    };
+    name.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
                 c
@@ -121,6 +128,23 @@ mod tests {
         let reopened = FileCursorStore::new(dir.path().join("cursors"));
         assert_eq!(reopened.load("ws://localhost:1/x").await.unwrap(), Some(42));
         assert_eq!(reopened.load("ws://localhost:2/x").await.unwrap(), Some(7));
+    }
+
+    #[test]
+    fn file_names_keep_paths_other_than_subscribe_repos() {
+        assert_eq!(
+            file_name_for("ws://localhost:2583/xrpc/com.atproto.sync.subscribeRepos"),
+            "localhost_2583"
+        );
+        assert_eq!(file_name_for("ws://localhost:2583"), "localhost_2583");
+        assert_eq!(
+            file_name_for("ws://localhost:2583/subscribe"),
+            "localhost_2583_subscribe"
+        );
+        assert_eq!(
+            file_name_for("wss://js.example/subscribe?compress=true"),
+            "js.example_subscribe"
+        );
     }
 
     #[tokio::test]

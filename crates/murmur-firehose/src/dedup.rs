@@ -55,7 +55,7 @@ pub struct FileDedupStore {
 /// 128 bits of SHA-256 over a key's did, rev and path: the key as the store remembers it.
 type KeyDigest = u128;
 
-fn digest_of(did: &str, rev: &str, path: &str) -> KeyDigest {
+pub(crate) fn digest_of(did: &str, rev: &str, path: &str) -> KeyDigest {
     let mut h = Sha256::new();
     for part in [did, rev, path] {
         h.update(part.as_bytes());

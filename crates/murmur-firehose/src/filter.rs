@@ -3,6 +3,8 @@
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 
+use tokio::sync::watch;
+
 use crate::Action;
 
 /// A collection pattern: an exact NSID (`agent.comms.task`) or a prefix (`agent.comms.*`).
@@ -34,12 +36,29 @@ impl CollectionPattern {
 
 /// A DID allowlist that can change while the watcher runs. Clones share the same list.
 #[derive(Debug, Clone, Default)]
-pub struct DidAllowlist(Arc<RwLock<Option<HashSet<String>>>>);
+pub struct DidAllowlist(Arc<AllowlistInner>);
+
+#[derive(Debug)]
+struct AllowlistInner {
+    set: RwLock<Option<HashSet<String>>>,
+    /// Counts changes, so a source that filters in its server (Jetstream) can follow them.
+    changes: watch::Sender<u64>,
+}
+
+impl Default for AllowlistInner {
+    fn default() -> Self {
+        AllowlistInner {
+            set: RwLock::default(),
+            changes: watch::channel(0).0,
+        }
+    }
+}
 
 impl DidAllowlist {
     /// Allows only these DIDs from now on.
     pub fn set(&self, dids: impl IntoIterator<Item = impl Into<String>>) {
         *self.write() = Some(dids.into_iter().map(Into::into).collect());
+        self.changed();
     }
 
     /// Adds a DID (turning an allow-all list into a list of one).
@@ -47,6 +66,7 @@ impl DidAllowlist {
         self.write()
             .get_or_insert_with(HashSet::new)
             .insert(did.into());
+        self.changed();
     }
 
     /// Removes a DID.
@@ -54,24 +74,44 @@ impl DidAllowlist {
         if let Some(set) = self.write().as_mut() {
             set.remove(did);
         }
+        self.changed();
     }
 
     /// Allows every DID again.
     pub fn allow_all(&self) {
         *self.write() = None;
+        self.changed();
     }
 
     /// Whether `did` passes.
     pub fn allows(&self, did: &str) -> bool {
-        self.0
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
-            .is_none_or(|set| set.contains(did))
+        self.read().as_ref().is_none_or(|set| set.contains(did))
+    }
+
+    /// The DIDs allowed now, sorted; `None` when every DID is.
+    pub fn list(&self) -> Option<Vec<String>> {
+        self.read().as_ref().map(|set| {
+            let mut dids: Vec<String> = set.iter().cloned().collect();
+            dids.sort();
+            dids
+        })
+    }
+
+    /// A receiver that sees every change made after it was taken.
+    pub(crate) fn subscribe(&self) -> watch::Receiver<u64> {
+        self.0.changes.subscribe()
+    }
+
+    fn changed(&self) {
+        self.0.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Option<HashSet<String>>> {
+        self.0.set.read().unwrap_or_else(|e| e.into_inner())
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Option<HashSet<String>>> {
-        self.0.write().unwrap_or_else(|e| e.into_inner())
+        self.0.set.write().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -142,5 +182,22 @@ mod tests {
         assert!(!f.allows_repo("did:plc:a"));
         list.allow_all();
         assert!(f.allows_repo("did:plc:z"));
+    }
+
+    #[test]
+    fn changes_are_announced_and_listed() {
+        let list = DidAllowlist::default();
+        let mut changes = list.subscribe();
+        assert_eq!(list.list(), None);
+        assert!(!changes.has_changed().unwrap());
+        list.set(["did:plc:b", "did:plc:a"]);
+        assert!(changes.has_changed().unwrap());
+        changes.borrow_and_update();
+        assert_eq!(
+            list.list(),
+            Some(vec!["did:plc:a".to_string(), "did:plc:b".to_string()])
+        );
+        list.clone().remove("did:plc:a");
+        assert!(changes.has_changed().unwrap(), "a clone's change is seen");
     }
 }

@@ -67,6 +67,7 @@ mod gap;
 mod handler;
 mod hooks;
 mod index;
+mod jetstream;
 mod metrics;
 mod op;
 mod pipeline;
@@ -94,11 +95,12 @@ pub use filter::{CollectionPattern, DidAllowlist, Filter};
 pub use gap::{Gap, GapKind};
 pub use handler::{BoxFuture, CallError, Handler, HandlerService, Layered};
 pub use hooks::{ErrorHook, GapHook, RejectedHook, ResyncHook};
+pub use jetstream::{DEFAULT_JETSTREAM_REWIND, JetstreamOp, JetstreamSource};
 pub use metrics::{Metrics, MetricsSnapshot, SourceSnapshot};
 pub use murmur_macros::handler;
 pub use op::{
-    ACCOUNT_EVENTS, Action, EMPTY_COMMITS, IDENTITY_EVENTS, OpData, OpEvent, Origin, RepoEvent,
-    SYNC_EVENTS,
+    ACCOUNT_EVENTS, Action, EMPTY_COMMITS, IDENTITY_EVENTS, OpData, OpEvent, Origin, Provenance,
+    RepoEvent, SYNC_EVENTS,
 };
 pub use pipeline::{DEFAULT_MAX_SEQ_JUMP, MAX_SEQ};
 pub use reader::ERROR_FRAME_REPEATS;

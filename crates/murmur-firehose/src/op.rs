@@ -78,6 +78,37 @@ pub struct OpData {
     /// How the op reached the watcher: from the stream, or from a copy of the repo (a
     /// backfill, or a resync after a gap).
     pub origin: Origin,
+    /// Whether the op was checked against its author's signature ([`Provenance::Verified`])
+    /// or taken as its upstream sent it ([`Provenance::Unverified`]: e.g. from Jetstream
+    /// without proofs).
+    pub provenance: Provenance,
+}
+
+/// Whether an op was checked against its author's signature. Every op's record hashes to its
+/// CID either way; only a verified one is known to be the author's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Provenance {
+    /// Proven from a commit signed by the author's key: the event's commit and MST path, a
+    /// repo copy, or a proof fetched from the author's PDS (`com.atproto.sync.getRecord`).
+    #[default]
+    Verified,
+    /// Taken as the upstream sent it, with nothing tying it to the author's key: an op read
+    /// from Jetstream without [`jetstream_proofs`](crate::WatcherBuilder::jetstream_proofs),
+    /// from a bus consumer that trusts its hub, or verified at
+    /// [`VerifyLevel::None`](murmur_sync::VerifyLevel::None). Whoever runs the upstream could
+    /// have made it up.
+    Unverified,
+}
+
+impl Provenance {
+    /// `"verified"` or `"unverified"`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Provenance::Verified => "verified",
+            Provenance::Unverified => "unverified",
+        }
+    }
 }
 
 /// How an op reached the watcher. Ops from a copy of the repo (`getRepo`) carry the repo's
@@ -137,6 +168,7 @@ impl OpData {
             proof: None,
             frame: None,
             origin: Origin::Live,
+            provenance: Provenance::Verified,
         }
     }
 
@@ -166,6 +198,13 @@ impl OpData {
     pub fn with_record(mut self, cid: murmur_sync::Cid, record: Option<Vec<u8>>) -> Self {
         self.cid = Some(cid);
         self.record = record;
+        self
+    }
+
+    /// Sets whether the op was checked against its author's signature (a feed that delivers
+    /// ops it did not verify says [`Provenance::Unverified`]).
+    pub fn with_provenance(mut self, provenance: Provenance) -> Self {
+        self.provenance = provenance;
         self
     }
 
@@ -287,6 +326,11 @@ impl OpEvent {
     /// How the op reached the watcher (live, backfill, resync).
     pub fn origin(&self) -> Origin {
         self.inner.origin
+    }
+
+    /// Whether the op was checked against its author's signature (see [`Provenance`]).
+    pub fn provenance(&self) -> Provenance {
+        self.inner.provenance
     }
 
     /// How many times a handler has started on this op so far.

@@ -124,6 +124,15 @@ pub(crate) struct Pipeline {
 }
 
 impl Pipeline {
+    /// The provenance of the ops this pipeline verifies itself: unverified at
+    /// [`VerifyLevel::None`](murmur_sync::VerifyLevel::None) (no signature is checked).
+    pub(crate) fn provenance(&self) -> crate::Provenance {
+        match self.verifier.level() {
+            murmur_sync::VerifyLevel::None => crate::Provenance::Unverified,
+            _ => crate::Provenance::Verified,
+        }
+    }
+
     /// Reads one frame of source `index`: decodes it, checks its seq and handles what
     /// concerns the whole stream (`#info`, gaps in the seqs). An event of one repo is
     /// returned, registered in the source's progress, for [`Pipeline::handle`] to run in
@@ -598,6 +607,7 @@ impl Pipeline {
                 proof: proof.clone(),
                 frame: raw.clone(),
                 origin: crate::Origin::Live,
+                provenance: self.provenance(),
             };
             jobs.push((OpEvent::new(data, Arc::clone(&self.state)), handlers));
         }
@@ -735,6 +745,7 @@ impl Pipeline {
                     proof: None,
                     frame: None,
                     origin: crate::Origin::Live,
+                    provenance: self.provenance(),
                 };
                 let op = Rejected::Op(OpEvent::new(data, Arc::clone(&self.state)));
                 self.call_rejected_hook(hook, &op, &rejection);

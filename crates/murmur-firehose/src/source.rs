@@ -174,7 +174,7 @@ impl Source for SubscribeRepos {
 
 /// TLS with the webpki (Mozilla) roots on the ring provider, chosen explicitly: the process
 /// default provider is ambiguous when an application's dependencies enable another one.
-fn default_tls() -> Result<Arc<rustls::ClientConfig>, SourceError> {
+pub(crate) fn default_tls() -> Result<Arc<rustls::ClientConfig>, SourceError> {
     let roots = rustls::RootCertStore {
         roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
     };
@@ -212,7 +212,7 @@ impl Drop for AbortOnDrop {
     }
 }
 
-fn handshake_error(e: tungstenite::Error) -> SourceError {
+pub(crate) fn handshake_error(e: tungstenite::Error) -> SourceError {
     match e {
         tungstenite::Error::Http(response) => {
             let status = response.status().as_u16();

@@ -27,6 +27,8 @@ use crate::{
 pub struct WatcherBuilder {
     sources: Vec<Arc<dyn Source>>,
     feeds: Vec<Arc<dyn Feed>>,
+    jetstreams: Vec<String>,
+    jetstream_proofs: bool,
     filter: Filter,
     handlers: Vec<Box<dyn Handler>>,
     state: StateMap,
@@ -66,6 +68,8 @@ impl Default for WatcherBuilder {
         WatcherBuilder {
             sources: Vec::new(),
             feeds: Vec::new(),
+            jetstreams: Vec::new(),
+            jetstream_proofs: false,
             filter: Filter::default(),
             handlers: Vec::new(),
             state: StateMap::default(),
@@ -124,6 +128,29 @@ impl WatcherBuilder {
     /// sources together; feeds keep no cursor here (their upstream does).
     pub fn feed(mut self, feed: impl Feed) -> Self {
         self.feeds.push(Arc::new(feed));
+        self
+    }
+
+    /// Watches a [Jetstream](https://github.com/bluesky-social/jetstream) (`/subscribe`, v1;
+    /// `url` with or without the path): fewer bytes than `subscribeRepos` (JSON, no CAR,
+    /// compressed, filtered in the server by the watcher's collections and DID allowlist),
+    /// but **no proofs**: its ops are [`Provenance::Unverified`](crate::Provenance) unless
+    /// [`jetstream_proofs`](Self::jetstream_proofs) is on. Each record must hash to the CID
+    /// the event names. The cursor (unix microseconds) is kept under the URL in the cursor
+    /// store. See [`JetstreamSource`](crate::JetstreamSource), which
+    /// [`feed`](Self::feed) takes for more options.
+    pub fn jetstream(mut self, url: &str) -> Self {
+        self.jetstreams.push(url.to_string());
+        self
+    }
+
+    /// Whether each op matched from a [`jetstream`](Self::jetstream) is proven from its
+    /// author's PDS (`com.atproto.sync.getRecord`, verified with the watcher's verifier)
+    /// before its handlers run (default off). An op whose proof fails never reaches a
+    /// handler; one a later commit already changed cannot be proven any more and is
+    /// rejected too.
+    pub fn jetstream_proofs(mut self, on: bool) -> Self {
+        self.jetstream_proofs = on;
         self
     }
 
@@ -471,10 +498,18 @@ impl WatcherBuilder {
     }
 
     /// Checks the configuration and builds the watcher.
-    pub fn build(self) -> Result<Watcher, FirehoseError> {
+    pub fn build(mut self) -> Result<Watcher, FirehoseError> {
+        for url in std::mem::take(&mut self.jetstreams) {
+            self.feeds.push(Arc::new(
+                crate::JetstreamSource::new(&url)
+                    .proofs(self.jetstream_proofs)
+                    .reconnect(self.reconnect.clone())
+                    .connect_timeout(self.connect_timeout),
+            ));
+        }
         if self.sources.is_empty() && self.feeds.is_empty() {
             return Err(FirehoseError::Config(
-                "no source: add .pds(url), .relay(url) or a .feed(..)".into(),
+                "no source: add .pds(url), .relay(url), .jetstream(url) or a .feed(..)".into(),
             ));
         }
         if self.handlers.is_empty() && self.tail.is_none() {
@@ -656,7 +691,8 @@ impl Watcher {
         Arc::clone(&self.pipeline.dispatcher.runtime().dead_letters)
     }
 
-    /// The DID allowlist; changes apply to the next event.
+    /// The DID allowlist; changes apply to the next event (and are sent to a Jetstream
+    /// source's server as an `options_update`).
     pub fn dids(&self) -> DidAllowlist {
         self.pipeline.filter.dids.clone()
     }

@@ -1,0 +1,724 @@
+//! Jetstream as a watcher source: JSON events over WebSocket, filtered in the server, with a
+//! cursor in unix microseconds.
+//!
+//! Jetstream leaves the proofs behind: an op read from it is
+//! [`Provenance::Unverified`](crate::Provenance) unless the source fetches each matched
+//! record's proof from the author's PDS ([`JetstreamSource::proofs`]). Either way the record
+//! is converted to DAG-CBOR and must hash to the CID the event names, or it is rejected.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures_util::{SinkExt, StreamExt};
+use murmur_jetstream::{Decompressor, Event, EventBody, Operation, Options};
+use murmur_sync::{Action, Cid, SyncError};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tracing::{debug, info, warn};
+
+use crate::dedup::digest_of;
+use crate::feed::{Feed, FeedSink};
+use crate::progress::{EventToken, Progress};
+use crate::source::{default_tls, handshake_error};
+use crate::{
+    Backoff, FirehoseError, OpData, Provenance, Rejection, RepoEvent, SourceError, WatchError,
+};
+
+/// How far back a [`JetstreamSource`] resumes by default, before the last event it finished:
+/// Jetstream's cursor is a time, and events a few moments apart can arrive out of order.
+pub const DEFAULT_JETSTREAM_REWIND: Duration = Duration::from_secs(2);
+
+/// How many ops a [`JetstreamSource`] remembers having handed over, so that the events a
+/// rewind replays are dropped (across restarts the watcher's dedup store does it).
+const RECENT_OPS: usize = 100_000;
+
+/// How often the cursor is persisted while events are read.
+const FLUSH_EVERY: Duration = Duration::from_millis(200);
+
+/// Reads [Jetstream](https://github.com/bluesky-social/jetstream)'s `/subscribe` (v1): add it
+/// with [`WatcherBuilder::jetstream`](crate::WatcherBuilder::jetstream), or configure one and
+/// add it with [`WatcherBuilder::feed`](crate::WatcherBuilder::feed).
+///
+/// - The server filters: the watcher's collections and DID allowlist go in the query
+///   (`wantedCollections`, `wantedDids`), and a change of the allowlist
+///   ([`Watcher::dids`](crate::Watcher::dids)) is sent on the live connection as an
+///   `options_update`. The watcher applies its own filter too, so patterns Jetstream does
+///   not take (more than 100 collections or 10,000 DIDs, `*` alone, an empty allowlist)
+///   only cost bandwidth.
+/// - Messages are zstd-compressed with Jetstream's dictionary unless
+///   [`compress(false)`](Self::compress).
+/// - Each record (JSON) is converted to DAG-CBOR and must hash to the event's CID: one that
+///   does not is rejected ([`WatcherBuilder::on_rejected`](crate::WatcherBuilder::on_rejected)),
+///   never handled.
+/// - Nothing ties a Jetstream record to its author's key: ops are
+///   [`Provenance::Unverified`](crate::Provenance). With [`proofs(true)`](Self::proofs) each
+///   matched op is proven from the author's PDS (`com.atproto.sync.getRecord`, verified like
+///   a `subscribeRepos` commit) before its handlers run; one that fails is rejected. A
+///   record a later commit already changed or deleted can no longer be proven and is
+///   rejected too (it is reported, and the later op follows).
+/// - The cursor (the `time_us` of the last event whose handlers are done, with every event
+///   read before it) is stored in the watcher's cursor store under the source's URL. A
+///   connection resumes [`rewind`](Self::rewind) before it; the replayed events this
+///   process handed over already are dropped here, and those finished before a restart by
+///   the dedup store.
+pub struct JetstreamSource {
+    url: String,
+    proofs: bool,
+    compress: bool,
+    rewind: Duration,
+    start: Option<i64>,
+    reconnect: Backoff,
+    connect_timeout: Duration,
+    healthy_after: Duration,
+    ping_interval: Duration,
+    idle_timeout: Duration,
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl JetstreamSource {
+    /// Reads the Jetstream at `url` (`ws(s)://` or `http(s)://`, with or without the
+    /// `/subscribe` path; a query is dropped: the options come from the watcher).
+    pub fn new(url: &str) -> Self {
+        let base = url.split(['?', '#']).next().unwrap_or(url);
+        let base = base.trim_end_matches('/');
+        let base = base
+            .strip_suffix(murmur_jetstream::SUBSCRIBE_PATH)
+            .unwrap_or(base);
+        let ws = if let Some(rest) = base.strip_prefix("http://") {
+            format!("ws://{rest}")
+        } else if let Some(rest) = base.strip_prefix("https://") {
+            format!("wss://{rest}")
+        } else {
+            base.to_string()
+        };
+        JetstreamSource {
+            url: format!("{ws}{}", murmur_jetstream::SUBSCRIBE_PATH),
+            proofs: false,
+            compress: true,
+            rewind: DEFAULT_JETSTREAM_REWIND,
+            start: None,
+            reconnect: Backoff::default(),
+            connect_timeout: Duration::from_secs(20),
+            healthy_after: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(60),
+            tls: None,
+        }
+    }
+
+    /// The `/subscribe` URL, without query: the source's name and the key of its cursor.
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Fetch and verify each matched op's proof from the author's PDS before its handlers
+    /// run (default off): ops are then [`Provenance::Verified`](crate::Provenance), and one
+    /// whose proof fails is rejected. Costs a request per op.
+    pub fn proofs(mut self, on: bool) -> Self {
+        self.proofs = on;
+        self
+    }
+
+    /// Ask for zstd-compressed messages (default on: about a third of the bytes).
+    pub fn compress(mut self, on: bool) -> Self {
+        self.compress = on;
+        self
+    }
+
+    /// How far before the stored cursor a connection resumes (default
+    /// [`DEFAULT_JETSTREAM_REWIND`]).
+    pub fn rewind(mut self, rewind: Duration) -> Self {
+        self.rewind = rewind;
+        self
+    }
+
+    /// Where to start (unix microseconds) when no cursor is stored (default: live events).
+    pub fn start_cursor(mut self, time_us: i64) -> Self {
+        self.start = Some(time_us);
+        self
+    }
+
+    /// The reconnect policy (default: 200 ms doubling to 30 s, jittered, never giving up).
+    /// [`WatcherBuilder::jetstream`](crate::WatcherBuilder::jetstream) uses the watcher's.
+    pub fn reconnect(mut self, backoff: Backoff) -> Self {
+        self.reconnect = backoff;
+        self
+    }
+
+    /// How long connecting (TCP, TLS and the WebSocket handshake) may take (default 20 s).
+    pub fn connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// Sends a ping this often and treats `idle_timeout` of silence as a dead connection
+    /// (default 20 s and 60 s).
+    pub fn with_keepalive(mut self, ping_interval: Duration, idle_timeout: Duration) -> Self {
+        self.ping_interval = ping_interval;
+        self.idle_timeout = idle_timeout;
+        self
+    }
+
+    /// The TLS client configuration for `wss://` URLs (default: the Mozilla roots).
+    pub fn with_tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    /// The options a connection asks for: the watcher's collections and allowlist where
+    /// Jetstream can filter by them.
+    fn options(&self, sink: &FeedSink, cursor: Option<i64>) -> Options {
+        let mut options = Options {
+            cursor,
+            compress: self.compress,
+            ..Options::default()
+        };
+        if let Some(collections) = sink.wanted_collections()
+            && murmur_jetstream::Filter::new(&collections, &[]).is_ok()
+        {
+            options.wanted_collections = collections;
+        }
+        if let Some(dids) = sink.filter().dids.list()
+            && !dids.is_empty()
+            && murmur_jetstream::Filter::new(&[], &dids).is_ok()
+        {
+            options.wanted_dids = dids;
+        }
+        options
+    }
+
+    async fn connect(&self, options: &Options) -> Result<Socket, SourceError> {
+        let query = options.query();
+        let url = if query.is_empty() {
+            self.url.clone()
+        } else {
+            format!("{}?{query}", self.url)
+        };
+        let connector = match &self.tls {
+            Some(config) => Some(Arc::clone(config)),
+            None if self.url.starts_with("wss://") => Some(default_tls()?),
+            None => None,
+        }
+        .map(tokio_tungstenite::Connector::Rustls);
+        // A message larger than any event Jetstream sends ends the connection.
+        let config = WebSocketConfig::default()
+            .max_message_size(Some(murmur_jetstream::MAX_EVENT_BYTES))
+            .max_frame_size(Some(murmur_jetstream::MAX_EVENT_BYTES));
+        let (socket, _) =
+            tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, connector)
+                .await
+                .map_err(handshake_error)?;
+        Ok(socket)
+    }
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// What one Jetstream event is to the watcher ([`JetstreamOp::decode`]).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum JetstreamOp {
+    /// An op to deliver: a record op whose record hashes to its CID, or an `#identity` or
+    /// `#account` event; [`Provenance::Unverified`](crate::Provenance) (nothing ties it to
+    /// the author's key). Its `seq` is the event's `time_us`.
+    Op(OpData),
+    /// A record op that does not hold: its record is not data-model JSON, does not hash to
+    /// the CID the event names, or its DID, collection or record key is malformed. Never
+    /// delivered.
+    Rejected(OpData, Rejection),
+    /// A kind the watcher does not take (Jetstream may add kinds).
+    Other,
+}
+
+impl JetstreamOp {
+    /// Decodes `event` (read from the source named `source`): the record converted from JSON
+    /// to DAG-CBOR and checked against the event's CID.
+    pub fn decode(source: &Arc<str>, event: &Event) -> JetstreamOp {
+        let time = rfc3339(event.time_us);
+        let commit = match &event.body {
+            EventBody::Commit(commit) => commit,
+            EventBody::Identity(identity) => {
+                let data = OpData::repo_event(
+                    Arc::clone(source),
+                    event.did.clone(),
+                    identity.seq,
+                    identity.time.clone(),
+                    RepoEvent::Identity {
+                        handle: identity.handle.clone(),
+                    },
+                );
+                return JetstreamOp::Op(with_time_us(data, event.time_us));
+            }
+            EventBody::Account(account) => {
+                let data = OpData::repo_event(
+                    Arc::clone(source),
+                    event.did.clone(),
+                    account.seq,
+                    account.time.clone(),
+                    RepoEvent::Account {
+                        active: account.active,
+                        status: account.status.clone(),
+                    },
+                );
+                return JetstreamOp::Op(with_time_us(data, event.time_us));
+            }
+            EventBody::Other { .. } => return JetstreamOp::Other,
+        };
+        let action = match commit.operation {
+            Operation::Create => Action::Create,
+            Operation::Update => Action::Update,
+            Operation::Delete => Action::Delete,
+        };
+        let data = OpData::new(
+            Arc::clone(source),
+            event.did.clone(),
+            commit.rev.clone(),
+            event.time_us,
+            time,
+            action,
+            format!("{}/{}", commit.collection, commit.rkey),
+        )
+        .with_provenance(Provenance::Unverified);
+        let malformed = |data: OpData, reason: String| {
+            JetstreamOp::Rejected(
+                data,
+                Rejection::Verification(Arc::new(SyncError::Decode {
+                    context: "jetstream commit event",
+                    reason,
+                })),
+            )
+        };
+        if !murmur_lexicon::syntax::is_did(&event.did) {
+            return malformed(data, format!("{:?} is not a DID", event.did));
+        }
+        if !murmur_lexicon::syntax::is_nsid(&commit.collection) {
+            return malformed(data, format!("{:?} is not an NSID", commit.collection));
+        }
+        if !murmur_lexicon::syntax::is_record_key(&commit.rkey) {
+            return malformed(data, format!("{:?} is not a record key", commit.rkey));
+        }
+        let (Some(record), Some(cid)) = (&commit.record, &commit.cid) else {
+            // A delete (Event::from_json holds creates and updates to a record and a CID).
+            return JetstreamOp::Op(data);
+        };
+        let cid = match Cid::try_from(cid.as_str()) {
+            Ok(cid) => cid,
+            Err(e) => return malformed(data, format!("cid {cid:?}: {e}")),
+        };
+        let bytes = murmur_lexicon::data::json_to_data(record)
+            .and_then(|value| murmur_lexicon::data::to_dag_cbor(&value));
+        let bytes = match bytes {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                return malformed(
+                    data.with_record(cid, None),
+                    format!("the record is not data-model JSON: {e}"),
+                );
+            }
+        };
+        let actual = murmur_sync::cid_for(cid.codec(), &bytes);
+        if actual != cid {
+            return JetstreamOp::Rejected(
+                data.with_record(cid, None),
+                Rejection::Verification(Arc::new(SyncError::CidMismatch {
+                    cid: cid.to_string(),
+                    actual: actual.to_string(),
+                })),
+            );
+        }
+        JetstreamOp::Op(data.with_record(cid, Some(bytes)))
+    }
+}
+
+/// A repo event's op as Jetstream delivers it: unverified, with the Jetstream cursor as seq
+/// (the upstream's seq stays in the path, which keys the dedup store).
+fn with_time_us(mut data: OpData, time_us: i64) -> OpData {
+    data.seq = time_us;
+    data.with_provenance(Provenance::Unverified)
+}
+
+/// `time_us` as RFC 3339 (the epoch for a time chrono cannot represent).
+fn rfc3339(time_us: i64) -> String {
+    chrono::DateTime::from_timestamp_micros(time_us)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+}
+
+/// Which events are finished (the cursor) and which ops were handed over lately.
+struct Tracker {
+    progress: Progress,
+    /// The latest time registered in `progress`: a replayed (older) event is registered
+    /// at it, so the cursor never moves back.
+    latest: Option<i64>,
+    /// Digests of (did, rev, path) handed over, oldest first, for dropping replays.
+    recent: HashSet<u128>,
+    order: VecDeque<u128>,
+    in_flight: usize,
+}
+
+impl Tracker {
+    /// Remembers `key`; `false` when it was handed over already.
+    fn first_time(&mut self, key: u128) -> bool {
+        if !self.recent.insert(key) {
+            return false;
+        }
+        self.order.push_back(key);
+        while self.order.len() > RECENT_OPS {
+            if let Some(old) = self.order.pop_front() {
+                self.recent.remove(&old);
+            }
+        }
+        true
+    }
+}
+
+fn lock(m: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The state one run of a [`JetstreamSource`] shares with its ops' completions.
+struct Run {
+    tracker: Mutex<Tracker>,
+    idle: Notify,
+    /// The cursor last written to the store.
+    stored: Mutex<Option<i64>>,
+}
+
+impl Run {
+    fn begin(&self, time_us: i64, ops: usize) -> EventToken {
+        let mut tracker = lock(&self.tracker);
+        tracker.in_flight += ops;
+        let time_us = tracker.latest.map_or(time_us, |latest| latest.max(time_us));
+        tracker.latest = Some(time_us);
+        tracker.progress.begin(time_us, ops)
+    }
+
+    fn finish(&self, token: EventToken) {
+        let mut tracker = lock(&self.tracker);
+        tracker.progress.finish(token);
+        tracker.in_flight -= 1;
+        if tracker.in_flight == 0 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if lock(&self.tracker).in_flight == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// How a connection ended.
+enum Ended {
+    /// The watcher is stopping.
+    Stopped,
+    /// The connection was lost; reconnect.
+    Lost(SourceError),
+}
+
+#[async_trait]
+impl Feed for JetstreamSource {
+    fn name(&self) -> &str {
+        &self.url
+    }
+
+    async fn run(self: Arc<Self>, sink: FeedSink) -> Result<(), FirehoseError> {
+        let store = sink.pipeline.cursor_store.clone();
+        let stored = match &store {
+            Some(store) => store.load(&self.url).await?,
+            None => None,
+        };
+        let start = stored.or(self.start);
+        if let Some(cursor) = start
+            && cursor < 0
+        {
+            return Err(FirehoseError::InvalidCursor {
+                source_url: self.url.clone(),
+                seq: cursor,
+                reason: "a Jetstream cursor is a unix time in microseconds".into(),
+            });
+        }
+        info!(feed = %self.url, cursor = ?start, proofs = self.proofs, "starting");
+        let run = Arc::new(Run {
+            tracker: Mutex::new(Tracker {
+                progress: Progress::resume_from(start),
+                latest: start,
+                recent: HashSet::new(),
+                order: VecDeque::new(),
+                in_flight: 0,
+            }),
+            idle: Notify::new(),
+            stored: Mutex::new(stored),
+        });
+        let rewind = i64::try_from(self.rewind.as_micros()).unwrap_or(i64::MAX);
+        let mut attempt = 0u32;
+        loop {
+            if sink.is_stopped() {
+                break;
+            }
+            let cursor = lock(&run.tracker)
+                .progress
+                .low_water()
+                .map(|c| c.saturating_sub(rewind).max(0));
+            let options = self.options(&sink, cursor);
+            let connected = tokio::select! {
+                r = tokio::time::timeout(self.connect_timeout, self.connect(&options)) => {
+                    r.unwrap_or(Err(SourceError::ConnectTimeout(self.connect_timeout)))
+                }
+                _ = sink.stopped() => break,
+            };
+            let wait = match connected {
+                Ok(socket) => {
+                    info!(feed = %self.url, cursor = ?cursor, "connected");
+                    let since = Instant::now();
+                    let ended = {
+                        let _connected = sink.connected();
+                        self.read(&sink, socket, options, &run).await
+                    };
+                    if since.elapsed() >= self.healthy_after {
+                        attempt = 0;
+                    }
+                    match ended {
+                        Ended::Stopped => break,
+                        Ended::Lost(error) => {
+                            let wait = match &error {
+                                SourceError::RateLimited { retry_after } => *retry_after,
+                                _ => None,
+                            };
+                            sink.report(WatchError::Disconnected {
+                                source: self.url.clone(),
+                                error,
+                            });
+                            wait
+                        }
+                    }
+                }
+                Err(SourceError::Refused { status, reason }) => {
+                    run.wait_idle().await;
+                    self.flush(&sink, &run).await;
+                    return Err(FirehoseError::Source {
+                        url: self.url.clone(),
+                        reason: format!("HTTP {status}: {reason}"),
+                    });
+                }
+                Err(error) => {
+                    let wait = match &error {
+                        SourceError::RateLimited { retry_after } => *retry_after,
+                        _ => None,
+                    };
+                    sink.report(WatchError::Connect {
+                        source: self.url.clone(),
+                        error,
+                    });
+                    wait
+                }
+            };
+            let Some(delay) = self.reconnect.delay(attempt) else {
+                run.wait_idle().await;
+                self.flush(&sink, &run).await;
+                return Err(FirehoseError::Source {
+                    url: self.url.clone(),
+                    reason: format!("gave up after {attempt} reconnect attempts"),
+                });
+            };
+            attempt = attempt.saturating_add(1);
+            let delay = wait.map_or(delay, |w| w.max(delay));
+            info!(feed = %self.url, ?delay, "reconnecting");
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = sink.stopped() => break,
+            }
+        }
+        // Ops handed over finish (the watcher drains them); the cursor goes behind them.
+        run.wait_idle().await;
+        self.flush(&sink, &run).await;
+        Ok(())
+    }
+}
+
+impl JetstreamSource {
+    /// Reads one connection until it ends or the watcher stops.
+    async fn read(
+        &self,
+        sink: &FeedSink,
+        socket: Socket,
+        mut options: Options,
+        run: &Arc<Run>,
+    ) -> Ended {
+        let (mut tx, mut rx) = socket.split();
+        let mut dids = sink.filter().dids.subscribe();
+        dids.mark_unchanged();
+        let decompressor = Decompressor::new();
+        let mut ping = tokio::time::interval(self.ping_interval);
+        ping.tick().await;
+        let mut flush = tokio::time::interval(FLUSH_EVERY);
+        loop {
+            let next = tokio::select! {
+                _ = sink.stopped() => {
+                    let _ = tx.send(Message::Close(None)).await;
+                    return Ended::Stopped;
+                }
+                _ = flush.tick() => {
+                    self.flush(sink, run).await;
+                    continue;
+                }
+                _ = ping.tick() => {
+                    if let Err(e) = tx.send(Message::Ping(Vec::new().into())).await {
+                        return Ended::Lost(SourceError::Transport(e.to_string()));
+                    }
+                    continue;
+                }
+                Ok(()) = dids.changed() => {
+                    dids.mark_unchanged();
+                    let updated = self.options(sink, options.cursor);
+                    if updated.wanted_dids != options.wanted_dids {
+                        debug!(feed = %self.url, dids = updated.wanted_dids.len(), "sending options_update");
+                        let update = updated.options_update();
+                        if let Err(e) = tx.send(Message::Text(update.into())).await {
+                            return Ended::Lost(SourceError::Transport(e.to_string()));
+                        }
+                        options = updated;
+                    }
+                    continue;
+                }
+                next = tokio::time::timeout(self.idle_timeout, rx.next()) => next,
+            };
+            let decoded = match next {
+                Err(_) => return Ended::Lost(SourceError::Idle(self.idle_timeout)),
+                Ok(None) => return Ended::Lost(SourceError::Closed(None)),
+                Ok(Some(Err(e))) => return Ended::Lost(SourceError::Transport(e.to_string())),
+                Ok(Some(Ok(Message::Close(frame)))) => {
+                    return Ended::Lost(SourceError::Closed(frame.map(|f| f.reason.to_string())));
+                }
+                Ok(Some(Ok(Message::Binary(bytes)))) => decompressor
+                    .decompress(&bytes)
+                    .and_then(|json| Event::from_json(&json)),
+                Ok(Some(Ok(Message::Text(text)))) => Event::from_json(text.as_bytes()),
+                Ok(Some(Ok(_))) => continue,
+            };
+            match decoded {
+                Ok(event) => {
+                    let stopped = tokio::select! {
+                        () = self.take(sink, event, run) => false,
+                        _ = sink.stopped() => true,
+                    };
+                    if stopped {
+                        return Ended::Stopped;
+                    }
+                }
+                // The connection stays: one bad message says nothing of the next.
+                Err(e) => sink.report(WatchError::Feed {
+                    source: self.url.clone(),
+                    error: Arc::new(e),
+                }),
+            }
+        }
+    }
+
+    /// Hands one event's op to the watcher (or drops it: not wanted, a replay, rejected).
+    async fn take(&self, sink: &FeedSink, event: Event, run: &Arc<Run>) {
+        let time_us = event.time_us;
+        if let EventBody::Commit(commit) = &event.body {
+            let action = match commit.operation {
+                Operation::Create => Action::Create,
+                Operation::Update => Action::Update,
+                Operation::Delete => Action::Delete,
+            };
+            // Not wanted: no conversion, no proof.
+            if !sink.filter().allows_repo(&event.did) || !sink.wants(&commit.collection, action) {
+                run.begin(time_us, 0);
+                return;
+            }
+        }
+        let mut data = match JetstreamOp::decode(&sink.name, &event) {
+            JetstreamOp::Op(data) => data,
+            JetstreamOp::Rejected(data, why) => {
+                run.begin(time_us, 0);
+                sink.reject(data, why);
+                return;
+            }
+            JetstreamOp::Other => {
+                run.begin(time_us, 0);
+                return;
+            }
+        };
+        // A replay (after a rewind) of an op handed over already in this process.
+        if !lock(&run.tracker).first_time(digest_of(&data.did, &data.rev, &data.path)) {
+            debug!(feed = %self.url, did = %data.did, path = %data.path, "replayed op dropped");
+            return;
+        }
+        if self.proofs && data.repo_event.is_none() {
+            match self.prove(sink, &mut data).await {
+                Ok(()) => {}
+                Err(e) => {
+                    run.begin(time_us, 0);
+                    sink.reject(data, Rejection::Verification(Arc::new(e)));
+                    return;
+                }
+            }
+        }
+        let token = run.begin(time_us, 1);
+        let done = Arc::clone(run);
+        sink.deliver(data, move |_| done.finish(token)).await;
+    }
+
+    /// Proves an op from the author's PDS, retrying while a host it needs is unreachable.
+    /// Sets the record to the proven bytes and the provenance to verified.
+    async fn prove(&self, sink: &FeedSink, data: &mut OpData) -> Result<(), SyncError> {
+        let verifier = sink.verifier();
+        let retry = &sink.pipeline.verify_retry;
+        let mut attempt = 0u32;
+        loop {
+            let proven = verifier
+                .prove_op_from_pds(&data.did, &data.rev, &data.path, data.cid)
+                .await;
+            match proven {
+                Err(e) if e.is_transient() => {
+                    let delay = retry.delay(attempt).unwrap_or(retry.max);
+                    attempt = attempt.saturating_add(1);
+                    sink.report(WatchError::VerificationStalled {
+                        source: self.url.clone(),
+                        did: data.did.clone(),
+                        seq: data.seq,
+                        attempt,
+                        retry_in: delay,
+                        error: Arc::new(e),
+                    });
+                    tokio::time::sleep(delay).await;
+                }
+                Err(e) => return Err(e),
+                Ok(record) => {
+                    data.record = record;
+                    data.provenance = Provenance::Verified;
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Stores the cursor when it moved.
+    async fn flush(&self, sink: &FeedSink, run: &Run) {
+        let Some(store) = &sink.pipeline.cursor_store else {
+            return;
+        };
+        let low = lock(&run.tracker).progress.low_water();
+        let Some(cursor) = low else { return };
+        if *run.stored.lock().unwrap_or_else(|e| e.into_inner()) == Some(cursor) {
+            return;
+        }
+        match store.store(&self.url, cursor).await {
+            Ok(()) => *run.stored.lock().unwrap_or_else(|e| e.into_inner()) = Some(cursor),
+            Err(e) => warn!(feed = %self.url, error = %e, "cursor not persisted; will retry"),
+        }
+    }
+}
