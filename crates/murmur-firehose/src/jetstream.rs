@@ -722,3 +722,110 @@ impl JetstreamSource {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The event shapes Jetstream's README shows, byte for byte.
+    const README_COMMIT: &str = r#"{"did":"did:plc:eygmaihciaxprqvxpfvl6flk","time_us":1725911162329308,"kind":"commit","commit":{"rev":"3l3qo2vutsw2b","operation":"create","collection":"app.bsky.feed.like","rkey":"3l3qo2vuowo2b","record":{"$type":"app.bsky.feed.like","createdAt":"2024-09-09T19:46:02.102Z","subject":{"cid":"bafyreidc6sydkkbchcyg62v77wbhzvb2mvytlmsychqgwf2xojjtirmzj4","uri":"at://did:plc:wa7b35aakoll7hugkrjtf3xf/app.bsky.feed.post/3l3pte3p2e325"}},"cid":"bafyreidwaivazkwu67xztlmuobx35hs2lnfh3kolmgfmucldvhd3sgzcqi"}}"#;
+    const README_DELETE: &str = r#"{"did":"did:plc:rfov6bpyztcnedeyyzgfq42k","time_us":1725516666833633,"kind":"commit","commit":{"rev":"3l3f6nzl3cv2s","operation":"delete","collection":"app.bsky.graph.follow","rkey":"3l3dn7tku762u"}}"#;
+    const README_IDENTITY: &str = r#"{"did":"did:plc:ufbl4k27gp6kzas5glhz7fim","time_us":1725516665234703,"kind":"identity","identity":{"did":"did:plc:ufbl4k27gp6kzas5glhz7fim","handle":"yohenrique.bsky.social","seq":1409752997,"time":"2024-09-05T06:11:04.870Z"}}"#;
+    const README_ACCOUNT: &str = r#"{"did":"did:plc:ufbl4k27gp6kzas5glhz7fim","time_us":1725516665333808,"kind":"account","account":{"active":true,"did":"did:plc:ufbl4k27gp6kzas5glhz7fim","seq":1409753013,"time":"2024-09-05T06:11:04.870Z"}}"#;
+
+    fn decode(json: &str) -> JetstreamOp {
+        let source: Arc<str> = Arc::from("ws://jetstream.test/subscribe");
+        JetstreamOp::decode(&source, &Event::from_json(json.as_bytes()).unwrap())
+    }
+
+    fn rejection(json: &str) -> String {
+        match decode(json) {
+            JetstreamOp::Rejected(_, why) => why.to_string(),
+            other => panic!("not rejected: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_readme_commit_hashes_to_its_cid_and_is_unverified() {
+        let JetstreamOp::Op(data) = decode(README_COMMIT) else {
+            panic!("the README's like is a valid op")
+        };
+        assert_eq!(data.did, "did:plc:eygmaihciaxprqvxpfvl6flk");
+        assert_eq!(data.rev, "3l3qo2vutsw2b");
+        assert_eq!(data.path, "app.bsky.feed.like/3l3qo2vuowo2b");
+        assert_eq!(data.action, Action::Create);
+        assert_eq!(data.seq, 1725911162329308);
+        assert_eq!(data.time, "2024-09-09T19:46:02.329308Z");
+        assert_eq!(data.provenance, Provenance::Unverified);
+        let bytes = data.record.as_deref().unwrap();
+        assert_eq!(
+            murmur_sync::cid_for(0x71, bytes).to_string(),
+            "bafyreidwaivazkwu67xztlmuobx35hs2lnfh3kolmgfmucldvhd3sgzcqi"
+        );
+    }
+
+    #[test]
+    fn the_readme_delete_identity_and_account_events_decode() {
+        let JetstreamOp::Op(delete) = decode(README_DELETE) else {
+            panic!("a delete")
+        };
+        assert_eq!(delete.action, Action::Delete);
+        assert_eq!((delete.cid, delete.record.as_ref()), (None, None));
+        let JetstreamOp::Op(identity) = decode(README_IDENTITY) else {
+            panic!("an identity event")
+        };
+        assert_eq!(identity.path, "#identity/1409752997");
+        assert_eq!(identity.seq, 1725516665234703);
+        assert_eq!(
+            identity.repo_event,
+            Some(RepoEvent::Identity {
+                handle: Some("yohenrique.bsky.social".into())
+            })
+        );
+        let JetstreamOp::Op(account) = decode(README_ACCOUNT) else {
+            panic!("an account event")
+        };
+        assert_eq!(account.path, "#account/1409753013");
+        assert_eq!(
+            account.repo_event,
+            Some(RepoEvent::Account {
+                active: true,
+                status: None
+            })
+        );
+        assert!(matches!(
+            decode(r#"{"did":"did:plc:x","time_us":5,"kind":"sync","sync":{}}"#),
+            JetstreamOp::Other
+        ));
+    }
+
+    #[test]
+    fn records_that_do_not_hold_are_rejected_saying_why() {
+        // The like's record altered, its CID kept.
+        let altered = README_COMMIT.replace("2024-09-09T19:46:02.102Z", "2024-09-09T19:46:02.103Z");
+        assert!(
+            rejection(&altered).contains("does not hash to its CID"),
+            "{}",
+            rejection(&altered)
+        );
+        let float = README_COMMIT.replace(r#""createdAt""#, r#""n":1.5,"createdAt""#);
+        assert!(rejection(&float).contains("float"), "{}", rejection(&float));
+        let bad_cid = README_COMMIT.replace("bafyreidwaiva", "xx");
+        assert!(
+            rejection(&bad_cid).contains("cid"),
+            "{}",
+            rejection(&bad_cid)
+        );
+        let bad_rkey = README_COMMIT.replace("3l3qo2vuowo2b", "a/b");
+        assert!(
+            rejection(&bad_rkey).contains("record key"),
+            "{}",
+            rejection(&bad_rkey)
+        );
+        let bad_collection =
+            README_COMMIT.replace(r#""app.bsky.feed.like","rkey""#, r#""like","rkey""#);
+        assert!(rejection(&bad_collection).contains("NSID"));
+        let bad_did = README_COMMIT.replace("did:plc:eygmaihciaxprqvxpfvl6flk", "someone");
+        assert!(rejection(&bad_did).contains("not a DID"));
+    }
+}
