@@ -462,10 +462,13 @@ impl Feed for JetstreamSource {
         });
         let rewind = i64::try_from(self.rewind.as_micros()).unwrap_or(i64::MAX);
         let mut attempt = 0u32;
+        // Taken before the options are: a change made while connecting is sent once connected.
+        let mut dids = sink.filter().dids.subscribe();
         loop {
             if sink.is_stopped() {
                 break;
             }
+            dids.mark_unchanged();
             let cursor = lock(&run.tracker)
                 .progress
                 .low_water()
@@ -483,7 +486,7 @@ impl Feed for JetstreamSource {
                     let since = Instant::now();
                     let ended = {
                         let _connected = sink.connected();
-                        self.read(&sink, socket, options, &run).await
+                        self.read(&sink, socket, options, &mut dids, &run).await
                     };
                     if since.elapsed() >= self.healthy_after {
                         attempt = 0;
@@ -553,11 +556,10 @@ impl JetstreamSource {
         sink: &FeedSink,
         socket: Socket,
         mut options: Options,
+        dids: &mut tokio::sync::watch::Receiver<u64>,
         run: &Arc<Run>,
     ) -> Ended {
         let (mut tx, mut rx) = socket.split();
-        let mut dids = sink.filter().dids.subscribe();
-        dids.mark_unchanged();
         let decompressor = Decompressor::new();
         let mut ping = tokio::time::interval(self.ping_interval);
         ping.tick().await;
