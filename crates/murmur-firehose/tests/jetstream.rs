@@ -68,6 +68,8 @@ async fn server() -> (String, mpsc::Receiver<Connection>) {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             let mut query = None;
+            // The callback's signature is tungstenite's.
+            #[allow(clippy::result_large_err)]
             let socket = tokio_tungstenite::accept_hdr_async(
                 stream,
                 |request: &Request, response: Response| {
