@@ -94,6 +94,17 @@ impl AgentBuilder {
         self
     }
 
+    /// Hears the swarm through a [Jetstream](https://github.com/bluesky-social/jetstream) at
+    /// `url` (e.g. a hub's `--jetstream-addr`) instead of subscribing to the PDS hosts: fewer
+    /// bytes (JSON, compressed, filtered in the server by the agent's collections and
+    /// peers), no CAR. Jetstream carries no proofs, so each op the agent takes is proven
+    /// from its author's PDS (`com.atproto.sync.getRecord`) before it is handled; one that
+    /// fails never is. Otherwise as [`feed`](Self::feed) (a configured
+    /// [`JetstreamSource`](murmur_firehose::JetstreamSource) goes there).
+    pub fn jetstream(self, url: &str) -> Self {
+        self.feed(murmur_firehose::JetstreamSource::new(url).proofs(true))
+    }
+
     /// Watches every one of these PDS hosts.
     pub fn watch_all(mut self, urls: impl IntoIterator<Item = impl Into<String>>) -> Self {
         for url in urls {
