@@ -398,9 +398,13 @@ impl Run {
         tracker.progress.begin(time_us, ops)
     }
 
-    fn finish(&self, token: EventToken) {
+    /// One op of `token` is done; with `finished` false it was dropped unfinished (the
+    /// cursor stays before it).
+    fn end(&self, token: EventToken, finished: bool) {
         let mut tracker = lock(&self.tracker);
-        tracker.progress.finish(token);
+        if finished {
+            tracker.progress.finish(token);
+        }
         tracker.in_flight -= 1;
         if tracker.in_flight == 0 {
             self.idle.notify_waiters();
@@ -414,6 +418,30 @@ impl Run {
                 return;
             }
             notified.await;
+        }
+    }
+}
+
+/// An op handed to the watcher: done when its completion runs, or, dropped without it (cut
+/// short while queued by the watcher stopping, or killed), no longer waited for but never
+/// passed by the cursor.
+struct Pending {
+    run: Arc<Run>,
+    token: EventToken,
+    finished: bool,
+}
+
+impl Pending {
+    fn finish(mut self) {
+        self.finished = true;
+        self.run.end(self.token, true);
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.run.end(self.token, false);
         }
     }
 }
@@ -469,9 +497,10 @@ impl Feed for JetstreamSource {
                 break;
             }
             dids.mark_unchanged();
+            // After the last event read (those read are queued here already), or the stored
+            // cursor at first; rewound a little either way.
             let cursor = lock(&run.tracker)
-                .progress
-                .low_water()
+                .latest
                 .map(|c| c.saturating_sub(rewind).max(0));
             let options = self.options(&sink, cursor);
             let connected = tokio::select! {
@@ -669,9 +698,12 @@ impl JetstreamSource {
                 }
             }
         }
-        let token = run.begin(time_us, 1);
-        let done = Arc::clone(run);
-        sink.deliver(data, move |_| done.finish(token)).await;
+        let pending = Pending {
+            token: run.begin(time_us, 1),
+            run: Arc::clone(run),
+            finished: false,
+        };
+        sink.deliver(data, move |_| pending.finish()).await;
     }
 
     /// Proves an op from the author's PDS, retrying while a host it needs is unreachable.

@@ -3,7 +3,9 @@
 //! A [`Watcher`] reads `com.atproto.sync.subscribeRepos` from one relay or several PDS hosts
 //! (one cursor each), verifies every commit it cares about (murmur-sync: hashes, signature,
 //! MST, rev chain), and routes each matching record op to the handlers registered for its
-//! collection. The delivery contract:
+//! collection. It can also read a Jetstream ([`WatcherBuilder::jetstream`]: JSON without
+//! proofs, each record checked against its CID, its ops [`Provenance::Unverified`] unless
+//! each is proven from its author's PDS) or any [`Feed`]. The delivery contract:
 //!
 //! - at-least-once delivery, in repo order per DID; different DIDs run concurrently;
 //! - the stored cursor never passes an event whose handlers have not finished;
