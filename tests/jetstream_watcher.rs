@@ -243,3 +243,141 @@ async fn agents_over_the_hubs_jetstream_run_a_task() {
     hub.abort();
     cleanup(&settings).await;
 }
+
+/// The first event of `did` the hub's Jetstream serves from `cursor`, as it sent it.
+async fn first_event(addr: SocketAddr, cursor: i64, did: &str) -> serde_json::Value {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let url = format!(
+        "ws://{addr}/subscribe?wantedDids={did}&wantedCollections=test.murmur.note&cursor={cursor}"
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    loop {
+        match tokio::time::timeout(Duration::from_secs(60), socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => return serde_json::from_str(&text).unwrap(),
+            Ok(Some(Ok(_))) => {}
+            other => panic!("waiting for an event of {did}: {other:?}"),
+        }
+    }
+}
+
+/// `event` with its record's `n` set to `n` and the CID computed again, so that it passes the
+/// hash check: only a proof can tell it from the author's.
+fn forged(event: &serde_json::Value, n: u64, rkey: Option<&str>) -> String {
+    let mut event = event.clone();
+    event["commit"]["record"]["n"] = json!(n);
+    if let Some(rkey) = rkey {
+        event["commit"]["rkey"] = json!(rkey);
+    }
+    let data = murmur_lexicon::data::json_to_data(&event["commit"]["record"]).unwrap();
+    let bytes = murmur_lexicon::data::to_dag_cbor(&data).unwrap();
+    event["commit"]["cid"] = json!(murmur_sync::cid_for(0x71, &bytes).to_string());
+    event.to_string()
+}
+
+/// A Jetstream that forges records of a real author (each hashing to the CID it names) and
+/// passes on one genuine event: with proofs on, only the genuine one reaches a handler,
+/// proven from the author's PDS; without, all three do, each saying it is unverified.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_jetstream_records_fail_their_proofs_and_never_reach_handlers() {
+    use futures_util::SinkExt;
+    use tokio_tungstenite::tungstenite::Message;
+
+    let net = shared().await;
+    let settings = settings("jsforge");
+    let (addr, hub) = start_hub(net, &settings).await;
+    let (alice, alice_w) = account(net, 0, "jwf").await;
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    alice_w.create::<Note>(&note(1)).await.unwrap();
+    let genuine = first_event(addr, t0, &alice.did).await;
+    assert_eq!(genuine["commit"]["record"]["n"], 1);
+    let messages = [
+        // A record alice never wrote, at a key she does not use.
+        forged(&genuine, 666, Some("3zzzzzzzzzzzz")),
+        // Alice's record at its own key, altered.
+        forged(&genuine, 667, None),
+        genuine.to_string(),
+    ];
+
+    for proofs in [true, false] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("ws://{}", listener.local_addr().unwrap());
+        let script = messages.clone();
+        let server = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut socket = tokio_tungstenite::accept_async(stream).await.unwrap();
+            for message in script {
+                socket.send(Message::Text(message.into())).await.unwrap();
+            }
+            // Held open until the watcher goes.
+            while let Some(Ok(_)) = futures_util::StreamExt::next(&mut socket).await {}
+        });
+        let seen = Seen::default();
+        let (notes, rejected) = (Arc::clone(&seen.notes), Arc::clone(&seen.rejected));
+        let watcher = Watcher::builder()
+            .feed(
+                murmur_firehose::JetstreamSource::new(&url)
+                    .proofs(proofs)
+                    .compress(false),
+            )
+            .plc_url(net.plc_url())
+            .collections(["test.murmur.note"])
+            .tail(move |op: OpEvent| {
+                let notes = Arc::clone(&notes);
+                async move {
+                    let record: NoteRecord =
+                        serde_ipld_dagcbor::from_slice(op.data().record.as_deref().unwrap())
+                            .unwrap();
+                    notes
+                        .lock()
+                        .unwrap()
+                        .push((op.data().did.clone(), record.n, op.provenance()));
+                    Ok(())
+                }
+            })
+            .on_rejected(move |op, why| {
+                rejected
+                    .lock()
+                    .unwrap()
+                    .push(format!("{}: {why}", op.uri()))
+            })
+            .build()
+            .unwrap();
+        let stop = watcher.shutdown_handle();
+        let running = tokio::spawn(watcher.run());
+        if proofs {
+            wait_for(
+                "the genuine note and two rejections",
+                Duration::from_secs(60),
+                || seen.count() + seen.rejected.lock().unwrap().len() >= 3,
+            )
+            .await;
+            assert_eq!(
+                *seen.notes.lock().unwrap(),
+                [(alice.did.clone(), 1, Provenance::Verified)]
+            );
+            let rejected = seen.rejected.lock().unwrap().clone();
+            assert_eq!(rejected.len(), 2, "{rejected:?}");
+            assert!(rejected[0].contains("3zzzzzzzzzzzz"), "{rejected:?}");
+        } else {
+            wait_for("three notes", Duration::from_secs(60), || seen.count() >= 3).await;
+            let notes = seen.notes.lock().unwrap().clone();
+            assert_eq!(
+                notes.iter().map(|(_, n, p)| (*n, *p)).collect::<Vec<_>>(),
+                [
+                    (666, Provenance::Unverified),
+                    (667, Provenance::Unverified),
+                    (1, Provenance::Unverified)
+                ]
+            );
+        }
+        stop.shutdown();
+        running.await.unwrap().unwrap();
+        server.abort();
+    }
+    hub.abort();
+    cleanup(&settings).await;
+}

@@ -355,17 +355,17 @@ struct Tracker {
     /// The latest time registered in `progress`: a replayed (older) event is registered
     /// at it, so the cursor never moves back.
     latest: Option<i64>,
-    /// Digests of (did, rev, path) handed over, oldest first, for dropping replays.
+    /// Digests of (did, rev, path and CID) handed over, oldest first, for dropping replays.
     recent: HashSet<u128>,
     order: VecDeque<u128>,
     in_flight: usize,
 }
 
 impl Tracker {
-    /// Remembers `key`; `false` when it was handed over already.
-    fn first_time(&mut self, key: u128) -> bool {
+    /// Remembers `key` as handed over (the oldest is forgotten past [`RECENT_OPS`]).
+    fn remember(&mut self, key: u128) {
         if !self.recent.insert(key) {
-            return false;
+            return;
         }
         self.order.push_back(key);
         while self.order.len() > RECENT_OPS {
@@ -373,7 +373,6 @@ impl Tracker {
                 self.recent.remove(&old);
             }
         }
-        true
     }
 }
 
@@ -683,8 +682,12 @@ impl JetstreamSource {
                 return;
             }
         };
-        // A replay (after a rewind) of an op handed over already in this process.
-        if !lock(&run.tracker).first_time(digest_of(&data.did, &data.rev, &data.path)) {
+        // A replay (after a rewind) of an op handed over already in this process. The CID is
+        // part of the key: an op of the same key with another record (a forgery, rejected
+        // or not) does not hide the genuine one.
+        let cid = data.cid.map(|c| c.to_string()).unwrap_or_default();
+        let key = digest_of(&data.did, &data.rev, &format!("{} {cid}", data.path));
+        if lock(&run.tracker).recent.contains(&key) {
             debug!(feed = %self.url, did = %data.did, path = %data.path, "replayed op dropped");
             return;
         }
@@ -698,6 +701,7 @@ impl JetstreamSource {
                 }
             }
         }
+        lock(&run.tracker).remember(key);
         let pending = Pending {
             token: run.begin(time_us, 1),
             run: Arc::clone(run),
