@@ -34,7 +34,6 @@
 
 use std::collections::HashSet;
 use std::fmt;
-use std::io::Read;
 use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
@@ -675,38 +674,68 @@ impl fmt::Debug for Compressor {
     }
 }
 
-/// Decompresses Jetstream's compressed messages (see [`Compressor`]).
-#[derive(Clone, Copy)]
+/// Decompresses Jetstream's compressed messages (see [`Compressor`]). It keeps one zstd
+/// context, reused for every message (a context per message costs more than the message).
 pub struct Decompressor {
-    dictionary: &'static zstd::dict::DecoderDictionary<'static>,
+    context: std::sync::Mutex<zstd::zstd_safe::DCtx<'static>>,
 }
 
 impl Decompressor {
     /// A decompressor with Jetstream's dictionary (digested once per process).
     pub fn new() -> Decompressor {
+        let mut context = zstd::zstd_safe::DCtx::create();
+        context
+            .ref_ddict(decoder_dictionary().as_ddict())
+            .expect("a fresh context takes Jetstream's dictionary (checked at build time)");
         Decompressor {
-            dictionary: decoder_dictionary(),
+            context: std::sync::Mutex::new(context),
         }
     }
 
     /// One message, decompressed; more than [`MAX_EVENT_BYTES`] is an error, so a hostile
     /// peer cannot make it allocate without bound.
     pub fn decompress(&self, message: &[u8]) -> Result<Vec<u8>, JetstreamError> {
+        use zstd::zstd_safe::{InBuffer, OutBuffer, ResetDirective, get_error_name};
         let error = |reason: String| JetstreamError::Compression { reason };
-        let decoder =
-            zstd::stream::read::Decoder::with_prepared_dictionary(message, self.dictionary)
-                .map_err(|e| error(e.to_string()))?;
-        let mut out = Vec::with_capacity(message.len().saturating_mul(4).min(MAX_EVENT_BYTES));
-        decoder
-            .take(MAX_EVENT_BYTES as u64 + 1)
-            .read_to_end(&mut out)
-            .map_err(|e| error(e.to_string()))?;
-        if out.len() > MAX_EVENT_BYTES {
-            return Err(error(format!(
-                "it decompresses to more than {MAX_EVENT_BYTES} bytes"
-            )));
+        let zstd_error = |code| error(get_error_name(code).to_string());
+        let mut context = self.context.lock().unwrap_or_else(|e| e.into_inner());
+        // A message that failed halfway left the context inside its frame.
+        context
+            .reset(ResetDirective::SessionOnly)
+            .map_err(zstd_error)?;
+        let limit = MAX_EVENT_BYTES + 1;
+        let mut out: Vec<u8> =
+            Vec::with_capacity(message.len().saturating_mul(4).clamp(256, limit));
+        let mut input = InBuffer::around(message);
+        loop {
+            let pos = out.len();
+            let hint = context
+                .decompress_stream(&mut OutBuffer::around_pos(&mut out, pos), &mut input)
+                .map_err(zstd_error)?;
+            if out.len() > MAX_EVENT_BYTES {
+                return Err(error(format!(
+                    "it decompresses to more than {MAX_EVENT_BYTES} bytes"
+                )));
+            }
+            let consumed = input.pos() == message.len();
+            if hint == 0 && consumed {
+                return Ok(out);
+            }
+            if out.len() < out.capacity() {
+                if consumed {
+                    return Err(error("the message ends inside a zstd frame".into()));
+                }
+            } else {
+                let room = limit.saturating_sub(out.capacity()).max(1);
+                out.reserve_exact(out.capacity().min(room));
+            }
         }
-        Ok(out)
+    }
+}
+
+impl Clone for Decompressor {
+    fn clone(&self) -> Self {
+        Decompressor::new()
     }
 }
 

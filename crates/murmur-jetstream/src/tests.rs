@@ -270,4 +270,19 @@ fn hostile_compressed_messages_are_errors() {
     assert!(bomb.len() < 64 * 1024);
     let error = decompressor.decompress(&bomb).unwrap_err().to_string();
     assert!(error.contains("more than"), "{error}");
+    // The decompressor keeps one zstd context: after each failure it reads a message whole.
+    for bad in [&packed[..packed.len() / 2], b"not zstd at all", &bomb[..]] {
+        assert!(decompressor.decompress(bad).is_err());
+        assert_eq!(
+            decompressor.decompress(&packed).unwrap(),
+            README_COMMIT.as_bytes()
+        );
+    }
+    // Every truncation is an error (the frame names its content size).
+    for cut in 0..packed.len() {
+        assert!(
+            decompressor.decompress(&packed[..cut]).is_err(),
+            "cut at {cut}"
+        );
+    }
 }
