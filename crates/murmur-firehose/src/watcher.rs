@@ -125,7 +125,9 @@ impl WatcherBuilder {
 
     /// Adds a [`Feed`]: ops delivered one by one and acknowledged to it when their handlers
     /// are done (e.g. murmur-bus's NATS JetStream consumer). A watcher may have feeds and
-    /// sources together; feeds keep no cursor here (their upstream does).
+    /// sources together; feeds keep no cursor here (their upstream does), except a
+    /// [`JetstreamSource`](crate::JetstreamSource), which keeps its time cursor in the cursor
+    /// store.
     pub fn feed(mut self, feed: impl Feed) -> Self {
         self.feeds.push(Arc::new(feed));
         self
@@ -137,8 +139,10 @@ impl WatcherBuilder {
     /// but **no proofs**: its ops are [`Provenance::Unverified`](crate::Provenance) unless
     /// [`jetstream_proofs`](Self::jetstream_proofs) is on. Each record must hash to the CID
     /// the event names. The cursor (unix microseconds) is kept under the URL in the cursor
-    /// store. See [`JetstreamSource`](crate::JetstreamSource), which
-    /// [`feed`](Self::feed) takes for more options.
+    /// store ([`start_cursor`](Self::start_cursor), a seq, does not apply: see
+    /// [`JetstreamSource::start_cursor`](crate::JetstreamSource::start_cursor)). See
+    /// [`JetstreamSource`](crate::JetstreamSource), which [`feed`](Self::feed) takes for more
+    /// options.
     pub fn jetstream(mut self, url: &str) -> Self {
         self.jetstreams.push(url.to_string());
         self
