@@ -784,6 +784,26 @@ mod tests {
     }
 
     #[test]
+    fn urls_normalise_to_the_subscribe_endpoint() {
+        for url in [
+            "ws://localhost:6008",
+            "ws://localhost:6008/",
+            "http://localhost:6008",
+            "ws://localhost:6008/subscribe",
+            "ws://localhost:6008/subscribe?wantedCollections=a.b.c",
+        ] {
+            assert_eq!(
+                JetstreamSource::new(url).url(),
+                "ws://localhost:6008/subscribe"
+            );
+        }
+        assert_eq!(
+            JetstreamSource::new("https://jetstream2.us-east.bsky.network").url(),
+            "wss://jetstream2.us-east.bsky.network/subscribe"
+        );
+    }
+
+    #[test]
     fn the_readme_commit_hashes_to_its_cid_and_is_unverified() {
         let JetstreamOp::Op(data) = decode(README_COMMIT) else {
             panic!("the README's like is a valid op")
