@@ -500,6 +500,9 @@ impl BusSource {
                 Err(e) => return Err(e),
                 Ok(record) => {
                     data.record = record;
+                    if verifier.level() != murmur_sync::VerifyLevel::None {
+                        data.provenance = Provenance::Verified;
+                    }
                     return Ok(());
                 }
             }

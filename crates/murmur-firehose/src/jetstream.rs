@@ -294,13 +294,22 @@ impl JetstreamOp {
             )
         };
         if !murmur_lexicon::syntax::is_did(&event.did) {
-            return malformed(data, format!("{:?} is not a DID", event.did));
+            return malformed(data, format!("{:?} is not a DID", clip(&event.did)));
         }
         if !murmur_lexicon::syntax::is_nsid(&commit.collection) {
-            return malformed(data, format!("{:?} is not an NSID", commit.collection));
+            return malformed(
+                data,
+                format!("{:?} is not an NSID", clip(&commit.collection)),
+            );
         }
         if !murmur_lexicon::syntax::is_record_key(&commit.rkey) {
-            return malformed(data, format!("{:?} is not a record key", commit.rkey));
+            return malformed(
+                data,
+                format!("{:?} is not a record key", clip(&commit.rkey)),
+            );
+        }
+        if !murmur_lexicon::syntax::is_tid(&commit.rev) {
+            return malformed(data, format!("rev {:?} is not a TID", clip(&commit.rev)));
         }
         let (Some(record), Some(cid)) = (&commit.record, &commit.cid) else {
             // A delete (Event::from_json holds creates and updates to a record and a CID).
@@ -308,7 +317,7 @@ impl JetstreamOp {
         };
         let cid = match Cid::try_from(cid.as_str()) {
             Ok(cid) => cid,
-            Err(e) => return malformed(data, format!("cid {cid:?}: {e}")),
+            Err(e) => return malformed(data, format!("cid {:?}: {e}", clip(cid))),
         };
         let bytes = murmur_lexicon::data::json_to_data(record)
             .and_then(|value| murmur_lexicon::data::to_dag_cbor(&value));
@@ -340,6 +349,17 @@ impl JetstreamOp {
 fn with_time_us(mut data: OpData, time_us: i64) -> OpData {
     data.seq = time_us;
     data.with_provenance(Provenance::Unverified)
+}
+
+/// How far ahead of this machine's clock an event's `time_us` may be (5 minutes).
+const MAX_CLOCK_AHEAD_US: i64 = 300_000_000;
+
+/// At most 100 characters of a string a server sent, for errors and logs.
+fn clip(s: &str) -> String {
+    match s.char_indices().nth(100) {
+        Some((end, _)) => format!("{}…", &s[..end]),
+        None => s.to_string(),
+    }
 }
 
 /// `time_us` as RFC 3339 (the epoch for a time chrono cannot represent).
@@ -592,8 +612,13 @@ impl JetstreamSource {
         let mut ping = tokio::time::interval(self.ping_interval);
         ping.tick().await;
         let mut flush = tokio::time::interval(FLUSH_EVERY);
+        // Moved on by whatever arrives (pongs included), not by our pings or flushes.
+        let mut deadline = tokio::time::Instant::now() + self.idle_timeout;
         loop {
             let next = tokio::select! {
+                () = tokio::time::sleep_until(deadline) => {
+                    return Ended::Lost(SourceError::Idle(self.idle_timeout));
+                }
                 _ = sink.stopped() => {
                     let _ = tx.send(Message::Close(None)).await;
                     return Ended::Stopped;
@@ -621,20 +646,22 @@ impl JetstreamSource {
                     }
                     continue;
                 }
-                next = tokio::time::timeout(self.idle_timeout, rx.next()) => next,
+                next = rx.next() => {
+                    deadline = tokio::time::Instant::now() + self.idle_timeout;
+                    next
+                }
             };
             let decoded = match next {
-                Err(_) => return Ended::Lost(SourceError::Idle(self.idle_timeout)),
-                Ok(None) => return Ended::Lost(SourceError::Closed(None)),
-                Ok(Some(Err(e))) => return Ended::Lost(SourceError::Transport(e.to_string())),
-                Ok(Some(Ok(Message::Close(frame)))) => {
+                None => return Ended::Lost(SourceError::Closed(None)),
+                Some(Err(e)) => return Ended::Lost(SourceError::Transport(e.to_string())),
+                Some(Ok(Message::Close(frame))) => {
                     return Ended::Lost(SourceError::Closed(frame.map(|f| f.reason.to_string())));
                 }
-                Ok(Some(Ok(Message::Binary(bytes)))) => decompressor
+                Some(Ok(Message::Binary(bytes))) => decompressor
                     .decompress(&bytes)
                     .and_then(|json| Event::from_json(&json)),
-                Ok(Some(Ok(Message::Text(text)))) => Event::from_json(text.as_bytes()),
-                Ok(Some(Ok(_))) => continue,
+                Some(Ok(Message::Text(text))) => Event::from_json(text.as_bytes()),
+                Some(Ok(_)) => continue,
             };
             match decoded {
                 Ok(event) => {
@@ -658,6 +685,37 @@ impl JetstreamSource {
     /// Hands one event's op to the watcher (or drops it: not wanted, a replay, rejected).
     async fn take(&self, sink: &FeedSink, event: Event, run: &Arc<Run>) {
         let time_us = event.time_us;
+        // A time that cannot be a cursor (before 1970, or ahead of this clock by more than
+        // MAX_CLOCK_AHEAD) would stick the stored cursor in place: the event is refused
+        // before it is counted.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
+        if time_us < 0 || time_us > now.saturating_add(MAX_CLOCK_AHEAD_US) {
+            sink.report(WatchError::Feed {
+                source: self.url.clone(),
+                error: Arc::new(murmur_jetstream::JetstreamError::Event {
+                    reason: format!(
+                        "time_us {time_us} is not a time up to {MAX_CLOCK_AHEAD_US} µs from now; event of {} skipped",
+                        clip(&event.did)
+                    ),
+                }),
+            });
+            return;
+        }
+        if !sink.filter().allows_repo(&event.did) {
+            run.begin(time_us, 0);
+            return;
+        }
+        if !matches!(event.body, EventBody::Commit(_))
+            && (self.proofs || !murmur_lexicon::syntax::is_did(&event.did))
+        {
+            // `#identity` and `#account` are not signed and cannot be proven: a watcher that
+            // asked for proofs does not take them from Jetstream (they would change what it
+            // believes of a repo on the word of the Jetstream's operator).
+            run.begin(time_us, 0);
+            return;
+        }
         if let EventBody::Commit(commit) = &event.body {
             let action = match commit.operation {
                 Operation::Create => Action::Create,
@@ -686,7 +744,10 @@ impl JetstreamSource {
         // part of the key: an op of the same key with another record (a forgery, rejected
         // or not) does not hide the genuine one.
         let cid = data.cid.map(|c| c.to_string()).unwrap_or_default();
-        let key = digest_of(&data.did, &data.rev, &format!("{} {cid}", data.path));
+        // With proofs, the rev is not proven (only that the author's repo holds this CID at
+        // this path): a replay is known without it, so made-up revs cannot multiply an op.
+        let rev = if self.proofs { "" } else { data.rev.as_str() };
+        let key = digest_of(&data.did, rev, &format!("{} {cid}", data.path));
         if lock(&run.tracker).recent.contains(&key) {
             debug!(feed = %self.url, did = %data.did, path = %data.path, "replayed op dropped");
             return;
@@ -737,7 +798,9 @@ impl JetstreamSource {
                 Err(e) => return Err(e),
                 Ok(record) => {
                     data.record = record;
-                    data.provenance = Provenance::Verified;
+                    if verifier.level() != murmur_sync::VerifyLevel::None {
+                        data.provenance = Provenance::Verified;
+                    }
                     return Ok(());
                 }
             }

@@ -86,18 +86,23 @@ pub struct OpData {
 
 /// Whether an op was checked against its author's signature. Every op's record hashes to its
 /// CID either way; only a verified one is known to be the author's.
+///
+/// An op is unverified unless whoever made it checked it: [`OpData::new`] makes unverified
+/// ops (a [`Feed`](crate::Feed) that verifies an op says so with
+/// [`OpData::with_provenance`]). `#identity` and `#account` events are never signed, so they
+/// are always unverified.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Provenance {
     /// Proven from a commit signed by the author's key: the event's commit and MST path, a
     /// repo copy, or a proof fetched from the author's PDS (`com.atproto.sync.getRecord`).
-    #[default]
     Verified,
     /// Taken as the upstream sent it, with nothing tying it to the author's key: an op read
     /// from Jetstream without [`jetstream_proofs`](crate::WatcherBuilder::jetstream_proofs),
     /// from a bus consumer that trusts its hub, or verified at
     /// [`VerifyLevel::None`](murmur_sync::VerifyLevel::None). Whoever runs the upstream could
     /// have made it up.
+    #[default]
     Unverified,
 }
 
@@ -168,7 +173,7 @@ impl OpData {
             proof: None,
             frame: None,
             origin: Origin::Live,
-            provenance: Provenance::Verified,
+            provenance: Provenance::Unverified,
         }
     }
 

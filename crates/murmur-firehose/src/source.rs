@@ -141,6 +141,8 @@ impl Source for SubscribeRepos {
         let stream = async_stream(move |tx| async move {
             let mut ping = tokio::time::interval(ping_interval);
             ping.tick().await;
+            // Moved on by whatever arrives (pongs included), not by our own pings.
+            let mut deadline = tokio::time::Instant::now() + idle;
             loop {
                 tokio::select! {
                     _ = ping.tick() => {
@@ -149,16 +151,20 @@ impl Source for SubscribeRepos {
                             return;
                         }
                     }
-                    next = tokio::time::timeout(idle, read.next()) => {
+                    () = tokio::time::sleep_until(deadline) => {
+                        let _ = tx.send(Err(SourceError::Idle(idle))).await;
+                        return;
+                    }
+                    next = read.next() => {
+                        deadline = tokio::time::Instant::now() + idle;
                         let item = match next {
-                            Err(_) => Err(SourceError::Idle(idle)),
-                            Ok(None) => Err(SourceError::Closed(None)),
-                            Ok(Some(Err(e))) => Err(SourceError::Transport(e.to_string())),
-                            Ok(Some(Ok(Message::Binary(bytes)))) => Ok(SourceMessage::Frame(bytes)),
-                            Ok(Some(Ok(Message::Close(frame)))) => {
+                            None => Err(SourceError::Closed(None)),
+                            Some(Err(e)) => Err(SourceError::Transport(e.to_string())),
+                            Some(Ok(Message::Binary(bytes))) => Ok(SourceMessage::Frame(bytes)),
+                            Some(Ok(Message::Close(frame))) => {
                                 Err(SourceError::Closed(frame.map(|f| f.reason.to_string())))
                             }
-                            Ok(Some(Ok(_))) => continue,
+                            Some(Ok(_)) => continue,
                         };
                         let stop = item.is_err();
                         if tx.send(item).await.is_err() || stop {

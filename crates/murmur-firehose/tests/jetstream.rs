@@ -110,9 +110,21 @@ fn like(did: &str, time_us: i64, rkey: &str) -> String {
         murmur_lexicon::data::to_dag_cbor(&murmur_lexicon::data::json_to_data(&record).unwrap())
             .unwrap();
     let cid = murmur_sync::cid_for(0x71, &bytes);
+    // A TID of its own per record key (TIDs use base32-sortable letters and 2-7 only).
+    let suffix: String = rkey[rkey.len() - 2..]
+        .chars()
+        .map(|c| {
+            if matches!(c, '2'..='7' | 'a'..='z') {
+                c
+            } else {
+                'a'
+            }
+        })
+        .collect();
+    let rev = format!("3l3qo2vutsw{suffix}");
     serde_json::json!({
         "did": did, "time_us": time_us, "kind": "commit",
-        "commit": {"rev": format!("3l3qo2vutsw{}", &rkey[rkey.len() - 2..]), "operation": "create",
+        "commit": {"rev": rev, "operation": "create",
             "collection": "app.bsky.feed.like", "rkey": rkey, "record": record, "cid": cid.to_string()}
     })
     .to_string()
@@ -324,7 +336,7 @@ async fn reconnects_resume_from_the_stored_cursor_with_a_rewind_and_replays_run_
             .reconnect(fast_reconnect())
     };
     let second = 1_000_000i64;
-    let t0 = 1_800_000_000 * second;
+    let t0 = 1_700_000_000 * second;
     let watcher = seen.watcher(Watcher::builder().feed(source()).state_dir(state.path()));
     let stop = watcher.shutdown_handle();
     let running = tokio::spawn(watcher.run());
@@ -413,6 +425,75 @@ async fn an_oversized_message_resets_the_connection_and_reading_goes_on() {
         "{errors:?}"
     );
 
+    stop.shutdown();
+    running.await.unwrap().unwrap();
+}
+
+/// A server that goes silent (it stops reading, so not even pongs come) is given up after the
+/// idle timeout, whatever pings and cursor flushes the watcher does meanwhile, and the watcher
+/// connects again. Events with a time that cannot be a cursor (negative, or far ahead of this
+/// clock) or a rev that is not a TID never reach a handler and leave the cursor where it was.
+#[tokio::test]
+async fn a_silent_server_is_left_and_events_with_bad_times_or_revs_are_refused() {
+    let (url, mut connections) = server().await;
+    let state = tempfile::tempdir().unwrap();
+    let seen = Seen::default();
+    let source = JetstreamSource::new(&url)
+        .with_keepalive(Duration::from_millis(100), Duration::from_millis(700))
+        .reconnect(fast_reconnect());
+    let watcher = seen.watcher(Watcher::builder().feed(source).state_dir(state.path()));
+    let stop = watcher.shutdown_handle();
+    let running = tokio::spawn(watcher.run());
+
+    let mut conn = accept(&mut connections).await;
+    let t = 1_700_000_000_000_000i64;
+    conn.send_text(&like(DID, t, "3l3qo2vuowo2c")).await;
+    conn.send_text(&like(DID, -5, "3l3qo2vuowo2d")).await;
+    conn.send_text(&like(DID, i64::MAX, "3l3qo2vuowo2e")).await;
+    conn.send_text(&like(DID, t + 1, "3l3qo2vuowo2f").replace("3l3qo2vutsw2f", "not-a-tid"))
+        .await;
+    wait_for("the good like", || seen.ops.lock().unwrap().len() == 1).await;
+    wait_for("the bad times reported", || {
+        seen.errors
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| e.contains("is not a time"))
+            .count()
+            == 2
+    })
+    .await;
+    wait_for("the bad rev rejected", || {
+        seen.rejected
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|r| r.contains("not a TID"))
+    })
+    .await;
+    assert_eq!(seen.paths(), ["app.bsky.feed.like/3l3qo2vuowo2c"]);
+
+    // Silent from here on (the socket is held, never read): a new connection comes, and its
+    // cursor is the last event read with a usable time (the rejected one), less the rewind.
+    let started = Instant::now();
+    let next = accept(&mut connections).await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "{:?}",
+        started.elapsed()
+    );
+    let rewind = murmur_firehose::DEFAULT_JETSTREAM_REWIND.as_micros() as i64;
+    assert_eq!(next.query.cursor, Some(t + 1 - rewind));
+    assert!(
+        seen.errors
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|e| e.contains("no data")),
+        "{:?}",
+        seen.errors.lock().unwrap()
+    );
+    drop(conn);
     stop.shutdown();
     running.await.unwrap().unwrap();
 }
