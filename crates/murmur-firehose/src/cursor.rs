@@ -37,9 +37,10 @@ impl FileCursorStore {
 }
 
 /// A file name that identifies `source` readably: `ws://localhost:2583/...` -> `localhost_2583`.
-/// A path other than `subscribeRepos`'s is kept (`ws://hub:6008/subscribe` ->
-/// `hub_6008_subscribe`), so a Jetstream feed and a `subscribeRepos` source on one host keep
-/// cursors of their own (one counts microseconds, the other seqs).
+/// Jetstream's path is kept (`ws://hub:6008/subscribe` -> `hub_6008_subscribe`), so a
+/// Jetstream feed and a `subscribeRepos` source on one host keep cursors of their own (one
+/// counts microseconds, the other seqs); other paths are dropped, as they always were, so the
+/// cursor files of existing sources keep their names.
 pub(crate) fn file_name_for(source: &str) -> String {
     let rest = source.split("://").nth(1).unwrap_or(source);
     let (host, path) = rest.split_once('/').unwrap_or((rest, ""));
@@ -48,10 +49,10 @@ pub(crate) fn file_name_for(source: &str) -> String {
         .next()
         .unwrap_or("")
         .trim_end_matches('/');
-    let name = if path.is_empty() || path == "xrpc/com.atproto.sync.subscribeRepos" {
-        host.to_string()
-    } else {
+    let name = if path == "subscribe" {
         format!("{host}/{path}")
+    } else {
+        host.to_string()
     };
     name.chars()
         .map(|c| {
@@ -131,7 +132,7 @@ mod tests {
     }
 
     #[test]
-    fn file_names_keep_paths_other_than_subscribe_repos() {
+    fn file_names_keep_jetstreams_path_only() {
         assert_eq!(
             file_name_for("ws://localhost:2583/xrpc/com.atproto.sync.subscribeRepos"),
             "localhost_2583"
@@ -145,6 +146,8 @@ mod tests {
             file_name_for("wss://js.example/subscribe?compress=true"),
             "js.example_subscribe"
         );
+        // Other paths keep the names they always had.
+        assert_eq!(file_name_for("ws://localhost:2/x"), "localhost_2");
     }
 
     #[tokio::test]

@@ -193,7 +193,19 @@ impl JetstreamSource {
     }
 
     async fn connect(&self, options: &Options) -> Result<Socket, SourceError> {
-        let query = options.query();
+        // A long allowlist does not fit a URL (proxies refuse them): it goes as the hello.
+        let hello = options.query().len() > MAX_QUERY_BYTES;
+        let asked = if hello {
+            Options {
+                wanted_collections: Vec::new(),
+                wanted_dids: Vec::new(),
+                require_hello: true,
+                ..options.clone()
+            }
+        } else {
+            options.clone()
+        };
+        let query = asked.query();
         let url = if query.is_empty() {
             self.url.clone()
         } else {
@@ -213,6 +225,13 @@ impl JetstreamSource {
             tokio_tungstenite::connect_async_tls_with_config(url, Some(config), true, connector)
                 .await
                 .map_err(handshake_error)?;
+        let mut socket = socket;
+        if hello {
+            socket
+                .send(Message::Text(options.options_update().into()))
+                .await
+                .map_err(|e| SourceError::Transport(e.to_string()))?;
+        }
         Ok(socket)
     }
 }
@@ -330,7 +349,8 @@ impl JetstreamOp {
                 );
             }
         };
-        let actual = murmur_sync::cid_for(cid.codec(), &bytes);
+        // A record's CID in a repo is CIDv1, DAG-CBOR, SHA-256: any other does not match.
+        let actual = murmur_sync::cid_for(murmur_sync::DAG_CBOR, &bytes);
         if actual != cid {
             return JetstreamOp::Rejected(
                 data.with_record(cid, None),
@@ -350,6 +370,9 @@ fn with_time_us(mut data: OpData, time_us: i64) -> OpData {
     data.seq = time_us;
     data.with_provenance(Provenance::Unverified)
 }
+
+/// The longest query string sent; longer filters go in the hello `options_update`.
+const MAX_QUERY_BYTES: usize = 4096;
 
 /// How far ahead of this machine's clock an event's `time_us` may be (5 minutes).
 const MAX_CLOCK_AHEAD_US: i64 = 300_000_000;
@@ -469,6 +492,9 @@ impl Drop for Pending {
 enum Ended {
     /// The watcher is stopping.
     Stopped,
+    /// The allowlist took in repos: connect again from a little before the last event read,
+    /// so their events sent before Jetstream applied the new filter are not missed.
+    Widened,
     /// The connection was lost; reconnect.
     Lost(SourceError),
 }
@@ -541,6 +567,10 @@ impl Feed for JetstreamSource {
                     }
                     match ended {
                         Ended::Stopped => break,
+                        Ended::Widened => {
+                            info!(feed = %self.url, "allowlist widened: reconnecting from the cursor");
+                            continue;
+                        }
                         Ended::Lost(error) => {
                             let wait = match &error {
                                 SourceError::RateLimited { retry_after } => *retry_after,
@@ -636,6 +666,13 @@ impl JetstreamSource {
                 Ok(()) = dids.changed() => {
                     dids.mark_unchanged();
                     let updated = self.options(sink, options.cursor);
+                    let widened = !options.wanted_dids.is_empty()
+                        && (updated.wanted_dids.is_empty()
+                            || updated.wanted_dids.iter().any(|d| !options.wanted_dids.contains(d)));
+                    if widened {
+                        let _ = tx.send(Message::Close(None)).await;
+                        return Ended::Widened;
+                    }
                     if updated.wanted_dids != options.wanted_dids {
                         debug!(feed = %self.url, dids = updated.wanted_dids.len(), "sending options_update");
                         let update = updated.options_update();

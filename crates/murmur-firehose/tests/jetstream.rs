@@ -268,6 +268,9 @@ async fn plain_and_compressed_events_reach_handlers_unverified_and_bad_ones_neve
     running.await.unwrap().unwrap();
 }
 
+/// A narrower allowlist is sent as an `options_update` on the live connection; a wider one
+/// reconnects from the cursor (so the new repos' events sent before Jetstream would have
+/// applied an update are not missed); an allowlist too long for a URL goes as the hello.
 #[tokio::test]
 async fn a_change_of_the_did_allowlist_is_sent_as_an_options_update() {
     let (url, mut connections) = server().await;
@@ -281,20 +284,19 @@ async fn a_change_of_the_did_allowlist_is_sent_as_an_options_update() {
     let stop = watcher.shutdown_handle();
     let running = tokio::spawn(watcher.run());
 
-    let mut conn = accept(&mut connections).await;
+    let conn = accept(&mut connections).await;
     assert_eq!(conn.query.wanted_dids, vec![DID]);
     assert!(!conn.query.compress);
 
+    // Wider: a new connection asks for both.
     dids.insert("did:plc:ufbl4k27gp6kzas5glhz7fim");
-    let mut options = conn.query.clone();
-    options
-        .apply_subscriber_message(conn.next_text().await.as_bytes())
-        .expect("an options_update");
+    let mut conn = accept(&mut connections).await;
     assert_eq!(
-        options.wanted_dids,
+        conn.query.wanted_dids,
         vec![DID, "did:plc:ufbl4k27gp6kzas5glhz7fim"]
     );
-    assert_eq!(options.wanted_collections, vec!["app.bsky.feed.*"]);
+    assert_eq!(conn.query.wanted_collections, vec!["app.bsky.feed.*"]);
+    let mut options = conn.query.clone();
 
     // Events of a DID no longer allowed are dropped here, whatever the server sends.
     dids.remove(DID);
@@ -320,6 +322,23 @@ async fn a_change_of_the_did_allowlist_is_sent_as_an_options_update() {
         seen.ops.lock().unwrap()[0].data().path,
         "app.bsky.feed.like/3l3qo2vuowo4d"
     );
+
+    // Too many DIDs for a URL: the query asks for a hello, and the hello carries them.
+    let many: Vec<String> = (0..300).map(|i| format!("did:plc:{i:024}")).collect();
+    dids.set(many.clone());
+    let mut conn = accept(&mut connections).await;
+    assert!(conn.query.require_hello);
+    assert!(conn.query.wanted_dids.is_empty());
+    let mut hello = conn.query.clone();
+    hello
+        .apply_subscriber_message(conn.next_text().await.as_bytes())
+        .unwrap();
+    let mut sent = hello.wanted_dids.clone();
+    sent.sort();
+    let mut expected = many;
+    expected.sort();
+    assert_eq!(sent, expected);
+    assert_eq!(hello.wanted_collections, vec!["app.bsky.feed.*"]);
 
     stop.shutdown();
     running.await.unwrap().unwrap();

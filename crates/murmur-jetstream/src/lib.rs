@@ -687,6 +687,11 @@ impl Decompressor {
         context
             .ref_ddict(decoder_dictionary().as_ddict())
             .expect("a fresh context takes Jetstream's dictionary (checked at build time)");
+        // A frame may not ask for a window larger than the largest event (8 MiB = 2^23): a
+        // hostile one declaring 128 MB would have the context keep that much.
+        context
+            .set_parameter(zstd::zstd_safe::DParameter::WindowLogMax(23))
+            .expect("23 is within zstd's window bounds");
         Decompressor {
             context: std::sync::Mutex::new(context),
         }
