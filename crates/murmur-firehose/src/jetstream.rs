@@ -374,6 +374,13 @@ fn with_time_us(mut data: OpData, time_us: i64) -> OpData {
 /// The longest query string sent; longer filters go in the hello `options_update`.
 const MAX_QUERY_BYTES: usize = 4096;
 
+/// This machine's clock in unix microseconds.
+fn now_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
 /// How far ahead of this machine's clock an event's `time_us` may be (5 minutes).
 const MAX_CLOCK_AHEAD_US: i64 = 300_000_000;
 
@@ -402,6 +409,10 @@ struct Tracker {
     recent: HashSet<u128>,
     order: VecDeque<u128>,
     in_flight: usize,
+    /// The last widening of the allowlist: the DIDs allowed before it, and its time (this
+    /// clock's, or the last event read if that is later). The reconnect that follows replays a little; events of newly
+    /// allowed DIDs from before the change are skipped, as they would have been without it.
+    widening: Option<(HashSet<String>, i64)>,
 }
 
 impl Tracker {
@@ -529,6 +540,7 @@ impl Feed for JetstreamSource {
                 recent: HashSet::new(),
                 order: VecDeque::new(),
                 in_flight: 0,
+                widening: None,
             }),
             idle: Notify::new(),
             stored: Mutex::new(stored),
@@ -670,6 +682,15 @@ impl JetstreamSource {
                         && (updated.wanted_dids.is_empty()
                             || updated.wanted_dids.iter().any(|d| !options.wanted_dids.contains(d)));
                     if widened {
+                        {
+                            // Before the change: stored by the server before now (its times
+                            // are the times it stored events), or read already.
+                            let now = now_us();
+                            let mut tracker = lock(&run.tracker);
+                            let at = tracker.latest.map_or(now, |latest| latest.max(now));
+                            tracker.widening =
+                                Some((options.wanted_dids.iter().cloned().collect(), at));
+                        }
                         let _ = tx.send(Message::Close(None)).await;
                         return Ended::Widened;
                     }
@@ -725,10 +746,7 @@ impl JetstreamSource {
         // A time that cannot be a cursor (before 1970, or ahead of this clock by more than
         // MAX_CLOCK_AHEAD) would stick the stored cursor in place: the event is refused
         // before it is counted.
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX));
-        if time_us < 0 || time_us > now.saturating_add(MAX_CLOCK_AHEAD_US) {
+        if time_us < 0 || time_us > now_us().saturating_add(MAX_CLOCK_AHEAD_US) {
             sink.report(WatchError::Feed {
                 source: self.url.clone(),
                 error: Arc::new(murmur_jetstream::JetstreamError::Event {
@@ -740,7 +758,11 @@ impl JetstreamSource {
             });
             return;
         }
-        if !sink.filter().allows_repo(&event.did) {
+        let before_joining = lock(&run.tracker)
+            .widening
+            .as_ref()
+            .is_some_and(|(before, at)| time_us <= *at && !before.contains(&event.did));
+        if before_joining || !sink.filter().allows_repo(&event.did) {
             run.begin(time_us, 0);
             return;
         }
