@@ -308,9 +308,20 @@ async fn a_change_of_the_did_allowlist_is_sent_as_an_options_update() {
         vec!["did:plc:ufbl4k27gp6kzas5glhz7fim"]
     );
     conn.send_text(README_COMMIT).await;
+    // The newly allowed DID's like from before it was allowed: skipped.
     conn.send_text(&like(
         "did:plc:ufbl4k27gp6kzas5glhz7fim",
         1725911162329500,
+        "3l3qo2vuowo4c",
+    ))
+    .await;
+    conn.send_text(&like(
+        "did:plc:ufbl4k27gp6kzas5glhz7fim",
+        // Stored after the DID was allowed (the watcher skips what came before).
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_micros() as i64,
         "3l3qo2vuowo4d",
     ))
     .await;
