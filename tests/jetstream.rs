@@ -12,10 +12,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use murmur_bus::{Hub, JetstreamConfig, StreamSettings};
+use murmur_bus::{JetstreamConfig, StreamSettings};
 use murmur_devnet::Devnet;
-use murmur_e2e::nats::{cleanup, settings, url as nats_url};
-use murmur_e2e::{Note, account, note, run_node_script, shared, wait_for};
+use murmur_e2e::nats::{cleanup, settings};
+use murmur_e2e::{Note, account, note, run_node_script, shared};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -27,26 +27,14 @@ struct RunningHub {
 
 /// A hub over every host of `net`, serving Jetstream on a free loopback port.
 async fn start_hub(net: &Devnet, settings: &StreamSettings) -> RunningHub {
-    let mut builder = Hub::builder()
-        .nats(nats_url())
-        .plc_url(net.plc_url())
-        .stream(settings.clone())
-        .serve_jetstream("127.0.0.1:0".parse().unwrap(), JetstreamConfig::default());
-    for host in net.pds_hosts() {
-        builder = builder.pds(host.url());
-    }
-    let hub = builder.build().await.unwrap();
-    let addr = hub.jetstream_addr().unwrap();
-    let metrics = hub.watcher_metrics();
-    let task = tokio::spawn(async move { hub.run().await.unwrap() });
-    let hosts = net.pds_hosts().len() as u64;
-    wait_for(
-        "the hub to connect to every host",
-        Duration::from_secs(30),
-        || metrics.snapshot().sources_connected >= hosts,
-    )
+    let hub = murmur_e2e::nats::start_hub(net, settings, |b| {
+        b.serve_jetstream("127.0.0.1:0".parse().unwrap(), JetstreamConfig::default())
+    })
     .await;
-    RunningHub { addr, task }
+    RunningHub {
+        addr: hub.jetstream.unwrap(),
+        task: hub.task,
+    }
 }
 
 fn now_us() -> i64 {

@@ -8,9 +8,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use murmur_bus::{Hub, JetstreamConfig, StreamSettings};
+use murmur_bus::{JetstreamConfig, StreamSettings};
 use murmur_devnet::Devnet;
-use murmur_e2e::nats::{cleanup, settings, url as nats_url};
+use murmur_e2e::nats::{cleanup, settings};
 use murmur_e2e::{Note, NoteRecord, account, note, shared, wait_for};
 use murmur_firehose::{OpEvent, Provenance, Watcher};
 use serde_json::json;
@@ -20,26 +20,11 @@ async fn start_hub(
     net: &Devnet,
     settings: &StreamSettings,
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
-    let mut builder = Hub::builder()
-        .nats(nats_url())
-        .plc_url(net.plc_url())
-        .stream(settings.clone())
-        .serve_jetstream("127.0.0.1:0".parse().unwrap(), JetstreamConfig::default());
-    for host in net.pds_hosts() {
-        builder = builder.pds(host.url());
-    }
-    let hub = builder.build().await.unwrap();
-    let addr = hub.jetstream_addr().unwrap();
-    let metrics = hub.watcher_metrics();
-    let task = tokio::spawn(async move { hub.run().await.unwrap() });
-    let hosts = net.pds_hosts().len() as u64;
-    wait_for(
-        "the hub to connect to every host",
-        Duration::from_secs(30),
-        || metrics.snapshot().sources_connected >= hosts,
-    )
+    let hub = murmur_e2e::nats::start_hub(net, settings, |b| {
+        b.serve_jetstream("127.0.0.1:0".parse().unwrap(), JetstreamConfig::default())
+    })
     .await;
-    (addr, task)
+    (hub.jetstream.unwrap(), hub.task)
 }
 
 /// What a watcher's handler saw: (did, n, provenance) per op, and what was rejected.

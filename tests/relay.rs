@@ -26,27 +26,15 @@ struct RunningHub {
 
 /// A hub over every host of `net`, serving a relay on a free loopback port.
 async fn start_hub(net: &Devnet, settings: &StreamSettings, config: RelayConfig) -> RunningHub {
-    let mut builder = Hub::builder()
-        .nats(nats_url())
-        .plc_url(net.plc_url())
-        .stream(settings.clone())
-        .serve_relay("127.0.0.1:0".parse().unwrap(), config);
-    for host in net.pds_hosts() {
-        builder = builder.pds(host.url());
-    }
-    let hub = builder.build().await.unwrap();
-    let addr = hub.relay_addr().unwrap();
-    let stats = hub.relay_stats().unwrap();
-    let metrics = hub.watcher_metrics();
-    let task = tokio::spawn(async move { hub.run().await.unwrap() });
-    let hosts = net.pds_hosts().len() as u64;
-    wait_for(
-        "the hub to connect to every host",
-        Duration::from_secs(30),
-        || metrics.snapshot().sources_connected >= hosts,
-    )
+    let hub = murmur_e2e::nats::start_hub(net, settings, |b| {
+        b.serve_relay("127.0.0.1:0".parse().unwrap(), config)
+    })
     .await;
-    RunningHub { addr, stats, task }
+    RunningHub {
+        addr: hub.relay.unwrap(),
+        stats: hub.relay_stats.unwrap(),
+        task: hub.task,
+    }
 }
 
 type Seen = Arc<Mutex<Vec<(String, u64)>>>;

@@ -250,4 +250,50 @@ pub mod nats {
     pub fn servers(nats: &str) -> Vec<String> {
         nats.split(',').map(str::to_string).collect()
     }
+
+    /// A hub running on a task ([`start_hub`]).
+    pub struct RunningHub {
+        /// Where its relay listens, when it serves one.
+        pub relay: Option<std::net::SocketAddr>,
+        /// The relay's counters, when it serves one.
+        pub relay_stats: Option<std::sync::Arc<murmur_bus::RelayStats>>,
+        /// Where its Jetstream listens, when it serves one.
+        pub jetstream: Option<std::net::SocketAddr>,
+        /// The task running it.
+        pub task: tokio::task::JoinHandle<()>,
+    }
+
+    /// A hub over every PDS host of `net` on the test binary's NATS with the stream
+    /// `settings`, further configured by `configure` (a relay, Jetstream), running once it is
+    /// connected to every host.
+    pub async fn start_hub(
+        net: &murmur_devnet::Devnet,
+        settings: &StreamSettings,
+        configure: impl FnOnce(murmur_bus::HubBuilder) -> murmur_bus::HubBuilder,
+    ) -> RunningHub {
+        let mut builder = murmur_bus::Hub::builder()
+            .nats(url())
+            .plc_url(net.plc_url())
+            .stream(settings.clone());
+        for host in net.pds_hosts() {
+            builder = builder.pds(host.url());
+        }
+        let hub = configure(builder).build().await.unwrap();
+        let running = (hub.relay_addr(), hub.relay_stats(), hub.jetstream_addr());
+        let metrics = hub.watcher_metrics();
+        let task = tokio::spawn(async move { hub.run().await.unwrap() });
+        let hosts = net.pds_hosts().len() as u64;
+        crate::wait_for(
+            "the hub to connect to every host",
+            std::time::Duration::from_secs(30),
+            || metrics.snapshot().sources_connected >= hosts,
+        )
+        .await;
+        RunningHub {
+            relay: running.0,
+            relay_stats: running.1,
+            jetstream: running.2,
+            task,
+        }
+    }
 }
