@@ -467,46 +467,26 @@ impl BusSource {
     /// a host it needs is unreachable. Sets the record to the proven bytes.
     async fn verify(&self, sink: &FeedSink, data: &mut OpData) -> Result<(), SyncError> {
         let verifier = sink.verifier();
-        let mut attempt = 0u32;
-        loop {
-            let proven = match &data.proof {
-                Some(proof) => {
-                    verifier
-                        .verify_op_proof(&data.did, &data.rev, &data.path, data.cid, proof)
-                        .await
-                }
-                None => {
-                    verifier
-                        .prove_op_from_pds(&data.did, &data.rev, &data.path, data.cid)
-                        .await
-                }
-            };
-            match proven {
-                Err(e) if e.is_transient() => {
-                    let delay = Backoff::default()
-                        .delay(attempt)
-                        .unwrap_or(Duration::from_secs(30));
-                    attempt = attempt.saturating_add(1);
-                    sink.report(WatchError::VerificationStalled {
-                        source: self.name.clone(),
-                        did: data.did.clone(),
-                        seq: data.seq,
-                        attempt,
-                        retry_in: delay,
-                        error: Arc::new(e),
-                    });
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => return Err(e),
-                Ok(record) => {
-                    data.record = record;
-                    if verifier.level() != murmur_sync::VerifyLevel::None {
-                        data.provenance = Provenance::Verified;
+        let op: &OpData = data;
+        let record = sink
+            .until_verified(&op.did, op.seq, || async move {
+                match &op.proof {
+                    Some(proof) => {
+                        verifier
+                            .verify_op_proof(&op.did, &op.rev, &op.path, op.cid, proof)
+                            .await
                     }
-                    return Ok(());
+                    None => {
+                        verifier
+                            .prove_op_from_pds(&op.did, &op.rev, &op.path, op.cid)
+                            .await
+                    }
                 }
-            }
-        }
+            })
+            .await?;
+        data.record = record;
+        data.provenance = sink.checked_provenance();
+        Ok(())
     }
 
     async fn dead_letter(

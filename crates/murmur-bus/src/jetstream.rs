@@ -190,22 +190,11 @@ impl JetstreamServer {
     /// Serves subscribers until the future is dropped (which closes every connection).
     pub async fn run(self) {
         info!(addr = %self.local_addr(), stream = %self.shared.stream, "jetstream listening");
-        let mut connections = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok((tcp, peer)) => {
-                        let shared = Arc::clone(&self.shared);
-                        connections.spawn(async move { serve(shared, tcp, peer).await });
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "jetstream: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            }
-        }
+        let shared = self.shared;
+        crate::relay::accept_loop(&self.listener, "jetstream", |tcp, peer| {
+            serve(Arc::clone(&shared), tcp, peer)
+        })
+        .await
     }
 }
 

@@ -207,22 +207,36 @@ impl Relay {
     /// Serves consumers until the future is dropped (which closes every connection).
     pub async fn run(self) {
         info!(addr = %self.local_addr(), stream = %self.shared.stream, "relay listening");
-        let mut connections = tokio::task::JoinSet::new();
-        loop {
-            tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok((tcp, peer)) => {
-                        let shared = Arc::clone(&self.shared);
-                        connections.spawn(async move { serve(shared, tcp, peer).await });
-                    }
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait a little, go on.
-                        warn!(error = %e, "relay: accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                },
-                Some(_) = connections.join_next(), if !connections.is_empty() => {}
-            }
+        let shared = self.shared;
+        accept_loop(&self.listener, "relay", |tcp, peer| {
+            serve(Arc::clone(&shared), tcp, peer)
+        })
+        .await
+    }
+}
+
+/// Accepts connections on `listener` and serves each on a task of its own with `serve`, until
+/// the future is dropped (which drops every connection's task). `what` names the server in
+/// logs.
+pub(crate) async fn accept_loop<F, Fut>(listener: &TcpListener, what: &'static str, serve: F)
+where
+    F: Fn(TcpStream, SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    connections.spawn(serve(tcp, peer));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a little, go on.
+                    warn!(error = %e, "{what}: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
         }
     }
 }

@@ -111,6 +111,31 @@ impl FeedSink {
         self.pipeline.deliver(&self.name, op, Box::new(done)).await;
     }
 
+    /// Runs `verify` (e.g. a proof check of an op) until it succeeds or fails for a reason of
+    /// the data's own, as the watcher does for its own sources: a passing failure (a host
+    /// unreachable) is reported as [`WatchError::VerificationStalled`] and retried with the
+    /// watcher's verification backoff, never faster than 100 ms, for as long as it takes.
+    pub async fn until_verified<T, Fut>(
+        &self,
+        did: &str,
+        seq: i64,
+        verify: impl FnMut() -> Fut,
+    ) -> Result<T, murmur_sync::SyncError>
+    where
+        Fut: std::future::Future<Output = Result<T, murmur_sync::SyncError>>,
+    {
+        self.pipeline
+            .until_verified(&self.name, did, seq, verify)
+            .await
+    }
+
+    /// The provenance of an op this feed checked against its author's key:
+    /// [`Provenance::Verified`](crate::Provenance::Verified), unless the watcher verifies
+    /// nothing ([`VerifyLevel::None`](murmur_sync::VerifyLevel::None)).
+    pub fn checked_provenance(&self) -> crate::Provenance {
+        self.pipeline.provenance()
+    }
+
     /// Counts and reports an op that failed checks before delivery (e.g. its proof did not
     /// verify): logged, passed to `on_rejected`, never handled.
     pub fn reject(&self, op: OpData, rejection: Rejection) {

@@ -834,36 +834,15 @@ impl JetstreamSource {
     /// Sets the record to the proven bytes and the provenance to verified.
     async fn prove(&self, sink: &FeedSink, data: &mut OpData) -> Result<(), SyncError> {
         let verifier = sink.verifier();
-        let retry = &sink.pipeline.verify_retry;
-        let mut attempt = 0u32;
-        loop {
-            let proven = verifier
-                .prove_op_from_pds(&data.did, &data.rev, &data.path, data.cid)
-                .await;
-            match proven {
-                Err(e) if e.is_transient() => {
-                    let delay = retry.delay(attempt).unwrap_or(retry.max);
-                    attempt = attempt.saturating_add(1);
-                    sink.report(WatchError::VerificationStalled {
-                        source: self.url.clone(),
-                        did: data.did.clone(),
-                        seq: data.seq,
-                        attempt,
-                        retry_in: delay,
-                        error: Arc::new(e),
-                    });
-                    tokio::time::sleep(delay).await;
-                }
-                Err(e) => return Err(e),
-                Ok(record) => {
-                    data.record = record;
-                    if verifier.level() != murmur_sync::VerifyLevel::None {
-                        data.provenance = Provenance::Verified;
-                    }
-                    return Ok(());
-                }
-            }
-        }
+        let op: &OpData = data;
+        let record = sink
+            .until_verified(&op.did, op.seq, || {
+                verifier.prove_op_from_pds(&op.did, &op.rev, &op.path, op.cid)
+            })
+            .await?;
+        data.record = record;
+        data.provenance = sink.checked_provenance();
+        Ok(())
     }
 
     /// Stores the cursor when it moved.
