@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::DeliverPolicy, consumer::pull::OrderedConfig};
 use futures_util::{SinkExt, StreamExt};
-use murmur_jetstream::{Account, Commit, Event, EventBody, Identity, Operation, Options};
+use murmur_jetstream::{Account, Commit, Event, EventBody, Filter, Identity, Operation, Options};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -203,7 +203,16 @@ impl JetstreamServer {
 /// missing or is not data-model DAG-CBOR makes no event (the hub verified the commit, so this
 /// does not happen with frames it stored) and is reported in the error list.
 pub fn events_of_frame(frame: &[u8], time_us: i64) -> Result<Vec<Event>, String> {
+    events_for(frame, time_us, &Filter::default())
+}
+
+/// [`events_of_frame`], only the events `filter` lets through: a frame of a DID it does not
+/// want is not decoded further, nor the record of an op of a collection it does not want.
+fn events_for(frame: &[u8], time_us: i64, filter: &Filter) -> Result<Vec<Event>, String> {
     let decoded = murmur_sync::Frame::decode(frame).map_err(|e| e.to_string())?;
+    if decoded.did().is_some_and(|did| !filter.wants_did(did)) {
+        return Ok(Vec::new());
+    }
     let event = |did: &str, body| Event {
         did: did.to_string(),
         time_us,
@@ -216,9 +225,17 @@ pub fn events_of_frame(frame: &[u8], time_us: i64) -> Result<Vec<Event>, String>
     };
     Ok(match decoded {
         murmur_sync::Frame::Commit(commit) => {
+            if !commit.any_op(|op| filter.wants_collection(op.collection())) {
+                return Ok(Vec::new());
+            }
             let car = murmur_sync::CarSlice::parse(&commit.blocks).map_err(|e| e.to_string())?;
             let mut events = Vec::with_capacity(commit.ops.len());
             for (i, op) in commit.ops.iter().enumerate() {
+                // Skipped ops keep their place: op `i` is stamped `time_us + i` whatever the
+                // filter.
+                if !filter.wants_collection(op.collection()) {
+                    continue;
+                }
                 let (record, cid) = match (op.action, op.cid) {
                     (murmur_sync::Action::Delete, _) => (None, None),
                     (_, None) => return Err(format!("{}: a write without a cid", op.path)),
@@ -476,7 +493,7 @@ async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
                     too_slow(&mut sink, stats, peer, &format!("{pending} frames behind the head")).await;
                     return;
                 }
-                let events = match events_of_frame(&message.payload, time_us) {
+                let events = match events_for(&message.payload, time_us, &filter) {
                     Ok(events) => events,
                     Err(e) => {
                         warn!(%peer, error = %e, "jetstream: stored frame unreadable; skipped");
@@ -632,6 +649,38 @@ mod tests {
         assert!(frames > 600, "{frames} frames");
         assert_eq!(events_seen, ops);
         assert_eq!(operations.len(), 3, "creates, updates and deletes");
+    }
+
+    /// Filtered in the frame: an unwanted DID or collection makes no event, and the ops kept
+    /// keep the times they have unfiltered.
+    #[test]
+    fn filtered_frames_keep_each_ops_time() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../murmur-sync/tests/fixtures/corpus-realistic/frames.bin"
+        );
+        let bytes = std::fs::read(path).expect("the recorded corpus");
+        let mut rest = &bytes[..];
+        let mut checked = 0;
+        while rest.len() >= 4 {
+            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            let frame = &rest[4..4 + len];
+            rest = &rest[4 + len..];
+            let all = events_of_frame(frame, 1_000).unwrap();
+            let Some(last) = all.last() else { continue };
+            let collection = last.collection().unwrap().to_string();
+            let by_collection = Filter::new(std::slice::from_ref(&collection), &[]).unwrap();
+            let kept = events_for(frame, 1_000, &by_collection).unwrap();
+            let expected: Vec<&Event> = all
+                .iter()
+                .filter(|e| e.collection() == Some(collection.as_str()))
+                .collect();
+            assert_eq!(kept.iter().collect::<Vec<_>>(), expected);
+            let other_did = Filter::new(&[], &["did:plc:someoneelse".to_string()]).unwrap();
+            assert!(events_for(frame, 1_000, &other_did).unwrap().is_empty());
+            checked += 1;
+        }
+        assert!(checked > 600);
     }
 
     #[test]
