@@ -45,9 +45,10 @@ const FLUSH_EVERY: Duration = Duration::from_millis(200);
 /// add it with [`WatcherBuilder::feed`](crate::WatcherBuilder::feed).
 ///
 /// - The server filters: the watcher's collections and DID allowlist go in the query
-///   (`wantedCollections`, `wantedDids`), and a change of the allowlist
-///   ([`Watcher::dids`](crate::Watcher::dids)) is sent on the live connection as an
-///   `options_update`. The watcher applies its own filter too, so patterns Jetstream does
+///   (`wantedCollections`, `wantedDids`; as the hello `options_update` when too long for a
+///   URL). A narrower allowlist ([`Watcher::dids`](crate::Watcher::dids)) is sent on the live
+///   connection as an `options_update`; a wider one reconnects from the cursor, and a newly
+///   allowed repo's events count from the moment it was allowed (by the server's clock). The watcher applies its own filter too, so patterns Jetstream does
 ///   not take (more than 100 collections or 10,000 DIDs, `*` alone, an empty allowlist)
 ///   only cost bandwidth.
 /// - Messages are zstd-compressed with Jetstream's dictionary unless
@@ -60,7 +61,13 @@ const FLUSH_EVERY: Duration = Duration::from_millis(200);
 ///   matched op is proven from the author's PDS (`com.atproto.sync.getRecord`, verified like
 ///   a `subscribeRepos` commit) before its handlers run; one that fails is rejected. A
 ///   record a later commit already changed or deleted can no longer be proven and is
-///   rejected too (it is reported, and the later op follows).
+///   rejected too (it is reported, and the later op follows). A proof shows the record is
+///   in the author's repo at that path; the event's action, rev and time stay Jetstream's
+///   word. With proofs, `#identity` and `#account` events (never signed) are not taken.
+///   Proofs are fetched one at a time, in stream order: an author's PDS that does not
+///   answer holds the feed (reported as
+///   [`WatchError::VerificationStalled`](crate::WatchError::VerificationStalled)) until it
+///   does.
 /// - The cursor (the `time_us` of the last event whose handlers are done, with every event
 ///   read before it) is stored in the watcher's cursor store under the source's URL. A
 ///   connection resumes [`rewind`](Self::rewind) before it; the replayed events this
