@@ -363,8 +363,8 @@ impl Options {
                             reason: format!("{value:?} is not a unix time in microseconds"),
                         })?)
                 }
-                "compress" => options.compress = parse_bool("compress", &value)?,
-                "requireHello" => options.require_hello = parse_bool("requireHello", &value)?,
+                "compress" => options.compress = flag(&value),
+                "requireHello" => options.require_hello = flag(&value),
                 "maxMessageSizeBytes" => {
                     // Negative values mean no limit, as in Jetstream.
                     let size = value.parse::<i64>().map_err(|_| JetstreamError::Option {
@@ -445,15 +445,9 @@ struct UpdatePayload {
     max_message_size_bytes: i64,
 }
 
-fn parse_bool(option: &'static str, value: &str) -> Result<bool, JetstreamError> {
-    match value {
-        "true" | "1" | "" => Ok(true),
-        "false" | "0" => Ok(false),
-        _ => Err(JetstreamError::Option {
-            option,
-            reason: format!("{value:?} is not true or false"),
-        }),
-    }
+/// A flag as Jetstream reads one: on only when it says `true`.
+fn flag(value: &str) -> bool {
+    value == "true"
 }
 
 /// Percent-encodes what a query value may not carry as is (NSIDs, DIDs and `*` pass as they

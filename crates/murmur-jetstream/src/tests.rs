@@ -169,12 +169,17 @@ fn queries_round_trip() {
     assert_eq!(theirs.wanted_dids, ["did:plc:abc"]);
     assert!(!theirs.compress);
     assert_eq!(theirs.max_message_size_bytes, 0);
-    for bad in [
-        "cursor=soon",
-        "compress=maybe",
-        "wantedDids=nope",
-        "wantedCollections=%zz",
+    // Flags are on only when they say `true`, as Jetstream reads them.
+    for off in [
+        "compress=1",
+        "compress=yes",
+        "compress=",
+        "requireHello=TRUE",
     ] {
+        let options = Options::from_query(off).unwrap();
+        assert!(!options.compress && !options.require_hello, "{off}");
+    }
+    for bad in ["cursor=soon", "wantedDids=nope", "wantedCollections=%zz"] {
         assert!(Options::from_query(bad).is_err(), "{bad}");
     }
 }
