@@ -80,7 +80,8 @@ impl SealedBlobs {
     ///
     /// Recipients' keys are found as for [`Agent::seal_for`](crate::Agent::seal_for). The
     /// ciphertext must fit the PDS's upload limit ([`murmur_pds::Error::BlobTooLarge`],
-    /// through [`AgentError::Write`]).
+    /// through [`AgentError::Write`]); a file over the lexicon's 50 MiB is refused with
+    /// [`AgentError::InvalidArgument`] before anything is sealed or uploaded.
     pub async fn seal<C: Collection>(
         &self,
         to: &[&str],
@@ -88,6 +89,7 @@ impl SealedBlobs {
         file: &[u8],
     ) -> Result<Unknown, AgentError> {
         self.keys.as_ref().ok_or(AgentError::NoKeyring)?;
+        check_size(file.len())?;
         let dids: Vec<String> = to.iter().map(|d| d.to_string()).collect();
         let recipients = self.directory.recipients(&dids).await?;
         let ctx = Context::new(&self.did, C::NSID, field);
@@ -172,5 +174,33 @@ impl SealedBlobs {
         let ciphertext = reader.get_blob(author, &cid, max).await.map_err(read)?;
         let ctx = Context::new(author, C::NSID, field);
         keys.open_blob(&sealed, &ciphertext, &ctx).map_err(opened)
+    }
+}
+
+/// Refuses a file whose ciphertext (16 bytes longer) the lexicon's `#sealedBlob` cannot
+/// hold, before anything is sealed or uploaded: it could never be opened.
+fn check_size(len: usize) -> Result<(), AgentError> {
+    if len.saturating_add(16) > MAX_SEALED_BLOB {
+        return Err(AgentError::InvalidArgument {
+            what: "sealed blob",
+            message: format!(
+                "the file is {len} bytes; a sealed blob holds at most {} bytes",
+                MAX_SEALED_BLOB - 16
+            ),
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn files_over_the_lexicons_limit_are_refused_before_sealing() {
+        assert!(check_size(0).is_ok());
+        assert!(check_size(MAX_SEALED_BLOB - 16).is_ok());
+        let error = check_size(MAX_SEALED_BLOB - 15).unwrap_err().to_string();
+        assert!(error.contains("at most 52428800 bytes"), "{error}");
     }
 }
