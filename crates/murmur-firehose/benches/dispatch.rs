@@ -2,7 +2,9 @@
 //! no-op typed handler (prints figures beside their goals; not a timed test).
 //!
 //! `cargo bench -p murmur-firehose --bench dispatch` (`MURMUR_BENCH_PASSES`, default 3000;
-//! `MURMUR_BENCH_SIGNED_PASSES`, default 300; `MURMUR_BENCH_ROUNDS`, default 3)
+//! `MURMUR_BENCH_SIGNED_PASSES`, default 300; `MURMUR_BENCH_ROUNDS`, default 3;
+//! `MURMUR_BENCH_ONLY=state` runs only the setups whose names contain that text, for a
+//! profiler)
 //!
 //! The corpus (tests/support/corpus.rs) is the one recorded from the local PDS for
 //! murmur-sync, replayed as many passes; each pass gets its own DIDs and fresh seqs, so the
@@ -109,9 +111,13 @@ fn main() {
             signed: true,
         },
     ];
+    let only = std::env::var("MURMUR_BENCH_ONLY").ok();
     let mut rates: Vec<Vec<f64>> = vec![Vec::new(); setups.len()];
     for round in 0..rounds {
         for (i, setup) in setups.iter().enumerate() {
+            if only.as_deref().is_some_and(|o| !setup.name.contains(o)) {
+                continue;
+            }
             let input = if setup.signed { &signed } else { &frames };
             let rate = run(*setup, input, &dids, &pinned);
             println!(
@@ -129,8 +135,14 @@ fn main() {
         (v[0], v[v.len() / 2])
     };
     for (setup, r) in setups.iter().zip(&rates) {
+        if r.is_empty() {
+            continue;
+        }
         let (min, median) = stat(r);
         println!("  {:<38} {min:>9.0} / {median:>9.0} events/s", setup.name);
+    }
+    if rates.iter().any(Vec::is_empty) {
+        return;
     }
     let (_, with_state) = stat(&rates[1]);
     println!(

@@ -84,6 +84,8 @@ struct DedupState {
     lines: usize,
     /// The next group to write.
     batch: Batch,
+    /// Emptied buffers of the last group written, for the next.
+    spare: Batch,
     /// Whether an insert is writing a group now (the others add to `batch` and wait).
     writing: bool,
 }
@@ -137,16 +139,20 @@ impl FileDedupStore {
     }
 
     /// Writes groups until none is waiting. Called by the insert that found no write under
-    /// way; the others wait for their group's outcome.
-    fn write_groups(&self) {
+    /// way, whose own line is in the first group: the first group's outcome is returned to
+    /// it. The others wait for their group's outcome.
+    fn write_groups(&self) -> Result<(), String> {
+        let mut first = None;
         loop {
-            let (batch, compact) = {
+            let (mut batch, compact, mut file) = {
                 let mut state = self.state();
                 if state.batch.keys.is_empty() {
                     state.writing = false;
-                    return;
+                    return first.unwrap_or(Ok(()));
                 }
-                let batch = std::mem::take(&mut state.batch);
+                // The buffers of the last group written are reused for the next.
+                let spare = std::mem::take(&mut state.spare);
+                let batch = std::mem::replace(&mut state.batch, spare);
                 let compact = state.lines + batch.keys.len() >= 2 * self.capacity;
                 if !compact && state.file.is_none() {
                     match self.open_for_append() {
@@ -154,49 +160,50 @@ impl FileDedupStore {
                         Err(e) => {
                             drop(state);
                             fail(batch, &e);
+                            first.get_or_insert(Err(e));
                             continue;
                         }
                     }
                 }
-                (batch, compact)
+                (batch, compact, state.file.take())
             };
             // The file is only touched by the one insert writing (`writing` is set), so the
             // lock is not held across the system calls.
             let written = if compact {
                 self.compact_with(&batch)
             } else {
-                let mut file = self.state().file.take();
-                let result = file
-                    .as_mut()
-                    .map_or(Ok(()), |f| self.append(f, &batch.text));
-                self.state().file = file;
-                result
+                file.as_mut()
+                    .map_or(Ok(()), |f| self.append(f, &batch.text))
             };
-            match written {
-                Ok(()) => {
-                    let mut state = self.state();
-                    if compact {
-                        state.file = None;
-                    } else {
-                        state.lines += batch.keys.len();
+            let waiting = std::mem::take(&mut batch.waiting);
+            {
+                let mut state = self.state();
+                match &written {
+                    Ok(()) => {
+                        if compact {
+                            state.file = None;
+                        } else {
+                            state.file = file;
+                            state.lines += batch.keys.len();
+                        }
+                        for &key in &batch.keys {
+                            state.remember(key, self.capacity);
+                        }
+                        if compact {
+                            state.lines = state.order.len();
+                        }
                     }
-                    for &key in &batch.keys {
-                        state.remember(key, self.capacity);
-                    }
-                    if compact {
-                        state.lines = state.order.len();
-                    }
-                    drop(state);
-                    for tx in batch.waiting {
-                        let _ = tx.send(Ok(()));
-                    }
-                }
-                Err(e) => {
                     // Not remembered: the inserts fail and are retried by their callers.
-                    self.state().file = None;
-                    fail(batch, &e);
+                    Err(_) => state.file = None,
                 }
+                batch.text.clear();
+                batch.keys.clear();
+                state.spare = batch;
             }
+            for tx in waiting {
+                let _ = tx.send(written.clone());
+            }
+            first.get_or_insert(written);
         }
     }
 
@@ -297,8 +304,7 @@ impl DedupStore for FileDedupStore {
 
     async fn insert(&self, key: OpKey) -> Result<(), FirehoseError> {
         let digest = digest_of(&key.did, &key.rev, &key.path);
-        let (tx, rx) = oneshot::channel();
-        let lead = {
+        let waiting = {
             let mut state = self.state();
             if state.keys.contains(&digest) {
                 return Ok(());
@@ -312,21 +318,25 @@ impl DedupStore for FileDedupStore {
             }
             batch.text.push(b'\n');
             batch.keys.push(digest);
-            batch.waiting.push(tx);
-            !std::mem::replace(&mut state.writing, true)
+            if std::mem::replace(&mut state.writing, true) {
+                // A write is under way: this line goes with the next group, and its
+                // outcome comes back here.
+                let (tx, rx) = oneshot::channel();
+                state.batch.waiting.push(tx);
+                Some(rx)
+            } else {
+                None
+            }
         };
-        if lead {
-            // Short appends to the page cache: done on this thread, as before.
-            self.write_groups();
-        }
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(reason)) => Err(FirehoseError::store(&self.path, reason)),
-            Err(_) => Err(FirehoseError::store(
-                &self.path,
-                "the write of this key was abandoned",
-            )),
-        }
+        let outcome = match waiting {
+            // No write under way: this insert writes, its line in the first group. Short
+            // appends to the page cache, done on this thread.
+            None => self.write_groups(),
+            Some(rx) => rx
+                .await
+                .unwrap_or_else(|_| Err("the write of this key was abandoned".into())),
+        };
+        outcome.map_err(|reason| FirehoseError::store(&self.path, reason))
     }
 }
 

@@ -288,7 +288,12 @@ async fn run_job(rt: &Runtime, job: Job) {
             };
         }
         if let (Some(dedup), Some(key)) = (&rt.dedup, key) {
-            persist("dedup insert", || dedup.insert(key.clone())).await;
+            // The key moves into the first attempt; a retry builds it again.
+            let mut key = Some(key);
+            persist("dedup insert", || {
+                dedup.insert(key.take().unwrap_or_else(|| op.key()))
+            })
+            .await;
         }
         delivered
     };

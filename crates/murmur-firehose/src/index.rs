@@ -82,9 +82,9 @@ impl RecordIndex {
             Ok(text) => {
                 for line in text.lines() {
                     state.lines += 1;
-                    state.entries = state
-                        .entries
-                        .saturating_add_signed(apply_line(&mut state.repos, line));
+                    state.entries = state.entries.saturating_add_signed(
+                        Line::parse(line).map_or(0, |l| l.apply(&mut state.repos)),
+                    );
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -135,23 +135,25 @@ impl RecordIndex {
     /// Records a change to one record of `did`.
     pub(crate) fn change(&self, did: &str, change: IndexChange<'_>) -> Result<(), FirehoseError> {
         let line = match change {
-            IndexChange::Put(path, cid) => format!("+ {did} {path} {cid}\n"),
-            IndexChange::Remove(path) => format!("- {did} {path}\n"),
+            IndexChange::Put(path, cid) => Line::Put(did, path, cid),
+            IndexChange::Remove(path) => Line::Remove(did, path),
         };
         self.append(line)
     }
 
     /// Marks `did` complete as of `rev`.
     pub(crate) fn set_baseline(&self, did: &str, rev: &str) -> Result<(), FirehoseError> {
-        self.append(format!("B {did} {rev}\n"))
+        self.append(Line::Baseline(did, rev))
     }
 
-    fn append(&self, line: String) -> Result<(), FirehoseError> {
+    /// Applies `line` in memory and, with a state directory, appends it to the log. The text
+    /// is formatted only for the log (an index in memory, or off, formats nothing).
+    fn append(&self, line: Line<'_>) -> Result<(), FirehoseError> {
         if !self.enabled {
             return Ok(());
         }
         let mut state = lock(&self.state);
-        let delta = apply_line(&mut state.repos, line.trim_end());
+        let delta = line.apply(&mut state.repos);
         state.entries = state.entries.saturating_add_signed(delta);
         let Some(path) = &self.path else {
             return Ok(());
@@ -174,7 +176,7 @@ impl RecordIndex {
         let Some(file) = state.file.as_mut() else {
             unreachable!("opened above")
         };
-        file.write_all(line.as_bytes())
+        file.write_all(line.text().as_bytes())
             .map_err(|e| FirehoseError::store(path, e))
     }
 
@@ -187,11 +189,11 @@ impl RecordIndex {
         let mut entries = 0;
         for (did, repo) in &state.repos {
             for (p, cid) in &repo.records {
-                text.push_str(&format!("+ {did} {p} {cid}\n"));
+                text.push_str(&Line::Put(did, p, *cid).text());
                 entries += 1;
             }
             if let Some(rev) = &repo.baseline {
-                text.push_str(&format!("B {did} {rev}\n"));
+                text.push_str(&Line::Baseline(did, rev).text());
             }
             entries += 1;
         }
@@ -204,28 +206,58 @@ impl RecordIndex {
     }
 }
 
-/// Applies one log line; malformed (torn) lines are skipped. Returns the change in the number
-/// of live entries (records and baselines), which decides when the log is compacted.
-fn apply_line(repos: &mut HashMap<String, RepoIndex>, line: &str) -> isize {
-    let mut parts = line.split(' ');
-    match (parts.next(), parts.next(), parts.next(), parts.next()) {
-        (Some("+"), Some(did), Some(path), Some(cid)) => match cid.parse::<Cid>() {
-            Ok(cid) => {
+/// One line of the log: a record put or removed, or a repo's baseline.
+#[derive(Debug, Clone, Copy)]
+enum Line<'a> {
+    /// `+ did path cid`
+    Put(&'a str, &'a str, Cid),
+    /// `- did path`
+    Remove(&'a str, &'a str),
+    /// `B did rev`
+    Baseline(&'a str, &'a str),
+}
+
+impl<'a> Line<'a> {
+    /// Reads one log line; `None` for a malformed (torn) one.
+    fn parse(line: &'a str) -> Option<Line<'a>> {
+        let mut parts = line.split(' ');
+        match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some("+"), Some(did), Some(path), Some(cid)) => {
+                Some(Line::Put(did, path, cid.parse().ok()?))
+            }
+            (Some("-"), Some(did), Some(path), None) => Some(Line::Remove(did, path)),
+            (Some("B"), Some(did), rev, None) => Some(Line::Baseline(did, rev.unwrap_or_default())),
+            _ => None,
+        }
+    }
+
+    /// The line as the log holds it, newline included.
+    fn text(self) -> String {
+        match self {
+            Line::Put(did, path, cid) => format!("+ {did} {path} {cid}\n"),
+            Line::Remove(did, path) => format!("- {did} {path}\n"),
+            Line::Baseline(did, rev) => format!("B {did} {rev}\n"),
+        }
+    }
+
+    /// Applies the line. Returns the change in the number of live entries (records and
+    /// baselines), which decides when the log is compacted.
+    fn apply(self, repos: &mut HashMap<String, RepoIndex>) -> isize {
+        match self {
+            Line::Put(did, path, cid) => {
                 let records = &mut repos.entry(did.to_string()).or_default().records;
                 isize::from(records.insert(path.to_string(), cid).is_none())
             }
-            Err(_) => 0,
-        },
-        (Some("-"), Some(did), Some(path), None) => repos
-            .get_mut(did)
-            .map_or(0, |repo| -isize::from(repo.records.remove(path).is_some())),
-        (Some("B"), Some(did), rev, None) => {
-            let baseline = &mut repos.entry(did.to_string()).or_default().baseline;
-            let new = baseline.is_none();
-            *baseline = Some(rev.unwrap_or_default().to_string());
-            isize::from(new)
+            Line::Remove(did, path) => repos
+                .get_mut(did)
+                .map_or(0, |repo| -isize::from(repo.records.remove(path).is_some())),
+            Line::Baseline(did, rev) => {
+                let baseline = &mut repos.entry(did.to_string()).or_default().baseline;
+                let new = baseline.is_none();
+                *baseline = Some(rev.to_string());
+                isize::from(new)
+            }
         }
-        _ => 0,
     }
 }
 

@@ -316,7 +316,12 @@ impl OpEvent {
 
     /// `at://did/collection/rkey`.
     pub fn uri(&self) -> String {
-        format!("at://{}/{}", self.inner.did, self.inner.path)
+        let (did, path) = (&self.inner.did, &self.inner.path);
+        let mut uri = String::with_capacity("at://".len() + did.len() + 1 + path.len());
+        for part in ["at://", did, "/", path] {
+            uri.push_str(part);
+        }
+        uri
     }
 
     /// The idempotency key (did, rev, path).
