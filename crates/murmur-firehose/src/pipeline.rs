@@ -145,6 +145,7 @@ impl Pipeline {
         position: &mut ReadPosition,
     ) -> Result<Option<ReadEvent>, SourceError> {
         self.metrics.frame_in(index);
+        let shared_url = url;
         let frame = match Frame::decode(bytes) {
             Ok(frame) => frame,
             Err(SyncError::Stream(e)) => return Err(self.stream_error(url, e, position)),
@@ -208,7 +209,7 @@ impl Pipeline {
                 let token = lock(&self.dispatcher.runtime().progress[index]).begin(seq, 1);
                 Ok(Some(ReadEvent {
                     index,
-                    url: Arc::from(url),
+                    url: Arc::clone(shared_url),
                     frame,
                     token,
                     raw: self.keep_frames.then(|| Arc::from(&bytes[..])),
@@ -228,7 +229,8 @@ impl Pipeline {
             raw,
         } = event;
         let ev = EventRef { index, token };
-        let url: &str = &url;
+        let shared_url = url;
+        let url: &str = &shared_url;
         if self.authoritative_hosts
             && let Some(did) = frame.did()
             && self.filter.allows_repo(did)
@@ -251,7 +253,7 @@ impl Pipeline {
             }
         }
         match frame {
-            Frame::Commit(commit) => self.commit(ev, url, &commit, raw).await,
+            Frame::Commit(commit) => self.commit(ev, &shared_url, &commit, raw).await,
             Frame::Sync(sync) if !self.filter.allows_repo(&sync.did) => {
                 // A repo nobody watches: keep its chain current without verifying (as for
                 // its commits), so a host that cannot resolve it never holds the stream.
@@ -494,7 +496,14 @@ impl Pipeline {
         lock(&self.inactive).contains_key(did)
     }
 
-    async fn commit(&self, ev: EventRef, url: &str, commit: &CommitEvent, raw: Option<Arc<[u8]>>) {
+    async fn commit(
+        &self,
+        ev: EventRef,
+        shared_url: &Arc<str>,
+        commit: &CommitEvent,
+        raw: Option<Arc<[u8]>>,
+    ) {
+        let url: &str = shared_url;
         let seq = commit.seq;
         if let Some(status) = lock(&self.inactive).get(&commit.repo) {
             debug!(source = url, did = %commit.repo, seq, status, "commit of an inactive account not delivered");
@@ -584,16 +593,15 @@ impl Pipeline {
             if op.collection().starts_with('#') || !self.filter.allows_op(&op.path, op.action) {
                 continue;
             }
-            let collection = op.collection().to_string();
             let handlers: Vec<_> = self
-                .routes(&collection, op.action)
+                .routes(op.collection(), op.action)
                 .chain(self.tail.iter().cloned())
                 .collect();
             if handlers.is_empty() {
                 continue;
             }
             let data = OpData {
-                source: Arc::from(url),
+                source: Arc::clone(shared_url),
                 did: verified.repo.clone(),
                 rev: verified.rev.clone(),
                 seq,
