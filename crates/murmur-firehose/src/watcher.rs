@@ -281,8 +281,10 @@ impl WatcherBuilder {
         self
     }
 
-    /// How many repos' events are verified and routed at once (default 1). On a busy
-    /// connection with Full verification, the number of cores the watcher may use.
+    /// How many repos' events are verified and routed at once. By default, with
+    /// verification on, one per thread of the runtime the watcher runs on, at most 4 (a
+    /// current-thread runtime: 1); with [`VerifyLevel::None`](murmur_sync::VerifyLevel::None)
+    /// (nothing costly to spread), 1.
     ///
     /// Each repo's events are handled in stream order (its rev chain is checked commit after
     /// commit); events of different repos from the same connection are verified in
@@ -597,7 +599,7 @@ impl WatcherBuilder {
         let tail = self.tail.map(&entry);
         let (shutdown, _) = watch::channel(false);
         Ok(Watcher {
-            repo_concurrency: self.repo_concurrency.unwrap_or(1),
+            repo_concurrency: self.repo_concurrency,
             sources: self.sources,
             feeds: self.feeds,
             backfill: self.backfill,
@@ -659,9 +661,13 @@ pub struct Watcher {
     connect_timeout: Duration,
     healthy_after: Duration,
     shutdown: Arc<watch::Sender<bool>>,
-    /// Repos whose events are handled at once (see [`WatcherBuilder::repo_concurrency`]).
-    repo_concurrency: usize,
+    /// Repos whose events are handled at once (see [`WatcherBuilder::repo_concurrency`]);
+    /// `None`: the default, decided on the runtime `run` is called on.
+    repo_concurrency: Option<usize>,
 }
+
+/// The most repos handled at once by default (one per runtime thread up to this).
+const DEFAULT_REPO_CONCURRENCY_MAX: usize = 4;
 
 /// Stops a running watcher gracefully: stop reading, drain handlers, persist cursors.
 #[derive(Clone)]
@@ -748,9 +754,19 @@ impl Watcher {
             self.pipeline.await_copies(dids);
         }
         let mut readers = tokio::task::JoinSet::new();
-        let lane_workers = Arc::new(tokio::sync::Semaphore::new(self.repo_concurrency));
+        let repo_concurrency = self.repo_concurrency.unwrap_or_else(|| {
+            if self.pipeline.verifier.level() == murmur_sync::VerifyLevel::None {
+                1
+            } else {
+                tokio::runtime::Handle::current()
+                    .metrics()
+                    .num_workers()
+                    .clamp(1, DEFAULT_REPO_CONCURRENCY_MAX)
+            }
+        });
+        let lane_workers = Arc::new(tokio::sync::Semaphore::new(repo_concurrency));
         for (i, (source, start)) in self.sources.iter().zip(starts).enumerate() {
-            let lanes = (self.repo_concurrency > 1).then(|| {
+            let lanes = (repo_concurrency > 1).then(|| {
                 RepoLanes::new(
                     Arc::clone(&self.pipeline),
                     Arc::clone(&lane_workers),
