@@ -382,6 +382,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Writes a CBOR item head with the shortest argument encoding (as DAG-CBOR requires).
+#[inline]
 pub(crate) fn write_head(out: &mut Vec<u8>, major: u8, n: u64) {
     let m = major << 5;
     if n < 24 {
@@ -400,16 +401,19 @@ pub(crate) fn write_head(out: &mut Vec<u8>, major: u8, n: u64) {
     }
 }
 
+#[inline]
 pub(crate) fn write_text(out: &mut Vec<u8>, s: &str) {
     write_head(out, 3, s.len() as u64);
     out.extend_from_slice(s.as_bytes());
 }
 
+#[inline]
 pub(crate) fn write_bytes(out: &mut Vec<u8>, b: &[u8]) {
     write_head(out, 2, b.len() as u64);
     out.extend_from_slice(b);
 }
 
+#[inline]
 pub(crate) fn write_cid(out: &mut Vec<u8>, cid: &Cid) {
     out.extend_from_slice(&[0xd8, 42]);
     let hash = cid.hash();
@@ -430,6 +434,7 @@ pub(crate) fn write_cid(out: &mut Vec<u8>, cid: &Cid) {
     let _ = cid.write_bytes(&mut *out);
 }
 
+#[inline]
 pub(crate) fn write_null(out: &mut Vec<u8>) {
     out.push(0xf6);
 }

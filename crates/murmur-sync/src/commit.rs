@@ -247,7 +247,9 @@ pub(crate) fn check_inversion(
         rev: ev.rev.clone(),
         reason,
     };
-    let mut tree = PartialTree::load(car, data)?;
+    // One key per node has its height hashed; the op keys below are hashed too (why that
+    // suffices: mst::Heights::Layer).
+    let mut tree = PartialTree::load_for_inversion(car, data)?;
     // Nodes loaded in the MST's own shape rebuild to their root by construction (and the
     // builder reuses them); only a tree in a shape no MST has must be rebuilt to show it.
     if !tree.loaded_canonical() && tree.root().ok() != Some(data) {
@@ -257,6 +259,7 @@ pub(crate) fn check_inversion(
     }
     for op in ev.ops.iter().rev() {
         let key = op.path.as_bytes();
+        tree.check_height(key).map_err(fail)?;
         let current = tree
             .get(key)
             .map_err(|e| fail(format!("{} is hidden by a missing MST node ({e})", op.path)))?;
