@@ -199,8 +199,8 @@ fn parse_header(b: &[u8]) -> Result<Vec<Cid>, SyncError> {
     let (mut roots, mut version) = (None, None);
     for _ in 0..r.map(1, MAX_DEPTH)? {
         let key_at = r.pos();
-        match r.text()? {
-            "roots" if roots.is_none() => {
+        match r.key()? {
+            b"roots" if roots.is_none() => {
                 let n = r.array(2, MAX_DEPTH)?;
                 let mut list = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -208,8 +208,8 @@ fn parse_header(b: &[u8]) -> Result<Vec<Cid>, SyncError> {
                 }
                 roots = Some(list);
             }
-            "version" if version.is_none() => version = Some(r.uint()?),
-            "roots" | "version" => return Err(car_err(key_at, "header: duplicate key")),
+            b"version" if version.is_none() => version = Some(r.uint()?),
+            b"roots" | b"version" => return Err(car_err(key_at, "header: duplicate key")),
             _ => r.skip(1, MAX_DEPTH)?,
         }
     }

@@ -299,6 +299,20 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(bytes).map_err(|_| self.err(start, "text string is not UTF-8"))
     }
 
+    /// Reads a map key, a text string, as its bytes (checked UTF-8), to be matched against
+    /// the keys a reader knows without making a `str` of it.
+    #[inline]
+    pub(crate) fn key(&mut self) -> Result<&'a [u8], SyncError> {
+        let start = self.pos;
+        let len = self.expect(3, "expected a text string")?;
+        let bytes = self.payload(start, len)?;
+        // Keys are short and ASCII: checked here in line; anything else by the full check.
+        if !bytes.is_ascii() && std::str::from_utf8(bytes).is_err() {
+            return Err(self.err(start, "text string is not UTF-8"));
+        }
+        Ok(bytes)
+    }
+
     /// Reads a byte string: its offsets in the input.
     pub(crate) fn bytes(&mut self) -> Result<std::ops::Range<usize>, SyncError> {
         let start = self.pos;

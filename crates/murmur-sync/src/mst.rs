@@ -2111,6 +2111,35 @@ mod tests {
     }
 
     #[test]
+    fn inversion_loads_hash_one_key_per_node_and_the_op_keys_are_checked() {
+        // A layer-0 node whose second key is of height 1: a shape no MST has.
+        let low = key_at(0, "c.x/a");
+        let high = key_at(1, "c.x/b");
+        let forged = node(None, &[(&low, None), (&high, None)]);
+        let bytes = car_of(forged.0, &[&forged]);
+        let car = CarSlice::parse(&bytes).unwrap();
+        let err = PartialTree::load(&car, forged.0).unwrap_err();
+        assert!(
+            matches!(&err, SyncError::Mst { reason, .. } if reason.contains("different heights")),
+            "{err}"
+        );
+        let tree = PartialTree::load_for_inversion(&car, forged.0).unwrap();
+        assert_eq!(tree.leaves().count(), 2);
+        assert_eq!(tree.root().unwrap(), forged.0);
+        // The keys an op names are hashed: the second key is found out.
+        assert_eq!(tree.check_height(low.as_bytes()), Ok(()));
+        let err = tree.check_height(high.as_bytes()).unwrap_err();
+        assert!(err.contains("its height is 1"), "{err}");
+        // Removed, it keeps the height it had; a key not in the tree has none to check.
+        let mut tree = tree;
+        tree.remove(high.as_bytes()).unwrap();
+        assert!(tree.check_height(high.as_bytes()).is_err());
+        assert_eq!(tree.check_height(b"c.x/c/000000"), Ok(()));
+        // The whole-tree load finds it too.
+        assert!(Mst::load(&car, forged.0).is_err());
+    }
+
+    #[test]
     fn decoded_nodes_encode_back_to_their_bytes_with_keys_whole_and_heights_hashed_once() {
         let mut rng = Rng(11);
         let mut mst = Mst::new();
