@@ -429,19 +429,23 @@ pub(crate) fn write_bytes(out: &mut Vec<u8>, b: &[u8]) {
 
 #[inline]
 pub(crate) fn write_cid(out: &mut Vec<u8>, cid: &Cid) {
-    out.extend_from_slice(&[0xd8, 42]);
     let hash = cid.hash();
     if cid.version() == cid::Version::V1
         && cid.codec() < 0x80
         && hash.code() == 0x12
         && hash.size() == 32
     {
-        // The CIDs of a repo (v1, dag-cbor or raw, sha2-256): byte string of 37, the 0x00
-        // prefix, then version, codec, hash code and size, one byte each, and the digest.
-        out.extend_from_slice(&[0x58, 37, 0, 1, cid.codec() as u8, 0x12, 32]);
-        out.extend_from_slice(hash.digest());
+        // The CIDs of a repo (v1, dag-cbor or raw, sha2-256): tag 42, byte string of 37, the
+        // 0x00 prefix, then version, codec, hash code and size, one byte each, and the
+        // digest. Fixed-size copies (no call to memcpy): written for every link of every
+        // node built.
+        let mut link = [0u8; 41];
+        link[..9].copy_from_slice(&[0xd8, 42, 0x58, 37, 0, 1, cid.codec() as u8, 0x12, 32]);
+        link[9..].copy_from_slice(&hash.digest()[..32]);
+        out.extend_from_slice(&link);
         return;
     }
+    out.extend_from_slice(&[0xd8, 42]);
     write_head(out, 2, cid.encoded_len() as u64 + 1);
     out.push(0);
     // Straight into `out`, no buffer of its own; writing to a Vec cannot fail.

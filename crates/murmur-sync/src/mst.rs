@@ -211,6 +211,10 @@ impl<T: Elem> Elem for &T {
     fn leaf<'k>(&'k self, keys: &'k [u8]) -> Option<(&'k [u8], Cid, u32)> {
         (*self).leaf(keys)
     }
+    #[inline]
+    fn height(&self) -> Option<u32> {
+        (*self).height()
+    }
     fn stub(&self) -> Option<(Cid, u32)> {
         (*self).stub()
     }
@@ -223,6 +227,8 @@ impl<T: Elem> Elem for &T {
 trait Elem {
     /// `(key, value, height)` of a leaf; `keys` is the key buffer of the tree it is in.
     fn leaf<'k>(&'k self, keys: &'k [u8]) -> Option<(&'k [u8], Cid, u32)>;
+    /// The height of a leaf: what the builder looks at first, without copying its value.
+    fn height(&self) -> Option<u32>;
     /// `(cid, layer)` of a stub.
     fn stub(&self) -> Option<(Cid, u32)>;
     /// Its index in the sequence as loaded, [`CHANGED`] if none.
@@ -235,6 +241,13 @@ impl Elem for Item {
             Item::Leaf {
                 key, value, height, ..
             } => Some((key.get(keys), *value, *height)),
+            Item::Stub { .. } | Item::Bound { .. } => None,
+        }
+    }
+    #[inline]
+    fn height(&self) -> Option<u32> {
+        match self {
+            Item::Leaf { height, .. } => Some(*height),
             Item::Stub { .. } | Item::Bound { .. } => None,
         }
     }
@@ -255,6 +268,10 @@ impl Elem for Item {
 impl Elem for (&[u8], Cid, u32) {
     fn leaf<'k>(&'k self, _: &'k [u8]) -> Option<(&'k [u8], Cid, u32)> {
         Some(*self)
+    }
+    #[inline]
+    fn height(&self) -> Option<u32> {
+        Some(self.2)
     }
     fn stub(&self) -> Option<(Cid, u32)> {
         None
@@ -440,7 +457,7 @@ impl PartialTree {
         // allocations per tree, not one per key or per node.
         let mut load = Load {
             tree: PartialTree {
-                items: Vec::with_capacity(64),
+                items: Vec::with_capacity(128),
                 keys: Vec::with_capacity(1024),
                 loaded: Vec::with_capacity(16),
                 canonical: true,
@@ -732,16 +749,26 @@ impl<'b> NodeReader<'b> {
         mst_err(self.cid, format!("{reason} (at byte {})", self.pos))
     }
 
-    /// Exactly the bytes `lit`.
-    fn literal(&mut self, lit: &[u8], reason: &'static str) -> Result<(), SyncError> {
-        if self.b.get(self.pos..self.pos + lit.len()) != Some(lit) {
+    /// Exactly the bytes `lit` (compared as an array: no call to memcmp).
+    #[inline]
+    fn literal<const N: usize>(
+        &mut self,
+        lit: &[u8; N],
+        reason: &'static str,
+    ) -> Result<(), SyncError> {
+        let at: Option<&[u8; N]> = self
+            .b
+            .get(self.pos..self.pos + N)
+            .and_then(|s| s.try_into().ok());
+        if at != Some(lit) {
             return Err(self.fail(reason));
         }
-        self.pos += lit.len();
+        self.pos += N;
         Ok(())
     }
 
     /// A head of major type `major` in its shortest form: its argument.
+    #[inline]
     fn head(&mut self, major: u8, reason: &'static str) -> Result<u64, SyncError> {
         let Some(&first) = self.b.get(self.pos) else {
             return Err(self.fail(reason));
@@ -776,6 +803,7 @@ impl<'b> NodeReader<'b> {
         Ok(arg)
     }
 
+    #[inline]
     fn byte_string(&mut self, reason: &'static str) -> Result<&'b [u8], SyncError> {
         let len = self.head(2, reason)?;
         let end = usize::try_from(len)
@@ -790,6 +818,7 @@ impl<'b> NodeReader<'b> {
         Ok(out)
     }
 
+    #[inline]
     fn link_or_null(&mut self) -> Result<Option<Cid>, SyncError> {
         if self.b.get(self.pos) == Some(&0xf6) {
             self.pos += 1;
@@ -800,7 +829,32 @@ impl<'b> NodeReader<'b> {
 
     /// A CID link: tag 42 over a byte string holding 0x00 and the binary CID (read whole, so
     /// in its one encoding: the varints are checked minimal).
+    #[inline]
     fn link(&mut self) -> Result<Cid, SyncError> {
+        // The links of a repo, whole: tag 42, a byte string of 37 bytes, 0x00, CIDv1, dag-cbor
+        // or raw, sha2-256 of 32 bytes. Read in one piece; anything else goes the long way.
+        if let Some(
+            &[
+                0xd8,
+                42,
+                0x58,
+                37,
+                0,
+                1,
+                codec @ (0x71 | 0x55),
+                0x12,
+                32,
+                ref digest @ ..,
+            ],
+        ) = self
+            .b
+            .get(self.pos..self.pos + 41)
+            .and_then(|s| <&[u8; 41]>::try_from(s).ok())
+            && let Ok(hash) = multihash::Multihash::<64>::wrap(0x12, digest)
+        {
+            self.pos += 41;
+            return Ok(Cid::new_v1(u64::from(codec), hash));
+        }
         self.literal(&[0xd8, 42], "expected a CID link (tag 42) or null")?;
         let bytes = self.byte_string("a CID link is not a byte string")?;
         let Some((0, mut binary)) = bytes.split_first() else {
@@ -1183,10 +1237,7 @@ struct Build<'t> {
 impl Build<'_> {
     /// The root of the tree over `items`; `Err(stub)` if that needs the contents of `stub`.
     fn root<T: Elem>(&mut self, items: &[T]) -> Result<Cid, Cid> {
-        let max_leaf = items
-            .iter()
-            .filter_map(|i| i.leaf(self.keys).map(|l| l.2))
-            .max();
+        let max_leaf = items.iter().filter_map(Elem::height).max();
         match max_leaf {
             None => match items {
                 [] => Ok(self.encode(None, &[])),
@@ -1225,11 +1276,11 @@ impl Build<'_> {
     fn node<T: Elem>(&mut self, items: &[T], layer: u32) -> Result<Cid, Cid> {
         let keys = self.keys;
         let mut left = None;
-        let mut entries: Vec<(&[u8], Cid, Option<Cid>)> = Vec::new();
+        let mut entries: Vec<(&[u8], Cid, Option<Cid>)> = Vec::with_capacity(items.len().min(32));
         let mut gap_start = 0;
         for (i, item) in items.iter().enumerate() {
-            if let Some((key, value, height)) = item.leaf(keys)
-                && height == layer
+            if item.height() == Some(layer)
+                && let Some((key, value, _)) = item.leaf(keys)
             {
                 // Leaves above `layer` cannot be here: the root is built at the highest leaf's
                 // layer and each gap holds only the leaves below its bounding entries.
