@@ -17,8 +17,38 @@ const SHA2_256: u64 = 0x12;
 #[derive(Debug, Clone)]
 pub struct CarSlice<'a> {
     roots: Vec<Cid>,
-    /// Sorted by CID for lookup; duplicates removed.
+    /// In the order of the input, duplicates included.
     blocks: Vec<(Cid, &'a [u8])>,
+    /// The lookup index: per distinct block, its [`order_key`] and its place in `blocks`,
+    /// in CID order. Small entries: sorting and searching them moves and compares 16 bytes,
+    /// not a whole `Cid` (about 100 bytes, compared field by field and digest by memcmp).
+    index: Vec<(u64, u32)>,
+}
+
+/// A key whose order agrees with the CIDs' for every CID a slice can hold (v1, dag-cbor or
+/// raw, sha2-256 of 32 bytes; `Cid`'s own order is codec, then digest bytes): the codec in
+/// the top bit (raw before dag-cbor, as 0x55 < 0x71), then the first 63 bits of the digest.
+/// Equal keys leave the full CIDs to compare. `None` for a CID no slice holds.
+#[inline]
+fn order_key(cid: &Cid) -> Option<u64> {
+    let codec = match cid.codec() {
+        RAW => 0,
+        DAG_CBOR => 1u64 << 63,
+        _ => return None,
+    };
+    let hash = cid.hash();
+    if cid.version() != cid::Version::V1 || hash.code() != SHA2_256 || hash.size() != 32 {
+        return None;
+    }
+    Some(codec | digest_key(hash.digest()))
+}
+
+/// The first 63 bits of a 32-byte digest, as [`order_key`] takes them.
+#[inline]
+fn digest_key(digest: &[u8]) -> u64 {
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first) >> 1
 }
 
 #[cold]
@@ -169,8 +199,8 @@ fn parse_header(b: &[u8]) -> Result<Vec<Cid>, SyncError> {
     let (mut roots, mut version) = (None, None);
     for _ in 0..r.map(1, MAX_DEPTH)? {
         let key_at = r.pos();
-        match r.text()? {
-            "roots" if roots.is_none() => {
+        match r.key()? {
+            b"roots" if roots.is_none() => {
                 let n = r.array(2, MAX_DEPTH)?;
                 let mut list = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -178,8 +208,8 @@ fn parse_header(b: &[u8]) -> Result<Vec<Cid>, SyncError> {
                 }
                 roots = Some(list);
             }
-            "version" if version.is_none() => version = Some(r.uint()?),
-            "roots" | "version" => return Err(car_err(key_at, "header: duplicate key")),
+            b"version" if version.is_none() => version = Some(r.uint()?),
+            b"roots" | b"version" => return Err(car_err(key_at, "header: duplicate key")),
             _ => r.skip(1, MAX_DEPTH)?,
         }
     }
@@ -214,6 +244,7 @@ impl<'a> CarSlice<'a> {
         })?;
         // Commit slices carry about one block per 400-500 bytes.
         let mut blocks = Vec::with_capacity((bytes.len() / 384).clamp(4, 64));
+        let mut index: Vec<(u64, u32)> = Vec::with_capacity(blocks.capacity());
         let mut pos = header_end;
         while pos < bytes.len() {
             let (len, data_start) = varint(bytes, pos)?;
@@ -223,7 +254,7 @@ impl<'a> CarSlice<'a> {
                 .filter(|&e| e <= bytes.len())
                 .ok_or_else(|| car_err(pos, "block length runs past the end"))?;
             let section = &bytes[data_start..end];
-            let block = match section.get(..ATPROTO_CID_LEN).and_then(atproto_cid_codec) {
+            let (block, key) = match section.get(..ATPROTO_CID_LEN).and_then(atproto_cid_codec) {
                 // The usual case: compare the digest in place, build the CID once it matched.
                 Some(codec) => {
                     let (cid, data) = section.split_at(ATPROTO_CID_LEN);
@@ -234,7 +265,13 @@ impl<'a> CarSlice<'a> {
                     }
                     let mh = Multihash::<64>::wrap(SHA2_256, &digest)
                         .expect("a 32-byte digest fits in 64");
-                    (Cid::new_v1(u64::from(codec), mh), data)
+                    let top = if u64::from(codec) == DAG_CBOR {
+                        1u64 << 63
+                    } else {
+                        0
+                    };
+                    let key = top | digest_key(&digest);
+                    ((Cid::new_v1(u64::from(codec), mh), data), key)
                 }
                 None => {
                     let mut reader = section;
@@ -242,18 +279,29 @@ impl<'a> CarSlice<'a> {
                         .map_err(|e| car_err(data_start, format!("block CID: {e}")))?;
                     let data = &section[section.len() - reader.len()..];
                     check_block(&cid, data)?;
-                    (cid, data)
+                    // check_block accepts only CIDs that have a key.
+                    let key = order_key(&cid).ok_or_else(|| car_err(data_start, "block CID"))?;
+                    ((cid, data), key)
                 }
             };
+            let at =
+                u32::try_from(blocks.len()).map_err(|_| car_err(pos, "more than 2^32 blocks"))?;
+            index.push((key, at));
             blocks.push(block);
             pos = end;
         }
-        // By reference: a key function copies each CID (80 bytes) per comparison, which
-        // measured as half of this parse's time besides hashing.
-        #[allow(clippy::unnecessary_sort_by)]
-        blocks.sort_unstable_by(|a, b| a.0.cmp(&b.0));
-        blocks.dedup_by(|a, b| a.0 == b.0);
-        Ok(CarSlice { roots, blocks })
+        // CID order: by key, equal keys (the same block twice, or 63 equal digest bits) by
+        // the whole CID.
+        index.sort_unstable_by(|a, b| {
+            a.0.cmp(&b.0)
+                .then_with(|| blocks[a.1 as usize].0.cmp(&blocks[b.1 as usize].0))
+        });
+        index.dedup_by(|a, b| a.0 == b.0 && blocks[a.1 as usize].0 == blocks[b.1 as usize].0);
+        Ok(CarSlice {
+            roots,
+            blocks,
+            index,
+        })
     }
 
     /// The header's roots (a commit slice has one: the commit CID).
@@ -262,26 +310,34 @@ impl<'a> CarSlice<'a> {
     }
 
     /// The block with this CID, if the slice has it.
+    #[inline]
     pub fn get(&self, cid: &Cid) -> Option<&'a [u8]> {
-        self.blocks
-            .binary_search_by(|(c, _)| c.cmp(cid))
-            .ok()
-            .map(|i| self.blocks[i].1)
+        let key = order_key(cid)?;
+        let first = self.index.partition_point(|(k, _)| *k < key);
+        self.index[first..]
+            .iter()
+            .take_while(|(k, _)| *k == key)
+            .map(|(_, at)| &self.blocks[*at as usize])
+            .find(|(c, _)| c == cid)
+            .map(|(_, data)| *data)
     }
 
     /// Number of distinct blocks.
     pub fn len(&self) -> usize {
-        self.blocks.len()
+        self.index.len()
     }
 
     /// True when the slice has no blocks.
     pub fn is_empty(&self) -> bool {
-        self.blocks.is_empty()
+        self.index.is_empty()
     }
 
     /// All blocks, in CID order.
     pub fn blocks(&self) -> impl Iterator<Item = (&Cid, &'a [u8])> + '_ {
-        self.blocks.iter().map(|(c, d)| (c, *d))
+        self.index.iter().map(|(_, at)| {
+            let (c, d) = &self.blocks[*at as usize];
+            (c, *d)
+        })
     }
 }
 
@@ -354,6 +410,50 @@ mod tests {
         let empty = write_car(root, std::iter::empty::<(Cid, &[u8])>());
         let slice = CarSlice::parse(&empty).unwrap();
         assert_eq!((slice.roots(), slice.len()), (&[root][..], 0));
+    }
+
+    #[test]
+    fn blocks_are_listed_once_each_in_cid_order_and_found_by_cid() {
+        // Raw and dag-cbor blocks mixed, some given twice, in no particular order.
+        let mut blocks: Vec<(Cid, Vec<u8>)> = Vec::new();
+        for i in 0..40u32 {
+            let data = i.to_be_bytes().to_vec();
+            let codec = if i % 3 == 0 { RAW } else { DAG_CBOR };
+            blocks.push((cid_for(codec, &data), data));
+        }
+        let twice: Vec<(Cid, Vec<u8>)> = blocks.iter().step_by(7).cloned().collect();
+        blocks.extend(twice);
+        let root = blocks[0].0;
+        let bytes = car(&root, &blocks);
+        let slice = CarSlice::parse(&bytes).unwrap();
+        let mut want: Vec<(Cid, &[u8])> = blocks.iter().map(|(c, d)| (*c, d.as_slice())).collect();
+        want.sort();
+        want.dedup();
+        let listed: Vec<(Cid, &[u8])> = slice.blocks().map(|(c, d)| (*c, d)).collect();
+        assert_eq!(listed, want);
+        assert_eq!(slice.len(), 40);
+        for (cid, data) in &want {
+            assert_eq!(slice.get(cid), Some(*data), "{cid}");
+        }
+        // Absent: another digest, the same digest under the other codec or another hash.
+        let absent = cid_for(DAG_CBOR, b"not in the slice");
+        let other_codec = Cid::new_v1(
+            if want[0].0.codec() == RAW {
+                DAG_CBOR
+            } else {
+                RAW
+            },
+            *want[0].0.hash(),
+        );
+        let sha512 = Cid::new_v1(DAG_CBOR, Multihash::<64>::wrap(0x13, &[7; 64]).unwrap());
+        for cid in [
+            absent,
+            other_codec,
+            sha512,
+            Cid::new_v0(*want[0].0.hash()).unwrap(),
+        ] {
+            assert_eq!(slice.get(&cid), None, "{cid}");
+        }
     }
 
     /// A CAR with this header (DAG-CBOR) and one block section of raw bytes.

@@ -299,6 +299,20 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(bytes).map_err(|_| self.err(start, "text string is not UTF-8"))
     }
 
+    /// Reads a map key, a text string, as its bytes (checked UTF-8), to be matched against
+    /// the keys a reader knows without making a `str` of it.
+    #[inline]
+    pub(crate) fn key(&mut self) -> Result<&'a [u8], SyncError> {
+        let start = self.pos;
+        let len = self.expect(3, "expected a text string")?;
+        let bytes = self.payload(start, len)?;
+        // Keys are short and ASCII: checked here in line; anything else by the full check.
+        if !bytes.is_ascii() && std::str::from_utf8(bytes).is_err() {
+            return Err(self.err(start, "text string is not UTF-8"));
+        }
+        Ok(bytes)
+    }
+
     /// Reads a byte string: its offsets in the input.
     pub(crate) fn bytes(&mut self) -> Result<std::ops::Range<usize>, SyncError> {
         let start = self.pos;
@@ -382,6 +396,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Writes a CBOR item head with the shortest argument encoding (as DAG-CBOR requires).
+#[inline]
 pub(crate) fn write_head(out: &mut Vec<u8>, major: u8, n: u64) {
     let m = major << 5;
     if n < 24 {
@@ -400,36 +415,44 @@ pub(crate) fn write_head(out: &mut Vec<u8>, major: u8, n: u64) {
     }
 }
 
+#[inline]
 pub(crate) fn write_text(out: &mut Vec<u8>, s: &str) {
     write_head(out, 3, s.len() as u64);
     out.extend_from_slice(s.as_bytes());
 }
 
+#[inline]
 pub(crate) fn write_bytes(out: &mut Vec<u8>, b: &[u8]) {
     write_head(out, 2, b.len() as u64);
     out.extend_from_slice(b);
 }
 
+#[inline]
 pub(crate) fn write_cid(out: &mut Vec<u8>, cid: &Cid) {
-    out.extend_from_slice(&[0xd8, 42]);
     let hash = cid.hash();
     if cid.version() == cid::Version::V1
         && cid.codec() < 0x80
         && hash.code() == 0x12
         && hash.size() == 32
     {
-        // The CIDs of a repo (v1, dag-cbor or raw, sha2-256): byte string of 37, the 0x00
-        // prefix, then version, codec, hash code and size, one byte each, and the digest.
-        out.extend_from_slice(&[0x58, 37, 0, 1, cid.codec() as u8, 0x12, 32]);
-        out.extend_from_slice(hash.digest());
+        // The CIDs of a repo (v1, dag-cbor or raw, sha2-256): tag 42, byte string of 37, the
+        // 0x00 prefix, then version, codec, hash code and size, one byte each, and the
+        // digest. Fixed-size copies (no call to memcpy): written for every link of every
+        // node built.
+        let mut link = [0u8; 41];
+        link[..9].copy_from_slice(&[0xd8, 42, 0x58, 37, 0, 1, cid.codec() as u8, 0x12, 32]);
+        link[9..].copy_from_slice(&hash.digest()[..32]);
+        out.extend_from_slice(&link);
         return;
     }
+    out.extend_from_slice(&[0xd8, 42]);
     write_head(out, 2, cid.encoded_len() as u64 + 1);
     out.push(0);
     // Straight into `out`, no buffer of its own; writing to a Vec cannot fail.
     let _ = cid.write_bytes(&mut *out);
 }
 
+#[inline]
 pub(crate) fn write_null(out: &mut Vec<u8>) {
     out.push(0xf6);
 }

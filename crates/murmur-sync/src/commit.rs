@@ -247,7 +247,9 @@ pub(crate) fn check_inversion(
         rev: ev.rev.clone(),
         reason,
     };
-    let mut tree = PartialTree::load(car, data)?;
+    // One key per node has its height hashed; the op keys below are hashed too (why that
+    // suffices: mst::Heights::Layer).
+    let mut tree = PartialTree::load_for_inversion(car, data)?;
     // Nodes loaded in the MST's own shape rebuild to their root by construction (and the
     // builder reuses them); only a tree in a shape no MST has must be rebuilt to show it.
     if !tree.loaded_canonical() && tree.root().ok() != Some(data) {
@@ -257,6 +259,7 @@ pub(crate) fn check_inversion(
     }
     for op in ev.ops.iter().rev() {
         let key = op.path.as_bytes();
+        tree.check_height(key).map_err(fail)?;
         let current = tree
             .get(key)
             .map_err(|e| fail(format!("{} is hidden by a missing MST node ({e})", op.path)))?;
@@ -320,6 +323,82 @@ mod tests {
     use super::*;
     use crate::car::{DAG_CBOR, cid_for};
     use crate::crypto::PublicKey;
+
+    /// The node at layer 0 over `keys`, each with the value `value`.
+    fn leaf_node(keys: &[&str], value: Cid) -> (Cid, Vec<u8>) {
+        let entries: Vec<ipld_core::ipld::Ipld> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| {
+                let p = if i == 0 {
+                    0
+                } else {
+                    crate::mst::common_prefix_len(keys[i - 1].as_bytes(), k.as_bytes())
+                };
+                ipld_core::ipld!({
+                    "k": ipld_core::ipld::Ipld::Bytes(k.as_bytes()[p..].to_vec()),
+                    "p": p as u64, "t": null, "v": value,
+                })
+            })
+            .collect();
+        let bytes =
+            serde_ipld_dagcbor::to_vec(&ipld_core::ipld!({"e": entries, "l": null})).unwrap();
+        (cid_for(DAG_CBOR, &bytes), bytes)
+    }
+
+    #[test]
+    fn an_op_key_at_a_height_its_hash_does_not_give_fails_inversion() {
+        let key_at = |height: u32, prefix: &str| {
+            (0..)
+                .map(|i| format!("{prefix}{i}"))
+                .find(|k| crate::mst::key_height(k.as_bytes()) == height)
+                .unwrap()
+        };
+        let (low, high) = (key_at(0, "app.x.a/"), key_at(1, "app.x.b/"));
+        let value = cid_for(crate::car::RAW, b"record");
+        // The key created is of height 1 but sits in the layer-0 node: undoing it would give
+        // the tree before, had its height not been checked.
+        let after = leaf_node(&[&low, &high], value);
+        let before = leaf_node(&[&low], value);
+        let car = crate::car::write_car(after.0, [(after.0, after.1.as_slice())]);
+        let ev = CommitEvent {
+            seq: 1,
+            repo: "did:plc:abc".into(),
+            commit: after.0,
+            rev: "3lon5dzeaihj2".into(),
+            since: Some("3lon5dzeaihj1".into()),
+            blocks: car.clone().into(),
+            ops: vec![crate::frame::RepoOp {
+                action: Action::Create,
+                path: high.clone(),
+                cid: Some(value),
+                prev: None,
+            }],
+            prev_data: Some(before.0),
+            time: "2026-01-01T00:00:00Z".into(),
+            too_big: false,
+        };
+        let slice = CarSlice::parse(&car).unwrap();
+        let err = check_inversion(&slice, after.0, &ev).unwrap_err();
+        assert!(
+            matches!(&err, SyncError::MstInversion { reason, .. } if reason.contains("height")),
+            "{err}"
+        );
+        // The same op on a key of height 0 inverts.
+        let other = key_at(0, "app.x.b/");
+        let after = leaf_node(&[&low, &other], value);
+        let car = crate::car::write_car(after.0, [(after.0, after.1.as_slice())]);
+        let ev = CommitEvent {
+            commit: after.0,
+            blocks: car.clone().into(),
+            ops: vec![crate::frame::RepoOp {
+                path: other,
+                ..ev.ops[0].clone()
+            }],
+            ..ev
+        };
+        check_inversion(&CarSlice::parse(&car).unwrap(), after.0, &ev).unwrap();
+    }
 
     #[test]
     fn the_unsigned_digest_is_the_hash_of_the_commit_without_sig() {

@@ -400,10 +400,10 @@ fn decode_frame(b: &[u8], shared: Option<&Bytes>, limits: &Limits) -> Result<Fra
     let (mut op, mut t) = (None, None);
     for _ in 0..r.map(1, max_depth)? {
         let key_at = r.pos();
-        match r.text()? {
-            "op" if op.is_none() => op = Some(r.int()?),
-            "t" if t.is_none() => t = Some(r.text()?),
-            "op" | "t" => return Err(r.err(key_at, "duplicate key in the header")),
+        match r.key()? {
+            b"op" if op.is_none() => op = Some(r.int()?),
+            b"t" if t.is_none() => t = Some(r.text()?),
+            b"op" | b"t" => return Err(r.err(key_at, "duplicate key in the header")),
             _ => r.skip(1, max_depth)?,
         }
     }
@@ -576,21 +576,21 @@ fn commit_body<'a>(
         (None, None, None, None, None);
     for _ in 0..r.map(1, max_depth)? {
         let key_at = r.pos();
-        match r.text()? {
-            "seq" => once(&mut r, &mut seq, key_at, Reader::int)?,
-            "repo" => once(&mut r, &mut repo, key_at, Reader::text)?,
-            "commit" => once(&mut r, &mut commit, key_at, Reader::cid)?,
-            "rev" => once(&mut r, &mut rev, key_at, Reader::text)?,
-            "since" => once(&mut r, &mut since, key_at, |r| nullable(r, Reader::text))?,
-            "blocks" => once(&mut r, &mut blocks, key_at, |r| {
+        match r.key()? {
+            b"seq" => once(&mut r, &mut seq, key_at, Reader::int)?,
+            b"repo" => once(&mut r, &mut repo, key_at, Reader::text)?,
+            b"commit" => once(&mut r, &mut commit, key_at, Reader::cid)?,
+            b"rev" => once(&mut r, &mut rev, key_at, Reader::text)?,
+            b"since" => once(&mut r, &mut since, key_at, |r| nullable(r, Reader::text))?,
+            b"blocks" => once(&mut r, &mut blocks, key_at, |r| {
                 let range = r.bytes()?;
                 check_blocks(range.len(), limits)?;
                 Ok(range)
             })?,
-            "ops" => once(&mut r, &mut ops, key_at, |r| repo_ops(r, limits))?,
-            "prevData" => once(&mut r, &mut prev_data, key_at, |r| nullable(r, Reader::cid))?,
-            "time" => once(&mut r, &mut time, key_at, Reader::text)?,
-            "tooBig" => once(&mut r, &mut too_big, key_at, Reader::bool)?,
+            b"ops" => once(&mut r, &mut ops, key_at, |r| repo_ops(r, limits))?,
+            b"prevData" => once(&mut r, &mut prev_data, key_at, |r| nullable(r, Reader::cid))?,
+            b"time" => once(&mut r, &mut time, key_at, Reader::text)?,
+            b"tooBig" => once(&mut r, &mut too_big, key_at, Reader::bool)?,
             _ => r.skip(1, max_depth)?,
         }
     }
@@ -627,19 +627,20 @@ fn repo_ops(r: &mut Reader<'_>, limits: &Limits) -> Result<Vec<RepoOp>, SyncErro
         let (mut action, mut path, mut cid, mut prev) = (None, None, None, None);
         for _ in 0..r.map(3, max_depth)? {
             let key_at = r.pos();
-            match r.text()? {
-                "action" => once(r, &mut action, key_at, |r| {
+            match r.key()? {
+                b"action" => once(r, &mut action, key_at, |r| {
                     let at = r.pos();
-                    match r.text()? {
-                        "create" => Ok(Action::Create),
-                        "update" => Ok(Action::Update),
-                        "delete" => Ok(Action::Delete),
+                    // A text string; read as bytes, as a key is.
+                    match r.key()? {
+                        b"create" => Ok(Action::Create),
+                        b"update" => Ok(Action::Update),
+                        b"delete" => Ok(Action::Delete),
                         _ => Err(r.err(at, "action is not create, update or delete")),
                     }
                 })?,
-                "path" => once(r, &mut path, key_at, Reader::text)?,
-                "cid" => once(r, &mut cid, key_at, |r| nullable(r, Reader::cid))?,
-                "prev" => once(r, &mut prev, key_at, |r| nullable(r, Reader::cid))?,
+                b"path" => once(r, &mut path, key_at, Reader::text)?,
+                b"cid" => once(r, &mut cid, key_at, |r| nullable(r, Reader::cid))?,
+                b"prev" => once(r, &mut prev, key_at, |r| nullable(r, Reader::cid))?,
                 _ => r.skip(3, max_depth)?,
             }
         }
@@ -686,16 +687,16 @@ fn sync_body<'a>(
     let (mut seq, mut did, mut blocks, mut rev, mut time) = (None, None, None, None, None);
     for _ in 0..r.map(1, max_depth)? {
         let key_at = r.pos();
-        match r.text()? {
-            "seq" => once(&mut r, &mut seq, key_at, Reader::int)?,
-            "did" => once(&mut r, &mut did, key_at, Reader::text)?,
-            "blocks" => once(&mut r, &mut blocks, key_at, |r| {
+        match r.key()? {
+            b"seq" => once(&mut r, &mut seq, key_at, Reader::int)?,
+            b"did" => once(&mut r, &mut did, key_at, Reader::text)?,
+            b"blocks" => once(&mut r, &mut blocks, key_at, |r| {
                 let range = r.bytes()?;
                 check_blocks(range.len(), limits)?;
                 Ok(range)
             })?,
-            "rev" => once(&mut r, &mut rev, key_at, Reader::text)?,
-            "time" => once(&mut r, &mut time, key_at, Reader::text)?,
+            b"rev" => once(&mut r, &mut rev, key_at, Reader::text)?,
+            b"time" => once(&mut r, &mut time, key_at, Reader::text)?,
             _ => r.skip(1, max_depth)?,
         }
     }

@@ -211,6 +211,10 @@ impl<T: Elem> Elem for &T {
     fn leaf<'k>(&'k self, keys: &'k [u8]) -> Option<(&'k [u8], Cid, u32)> {
         (*self).leaf(keys)
     }
+    #[inline]
+    fn height(&self) -> Option<u32> {
+        (*self).height()
+    }
     fn stub(&self) -> Option<(Cid, u32)> {
         (*self).stub()
     }
@@ -223,6 +227,8 @@ impl<T: Elem> Elem for &T {
 trait Elem {
     /// `(key, value, height)` of a leaf; `keys` is the key buffer of the tree it is in.
     fn leaf<'k>(&'k self, keys: &'k [u8]) -> Option<(&'k [u8], Cid, u32)>;
+    /// The height of a leaf: what the builder looks at first, without copying its value.
+    fn height(&self) -> Option<u32>;
     /// `(cid, layer)` of a stub.
     fn stub(&self) -> Option<(Cid, u32)>;
     /// Its index in the sequence as loaded, [`CHANGED`] if none.
@@ -235,6 +241,13 @@ impl Elem for Item {
             Item::Leaf {
                 key, value, height, ..
             } => Some((key.get(keys), *value, *height)),
+            Item::Stub { .. } | Item::Bound { .. } => None,
+        }
+    }
+    #[inline]
+    fn height(&self) -> Option<u32> {
+        match self {
+            Item::Leaf { height, .. } => Some(*height),
             Item::Stub { .. } | Item::Bound { .. } => None,
         }
     }
@@ -255,6 +268,10 @@ impl Elem for Item {
 impl Elem for (&[u8], Cid, u32) {
     fn leaf<'k>(&'k self, _: &'k [u8]) -> Option<(&'k [u8], Cid, u32)> {
         Some(*self)
+    }
+    #[inline]
+    fn height(&self) -> Option<u32> {
+        Some(self.2)
     }
     fn stub(&self) -> Option<(Cid, u32)> {
         None
@@ -411,13 +428,26 @@ impl PartialTree {
     /// assert_eq!(tree.root().unwrap(), mst.root());
     /// ```
     pub fn load(car: &CarSlice<'_>, root: Cid) -> Result<PartialTree, SyncError> {
-        PartialTree::load_with(|c| car.get(c), root)
+        PartialTree::load_with(|c| car.get(c), root, Heights::All)
+    }
+
+    /// [`PartialTree::load`] for inverting a commit's ops ([`crate::commit`]): every check of
+    /// [`PartialTree::load`] but one, the height of every key. Here one key per node is
+    /// hashed, its first, which gives the node's layer (as the reference implementations
+    /// infer it); the caller hashes the keys of the ops ([`PartialTree::check_height`]).
+    /// See [`Heights::Layer`] for why that is enough to prove the ops.
+    pub(crate) fn load_for_inversion(
+        car: &CarSlice<'_>,
+        root: Cid,
+    ) -> Result<PartialTree, SyncError> {
+        PartialTree::load_with(|c| car.get(c), root, Heights::Layer)
     }
 
     /// [`PartialTree::load`] from any block source.
     pub(crate) fn load_with<'a>(
         lookup: impl Fn(&Cid) -> Option<&'a [u8]>,
         root: Cid,
+        heights: Heights,
     ) -> Result<PartialTree, SyncError> {
         let bytes = lookup(&root).ok_or_else(|| SyncError::MissingBlock {
             cid: root.to_string(),
@@ -427,7 +457,7 @@ impl PartialTree {
         // allocations per tree, not one per key or per node.
         let mut load = Load {
             tree: PartialTree {
-                items: Vec::with_capacity(64),
+                items: Vec::with_capacity(128),
                 keys: Vec::with_capacity(1024),
                 loaded: Vec::with_capacity(16),
                 canonical: true,
@@ -435,6 +465,7 @@ impl PartialTree {
             entries: Vec::with_capacity(32),
             last: None,
             root,
+            heights,
         };
         load_node(&lookup, &mut load, root, bytes, None)?;
         let mut tree = load.tree;
@@ -461,6 +492,27 @@ impl PartialTree {
 
     fn key(&self, span: Span) -> &[u8] {
         span.get(&self.keys)
+    }
+
+    /// Checks that `key`, if the tree holds it (or held it: a removed key keeps its height),
+    /// is at the height hashing it gives: the key of an op, in a tree loaded with
+    /// [`PartialTree::load_for_inversion`], which hashes only one key per node.
+    pub(crate) fn check_height(&self, key: &[u8]) -> Result<(), String> {
+        let held = match self.locate(key) {
+            Position::Found(i) | Position::Removed(i) => match self.items[i] {
+                Item::Leaf { height, .. } | Item::Bound { height, .. } => Some(height),
+                Item::Stub { .. } => None,
+            },
+            Position::Absent(_) | Position::Unknown(_) => None,
+        };
+        match held {
+            Some(layer) if layer != key_height(key) => Err(format!(
+                "{} is in a node of layer {layer}, but its height is {}",
+                lossy(key),
+                key_height(key)
+            )),
+            _ => Ok(()),
+        }
     }
 
     /// True when no subtree is missing: the whole tree is known.
@@ -605,6 +657,7 @@ impl PartialTree {
             keys: &self.keys,
             loaded: &self.loaded,
             blocks: None,
+            scratch: Vec::new(),
         };
         let built = if self.items.iter().any(|i| matches!(i, Item::Bound { .. })) {
             build.root(&self.tree_items())
@@ -637,6 +690,7 @@ impl PartialTree {
         };
         let mut entries = Vec::new();
         let node = decode_node(stub, bytes, Some(layer), &mut self.keys, &mut entries)?;
+        // (Every key's height checked: stubs are opened to build proofs, not to invert.)
         let mut out = Vec::with_capacity(2 * entries.len() + 1);
         if let Some(layer) = node.layer {
             let child = |c: Option<Cid>, out: &mut Vec<Item>| {
@@ -695,16 +749,26 @@ impl<'b> NodeReader<'b> {
         mst_err(self.cid, format!("{reason} (at byte {})", self.pos))
     }
 
-    /// Exactly the bytes `lit`.
-    fn literal(&mut self, lit: &[u8], reason: &'static str) -> Result<(), SyncError> {
-        if self.b.get(self.pos..self.pos + lit.len()) != Some(lit) {
+    /// Exactly the bytes `lit` (compared as an array: no call to memcmp).
+    #[inline]
+    fn literal<const N: usize>(
+        &mut self,
+        lit: &[u8; N],
+        reason: &'static str,
+    ) -> Result<(), SyncError> {
+        let at: Option<&[u8; N]> = self
+            .b
+            .get(self.pos..self.pos + N)
+            .and_then(|s| s.try_into().ok());
+        if at != Some(lit) {
             return Err(self.fail(reason));
         }
-        self.pos += lit.len();
+        self.pos += N;
         Ok(())
     }
 
     /// A head of major type `major` in its shortest form: its argument.
+    #[inline]
     fn head(&mut self, major: u8, reason: &'static str) -> Result<u64, SyncError> {
         let Some(&first) = self.b.get(self.pos) else {
             return Err(self.fail(reason));
@@ -739,6 +803,7 @@ impl<'b> NodeReader<'b> {
         Ok(arg)
     }
 
+    #[inline]
     fn byte_string(&mut self, reason: &'static str) -> Result<&'b [u8], SyncError> {
         let len = self.head(2, reason)?;
         let end = usize::try_from(len)
@@ -753,6 +818,7 @@ impl<'b> NodeReader<'b> {
         Ok(out)
     }
 
+    #[inline]
     fn link_or_null(&mut self) -> Result<Option<Cid>, SyncError> {
         if self.b.get(self.pos) == Some(&0xf6) {
             self.pos += 1;
@@ -763,7 +829,32 @@ impl<'b> NodeReader<'b> {
 
     /// A CID link: tag 42 over a byte string holding 0x00 and the binary CID (read whole, so
     /// in its one encoding: the varints are checked minimal).
+    #[inline]
     fn link(&mut self) -> Result<Cid, SyncError> {
+        // The links of a repo, whole: tag 42, a byte string of 37 bytes, 0x00, CIDv1, dag-cbor
+        // or raw, sha2-256 of 32 bytes. Read in one piece; anything else goes the long way.
+        if let Some(
+            &[
+                0xd8,
+                42,
+                0x58,
+                37,
+                0,
+                1,
+                codec @ (0x71 | 0x55),
+                0x12,
+                32,
+                ref digest @ ..,
+            ],
+        ) = self
+            .b
+            .get(self.pos..self.pos + 41)
+            .and_then(|s| <&[u8; 41]>::try_from(s).ok())
+            && let Ok(hash) = multihash::Multihash::<64>::wrap(0x12, digest)
+        {
+            self.pos += 41;
+            return Ok(Cid::new_v1(u64::from(codec), hash));
+        }
         self.literal(&[0xd8, 42], "expected a CID link (tag 42) or null")?;
         let bytes = self.byte_string("a CID link is not a byte string")?;
         let Some((0, mut binary)) = bytes.split_first() else {
@@ -787,6 +878,36 @@ impl<'b> NodeReader<'b> {
 const NOT_A_NODE: &str = "not an MST node: expected the map {e, l}";
 const NOT_AN_ENTRY: &str = "not an MST entry: expected the map {k, p, t, v}";
 
+/// Which keys of a node have their height hashed and checked when it is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Heights {
+    /// Every key: the node is checked to be at the height of each of its keys, as the MST of
+    /// its keys has it. For everything but commit inversion (whole trees, proofs, searches).
+    All,
+    /// The first key only: it gives the node's layer, which must be one below its parent's.
+    /// For inverting a commit's ops ([`PartialTree::load_for_inversion`]), whose caller
+    /// hashes the keys of the ops as well.
+    ///
+    /// Why this proves the ops all the same. What inversion shows is a fact about the two
+    /// trees as maps from key to value: the tree at the signed `data` root, undone op by op,
+    /// is the tree at `prevData`, so the two maps differ by exactly the ops. Heights do not
+    /// enter that argument. Each loaded node is hash-checked, decoded canonically, its keys
+    /// strictly increasing across the whole tree and each node one layer below its parent,
+    /// so the loaded sequence is the signed tree's, whatever heights its keys hash to. Every
+    /// loaded key is given its node's layer as its height, so rebuilding what did not change
+    /// gives back the same nodes (the loaded node is reused by CID, or re-encoded to the same
+    /// bytes), and subtrees not in the slice are stubs, opaque CIDs, the same in both trees.
+    /// The nodes the undo changes are rebuilt from those heights and the hashed heights of
+    /// the op keys; if the rebuilt root is `prevData`, then by collision resistance the tree
+    /// at `prevData` is exactly that tree, whose map is the signed map with the ops undone.
+    ///
+    /// A key at a height its hash does not give would make a tree in a shape no MST of its
+    /// keys has: a fault of the signer's tree, not a way to hide or forge an op. It is found
+    /// where the shape is checked in full: [`Mst::load`] (every key of the whole repo, at
+    /// backfill), [`PartialTree::load`], proofs and searches ([`Heights::All`]).
+    Layer,
+}
+
 /// Decodes the node `cid` (whose bytes the CAR slice hash-checked) and checks it on its own:
 /// canonical DAG-CBOR of a node (so encoding its contents again gives exactly `bytes`),
 /// prefixes, keys strictly increasing and all of one height, that height one below the
@@ -798,6 +919,19 @@ fn decode_node(
     expected_layer: Option<u32>,
     keys: &mut Vec<u8>,
     entries: &mut Vec<Entry>,
+) -> Result<Node, SyncError> {
+    decode_node_with(cid, bytes, expected_layer, keys, entries, Heights::All)
+}
+
+/// [`decode_node`], with the heights of only the first key checked for [`Heights::Layer`]
+/// (which the layer is taken from).
+fn decode_node_with(
+    cid: Cid,
+    bytes: &[u8],
+    expected_layer: Option<u32>,
+    keys: &mut Vec<u8>,
+    entries: &mut Vec<Entry>,
+    heights: Heights,
 ) -> Result<Node, SyncError> {
     if cid.codec() != DAG_CBOR {
         return Err(mst_err(cid, "node is not dag-cbor"));
@@ -882,10 +1016,12 @@ fn decode_node(
         return Err(mst_err(cid, "node is not one layer below its parent"));
     }
     // Each key hashed once (the first above), its height kept by the caller as the layer.
-    if mine
-        .iter()
-        .skip(1)
-        .any(|e| key_height(e.key.get(keys)) != layer)
+    // For inversion, the first alone (see Heights::Layer).
+    if heights == Heights::All
+        && mine
+            .iter()
+            .skip(1)
+            .any(|e| key_height(e.key.get(keys)) != layer)
     {
         return Err(mst_err(cid, "keys of different heights in one node"));
     }
@@ -906,6 +1042,7 @@ struct Load {
     entries: Vec<Entry>,
     last: Option<Span>,
     root: Cid,
+    heights: Heights,
 }
 
 fn load_node<'a>(
@@ -916,12 +1053,13 @@ fn load_node<'a>(
     expected_layer: Option<u32>,
 ) -> Result<(), SyncError> {
     let first = load.entries.len();
-    let node = decode_node(
+    let node = decode_node_with(
         cid,
         bytes,
         expected_layer,
         &mut load.tree.keys,
         &mut load.entries,
+        load.heights,
     )?;
     let Some(layer) = node.layer else {
         return Ok(());
@@ -1092,15 +1230,14 @@ struct Build<'t> {
     keys: &'t [u8],
     loaded: &'t [Loaded],
     blocks: Option<&'t mut Vec<(Cid, Vec<u8>)>>,
+    /// The bytes of the node being encoded: one buffer for every node built.
+    scratch: Vec<u8>,
 }
 
 impl Build<'_> {
     /// The root of the tree over `items`; `Err(stub)` if that needs the contents of `stub`.
     fn root<T: Elem>(&mut self, items: &[T]) -> Result<Cid, Cid> {
-        let max_leaf = items
-            .iter()
-            .filter_map(|i| i.leaf(self.keys).map(|l| l.2))
-            .max();
+        let max_leaf = items.iter().filter_map(Elem::height).max();
         match max_leaf {
             None => match items {
                 [] => Ok(self.encode(None, &[])),
@@ -1139,11 +1276,11 @@ impl Build<'_> {
     fn node<T: Elem>(&mut self, items: &[T], layer: u32) -> Result<Cid, Cid> {
         let keys = self.keys;
         let mut left = None;
-        let mut entries: Vec<(&[u8], Cid, Option<Cid>)> = Vec::new();
+        let mut entries: Vec<(&[u8], Cid, Option<Cid>)> = Vec::with_capacity(items.len().min(32));
         let mut gap_start = 0;
         for (i, item) in items.iter().enumerate() {
-            if let Some((key, value, height)) = item.leaf(keys)
-                && height == layer
+            if item.height() == Some(layer)
+                && let Some((key, value, _)) = item.leaf(keys)
             {
                 // Leaves above `layer` cannot be here: the root is built at the highest leaf's
                 // layer and each gap holds only the leaves below its bounding entries.
@@ -1193,44 +1330,52 @@ impl Build<'_> {
     }
 
     fn encode(&mut self, left: Option<Cid>, entries: &[(&[u8], Cid, Option<Cid>)]) -> Cid {
-        let bytes = node_bytes(left, entries);
-        let cid = cid_for(DAG_CBOR, &bytes);
+        self.scratch.clear();
+        write_node(&mut self.scratch, left, entries);
+        let cid = cid_for(DAG_CBOR, &self.scratch);
         if let Some(blocks) = &mut self.blocks {
-            blocks.push((cid, bytes));
+            blocks.push((cid, self.scratch.clone()));
         }
         cid
     }
 }
 
 /// The DAG-CBOR bytes of a node (keys prefix-compressed in order).
+#[cfg(test)]
 fn node_bytes(left: Option<Cid>, entries: &[(&[u8], Cid, Option<Cid>)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + entries.len() * 90);
-    write_head(&mut out, 5, 2);
-    write_text(&mut out, "e");
-    write_head(&mut out, 4, entries.len() as u64);
+    let mut out = Vec::new();
+    write_node(&mut out, left, entries);
+    out
+}
+
+/// Appends the DAG-CBOR bytes of a node to `out`.
+fn write_node(out: &mut Vec<u8>, left: Option<Cid>, entries: &[(&[u8], Cid, Option<Cid>)]) {
+    out.reserve(64 + entries.len() * 120);
+    write_head(out, 5, 2);
+    write_text(out, "e");
+    write_head(out, 4, entries.len() as u64);
     let mut prev: &[u8] = &[];
     for (key, value, right) in entries {
         let p = common_prefix_len(prev, key);
-        write_head(&mut out, 5, 4);
-        write_text(&mut out, "k");
-        write_bytes(&mut out, &key[p..]);
-        write_text(&mut out, "p");
-        write_head(&mut out, 0, p as u64);
-        write_text(&mut out, "t");
+        write_head(out, 5, 4);
+        write_text(out, "k");
+        write_bytes(out, &key[p..]);
+        write_text(out, "p");
+        write_head(out, 0, p as u64);
+        write_text(out, "t");
         match right {
-            Some(c) => write_cid(&mut out, c),
-            None => write_null(&mut out),
+            Some(c) => write_cid(out, c),
+            None => write_null(out),
         }
-        write_text(&mut out, "v");
-        write_cid(&mut out, value);
+        write_text(out, "v");
+        write_cid(out, value);
         prev = key;
     }
-    write_text(&mut out, "l");
+    write_text(out, "l");
     match left {
-        Some(c) => write_cid(&mut out, &c),
-        None => write_null(&mut out),
+        Some(c) => write_cid(out, &c),
+        None => write_null(out),
     }
-    out
 }
 
 /// A whole Merkle Search Tree: the (key, CID) entries of a repo, keys being repo paths
@@ -1385,6 +1530,7 @@ impl Mst {
             keys: &[],
             loaded: &[],
             blocks: None,
+            scratch: Vec::new(),
         };
         // A sequence of leaves only never needs a stub opened.
         build.root(&self.seq()).unwrap_or_default()
@@ -1407,6 +1553,7 @@ impl Mst {
             keys: &[],
             loaded: &[],
             blocks: Some(&mut blocks),
+            scratch: Vec::new(),
         };
         let _ = build.root(&self.seq());
         blocks
@@ -1997,12 +2144,14 @@ mod tests {
             keys: &tree.keys,
             loaded: &tree.loaded,
             blocks: Some(&mut built),
+            scratch: Vec::new(),
         };
         let root = build.root(&items).unwrap();
         let mut scratch = Build {
             keys: &tree.keys,
             loaded: &[],
             blocks: None,
+            scratch: Vec::new(),
         };
         let from_scratch = scratch.root(&items).unwrap();
         (
@@ -2010,6 +2159,35 @@ mod tests {
             built.into_iter().map(|(c, _)| c).collect(),
             from_scratch,
         )
+    }
+
+    #[test]
+    fn inversion_loads_hash_one_key_per_node_and_the_op_keys_are_checked() {
+        // A layer-0 node whose second key is of height 1: a shape no MST has.
+        let low = key_at(0, "c.x/a");
+        let high = key_at(1, "c.x/b");
+        let forged = node(None, &[(&low, None), (&high, None)]);
+        let bytes = car_of(forged.0, &[&forged]);
+        let car = CarSlice::parse(&bytes).unwrap();
+        let err = PartialTree::load(&car, forged.0).unwrap_err();
+        assert!(
+            matches!(&err, SyncError::Mst { reason, .. } if reason.contains("different heights")),
+            "{err}"
+        );
+        let tree = PartialTree::load_for_inversion(&car, forged.0).unwrap();
+        assert_eq!(tree.leaves().count(), 2);
+        assert_eq!(tree.root().unwrap(), forged.0);
+        // The keys an op names are hashed: the second key is found out.
+        assert_eq!(tree.check_height(low.as_bytes()), Ok(()));
+        let err = tree.check_height(high.as_bytes()).unwrap_err();
+        assert!(err.contains("its height is 1"), "{err}");
+        // Removed, it keeps the height it had; a key not in the tree has none to check.
+        let mut tree = tree;
+        tree.remove(high.as_bytes()).unwrap();
+        assert!(tree.check_height(high.as_bytes()).is_err());
+        assert_eq!(tree.check_height(b"c.x/c/000000"), Ok(()));
+        // The whole-tree load finds it too.
+        assert!(Mst::load(&car, forged.0).is_err());
     }
 
     #[test]
