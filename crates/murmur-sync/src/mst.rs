@@ -291,6 +291,7 @@ struct Loaded {
 }
 
 /// Where a key is in a sequence.
+#[cfg_attr(test, derive(Debug, PartialEq))]
 enum Position {
     Found(usize),
     /// Absent, where a removed key was (an [`Item::Bound`]) at this index.
@@ -536,7 +537,48 @@ impl PartialTree {
         })
     }
 
+    /// Where `key` is, by binary search over the items (in key order: loading checks it,
+    /// and changes keep it). A stub sorts as the keyed item to its left (before everything
+    /// with none): between two keys there is at most one stub, since a loaded node holds
+    /// keys, so this looks back one item or two per step.
     fn locate(&self, key: &[u8]) -> Position {
+        let before = |mut i: usize| loop {
+            match &self.items[i] {
+                Item::Leaf { key: k, .. } | Item::Bound { key: k, .. } => {
+                    return self.key(*k) < key;
+                }
+                Item::Stub { .. } if i == 0 => return true,
+                Item::Stub { .. } => i -= 1,
+            }
+        };
+        let (mut low, mut high) = (0, self.items.len());
+        while low < high {
+            let mid = low + (high - low) / 2;
+            if before(mid) {
+                low = mid + 1;
+            } else {
+                high = mid;
+            }
+        }
+        // `low` is the first keyed item not before `key` (or the end).
+        match self.items.get(low) {
+            Some(Item::Leaf { key: k, .. }) if self.key(*k) == key => return Position::Found(low),
+            Some(Item::Bound { key: k, .. }) if self.key(*k) == key => {
+                return Position::Removed(low);
+            }
+            _ => {}
+        }
+        match low.checked_sub(1).map(|i| &self.items[i]) {
+            // A stub after the last key before `key`: `key` would be in it.
+            Some(Item::Stub { cid, .. }) => Position::Unknown(*cid),
+            _ => Position::Absent(low),
+        }
+    }
+
+    /// [`locate`](Self::locate) by walking every item: the reference the binary search is
+    /// tested against.
+    #[cfg(test)]
+    fn locate_by_walking(&self, key: &[u8]) -> Position {
         let mut stub_since_leaf = None;
         for (i, item) in self.items.iter().enumerate() {
             let (k, removed) = match item {
@@ -1968,6 +2010,61 @@ mod tests {
             tree.get(b"a").unwrap(),
             Some(cid_for(crate::car::RAW, &[1]))
         );
+    }
+
+    #[test]
+    fn binary_search_finds_what_walking_every_item_finds() {
+        // Random sequences: keys with gaps, removed keys (bounds), stubs anywhere (leading,
+        // trailing, several in a row); every key up to past the last is looked up both ways.
+        let mut rng = Rng(0x5eed_1234_abcd_0001);
+        for trial in 0..300 {
+            let mut keys = Vec::new();
+            let mut spec_stubs = Vec::new();
+            let mut n = 0u64;
+            for i in 0..(rng.next() % 40) {
+                while rng.next() % 3 == 0 {
+                    spec_stubs.push((
+                        keys.len(),
+                        cid_for(crate::car::RAW, &[trial as u8, i as u8]),
+                    ));
+                }
+                n += 1 + rng.next() % 3;
+                keys.push(format!("k/{n:04}"));
+            }
+            let mut spec = Vec::new();
+            let mut stubs = spec_stubs.iter().peekable();
+            for (i, key) in keys.iter().enumerate() {
+                while let Some((_, cid)) = stubs.next_if(|(at, _)| *at == i) {
+                    spec.push(Spec::Stub(*cid, 0));
+                }
+                spec.push(Spec::Leaf(key, i as u8));
+            }
+            if rng.next() % 2 == 0 {
+                spec.push(Spec::Stub(cid_for(crate::car::RAW, &[trial as u8, 255]), 0));
+            }
+            let mut tree = tree_of(&spec);
+            for key in &keys {
+                if rng.next() % 4 == 0 {
+                    // A key hidden only behind a stub cannot be removed; the others can.
+                    let _ = tree.remove(key.as_bytes());
+                }
+            }
+            for probe in 0..=n + 2 {
+                let key = format!("k/{probe:04}");
+                assert_eq!(
+                    tree.locate(key.as_bytes()),
+                    tree.locate_by_walking(key.as_bytes()),
+                    "trial {trial}, {key}"
+                );
+            }
+            for probe in ["", "a", "k/", "z"] {
+                assert_eq!(
+                    tree.locate(probe.as_bytes()),
+                    tree.locate_by_walking(probe.as_bytes()),
+                    "trial {trial}, {probe:?}"
+                );
+            }
+        }
     }
 
     #[test]
