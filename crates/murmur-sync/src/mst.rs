@@ -2022,7 +2022,7 @@ mod tests {
             let mut spec_stubs = Vec::new();
             let mut n = 0u64;
             for i in 0..(rng.next() % 40) {
-                while rng.next() % 3 == 0 {
+                while rng.next().is_multiple_of(3) {
                     spec_stubs.push((
                         keys.len(),
                         cid_for(crate::car::RAW, &[trial as u8, i as u8]),
@@ -2039,12 +2039,12 @@ mod tests {
                 }
                 spec.push(Spec::Leaf(key, i as u8));
             }
-            if rng.next() % 2 == 0 {
+            if rng.next().is_multiple_of(2) {
                 spec.push(Spec::Stub(cid_for(crate::car::RAW, &[trial as u8, 255]), 0));
             }
             let mut tree = tree_of(&spec);
             for key in &keys {
-                if rng.next() % 4 == 0 {
+                if rng.next().is_multiple_of(4) {
                     // A key hidden only behind a stub cannot be removed; the others can.
                     let _ = tree.remove(key.as_bytes());
                 }
