@@ -67,6 +67,9 @@ pub(crate) fn digest_of(did: &str, rev: &str, path: &str) -> KeyDigest {
     u128::from_le_bytes(first)
 }
 
+/// The largest group text whose buffers are kept for the next group.
+const SPARE_TEXT_MAX: usize = 64 * 1024;
+
 /// Lines accepted but not written yet, and who waits for them.
 #[derive(Debug, Default)]
 struct Batch {
@@ -196,9 +199,12 @@ impl FileDedupStore {
                     // Not remembered: the inserts fail and are retried by their callers.
                     Err(_) => state.file = None,
                 }
-                batch.text.clear();
-                batch.keys.clear();
-                state.spare = batch;
+                // Kept for the next group unless a burst made them large.
+                if batch.text.capacity() <= SPARE_TEXT_MAX {
+                    batch.text.clear();
+                    batch.keys.clear();
+                    state.spare = batch;
+                }
             }
             for tx in waiting {
                 let _ = tx.send(written.clone());
