@@ -183,10 +183,13 @@ fn stats(frames: &[Bytes]) -> Stats {
         s.nodes += car.len() - 1 - records;
         s.ops += c.ops.len();
         s.single_op += usize::from(c.ops.len() == 1);
+        let first = s.block_data.len();
         for (_, data) in car.blocks() {
             let start = data.as_ptr() as usize - f.as_ptr() as usize;
             s.block_data.push((i, start..start + data.len()));
         }
+        // In the frame's order, as the decoder reads them (`blocks()` lists them by CID).
+        s.block_data[first..].sort_by_key(|(_, range)| range.start);
     }
     s
 }
