@@ -602,22 +602,31 @@ mod tests {
         }
     }
 
-    /// Every op of the recorded realistic corpus (commits from the official PDS: creates,
-    /// updates, deletes, batches) becomes one event, with the record the CAR carries.
-    #[test]
-    fn the_realistic_corpus_becomes_one_event_per_op() {
+    /// The frames of the recorded realistic corpus (each prefixed by its length, u32 BE).
+    fn realistic_frames() -> Vec<Vec<u8>> {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
             "/../murmur-sync/tests/fixtures/corpus-realistic/frames.bin"
         );
         let bytes = std::fs::read(path).expect("the recorded corpus");
-        let (mut frames, mut ops, mut events_seen) = (0, 0, 0);
-        let mut operations = std::collections::HashSet::new();
+        let mut frames = Vec::new();
         let mut rest = &bytes[..];
         while rest.len() >= 4 {
             let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
-            let frame = &rest[4..4 + len];
+            frames.push(rest[4..4 + len].to_vec());
             rest = &rest[4 + len..];
+        }
+        frames
+    }
+
+    /// Every op of the recorded realistic corpus (commits from the official PDS: creates,
+    /// updates, deletes, batches) becomes one event, with the record the CAR carries.
+    #[test]
+    fn the_realistic_corpus_becomes_one_event_per_op() {
+        let (mut frames, mut ops, mut events_seen) = (0, 0, 0);
+        let mut operations = std::collections::HashSet::new();
+        for frame in realistic_frames() {
+            let frame = &frame[..];
             frames += 1;
             let events = events_of_frame(frame, 42).unwrap();
             if let murmur_sync::Frame::Commit(commit) = murmur_sync::Frame::decode(frame).unwrap() {
@@ -655,17 +664,9 @@ mod tests {
     /// keep the times they have unfiltered.
     #[test]
     fn filtered_frames_keep_each_ops_time() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../murmur-sync/tests/fixtures/corpus-realistic/frames.bin"
-        );
-        let bytes = std::fs::read(path).expect("the recorded corpus");
-        let mut rest = &bytes[..];
         let mut checked = 0;
-        while rest.len() >= 4 {
-            let len = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
-            let frame = &rest[4..4 + len];
-            rest = &rest[4 + len..];
+        for frame in realistic_frames() {
+            let frame = &frame[..];
             let all = events_of_frame(frame, 1_000).unwrap();
             let Some(last) = all.last() else { continue };
             let collection = last.collection().unwrap().to_string();
