@@ -3,7 +3,9 @@
 //! k256 verify rate measured in the same run. Then Full verification on commits to a large
 //! repo (5,000 records), synthesized in-process: rounds of raw k256 verify and Full
 //! verification interleaved, their ratio against the 85% goal, and the time per commit of
-//! each stage (frame decode, CAR re-hash, signature, MST inversion).
+//! each stage (frame decode, CAR re-hash, signature, MST inversion). Full checks secp256k1
+//! signatures with libsecp256k1; its raw rate is measured beside k256's, and Full's share of
+//! it (what the work beside the signature leaves) is printed too.
 //!
 //! `cargo bench -p murmur-sync --bench sync` (one core: everything runs on the calling
 //! thread); `-- corpus` or `-- large` runs one of the two parts.
@@ -181,9 +183,13 @@ fn corpus_sections() {
         })
         .collect();
     let raw = rate(&signed, |(key, commit)| {
-        key.verify(&commit.unsigned, &commit.sig).unwrap();
+        k256_verify(key, commit);
     });
     println!("raw k256 verify:                               {raw} signatures");
+    let raw_secp = rate(&signed, |(key, commit)| {
+        key.verify(&commit.unsigned, &commit.sig).unwrap();
+    });
+    println!("PublicKey::verify (libsecp256k1 for k256 keys): {raw_secp} signatures");
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .build()
@@ -276,6 +282,18 @@ fn corpus_sections() {
             ratio(full.wall, raw.wall)
         ),
     }
+}
+
+/// The raw k256 verify of a commit's signature, as the k256 crate does it on its own (the
+/// reference rate of the goal): SHA-256 of the unsigned commit, then ECDSA verification.
+/// murmur's own check ([`PublicKey::verify`]) runs libsecp256k1 instead.
+fn k256_verify(key: &PublicKey, commit: &SignedCommit) {
+    use k256::ecdsa::signature::Verifier as _;
+    let PublicKey::K256(key) = key else {
+        panic!("the bench's keys are k256 keys")
+    };
+    let sig = k256::ecdsa::Signature::from_slice(&commit.sig).unwrap();
+    key.verify(&commit.unsigned, &sig).unwrap();
 }
 
 /// Commits to a large repo, synthesized in-process: a repo of 5,000 records (likes, posts,
@@ -675,7 +693,7 @@ mod large_repo {
                 });
                 evs.len() as u64
             };
-            const KINDS: [&str; 9] = [
+            const KINDS: [&str; 10] = [
                 "raw k256 verify",
                 "Full (decode + verify_commit)",
                 "frame decode",
@@ -685,6 +703,7 @@ mod large_repo {
                 "verify_commit at Full",
                 "MST: PartialTree::load",
                 "MST: load, root, undo ops, root",
+                "raw libsecp256k1 verify",
             ];
             // The MST work of Full on its own, through the public API: the tree loaded from
             // the slice (already parsed) at the commit's data root, checked to rebuild to it,
@@ -694,10 +713,18 @@ mod large_repo {
                 .zip(&signed)
                 .map(|(c, s)| (CarSlice::parse(&c.blocks).unwrap(), s.data))
                 .collect();
+            // libsecp256k1 on its own: the key parsed once, each signature parsed and its
+            // unsigned commit hashed, as raw k256 does.
+            let secp_key = {
+                let PublicKey::K256(k) = &verifying else {
+                    unreachable!()
+                };
+                secp256k1::PublicKey::from_slice(k.to_encoded_point(false).as_bytes()).unwrap()
+            };
             let mut passes: Vec<Pass<'_>> = vec![
                 Box::new(|| {
                     for c in &signed {
-                        verifying.verify(&c.unsigned, &c.sig).unwrap();
+                        k256_verify(&verifying, c);
                     }
                     n
                 }),
@@ -754,13 +781,28 @@ mod large_repo {
                     }
                     n
                 }),
+                Box::new(|| {
+                    use sha2::Digest;
+                    for c in &signed {
+                        let digest: [u8; 32] = sha2::Sha256::digest(&c.unsigned).into();
+                        let sig = secp256k1::ecdsa::Signature::from_compact(&c.sig).unwrap();
+                        secp256k1::ecdsa::verify(
+                            &sig,
+                            secp256k1::Message::from_digest(digest),
+                            &secp_key,
+                        )
+                        .unwrap();
+                    }
+                    n
+                }),
             ];
             let rounds: Vec<Vec<f64>> = (0..ROUNDS)
                 .map(|_| interleaved(&mut passes, ROUND_RUN))
                 .collect();
             let per_sec = |k: usize| -> Vec<f64> { rounds.iter().map(|r| 1e6 / r[k]).collect() };
-            let (raw, full) = (per_sec(0), per_sec(1));
+            let (raw, full, secp) = (per_sec(0), per_sec(1), per_sec(9));
             let ratio: Vec<f64> = raw.iter().zip(&full).map(|(r, f)| 100.0 * f / r).collect();
+            let of_secp: Vec<f64> = secp.iter().zip(&full).map(|(r, f)| 100.0 * f / r).collect();
             let us: Vec<f64> = (0..KINDS.len())
                 .map(|k| median(rounds.iter().map(|r| r[k]).collect()))
                 .collect();
@@ -768,6 +810,11 @@ mod large_repo {
                 "  raw k256 verify:        min {:>7.0} / median {:>7.0} signatures/s of CPU",
                 min(&raw),
                 median(raw.clone())
+            );
+            println!(
+                "  raw libsecp256k1:       min {:>7.0} / median {:>7.0} signatures/s of CPU (the verifier Full runs)",
+                min(&secp),
+                median(secp.clone())
             );
             println!(
                 "  Full (decode + verify): min {:>7.0} / median {:>7.0} commits/s of CPU",
@@ -784,18 +831,24 @@ mod large_repo {
                 min(&ratio),
                 median(ratio.clone())
             );
+            println!(
+                "  Full / raw libsecp256k1: min {:>6.1}% / median {:>6.1}% (what is left beside the signature)",
+                min(&of_secp),
+                median(of_secp.clone())
+            );
             println!("  per commit (median over the rounds, us of CPU):");
             for (kind, t) in KINDS.iter().zip(&us) {
                 println!("    {kind:<32} {t:>7.1}");
             }
             println!(
-                "    = stages: decode {:.1}, CAR re-hash {:.1}, rest of None (chain, records) {:.1}, signature (SignatureOnly - None) {:.1}, MST inversion (Full - SignatureOnly) {:.1}; raw k256 {:.1}",
+                "    = stages: decode {:.1}, CAR re-hash {:.1}, rest of None (chain, records) {:.1}, signature (SignatureOnly - None) {:.1}, MST inversion (Full - SignatureOnly) {:.1}; raw k256 {:.1}, raw libsecp256k1 {:.1}",
                 us[2],
                 us[3],
                 us[4] - us[3],
                 us[5] - us[4],
                 us[6] - us[5],
-                us[0]
+                us[0],
+                us[9]
             );
             println!(
                 "    = MST inversion alone: load {:.1} (decode, checks, key heights), the rest {:.1} (ops undone, roots rebuilt)",
