@@ -135,7 +135,7 @@ fn car_without(car: &[u8], drop: &Cid) -> Vec<u8> {
     write_varint(&mut out, header.len());
     out.extend(header);
     for (cid, data) in slice.blocks() {
-        if cid != drop {
+        if cid != *drop {
             let c = cid.to_bytes();
             write_varint(&mut out, c.len() + data.len());
             out.extend(c);

@@ -17,12 +17,36 @@ const SHA2_256: u64 = 0x12;
 #[derive(Debug, Clone)]
 pub struct CarSlice<'a> {
     roots: Vec<Cid>,
-    /// In the order of the input, duplicates included.
-    blocks: Vec<(Cid, &'a [u8])>,
-    /// The lookup index: per distinct block, its [`order_key`] and its place in `blocks`,
-    /// in CID order. Small entries: sorting and searching them moves and compares 16 bytes,
-    /// not a whole `Cid` (about 100 bytes, compared field by field and digest by memcmp).
-    index: Vec<(u64, u32)>,
+    /// Each distinct block once, in CID order. Small entries borrowing the input: sorting
+    /// and searching them moves and compares 32 bytes, not a whole `Cid` (about 100 bytes,
+    /// compared field by field and digest by memcmp), and no `Cid` is built while parsing.
+    blocks: Vec<Block<'a>>,
+}
+
+/// One block of a slice: its CID as its [`order_key`] (codec and the digest's first 63
+/// bits) and its whole digest, both from the input, and its bytes.
+#[derive(Debug, Clone, Copy)]
+struct Block<'a> {
+    key: u64,
+    digest: &'a [u8; 32],
+    data: &'a [u8],
+}
+
+impl Block<'_> {
+    /// Its CID (every block a slice keeps is CIDv1, dag-cbor or raw, sha2-256).
+    fn cid(&self) -> Cid {
+        let codec = if self.key >> 63 == 1 { DAG_CBOR } else { RAW };
+        let mh = Multihash::<64>::wrap(SHA2_256, self.digest).expect("a 32-byte digest fits in 64");
+        Cid::new_v1(codec, mh)
+    }
+
+    /// Its place in CID order: the key, then (for keys equal in 63 digest bits) the digest.
+    #[inline]
+    fn order(&self, other: &Block<'_>) -> std::cmp::Ordering {
+        self.key
+            .cmp(&other.key)
+            .then_with(|| self.digest.cmp(other.digest))
+    }
 }
 
 /// A key whose order agrees with the CIDs' for every CID a slice can hold (v1, dag-cbor or
@@ -243,8 +267,7 @@ impl<'a> CarSlice<'a> {
             e => e,
         })?;
         // Commit slices carry about one block per 400-500 bytes.
-        let mut blocks = Vec::with_capacity((bytes.len() / 384).clamp(4, 64));
-        let mut index: Vec<(u64, u32)> = Vec::with_capacity(blocks.capacity());
+        let mut blocks: Vec<Block<'a>> = Vec::with_capacity((bytes.len() / 384).clamp(4, 64));
         let mut pos = header_end;
         while pos < bytes.len() {
             let (len, data_start) = varint(bytes, pos)?;
@@ -254,54 +277,41 @@ impl<'a> CarSlice<'a> {
                 .filter(|&e| e <= bytes.len())
                 .ok_or_else(|| car_err(pos, "block length runs past the end"))?;
             let section = &bytes[data_start..end];
-            let (block, key) = match section.get(..ATPROTO_CID_LEN).and_then(atproto_cid_codec) {
-                // The usual case: compare the digest in place, build the CID once it matched.
-                Some(codec) => {
-                    let (cid, data) = section.split_at(ATPROTO_CID_LEN);
-                    let digest = Sha256::digest(data);
-                    if cid[4..] != digest[..] {
-                        let cid = cid_from_bytes(cid).expect("an atproto CID");
-                        return Err(cid_mismatch(&cid, &digest));
-                    }
-                    let mh = Multihash::<64>::wrap(SHA2_256, &digest)
-                        .expect("a 32-byte digest fits in 64");
-                    let top = if u64::from(codec) == DAG_CBOR {
-                        1u64 << 63
-                    } else {
-                        0
-                    };
-                    let key = top | digest_key(&digest);
-                    ((Cid::new_v1(u64::from(codec), mh), data), key)
-                }
+            let (cid_len, codec) = match section.get(..ATPROTO_CID_LEN).and_then(atproto_cid_codec)
+            {
+                // The usual case: the digest compared in place, no CID built.
+                Some(codec) => (ATPROTO_CID_LEN, u64::from(codec)),
                 None => {
                     let mut reader = section;
                     let cid = Cid::read_bytes(&mut reader)
                         .map_err(|e| car_err(data_start, format!("block CID: {e}")))?;
-                    let data = &section[section.len() - reader.len()..];
-                    check_block(&cid, data)?;
-                    // check_block accepts only CIDs that have a key.
-                    let key = order_key(&cid).ok_or_else(|| car_err(data_start, "block CID"))?;
-                    ((cid, data), key)
+                    // Accepted below only as CIDv1, dag-cbor or raw, sha2-256 of 32 bytes: the
+                    // digest is the last 32 bytes of the CID.
+                    check_cid_kind(&cid)?;
+                    (section.len() - reader.len(), cid.codec())
                 }
             };
-            let at =
-                u32::try_from(blocks.len()).map_err(|_| car_err(pos, "more than 2^32 blocks"))?;
-            index.push((key, at));
-            blocks.push(block);
+            let (cid_bytes, data) = section.split_at(cid_len);
+            let digest: &'a [u8; 32] = cid_bytes[cid_len - 32..]
+                .try_into()
+                .expect("a sha2-256 CID ends with its 32-byte digest");
+            let actual = Sha256::digest(data);
+            if digest[..] != actual[..] {
+                let cid = cid_from_bytes(cid_bytes).expect("a CID read above");
+                return Err(cid_mismatch(&cid, &actual));
+            }
+            let top = if codec == DAG_CBOR { 1u64 << 63 } else { 0 };
+            blocks.push(Block {
+                key: top | digest_key(digest),
+                digest,
+                data,
+            });
             pos = end;
         }
-        // CID order: by key, equal keys (the same block twice, or 63 equal digest bits) by
-        // the whole CID.
-        index.sort_unstable_by(|a, b| {
-            a.0.cmp(&b.0)
-                .then_with(|| blocks[a.1 as usize].0.cmp(&blocks[b.1 as usize].0))
-        });
-        index.dedup_by(|a, b| a.0 == b.0 && blocks[a.1 as usize].0 == blocks[b.1 as usize].0);
-        Ok(CarSlice {
-            roots,
-            blocks,
-            index,
-        })
+        blocks.sort_unstable_by(Block::order);
+        // The same block given twice (same CID, so the same bytes) is kept once.
+        blocks.dedup_by(|a, b| a.key == b.key && a.digest == b.digest);
+        Ok(CarSlice { roots, blocks })
     }
 
     /// The header's roots (a commit slice has one: the commit CID).
@@ -313,31 +323,28 @@ impl<'a> CarSlice<'a> {
     #[inline]
     pub fn get(&self, cid: &Cid) -> Option<&'a [u8]> {
         let key = order_key(cid)?;
-        let first = self.index.partition_point(|(k, _)| *k < key);
-        self.index[first..]
+        let digest = cid.hash().digest();
+        let first = self.blocks.partition_point(|b| b.key < key);
+        self.blocks[first..]
             .iter()
-            .take_while(|(k, _)| *k == key)
-            .map(|(_, at)| &self.blocks[*at as usize])
-            .find(|(c, _)| c == cid)
-            .map(|(_, data)| *data)
+            .take_while(|b| b.key == key)
+            .find(|b| b.digest[..] == *digest)
+            .map(|b| b.data)
     }
 
     /// Number of distinct blocks.
     pub fn len(&self) -> usize {
-        self.index.len()
+        self.blocks.len()
     }
 
     /// True when the slice has no blocks.
     pub fn is_empty(&self) -> bool {
-        self.index.is_empty()
+        self.blocks.is_empty()
     }
 
-    /// All blocks, in CID order.
-    pub fn blocks(&self) -> impl Iterator<Item = (&Cid, &'a [u8])> + '_ {
-        self.index.iter().map(|(_, at)| {
-            let (c, d) = &self.blocks[*at as usize];
-            (c, *d)
-        })
+    /// All blocks, each once, in CID order: `(cid, bytes)`.
+    pub fn blocks(&self) -> impl ExactSizeIterator<Item = (Cid, &'a [u8])> + '_ {
+        self.blocks.iter().map(|b| (b.cid(), b.data))
     }
 }
 
@@ -429,7 +436,7 @@ mod tests {
         let mut want: Vec<(Cid, &[u8])> = blocks.iter().map(|(c, d)| (*c, d.as_slice())).collect();
         want.sort();
         want.dedup();
-        let listed: Vec<(Cid, &[u8])> = slice.blocks().map(|(c, d)| (*c, d)).collect();
+        let listed: Vec<(Cid, &[u8])> = slice.blocks().collect();
         assert_eq!(listed, want);
         assert_eq!(slice.len(), 40);
         for (cid, data) in &want {

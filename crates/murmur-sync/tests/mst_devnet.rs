@@ -147,8 +147,8 @@ async fn a_real_repo_rebuilds_to_its_data_root_and_node_blocks() {
     let record_cids: Vec<Cid> = records.iter().map(|(_, c)| *c).collect();
     let car_nodes: BTreeMap<Cid, Vec<u8>> = slice
         .blocks()
-        .filter(|(c, _)| **c != commit_cid && !record_cids.contains(c))
-        .map(|(c, b)| (*c, b.to_vec()))
+        .filter(|(c, _)| *c != commit_cid && !record_cids.contains(c))
+        .map(|(c, b)| (c, b.to_vec()))
         .collect();
     let nodes: BTreeMap<Cid, Vec<u8>> = mst.blocks().into_iter().collect();
     assert_eq!(nodes.len(), mst.blocks().len(), "no node twice");

@@ -80,7 +80,7 @@ async fn every_op_of_the_corpus_is_proven_by_its_own_proof() {
             // Only blocks of the slice, each once: the proof is never larger than the slice.
             for (cid, data) in parsed.blocks() {
                 assert_eq!(
-                    slice.get(cid),
+                    slice.get(&cid),
                     Some(data),
                     "{at}: {cid} is not in the slice"
                 );

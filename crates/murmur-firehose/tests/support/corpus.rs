@@ -93,7 +93,7 @@ fn resign(
     let slice = murmur_sync::CarSlice::parse(car).expect("recorded CAR slice");
     let root = slice.roots()[0];
     let mut blocks: Vec<(cid::Cid, Vec<u8>)> =
-        slice.blocks().map(|(c, b)| (*c, b.to_vec())).collect();
+        slice.blocks().map(|(c, b)| (c, b.to_vec())).collect();
     let at = blocks
         .iter()
         .position(|(c, _)| *c == root)

@@ -94,7 +94,7 @@ pub fn blocks_in(car: &[u8]) -> Vec<(Cid, Vec<u8>)> {
     CarSlice::parse(car)
         .unwrap()
         .blocks()
-        .map(|(c, d)| (*c, d.to_vec()))
+        .map(|(c, d)| (c, d.to_vec()))
         .collect()
 }
 
