@@ -9,7 +9,7 @@ use crate::SyncError;
 pub(crate) const MAX_TRACKED_DEPTH: usize = 128;
 
 /// Reads one item head at `pos`: (major type, argument, position after the head).
-#[inline]
+#[inline(always)]
 fn head(b: &[u8], pos: usize, context: &'static str) -> Result<(u8, u64, usize), SyncError> {
     let Some(&first) = b.get(pos) else {
         return Err(cbor_err(context, pos, "unexpected end of input"));
@@ -225,7 +225,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a head of major type `major`: its argument. `what` names the expected item.
-    #[inline]
+    #[inline(always)]
     fn expect(&mut self, major: u8, what: &'static str) -> Result<u64, SyncError> {
         let start = self.pos;
         let (m, arg, next) = head(self.b, start, self.context)?;
@@ -237,7 +237,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads `len` bytes of string payload.
-    #[inline]
+    #[inline(always)]
     fn payload(&mut self, start: usize, len: u64) -> Result<&'a [u8], SyncError> {
         let end = usize::try_from(len)
             .ok()
@@ -291,7 +291,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a text string.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn text(&mut self) -> Result<&'a str, SyncError> {
         let start = self.pos;
         let len = self.expect(3, "expected a text string")?;
@@ -301,7 +301,7 @@ impl<'a> Reader<'a> {
 
     /// Reads a map key, a text string, as its bytes (checked UTF-8), to be matched against
     /// the keys a reader knows without making a `str` of it.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn key(&mut self) -> Result<&'a [u8], SyncError> {
         let start = self.pos;
         let len = self.expect(3, "expected a text string")?;
@@ -314,6 +314,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a byte string: its offsets in the input.
+    #[inline(always)]
     pub(crate) fn bytes(&mut self) -> Result<std::ops::Range<usize>, SyncError> {
         let start = self.pos;
         let len = self.expect(2, "expected a byte string")?;
@@ -363,7 +364,7 @@ impl<'a> Reader<'a> {
     }
 
     /// Reads a CID link: tag 42 over a byte string holding 0x00 and the binary CID.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn cid(&mut self) -> Result<Cid, SyncError> {
         let start = self.pos;
         if self.b.get(start..start + 2) != Some(&[0xd8, 42][..]) {
@@ -382,6 +383,26 @@ impl<'a> Reader<'a> {
     /// Skips one item of any kind, checking it as [`item_end`] does, nested inside `depth`
     /// containers.
     pub(crate) fn skip(&mut self, depth: usize, max_depth: usize) -> Result<(), SyncError> {
+        // What unknown fields mostly are (scalars, strings, empty containers) ends where its
+        // head says, with the checks item_end makes of it; anything else is walked.
+        let start = self.pos;
+        let (major, arg, next) = head(self.b, start, self.context)?;
+        match major {
+            0 | 1 | 7 => {
+                self.pos = next;
+                return Ok(());
+            }
+            2 | 3 => {
+                self.pos = next;
+                self.payload(start, arg)?;
+                return Ok(());
+            }
+            4 | 5 if arg == 0 => {
+                self.pos = next;
+                return Ok(());
+            }
+            _ => {}
+        }
         let left = max_depth.min(MAX_TRACKED_DEPTH - 1).saturating_sub(depth);
         self.pos = item_end(self.b, self.pos, left, self.context).map_err(|e| match e {
             // Report the limit in force, not what was left of it at this depth.
@@ -470,6 +491,63 @@ mod tests {
             item_end(&b, 0, 2, "t"),
             Err(SyncError::TooDeep { limit: 2, .. })
         ));
+    }
+
+    /// `skip` ends scalars, strings and empty containers by their head alone: where
+    /// [`item_end`] ends them, with the same error where it fails, for every kind of head.
+    #[test]
+    fn skip_ends_each_item_where_the_walker_does() {
+        let items: &[&[u8]] = &[
+            &[0x00],
+            &[0x17],
+            &[0x18, 0x18],
+            &[0x19, 0x01, 0x00],
+            &[0x1b, 0, 0, 0, 0, 0, 0, 0, 1],
+            &[0x20],
+            &[0x38, 0xff],
+            &[0xf4],
+            &[0xf5],
+            &[0xf6],
+            &[0xf7],
+            &[0xf9, 0x3c, 0x00],
+            &[0xfb, 0x3f, 0xf0, 0, 0, 0, 0, 0, 0],
+            &[0xfc],
+            &[0xff],
+            &[0x18],
+            &[0x19, 0x01],
+            &[0x1f],
+            &[0x43, 1, 2, 3],
+            &[0x43, 1, 2],
+            &[0x63, b'a', b'b', b'c'],
+            &[0x78, 0x05, b'a'],
+            &[0x5f, 0x41, 0x00, 0xff],
+            &[0x80],
+            &[0xa0],
+            &[0x81, 0x00],
+            &[0x81],
+            &[0xa1, 0x61, b'k', 0xf6],
+            &[0x9f, 0xff],
+            &[0xd8, 0x2a, 0x42, 0x00, 0x01],
+            &[0xc1, 0x00],
+            &[0x81, 0x81, 0x81, 0x81, 0x00],
+            &[],
+        ];
+        for item in items {
+            for max_depth in [1, 3, 64] {
+                let mut with_tail = item.to_vec();
+                with_tail.push(0xf6);
+                for b in [item.to_vec(), with_tail] {
+                    let mut r = Reader::new(&b, "t");
+                    let skipped = r.skip(0, max_depth).map(|()| r.pos());
+                    let walked = item_end(&b, 0, max_depth, "t");
+                    assert_eq!(
+                        format!("{skipped:?}"),
+                        format!("{walked:?}"),
+                        "{b:02x?} at depth limit {max_depth}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

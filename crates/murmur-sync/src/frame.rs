@@ -505,6 +505,7 @@ fn check_blocks(len: usize, limits: &Limits) -> Result<(), SyncError> {
 }
 
 /// Stores the value of a map key seen for the first time; a repeated key is an error.
+#[inline(always)]
 fn once<'a, T>(
     r: &mut Reader<'a>,
     slot: &mut Option<T>,
@@ -519,6 +520,7 @@ fn once<'a, T>(
 }
 
 /// A nullable field: `null` is `None`.
+#[inline(always)]
 fn nullable<'a, T>(
     r: &mut Reader<'a>,
     read: impl FnOnce(&mut Reader<'a>) -> Result<T, SyncError>,
