@@ -464,6 +464,7 @@ impl PartialTree {
                 canonical: true,
             },
             entries: Vec::with_capacity(32),
+            keyless: Vec::new(),
             last: None,
             root,
             heights,
@@ -471,11 +472,12 @@ impl PartialTree {
         load_node(&lookup, &mut load, root, bytes, None)?;
         let mut tree = load.tree;
         // Keys strictly increasing (checked while loading) leave only nodes without keys to
-        // be referenced twice unnoticed.
-        let mut cids: Vec<&Cid> = tree.loaded.iter().map(|n| &n.cid).collect();
+        // be referenced twice unnoticed: those are checked here (no MST has one, so this is
+        // nearly always empty).
+        let mut cids = load.keyless;
         cids.sort_unstable();
         if let Some(twice) = cids.windows(2).find(|w| w[0] == w[1]) {
-            return Err(mst_err(*twice[0], "node is referenced twice"));
+            return Err(mst_err(twice[0], "node is referenced twice"));
         }
         if !tree.canonical {
             // Rebuilding it gives other nodes than those loaded: none can be reused.
@@ -792,7 +794,7 @@ impl<'b> NodeReader<'b> {
     }
 
     /// Exactly the bytes `lit` (compared as an array: no call to memcmp).
-    #[inline]
+    #[inline(always)]
     fn literal<const N: usize>(
         &mut self,
         lit: &[u8; N],
@@ -810,7 +812,7 @@ impl<'b> NodeReader<'b> {
     }
 
     /// A head of major type `major` in its shortest form: its argument.
-    #[inline]
+    #[inline(always)]
     fn head(&mut self, major: u8, reason: &'static str) -> Result<u64, SyncError> {
         let Some(&first) = self.b.get(self.pos) else {
             return Err(self.fail(reason));
@@ -845,7 +847,7 @@ impl<'b> NodeReader<'b> {
         Ok(arg)
     }
 
-    #[inline]
+    #[inline(always)]
     fn byte_string(&mut self, reason: &'static str) -> Result<&'b [u8], SyncError> {
         let len = self.head(2, reason)?;
         let end = usize::try_from(len)
@@ -860,7 +862,7 @@ impl<'b> NodeReader<'b> {
         Ok(out)
     }
 
-    #[inline]
+    #[inline(always)]
     fn link_or_null(&mut self) -> Result<Option<Cid>, SyncError> {
         if self.b.get(self.pos) == Some(&0xf6) {
             self.pos += 1;
@@ -871,7 +873,7 @@ impl<'b> NodeReader<'b> {
 
     /// A CID link: tag 42 over a byte string holding 0x00 and the binary CID (read whole, so
     /// in its one encoding: the varints are checked minimal).
-    #[inline]
+    #[inline(always)]
     fn link(&mut self) -> Result<Cid, SyncError> {
         // The links of a repo, whole: tag 42, a byte string of 37 bytes, 0x00, CIDv1, dag-cbor
         // or raw, sha2-256 of 32 bytes. Read in one piece; anything else goes the long way.
@@ -1082,6 +1084,8 @@ fn decode_node_with(
 struct Load {
     tree: PartialTree,
     entries: Vec<Entry>,
+    /// The nodes loaded that hold no keys.
+    keyless: Vec<Cid>,
     last: Option<Span>,
     root: Cid,
     heights: Heights,
@@ -1106,6 +1110,9 @@ fn load_node<'a>(
     let Some(layer) = node.layer else {
         return Ok(());
     };
+    if node.entries == 0 {
+        load.keyless.push(cid);
+    }
     if expected_layer.is_some() && node.entries == 0 && node.left.is_none() {
         // An empty subtree: well-formed, but no MST has one (a gap without keys has no
         // subtree), so rebuilding the tree gives another root.
@@ -1276,7 +1283,7 @@ struct Build<'t> {
     scratch: Vec<u8>,
 }
 
-impl Build<'_> {
+impl<'t> Build<'t> {
     /// The root of the tree over `items`; `Err(stub)` if that needs the contents of `stub`.
     fn root<T: Elem>(&mut self, items: &[T]) -> Result<Cid, Cid> {
         let max_leaf = items.iter().filter_map(Elem::height).max();
@@ -1288,7 +1295,7 @@ impl Build<'_> {
             },
             Some(layer) => match self.reuse(items, layer) {
                 Some(cid) => Ok(cid),
-                None => self.node(items, layer),
+                None => self.node(items, layer, &mut Vec::with_capacity(64)),
             },
         }
     }
@@ -1314,11 +1321,21 @@ impl Build<'_> {
     }
 
     /// Builds the node at `layer` holding `items` (whose leaves are all at most `layer` high).
-    /// `Err(stub)`: a stub that would have to be opened.
-    fn node<T: Elem>(&mut self, items: &[T], layer: u32) -> Result<Cid, Cid> {
+    /// `Err(stub)`: a stub that would have to be opened. `entries` is the stack every node
+    /// being built writes its entries to (one allocation for the whole tree): this node's go
+    /// on top, above its parents', and are gone again when it returns.
+    fn node<'i, T: Elem>(
+        &mut self,
+        items: &'i [T],
+        layer: u32,
+        entries: &mut Vec<(&'i [u8], Cid, Option<Cid>)>,
+    ) -> Result<Cid, Cid>
+    where
+        't: 'i,
+    {
         let keys = self.keys;
+        let mine = entries.len();
         let mut left = None;
-        let mut entries: Vec<(&[u8], Cid, Option<Cid>)> = Vec::with_capacity(items.len().min(32));
         let mut gap_start = 0;
         for (i, item) in items.iter().enumerate() {
             if item.height() == Some(layer)
@@ -1326,8 +1343,8 @@ impl Build<'_> {
             {
                 // Leaves above `layer` cannot be here: the root is built at the highest leaf's
                 // layer and each gap holds only the leaves below its bounding entries.
-                let sub = self.subtree(&items[gap_start..i], layer)?;
-                match entries.last_mut() {
+                let sub = self.subtree(&items[gap_start..i], layer, entries)?;
+                match entries[mine..].last_mut() {
                     Some(last) => last.2 = sub,
                     None => left = sub,
                 }
@@ -1335,16 +1352,26 @@ impl Build<'_> {
                 gap_start = i + 1;
             }
         }
-        let sub = self.subtree(&items[gap_start..], layer)?;
-        match entries.last_mut() {
+        let sub = self.subtree(&items[gap_start..], layer, entries)?;
+        match entries[mine..].last_mut() {
             Some(last) => last.2 = sub,
             None => left = sub,
         }
-        Ok(self.encode(left, &entries))
+        let cid = self.encode(left, &entries[mine..]);
+        entries.truncate(mine);
+        Ok(cid)
     }
 
     /// Builds the subtree for a gap between leaves of a node at `parent_layer`.
-    fn subtree<T: Elem>(&mut self, gap: &[T], parent_layer: u32) -> Result<Option<Cid>, Cid> {
+    fn subtree<'i, T: Elem>(
+        &mut self,
+        gap: &'i [T],
+        parent_layer: u32,
+        entries: &mut Vec<(&'i [u8], Cid, Option<Cid>)>,
+    ) -> Result<Option<Cid>, Cid>
+    where
+        't: 'i,
+    {
         let Some(first) = gap.first() else {
             return Ok(None);
         };
@@ -1368,7 +1395,7 @@ impl Build<'_> {
         if let Some((cid, _)) = gap.iter().filter_map(Elem::stub).find(|(_, l)| *l >= layer) {
             return Err(cid);
         }
-        self.node(gap, layer).map(Some)
+        self.node(gap, layer, entries).map(Some)
     }
 
     fn encode(&mut self, left: Option<Cid>, entries: &[(&[u8], Cid, Option<Cid>)]) -> Cid {
@@ -2113,6 +2140,25 @@ mod tests {
 
     fn car_of(root: Cid, blocks: &[&(Cid, Vec<u8>)]) -> Vec<u8> {
         crate::car::write_car(root, blocks.iter().map(|(c, d)| (*c, d.as_slice())))
+    }
+
+    #[test]
+    fn an_empty_node_referenced_twice_is_refused() {
+        // root (layer 1): [l -> x] k1 [t -> x], x an empty node: no key shows it twice.
+        let x = node(None, &[]);
+        let k1 = key_at(1, "c/b");
+        let root = node(Some(x.0), &[(&k1, Some(x.0))]);
+        let car = car_of(root.0, &[&root, &x]);
+        let slice = CarSlice::parse(&car).unwrap();
+        for heights in [Heights::All, Heights::Layer] {
+            let err = PartialTree::load_with(|c| slice.get(c), root.0, heights).unwrap_err();
+            assert!(err.to_string().contains("referenced twice"), "{err}");
+        }
+        // Once is well-formed (though no MST has an empty subtree).
+        let once = node(Some(x.0), &[(&k1, None)]);
+        let car = car_of(once.0, &[&once, &x]);
+        let slice = CarSlice::parse(&car).unwrap();
+        assert!(PartialTree::load(&slice, once.0).is_ok());
     }
 
     #[test]
