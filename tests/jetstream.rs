@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use murmur_bus::{JetstreamConfig, StreamSettings};
-use murmur_devnet::Devnet;
+use murmur_devnet::{Account, Devnet};
 use murmur_e2e::nats::{cleanup, settings};
 use murmur_e2e::{Note, account, note, run_node_script, shared};
 use serde_json::{Value, json};
@@ -75,6 +75,41 @@ async fn wait_until_served(addr: SocketAddr, cursor: i64, did: &str, n: u64) {
     }
 }
 
+/// A new account on host `pds` of `net`, returned once `hub` serves the `#account` event of
+/// its creation. The hub stamps each event's `time_us` when it stores it, which can be after
+/// the PDS has answered: a cursor taken before then would see the account's creation events
+/// (`#identity`, `#account`, which pass every collection filter) as new.
+async fn settled_account(
+    net: &Devnet,
+    hub: SocketAddr,
+    pds: usize,
+    name: &str,
+) -> (Account, murmur_pds::Writer) {
+    let before = now_us();
+    let (account, writer) = account(net, pds, name).await;
+    let url = format!(
+        "ws://{hub}/subscribe?wantedDids={}&cursor={before}",
+        account.did
+    );
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match tokio::time::timeout_at(deadline, socket.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let event: Value = serde_json::from_str(&text).unwrap();
+                if event["kind"] == "account" {
+                    return (account, writer);
+                }
+            }
+            Ok(Some(Ok(_))) => {}
+            other => panic!(
+                "waiting for the #account event of {}: {other:?}",
+                account.did
+            ),
+        }
+    }
+}
+
 /// `@atcute/jetstream` (requireHello, schema-validated events) replays from a time cursor and
 /// gets exactly the notes of the DIDs and collection it asked for, in order per DID, deletes
 /// included; `@skyware/jetstream` then switches its filters on the live connection with
@@ -84,9 +119,9 @@ async fn npm_jetstream_clients_get_exactly_the_filtered_events() {
     let net = shared().await;
     let settings = settings("jetstream");
     let hub = start_hub(net, &settings).await;
-    let (alice, alice_w) = account(net, 0, "jsa").await;
-    let (bob, bob_w) = account(net, 1, "jsb").await;
-    let (carol, carol_w) = account(net, 0, "jsc").await;
+    let (alice, alice_w) = settled_account(net, hub.addr, 0, "jsa").await;
+    let (bob, bob_w) = settled_account(net, hub.addr, 1, "jsb").await;
+    let (carol, carol_w) = settled_account(net, hub.addr, 0, "jsc").await;
     let t0 = now_us();
 
     for n in 0..5 {
@@ -246,7 +281,7 @@ async fn compressed_events_open_with_jetstreams_dictionary() {
     let net = shared().await;
     let settings = settings("jetstreamz");
     let hub = start_hub(net, &settings).await;
-    let (dave, dave_w) = account(net, 1, "jsd").await;
+    let (dave, dave_w) = settled_account(net, hub.addr, 1, "jsd").await;
     let t0 = now_us();
     for n in 0..6 {
         dave_w.create::<Note>(&note(n)).await.unwrap();
@@ -299,7 +334,7 @@ async fn every_op_has_a_time_of_its_own_and_a_cursor_resumes_inside_a_commit() {
     let net = shared().await;
     let settings = settings("jetstreamt");
     let hub = start_hub(net, &settings).await;
-    let (fay, fay_w) = account(net, 1, "jsf").await;
+    let (fay, fay_w) = settled_account(net, hub.addr, 1, "jsf").await;
     let t0 = now_us();
     let mut batch = fay_w.batch();
     for n in 0..3 {
@@ -371,7 +406,7 @@ async fn subscribers_are_held_to_the_protocol() {
     let net = shared().await;
     let settings = settings("jetstreame");
     let hub = start_hub(net, &settings).await;
-    let (erin, erin_w) = account(net, 0, "jse").await;
+    let (erin, erin_w) = settled_account(net, hub.addr, 0, "jse").await;
     let base = format!("ws://{}/subscribe", hub.addr);
 
     // Options that are not valid: refused at the handshake, with the option named.

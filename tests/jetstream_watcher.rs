@@ -232,7 +232,9 @@ async fn agents_over_the_hubs_jetstream_run_a_task() {
     cleanup(&settings).await;
 }
 
-/// The first event of `did` the hub's Jetstream serves from `cursor`, as it sent it.
+/// The first commit event of `did` the hub's Jetstream serves from `cursor`, as it sent it.
+/// The account's creation events (`#identity`, `#account`) pass every collection filter and
+/// may be stamped after `cursor` (the hub stamps an event when it stores it): skipped.
 async fn first_event(addr: SocketAddr, cursor: i64, did: &str) -> serde_json::Value {
     use futures_util::StreamExt;
     use tokio_tungstenite::tungstenite::Message;
@@ -242,9 +244,14 @@ async fn first_event(addr: SocketAddr, cursor: i64, did: &str) -> serde_json::Va
     let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     loop {
         match tokio::time::timeout(Duration::from_secs(60), socket.next()).await {
-            Ok(Some(Ok(Message::Text(text)))) => return serde_json::from_str(&text).unwrap(),
+            Ok(Some(Ok(Message::Text(text)))) => {
+                let event: serde_json::Value = serde_json::from_str(&text).unwrap();
+                if event["kind"] == "commit" {
+                    return event;
+                }
+            }
             Ok(Some(Ok(_))) => {}
-            other => panic!("waiting for an event of {did}: {other:?}"),
+            other => panic!("waiting for a commit event of {did}: {other:?}"),
         }
     }
 }
