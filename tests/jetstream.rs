@@ -55,22 +55,36 @@ async fn node(script: &'static str, input: Value) -> Value {
     serde_json::from_slice(&out).expect("node prints JSON")
 }
 
-/// Waits until the hub's Jetstream serves an event of `did` (so everything written before it
+/// Waits until the hub's Jetstream serves note `n` of `did` (so everything written before it
 /// is in the frame stream).
 async fn wait_until_served(addr: SocketAddr, cursor: i64, did: &str, n: u64) {
+    wait_for_event(addr, cursor, did, &format!("note {n}"), |e| {
+        e["commit"]["record"]["n"] == n
+    })
+    .await;
+}
+
+/// Reads the events of `did` the hub's Jetstream serves from `cursor` until one satisfies
+/// `found` (`what` names it in the panic if none comes within a minute).
+async fn wait_for_event(
+    addr: SocketAddr,
+    cursor: i64,
+    did: &str,
+    what: &str,
+    found: impl Fn(&Value) -> bool,
+) {
     let url = format!("ws://{addr}/subscribe?wantedDids={did}&cursor={cursor}");
     let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         match tokio::time::timeout_at(deadline, socket.next()).await {
             Ok(Some(Ok(Message::Text(text)))) => {
-                let event: Value = serde_json::from_str(&text).unwrap();
-                if event["commit"]["record"]["n"] == n {
+                if found(&serde_json::from_str(&text).unwrap()) {
                     return;
                 }
             }
             Ok(Some(Ok(_))) => {}
-            other => panic!("waiting for note {n} of {did}: {other:?}"),
+            other => panic!("waiting for {what} of {did}: {other:?}"),
         }
     }
 }
@@ -87,27 +101,11 @@ async fn settled_account(
 ) -> (Account, murmur_pds::Writer) {
     let before = now_us();
     let (account, writer) = account(net, pds, name).await;
-    let url = format!(
-        "ws://{hub}/subscribe?wantedDids={}&cursor={before}",
-        account.did
-    );
-    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        match tokio::time::timeout_at(deadline, socket.next()).await {
-            Ok(Some(Ok(Message::Text(text)))) => {
-                let event: Value = serde_json::from_str(&text).unwrap();
-                if event["kind"] == "account" {
-                    return (account, writer);
-                }
-            }
-            Ok(Some(Ok(_))) => {}
-            other => panic!(
-                "waiting for the #account event of {}: {other:?}",
-                account.did
-            ),
-        }
-    }
+    wait_for_event(hub, before, &account.did, "the #account event", |e| {
+        e["kind"] == "account"
+    })
+    .await;
+    (account, writer)
 }
 
 /// `@atcute/jetstream` (requireHello, schema-validated events) replays from a time cursor and
