@@ -1112,11 +1112,11 @@ fn load_node<'a>(
     };
     if node.entries == 0 {
         load.keyless.push(cid);
-    }
-    if expected_layer.is_some() && node.entries == 0 && node.left.is_none() {
-        // An empty subtree: well-formed, but no MST has one (a gap without keys has no
-        // subtree), so rebuilding the tree gives another root.
-        load.tree.canonical = false;
+        if expected_layer.is_some() && node.left.is_none() {
+            // An empty subtree: well-formed, but no MST has one (a gap without keys has no
+            // subtree), so rebuilding the tree gives another root.
+            load.tree.canonical = false;
+        }
     }
     let slot = load.tree.loaded.len();
     let start = load.tree.items.len();
